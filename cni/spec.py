@@ -1,0 +1,337 @@
+"""CNI specification concepts used by the flowcni plugin, kept in one place.
+
+The plugin executable is started by the container runtime for every pod
+sandbox, often with ``python3 -I -S``, so this module deliberately imports
+nothing beyond ``json`` (no ``typing``, no ``ipaddress``): every millisecond
+of interpreter start-up is paid on each pod ADD/DEL.
+
+Everything here is a pure function of its arguments, so the same rules can be
+unit-tested without a runtime, a socket or Open vSwitch.
+"""
+
+from __future__ import annotations
+
+import json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs several ms at start-up; only mypy needs it
+    from typing import Any
+
+SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION: str = SUPPORTED_VERSIONS[-1]
+
+#: Where the flowcni agent listens unless the network config says otherwise.
+DEFAULT_AGENT_SOCKET = "/run/flowcni/cni.sock"
+
+#: Config key (CNI 1.1) listing the attachments a GC call must keep.
+VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
+
+# Well-known error codes from the CNI specification ("Error" section).
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_UNKNOWN_CONTAINER = 3
+ERR_INVALID_ENV = 4
+ERR_IO_FAILURE = 5
+ERR_DECODE = 6
+ERR_INVALID_NETWORK_CONFIG = 7
+ERR_TRY_AGAIN_LATER = 11
+ERR_PLUGIN_NOT_AVAILABLE = 50
+ERR_LIMITED_CONNECTIVITY = 51
+
+CMD_ADD = "ADD"
+CMD_DEL = "DEL"
+CMD_CHECK = "CHECK"
+CMD_VERSION = "VERSION"
+CMD_GC = "GC"
+CMD_STATUS = "STATUS"
+
+#: The oldest spec version in which each command exists. A runtime that speaks
+#: an older version must never send a newer command, so receiving one is an
+#: incompatibility rather than a generic error.
+COMMAND_MIN_VERSION: dict[str, str] = {
+    CMD_ADD: "0.3.0",
+    CMD_DEL: "0.3.0",
+    CMD_VERSION: "0.3.0",
+    CMD_CHECK: "0.4.0",
+    CMD_GC: "1.1.0",
+    CMD_STATUS: "1.1.0",
+}
+ALL_COMMANDS: tuple[str, ...] = tuple(COMMAND_MIN_VERSION)
+
+#: Keys a Kubernetes runtime (kubelet/containerd/CRI-O) puts in CNI_ARGS.
+KNOWN_CNI_ARGS: frozenset[str] = frozenset(
+    {
+        "K8S_POD_NAMESPACE",
+        "K8S_POD_NAME",
+        "K8S_POD_INFRA_CONTAINER_ID",
+        "K8S_POD_UID",
+        "IgnoreUnknown",
+    }
+)
+
+MTU_MIN = 576
+MTU_MAX = 65535
+
+
+class CNIError(Exception):
+    """An error the plugin reports to the runtime as a CNI error object.
+
+    Carrying the spec code (rather than only a message) lets the runtime react
+    to it: e.g. code 11 makes it retry later instead of failing the pod.
+    """
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self, cni_version: str) -> dict[str, Any]:
+        """Return the JSON-ready error object to print on stdout."""
+        return {
+            "cniVersion": cni_version,
+            "code": self.code,
+            "msg": self.msg,
+            "details": self.details,
+        }
+
+    def __repr__(self) -> str:
+        return f"CNIError(code={self.code!r}, msg={self.msg!r}, details={self.details!r})"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """Turn "1.0.0" into (1, 0, 0) so versions compare numerically, not as text."""
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        raise CNIError(
+            ERR_INCOMPATIBLE_VERSION, f"malformed CNI version {version!r}"
+        ) from None
+
+
+def is_supported_version(version: object) -> bool:
+    """True when ``version`` is a spec version this plugin implements."""
+    return isinstance(version, str) and version in SUPPORTED_VERSIONS
+
+
+def is_legacy_version(cni_version: str) -> bool:
+    """True for the 0.x result format, whose IP entries carry a "version" key."""
+    return version_tuple(cni_version) < (1, 0, 0)
+
+
+def command_allowed(command: str, cni_version: str) -> bool:
+    """Whether ``command`` exists in spec ``cni_version`` (e.g. CHECK needs 0.4.0)."""
+    minimum = COMMAND_MIN_VERSION.get(command)
+    if minimum is None:
+        return False
+    return version_tuple(cni_version) >= version_tuple(minimum)
+
+
+def check_command_allowed(command: str, cni_version: str) -> None:
+    """Raise code 1 when the runtime's config version predates ``command``."""
+    if not command_allowed(command, cni_version):
+        minimum = COMMAND_MIN_VERSION.get(command, "?")
+        raise CNIError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"command {command} is not defined by cniVersion {cni_version}",
+            f"{command} requires cniVersion >= {minimum}",
+        )
+
+
+def version_result(cni_version: str) -> dict[str, Any]:
+    """The VERSION answer: which spec versions this plugin understands."""
+    return {"cniVersion": cni_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def parse_cni_args(s: str) -> dict[str, str]:
+    """Parse CNI_ARGS ("K=V;K=V") into a dict, rejecting what we don't understand.
+
+    Unknown keys are an error unless the runtime sets IgnoreUnknown, because
+    the spec lets runtimes demand that a plugin honour every argument it gets.
+    Empty segments (e.g. a trailing ';') are tolerated.
+    """
+    args: dict[str, str] = {}
+    for pair in s.split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CNIError(
+                ERR_INVALID_ENV,
+                f"CNI_ARGS: invalid pair {pair!r}",
+                "expected KEY=VALUE pairs separated by ';'",
+            )
+        args[key] = value
+    ignore_unknown = args.get("IgnoreUnknown", "").lower() in ("1", "true")
+    if not ignore_unknown:
+        for key in args:
+            if key not in KNOWN_CNI_ARGS:
+                raise CNIError(
+                    ERR_INVALID_ENV,
+                    f"CNI_ARGS: unknown argument {key!r}",
+                    "set IgnoreUnknown=1 to ignore arguments flowcni does not understand",
+                )
+    return args
+
+
+def _config_error(msg: str, details: str = "") -> CNIError:
+    return CNIError(ERR_INVALID_NETWORK_CONFIG, msg, details)
+
+
+def parse_config(stdin_bytes: bytes) -> dict[str, Any]:
+    """Decode and validate the network configuration the runtime sent on stdin.
+
+    Only fields flowcni itself relies on are checked; the dict is returned
+    unmodified so it can be forwarded verbatim to the agent (defaults are
+    applied by accessor functions such as :func:`agent_socket`).
+    """
+    try:
+        text = stdin_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CNIError(
+            ERR_DECODE, "failed to decode network config from stdin: not UTF-8", str(exc)
+        ) from None
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CNIError(
+            ERR_DECODE,
+            f"failed to decode network config from stdin: {exc.msg} "
+            f"at line {exc.lineno} column {exc.colno} (char {exc.pos})",
+            str(exc),
+        ) from None
+    if not isinstance(conf, dict):
+        raise CNIError(
+            ERR_DECODE,
+            "failed to decode network config from stdin: expected a JSON object, "
+            f"got {type(conf).__name__}",
+        )
+
+    if "cniVersion" not in conf:
+        raise _config_error("network config is missing cniVersion")
+    version = conf["cniVersion"]
+    if not isinstance(version, str):
+        raise _config_error("network config field cniVersion must be a string")
+    if not is_supported_version(version):
+        raise CNIError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"unsupported cniVersion {version!r}; supported versions: "
+            + ", ".join(SUPPORTED_VERSIONS),
+        )
+
+    name = conf.get("name")
+    if not isinstance(name, str) or not name:
+        raise _config_error("network config field name must be a non-empty string")
+    if not isinstance(conf.get("type"), str):
+        raise _config_error("network config field type must be a string")
+
+    if "agentSocket" in conf:
+        sock = conf["agentSocket"]
+        if not isinstance(sock, str) or not sock.startswith("/"):
+            raise _config_error(
+                "network config field agentSocket must be an absolute path",
+                f"got {sock!r}",
+            )
+    if "mtu" in conf:
+        mtu = conf["mtu"]
+        # bool is an int subclass; "mtu": true is a config mistake, not 1.
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MTU_MIN <= mtu <= MTU_MAX:
+            raise _config_error(
+                f"network config field mtu must be an integer in {MTU_MIN}..{MTU_MAX}",
+                f"got {mtu!r}",
+            )
+    if "prevResult" in conf and not isinstance(conf["prevResult"], dict):
+        raise _config_error("network config field prevResult must be an object")
+    return conf
+
+
+def agent_socket(conf: dict[str, Any]) -> str:
+    """The agent's unix socket path for this network (config value or default)."""
+    sock = conf.get("agentSocket")
+    return sock if isinstance(sock, str) and sock else DEFAULT_AGENT_SOCKET
+
+
+def _list_of_dicts(result: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    """Copy ``result[key]`` as a list of fresh dicts, so callers never mutate input."""
+    value = result.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"{where}: field {key!r} must be a list of objects")
+    return [dict(item) for item in value]
+
+
+def _split_result(
+    result: object, where: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Validate the shape of a result and return copies of its four parts."""
+    if not isinstance(result, dict):
+        raise ValueError(f"{where}: expected an object, got {type(result).__name__}")
+    interfaces = _list_of_dicts(result, "interfaces", where)
+    ips = _list_of_dicts(result, "ips", where)
+    routes = _list_of_dicts(result, "routes", where)
+    dns = result.get("dns")
+    if dns is None:
+        dns = {}
+    if not isinstance(dns, dict):
+        raise ValueError(f"{where}: field 'dns' must be an object")
+    for ip in ips:
+        if not isinstance(ip.get("address"), str):
+            raise ValueError(f"{where}: every ips entry needs a string 'address'")
+        iface = ip.get("interface")
+        if iface is not None and (isinstance(iface, bool) or not isinstance(iface, int)):
+            raise ValueError(f"{where}: ips 'interface' must be an integer index")
+    return interfaces, ips, routes, dict(dns)
+
+
+def _ip_family(address: str) -> str:
+    """Return the 0.x "version" field ("4"/"6"); only IPv6 text contains a colon."""
+    return "6" if ":" in address else "4"
+
+
+def format_result(
+    result: dict[str, Any],
+    cni_version: str,
+    prev_result: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Render the agent's 1.x-shaped result in the runtime's ``cni_version``.
+
+    When flowcni runs after another plugin in a conflist, ``prev_result``
+    (which may be in 0.x or 1.x form) is merged in front of ours, so the
+    runtime sees every interface; our IP entries' interface indexes are
+    shifted to keep pointing at our own interfaces.
+    """
+    try:
+        interfaces, ips, routes, dns = _split_result(result, "agent result")
+    except ValueError as exc:
+        raise CNIError(ERR_IO_FAILURE, "malformed result from flowcni agent", str(exc)) from None
+
+    if prev_result is not None:
+        try:
+            p_ifaces, p_ips, p_routes, p_dns = _split_result(prev_result, "prevResult")
+        except ValueError as exc:
+            raise _config_error("malformed prevResult in network config", str(exc)) from None
+        shift = len(p_ifaces)
+        for ip in ips:
+            if "interface" in ip:
+                ip["interface"] = ip["interface"] + shift
+        interfaces = p_ifaces + interfaces
+        ips = p_ips + ips
+        routes = p_routes + routes
+        if not dns:
+            dns = p_dns
+
+    legacy = is_legacy_version(cni_version)
+    for ip in ips:
+        if legacy:
+            ip["version"] = _ip_family(ip["address"])
+        else:
+            ip.pop("version", None)
+
+    return {
+        "cniVersion": cni_version,
+        "interfaces": interfaces,
+        "ips": ips,
+        "routes": routes,
+        "dns": dns,
+    }

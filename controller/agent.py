@@ -1,0 +1,231 @@
+"""flowcni-agent: the per-node agent.
+
+Start-up order matters for restarts without loss: the desired flows are
+rebuilt from OVSDB (pods) and the IPAM checkpoint before the OpenFlow
+listener starts, so the first sync after a restart installs the full set in
+one bundle and only then removes the previous round's flows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from typing import Any
+
+# python-ovs probes for eventlet (to detect monkey patching; we never patch),
+# and importing eventlet prints a deprecation banner.
+warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flowcni.cni.ipam import IPAM
+from flowcni.controller import ofapp
+from flowcni.controller.cniserver import CNIServer
+from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.pods import CNIFailure, PodManager
+from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
+from flowcni.flows.tables import DEFAULT as PIPELINE
+from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, default_datapath_type
+
+LOG = logging.getLogger("flowcni.agent")
+GATEWAY_IF = "flowcni-gw0"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flowcni-agent", description=__doc__)
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--pod-cidr", required=True, help="this node's pod CIDR, e.g. 10.244.1.0/24")
+    p.add_argument("--bridge", default="br-int")
+    p.add_argument("--ovsdb", default="unix:/var/run/openvswitch/db.sock",
+                   help="OVSDB remote (unix:PATH or tcp:127.0.0.1:PORT)")
+    p.add_argument("--datapath-type", default="auto", choices=["auto", "system", "netdev"])
+    p.add_argument("--of-listen", default="127.0.0.1:6653",
+                   help="address os-ken listens on for the bridge (loopback only)")
+    p.add_argument("--cni-socket", default="/run/flowcni/cni.sock")
+    p.add_argument("--state-dir", default="/var/lib/flowcni")
+    p.add_argument("--mtu", type=int, default=1500, help="pod interface MTU")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    try:
+        net = ipaddress.ip_network(a.pod_cidr)
+    except ValueError as e:
+        p.error(f"--pod-cidr: {e}")
+    if net.version != 4 or net.num_addresses < 4:
+        p.error(f"--pod-cidr {a.pod_cidr}: need an IPv4 range with room for gateway and pods")
+    host, _, port = a.of_listen.rpartition(":")
+    if not ipaddress.ip_address(host).is_loopback:
+        p.error(f"--of-listen {a.of_listen}: the OpenFlow listener must be on loopback")
+    a.of_host, a.of_port = host, int(port)
+    if not 576 <= a.mtu <= 65535:
+        p.error(f"--mtu {a.mtu}: out of range 576..65535")
+    return a
+
+
+def configure_gateway(name: str, cidr: str, mtu: int, timeout: float = 5.0) -> tuple[str, str]:
+    """Address the gateway netdev with the first IP of the pod CIDR; return (ip, mac)."""
+    net = ipaddress.ip_network(cidr)
+    ip = str(next(net.hosts()))
+    deadline = time.monotonic() + timeout
+    with IPRoute() as ipr:
+        while True:
+            idx = ipr.link_lookup(ifname=name)
+            if idx or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if not idx:
+            raise RuntimeError(f"gateway interface {name} did not appear")
+        ipr.link("set", index=idx[0], state="up", mtu=mtu)
+        try:
+            ipr.addr("add", index=idx[0], address=ip, prefixlen=net.prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        mac = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
+    return ip, mac
+
+
+class Agent:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.args = a
+        self.started = time.time()
+        dptype = default_datapath_type() if a.datapath_type == "auto" else a.datapath_type
+        self.ovsdb = OVSDB(a.ovsdb)
+        self.ovsdb.ensure_bridge(a.bridge, dptype, f"tcp:{a.of_host}:{a.of_port}")
+        self.datapath_type = dptype
+        gw_port = self.ovsdb.ensure_internal_port(a.bridge, GATEWAY_IF)
+        gw_ip, gw_mac = configure_gateway(GATEWAY_IF, a.pod_cidr, a.mtu)
+        self.gateway = Gateway(gw_ip, gw_mac, gw_port, a.pod_cidr)
+        self.ovsdb.set_bridge_ids(a.bridge, {
+            TABLES_KEY: ",".join(f"{n}={i}" for n, i in PIPELINE.ids.items()),
+            "flowcni-node": a.node, "flowcni-pod-cidr": a.pod_cidr})
+        self.flows = FlowSync(PIPELINE, lambda: self.ovsdb.bump_round(a.bridge))
+        self.flows.set_owner(NODE_OWNER, [f for f in node_flows(self.gateway, PIPELINE)
+                                          if f.owner == NODE_OWNER])
+        self.flows.set_owner(GATEWAY_OWNER, [f for f in node_flows(self.gateway, PIPELINE)
+                                             if f.owner == GATEWAY_OWNER])
+        os.makedirs(a.state_dir, exist_ok=True)
+        self.ipam = IPAM(a.pod_cidr, os.path.join(a.state_dir, "ipam.json"))
+        self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
+                               a.mtu, self.flows.synced.wait)
+        self.pods.restore()
+        self._syncq: queue.Queue[Any] = queue.Queue()
+        self.cni = CNIServer(a.cni_socket, self.dispatch)
+
+    # -- OpenFlow connection -----------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        """The one thread that performs full syncs; retries until one succeeds."""
+        while True:
+            sw = self._syncq.get()
+            while sw.alive:
+                try:
+                    self.flows.full_sync(sw)
+                    break
+                except Exception:
+                    LOG.exception("full sync failed; retrying")
+                    time.sleep(1)
+
+    def start(self) -> None:
+        threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
+        app = ofapp.start(self.args.of_host, self.args.of_port)
+        app.on_connect = self._syncq.put
+        app.on_disconnect = self.flows.disconnected
+        if app.switch is not None:  # connected before the hooks were set
+            self._syncq.put(app.switch)
+        self.cni.start()
+        LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s",
+                 self.args.node, self.args.bridge, self.datapath_type, self.args.pod_cidr,
+                 self.gateway.ip)
+
+    def stop(self) -> None:
+        self.cni.stop()
+
+    # -- requests ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.args.node, "bridge": self.args.bridge,
+            "datapath_type": self.datapath_type, "pod_cidr": self.args.pod_cidr,
+            "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
+                        "ofport": self.gateway.ofport},
+            "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
+            "round": self.flows.round, "pods": len(self.pods.attachments),
+            "flows": len(self.flows.desired_flows()), "uptime_s": time.time() - self.started,
+            "flow_stats": dict(self.flows.stats),
+        }
+
+    def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("command")
+        try:
+            if cmd in ("ADD", "DEL", "CHECK"):
+                for f in ("containerID", "ifname"):
+                    if not isinstance(req.get(f), str) or not req[f]:
+                        raise CNIFailure(4, f"request lacks {f}")
+            if cmd == "ADD":
+                return {"ok": True, "result": self.pods.add(req)}
+            if cmd == "DEL":
+                self.pods.delete(req)
+            elif cmd == "CHECK":
+                self.pods.check(req)
+            elif cmd == "GC":
+                return {"ok": True, "removed": self.pods.gc(req)}
+            elif cmd == "STATUS":
+                if not self.flows.synced.is_set():
+                    raise CNIFailure(50, "agent not connected to Open vSwitch yet")
+            elif cmd == "_status":
+                return {"ok": True, "status": self.status()}
+            elif cmd == "_pods":
+                return {"ok": True, "pods": [vars_of(a) for a in self.pods.attachments.values()]}
+            elif cmd == "_flows":
+                return {"ok": True, "round": self.flows.round,
+                        "owners": self.flows.owners(),
+                        "flows": [f.ofctl(PIPELINE, names=True)
+                                  for f in self.flows.desired_flows()]}
+            else:
+                raise CNIFailure(4, f"unknown command {cmd!r}")
+            return {"ok": True}
+        except CNIFailure as e:
+            LOG.warning("%s %s failed: %s", cmd, req.get("containerID", ""), e.msg)
+            return {"ok": False, "code": e.code, "msg": e.msg, "details": e.details}
+        except Exception as e:
+            LOG.exception("%s failed", cmd)
+            return {"ok": False, "code": 5, "msg": f"{cmd} failed: {e}",
+                    "details": traceback.format_exc(limit=3)}
+
+
+def vars_of(a: Any) -> dict[str, Any]:
+    return {k: getattr(a, k) for k in a.__dataclass_fields__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(a)
+    agent.start()
+    done = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    agent.stop()
+    LOG.info("agent stopped; flows stay in OVS")
+    os._exit(0)  # os-ken's threads are not daemons and have no stop
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""flowctl: the operator's tool (lab, flows, status, install-cni).
+
+Flows are read from OVS itself (ovs-ofctl in the node's netns) and shown
+with the table names the agent published on the bridge, so what is printed
+is what the switch holds, not what the agent believes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+from flowcni.controller.client import AgentClient, AgentError
+from flowcni.flows import cookie as ck
+from flowcni.lab.lab import Lab, LabError, parse_labels
+
+
+def _table_names(lab: Lab, node: str) -> dict[int, str]:
+    out = lab.node(node).ovs.vsctl("--if-exists", "get", "Bridge", "br-int",
+                                   f"external_ids:{ck.TABLES_KEY}").strip().strip('"')
+    names: dict[int, str] = {}
+    for part in filter(None, out.split(",")):
+        n, _, i = part.partition("=")
+        names[int(i)] = n
+    return names
+
+
+_TABLE_RE = re.compile(r"\btable=(\d+)")
+_GOTO_RE = re.compile(r"goto_table:(\d+)")
+_COOKIE_RE = re.compile(r"cookie=(0x[0-9a-f]+)")
+
+
+def named_flows(dump: str, names: dict[int, str]) -> list[str]:
+    """ovs-ofctl dump-flows lines with table numbers replaced by names and cookies decoded."""
+    out = []
+    for line in dump.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("OFPST_FLOW", "NXST_FLOW")):
+            continue
+        if not _TABLE_RE.search(line):  # ovs-ofctl omits table=0
+            line = line.replace(" priority=", f" table={names.get(0, '0')}, priority=", 1)
+        line = _TABLE_RE.sub(lambda m: f"table={names.get(int(m[1]), m[1])}", line)
+        line = _GOTO_RE.sub(lambda m: f"goto_table:{names.get(int(m[1]), m[1])}", line)
+        c = _COOKIE_RE.search(line)
+        if c:
+            cookie = int(c[1], 16)
+            feat = ck.feature_of(cookie)
+            tag = f"[r{ck.round_of(cookie)} {feat.name.lower() if feat else '?'}]"
+            line = _COOKIE_RE.sub(tag, line, count=1)
+        out.append(line)
+    return out
+
+
+def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
+    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
+        dump = node.ovs.ofctl("dump-flows", "br-int", *(["--no-stats"] if a.no_stats else []))
+        names = _table_names(lab, node.name)
+        lines = named_flows(dump, names)
+        if a.table:
+            lines = [ln for ln in lines if f"table={a.table}," in ln]
+        print(f"# {node.name}: {len(lines)} flows")
+        for ln in lines:
+            print(ln)
+    return 0
+
+
+def cmd_status(lab: Lab, a: argparse.Namespace) -> int:
+    out = []
+    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
+        try:
+            out.append(AgentClient(node.socket).status())
+        except (OSError, AgentError) as e:
+            out.append({"node": node.name, "error": str(e)})
+    print(json.dumps(out, indent=1))
+    return 0 if all("error" not in s for s in out) else 1
+
+
+def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
+    if a.lab_cmd == "up":
+        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size)
+        print(f"lab up: {', '.join(f'{n.name} ({n.pod_cidr})' for n in nodes)}")
+    elif a.lab_cmd == "down":
+        removed = lab.down()
+        print(f"lab down: removed {len(removed)} namespaces")
+    elif a.lab_cmd == "nodes":
+        rows = []
+        for n in lab.nodes():
+            rows.append({"name": n.name, "node_ip": n.node_ip or "-", "pod_cidr": n.pod_cidr,
+                         "netns": n.netns, "agent_pid": n.agent_pid})
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            _print_table(rows, ["name", "node_ip", "pod_cidr", "netns"])
+    elif a.lab_cmd == "pods":
+        rows = [{"name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip,
+                 "mac": p.mac, "labels": p.labels, "netns": p.netns} for p in lab.pods()]
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            _print_table([{**r, "labels": ",".join(f"{k}={v}" for k, v in r["labels"].items())}
+                          for r in rows], ["namespace", "name", "node", "ip", "mac", "labels"])
+    elif a.lab_cmd == "pod":
+        if a.pod_cmd == "add":
+            p = lab.pod_add(a.name, a.node, a.namespace, parse_labels(a.labels))
+            print(f"pod {p.ref} on {p.node}: {p.ip} {p.mac}")
+        else:
+            p = lab.pod_del(f"{a.namespace}/{a.name}")
+            print(f"pod {p.ref} deleted")
+    elif a.lab_cmd == "exec":
+        argv = a.argv[1:] if a.argv and a.argv[0] == "--" else a.argv
+        if not argv:
+            raise LabError("lab exec POD -- CMD: no command given")
+        return subprocess.call(lab.exec_argv(a.pod, argv))
+    elif a.lab_cmd == "restart-agent":
+        lab.restart_agent(a.node, kill=True)
+        print(f"agent of {a.node} restarted")
+    return 0
+
+
+def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
+    from flowcni.lab.demo import run_demo
+    return run_demo(lab, keep=a.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowctl", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    lab = sub.add_parser("lab", help="the embedded multi-node lab")
+    ls = lab.add_subparsers(dest="lab_cmd", required=True)
+    up = ls.add_parser("up", help="create nodes (netns + OVS + agent)")
+    up.add_argument("--nodes", type=int, default=1)
+    up.add_argument("--cluster-cidr", default="10.244.0.0/16")
+    up.add_argument("--node-cidr-size", type=int, default=24)
+    ls.add_parser("down", help="remove every namespace, process and file of the lab")
+    for name in ("nodes", "pods"):
+        x = ls.add_parser(name)
+        x.add_argument("--json", action="store_true")
+    pod = ls.add_parser("pod", help="add or delete a pod")
+    ps = pod.add_subparsers(dest="pod_cmd", required=True)
+    pa = ps.add_parser("add")
+    pa.add_argument("name")
+    pa.add_argument("--node", required=True)
+    pa.add_argument("--namespace", default="default")
+    pa.add_argument("--labels", default="")
+    pd = ps.add_parser("del")
+    pd.add_argument("name")
+    pd.add_argument("--namespace", default="default")
+    ex = ls.add_parser("exec", help="run a command in a pod: lab exec NS/POD -- CMD")
+    ex.add_argument("pod")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+    ra = ls.add_parser("restart-agent", help="kill -9 a node's agent and start it again")
+    ra.add_argument("node")
+
+    fl = sub.add_parser("flows", help="a node's flows, with table names")
+    fl.add_argument("--node")
+    fl.add_argument("--table")
+    fl.add_argument("--no-stats", action="store_true")
+    st = sub.add_parser("status", help="agent status per node")
+    st.add_argument("--node")
+    ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
+    ic.add_argument("--dest", default="/opt/cni/bin")
+    dm = sub.add_parser("demo", help="lab demo: nodes, pods, traffic, flow tables")
+    dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "install-cni":
+        from flowcni.cni.install import install
+        print(install(a.dest))
+        return 0
+    if os.geteuid() != 0:
+        print("flowctl: needs root (network namespaces, OVS)", file=sys.stderr)
+        return 1
+    lab = Lab()
+    try:
+        return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
+                "demo": cmd_demo}[a.cmd](lab, a)
+    except (LabError, AgentError) as e:
+        print(f"flowctl: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Pod attachments: CNI ADD, DEL, CHECK and GC as the agent carries them out.
+
+An ADD is a chain of steps (lease, veth, OVS port, flows); each step that
+succeeded is undone if a later one fails, so a failed ADD leaves nothing
+behind. The OVS port's external_ids carry the whole attachment, which is how
+a restarted agent finds its pods again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flowcni.cni import podif
+from flowcni.cni.ipam import IPAM, IPAMError
+from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.ofapp import OFError
+from flowcni.flows.node import Gateway
+from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
+from flowcni.ovsdb.bridge import OVSDB, OVSDBError
+
+LOG = logging.getLogger(__name__)
+
+# CNI error codes used here (the plugin's spec module has the full list).
+E_ENV = 4
+E_IO = 5
+E_CONFIG = 7
+E_TRY_AGAIN = 11
+
+
+class CNIFailure(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One pod interface on this node, as recorded in OVSDB."""
+
+    key: str           # containerID/ifname
+    container_id: str
+    ifname: str
+    netns: str
+    namespace: str
+    name: str
+    ip: str
+    mac: str
+    host_if: str
+    ofport: int
+
+    def external_ids(self) -> dict[str, str]:
+        d = asdict(self)
+        d.pop("ofport")
+        return {f"flowcni-{k.replace('_', '-')}": str(v) for k, v in d.items()}
+
+    @classmethod
+    def from_external_ids(cls, ids: dict[str, str], ofport: int) -> Attachment:
+        kw = {k: ids[f"flowcni-{k.replace('_', '-')}"] for k in cls.__dataclass_fields__
+              if k != "ofport"}
+        return cls(ofport=ofport, **kw)
+
+    def local_pod(self) -> LocalPod:
+        return LocalPod(self.key, self.ofport, self.ip, self.mac)
+
+
+def attachment_key(container_id: str, ifname: str) -> str:
+    return f"{container_id}/{ifname}"
+
+
+class PodManager:
+    def __init__(self, ovsdb: OVSDB, bridge: str, ipam: IPAM, flows: FlowSync,
+                 gateway: Gateway, mtu: int, ready: Callable[[float], bool]) -> None:
+        self.ovsdb, self.bridge, self.ipam, self.flows = ovsdb, bridge, ipam, flows
+        self.gw, self.mtu, self._ready = gateway, mtu, ready
+        self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self.attachments: dict[str, Attachment] = {}
+        self.on_change: Callable[[], None] = lambda: None
+
+    def _klock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    # -- start-up ----------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Re-adopt the pods OVSDB knows; drop leases no port backs (ADDs cut short)."""
+        found: dict[str, Attachment] = {}
+        for p in self.ovsdb.ports(self.bridge):
+            try:
+                a = Attachment.from_external_ids(p.external_ids, p.ofport)
+            except KeyError:
+                continue
+            if p.ofport <= 0 or not podif.exists(a.host_if):
+                LOG.warning("port %s of %s/%s has no interface; removing", p.name,
+                            a.namespace, a.name)
+                self._teardown(a.key, a.host_if)
+                continue
+            found[a.key] = a
+        rejected = self.ipam.restore({k: a.ip for k, a in found.items()})
+        for k in rejected:
+            LOG.error("lease conflict for %s; its port keeps running without a lease", k)
+        stale = set(self.ipam.leases()) - set(found)
+        for k in stale:
+            LOG.warning("releasing lease %s: no port carries it", k)
+        self.ipam.gc(set(found))
+        self.attachments = found
+        for a in found.values():
+            self.flows.set_owner(pod_owner(a.key), pod_flows(a.local_pod(), self.gw,
+                                                             self.flows.pipeline))
+
+    # -- CNI commands --------------------------------------------------------------
+
+    def result(self, a: Attachment) -> dict[str, Any]:
+        return {
+            "interfaces": [{"name": a.ifname, "mac": a.mac, "sandbox": a.netns}],
+            "ips": [{"address": f"{a.ip}/{self.prefixlen}", "gateway": self.gw.ip,
+                     "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": self.gw.ip}],
+            "dns": {},
+        }
+
+    def add(self, req: dict[str, Any]) -> dict[str, Any]:
+        cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
+        args = req.get("args") or {}
+        key = attachment_key(cid, ifname)
+        if not self._ready(10.0):
+            raise CNIFailure(E_TRY_AGAIN, "agent not connected to Open vSwitch yet")
+        mtu = int(req.get("config", {}).get("mtu") or self.mtu)
+        with self._klock(key):
+            if key in self.attachments:
+                return self.result(self.attachments[key])
+            host = podif.host_ifname(cid, ifname)
+            ns = args.get("K8S_POD_NAMESPACE") or "default"
+            name = args.get("K8S_POD_NAME") or cid[:12]
+            undo: list[Callable[[], Any]] = []
+            try:
+                try:
+                    ip = str(self.ipam.allocate(key, {"namespace": ns, "name": name}))
+                except IPAMError as e:
+                    raise CNIFailure(e.code, e.msg) from e
+                undo.append(lambda: self.ipam.release(key))
+                try:
+                    pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu)
+                except podif.PodIfError as e:
+                    raise CNIFailure(e.code, str(e)) from e
+                undo.append(lambda: podif.delete(host))
+                a = Attachment(key, cid, ifname, netns, ns, name, ip, pif.mac, host, 0)
+                try:
+                    ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
+                except Exception as e:
+                    raise CNIFailure(E_IO, f"adding OVS port {host}: {e}") from e
+                finally:
+                    undo.append(lambda: self.ovsdb.del_port(host))
+                a = Attachment(**{**asdict(a), "ofport": ofport})
+                try:
+                    self.flows.set_owner(pod_owner(key), pod_flows(
+                        a.local_pod(), self.gw, self.flows.pipeline))
+                except (OFError, ValueError) as e:
+                    raise CNIFailure(E_IO, f"installing flows for {ns}/{name}: {e}") from e
+                undo.append(lambda: self.flows.remove_owner(pod_owner(key)))
+            except Exception:
+                for step in reversed(undo):
+                    try:
+                        step()
+                    except Exception:
+                        LOG.exception("undo of a failed ADD for %s failed", key)
+                raise
+            self.attachments[key] = a
+        LOG.info("ADD %s/%s %s -> %s port %d", ns, name, key, ip, ofport)
+        self.on_change()
+        return self.result(a)
+
+    def _teardown(self, key: str, host: str) -> None:
+        try:
+            self.flows.remove_owner(pod_owner(key))
+        except OFError:
+            LOG.warning("flows of %s not removed now; the next sync removes them", key)
+        try:
+            self.ovsdb.del_port(host)
+        except OVSDBError:
+            LOG.exception("removing port %s", host)
+        podif.delete(host)
+        self.ipam.release(key)
+
+    def delete(self, req: dict[str, Any]) -> None:
+        """Idempotent: an unknown container or a missing netns is a success."""
+        cid, ifname = req["containerID"], req["ifname"]
+        key = attachment_key(cid, ifname)
+        with self._klock(key):
+            a = self.attachments.pop(key, None)
+            host = a.host_if if a else podif.host_ifname(cid, ifname)
+            self._teardown(key, host)
+        with self._lock:
+            self._key_locks.pop(key, None)
+        LOG.info("DEL %s", key)
+        self.on_change()
+
+    def check(self, req: dict[str, Any]) -> None:
+        key = attachment_key(req["containerID"], req["ifname"])
+        a = self.attachments.get(key)
+        if a is None:
+            raise CNIFailure(3, f"container {req['containerID']} ({req['ifname']}) unknown "
+                                "to this node's agent")
+        problem = podif.check(req["netns"], a.ifname, a.ip)
+        if problem:
+            raise CNIFailure(E_IO, problem)
+
+    def gc(self, req: dict[str, Any]) -> list[str]:
+        """Remove every attachment (and lease) not in cni.dev/valid-attachments."""
+        valid_list = req.get("config", {}).get("cni.dev/valid-attachments")
+        if not isinstance(valid_list, list):
+            raise CNIFailure(E_CONFIG, "GC needs cni.dev/valid-attachments (a list)")
+        valid = {attachment_key(v.get("containerID", ""), v.get("ifname", ""))
+                 for v in valid_list if isinstance(v, dict)}
+        removed = []
+        for key in list(self.attachments):
+            if key not in valid:
+                a = self.attachments[key]
+                self.delete({"containerID": a.container_id, "ifname": a.ifname})
+                removed.append(key)
+        removed += self.ipam.gc(valid | set(self.attachments))
+        return removed

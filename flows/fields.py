@@ -1,0 +1,52 @@
+"""Registers, marks and fixed addresses the pipeline uses.
+
+One place for every bit the tables pass to each other, so two features can
+never pick the same register bits by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RegField:
+    """A bit range of an NXM register (`reg0[0..3]`)."""
+
+    reg: str
+    start: int
+    end: int  # inclusive
+
+    @property
+    def n_bits(self) -> int:
+        return self.end - self.start + 1
+
+    @property
+    def mask(self) -> int:
+        return ((1 << self.n_bits) - 1) << self.start
+
+    def value(self, v: int) -> tuple[int, int]:
+        """(value, mask) for matching this field equal to v."""
+        if not 0 <= v < (1 << self.n_bits):
+            raise ValueError(f"{v} does not fit {self.reg}[{self.start}..{self.end}]")
+        return (v << self.start, self.mask)
+
+    def ofctl(self) -> str:
+        return f"NXM_NX_{self.reg.upper()}[{self.start}..{self.end}]"
+
+
+# Where the packet came from, set by Classifier.
+SOURCE = RegField("reg0", 0, 3)
+FROM_POD = 1
+FROM_GATEWAY = 2
+FROM_TUNNEL = 3
+
+# Output port chosen by L2ForwardingCalc, used by Output.
+OUT_PORT = RegField("reg1", 0, 31)
+
+# Scratch register for swapping ARP addresses in the responder.
+SCRATCH = RegField("reg2", 0, 31)
+
+# The MAC every pod sees for every address except the gateway's: packets sent
+# to it are routed by L3Forwarding, so pods never need per-peer ARP flows.
+VIRTUAL_ROUTER_MAC = "aa:bb:cc:dd:ee:ff"

@@ -1,0 +1,291 @@
+"""The flow model: one immutable Flow renders to os-ken messages and to ovs-ofctl text.
+
+Builders create flows only through `Flow.make`, which checks them against the
+table contract in `flows.tables` (fields the table may match, tables it may go
+to) and adds protocol prerequisites (eth_type, ip_proto) so that no builder
+has to remember them. A flow's identity in OpenFlow is (table, priority,
+match); `Flow.key` is exactly that, and the diff works on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from flowcni.flows import cookie as ck
+from flowcni.flows.fields import RegField
+from flowcni.flows.tables import DEFAULT, Pipeline, Table
+
+ETH_IP = 0x0800
+ETH_ARP = 0x0806
+IP_PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "sctp": 132}
+
+# Field -> eth_type it needs (and ip_proto where fixed by the field).
+_PREREQ: dict[str, tuple[int, int | None]] = {
+    "ipv4_src": (ETH_IP, None), "ipv4_dst": (ETH_IP, None), "ip_proto": (ETH_IP, None),
+    "arp_op": (ETH_ARP, None), "arp_spa": (ETH_ARP, None), "arp_tpa": (ETH_ARP, None),
+    "arp_sha": (ETH_ARP, None), "arp_tha": (ETH_ARP, None),
+    "tcp_src": (ETH_IP, 6), "tcp_dst": (ETH_IP, 6),
+    "udp_src": (ETH_IP, 17), "udp_dst": (ETH_IP, 17),
+    "sctp_src": (ETH_IP, 132), "sctp_dst": (ETH_IP, 132),
+    "icmpv4_type": (ETH_IP, 1), "icmpv4_code": (ETH_IP, 1),
+}
+
+# os-ken (OXM) field name -> ovs-ofctl match name, in the order ofctl prints them.
+_OFCTL_MATCH = {
+    "reg0": "reg0", "reg1": "reg1", "reg2": "reg2", "reg3": "reg3", "reg4": "reg4",
+    "in_port": "in_port", "eth_src": "dl_src", "eth_dst": "dl_dst",
+    "ipv4_src": "nw_src", "ipv4_dst": "nw_dst",
+    "arp_op": "arp_op", "arp_spa": "arp_spa", "arp_tpa": "arp_tpa",
+    "arp_sha": "arp_sha", "arp_tha": "arp_tha",
+    "tcp_src": "tp_src", "tcp_dst": "tp_dst", "udp_src": "tp_src", "udp_dst": "tp_dst",
+    "sctp_src": "tp_src", "sctp_dst": "tp_dst",
+    "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
+}
+_FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
+
+# os-ken field name -> NXM name used by move/load in ovs-ofctl syntax.
+_NXM = {
+    "eth_src": "NXM_OF_ETH_SRC", "eth_dst": "NXM_OF_ETH_DST",
+    "ipv4_src": "NXM_OF_IP_SRC", "ipv4_dst": "NXM_OF_IP_DST",
+    "arp_op": "NXM_OF_ARP_OP", "arp_spa": "NXM_OF_ARP_SPA", "arp_tpa": "NXM_OF_ARP_TPA",
+    "arp_sha": "NXM_NX_ARP_SHA", "arp_tha": "NXM_NX_ARP_THA",
+    "in_port": "NXM_OF_IN_PORT",
+}
+_FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
+               "arp_spa": 32, "arp_tpa": 32, "arp_sha": 48, "arp_tha": 48, "arp_op": 16}
+
+MatchValue = int | str | tuple[int, int]
+
+
+def _fmt_int(v: int) -> str:
+    return hex(v)
+
+
+def _match_text(name: str, value: MatchValue) -> str:
+    ofname = _OFCTL_MATCH[name]
+    if isinstance(value, tuple):
+        return f"{ofname}={_fmt_int(value[0])}/{_fmt_int(value[1])}"
+    if name.startswith("reg"):
+        return f"{ofname}={_fmt_int(int(value))}"
+    return f"{ofname}={value}"
+
+
+def _osken_value(name: str, value: MatchValue) -> Any:
+    if isinstance(value, str) and "/" in value and name.startswith(("ipv4", "arp_spa", "arp_tpa")):
+        net = ipaddress.ip_network(value, strict=False)
+        if net.prefixlen == net.max_prefixlen:
+            return str(net.network_address)
+        return (str(net.network_address), str(net.netmask))
+    return value
+
+
+def _canon_value(name: str, value: MatchValue) -> MatchValue:
+    """Normalise values so equal matches compare equal (10.0.0.1/32 == 10.0.0.1)."""
+    if isinstance(value, str) and name.startswith(("ipv4", "arp_spa", "arp_tpa")):
+        net = ipaddress.ip_network(value, strict=False)
+        if str(net.network_address) != value.split("/")[0]:
+            raise ValueError(f"{name}={value}: host bits set")
+        return str(net.network_address) if net.prefixlen == 32 else str(net)
+    if isinstance(value, str) and name in ("eth_src", "eth_dst", "arp_sha", "arp_tha"):
+        return value.lower()
+    return value
+
+
+class Action:
+    """An OpenFlow action; subclasses render both ways."""
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        raise NotImplementedError
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Output(Action):
+    port: int | str  # an ofport, or "IN_PORT"
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return "IN_PORT" if self.port == "IN_PORT" else f"output:{self.port}"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        port = ofp.OFPP_IN_PORT if self.port == "IN_PORT" else int(self.port)
+        return parser.OFPActionOutput(port, 0)
+
+
+@dataclass(frozen=True)
+class OutputReg(Action):
+    field: RegField
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"output:{self.field.ofctl()}"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        from os_ken.ofproto import nicira_ext
+        return parser.NXActionOutputReg(
+            ofs_nbits=nicira_ext.ofs_nbits(self.field.start, self.field.end),
+            src=self.field.reg, max_len=0)
+
+
+@dataclass(frozen=True)
+class SetField(Action):
+    field: str
+    value: str | int
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"set_field:{self.value}->{_OFCTL_MATCH.get(self.field, self.field)}"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        return parser.OFPActionSetField(**{self.field: self.value})
+
+
+@dataclass(frozen=True)
+class Load(Action):
+    field: RegField
+    value: int
+
+    def __post_init__(self) -> None:
+        self.field.value(self.value)  # validates the width
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"load:{_fmt_int(self.value)}->{self.field.ofctl()}"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        from os_ken.ofproto import nicira_ext
+        return parser.NXActionRegLoad(
+            ofs_nbits=nicira_ext.ofs_nbits(self.field.start, self.field.end),
+            dst=self.field.reg, value=self.value)
+
+
+def _move_end(f: str | RegField) -> tuple[str, int, int, str]:
+    if isinstance(f, RegField):
+        return f.reg, f.start, f.n_bits, f.ofctl()
+    return f, 0, _FIELD_BITS[f], f"{_NXM[f]}[]"
+
+
+@dataclass(frozen=True)
+class Move(Action):
+    src: str | RegField
+    dst: str | RegField
+
+    def __post_init__(self) -> None:
+        if _move_end(self.src)[2] != _move_end(self.dst)[2]:
+            raise ValueError(f"move {self.src} -> {self.dst}: widths differ")
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"move:{_move_end(self.src)[3]}->{_move_end(self.dst)[3]}"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        s, s_ofs, n, _ = _move_end(self.src)
+        d, d_ofs, _, _ = _move_end(self.dst)
+        return parser.NXActionRegMove(src_field=s, dst_field=d, n_bits=n,
+                                      src_ofs=s_ofs, dst_ofs=d_ofs)
+
+
+@dataclass(frozen=True)
+class DecTTL(Action):
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return "dec_ttl"
+
+    def osken(self, parser: Any, ofp: Any) -> Any:
+        return parser.OFPActionDecNwTtl()
+
+
+Match = tuple[tuple[str, MatchValue], ...]
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One flow as the agent wants it. Build with `Flow.make`."""
+
+    table: str
+    priority: int
+    match: Match
+    actions: tuple[Action, ...]
+    goto: str | None
+    feature: ck.Feature
+    owner: str
+
+    @property
+    def key(self) -> tuple[str, int, Match]:
+        """OpenFlow identity of the flow: what OFPFC_ADD overwrites."""
+        return (self.table, self.priority, self.match)
+
+    @classmethod
+    def make(cls, table: str, priority: int, match: dict[str, MatchValue] | None = None,
+             actions: tuple[Action, ...] | list[Action] = (), goto: str | None = None, *,
+             feature: ck.Feature, owner: str, pipeline: Pipeline = DEFAULT) -> Flow:
+        """Validate against the table contract and normalise the match."""
+        t: Table = pipeline.table(table)
+        if not 0 <= priority <= 0xFFFF:
+            raise ValueError(f"{table}: priority {priority} out of range")
+        m = dict(match or {})
+        for name in list(m):
+            if name not in t.fields:
+                raise ValueError(f"{table} may not match on {name}")
+            if name not in _OFCTL_MATCH and name not in ("eth_type", "ip_proto"):
+                raise ValueError(f"{table}: unknown match field {name}")
+            if name in _PREREQ:
+                eth, proto = _PREREQ[name]
+                if m.setdefault("eth_type", eth) != eth:
+                    raise ValueError(f"{table}: {name} needs eth_type {eth:#x}")
+                if proto is not None and m.setdefault("ip_proto", proto) != proto:
+                    raise ValueError(f"{table}: {name} needs ip_proto {proto}")
+            m[name] = _canon_value(name, m[name])
+        if goto is not None and goto not in t.next:
+            raise ValueError(f"{table} may not go to {goto} (allowed: {t.next})")
+        order = sorted(m.items(), key=lambda kv: (_FIELD_ORDER.get(kv[0], -1), kv[0]))
+        return cls(table, priority, tuple(order), tuple(actions), goto, feature, owner)
+
+    # -- rendering ---------------------------------------------------------
+
+    def match_text(self) -> str:
+        m = dict(self.match)
+        parts: list[str] = []
+        eth, proto = m.pop("eth_type", None), m.pop("ip_proto", None)
+        if eth == ETH_ARP:
+            parts.append("arp")
+        elif eth == ETH_IP:
+            names = {v: k for k, v in IP_PROTOS.items()}
+            if proto is None:
+                parts.append("ip")
+            elif int(proto) in names:
+                parts.append(names[int(proto)])
+            else:
+                parts += ["ip", f"nw_proto={proto}"]
+        elif eth is not None:
+            parts.append(f"dl_type={_fmt_int(int(eth))}")
+        parts += [_match_text(k, v) for k, v in m.items()]
+        return ",".join(parts)
+
+    def actions_text(self, pipeline: Pipeline = DEFAULT, names: bool = False) -> str:
+        acts = [a.ofctl(pipeline) for a in self.actions]
+        if self.goto:
+            acts.append(f"goto_table:{self.goto if names else pipeline.id(self.goto)}")
+        return ",".join(acts) or "drop"
+
+    def ofctl(self, pipeline: Pipeline = DEFAULT, names: bool = False,
+              cookie: int | None = None) -> str:
+        """ovs-ofctl add-flow syntax (table numbers), or display syntax (names=True)."""
+        table = self.table if names else str(pipeline.id(self.table))
+        head = f"cookie={_fmt_int(cookie)}," if cookie is not None else ""
+        m = self.match_text()
+        return (f"{head}table={table},priority={self.priority}"
+                f"{',' + m if m else ''},actions={self.actions_text(pipeline, names)}")
+
+    def osken_match(self, parser: Any) -> Any:
+        return parser.OFPMatch(**{k: _osken_value(k, v) for k, v in self.match})
+
+    def osken_instructions(self, parser: Any, ofp: Any, pipeline: Pipeline) -> list[Any]:
+        inst: list[Any] = []
+        if self.actions:
+            inst.append(parser.OFPInstructionActions(
+                ofp.OFPIT_APPLY_ACTIONS, [a.osken(parser, ofp) for a in self.actions]))
+        if self.goto:
+            inst.append(parser.OFPInstructionGotoTable(pipeline.id(self.goto)))
+        return inst
+
+    def cookie(self, round_: int) -> int:
+        return ck.make(round_, self.feature, self.owner)

@@ -1,0 +1,103 @@
+"""The pipeline's tables, declared once.
+
+Each table names the match fields its flows may use and the tables its flows
+may go to; the flow model checks every flow against this contract when it is
+built, so a builder bug fails in a unit test instead of in OVS. Table numbers
+are not written anywhere: they follow the declaration order and are assigned
+when the pipeline is built (the agent publishes the mapping in OVSDB so tools
+can print names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Table:
+    """One OpenFlow table of the pipeline.
+
+    `miss` is what a packet that matches no flow of the table does: "drop",
+    the name of the table it continues in, or "" when a builder supplies the
+    table's last flow itself (Output). The miss flow is emitted by the base
+    builder from this declaration, so it exists in one place.
+    """
+
+    name: str
+    doc: str
+    fields: frozenset[str]
+    next: tuple[str, ...] = ()
+    miss: str = "drop"
+
+
+# Fields a table gets for free: prerequisites that the model adds itself.
+PREREQ_FIELDS = frozenset({"eth_type", "ip_proto"})
+
+
+def _t(name: str, doc: str, fields: Iterable[str], next_: Iterable[str] = (),
+       miss: str = "drop") -> Table:
+    return Table(name, doc, frozenset(fields) | PREREQ_FIELDS, tuple(next_), miss)
+
+
+PIPELINE: tuple[Table, ...] = (
+    _t("Classifier", "in_port -> source mark (pod, gateway)",
+       ["in_port"], ["SpoofGuard"]),
+    _t("SpoofGuard", "pod ports: source MAC and IP (and ARP sender) must be the pod's",
+       ["in_port", "eth_src", "ipv4_src", "arp_spa", "arp_sha", "reg0"],
+       ["ARPResponder", "L3Forwarding"]),
+    _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
+       "anything else with the virtual router MAC",
+       ["arp_op", "arp_tpa", "reg0"], []),
+    _t("L3Forwarding", "local pod IP: rewrite MACs; everything else: switch on dst MAC",
+       ["ipv4_dst", "eth_dst", "reg0"], ["L3DecTTL", "L2ForwardingCalc"],
+       miss="L2ForwardingCalc"),
+    _t("L3DecTTL", "decrement TTL of routed packets, except those the gateway sent",
+       ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
+    _t("L2ForwardingCalc", "dst MAC -> output port register",
+       ["eth_dst"], ["Output"]),
+    _t("Output", "output to the port in the output register", [], [], miss=""),
+)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The declared tables with their numbers."""
+
+    tables: tuple[Table, ...]
+    ids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tables: tuple[Table, ...] = PIPELINE, first: int = 0) -> Pipeline:
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table names in pipeline: {names}")
+        ids = {t.name: first + i for i, t in enumerate(tables)}
+        for t in tables:
+            for n in (*t.next, *([t.miss] if t.miss not in ("drop", "") else [])):
+                if n not in ids:
+                    raise ValueError(f"table {t.name} goes to undeclared table {n}")
+                if ids[n] <= ids[t.name]:
+                    raise ValueError(f"table {t.name} goes backwards to {n}")
+        return cls(tables, ids)
+
+    def table(self, name: str) -> Table:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown table {name!r}")
+
+    def id(self, name: str) -> int:
+        return self.ids[name]
+
+    def name(self, table_id: int) -> str:
+        for n, i in self.ids.items():
+            if i == table_id:
+                return n
+        return str(table_id)
+
+    def names_by_id(self) -> dict[int, str]:
+        return {i: n for n, i in self.ids.items()}
+
+
+DEFAULT = Pipeline.build()

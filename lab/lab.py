@@ -1,0 +1,305 @@
+"""The embedded lab: nodes and pods as network namespaces on one machine.
+
+A node is a netns with its own OVS and its own flowcni-agent. A pod is a
+netns attached by running the real `flowcni` plugin executable with the
+environment and stdin a container runtime gives it, so the lab exercises the
+same path as a cluster. Everything the lab makes is named with its prefix
+and recorded in its state file, and `down` removes all of it, including
+leftovers of a lab that crashed half-way.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flowcni.cni import install as cni_install
+from flowcni.lab import netns
+from flowcni.lab.ovs import OVS, kill_wait
+
+DEFAULT_BASE = "/run/flowcni-lab"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+CNI_VERSION = "1.1.0"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class Node:
+    name: str
+    index: int
+    netns: str
+    pod_cidr: str
+    node_ip: str
+    rundir: str
+    agent_pid: int = 0
+
+    @property
+    def ovs(self) -> OVS:
+        return OVS(self.netns, os.path.join(self.rundir, "ovs"))
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.rundir, "agent", "cni.sock")
+
+    @property
+    def conflist(self) -> str:
+        return os.path.join(self.rundir, "flowcni.conflist")
+
+
+@dataclass
+class Pod:
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    container_id: str
+    ip: str = ""
+    mac: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def validate_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name) or len(name) > 63:
+        raise LabError(f"{kind} name {name!r} is not a DNS-1123 label")
+    return name
+
+
+def parse_labels(s: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in filter(None, (s or "").split(",")):
+        k, sep, v = part.partition("=")
+        if not sep or not k:
+            raise LabError(f"--labels: {part!r} is not key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+class Lab:
+    """A lab described by its state file under `base`."""
+
+    def __init__(self, base: str | None = None, prefix: str | None = None) -> None:
+        self.base = base or os.environ.get("FLOWCNI_LAB_DIR", DEFAULT_BASE)
+        self.prefix = prefix or os.environ.get("FLOWCNI_LAB_PREFIX", "fc-")
+        self.state_path = os.path.join(self.base, "lab.json")
+        self.bin_dir = os.path.join(self.base, "bin")
+
+    # -- state ----------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        os.makedirs(self.base, exist_ok=True)
+        with open(os.path.join(self.base, "lab.lock"), "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            st = self._read()
+            yield st
+            tmp = self.state_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(st, f, indent=1)
+            os.replace(tmp, self.state_path)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.state_path) as f:
+                st: dict[str, Any] = json.load(f)
+                return st
+        except FileNotFoundError:
+            return {"prefix": self.prefix, "nodes": [], "pods": []}
+
+    def nodes(self) -> list[Node]:
+        return [Node(**n) for n in self._read()["nodes"]]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes():
+            if n.name == name:
+                return n
+        raise LabError(f"no node {name!r} in the lab (have: {[n.name for n in self.nodes()]})")
+
+    def pods(self) -> list[Pod]:
+        return [Pod(**p) for p in self._read()["pods"]]
+
+    def pod(self, ref: str) -> Pod:
+        ns, _, name = ref.rpartition("/")
+        ns = ns or "default"
+        for p in self.pods():
+            if p.name == name and p.namespace == ns:
+                return p
+        raise LabError(f"no pod {ns}/{name} in the lab")
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def up(self, nodes: int = 1, cluster_cidr: str = "10.244.0.0/16",
+           node_cidr_size: int = 24) -> list[Node]:
+        if nodes < 1:
+            raise LabError("--nodes must be at least 1")
+        if self._read()["nodes"]:
+            raise LabError(f"a lab is already up in {self.base}; run `flowctl lab down` first")
+        cluster = ipaddress.ip_network(cluster_cidr)
+        if node_cidr_size <= cluster.prefixlen or node_cidr_size > 30:
+            raise LabError(f"--node-cidr-size {node_cidr_size} does not fit "
+                           f"--cluster-cidr {cluster_cidr}")
+        subnets = cluster.subnets(new_prefix=node_cidr_size)
+        next(subnets)  # keep x.x.0.0/size free: node N gets the N-th subnet
+        cni_install.install(self.bin_dir)
+        made = []
+        try:
+            for i in range(1, nodes + 1):
+                made.append(self._node_up(i, str(next(subnets))))
+        except Exception:
+            self.down()
+            raise
+        return made
+
+    def _node_up(self, i: int, pod_cidr: str) -> Node:
+        name = f"node{i}"
+        node = Node(name, i, f"{self.prefix}{name}", pod_cidr, "",
+                    os.path.join(self.base, name))
+        with self._locked() as st:
+            st["nodes"].append(asdict(node))
+        netns.add(node.netns)
+        node.ovs.start(tso=True)
+        with open(node.conflist, "w") as f:
+            json.dump({"cniVersion": CNI_VERSION, "name": "flowcni", "plugins": [
+                {"type": "flowcni", "agentSocket": node.socket}]}, f, indent=1)
+        return self._start_agent(node)
+
+    def wait_ready(self, node: Node, timeout: float = 30.0) -> dict[str, Any]:
+        from flowcni.controller.client import AgentClient
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                st = AgentClient(node.socket).status()
+                if st.get("synced"):
+                    return st
+                last = st
+            except OSError as e:
+                last = e
+            time.sleep(0.1)
+        raise LabError(f"agent of {node.name} not ready after {timeout}s: {last}; "
+                       f"see {node.rundir}/agent.log")
+
+    def restart_agent(self, node_name: str, kill: bool = True) -> Node:
+        """Kill the agent (SIGKILL by default) and start it again with the same arguments."""
+        node = self.node(node_name)
+        if node.agent_pid:
+            if kill:
+                try:
+                    os.kill(node.agent_pid, 9)
+                except ProcessLookupError:
+                    pass
+            kill_wait(node.agent_pid)
+        return self._start_agent(node)
+
+    def _start_agent(self, node: Node) -> Node:
+        """Spawn the node's agent in its netns, record its pid, wait until it has synced."""
+        log = open(os.path.join(node.rundir, "agent.log"), "ab")
+        proc = subprocess.Popen(
+            netns.exec_argv(node.netns, [
+                sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
+                "--pod-cidr", node.pod_cidr, "--ovsdb", node.ovs.remote,
+                "--cni-socket", node.socket,
+                "--state-dir", os.path.join(node.rundir, "agent"),
+                "--datapath-type", "netdev"]),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        node.agent_pid = proc.pid
+        with self._locked() as st:
+            st["nodes"] = [asdict(node) if n["name"] == node.name else n for n in st["nodes"]]
+        self.wait_ready(node)
+        return node
+
+    def down(self) -> list[str]:
+        """Remove every process, namespace and file of the lab; return what was removed."""
+        removed = []
+        st = self._read()
+        for n in st["nodes"]:
+            node = Node(**n)
+            if node.agent_pid:
+                kill_wait(node.agent_pid, timeout=3)
+            node.ovs.stop()
+        for name in netns.listing(st.get("prefix") or self.prefix):
+            netns.delete(name)
+            removed.append(name)
+        shutil.rmtree(self.base, ignore_errors=True)
+        return removed
+
+    # -- pods -----------------------------------------------------------------------
+
+    def plugin_env(self, command: str, pod: Pod, ifname: str = "eth0") -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command, "CNI_CONTAINERID": pod.container_id,
+            "CNI_NETNS": os.path.join(netns.NETNS_DIR, pod.netns), "CNI_IFNAME": ifname,
+            "CNI_PATH": self.bin_dir,
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};"
+                        f"K8S_POD_NAME={pod.name}",
+        }
+
+    def net_conf(self, node: Node) -> str:
+        """The network config a runtime feeds the plugin: the conflist entry plus name/version."""
+        with open(node.conflist) as f:
+            conf = json.load(f)
+        plugin = dict(conf["plugins"][0], name=conf["name"], cniVersion=conf["cniVersion"])
+        return json.dumps(plugin)
+
+    def run_plugin(self, command: str, pod: Pod, node: Node) -> dict[str, Any]:
+        p = subprocess.run([os.path.join(self.bin_dir, "flowcni")], input=self.net_conf(node),
+                           env=self.plugin_env(command, pod), capture_output=True, text=True,
+                           timeout=120)
+        out: dict[str, Any] = json.loads(p.stdout) if p.stdout.strip() else {}
+        if p.returncode != 0:
+            raise LabError(f"flowcni {command} for {pod.ref} failed (exit {p.returncode}): "
+                           f"{out.get('msg') or p.stderr.strip()} (code {out.get('code')})")
+        return out
+
+    def pod_add(self, name: str, node_name: str, namespace: str = "default",
+                labels: dict[str, str] | None = None) -> Pod:
+        validate_name("pod", name)
+        validate_name("namespace", namespace)
+        node = self.node(node_name)
+        if any(p.name == name and p.namespace == namespace for p in self.pods()):
+            raise LabError(f"pod {namespace}/{name} already exists")
+        pod = Pod(name, namespace, node.name, f"{self.prefix}p-{namespace}-{name}",
+                  secrets.token_hex(32), labels=labels or {})
+        netns.add(pod.netns)
+        try:
+            res = self.run_plugin("ADD", pod, node)
+        except Exception:
+            netns.delete(pod.netns)
+            raise
+        pod.ip = res["ips"][0]["address"].split("/")[0]
+        pod.mac = res["interfaces"][res["ips"][0].get("interface", 0)]["mac"]
+        with self._locked() as st:
+            st["pods"].append(asdict(pod))
+        return pod
+
+    def pod_del(self, ref: str) -> Pod:
+        pod = self.pod(ref)
+        self.run_plugin("DEL", pod, self.node(pod.node))
+        netns.delete(pod.netns)
+        with self._locked() as st:
+            st["pods"] = [p for p in st["pods"]
+                          if not (p["name"] == pod.name and p["namespace"] == pod.namespace)]
+        return pod
+
+    def exec_argv(self, ref: str, argv: list[str]) -> list[str]:
+        return netns.exec_argv(self.pod(ref).netns, argv)

@@ -1,0 +1,151 @@
+"""OVSDB access with ovsdbapp: the integration bridge, its controller, ports and the round.
+
+Everything the agent keeps in OVSDB lives here, so OVSDB is a second copy of
+the node's state that survives agent restarts: pod ports carry the pod's
+identity and address in external_ids, and the bridge carries the agent round
+and the table numbering.
+
+The Controller row is created once and never deleted or replaced: OVS
+flushes a bridge's flows when its controller set changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import connection, idlutils
+from ovsdbapp.schema.open_vswitch import impl_idl
+
+from flowcni.flows import cookie as ck
+
+LOG = logging.getLogger(__name__)
+
+ROUND_KEY = ck.ROUND_KEY
+TABLES_KEY = ck.TABLES_KEY
+OWNER_KEY = "flowcni-owner"
+PROTOCOLS = ["OpenFlow10", "OpenFlow13", "OpenFlow15"]
+
+
+class OVSDBError(RuntimeError):
+    """An OVSDB operation did not do what was asked."""
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    name: str
+    ofport: int
+    external_ids: dict[str, str]
+
+
+def default_datapath_type() -> str:
+    """`system` where the kernel module is loaded, else the userspace datapath."""
+    return "system" if os.path.isdir("/sys/module/openvswitch") else "netdev"
+
+
+class OVSDB:
+    """A connection to one ovsdb-server (ovsdbapp's IDL thread does the I/O)."""
+
+    def __init__(self, remote: str, timeout: float = 10.0) -> None:
+        self.remote = remote
+        helper = idlutils.get_schema_helper(remote, "Open_vSwitch")
+        for table in ("Open_vSwitch", "Bridge", "Port", "Interface", "Controller"):
+            helper.register_table(table)
+        idl = connection.OvsdbIdl(remote, helper)
+        self.conn = connection.Connection(idl=idl, timeout=timeout)
+        self.api = impl_idl.OvsdbIdl(self.conn, start=True)
+
+    def close(self) -> None:
+        self.conn.stop(timeout=2)
+
+    # -- bridge --------------------------------------------------------------
+
+    def ensure_bridge(self, name: str, datapath_type: str, controller: str) -> None:
+        """Create or adopt `name`: secure fail mode, OpenFlow 1.3+, one controller target.
+
+        An existing bridge keeps its flows: nothing here deletes or recreates
+        a row the bridge already has.
+        """
+        api = self.api
+        with api.transaction(check_error=True) as txn:
+            txn.add(api.add_br(name, may_exist=True, datapath_type=datapath_type))
+            txn.add(api.db_set("Bridge", name, ("fail_mode", "secure"),
+                               ("protocols", PROTOCOLS)))
+        br = self._bridge(name)
+        if br.datapath_type != datapath_type:
+            raise OVSDBError(f"bridge {name} has datapath_type {br.datapath_type!r}, "
+                             f"want {datapath_type!r}: delete it or pass --datapath-type")
+        targets = [c.target for c in br.controller]
+        if controller not in targets:
+            LOG.info("adding controller %s to %s (existing: %s)", controller, name, targets)
+            with api.transaction(check_error=True) as txn:
+                ctl = txn.add(api.db_create("Controller", target=controller,
+                                            connection_mode="out-of-band"))
+                txn.add(api.db_add("Bridge", name, "controller", ctl))
+
+    def _bridge(self, name: str) -> Any:
+        return idlutils.row_by_value(self.api.idl, "Bridge", "name", name)
+
+    def bridge_ids(self, name: str) -> dict[str, str]:
+        return dict(self._bridge(name).external_ids)
+
+    def set_bridge_ids(self, name: str, ids: dict[str, str]) -> None:
+        self.api.db_set("Bridge", name, ("external_ids", ids)).execute(check_error=True)
+
+    def bump_round(self, name: str) -> int:
+        """Next agent round, stored on the bridge before any flow uses it."""
+        try:
+            cur = int(self.bridge_ids(name).get(ROUND_KEY, "0"))
+        except ValueError:
+            cur = 0
+        nxt = ck.next_round(cur)
+        self.set_bridge_ids(name, {ROUND_KEY: str(nxt)})
+        return nxt
+
+    # -- ports ---------------------------------------------------------------
+
+    def ensure_internal_port(self, bridge: str, name: str) -> int:
+        """The gateway: an internal port, adopted if it exists."""
+        self.api.add_port(bridge, name, may_exist=True, type="internal").execute(
+            check_error=True)
+        return self._ofport(name)
+
+    def add_port(self, bridge: str, name: str, external_ids: dict[str, str]) -> int:
+        """Attach an existing netdev (a pod veth) and return its ofport."""
+        ids = {OWNER_KEY: "flowcni", **external_ids}
+        with self.api.transaction(check_error=True) as txn:
+            txn.add(self.api.add_port(bridge, name, may_exist=True, external_ids=ids))
+            txn.add(self.api.db_set("Port", name, ("external_ids", ids)))
+        return self._ofport(name)
+
+    def _ofport(self, name: str) -> int:
+        row = idlutils.row_by_value(self.api.idl, "Interface", "name", name, None)
+        if row is None:
+            raise OVSDBError(f"interface {name} not in OVSDB")
+        ofport = row.ofport[0] if isinstance(row.ofport, list) and row.ofport else row.ofport
+        if not ofport or int(ofport) <= 0:
+            err = row.error[0] if row.error else "no ofport assigned"
+            raise OVSDBError(f"interface {name}: {err}")
+        return int(ofport)
+
+    def del_port(self, name: str) -> None:
+        self.api.del_port(name, if_exists=True).execute(check_error=True)
+
+    def ports(self, bridge: str) -> list[PortInfo]:
+        """Ports of the bridge made by flowcni, with their external_ids."""
+        br = self._bridge(bridge)
+        out = []
+        for port in br.ports:
+            ids = dict(port.external_ids)
+            if ids.get(OWNER_KEY) != "flowcni":
+                continue
+            iface = port.interfaces[0] if port.interfaces else None
+            of = iface.ofport[0] if iface is not None and iface.ofport else -1
+            out.append(PortInfo(port.name, int(of), ids))
+        return out
+
+    def set_other_config(self, key: str, value: str) -> None:
+        self.api.db_set("Open_vSwitch", ".", ("other_config", {key: value})).execute(
+            check_error=True)

@@ -1,0 +1,547 @@
+"""Tests for the flowcni CNI plugin executable and its agent wire protocol.
+
+The plugin is run as a real subprocess (as a runtime would exec it). The agent
+side is a tiny unix-socket server thread: these tests check the plugin's half
+of the protocol only, so no OVS or network namespaces are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flowcni.cni import plugin, spec
+from flowcni.cni.spec import CNIError
+
+AGENT_RESULT: dict[str, Any] = {
+    "interfaces": [
+        {"name": "veth0a1b2c3d", "mac": "0a:58:0a:f4:00:01"},
+        {"name": "eth0", "mac": "0a:58:0a:f4:00:05", "sandbox": "/var/run/netns/cni-1"},
+    ],
+    "ips": [{"address": "10.244.0.5/24", "gateway": "10.244.0.1", "interface": 1}],
+    "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}],
+    "dns": {},
+}
+
+CNI_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"
+
+
+class CompletedPlugin:
+    """Exit code plus decoded stdout of one plugin run."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[bytes]) -> None:
+        self.rc = proc.returncode
+        self.stdout = proc.stdout.decode()
+        self.stderr = proc.stderr.decode()
+        self.json: Any = json.loads(self.stdout) if self.stdout.strip() else None
+
+
+def run_plugin(env: dict[str, str], stdin: bytes | str | dict[str, Any] = b"") -> CompletedPlugin:
+    """Exec the plugin like a runtime would: CNI_* env, config on stdin."""
+    if isinstance(stdin, dict):
+        stdin = json.dumps(stdin)
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "FLOWCNI_"))}
+    base.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowcni.cni.plugin"],
+        input=stdin,
+        env=base,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return CompletedPlugin(proc)
+
+
+def make_conf(sock: Path | str, version: str = "1.1.0", **extra: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "cniVersion": version,
+        "name": "flowcni",
+        "type": "flowcni",
+        "agentSocket": str(sock),
+        "mtu": 1450,
+    }
+    conf.update(extra)
+    return conf
+
+
+@pytest.fixture
+def netns(tmp_path: Path) -> Path:
+    """Stands in for /var/run/netns/x: the plugin only checks that it exists."""
+    path = tmp_path / "ns"
+    path.write_text("")
+    return path
+
+
+def attach_env(command: str, netns: Path | str) -> dict[str, str]:
+    return {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "c0ffee",
+        "CNI_NETNS": str(netns),
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": CNI_ARGS,
+        "CNI_PATH": "/opt/cni/bin",
+    }
+
+
+class FakeAgent:
+    """Accepts one connection, records the request, answers with ``reply``."""
+
+    def __init__(self, path: Path, reply: Callable[[dict[str, Any]], bytes | None]) -> None:
+        self.path = path
+        self.reply = reply
+        self.requests: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self.release = threading.Event()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.server.settimeout(30)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(30)
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                request = json.loads(data)
+                self.requests.append(request)
+                answer = self.reply(request)
+                if answer is None:  # simulate a hung agent: hold the connection open
+                    self.release.wait(30)
+                    return
+                conn.sendall(answer)
+        except BaseException as exc:  # surfaced by the fixture teardown
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.close()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def fake_agent(tmp_path: Path) -> Iterator[Callable[..., FakeAgent]]:
+    agents: list[FakeAgent] = []
+
+    def start(reply: Callable[[dict[str, Any]], bytes | None] | dict[str, Any]) -> FakeAgent:
+        if isinstance(reply, dict):
+            fixed = json.dumps(reply).encode()
+
+            def responder(_req: dict[str, Any]) -> bytes | None:
+                return fixed
+
+            agent = FakeAgent(tmp_path / "agent.sock", responder)
+        else:
+            agent = FakeAgent(tmp_path / "agent.sock", reply)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.close()
+        # A request the agent could not decode is a protocol bug in the plugin.
+        assert not [e for e in agent.errors if not isinstance(e, OSError)], agent.errors
+
+
+def assert_error(out: CompletedPlugin, code: int, *needles: str) -> dict[str, Any]:
+    assert out.rc == 1, out.stdout + out.stderr
+    assert out.stderr == ""  # no traceback leaks
+    err = out.json
+    assert set(err) == {"cniVersion", "code", "msg", "details"}
+    assert err["code"] == code, err
+    for needle in needles:
+        assert needle in err["msg"] + " " + err["details"], err
+    return dict(err)
+
+
+# --- VERSION ----------------------------------------------------------------
+
+
+def test_version_with_empty_stdin_reports_latest() -> None:
+    out = run_plugin({"CNI_COMMAND": "VERSION"})
+    assert out.rc == 0
+    assert out.json == {
+        "cniVersion": "1.1.0",
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+    }
+
+
+def test_version_echoes_requested_version() -> None:
+    out = run_plugin({"CNI_COMMAND": "VERSION"}, {"cniVersion": "0.4.0"})
+    assert out.rc == 0
+    assert out.json["cniVersion"] == "0.4.0"
+    assert out.json["supportedVersions"] == list(spec.SUPPORTED_VERSIONS)
+
+
+def test_version_never_contacts_agent(tmp_path: Path) -> None:
+    # An agentSocket that would fail with 11 if the plugin tried to use it.
+    out = run_plugin({"CNI_COMMAND": "VERSION"}, make_conf(tmp_path / "none.sock"))
+    assert out.rc == 0
+    assert out.json["cniVersion"] == "1.1.0"
+
+
+# --- environment validation -------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [None, "", "FROB"])
+def test_bad_cni_command(command: str | None, tmp_path: Path) -> None:
+    env = {} if command is None else {"CNI_COMMAND": command}
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_COMMAND")
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK"])
+def test_missing_container_id(command: str, netns: Path, tmp_path: Path) -> None:
+    env = attach_env(command, netns)
+    del env["CNI_CONTAINERID"]
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_CONTAINERID")
+
+
+def test_missing_ifname(netns: Path, tmp_path: Path) -> None:
+    env = attach_env("ADD", netns)
+    del env["CNI_IFNAME"]
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_IFNAME")
+
+
+@pytest.mark.parametrize("ifname", ["a" * 16, "eth/0", "eth 0", "eth0:1", "..", "\teth"])
+def test_invalid_ifname(ifname: str, netns: Path, tmp_path: Path) -> None:
+    env = attach_env("ADD", netns)
+    env["CNI_IFNAME"] = ifname
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_IFNAME")
+
+
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_missing_netns(command: str, netns: Path, tmp_path: Path) -> None:
+    env = attach_env(command, netns)
+    del env["CNI_NETNS"]
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_NETNS")
+
+
+@pytest.mark.parametrize("command", ["ADD", "CHECK"])
+def test_netns_path_does_not_exist(command: str, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-ns"
+    out = run_plugin(attach_env(command, missing), make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_NETNS", str(missing))
+
+
+def test_malformed_cni_args(netns: Path, tmp_path: Path) -> None:
+    env = attach_env("ADD", netns)
+    env["CNI_ARGS"] = "K8S_POD_NAME"
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "CNI_ARGS", "K8S_POD_NAME")
+
+
+def test_bad_agent_timeout_env(netns: Path, tmp_path: Path) -> None:
+    env = attach_env("ADD", netns)
+    env["FLOWCNI_AGENT_TIMEOUT"] = "soon"
+    out = run_plugin(env, make_conf(tmp_path / "a.sock"))
+    assert_error(out, spec.ERR_INVALID_ENV, "FLOWCNI_AGENT_TIMEOUT")
+
+
+# --- config validation ------------------------------------------------------
+
+
+def test_malformed_stdin(netns: Path) -> None:
+    out = run_plugin(attach_env("ADD", netns), b'{"cniVersion": ')
+    err = assert_error(out, spec.ERR_DECODE, "stdin")
+    assert err["cniVersion"] == "1.1.0"
+
+
+def test_unknown_cni_version(netns: Path, tmp_path: Path) -> None:
+    out = run_plugin(attach_env("ADD", netns), make_conf(tmp_path / "a.sock", version="0.2.0"))
+    assert_error(out, spec.ERR_INCOMPATIBLE_VERSION, "0.2.0", "1.1.0")
+
+
+def test_error_uses_config_version(netns: Path, tmp_path: Path) -> None:
+    env = attach_env("ADD", netns)
+    del env["CNI_CONTAINERID"]
+    out = run_plugin(env, make_conf(tmp_path / "a.sock", version="0.3.1"))
+    assert assert_error(out, spec.ERR_INVALID_ENV)["cniVersion"] == "0.3.1"
+
+
+@pytest.mark.parametrize(("command", "version"), [("CHECK", "0.3.1"), ("GC", "1.0.0")])
+def test_command_too_new_for_config_version(
+    command: str, version: str, netns: Path, tmp_path: Path
+) -> None:
+    out = run_plugin(attach_env(command, netns), make_conf(tmp_path / "a.sock", version=version))
+    assert_error(out, spec.ERR_INCOMPATIBLE_VERSION, command, version)
+
+
+# --- agent unreachable ------------------------------------------------------
+
+
+def test_agent_socket_missing_is_try_again(netns: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "absent.sock"
+    out = run_plugin(attach_env("ADD", netns), make_conf(sock))
+    assert_error(out, spec.ERR_TRY_AGAIN_LATER, str(sock))
+
+
+def test_agent_socket_missing_status_is_not_available(tmp_path: Path) -> None:
+    sock = tmp_path / "absent.sock"
+    out = run_plugin({"CNI_COMMAND": "STATUS"}, make_conf(sock))
+    assert_error(out, spec.ERR_PLUGIN_NOT_AVAILABLE, str(sock))
+
+
+def test_agent_connection_refused_is_try_again(netns: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))  # socket file exists but nobody listens: ECONNREFUSED
+    stale.close()
+    out = run_plugin(attach_env("DEL", netns), make_conf(sock))
+    assert_error(out, spec.ERR_TRY_AGAIN_LATER, str(sock))
+
+
+def test_agent_timeout_is_try_again(
+    netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent(lambda _req: None)
+    env = attach_env("ADD", netns)
+    env["FLOWCNI_AGENT_TIMEOUT"] = "0.5"
+    out = run_plugin(env, make_conf(agent.path))
+    assert_error(out, spec.ERR_TRY_AGAIN_LATER, str(agent.path))
+    assert len(agent.requests) == 1
+
+
+# --- forwarding to a fake agent --------------------------------------------
+
+
+def test_add_forwards_request_and_prints_1_1_result(
+    netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent({"ok": True, "result": AGENT_RESULT})
+    conf = make_conf(agent.path, version="1.1.0", ipam={}, extra={"nested": [1, {"a": None}]})
+    out = run_plugin(attach_env("ADD", netns), conf)
+
+    assert out.rc == 0, out.stdout
+    assert agent.requests == [
+        {
+            "command": "ADD",
+            "containerID": "c0ffee",
+            "netns": str(netns),
+            "ifname": "eth0",
+            "args": {
+                "IgnoreUnknown": "1",
+                "K8S_POD_NAMESPACE": "default",
+                "K8S_POD_NAME": "web-0",
+            },
+            "path": "/opt/cni/bin",
+            "config": conf,
+        }
+    ]
+    assert out.json == {
+        "cniVersion": "1.1.0",
+        "interfaces": AGENT_RESULT["interfaces"],
+        "ips": [{"address": "10.244.0.5/24", "gateway": "10.244.0.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}],
+        "dns": {},
+    }
+
+
+def test_add_prints_0_4_result(netns: Path, fake_agent: Callable[..., FakeAgent]) -> None:
+    agent = fake_agent({"ok": True, "result": AGENT_RESULT})
+    out = run_plugin(attach_env("ADD", netns), make_conf(agent.path, version="0.4.0"))
+    assert out.rc == 0, out.stdout
+    assert agent.requests[0]["config"]["cniVersion"] == "0.4.0"
+    assert out.json == {
+        "cniVersion": "0.4.0",
+        "interfaces": AGENT_RESULT["interfaces"],
+        "ips": [
+            {"address": "10.244.0.5/24", "gateway": "10.244.0.1", "interface": 1, "version": "4"}
+        ],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}],
+        "dns": {},
+    }
+
+
+def test_add_chains_prev_result(netns: Path, fake_agent: Callable[..., FakeAgent]) -> None:
+    agent = fake_agent({"ok": True, "result": AGENT_RESULT})
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "lo", "sandbox": "/var/run/netns/cni-1"}],
+        "ips": [],
+        "dns": {"nameservers": ["10.96.0.10"]},
+    }
+    out = run_plugin(attach_env("ADD", netns), make_conf(agent.path, prevResult=prev))
+    assert out.rc == 0, out.stdout
+    assert [i["name"] for i in out.json["interfaces"]] == ["lo", "veth0a1b2c3d", "eth0"]
+    assert out.json["ips"][0]["interface"] == 2
+    assert out.json["dns"] == {"nameservers": ["10.96.0.10"]}
+
+
+def test_agent_error_is_passed_through(
+    netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent(
+        {"ok": False, "code": 7, "msg": "no IPAM pool for node", "details": "podCIDR unset"}
+    )
+    out = run_plugin(attach_env("ADD", netns), make_conf(agent.path, version="0.4.0"))
+    err = assert_error(out, spec.ERR_INVALID_NETWORK_CONFIG)
+    assert err == {
+        "cniVersion": "0.4.0",
+        "code": 7,
+        "msg": "no IPAM pool for node",
+        "details": "podCIDR unset",
+    }
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"",
+        b"[]",
+        b'{"result": {}}',
+        b'{"ok": false, "code": "7", "msg": "x"}',
+        b'{"ok": true}',
+        b'{"ok": true, "result": {"ips": "10.0.0.2/24"}}',
+    ],
+)
+def test_malformed_agent_reply_is_io_failure(
+    raw: bytes, netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent(lambda _req: raw)
+    out = run_plugin(attach_env("ADD", netns), make_conf(agent.path))
+    assert_error(out, spec.ERR_IO_FAILURE)
+    assert len(agent.requests) == 1
+
+
+def test_del_prints_nothing_and_forwards_missing_netns(
+    tmp_path: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent({"ok": True, "result": {}})
+    env = attach_env("DEL", tmp_path / "gone")
+    del env["CNI_NETNS"]
+    out = run_plugin(env, make_conf(agent.path, version="0.3.1"))
+    assert (out.rc, out.stdout) == (0, "")
+    assert agent.requests[0]["command"] == "DEL"
+    assert agent.requests[0]["netns"] == ""
+    assert agent.requests[0]["containerID"] == "c0ffee"
+
+
+def test_del_with_vanished_netns_is_forwarded(
+    tmp_path: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent({"ok": True})
+    gone = tmp_path / "gone"
+    out = run_plugin(attach_env("DEL", gone), make_conf(agent.path))
+    assert (out.rc, out.stdout) == (0, "")
+    assert agent.requests[0]["netns"] == str(gone)
+
+
+def test_check_prints_nothing(netns: Path, fake_agent: Callable[..., FakeAgent]) -> None:
+    agent = fake_agent({"ok": True})
+    prev = {"cniVersion": "0.4.0", "interfaces": [], "ips": []}
+    out = run_plugin(attach_env("CHECK", netns), make_conf(agent.path, "0.4.0", prevResult=prev))
+    assert (out.rc, out.stdout) == (0, "")
+    assert agent.requests[0]["command"] == "CHECK"
+    assert agent.requests[0]["config"]["prevResult"] == prev
+
+
+def test_gc_forwards_valid_attachments(
+    tmp_path: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent({"ok": True})
+    keep = [{"containerID": "c0ffee", "ifname": "eth0"}]
+    conf = make_conf(agent.path)
+    conf["cni.dev/valid-attachments"] = keep
+    out = run_plugin({"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"}, conf)
+    assert (out.rc, out.stdout) == (0, "")
+    request = agent.requests[0]
+    assert request["command"] == "GC"
+    assert request["config"]["cni.dev/valid-attachments"] == keep
+    assert (request["containerID"], request["ifname"], request["netns"]) == ("", "", "")
+
+
+def test_gc_rejects_malformed_valid_attachments(tmp_path: Path) -> None:
+    conf = make_conf(tmp_path / "a.sock")
+    conf["cni.dev/valid-attachments"] = [{"ifname": 1}]
+    out = run_plugin({"CNI_COMMAND": "GC"}, conf)
+    assert_error(out, spec.ERR_INVALID_NETWORK_CONFIG, "cni.dev/valid-attachments")
+
+
+def test_status_ok_prints_nothing(tmp_path: Path, fake_agent: Callable[..., FakeAgent]) -> None:
+    agent = fake_agent({"ok": True})
+    out = run_plugin({"CNI_COMMAND": "STATUS"}, make_conf(agent.path))
+    assert (out.rc, out.stdout) == (0, "")
+    assert agent.requests[0]["command"] == "STATUS"
+
+
+def test_status_agent_reports_limited_connectivity(
+    tmp_path: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    agent = fake_agent({"ok": False, "code": 51, "msg": "tunnel to node-b down"})
+    out = run_plugin({"CNI_COMMAND": "STATUS"}, make_conf(agent.path))
+    err = assert_error(out, spec.ERR_LIMITED_CONNECTIVITY, "tunnel to node-b down")
+    assert err["details"] == ""
+
+
+# --- in-process helpers -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["eth0", "a" * 15, "net1", "veth-x_y.1"])
+def test_validate_ifname_accepts(name: str) -> None:
+    plugin.validate_ifname(name)
+
+
+def test_agent_timeout_env() -> None:
+    assert plugin.agent_timeout({}) == 60.0
+    assert plugin.agent_timeout({"FLOWCNI_AGENT_TIMEOUT": "2.5"}) == 2.5
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(CNIError) as info:
+            plugin.agent_timeout({"FLOWCNI_AGENT_TIMEOUT": bad})
+        assert info.value.code == spec.ERR_INVALID_ENV
+
+
+def test_reply_version_best_effort() -> None:
+    assert plugin.reply_version(b'{"cniVersion": "0.3.0"}') == "0.3.0"
+    assert plugin.reply_version(b'{"cniVersion": "9.0.0"}') == "1.1.0"
+    assert plugin.reply_version(b"\xff") == "1.1.0"
+    assert plugin.reply_version(b"") == "1.1.0"
+
+
+# Load the package by path under ``-I -S`` (no site-packages, as the runtime
+# may launch us), then report which modules importing the plugin pulled in.
+_BARE_IMPORT = """
+import importlib.util, sys, types
+root = types.ModuleType("flowcni"); root.__path__ = []; sys.modules["flowcni"] = root
+spec = importlib.util.spec_from_file_location(
+    "flowcni.cni", sys.argv[1], submodule_search_locations=[sys.argv[2]])
+pkg = importlib.util.module_from_spec(spec); sys.modules["flowcni.cni"] = pkg
+spec.loader.exec_module(pkg)
+before = set(sys.modules)
+import flowcni.cni.plugin
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_plugin_imports_only_light_stdlib_modules() -> None:
+    cni_dir = Path(plugin.__file__).parent
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _BARE_IMPORT, str(cni_dir / "__init__.py"), cni_dir],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(proc.stdout.split())
+    assert {"flowcni.cni.plugin", "flowcni.cni.spec", "json", "socket"} <= loaded
+    heavy = {"typing", "logging", "argparse", "ipaddress", "subprocess", "asyncio", "threading"}
+    assert not loaded & heavy, loaded & heavy
