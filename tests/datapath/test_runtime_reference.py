@@ -50,6 +50,7 @@ BRIDGE = "fcrefbr0"
 SUBNET = "10.199.0.0/24"
 GATEWAY = "10.199.0.1"
 IMAGE = "localhost/flowcni-busybox:latest"
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 ExecFn = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -65,6 +66,14 @@ def _require(*tools: str) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -93,10 +102,15 @@ def ref_net(tmp_path: Path) -> Iterator[RefNet]:
         bin_dir=str(tmp_path / "bin"),
     )
     write_conflist(net.conf_dir, bridge_hostlocal_conflist(name, BRIDGE, SUBNET, net.data_dir))
+    forward_before = _read(IP_FORWARD)
     try:
         yield net
     finally:
         delete_link(BRIDGE)
+        # The bridge plugin switches IPv4 forwarding on; put it back if it was off.
+        if forward_before == "0" and _read(IP_FORWARD) == "1":
+            with open(IP_FORWARD, "w") as f:
+                f.write("0\n")
 
 
 def _check_attached(exec_fn: ExecFn, net: RefNet, lease_owner: str) -> str:
