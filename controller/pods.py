@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,6 +70,23 @@ class Attachment:
         return LocalPod(self.key, self.ofport, self.ip, self.mac)
 
 
+class Laps:
+    """Step timings of one request, for the log line that reports it."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.steps: list[tuple[str, float]] = []
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps.append((step, (now - self.t) * 1000))
+        self.t = now
+
+    def __str__(self) -> str:
+        total = sum(ms for _, ms in self.steps)
+        return f"{total:.1f} ms: " + ", ".join(f"{s} {ms:.1f}" for s, ms in self.steps)
+
+
 def attachment_key(container_id: str, ifname: str) -> str:
     return f"{container_id}/{ifname}"
 
@@ -82,6 +101,7 @@ class PodManager:
         self._key_locks: dict[str, threading.Lock] = {}
         self.attachments: dict[str, Attachment] = {}
         self.on_change: Callable[[], None] = lambda: None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="teardown")
 
     def _klock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -140,17 +160,20 @@ class PodManager:
             ns = args.get("K8S_POD_NAMESPACE") or "default"
             name = args.get("K8S_POD_NAME") or cid[:12]
             undo: list[Callable[[], Any]] = []
+            lap = Laps()
             try:
                 try:
                     ip = str(self.ipam.allocate(key, {"namespace": ns, "name": name}))
                 except IPAMError as e:
                     raise CNIFailure(e.code, e.msg) from e
                 undo.append(lambda: self.ipam.release(key))
+                lap("ipam")
                 try:
                     pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu)
                 except podif.PodIfError as e:
                     raise CNIFailure(e.code, str(e)) from e
                 undo.append(lambda: podif.delete(host))
+                lap("veth")
                 a = Attachment(key, cid, ifname, netns, ns, name, ip, pif.mac, host, 0)
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
@@ -159,12 +182,14 @@ class PodManager:
                 finally:
                     undo.append(lambda: self.ovsdb.del_port(host))
                 a = Attachment(**{**asdict(a), "ofport": ofport})
+                lap("ovsdb")
                 try:
                     self.flows.set_owner(pod_owner(key), pod_flows(
                         a.local_pod(), self.gw, self.flows.pipeline))
                 except (OFError, ValueError) as e:
                     raise CNIFailure(E_IO, f"installing flows for {ns}/{name}: {e}") from e
                 undo.append(lambda: self.flows.remove_owner(pod_owner(key)))
+                lap("flows")
             except Exception:
                 for step in reversed(undo):
                     try:
@@ -173,21 +198,29 @@ class PodManager:
                         LOG.exception("undo of a failed ADD for %s failed", key)
                 raise
             self.attachments[key] = a
-        LOG.info("ADD %s/%s %s -> %s port %d", ns, name, key, ip, ofport)
+        LOG.info("ADD %s/%s %s -> %s port %d (%s)", ns, name, key, ip, ofport, lap)
         self.on_change()
         return self.result(a)
 
-    def _teardown(self, key: str, host: str) -> None:
+    def _teardown(self, key: str, host: str) -> Laps:
+        lap = Laps()
         try:
             self.flows.remove_owner(pod_owner(key))
         except OFError:
             LOG.warning("flows of %s not removed now; the next sync removes them", key)
+        lap("flows")
+        # The kernel takes longest to delete the veth; the OVSDB removal runs meanwhile.
+        veth = self._pool.submit(podif.delete, host)
         try:
-            self.ovsdb.del_port(host)
+            self.ovsdb.del_port(host, wait=False)
         except OVSDBError:
             LOG.exception("removing port %s", host)
-        podif.delete(host)
+        lap("ovsdb")
+        veth.result()
+        lap("veth")
         self.ipam.release(key)
+        lap("ipam")
+        return lap
 
     def delete(self, req: dict[str, Any]) -> None:
         """Idempotent: an unknown container or a missing netns is a success."""
@@ -196,10 +229,10 @@ class PodManager:
         with self._klock(key):
             a = self.attachments.pop(key, None)
             host = a.host_if if a else podif.host_ifname(cid, ifname)
-            self._teardown(key, host)
+            lap = self._teardown(key, host)
         with self._lock:
             self._key_locks.pop(key, None)
-        LOG.info("DEL %s", key)
+        LOG.info("DEL %s (%s)", key, lap)
         self.on_change()
 
     def check(self, req: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from flowcni.lab.ovs import OVS, kill_wait
 
 DEFAULT_BASE = "/run/flowcni-lab"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-CNI_VERSION = "1.1.0"
+CNI_VERSION = "1.0.0"  # what Debian 12 runtimes (podman 4.3, containerd 1.6) accept
 
 
 class LabError(RuntimeError):

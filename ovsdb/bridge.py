@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ovsdbapp.backend.ovs_idl import connection, idlutils
+from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
 
 from flowcni.flows import cookie as ck
@@ -130,8 +130,15 @@ class OVSDB:
             raise OVSDBError(f"interface {name}: {err}")
         return int(ofport)
 
-    def del_port(self, name: str) -> None:
-        self.api.del_port(name, if_exists=True).execute(check_error=True)
+    def del_port(self, name: str, wait: bool = True) -> None:
+        """Remove a port. wait=False commits without waiting for ovs-vswitchd to apply it
+        (nothing depends on that for a removal, and the wait is most of its cost)."""
+        if wait:
+            self.api.del_port(name, if_exists=True).execute(check_error=True)
+            return
+        txn = transaction.Transaction(self.api, self.conn, self.conn.timeout, check_error=True)
+        txn.add(self.api.del_port(name, if_exists=True))
+        txn.commit()
 
     def ports(self, bridge: str) -> list[PortInfo]:
         """Ports of the bridge made by flowcni, with their external_ids."""
