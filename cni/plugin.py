@@ -4,14 +4,19 @@ The runtime execs this once per pod sandbox operation, so it is kept thin and
 fast to start: it validates the CNI environment and network config, forwards
 the request over a unix socket to the long-running flowcni agent (which owns
 OVS, IPAM and the netns plumbing) and translates the agent's reply into the
-CNI result or error format. Only the standard library is imported.
+CNI result or error format.
+
+Start-up is most of a plugin run, so only modules that are built into the
+interpreter or are small C extensions are imported: ``posix`` rather than
+``os`` (whose frozen import still builds ``_collections_abc``, ~2 ms),
+``_socket`` rather than ``socket`` (``enum``, ``selectors``, ``array``) and
+:mod:`flowcni.cni.spec`'s JSON helpers rather than ``json`` (``re``, ``enum``).
+There is no ``from __future__ import annotations`` (it imports a module);
+annotations naming typing-only types are strings.
 """
 
-from __future__ import annotations
-
-import json
-import os
-import socket
+import _socket
+import posix
 import sys
 import time
 
@@ -36,7 +41,29 @@ FORWARDED_COMMANDS = (spec.CMD_ADD, spec.CMD_DEL, spec.CMD_CHECK, spec.CMD_GC, s
 ATTACHMENT_COMMANDS = (spec.CMD_ADD, spec.CMD_DEL, spec.CMD_CHECK)
 
 
-def read_stdin(stream: BinaryIO | None) -> bytes:
+def environ() -> "dict[str, str]":
+    """The process environment as text, decoded as ``os.environ`` would.
+
+    ``posix.environ`` holds bytes; ``os`` decodes with the filesystem encoding
+    and "surrogateescape", so undecodable bytes survive the round trip.
+    """
+    enc = sys.getfilesystemencoding()
+    return {
+        key.decode(enc, "surrogateescape"): value.decode(enc, "surrogateescape")
+        for key, value in posix.environ.items()
+    }
+
+
+def path_exists(path: str) -> bool:
+    """``os.path.exists`` without ``os``: false for missing, unreadable or invalid paths."""
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def read_stdin(stream: "BinaryIO | None") -> bytes:
     """Read the whole config; a terminal or closed stdin counts as empty.
 
     Treating a tty as empty lets an operator run ``CNI_COMMAND=VERSION flowcni``
@@ -59,8 +86,8 @@ def reply_version(stdin_bytes: bytes) -> str:
     best-effort look that never raises.
     """
     try:
-        conf = json.loads(stdin_bytes)
-    except (ValueError, UnicodeDecodeError):
+        conf = spec.loads(stdin_bytes)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return spec.LATEST_VERSION
     if isinstance(conf, dict) and spec.is_supported_version(conf.get("cniVersion")):
         return str(conf["cniVersion"])
@@ -83,14 +110,14 @@ def validate_ifname(ifname: str) -> None:
         )
 
 
-def _require_env(env: Mapping[str, str], name: str) -> str:
+def _require_env(env: "Mapping[str, str]", name: str) -> str:
     value = env.get(name, "")
     if not value:
         raise CNIError(spec.ERR_INVALID_ENV, f"required environment variable {name} is not set")
     return value
 
 
-def agent_timeout(env: Mapping[str, str]) -> float:
+def agent_timeout(env: "Mapping[str, str]") -> float:
     """Seconds to wait for the agent, overridable for slow nodes or tests."""
     raw = env.get(TIMEOUT_ENV, "")
     if not raw:
@@ -108,7 +135,7 @@ def agent_timeout(env: Mapping[str, str]) -> float:
     return value
 
 
-def _check_valid_attachments(conf: dict[str, Any]) -> None:
+def _check_valid_attachments(conf: "dict[str, Any]") -> None:
     """GC must not delete attachments the runtime still uses, so insist on a sane list."""
     if spec.VALID_ATTACHMENTS_KEY not in conf:
         return
@@ -126,7 +153,9 @@ def _check_valid_attachments(conf: dict[str, Any]) -> None:
         )
 
 
-def build_request(command: str, env: Mapping[str, str], conf: dict[str, Any]) -> dict[str, Any]:
+def build_request(
+    command: str, env: "Mapping[str, str]", conf: "dict[str, Any]"
+) -> "dict[str, Any]":
     """Validate the CNI environment for ``command`` and build the agent request."""
     container_id = env.get("CNI_CONTAINERID", "")
     ifname = env.get("CNI_IFNAME", "")
@@ -137,7 +166,7 @@ def build_request(command: str, env: Mapping[str, str], conf: dict[str, Any]) ->
         validate_ifname(ifname)
     if command in (spec.CMD_ADD, spec.CMD_CHECK):
         netns = _require_env(env, "CNI_NETNS")
-        if not os.path.exists(netns):
+        if not path_exists(netns):
             raise CNIError(
                 spec.ERR_INVALID_ENV,
                 f"CNI_NETNS path {netns!r} does not exist",
@@ -170,7 +199,7 @@ def _unavailable(command: str, path: str, why: str) -> CNIError:
     )
 
 
-def exchange(path: str, request: dict[str, Any], timeout: float) -> bytes:
+def exchange(path: str, request: "dict[str, Any]", timeout: float) -> bytes:
     """Send one JSON request to the agent and return its raw reply.
 
     The protocol is one object each way; half-closing the write side marks the
@@ -178,12 +207,15 @@ def exchange(path: str, request: dict[str, Any], timeout: float) -> bytes:
     whole exchange, not each read. Socket errors propagate to the caller.
     """
     deadline = time.monotonic() + timeout
-    payload = json.dumps(request).encode("utf-8")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    payload = spec.dumps(request).encode("utf-8")
+    # The bare C socket has no context manager; it raises the same OSError
+    # subclasses as socket.socket (its timeout is TimeoutError).
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(_socket.SHUT_WR)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -201,10 +233,12 @@ def exchange(path: str, request: dict[str, Any], timeout: float) -> bytes:
                     f"reply from flowcni agent at {path} exceeds {MAX_REPLY_BYTES} bytes",
                 )
             chunks.append(chunk)
+    finally:
+        sock.close()
     return b"".join(chunks)
 
 
-def call_agent(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+def call_agent(path: str, request: "dict[str, Any]", timeout: float) -> "dict[str, Any]":
     """Forward ``request`` and map transport failures to CNI error codes."""
     command = str(request.get("command", ""))
     try:
@@ -221,11 +255,11 @@ def call_agent(path: str, request: dict[str, Any], timeout: float) -> dict[str, 
     return parse_reply(raw, path)
 
 
-def parse_reply(raw: bytes, path: str) -> dict[str, Any]:
+def parse_reply(raw: bytes, path: str) -> "dict[str, Any]":
     """Decode the agent's reply; raise its error, or return it when ``ok``."""
     try:
-        reply = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        reply = spec.loads(raw)
+    except ValueError as exc:  # includes UnicodeDecodeError
         raise CNIError(
             spec.ERR_IO_FAILURE, f"malformed reply from flowcni agent at {path}", str(exc)
         ) from None
@@ -252,7 +286,7 @@ def parse_reply(raw: bytes, path: str) -> dict[str, Any]:
     raise CNIError(code, msg, details)
 
 
-def run(env: Mapping[str, str], stdin_bytes: bytes) -> dict[str, Any] | None:
+def run(env: "Mapping[str, str]", stdin_bytes: bytes) -> "dict[str, Any] | None":
     """Execute one CNI invocation; return the object to print, or None for silence."""
     command = env.get("CNI_COMMAND", "")
     if command not in spec.ALL_COMMANDS:
@@ -281,8 +315,8 @@ def run(env: Mapping[str, str], stdin_bytes: bytes) -> dict[str, Any] | None:
     return spec.format_result(result, cni_version, conf.get("prevResult"))
 
 
-def _emit(out: TextIO, obj: dict[str, Any]) -> None:
-    out.write(json.dumps(obj, indent=2) + "\n")
+def _emit(out: "TextIO", obj: "dict[str, Any]") -> None:
+    out.write(spec.dumps(obj, indent=2) + "\n")
     out.flush()
 
 
@@ -291,7 +325,7 @@ def main() -> int:
     stdin_bytes = b""
     try:
         stdin_bytes = read_stdin(sys.stdin.buffer if sys.stdin is not None else None)
-        output = run(os.environ, stdin_bytes)
+        output = run(environ(), stdin_bytes)
     except CNIError as err:
         _emit(sys.stdout, err.to_json(reply_version(stdin_bytes)))
         return 1

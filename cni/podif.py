@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,9 +33,42 @@ class PodIfError(RuntimeError):
         self.code = code
 
 
+HOST_IF_PREFIX = "fcv"
+
+# With the userspace datapath a pod's host-side veth is an ordinary interface
+# of the node's network stack: OVS reads its frames through AF_PACKET, but the
+# kernel also receives them, answers ARP for the node's own addresses with the
+# veth's MAC and takes IP addressed to it, so pod traffic to the node could
+# bypass the pipeline. These rules make the node's stack ignore the host ends
+# (AF_PACKET sees frames before any netfilter hook, so OVS still gets them).
+# The kernel datapath consumes port frames itself and needs none of this.
+ISOLATION_RULES = f"""
+table inet flowcni {{}}
+delete table inet flowcni
+table inet flowcni {{
+  chain pre {{ type filter hook prerouting priority -300; iifname "{HOST_IF_PREFIX}*" drop; }}
+  chain out {{ type filter hook output priority 0; oifname "{HOST_IF_PREFIX}*" drop; }}
+}}
+table arp flowcni {{}}
+delete table arp flowcni
+table arp flowcni {{
+  chain in {{ type filter hook input priority 0; iifname "{HOST_IF_PREFIX}*" drop; }}
+  chain out {{ type filter hook output priority 0; oifname "{HOST_IF_PREFIX}*" drop; }}
+}}
+"""
+
+
+def isolate_host_ends() -> None:
+    """Install ISOLATION_RULES in the current netns (atomically, idempotently)."""
+    p = subprocess.run(["nft", "-f", "-"], input=ISOLATION_RULES, capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        raise PodIfError(f"nft: {p.stderr.strip()}")
+
+
 def host_ifname(container_id: str, ifname: str) -> str:
     """Deterministic host-side veth name: DEL finds it without any saved state."""
-    return "fc" + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+    return HOST_IF_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
 def _setns(fd: int) -> None:

@@ -1,17 +1,20 @@
 """CNI specification concepts used by the flowcni plugin, kept in one place.
 
 The plugin executable is started by the container runtime for every pod
-sandbox, often with ``python3 -I -S``, so this module deliberately imports
-nothing beyond ``json`` (no ``typing``, no ``ipaddress``): every millisecond
-of interpreter start-up is paid on each pod ADD/DEL.
+sandbox, with ``python3 -I -S``, so every millisecond of module loading is
+paid on each pod ADD/DEL. This module therefore imports only the C
+accelerator ``_json`` (no ``json``: its decoder pulls in ``re`` and ``enum``,
+~15 ms here; no ``typing``, no ``ipaddress``) and carries a tiny JSON
+front-end of its own (:func:`loads`, :func:`dumps`). For the same reason it
+has no ``from __future__ import annotations``: that statement imports the
+``__future__`` module at run time, so annotations naming typing-only types
+are written as strings instead.
 
 Everything here is a pure function of its arguments, so the same rules can be
 unit-tested without a runtime, a socket or Open vSwitch.
 """
 
-from __future__ import annotations
-
-import json
+import _json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs several ms at start-up; only mypy needs it
@@ -86,7 +89,7 @@ class CNIError(Exception):
         self.msg = msg
         self.details = details
 
-    def to_json(self, cni_version: str) -> dict[str, Any]:
+    def to_json(self, cni_version: str) -> "dict[str, Any]":
         """Return the JSON-ready error object to print on stdout."""
         return {
             "cniVersion": cni_version,
@@ -138,7 +141,7 @@ def check_command_allowed(command: str, cni_version: str) -> None:
         )
 
 
-def version_result(cni_version: str) -> dict[str, Any]:
+def version_result(cni_version: str) -> "dict[str, Any]":
     """The VERSION answer: which spec versions this plugin understands."""
     return {"cniVersion": cni_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
@@ -174,11 +177,207 @@ def parse_cni_args(s: str) -> dict[str, str]:
     return args
 
 
+# --- JSON without the json package -------------------------------------------------
+#
+# ``json`` itself costs ~15 ms to import under gVisor (its decoder compiles
+# regular expressions, which loads ``re`` and ``enum``), more than the rest of
+# a plugin run. Its C accelerator ``_json`` has everything needed to parse, and
+# writing the few JSON types flowcni exchanges is a screenful of code.
+
+
+class JSONDecodeError(ValueError):
+    """Malformed JSON, with the position of the problem (like ``json.JSONDecodeError``).
+
+    Kept separate from the stdlib class because that one lives in
+    ``json.decoder``, whose import is exactly the cost this module avoids.
+    """
+
+    def __init__(self, msg: str, doc: str, pos: int) -> None:
+        self.msg = msg
+        self.pos = pos
+        self.lineno = doc.count("\n", 0, pos) + 1
+        self.colno = pos - doc.rfind("\n", 0, pos)
+        super().__init__(f"{msg}: line {self.lineno} column {self.colno} (char {pos})")
+
+
+_CONSTANTS: "dict[str, float]" = {
+    "NaN": float("nan"),
+    "Infinity": float("inf"),
+    "-Infinity": float("-inf"),
+}
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads from its argument: json's default decoder settings.
+
+    The C scanner (CPython 3.11 Modules/_json.c, ``scanner_new``) takes these
+    six attributes; ``int`` and ``float`` select its built-in number fast paths.
+    """
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = _CONSTANTS.__getitem__
+
+
+# typeshed declares the argument as a make_scanner; the C code only reads attributes.
+_scan_once = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+_WHITESPACE = " \t\n\r"  # JSON's insignificant whitespace; str.isspace() accepts more
+
+
+def _skip_whitespace(text: str, idx: int) -> int:
+    end = len(text)
+    while idx < end and text[idx] in _WHITESPACE:
+        idx += 1
+    return idx
+
+
+def _diagnose(text: str, fallback_pos: int) -> JSONDecodeError:
+    """Say where ``text`` is malformed when the C scanner could not.
+
+    ``_json`` reports most syntax errors through ``json.decoder.JSONDecodeError``
+    and, in 3.11, only finds that class if ``json.decoder`` is already imported;
+    in the plugin it is not, and the scanner fails with a SystemError that has
+    no position. Rather than re-implementing the grammar, ask the stdlib
+    decoder: importing it costs ~15 ms, but only for input that is wrong anyway.
+    """
+    import json  # error path only; see the module docstring
+
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return JSONDecodeError(exc.msg, text, exc.pos)
+    except (ValueError, RecursionError) as exc:  # e.g. int() refusing 5000 digits
+        return JSONDecodeError(str(exc), text, fallback_pos)
+    return JSONDecodeError("invalid JSON", text, fallback_pos)  # decoders disagree
+
+
+def loads(data: "str | bytes") -> "Any":
+    """Parse one JSON document, like ``json.loads`` with default arguments.
+
+    Bytes must be UTF-8 (a leading BOM is skipped): RFC 8259 requires UTF-8
+    between systems, so json's UTF-16/32 sniffing is not carried over.
+    Raises :class:`JSONDecodeError` (a ValueError) with a position, or
+    UnicodeDecodeError (also a ValueError) for bytes that are not UTF-8.
+    """
+    if isinstance(data, str):
+        text = data
+        if text.startswith("\ufeff"):
+            raise JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    else:
+        # Not the "utf-8-sig" codec: unlike "utf-8" it is a Python module to import.
+        # json.loads decodes with "surrogatepass" too, so lone surrogates survive.
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        text = data[bom:].decode("utf-8", "surrogatepass")
+    start = _skip_whitespace(text, 0)
+    try:
+        obj, end = _scan_once(text, start)
+    except StopIteration as stop:  # no value where one must start (at stop.value)
+        raise JSONDecodeError("Expecting value", text, stop.value) from None
+    except ValueError as exc:  # json.decoder happened to be loaded: a proper error
+        pos = getattr(exc, "pos", None)
+        msg = getattr(exc, "msg", None)
+        if isinstance(pos, int) and isinstance(msg, str):
+            raise JSONDecodeError(msg, text, pos) from None
+        raise _diagnose(text, start) from None
+    except SystemError:  # see _diagnose
+        raise _diagnose(text, start) from None
+    end = _skip_whitespace(text, end)
+    if end != len(text):
+        raise JSONDecodeError("Extra data", text, end)
+    return obj
+
+
+def _float_text(value: float) -> str:
+    """JSON text for a float, spelled as json.dumps does (it allows NaN/Infinity)."""
+    if value != value:
+        return "NaN"
+    if value == _CONSTANTS["Infinity"]:
+        return "Infinity"
+    if value == _CONSTANTS["-Infinity"]:
+        return "-Infinity"
+    return float.__repr__(value)
+
+
+def _key_text(key: object) -> str:
+    """Object keys must be strings in JSON; json.dumps converts scalars the same way."""
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return _float_text(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _encode(obj: object, out: "list[str]", indent: "str | None", depth: int) -> None:
+    """Append the JSON text of ``obj`` to ``out`` (``indent``: one level's padding)."""
+    if isinstance(obj, str):
+        out.append(_json.encode_basestring_ascii(obj))
+    elif obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, int):
+        out.append(int.__repr__(obj))  # repr of an int subclass (IntEnum) may differ
+    elif isinstance(obj, float):
+        out.append(_float_text(obj))
+    elif isinstance(obj, (dict, list, tuple)):
+        if not obj:
+            out.append("{}" if isinstance(obj, dict) else "[]")
+            return
+        if indent is None:
+            sep, pad_in, pad_out = ", ", "", ""
+        else:
+            pad_out = "\n" + indent * depth
+            pad_in = pad_out + indent
+            sep = "," + pad_in
+        if isinstance(obj, dict):
+            out.append("{" + pad_in)
+            for i, (key, value) in enumerate(obj.items()):
+                if i:
+                    out.append(sep)
+                out.append(_json.encode_basestring_ascii(_key_text(key)) + ": ")
+                _encode(value, out, indent, depth + 1)
+            out.append(pad_out + "}")
+        else:
+            out.append("[" + pad_in)
+            for i, value in enumerate(obj):
+                if i:
+                    out.append(sep)
+                _encode(value, out, indent, depth + 1)
+            out.append(pad_out + "]")
+    else:
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def dumps(obj: object, indent: "int | None" = None) -> str:
+    """Serialize ``obj`` to ASCII JSON text, exactly as ``json.dumps(obj, indent=indent)``.
+
+    Covers what CNI configs and results hold: dict, list/tuple, str, int,
+    float, bool and None. There is no cycle check: values built from parsed
+    JSON cannot be cyclic, and a cycle would end in RecursionError anyway.
+    """
+    out: list[str] = []
+    _encode(obj, out, None if indent is None else " " * indent, 0)
+    return "".join(out)
+
+
 def _config_error(msg: str, details: str = "") -> CNIError:
     return CNIError(ERR_INVALID_NETWORK_CONFIG, msg, details)
 
 
-def parse_config(stdin_bytes: bytes) -> dict[str, Any]:
+def parse_config(stdin_bytes: bytes) -> "dict[str, Any]":
     """Decode and validate the network configuration the runtime sent on stdin.
 
     Only fields flowcni itself relies on are checked; the dict is returned
@@ -192,8 +391,8 @@ def parse_config(stdin_bytes: bytes) -> dict[str, Any]:
             ERR_DECODE, "failed to decode network config from stdin: not UTF-8", str(exc)
         ) from None
     try:
-        conf = json.loads(text)
-    except json.JSONDecodeError as exc:
+        conf = loads(text)
+    except JSONDecodeError as exc:
         raise CNIError(
             ERR_DECODE,
             f"failed to decode network config from stdin: {exc.msg} "
@@ -245,13 +444,13 @@ def parse_config(stdin_bytes: bytes) -> dict[str, Any]:
     return conf
 
 
-def agent_socket(conf: dict[str, Any]) -> str:
+def agent_socket(conf: "dict[str, Any]") -> str:
     """The agent's unix socket path for this network (config value or default)."""
     sock = conf.get("agentSocket")
     return sock if isinstance(sock, str) and sock else DEFAULT_AGENT_SOCKET
 
 
-def _list_of_dicts(result: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+def _list_of_dicts(result: "dict[str, Any]", key: str, where: str) -> "list[dict[str, Any]]":
     """Copy ``result[key]`` as a list of fresh dicts, so callers never mutate input."""
     value = result.get(key)
     if value is None:
@@ -263,7 +462,7 @@ def _list_of_dicts(result: dict[str, Any], key: str, where: str) -> list[dict[st
 
 def _split_result(
     result: object, where: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+) -> "tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]":
     """Validate the shape of a result and return copies of its four parts."""
     if not isinstance(result, dict):
         raise ValueError(f"{where}: expected an object, got {type(result).__name__}")
@@ -290,10 +489,10 @@ def _ip_family(address: str) -> str:
 
 
 def format_result(
-    result: dict[str, Any],
+    result: "dict[str, Any]",
     cni_version: str,
-    prev_result: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    prev_result: "dict[str, Any] | None" = None,
+) -> "dict[str, Any]":
     """Render the agent's 1.x-shaped result in the runtime's ``cni_version``.
 
     When flowcni runs after another plugin in a conflist, ``prev_result``

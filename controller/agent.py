@@ -19,16 +19,9 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from typing import Any
 
-# python-ovs probes for eventlet (to detect monkey patching; we never patch),
-# and importing eventlet prints a deprecation banner.
-warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from flowcni.cni import podif
 from flowcni.cni.ipam import IPAM
 from flowcni.controller import ofapp
 from flowcni.controller.cniserver import CNIServer
@@ -37,6 +30,8 @@ from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, default_datapath_type
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger("flowcni.agent")
 GATEWAY_IF = "flowcni-gw0"
@@ -103,6 +98,8 @@ class Agent:
         self.ovsdb = OVSDB(a.ovsdb)
         self.ovsdb.ensure_bridge(a.bridge, dptype, f"tcp:{a.of_host}:{a.of_port}")
         self.datapath_type = dptype
+        if dptype == "netdev":
+            podif.isolate_host_ends()
         gw_port = self.ovsdb.ensure_internal_port(a.bridge, GATEWAY_IF)
         gw_ip, gw_mac = configure_gateway(GATEWAY_IF, a.pod_cidr, a.mtu)
         self.gateway = Gateway(gw_ip, gw_mac, gw_port, a.pod_cidr)

@@ -198,14 +198,14 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
                 self.on_connect(sw)
         elif ev.state == DEAD_DISPATCHER:
             with self._lock:
-                sw = self.switch
-                if sw is None or sw.dp is not dp:
+                cur = self.switch
+                if cur is None or cur.dp is not dp:
                     return
                 self.switch = None
-            sw.on_dead()
+            cur.on_dead()
             LOG.warning("switch disconnected")
             if self.on_disconnect:
-                self.on_disconnect(sw)
+                self.on_disconnect(cur)
 
     def _current(self, dp: Any) -> Switch | None:
         sw = self.switch

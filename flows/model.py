@@ -134,8 +134,12 @@ class SetField(Action):
     field: str
     value: str | int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", _canon_value(self.field, self.value))
+
     def ofctl(self, pipeline: Pipeline) -> str:
-        return f"set_field:{self.value}->{_OFCTL_MATCH.get(self.field, self.field)}"
+        # OVS prints set_field targets by their OXM names (eth_src, arp_sha, ...).
+        return f"set_field:{self.value}->{self.field}"
 
     def osken(self, parser: Any, ofp: Any) -> Any:
         return parser.OFPActionSetField(**{self.field: self.value})
@@ -251,12 +255,12 @@ class Flow:
             names = {v: k for k, v in IP_PROTOS.items()}
             if proto is None:
                 parts.append("ip")
-            elif int(proto) in names:
-                parts.append(names[int(proto)])
+            elif isinstance(proto, int) and proto in names:
+                parts.append(names[proto])
             else:
                 parts += ["ip", f"nw_proto={proto}"]
-        elif eth is not None:
-            parts.append(f"dl_type={_fmt_int(int(eth))}")
+        elif isinstance(eth, int):
+            parts.append(f"dl_type={_fmt_int(eth)}")
         parts += [_match_text(k, v) for k, v in m.items()]
         return ",".join(parts)
 

@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from flowcni.flows import cookie as ck
 from ovsdbapp.backend.ovs_idl import connection, idlutils, transaction
 from ovsdbapp.schema.open_vswitch import impl_idl
-
-from flowcni.flows import cookie as ck
 
 LOG = logging.getLogger(__name__)
 

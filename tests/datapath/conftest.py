@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-
 from flowcni.lab.lab import Lab
 
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from flowcni.lab.lab import Lab
+
 from tests.datapath.conftest import make_lab
 from tests.support.oci_image import BUSYBOX, build_busybox_oci
 from tests.support.probe import ping

@@ -9,6 +9,7 @@ import threading
 
 from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab
+
 from tests.support.probe import Capture, ping, tcp_transfer
 
 
@@ -145,3 +146,24 @@ def test_leases_survive_restart(lab1: Lab) -> None:
         assert ping(lab1, "fresh", lab1.pod("a").ip)
     finally:
         lab1.pod_del("fresh")
+
+
+def test_gateway_traffic_goes_through_the_pipeline(lab1: Lab) -> None:
+    """With the userspace datapath the node's stack must not answer pods on their host veths."""
+    node = lab1.node("node1")
+    gw_mac = subprocess.run(["ip", "-n", node.netns, "-br", "link", "show", "flowcni-gw0"],
+                            capture_output=True, text=True, check=True).stdout.split()[2]
+    subprocess.run(lab1.exec_argv("c", ["ip", "neigh", "flush", "all"]), check=True)
+
+    def gw_flow_packets() -> int:
+        out = node.ovs.ofctl("dump-flows", "br-int", f"dl_dst={gw_mac}")
+        return sum(int(x.split("n_packets=")[1].split(",")[0]) for x in out.splitlines()
+                   if "n_packets=" in x)
+
+    before = gw_flow_packets()
+    gw_ip = node.pod_cidr.replace("0/24", "1")
+    assert ping(lab1, "c", gw_ip, count=3)
+    neigh = subprocess.run(lab1.exec_argv("c", ["ip", "neigh", "show", gw_ip]),
+                           capture_output=True, text=True).stdout
+    assert gw_mac in neigh, f"pod resolved the gateway to {neigh!r}, not {gw_mac}"
+    assert gw_flow_packets() >= before + 3

@@ -542,6 +542,154 @@ def test_plugin_imports_only_light_stdlib_modules() -> None:
         check=True,
     )
     loaded = set(proc.stdout.split())
-    assert {"flowcni.cni.plugin", "flowcni.cni.spec", "json", "socket"} <= loaded
+    assert {"flowcni.cni.plugin", "flowcni.cni.spec"} <= loaded
     heavy = {"typing", "logging", "argparse", "ipaddress", "subprocess", "asyncio", "threading"}
+    heavy |= {"json", "socket", "re", "enum", "selectors", "__future__"}
     assert not loaded & heavy, loaded & heavy
+
+
+# --- the installed launcher, as a runtime execs it ----------------------------------
+
+# Run the launcher's own code under ``-I -S`` (its shebang flags), then list
+# every module the process holds. ``importlib.util`` (used above) itself loads
+# ``os``, ``types`` and ``functools``, which would hide them; this does not.
+_RUN_LAUNCHER = """
+import sys
+launcher, report = sys.argv[1], sys.argv[2]
+with open(launcher) as f:
+    code = compile(f.read(), launcher, "exec")
+rc = 0
+try:
+    exec(code, {"__name__": "__main__"})
+except SystemExit as done:
+    rc = done.code
+with open(report, "w") as f:
+    f.write(" ".join(sorted(sys.modules)))
+sys.exit(rc)
+"""
+
+#: What the launcher may add to a bare ``python3 -IS``: its package mapping,
+#: the two plugin modules and two small C extensions (``types`` is the
+#: launcher's own import).
+LAUNCHER_MODULES = {
+    "flowcni",
+    "flowcni.cni",
+    "flowcni.cni.plugin",
+    "flowcni.cni.spec",
+    "_json",
+    "_socket",
+    "types",
+}
+#: Each costs milliseconds of start-up per pod under gVisor.
+SLOW_MODULES = {"re", "enum", "json", "socket", "typing", "selectors", "os", "__future__"}
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Path:
+    from flowcni.cni import install
+
+    return Path(install.install(str(tmp_path / "bin")))
+
+
+def _clean_env(env: dict[str, str]) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+
+
+def test_installed_launcher_answers_version(launcher: Path) -> None:
+    proc = subprocess.run(
+        [str(launcher)],
+        env=_clean_env({"CNI_COMMAND": "VERSION"}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert json.loads(proc.stdout) == {
+        "cniVersion": "1.1.0",
+        "supportedVersions": list(spec.SUPPORTED_VERSIONS),
+    }
+
+
+def _launcher_modules(
+    launcher: Path, tmp_path: Path, env: dict[str, str], stdin: bytes
+) -> tuple[CompletedPlugin, set[str]]:
+    """Run the launcher's code like its shebang does; return its output and modules."""
+    report = tmp_path / "modules.txt"
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _RUN_LAUNCHER, str(launcher), str(report)],
+        input=stdin,
+        env=_clean_env(env),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return CompletedPlugin(proc), set(report.read_text().split())
+
+
+def _bare_interpreter_modules() -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", "import sys; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(proc.stdout.split())
+
+
+def test_launcher_version_loads_no_slow_modules(launcher: Path, tmp_path: Path) -> None:
+    out, loaded = _launcher_modules(launcher, tmp_path, {"CNI_COMMAND": "VERSION"}, b"")
+    assert (out.rc, out.stderr) == (0, "")
+    assert out.json["cniVersion"] == "1.1.0"
+    assert not loaded & SLOW_MODULES, loaded & SLOW_MODULES
+    assert loaded - _bare_interpreter_modules() <= LAUNCHER_MODULES
+
+
+def test_launcher_add_loads_no_slow_modules(
+    launcher: Path, tmp_path: Path, netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    # The whole ADD path (encode, socket exchange, decode, print) stays light.
+    agent = fake_agent({"ok": True, "result": AGENT_RESULT})
+    conf = make_conf(agent.path)
+    out, loaded = _launcher_modules(
+        launcher, tmp_path, attach_env("ADD", netns), json.dumps(conf).encode()
+    )
+    assert (out.rc, out.stderr) == (0, ""), out.stdout
+    assert out.json["ips"] == AGENT_RESULT["ips"]
+    assert agent.requests[0]["config"] == conf
+    assert not loaded & SLOW_MODULES, loaded & SLOW_MODULES
+    assert loaded - _bare_interpreter_modules() <= LAUNCHER_MODULES
+
+
+@pytest.mark.parametrize(
+    ("stdin", "where"),
+    [
+        # _json raises these through json.decoder, absent from the launcher.
+        (b'{"cniVersion": "1.0.0",', "line 1 column 24 (char 23)"),
+        (b'{"cniVersion": "1.0.0"\n "name": "x"}', "line 2 column 2 (char 24)"),
+        (b'{"cniVersion": "1.0.0", "name": "unterminated}', "line 1 column 33 (char 32)"),
+        # The scanner finds no value here itself (StopIteration).
+        (b'{"cniVersion": ', "line 1 column 16 (char 15)"),
+        (b'{"cniVersion": "1.0.0"} x', "line 1 column 25 (char 24)"),
+    ],
+)
+def test_launcher_malformed_config_is_decode_error_with_position(
+    stdin: bytes, where: str, launcher: Path, tmp_path: Path, netns: Path
+) -> None:
+    out, _ = _launcher_modules(launcher, tmp_path, attach_env("ADD", netns), stdin)
+    err = assert_error(out, spec.ERR_DECODE, "stdin", where)
+    with pytest.raises(json.JSONDecodeError) as stdlib:
+        json.loads(stdin)
+    assert stdlib.value.msg in err["msg"]  # same diagnosis as the json package
+
+
+def test_launcher_output_matches_json_dumps(
+    launcher: Path, tmp_path: Path, netns: Path, fake_agent: Callable[..., FakeAgent]
+) -> None:
+    result = dict(AGENT_RESULT, dns={"nameservers": ["10.96.0.10"], "search": ["ü.example"]})
+    agent = fake_agent({"ok": True, "result": result})
+    out, _ = _launcher_modules(
+        launcher, tmp_path, attach_env("ADD", netns), json.dumps(make_conf(agent.path)).encode()
+    )
+    assert out.rc == 0, out.stdout
+    assert out.stdout == json.dumps(out.json, indent=2) + "\n"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -395,3 +398,151 @@ def test_format_result_malformed_prev_result_is_config_error() -> None:
         spec.format_result(_agent_result(), "1.0.0", {"interfaces": "eth0"})
     assert info.value.code == spec.ERR_INVALID_NETWORK_CONFIG
     assert "prevResult" in info.value.msg
+
+
+# --- JSON without the json package ------------------------------------------
+
+JSON_VALUES: list[Any] = [
+    {},
+    [],
+    "",
+    0,
+    None,
+    True,
+    -12.5,
+    1e100,
+    10**30,
+    {"cniVersion": "1.1.0", "name": "n", "mtu": 1450, "ok": False, "nothing": None},
+    {"nested": [1, [2, [3, {}]], {"a": {"b": []}}], "t": (1, "x")},
+    {"text": 'quote " backslash \\ newline \n tab \t nul \x00 del \x7f'},
+    {"unicode": "grüße ✓ 🐍", "ключ": "значение"},
+    [float("inf"), float("-inf"), 0.1, -0.0, 1.5e-7],
+    {1: "int key", 2.5: "float key", False: "bool key", None: "none key"},
+]
+
+
+@pytest.mark.parametrize("value", JSON_VALUES)
+@pytest.mark.parametrize("indent", [None, 0, 2])
+def test_dumps_matches_json_dumps(value: Any, indent: int | None) -> None:
+    assert spec.dumps(value, indent=indent) == json.dumps(value, indent=indent)
+
+
+def test_dumps_nan_like_json() -> None:
+    assert spec.dumps([float("nan")]) == json.dumps([float("nan")]) == "[NaN]"
+
+
+@pytest.mark.parametrize("value", [{1, 2}, b"bytes", {(1, 2): "tuple key"}, object()])
+def test_dumps_rejects_what_json_rejects(value: Any) -> None:
+    with pytest.raises(TypeError):
+        json.dumps(value)
+    with pytest.raises(TypeError):
+        spec.dumps(value)
+
+
+@pytest.mark.parametrize("value", [v for v in JSON_VALUES if not isinstance(v, dict) or v])
+def test_loads_round_trips_like_json(value: Any) -> None:
+    for indent in (None, 2):
+        text = json.dumps(value, indent=indent)
+        assert spec.loads(text) == json.loads(text)
+        assert spec.loads(text.encode()) == json.loads(text.encode())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        ' \t\r\n {"a": 1} \n',
+        '"\\u00fc\\ud83d\\udc0d\\/"',
+        "[NaN, Infinity, -Infinity]",
+        '{"a": 1, "a": 2}',
+        "1.0e+3",
+        "\xef\xbb\xbf{}",  # UTF-8 BOM, as bytes below
+    ],
+)
+def test_loads_edge_cases_like_json(text: str) -> None:
+    data = text.encode("latin-1") if text.startswith("\xef") else text.encode()
+    expected = json.loads(data)
+    got = spec.loads(data)
+    # NaN != NaN, so compare the text form.
+    assert json.dumps(got) == json.dumps(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        '{"cniVersion": ',
+        '{"cniVersion": "1.0.0",',
+        '{"a" 1}',
+        "[1 2]",
+        '{"a": 1,}',
+        "[1,]",
+        '"unterminated',
+        '"control \x01 char"',
+        '"bad \\x escape"',
+        '"\\u12"',
+        "{'single': 1}",
+        '{"a": 1}\n\n  extra',
+        "tru",
+        "\ufeff{}",
+    ],
+)
+def test_loads_errors_match_json(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as stdlib:
+        json.loads(text)
+    with pytest.raises(spec.JSONDecodeError) as ours:
+        spec.loads(text)
+    expected, got = stdlib.value, ours.value
+    assert issubclass(spec.JSONDecodeError, ValueError)  # callers catch ValueError
+    assert (got.msg, got.pos, got.lineno, got.colno) == (
+        expected.msg,
+        expected.pos,
+        expected.lineno,
+        expected.colno,
+    )
+    assert str(got) == str(expected)
+
+
+def test_loads_bytes_must_be_utf8() -> None:
+    with pytest.raises(ValueError):
+        spec.loads(b'{"a": "\xff"}')
+
+
+# The launcher never imports json.decoder, and then _json reports most syntax
+# errors without a position (see spec._diagnose). Exercise that path in a
+# bare interpreter and compare with the stdlib's diagnosis.
+_BARE_LOADS = """
+import sys, types
+root = types.ModuleType("flowcni"); root.__path__ = []; sys.modules["flowcni"] = root
+pkg = types.ModuleType("flowcni.cni"); pkg.__path__ = [sys.argv[1]]
+sys.modules["flowcni.cni"] = pkg
+from flowcni.cni import spec
+assert "json.decoder" not in sys.modules
+for line in sys.stdin.read().splitlines():
+    try:
+        spec.loads(spec.loads(line))
+        print("parsed")
+    except spec.JSONDecodeError as exc:
+        print(spec.dumps([exc.msg, exc.pos]))
+"""
+
+
+def test_loads_errors_have_positions_without_json_package() -> None:
+    docs = ['{"a": 1,', '{"a" 1}', "[1 2]", '"open', '"\\q"', '{"a": 1} x', '{"a": [1]}']
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _BARE_LOADS, str(Path(spec.__file__).parent)],
+        input="\n".join(json.dumps(d) for d in docs),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    got = [json.loads(line) if line != "parsed" else line for line in proc.stdout.splitlines()]
+    expected: list[Any] = []
+    for doc in docs:
+        try:
+            json.loads(doc)
+            expected.append("parsed")
+        except json.JSONDecodeError as exc:
+            expected.append([exc.msg, exc.pos])
+    assert got == expected

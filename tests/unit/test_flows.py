@@ -1,0 +1,142 @@
+"""Pipeline contracts, builders (golden ovs-ofctl text), cookies and the diff: no switch needed."""
+
+from __future__ import annotations
+
+import pytest
+from flowcni.flows import cookie as ck
+from flowcni.flows.diff import diff, index
+from flowcni.flows.model import Flow, Move, SetField
+from flowcni.flows.node import Gateway, node_flows
+from flowcni.flows.pod import LocalPod, pod_flows
+from flowcni.flows.tables import DEFAULT, PIPELINE, Pipeline, Table, _t
+
+GW = Gateway("10.244.1.1", "02:00:00:00:00:01", 1, "10.244.1.0/24")
+POD = LocalPod("c0ffee/eth0", 3, "10.244.1.5", "0A:58:0A:F4:01:05")
+
+
+def test_tables_numbered_in_declaration_order() -> None:
+    assert [DEFAULT.id(t.name) for t in PIPELINE] == list(range(len(PIPELINE)))
+    assert DEFAULT.name(0) == "Classifier"
+    assert DEFAULT.names_by_id()[DEFAULT.id("Output")] == "Output"
+
+
+def test_pipeline_rejects_undeclared_or_backward_goto() -> None:
+    with pytest.raises(ValueError, match="undeclared"):
+        Pipeline.build((_t("A", "", [], ["Nope"]),))
+    with pytest.raises(ValueError, match="backwards"):
+        Pipeline.build((_t("A", "", [], []), _t("B", "", [], ["A"])))
+    with pytest.raises(ValueError, match="duplicate"):
+        Pipeline.build((Table("A", "", frozenset()), Table("A", "", frozenset())))
+
+
+def test_flow_contract_violations_fail_at_build_time() -> None:
+    kw = dict(feature=ck.Feature.POD, owner="pod:x")
+    with pytest.raises(ValueError, match="may not match on ipv4_dst"):
+        Flow.make("Classifier", 1, {"ipv4_dst": "10.0.0.1"}, **kw)
+    with pytest.raises(ValueError, match="may not go to"):
+        Flow.make("Classifier", 1, {"in_port": 1}, goto="Output", **kw)
+    with pytest.raises(ValueError, match="needs eth_type"):
+        Flow.make("SpoofGuard", 1, {"eth_type": 0x0806, "ipv4_src": "10.0.0.1"}, **kw)
+    with pytest.raises(ValueError, match="host bits"):
+        Flow.make("L3Forwarding", 1, {"ipv4_dst": "10.0.0.1/24"}, **kw)
+    with pytest.raises(ValueError, match="priority"):
+        Flow.make("Classifier", 70000, {}, **kw)
+    with pytest.raises(ValueError, match="widths differ"):
+        Move("eth_src", "arp_spa")
+
+
+def test_prerequisites_added() -> None:
+    f = Flow.make("SpoofGuard", 5, {"arp_spa": "10.0.0.1"}, feature=ck.Feature.POD, owner="p")
+    assert dict(f.match)["eth_type"] == 0x0806
+    assert f.match_text() == "arp,arp_spa=10.0.0.1"
+
+
+def test_pod_flows_golden() -> None:
+    got = [f.ofctl(names=True) for f in pod_flows(POD, GW)]
+    assert got == [
+        "table=Classifier,priority=200,in_port=3,"
+        "actions=load:0x1->NXM_NX_REG0[0..3],goto_table:SpoofGuard",
+        "table=SpoofGuard,priority=200,ip,in_port=3,dl_src=0a:58:0a:f4:01:05,"
+        "nw_src=10.244.1.5,actions=goto_table:L3Forwarding",
+        "table=SpoofGuard,priority=200,arp,in_port=3,dl_src=0a:58:0a:f4:01:05,"
+        "arp_spa=10.244.1.5,arp_sha=0a:58:0a:f4:01:05,actions=goto_table:ARPResponder",
+        "table=L3Forwarding,priority=200,ip,nw_dst=10.244.1.5,"
+        "actions=set_field:02:00:00:00:00:01->eth_src,set_field:0a:58:0a:f4:01:05->eth_dst,"
+        "goto_table:L3DecTTL",
+        "table=L2ForwardingCalc,priority=100,dl_dst=0a:58:0a:f4:01:05,"
+        "actions=load:0x3->NXM_NX_REG1[0..31],goto_table:Output",
+    ]
+
+
+def test_node_flows_golden_and_numbered_rendering() -> None:
+    flows = {f.ofctl(names=True) for f in node_flows(GW)}
+    assert ("table=ARPResponder,priority=200,arp,arp_op=1,arp_tpa=10.244.1.1,actions="
+            "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],set_field:02:00:00:00:00:01->eth_src,"
+            "set_field:2->arp_op,move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
+            "set_field:02:00:00:00:00:01->arp_sha,move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
+            "set_field:10.244.1.1->arp_spa,IN_PORT") in flows
+    assert "table=L3DecTTL,priority=200,reg0=0x2/0xf,actions=goto_table:L2ForwardingCalc" \
+        in flows
+    assert "table=Output,priority=0,actions=output:NXM_NX_REG1[0..31]" in flows
+    # every table but Output has a miss flow, Output has its output flow at priority 0
+    misses = [f for f in node_flows(GW) if f.priority == 0]
+    assert sorted(f.table for f in misses) == sorted(t.name for t in PIPELINE)
+    numbered = node_flows(GW)[3].ofctl(cookie=0x10)
+    assert numbered.startswith("cookie=0x10,table=3,priority=0,")
+    assert "goto_table:5" in numbered
+
+
+def test_flows_per_pod_is_constant() -> None:
+    other = LocalPod("b/eth0", 4, "10.244.1.6", "0a:58:0a:f4:01:06")
+    assert len(pod_flows(POD, GW)) == len(pod_flows(other, GW)) == 5
+
+
+def test_cookie_layout() -> None:
+    c = ck.make(7, ck.Feature.POD, "pod:x")
+    assert ck.round_of(c) == 7
+    assert ck.feature_of(c) is ck.Feature.POD
+    assert ck.owner_of(c) == ck.owner_id("pod:x")
+    assert ck.next_round(0xFFFF) == 1
+    with pytest.raises(ValueError):
+        ck.make(0, ck.Feature.POD, "x")
+    cookie, mask = ck.round_match(7)
+    assert c & mask == cookie
+
+
+def test_diff_adds_changed_and_deletes_gone() -> None:
+    a = pod_flows(POD, GW)
+    moved = LocalPod(POD.key, 9, POD.ip, POD.mac)  # same pod, new ofport
+    b = pod_flows(moved, GW)
+    adds, dels = diff(index(a), index(b))
+    # in_port changes the match of 3 flows (delete + add); the L2 flow only changes actions
+    assert len(dels) == 3 and all(dict(f.match).get("in_port") == 3 for f in dels)
+    assert len(adds) == 4
+    assert diff(index(a), index(a)) == ([], [])
+
+
+def test_index_rejects_conflicting_owners() -> None:
+    f1 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
+                   [SetField("eth_dst", "0a:00:00:00:00:02")], goto="Output",
+                   feature=ck.Feature.POD, owner="pod:a")
+    f2 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
+                   goto="Output", feature=ck.Feature.POD, owner="pod:b")
+    with pytest.raises(ValueError, match="two flows claim"):
+        index([f1, f2])
+
+
+def test_osken_rendering_builds_valid_messages() -> None:
+    """Every builder's flows serialise to OpenFlow 1.3 FlowMods."""
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    class DP:
+        ofproto, ofproto_parser = ofp, parser
+
+    for f in node_flows(GW) + pod_flows(POD, GW):
+        m = parser.OFPFlowMod(DP(), cookie=f.cookie(1), table_id=DEFAULT.id(f.table),
+                              command=ofp.OFPFC_ADD, priority=f.priority,
+                              match=f.osken_match(parser),
+                              instructions=f.osken_instructions(parser, ofp, DEFAULT))
+        m.set_xid(1)
+        m.serialize()
+        assert len(m.buf) > 48
