@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab
@@ -166,4 +167,7 @@ def test_gateway_traffic_goes_through_the_pipeline(lab1: Lab) -> None:
     neigh = subprocess.run(lab1.exec_argv("c", ["ip", "neigh", "show", gw_ip]),
                            capture_output=True, text=True).stdout
     assert gw_mac in neigh, f"pod resolved the gateway to {neigh!r}, not {gw_mac}"
+    deadline = time.monotonic() + 5  # OVS pushes datapath stats to flows periodically
+    while gw_flow_packets() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert gw_flow_packets() >= before + 3
