@@ -12,8 +12,9 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,6 +103,7 @@ class PodManager:
         self.attachments: dict[str, Attachment] = {}
         self.on_change: Callable[[], None] = lambda: None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="teardown")
+        self._pending: deque[Future[None]] = deque(maxlen=1024)
 
     def _klock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -202,36 +204,58 @@ class PodManager:
         self.on_change()
         return self.result(a)
 
-    def _teardown(self, key: str, host: str) -> Laps:
+    def _teardown(self, key: str, host: str, lock: threading.Lock | None = None) -> Laps:
+        """Flows and OVS port now; the veth and the lease in the background.
+
+        Deleting a veth is the kernel's slowest step (20-30 ms here) and
+        nothing the runtime does next depends on it, so DEL answers once the
+        pod is cut off from the pipeline. The key's lock, if given, is held
+        until the background part is done, so an ADD for the same container
+        waits for it instead of finding a half-deleted interface.
+        """
         lap = Laps()
         try:
             self.flows.remove_owner(pod_owner(key))
         except OFError:
             LOG.warning("flows of %s not removed now; the next sync removes them", key)
         lap("flows")
-        # The kernel takes longest to delete the veth; the OVSDB removal runs meanwhile.
-        veth = self._pool.submit(podif.delete, host)
         try:
             self.ovsdb.del_port(host, wait=False)
         except OVSDBError:
             LOG.exception("removing port %s", host)
         lap("ovsdb")
-        veth.result()
-        lap("veth")
-        self.ipam.release(key)
-        lap("ipam")
+
+        def finish() -> None:
+            try:
+                podif.delete(host)
+                self.ipam.release(key)
+            except Exception:
+                LOG.exception("finishing teardown of %s", key)
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        self._pending.append(self._pool.submit(finish))
         return lap
+
+    def drain(self) -> None:
+        """Wait for background teardowns (tests and shutdown)."""
+        while self._pending:
+            self._pending.pop().result()
 
     def delete(self, req: dict[str, Any]) -> None:
         """Idempotent: an unknown container or a missing netns is a success."""
         cid, ifname = req["containerID"], req["ifname"]
         key = attachment_key(cid, ifname)
-        with self._klock(key):
+        lock = self._klock(key)
+        lock.acquire()
+        try:
             a = self.attachments.pop(key, None)
             host = a.host_if if a else podif.host_ifname(cid, ifname)
-            lap = self._teardown(key, host)
-        with self._lock:
-            self._key_locks.pop(key, None)
+            lap = self._teardown(key, host, lock)  # releases the lock when done
+        except BaseException:
+            lock.release()
+            raise
         LOG.info("DEL %s (%s)", key, lap)
         self.on_change()
 
@@ -258,5 +282,10 @@ class PodManager:
                 a = self.attachments[key]
                 self.delete({"containerID": a.container_id, "ifname": a.ifname})
                 removed.append(key)
+        self.drain()
         removed += self.ipam.gc(valid | set(self.attachments))
+        with self._lock:  # forget the locks of keys that are gone and idle
+            for k in [k for k, lk in self._key_locks.items()
+                      if k not in self.attachments and not lk.locked()]:
+                del self._key_locks[k]
         return removed

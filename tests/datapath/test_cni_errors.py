@@ -19,7 +19,7 @@ from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 from tests.datapath.conftest import make_lab
-from tests.support.probe import ping
+from tests.support.probe import eventually, ping
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_check_and_gc(elab: Lab, pod_ns: str) -> None:
     rc, out2 = run_plugin(elab, {"CNI_COMMAND": "GC", "CNI_PATH": elab.bin_dir},
                           json.dumps(gc_conf))
     assert rc == 0, out2
-    assert snapshot(elab) == before
+    assert eventually(lambda: snapshot(elab) == before), (snapshot(elab), before)
     assert ping(elab, "anchor", elab.node("node1").pod_cidr.replace("0/24", "1"))
 
 
@@ -189,4 +189,4 @@ def test_50_concurrent_adds_get_distinct_addresses(elab: Lab) -> None:
             run_plugin(elab, {**e, "CNI_COMMAND": "DEL"}, conf)
         for n in names:
             netns.delete(n)
-    assert snapshot(elab) == before
+    assert eventually(lambda: snapshot(elab) == before), (snapshot(elab), before)

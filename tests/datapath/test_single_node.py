@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import threading
-import time
 
 from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab
 
-from tests.support.probe import Capture, ping, tcp_transfer
+from tests.support.probe import Capture, eventually, ping, tcp_transfer
 
 
 def flows(lab: Lab) -> list[str]:
@@ -99,13 +98,20 @@ def test_del_removes_port_veth_flows_and_lease(lab1: Lab) -> None:
     lab1.pod_del("gone")
     assert len([p for p in node.ovs.vsctl("list-ports", "br-int").split()
                 if p.startswith("fc")]) == 3
-    links = subprocess.run(["ip", "-n", node.netns, "-o", "link"], capture_output=True,
-                           text=True).stdout
-    assert sum(1 for ln in links.splitlines() if ": fc" in ln) == 3
     left = [f for f in flows(lab1) if pod.mac in f or f"nw_dst={pod.ip}," in f]
     assert left == []
-    with open(os.path.join(node.rundir, "agent", "ipam.json")) as f:
-        assert key not in json.load(f)["leases"]
+
+    def host_veths() -> int:
+        links = subprocess.run(["ip", "-n", node.netns, "-o", "link"], capture_output=True,
+                               text=True).stdout
+        return sum(1 for ln in links.splitlines() if ": fcv" in ln)
+
+    def leased() -> bool:
+        with open(os.path.join(node.rundir, "agent", "ipam.json")) as f:
+            return key in json.load(f)["leases"]
+
+    # The veth and the lease go in the background, right after DEL answers.
+    assert eventually(lambda: host_veths() == 3 and not leased())
     # DEL again (the runtime retries): still a success.
     from flowcni.lab.lab import Pod
     lab1.run_plugin("DEL", Pod("gone", "default", "node1", "nonexistent", pod.container_id),
@@ -167,7 +173,5 @@ def test_gateway_traffic_goes_through_the_pipeline(lab1: Lab) -> None:
     neigh = subprocess.run(lab1.exec_argv("c", ["ip", "neigh", "show", gw_ip]),
                            capture_output=True, text=True).stdout
     assert gw_mac in neigh, f"pod resolved the gateway to {neigh!r}, not {gw_mac}"
-    deadline = time.monotonic() + 5  # OVS pushes datapath stats to flows periodically
-    while gw_flow_packets() < before + 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert gw_flow_packets() >= before + 3
+    # OVS pushes datapath stats to flows periodically.
+    assert eventually(lambda: gw_flow_packets() >= before + 3), gw_flow_packets()

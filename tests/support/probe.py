@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from flowcni.lab.lab import Lab
 
@@ -77,3 +78,18 @@ class Capture:
         self.p.terminate()
         out, _ = self.p.communicate(timeout=5)
         return [ln for ln in out.splitlines() if ln.strip()]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """True as soon as check() is; False if it never is within timeout.
+
+    For effects the agent finishes in the background (a DEL's veth and
+    lease) and for flow counters OVS updates periodically.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
