@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import socket
-import subprocess
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,37 +36,6 @@ class PodIfError(RuntimeError):
 
 HOST_IF_PREFIX = "fcv"
 
-# With the userspace datapath a pod's host-side veth is an ordinary interface
-# of the node's network stack: OVS reads its frames through AF_PACKET, but the
-# kernel also receives them, answers ARP for the node's own addresses with the
-# veth's MAC and takes IP addressed to it, so pod traffic to the node could
-# bypass the pipeline. These rules make the node's stack ignore the host ends
-# (AF_PACKET sees frames before any netfilter hook, so OVS still gets them).
-# The kernel datapath consumes port frames itself and needs none of this.
-ISOLATION_RULES = f"""
-table inet flowcni {{}}
-delete table inet flowcni
-table inet flowcni {{
-  chain pre {{ type filter hook prerouting priority -300; iifname "{HOST_IF_PREFIX}*" drop; }}
-  chain out {{ type filter hook output priority 0; oifname "{HOST_IF_PREFIX}*" drop; }}
-}}
-table arp flowcni {{}}
-delete table arp flowcni
-table arp flowcni {{
-  chain in {{ type filter hook input priority 0; iifname "{HOST_IF_PREFIX}*" drop; }}
-  chain out {{ type filter hook output priority 0; oifname "{HOST_IF_PREFIX}*" drop; }}
-}}
-"""
-
-
-def isolate_host_ends() -> None:
-    """Install ISOLATION_RULES in the current netns (atomically, idempotently)."""
-    p = subprocess.run(["nft", "-f", "-"], input=ISOLATION_RULES, capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        raise PodIfError(f"nft: {p.stderr.strip()}")
-
-
 def host_ifname(container_id: str, ifname: str) -> str:
     """Deterministic host-side veth name: DEL finds it without any saved state."""
     return HOST_IF_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
@@ -77,8 +47,9 @@ def _setns(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def netlink_socket_in(netns_path: str) -> socket.socket:
-    """A NETLINK_ROUTE socket living in `netns_path`."""
+def socket_in(netns_path: str, family: int = socket.AF_NETLINK,
+              type_: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
+    """A socket living in `netns_path` (the netns is fixed when a socket is created)."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         try:
@@ -88,7 +59,7 @@ def netlink_socket_in(netns_path: str) -> socket.socket:
         try:
             _setns(fd)
             try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
+                return socket.socket(family, type_, proto)
             finally:
                 _setns(own)
         finally:
@@ -97,9 +68,27 @@ def netlink_socket_in(netns_path: str) -> socket.socket:
         os.close(own)
 
 
+SIOCETHTOOL = 0x8946
+ETHTOOL_STXCSUM = 0x17
+
+
+def set_tx_checksum(netns_path: str, ifname: str, on: bool) -> None:
+    """ethtool -K IFNAME tx on|off inside the pod.
+
+    Turning tx checksum offload off also turns off TSO/GSO for the device.
+    Tunnels of the userspace datapath (OVS 3.1) drop packets that still
+    carry offload flags, so pods of an encapsulating cluster send finished
+    packets instead.
+    """
+    value = ctypes.create_string_buffer(struct.pack("II", ETHTOOL_STXCSUM, int(on)))
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value))
+    with socket_in(netns_path, socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+
+
 @contextmanager
 def ipr_in(netns_path: str) -> Iterator[IPRoute]:
-    ipr = IPRoute(use_socket=netlink_socket_in(netns_path))
+    ipr = IPRoute(use_socket=socket_in(netns_path))
     try:
         yield ipr
     finally:
@@ -113,7 +102,7 @@ class PodIf:
 
 
 def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
-           gateway: str, mtu: int) -> PodIf:
+           gateway: str, mtu: int, tx_offload: bool = True) -> PodIf:
     """Make the veth pair, the pod end named `ifname` inside `netns`, addressed and routed.
 
     On failure the host end (and with it the pod end) is removed.
@@ -143,6 +132,8 @@ def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
                 pipr.addr("add", index=pidx, address=ip, prefixlen=prefixlen)
                 pipr.link("set", index=pidx, state="up")
                 pipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=pidx)
+            if not tx_offload:
+                set_tx_checksum(netns, ifname, False)
         except Exception:
             delete(host)
             raise

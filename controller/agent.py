@@ -19,17 +19,21 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from typing import Any
 
-from flowcni.cni import podif
 from flowcni.cni.ipam import IPAM
-from flowcni.controller import ofapp
+from flowcni.controller import hostnet, ofapp
+from flowcni.controller.cluster import Peers, watch_nodes
 from flowcni.controller.cniserver import CNIServer
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.pods import CNIFailure, PodManager
+from flowcni.controller.store import ENCAPS, ClusterConfig, Store, StoreError
 from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
 from flowcni.flows.tables import DEFAULT as PIPELINE
-from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, default_datapath_type
+from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
+from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -40,7 +44,12 @@ GATEWAY_IF = "flowcni-gw0"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flowcni-agent", description=__doc__)
     p.add_argument("--node", required=True, help="this node's name")
-    p.add_argument("--pod-cidr", required=True, help="this node's pod CIDR, e.g. 10.244.1.0/24")
+    p.add_argument("--pod-cidr", help="this node's pod CIDR (default: allocated by the "
+                   "datastore; required without one)")
+    p.add_argument("--datastore", default="none",
+                   help="sqlite:PATH (the embedded store shared by a lab's agents) or none")
+    p.add_argument("--node-ip", help="this node's IP: tunnel endpoint / next hop for peers")
+    p.add_argument("--encap", choices=ENCAPS, help="override the cluster's encapsulation")
     p.add_argument("--bridge", default="br-int")
     p.add_argument("--ovsdb", default="unix:/var/run/openvswitch/db.sock",
                    help="OVSDB remote (unix:PATH or tcp:127.0.0.1:PORT)")
@@ -49,20 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="address os-ken listens on for the bridge (loopback only)")
     p.add_argument("--cni-socket", default="/run/flowcni/cni.sock")
     p.add_argument("--state-dir", default="/var/lib/flowcni")
-    p.add_argument("--mtu", type=int, default=1500, help="pod interface MTU")
+    p.add_argument("--mtu", type=int, default=0,
+                   help="pod interface MTU (default: uplink MTU minus encapsulation overhead)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    try:
-        net = ipaddress.ip_network(a.pod_cidr)
-    except ValueError as e:
-        p.error(f"--pod-cidr: {e}")
-    if net.version != 4 or net.num_addresses < 4:
-        p.error(f"--pod-cidr {a.pod_cidr}: need an IPv4 range with room for gateway and pods")
+    if a.datastore != "none" and not a.datastore.startswith("sqlite:"):
+        p.error(f"--datastore {a.datastore!r}: use sqlite:PATH or none")
+    if a.datastore == "none" and not a.pod_cidr:
+        p.error("--pod-cidr is required without a datastore")
+    if a.datastore != "none" and not a.node_ip:
+        p.error("--node-ip is required with a datastore (peers reach this node through it)")
+    if a.pod_cidr:
+        try:
+            net = ipaddress.ip_network(a.pod_cidr)
+        except ValueError as e:
+            p.error(f"--pod-cidr: {e}")
+        if net.version != 4 or net.num_addresses < 4:
+            p.error(f"--pod-cidr {a.pod_cidr}: need an IPv4 range with room for gateway "
+                    "and pods")
     host, _, port = a.of_listen.rpartition(":")
     if not ipaddress.ip_address(host).is_loopback:
         p.error(f"--of-listen {a.of_listen}: the OpenFlow listener must be on loopback")
     a.of_host, a.of_port = host, int(port)
-    if not 576 <= a.mtu <= 65535:
+    if a.mtu and not 576 <= a.mtu <= 65535:
         p.error(f"--mtu {a.mtu}: out of range 576..65535")
     return a
 
@@ -94,28 +112,51 @@ class Agent:
     def __init__(self, a: argparse.Namespace) -> None:
         self.args = a
         self.started = time.time()
+        self.stop_event = threading.Event()
+        self.store = Store(a.datastore.split(":", 1)[1]) if a.datastore != "none" else None
+        cfg = self.store.cluster() if self.store else ClusterConfig(
+            cluster_cidr=a.pod_cidr, encap="none")
+        if a.encap:
+            cfg = replace(cfg, encap=a.encap)
+        self.cluster = cfg.validate()
+        pod_cidr = (self.store.register_node(a.node, a.node_ip, a.pod_cidr) if self.store
+                    else a.pod_cidr)
+        self.pod_cidr = pod_cidr
+        self.mtu = a.mtu or cfg.mtu or pod_mtu(
+            hostnet.uplink_of(a.node_ip)[1] if a.node_ip else 1500, cfg.encap)
         dptype = default_datapath_type() if a.datapath_type == "auto" else a.datapath_type
+        self.datapath_type = dptype
         self.ovsdb = OVSDB(a.ovsdb)
         self.ovsdb.ensure_bridge(a.bridge, dptype, f"tcp:{a.of_host}:{a.of_port}")
-        self.datapath_type = dptype
-        if dptype == "netdev":
-            podif.isolate_host_ends()
+        hostnet.set_forwarding()
+        hostnet.nft((hostnet.isolation_rules() if dptype == "netdev" else "")
+                    + hostnet.masquerade_rules(cfg.cluster_cidr, cfg.ip_masq))
         gw_port = self.ovsdb.ensure_internal_port(a.bridge, GATEWAY_IF)
-        gw_ip, gw_mac = configure_gateway(GATEWAY_IF, a.pod_cidr, a.mtu)
-        self.gateway = Gateway(gw_ip, gw_mac, gw_port, a.pod_cidr)
+        gw_ip, gw_mac = configure_gateway(GATEWAY_IF, pod_cidr, self.mtu)
+        self.gateway = Gateway(gw_ip, gw_mac, gw_port, pod_cidr)
+        self.tun_ofport = (self.ovsdb.ensure_tunnel_port(a.bridge, TUNNEL_PORT, cfg.encap)
+                           if cfg.encap != "none" else None)
         self.ovsdb.set_bridge_ids(a.bridge, {
             TABLES_KEY: ",".join(f"{n}={i}" for n, i in PIPELINE.ids.items()),
-            "flowcni-node": a.node, "flowcni-pod-cidr": a.pod_cidr})
+            "flowcni-node": a.node, "flowcni-pod-cidr": pod_cidr,
+            "flowcni-encap": cfg.encap})
         self.flows = FlowSync(PIPELINE, lambda: self.ovsdb.bump_round(a.bridge))
-        self.flows.set_owner(NODE_OWNER, [f for f in node_flows(self.gateway, PIPELINE)
-                                          if f.owner == NODE_OWNER])
-        self.flows.set_owner(GATEWAY_OWNER, [f for f in node_flows(self.gateway, PIPELINE)
-                                             if f.owner == GATEWAY_OWNER])
+        nf = node_flows(self.gateway, PIPELINE)
+        self.flows.set_owner(NODE_OWNER, [f for f in nf if f.owner == NODE_OWNER])
+        self.flows.set_owner(GATEWAY_OWNER, [f for f in nf if f.owner == GATEWAY_OWNER])
+        if self.tun_ofport is not None:
+            self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, PIPELINE))
         os.makedirs(a.state_dir, exist_ok=True)
-        self.ipam = IPAM(a.pod_cidr, os.path.join(a.state_dir, "ipam.json"))
+        self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
-                               a.mtu, self.flows.synced.wait)
+                               self.mtu, self.flows.synced.wait,
+                               tx_offload=cfg.encap == "none")
         self.pods.restore()
+        self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
+        if self.store:
+            watch_nodes(self.store, self.peers, self.stop_event)
+        else:
+            hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, self.dispatch)
 
@@ -141,11 +182,12 @@ class Agent:
         if app.switch is not None:  # connected before the hooks were set
             self._syncq.put(app.switch)
         self.cni.start()
-        LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s",
-                 self.args.node, self.args.bridge, self.datapath_type, self.args.pod_cidr,
-                 self.gateway.ip)
+        LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s, encap %s, "
+                 "pod MTU %d", self.args.node, self.args.bridge, self.datapath_type,
+                 self.pod_cidr, self.gateway.ip, self.cluster.encap, self.mtu)
 
     def stop(self) -> None:
+        self.stop_event.set()
         self.cni.stop()
 
     # -- requests ------------------------------------------------------------------
@@ -153,7 +195,11 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "node": self.args.node, "bridge": self.args.bridge,
-            "datapath_type": self.datapath_type, "pod_cidr": self.args.pod_cidr,
+            "datapath_type": self.datapath_type, "pod_cidr": self.pod_cidr,
+            "node_ip": self.args.node_ip, "encap": self.cluster.encap, "mtu": self.mtu,
+            "remote_nodes": sorted(self.peers.nodes),
+            "datastore": self.args.datastore,
+            "datastore_revision": self.store.revision() if self.store else None,
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
@@ -209,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(a)
+    try:
+        agent = Agent(a)
+    except (StoreError, HostNetError, OVSDBError) as e:
+        LOG.error("cannot start: %s", e)
+        return 2
     agent.start()
     done = threading.Event()
 

@@ -89,8 +89,16 @@ def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
     if a.lab_cmd == "up":
-        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size)
-        print(f"lab up: {', '.join(f'{n.name} ({n.pod_cidr})' for n in nodes)}")
+        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size, a.encap)
+        print(f"lab up ({a.encap}): "
+              f"{', '.join(f'{n.name} {n.node_ip} pods {n.pod_cidr}' for n in nodes)}")
+    elif a.lab_cmd == "node":
+        if a.node_cmd == "add":
+            n = lab.node_add()
+            print(f"node {n.name} up: {n.node_ip}, pods {n.pod_cidr}")
+        else:
+            lab.node_del(a.name)
+            print(f"node {a.name} removed")
     elif a.lab_cmd == "down":
         removed = lab.down()
         print(f"lab down: removed {len(removed)} namespaces")
@@ -129,6 +137,26 @@ def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
+    """apply -f / delete -f: validate every object first, then write them all."""
+    from flowcni.controller.manifests import ManifestError, load
+    try:
+        with (sys.stdin if a.file == "-" else open(a.file)) as f:
+            objs = load(f.read())
+    except (OSError, ManifestError) as e:
+        print(f"flowctl: {a.file}: {e}", file=sys.stderr)
+        return 1
+    store = lab.store()
+    for kind, ns, name, body in objs:
+        ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
+        if a.cmd == "apply":
+            store.put(kind, ns, name, body)
+            print(f"{ref} applied")
+        else:
+            print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
+    return 0
+
+
 def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
     from flowcni.lab.demo import run_demo
     return run_demo(lab, keep=a.keep)
@@ -144,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--cluster-cidr", default="10.244.0.0/16")
     up.add_argument("--node-cidr-size", type=int, default=24)
+    up.add_argument("--encap", default="geneve",
+                    help="geneve (default), vxlan, gre, or none (routed)")
+    nd = ls.add_parser("node", help="add or remove a node of a running lab")
+    nds = nd.add_subparsers(dest="node_cmd", required=True)
+    nds.add_parser("add")
+    ndd = nds.add_parser("del")
+    ndd.add_argument("name")
     ls.add_parser("down", help="remove every namespace, process and file of the lab")
     for name in ("nodes", "pods"):
         x = ls.add_parser(name)
@@ -164,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     ra = ls.add_parser("restart-agent", help="kill -9 a node's agent and start it again")
     ra.add_argument("node")
 
+    for verb in ("apply", "delete"):
+        ap = sub.add_parser(verb, help=f"{verb} Kubernetes YAML objects in the lab's datastore")
+        ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
     fl = sub.add_parser("flows", help="a node's flows, with table names")
     fl.add_argument("--node")
     fl.add_argument("--table")
@@ -189,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab()
     try:
         return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
-                "demo": cmd_demo}[a.cmd](lab, a)
+                "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply}[a.cmd](lab, a)
     except (LabError, AgentError) as e:
         print(f"flowctl: {e}", file=sys.stderr)
         return 1

@@ -94,9 +94,11 @@ def attachment_key(container_id: str, ifname: str) -> str:
 
 class PodManager:
     def __init__(self, ovsdb: OVSDB, bridge: str, ipam: IPAM, flows: FlowSync,
-                 gateway: Gateway, mtu: int, ready: Callable[[float], bool]) -> None:
+                 gateway: Gateway, mtu: int, ready: Callable[[float], bool],
+                 tx_offload: bool = True) -> None:
         self.ovsdb, self.bridge, self.ipam, self.flows = ovsdb, bridge, ipam, flows
         self.gw, self.mtu, self._ready = gateway, mtu, ready
+        self.tx_offload = tx_offload
         self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -171,7 +173,8 @@ class PodManager:
                 undo.append(lambda: self.ipam.release(key))
                 lap("ipam")
                 try:
-                    pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu)
+                    pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu,
+                                       self.tx_offload)
                 except podif.PodIfError as e:
                     raise CNIFailure(e.code, str(e)) from e
                 undo.append(lambda: podif.delete(host))

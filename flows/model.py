@@ -53,6 +53,8 @@ _NXM = {
     "arp_sha": "NXM_NX_ARP_SHA", "arp_tha": "NXM_NX_ARP_THA",
     "in_port": "NXM_OF_IN_PORT",
 }
+# set_field targets that are not match fields of any table.
+_SET_ONLY = {"tun_ipv4_dst": "tun_dst"}
 _FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
                "arp_spa": 32, "arp_tpa": 32, "arp_sha": 48, "arp_tha": 48, "arp_op": 16}
 
@@ -135,11 +137,13 @@ class SetField(Action):
     value: str | int
 
     def __post_init__(self) -> None:
+        if self.field not in _OFCTL_MATCH and self.field not in _SET_ONLY:
+            raise ValueError(f"set_field: unknown field {self.field}")
         object.__setattr__(self, "value", _canon_value(self.field, self.value))
 
     def ofctl(self, pipeline: Pipeline) -> str:
         # OVS prints set_field targets by their OXM names (eth_src, arp_sha, ...).
-        return f"set_field:{self.value}->{self.field}"
+        return f"set_field:{self.value}->{_SET_ONLY.get(self.field, self.field)}"
 
     def osken(self, parser: Any, ofp: Any) -> Any:
         return parser.OFPActionSetField(**{self.field: self.value})

@@ -41,20 +41,22 @@ def _t(name: str, doc: str, fields: Iterable[str], next_: Iterable[str] = (),
 
 
 PIPELINE: tuple[Table, ...] = (
-    _t("Classifier", "in_port -> source mark (pod, gateway)",
-       ["in_port"], ["SpoofGuard"]),
+    _t("Classifier", "in_port -> source mark (pod, gateway, tunnel)",
+       ["in_port"], ["SpoofGuard", "L3Forwarding"]),
     _t("SpoofGuard", "pod ports: source MAC and IP (and ARP sender) must be the pod's",
        ["in_port", "eth_src", "ipv4_src", "arp_spa", "arp_sha", "reg0"],
        ["ARPResponder", "L3Forwarding"]),
     _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
-    _t("L3Forwarding", "local pod IP: rewrite MACs; everything else: switch on dst MAC",
+    _t("L3Forwarding", "local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
+       "everything else: switch on dst MAC",
        ["ipv4_dst", "eth_dst", "reg0"], ["L3DecTTL", "L2ForwardingCalc"],
        miss="L2ForwardingCalc"),
     _t("L3DecTTL", "decrement TTL of routed packets, except those the gateway sent",
        ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
-    _t("L2ForwardingCalc", "dst MAC -> output port register",
+    _t("L2ForwardingCalc", "dst MAC -> output port register (virtual router MAC: "
+       "already chosen by L3Forwarding)",
        ["eth_dst"], ["Output"]),
     _t("Output", "output to the port in the output register", [], [], miss=""),
 )

@@ -11,7 +11,6 @@ leftovers of a lab that crashed half-way.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import json
 import os
 import re
@@ -26,11 +25,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flowcni.cni import install as cni_install
+from flowcni.controller.store import ClusterConfig, Store, StoreError
 from flowcni.lab import netns
+from flowcni.lab.netns import run
 from flowcni.lab.ovs import OVS, kill_wait
 
 DEFAULT_BASE = "/run/flowcni-lab"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+UNDERLAY_NET = "192.168.77"  # lives only inside the lab's namespaces
+UNDERLAY_PREFIX = 24
+EXTERNAL_UNDERLAY_IP = f"{UNDERLAY_NET}.254"
+EXTERNAL_IP = "198.51.100.1"  # the "internet" host, on the external namespace's lo
 CNI_VERSION = "1.0.0"  # what Debian 12 runtimes (podman 4.3, containerd 1.6) accept
 
 
@@ -146,46 +151,132 @@ class Lab:
 
     # -- nodes ----------------------------------------------------------------------
 
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.base, "store.db")
+
+    def store(self) -> Store:
+        if not os.path.exists(self.store_path):
+            raise LabError(f"no lab in {self.base} (run `flowctl lab up`)")
+        return Store(self.store_path)
+
+    @property
+    def underlay_ns(self) -> str:
+        return f"{self.prefix}underlay"
+
+    @property
+    def external_ns(self) -> str:
+        return f"{self.prefix}external"
+
     def up(self, nodes: int = 1, cluster_cidr: str = "10.244.0.0/16",
-           node_cidr_size: int = 24) -> list[Node]:
+           node_cidr_size: int = 24, encap: str = "geneve") -> list[Node]:
+        """Underlay, external host and N nodes; on any failure, nothing is left."""
         if nodes < 1:
             raise LabError("--nodes must be at least 1")
+        if nodes > 200:
+            raise LabError("--nodes: at most 200 (one underlay /24)")
         if self._read()["nodes"]:
             raise LabError(f"a lab is already up in {self.base}; run `flowctl lab down` first")
-        cluster = ipaddress.ip_network(cluster_cidr)
-        if node_cidr_size <= cluster.prefixlen or node_cidr_size > 30:
-            raise LabError(f"--node-cidr-size {node_cidr_size} does not fit "
-                           f"--cluster-cidr {cluster_cidr}")
-        subnets = cluster.subnets(new_prefix=node_cidr_size)
-        next(subnets)  # keep x.x.0.0/size free: node N gets the N-th subnet
-        cni_install.install(self.bin_dir)
+        try:
+            cfg = ClusterConfig(cluster_cidr=cluster_cidr, node_cidr_size=node_cidr_size,
+                                encap=encap).validate()
+        except StoreError as e:
+            raise LabError(str(e)) from e
         made = []
         try:
-            for i in range(1, nodes + 1):
-                made.append(self._node_up(i, str(next(subnets))))
-        except Exception:
+            os.makedirs(self.base, exist_ok=True)
+            Store(self.store_path).set_cluster(cfg)
+            cni_install.install(self.bin_dir)
+            self._underlay_up()
+            for _ in range(nodes):
+                made.append(self.node_add())
+        except BaseException:
             self.down()
             raise
         return made
 
-    def _node_up(self, i: int, pod_cidr: str) -> Node:
+    def _underlay_up(self) -> None:
+        """A Linux bridge in its own netns joins the nodes; `external` plays the outside."""
+        u = self.underlay_ns
+        netns.add(u)
+        run(["ip", "-n", u, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", u, "link", "set", "br0", "up"])
+        ext = self.external_ns
+        netns.add(ext)
+        self._uplink(ext, "x", EXTERNAL_UNDERLAY_IP)
+        run(["ip", "-n", ext, "addr", "add", f"{EXTERNAL_IP}/32", "dev", "lo"])
+
+    def _uplink(self, ns: str, tag: str, ip: str | None) -> None:
+        """veth from `ns` (eth0) to the underlay bridge, optionally addressed."""
+        u = self.underlay_ns
+        peer = f"u{tag}"
+        run(["ip", "-n", u, "link", "add", peer, "type", "veth", "peer", "name", "eth0",
+             "netns", ns])
+        run(["ip", "-n", u, "link", "set", peer, "master", "br0", "up"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        if ip:
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/{UNDERLAY_PREFIX}", "dev", "eth0"])
+
+    def node_add(self) -> Node:
+        """One more node: netns, uplink, OVS (br-phy holds the node IP), agent."""
+        taken = {n.index for n in self.nodes()}
+        i = next(k for k in range(1, 254) if k not in taken)
         name = f"node{i}"
-        node = Node(name, i, f"{self.prefix}{name}", pod_cidr, "",
+        node = Node(name, i, f"{self.prefix}{name}", "", f"{UNDERLAY_NET}.{i}",
                     os.path.join(self.base, name))
         with self._locked() as st:
             st["nodes"].append(asdict(node))
         netns.add(node.netns)
+        self._uplink(node.netns, str(i), None)
         node.ovs.start(tso=True)
+        # The node IP sits on br-phy, so OVS's native tunnelling finds its route and
+        # neighbours there; eth0 is br-phy's port to the underlay.
+        node.ovs.vsctl("--may-exist", "add-br", "br-phy", "--", "set", "bridge", "br-phy",
+                       "datapath_type=netdev", "--", "--may-exist", "add-port", "br-phy",
+                       "eth0")
+        run(["ip", "-n", node.netns, "addr", "add", f"{node.node_ip}/{UNDERLAY_PREFIX}",
+             "dev", "br-phy"])
+        run(["ip", "-n", node.netns, "link", "set", "br-phy", "up"])
+        run(["ip", "-n", node.netns, "route", "add", "default", "via", EXTERNAL_UNDERLAY_IP])
         with open(node.conflist, "w") as f:
             json.dump({"cniVersion": CNI_VERSION, "name": "flowcni", "plugins": [
                 {"type": "flowcni", "agentSocket": node.socket}]}, f, indent=1)
-        return self._start_agent(node)
+        node = self._start_agent(node)
+        body = Store(self.store_path).get("Node", "", name)
+        node.pod_cidr = body["podCIDR"] if body else ""
+        with self._locked() as st:
+            st["nodes"] = [asdict(node) if n["name"] == name else n for n in st["nodes"]]
+        return node
 
-    def wait_ready(self, node: Node, timeout: float = 30.0) -> dict[str, Any]:
+    def node_del(self, name: str) -> Node:
+        """Remove a node and its pods; the other agents drop its flows and routes."""
+        node = self.node(name)
+        store = self.store()
+        for p in self.pods():
+            if p.node == name:
+                netns.delete(p.netns)
+                store.delete("Pod", p.namespace, p.name)
+        if node.agent_pid:
+            kill_wait(node.agent_pid, timeout=3)
+        Store(self.store_path).delete("Node", "", name)
+        node.ovs.stop()
+        netns.delete(node.netns)
+        run(["ip", "-n", self.underlay_ns, "link", "del", f"u{node.index}"], check=False)
+        shutil.rmtree(node.rundir, ignore_errors=True)
+        with self._locked() as st:
+            st["nodes"] = [n for n in st["nodes"] if n["name"] != name]
+            st["pods"] = [p for p in st["pods"] if p["node"] != name]
+        return node
+
+    def wait_ready(self, node: Node, timeout: float = 30.0,
+                   proc: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
         from flowcni.controller.client import AgentClient
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                last = f"agent exited with {proc.returncode}"
+                break
             try:
                 st = AgentClient(node.socket).status()
                 if st.get("synced"):
@@ -194,8 +285,13 @@ class Lab:
             except OSError as e:
                 last = e
             time.sleep(0.1)
+        try:
+            with open(os.path.join(node.rundir, "agent.log")) as f:
+                tail = "".join(f.readlines()[-12:])
+        except OSError:
+            tail = ""
         raise LabError(f"agent of {node.name} not ready after {timeout}s: {last}; "
-                       f"see {node.rundir}/agent.log")
+                       f"its log ends:\n{tail}")
 
     def restart_agent(self, node_name: str, kill: bool = True) -> Node:
         """Kill the agent (SIGKILL by default) and start it again with the same arguments."""
@@ -215,7 +311,8 @@ class Lab:
         proc = subprocess.Popen(
             netns.exec_argv(node.netns, [
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
-                "--pod-cidr", node.pod_cidr, "--ovsdb", node.ovs.remote,
+                "--datastore", f"sqlite:{self.store_path}", "--node-ip", node.node_ip,
+                "--ovsdb", node.ovs.remote,
                 "--cni-socket", node.socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
                 "--datapath-type", "netdev"]),
@@ -224,7 +321,7 @@ class Lab:
         node.agent_pid = proc.pid
         with self._locked() as st:
             st["nodes"] = [asdict(node) if n["name"] == node.name else n for n in st["nodes"]]
-        self.wait_ready(node)
+        self.wait_ready(node, proc=proc)
         return node
 
     def down(self) -> list[str]:
@@ -290,12 +387,17 @@ class Lab:
         pod.mac = res["interfaces"][res["ips"][0].get("interface", 0)]["mac"]
         with self._locked() as st:
             st["pods"].append(asdict(pod))
+        # What a kubelet reports to the API server: the pod, its labels and its IP.
+        self.store().put("Pod", namespace, name, {
+            "namespace": namespace, "name": name, "labels": pod.labels, "ip": pod.ip,
+            "node": node.name, "containerID": pod.container_id})
         return pod
 
     def pod_del(self, ref: str) -> Pod:
         pod = self.pod(ref)
         self.run_plugin("DEL", pod, self.node(pod.node))
         netns.delete(pod.netns)
+        self.store().delete("Pod", pod.namespace, pod.name)
         with self._locked() as st:
             st["pods"] = [p for p in st["pods"]
                           if not (p["name"] == pod.name and p["namespace"] == pod.namespace)]

@@ -111,6 +111,14 @@ class OVSDB:
             check_error=True)
         return self._ofport(name)
 
+    def ensure_tunnel_port(self, bridge: str, name: str, encap: str) -> int:
+        """One flow-based tunnel port: remote_ip and key come from each flow."""
+        opts = {"remote_ip": "flow", "key": "flow"}
+        with self.api.transaction(check_error=True) as txn:
+            txn.add(self.api.add_port(bridge, name, may_exist=True, type=encap, options=opts))
+            txn.add(self.api.db_set("Interface", name, ("type", encap), ("options", opts)))
+        return self._ofport(name)
+
     def add_port(self, bridge: str, name: str, external_ids: dict[str, str]) -> int:
         """Attach an existing netdev (a pod veth) and return its ofport."""
         ids = {OWNER_KEY: "flowcni", **external_ids}

@@ -1,0 +1,116 @@
+"""Remote nodes as the agent sees them, and what each one costs locally.
+
+Encapsulating clusters: one L3Forwarding flow per remote node (its pod CIDR
+into the tunnel, towards its node IP), plus one route for the whole cluster
+CIDR through the gateway so the node itself reaches remote pods through the
+tunnel too. Routed clusters: no flows, one kernel route per remote node
+(`podCIDR via nodeIP`). A node that joins or leaves changes only its own
+flow and route.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flowcni.controller import hostnet
+from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.store import Change, ClusterConfig, Store
+from flowcni.flows.node import Gateway
+from flowcni.flows.tunnel import RemoteNode, remote_node_flows
+
+LOG = logging.getLogger(__name__)
+
+
+class Peers:
+    """Keeps flows and routes in step with the set of remote nodes."""
+
+    def __init__(self, me: str, cfg: ClusterConfig, gw: Gateway, tun_ofport: int | None,
+                 flows: FlowSync) -> None:
+        self.me, self.cfg, self.gw, self.tun_ofport, self.flows = me, cfg, gw, tun_ofport, flows
+        self.nodes: dict[str, RemoteNode] = {}
+        self._lock = threading.Lock()
+        self.on_change: Callable[[], None] = lambda: None
+
+    def routes(self) -> dict[str, tuple[str | None, str | None]]:
+        if self.cfg.encap == "none":
+            return {n.pod_cidr: (n.node_ip, None) for n in self.nodes.values()}
+        return {self.cfg.cluster_cidr: (None, hostnet.GATEWAY_IF)}
+
+    def set_nodes(self, bodies: list[dict[str, Any]]) -> None:
+        """Replace the whole set (initial list, or a re-list)."""
+        want = {}
+        for b in bodies:
+            try:
+                n = RemoteNode(b["name"], b["nodeIP"], b["podCIDR"])
+            except (KeyError, TypeError):
+                LOG.error("skipping malformed node %r", b)
+                continue
+            if n.name != self.me:
+                want[n.name] = n
+        with self._lock:
+            for name in set(self.nodes) - set(want):
+                self._drop(name)
+            for n in want.values():
+                self._put(n)
+            hostnet.sync_routes(self.routes())
+        self.on_change()
+
+    def apply(self, changes: list[Change]) -> None:
+        """Apply watched changes to Node objects."""
+        touched = False
+        with self._lock:
+            for c in changes:
+                if c.kind != "Node" or c.name == self.me:
+                    continue
+                touched = True
+                if c.op == "delete" or c.body is None:
+                    self._drop(c.name)
+                else:
+                    self._put(RemoteNode(c.body["name"], c.body["nodeIP"], c.body["podCIDR"]))
+            if touched:
+                hostnet.sync_routes(self.routes())
+        if touched:
+            self.on_change()
+
+    def _put(self, n: RemoteNode) -> None:
+        if self.nodes.get(n.name) == n:
+            return
+        self.nodes[n.name] = n
+        if self.tun_ofport is not None:
+            self.flows.set_owner(n.owner, remote_node_flows(n, self.gw, self.tun_ofport,
+                                                            self.flows.pipeline))
+            hostnet.nudge_neighbor(n.node_ip)
+        LOG.info("node %s (%s, pods %s) joined", n.name, n.node_ip, n.pod_cidr)
+
+    def _drop(self, name: str) -> None:
+        n = self.nodes.pop(name, None)
+        if n is None:
+            return
+        self.flows.remove_owner(n.owner)
+        LOG.info("node %s left", name)
+
+
+def refresh_neighbors(peers: Peers, stop: threading.Event, interval: float = 60.0) -> None:
+    """Keep OVS's tunnel neighbour entries of every peer fresh (see hostnet.nudge_neighbor)."""
+    while not stop.wait(interval):
+        if peers.tun_ofport is not None:
+            for n in list(peers.nodes.values()):
+                hostnet.nudge_neighbor(n.node_ip)
+
+
+def watch_nodes(store: Store, peers: Peers, stop: threading.Event) -> int:
+    """List nodes, then keep `peers` current from the store's log in a thread.
+
+    The revision is read before the list, so no change between the two is
+    missed (one may be applied twice, which is harmless).
+    """
+    rev = store.revision()
+    peers.set_nodes(store.nodes())
+    threading.Thread(target=store.watch, args=(rev, peers.apply, stop), name="store-watch",
+                     daemon=True).start()
+    threading.Thread(target=refresh_neighbors, args=(peers, stop), name="neigh-refresh",
+                     daemon=True).start()
+    return rev

@@ -1,0 +1,121 @@
+"""The node's own network stack: routes to peer pod CIDRs, masquerade, host-veth isolation.
+
+Everything here is in the node's network namespace and is reconciled, not
+appended: routes the agent made carry their own routing protocol number, so
+routes of nodes that left are found and removed without touching anyone
+else's, and the nftables tables are replaced atomically as a whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import subprocess
+
+from flowcni.cni.podif import HOST_IF_PREFIX
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+LOG = logging.getLogger(__name__)
+
+RT_PROTO = 191  # marks routes made by flowcni (any number unused by the kernel and daemons)
+GATEWAY_IF = "flowcni-gw0"
+
+
+class HostNetError(RuntimeError):
+    pass
+
+
+def nft(rules: str) -> None:
+    p = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise HostNetError(f"nft: {p.stderr.strip()}")
+
+
+def _replace_table(family: str, name: str, body: str) -> str:
+    """nft script that swaps a whole table in one transaction."""
+    return f"table {family} {name} {{}}\ndelete table {family} {name}\n" \
+           f"table {family} {name} {{\n{body}\n}}\n"
+
+
+def isolation_rules() -> str:
+    """Keep the node's stack off the pods' host-side veths (userspace datapath only).
+
+    With the userspace datapath a host-side veth is an ordinary interface of
+    the node: OVS reads its frames through AF_PACKET, but the kernel also
+    receives them, answers ARP for the node's addresses with the veth's MAC
+    and accepts IP addressed to it, so pod traffic to the node could bypass
+    the pipeline. AF_PACKET sees frames before any netfilter hook, so OVS
+    still gets them. The kernel datapath consumes port frames itself.
+    """
+    pfx = f'"{HOST_IF_PREFIX}*"'
+    return (_replace_table("inet", "flowcni", f"""
+  chain pre {{ type filter hook prerouting priority -300; iifname {pfx} drop; }}
+  chain out {{ type filter hook output priority 0; oifname {pfx} drop; }}""")
+            + _replace_table("arp", "flowcni", f"""
+  chain in {{ type filter hook input priority 0; iifname {pfx} drop; }}
+  chain out {{ type filter hook output priority 0; oifname {pfx} drop; }}"""))
+
+
+def masquerade_rules(cluster_cidr: str, enabled: bool) -> str:
+    """Pods reaching outside the cluster CIDR leave with the node's address."""
+    rule = (f'ip saddr {cluster_cidr} ip daddr != {cluster_cidr} oifname != "{GATEWAY_IF}" '
+            "masquerade;" if enabled else "")
+    return _replace_table("ip", "flowcni-nat", f"""
+  chain post {{ type nat hook postrouting priority 100; {rule} }}""")
+
+
+def set_forwarding() -> None:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1\n")
+
+
+def sync_routes(want: dict[str, tuple[str | None, str | None]]) -> None:
+    """Make the flowcni-owned routes exactly `want`: {dst CIDR: (gateway IP, device)}."""
+    with IPRoute() as ipr:
+        have = {}
+        for r in ipr.get_routes(family=2, proto=RT_PROTO):
+            have[f"{r.get_attr('RTA_DST')}/{r['dst_len']}"] = r
+        for dst in set(have) - set(want):
+            try:
+                ipr.route("del", dst=dst, proto=RT_PROTO)
+            except NetlinkError as e:
+                if e.code != errno.ESRCH:
+                    raise
+            LOG.info("route %s removed", dst)
+        for dst, (gw, dev) in want.items():
+            kw: dict[str, object] = {"dst": dst, "proto": RT_PROTO}
+            if gw:
+                kw["gateway"] = gw
+            if dev:
+                idx = ipr.link_lookup(ifname=dev)
+                if not idx:
+                    raise HostNetError(f"route {dst}: device {dev} missing")
+                kw["oif"] = idx[0]
+            ipr.route("replace", **kw)
+
+
+def nudge_neighbor(ip: str) -> None:
+    """Make the node's stack resolve `ip` now (one datagram to the discard port).
+
+    OVS's userspace tunnelling learns the MAC of a tunnel's remote end by
+    snooping ARP on the bridge that holds the node IP, and drops the packets
+    it has to encapsulate before it knows it. Resolving each peer as it joins,
+    and again now and then, keeps the first packets to a node from being lost.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"flowcni", (ip, 9))
+        except OSError as e:
+            LOG.debug("nudging %s: %s", ip, e)
+
+
+def uplink_of(node_ip: str) -> tuple[str, int]:
+    """(interface name, MTU) of the interface holding the node IP."""
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == node_ip:
+                link = ipr.get_links(a["index"])[0]
+                return link.get_attr("IFLA_IFNAME"), int(link.get_attr("IFLA_MTU"))
+    raise HostNetError(f"no interface holds the node IP {node_ip}")

@@ -1,0 +1,234 @@
+"""The embedded datastore: one SQLite file shared by every agent of a lab.
+
+It stands in for the Kubernetes API where there is none. Objects are kept as
+Kubernetes-shaped JSON (kind, namespace, name) and every write appends to a
+revision log, which agents poll to learn what changed since the revision
+they last saw; that is the same list-then-watch model the Kubernetes
+datastore uses, so the agent's model code does not care which one feeds it.
+
+Node registration allocates each node's pod CIDR from the cluster CIDR inside
+one write transaction, so two nodes can never get overlapping ranges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+ENCAPS = ("geneve", "vxlan", "gre", "none")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+  kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+  body TEXT NOT NULL, rev INTEGER NOT NULL,
+  PRIMARY KEY (kind, namespace, name));
+CREATE TABLE IF NOT EXISTS log (
+  rev INTEGER PRIMARY KEY AUTOINCREMENT,
+  kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, op TEXT NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+    """A write the store refuses; the message names the field and the conflict."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    cluster_cidr: str = "10.244.0.0/16"
+    node_cidr_size: int = 24
+    encap: str = "geneve"
+    ip_masq: bool = True
+    mtu: int = 0  # 0: uplink MTU minus the encapsulation's overhead
+
+    def validate(self) -> ClusterConfig:
+        if self.encap not in ENCAPS:
+            raise StoreError(f"encap {self.encap!r} unknown (one of: {', '.join(ENCAPS)})")
+        try:
+            net = ipaddress.ip_network(self.cluster_cidr)
+        except ValueError as e:
+            raise StoreError(f"cluster-cidr {self.cluster_cidr!r}: {e}") from e
+        if net.version != 4:
+            raise StoreError(f"cluster-cidr {self.cluster_cidr}: only IPv4 for now")
+        if not net.prefixlen < self.node_cidr_size <= 30:
+            raise StoreError(f"node-cidr-size {self.node_cidr_size} does not fit cluster-cidr "
+                             f"{self.cluster_cidr} (need {net.prefixlen + 1}..30)")
+        if self.mtu and not 576 <= self.mtu <= 65535:
+            raise StoreError(f"mtu {self.mtu}: out of range 576..65535")
+        return self
+
+
+@dataclass(frozen=True)
+class Change:
+    rev: int
+    op: str  # "put" | "delete"
+    kind: str
+    namespace: str
+    name: str
+    body: dict[str, Any] | None
+
+
+class Store:
+    """SQLite-backed store; safe to share between processes (WAL, busy timeout)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)  # idempotent; executescript commits by itself
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- cluster configuration ------------------------------------------------------
+
+    def set_cluster(self, cfg: ClusterConfig) -> None:
+        cfg.validate()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('cluster', ?)",
+                       (json.dumps(cfg.__dict__),))
+
+    def cluster(self) -> ClusterConfig:
+        row = self._db().execute("SELECT value FROM meta WHERE key='cluster'").fetchone()
+        return ClusterConfig(**json.loads(row[0])) if row else ClusterConfig()
+
+    # -- objects ---------------------------------------------------------------------
+
+    def _put(self, db: sqlite3.Connection, kind: str, ns: str, name: str,
+             body: dict[str, Any]) -> int:
+        cur = db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,'put')",
+                         (kind, ns, name))
+        rev = int(cur.lastrowid or 0)
+        db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
+                   (kind, ns, name, json.dumps(body, sort_keys=True), rev))
+        return rev
+
+    def put(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> int:
+        with self._tx() as db:
+            return self._put(db, kind, namespace, name, body)
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
+                             (kind, namespace, name))
+            if not cur.rowcount:
+                return False
+            db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,'delete')",
+                       (kind, namespace, name))
+            return True
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        row = self._db().execute(
+            "SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+            (kind, namespace, name)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        rows = self._db().execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
+                                  (kind,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def revision(self) -> int:
+        row = self._db().execute("SELECT COALESCE(MAX(rev), 0) FROM log").fetchone()
+        return int(row[0])
+
+    def changes(self, since: int) -> list[Change]:
+        """Every change after revision `since`, with the object's current body."""
+        rows = self._db().execute(
+            "SELECT l.rev, l.op, l.kind, l.namespace, l.name, o.body FROM log l "
+            "LEFT JOIN objects o ON o.kind=l.kind AND o.namespace=l.namespace "
+            "AND o.name=l.name AND l.op='put' WHERE l.rev > ? ORDER BY l.rev", (since,)
+        ).fetchall()
+        return [Change(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None)
+                for r in rows]
+
+    def watch(self, since: int, callback: Callable[[list[Change]], None],
+              stop: threading.Event, interval: float = 0.05) -> None:
+        """Poll for changes until `stop` is set; callback gets each batch in order."""
+        rev = since
+        while not stop.is_set():
+            try:
+                batch = self.changes(rev)
+                if batch:
+                    callback(batch)
+                    rev = batch[-1].rev
+            except Exception:
+                LOG.exception("applying store changes after revision %d; retrying", rev)
+                stop.wait(1.0)
+            stop.wait(interval)
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def register_node(self, name: str, node_ip: str, pod_cidr: str | None = None) -> str:
+        """Record a node; return its pod CIDR (kept, requested, or the first free one)."""
+        cfg = self.cluster()
+        cluster = ipaddress.ip_network(cfg.cluster_cidr)
+        try:
+            ipaddress.ip_address(node_ip)
+        except ValueError as e:
+            raise StoreError(f"node {name}: node IP {node_ip!r} invalid") from e
+        with self._tx() as db:
+            rows = db.execute("SELECT body FROM objects WHERE kind='Node'").fetchall()
+            others = {n["name"]: n for n in (json.loads(r[0]) for r in rows) if n["name"] != name}
+            mine = next((json.loads(r[0]) for r in rows if json.loads(r[0])["name"] == name),
+                        None)
+            taken = {ipaddress.ip_network(n["podCIDR"]): n["name"] for n in others.values()}
+            if pod_cidr is None and mine is not None:
+                pod_cidr = mine["podCIDR"]
+            if pod_cidr is not None:
+                try:
+                    want = ipaddress.ip_network(pod_cidr)
+                except ValueError as e:
+                    raise StoreError(f"node {name}: pod CIDR {pod_cidr!r}: {e}") from e
+                if not want.subnet_of(cluster):  # type: ignore[arg-type]
+                    raise StoreError(f"node {name}: pod CIDR {want} is outside the cluster "
+                                     f"CIDR {cluster}")
+                for net, owner in taken.items():
+                    if net.overlaps(want):
+                        raise StoreError(f"node {name}: pod CIDR {want} overlaps node "
+                                         f"{owner}'s {net}")
+            else:
+                subnets = cluster.subnets(new_prefix=cfg.node_cidr_size)
+                next(subnets)  # the first subnet stays free: node N gets the N-th
+                want = next((s for s in subnets
+                             if not any(s.overlaps(t) for t in taken)), None)  # type: ignore
+                if want is None:
+                    raise StoreError(f"cluster CIDR {cluster} has no free /"
+                                     f"{cfg.node_cidr_size} for node {name}")
+            for other in others.values():
+                if other["nodeIP"] == node_ip:
+                    raise StoreError(f"node {name}: node IP {node_ip} already used by "
+                                     f"node {other['name']}")
+            self._put(db, "Node", "", name, {"name": name, "nodeIP": node_ip,
+                                             "podCIDR": str(want),
+                                             "registered": time.time()})
+        return str(want)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.objects("Node")
