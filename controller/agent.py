@@ -24,13 +24,15 @@ from typing import Any
 
 from flowcni.cni.ipam import IPAM
 from flowcni.controller import hostnet, ofapp
-from flowcni.controller.cluster import Peers, watch_nodes
+from flowcni.controller.cluster import Peers, refresh_neighbors
 from flowcni.controller.cniserver import CNIServer
+from flowcni.controller.datastore import Datastore, open_datastore
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.pods import CNIFailure, PodManager
-from flowcni.controller.store import ENCAPS, ClusterConfig, Store, StoreError
+from flowcni.controller.store import ENCAPS, Change, ClusterConfig, StoreError
 from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
+from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
@@ -47,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pod-cidr", help="this node's pod CIDR (default: allocated by the "
                    "datastore; required without one)")
     p.add_argument("--datastore", default="none",
-                   help="sqlite:PATH (the embedded store shared by a lab's agents) or none")
+                   help="sqlite:PATH (the embedded store shared by a lab's agents), "
+                   "kubernetes (the API server), or none")
+    p.add_argument("--kubeconfig", help="with --datastore kubernetes: kubeconfig file "
+                   "(default: in-cluster config)")
     p.add_argument("--node-ip", help="this node's IP: tunnel endpoint / next hop for peers")
     p.add_argument("--encap", choices=ENCAPS, help="override the cluster's encapsulation")
     p.add_argument("--bridge", default="br-int")
@@ -62,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pod interface MTU (default: uplink MTU minus encapsulation overhead)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    if a.datastore != "none" and not a.datastore.startswith("sqlite:"):
-        p.error(f"--datastore {a.datastore!r}: use sqlite:PATH or none")
+    if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
+        p.error(f"--datastore {a.datastore!r}: use sqlite:PATH, kubernetes or none")
     if a.datastore == "none" and not a.pod_cidr:
         p.error("--pod-cidr is required without a datastore")
     if a.datastore != "none" and not a.node_ip:
@@ -113,7 +118,7 @@ class Agent:
         self.args = a
         self.started = time.time()
         self.stop_event = threading.Event()
-        self.store = Store(a.datastore.split(":", 1)[1]) if a.datastore != "none" else None
+        self.store = open_datastore(a.datastore, a.kubeconfig)
         cfg = self.store.cluster() if self.store else ClusterConfig(
             cluster_cidr=a.pod_cidr, encap="none")
         if a.encap:
@@ -153,12 +158,44 @@ class Agent:
                                tx_offload=cfg.encap == "none")
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
+        self.policy = PolicyEngine(a.node, PIPELINE)
+        self.applied_revision = 0
         if self.store:
-            watch_nodes(self.store, self.peers, self.stop_event)
+            self._list_and_watch(self.store)
         else:
             hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, self.dispatch)
+
+    # -- datastore -----------------------------------------------------------------
+
+    def _list_and_watch(self, store: Datastore) -> None:
+        """Initial lists, then a watch from the revision taken before them.
+
+        Everything listed is in the desired flow set before the first sync, so
+        a restarted agent never prunes flows of objects it has not seen yet.
+        """
+        rev = store.revision()
+        self.peers.set_nodes(store.objects("Node"))
+        owners, problems = self.policy.load(store.objects("Namespace"), store.objects("Pod"),
+                                            store.objects("NetworkPolicy"))
+        for p in problems:
+            LOG.error("skipping %s", p)
+        self.flows.set_owners(owners)
+        self.applied_revision = rev
+        threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
+                         name="store-watch", daemon=True).start()
+        threading.Thread(target=refresh_neighbors, args=(self.peers, self.stop_event),
+                         name="neigh-refresh", daemon=True).start()
+
+    def _on_changes(self, batch: list[Change]) -> None:
+        self.peers.apply(batch)
+        owners, problems = self.policy.apply(batch)
+        for p in problems:
+            LOG.error("skipping %s", p)
+        if owners:
+            self.flows.set_owners(owners)
+        self.applied_revision = batch[-1].rev
 
     # -- OpenFlow connection -----------------------------------------------------
 
@@ -200,6 +237,7 @@ class Agent:
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
             "datastore_revision": self.store.revision() if self.store else None,
+            "applied_revision": self.applied_revision,
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
@@ -230,6 +268,8 @@ class Agent:
                 return {"ok": True, "status": self.status()}
             elif cmd == "_pods":
                 return {"ok": True, "pods": [vars_of(a) for a in self.pods.attachments.values()]}
+            elif cmd == "_policy":
+                return {"ok": True, "rules": self.policy.describe()}
             elif cmd == "_flows":
                 return {"ok": True, "round": self.flows.round,
                         "owners": self.flows.owners(),

@@ -17,7 +17,7 @@ from typing import Any
 
 from flowcni.controller import hostnet
 from flowcni.controller.flowsync import FlowSync
-from flowcni.controller.store import Change, ClusterConfig, Store
+from flowcni.controller.store import Change, ClusterConfig
 from flowcni.flows.node import Gateway
 from flowcni.flows.tunnel import RemoteNode, remote_node_flows
 
@@ -93,24 +93,15 @@ class Peers:
         LOG.info("node %s left", name)
 
 
-def refresh_neighbors(peers: Peers, stop: threading.Event, interval: float = 60.0) -> None:
-    """Keep OVS's tunnel neighbour entries of every peer fresh (see hostnet.nudge_neighbor)."""
-    while not stop.wait(interval):
+def refresh_neighbors(peers: Peers, stop: threading.Event, interval: float = 30.0) -> None:
+    """Keep OVS's tunnel neighbour entries of every peer fresh (see hostnet.nudge_neighbor).
+
+    The first round comes a second after start-up, once OVS surely knows the
+    node IP; then every `interval` seconds, well inside OVS's entry lifetime.
+    """
+    wait = 1.0
+    while not stop.wait(wait):
+        wait = interval
         if peers.tun_ofport is not None:
             for n in list(peers.nodes.values()):
                 hostnet.nudge_neighbor(n.node_ip)
-
-
-def watch_nodes(store: Store, peers: Peers, stop: threading.Event) -> int:
-    """List nodes, then keep `peers` current from the store's log in a thread.
-
-    The revision is read before the list, so no change between the two is
-    missed (one may be applied twice, which is harmless).
-    """
-    rev = store.revision()
-    peers.set_nodes(store.nodes())
-    threading.Thread(target=store.watch, args=(rev, peers.apply, stop), name="store-watch",
-                     daemon=True).start()
-    threading.Thread(target=refresh_neighbors, args=(peers, stop), name="neigh-refresh",
-                     daemon=True).start()
-    return rev

@@ -17,7 +17,7 @@ from typing import Any
 
 from flowcni.controller.client import AgentClient, AgentError
 from flowcni.flows import cookie as ck
-from flowcni.lab.lab import Lab, LabError, parse_labels
+from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
 
 
 def _table_names(lab: Lab, node: str) -> dict[int, str]:
@@ -121,7 +121,8 @@ def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
                           for r in rows], ["namespace", "name", "node", "ip", "mac", "labels"])
     elif a.lab_cmd == "pod":
         if a.pod_cmd == "add":
-            p = lab.pod_add(a.name, a.node, a.namespace, parse_labels(a.labels))
+            p = lab.pod_add(a.name, a.node, a.namespace, parse_labels(a.labels),
+                            parse_ports(a.ports))
             print(f"pod {p.ref} on {p.node}: {p.ip} {p.mac}")
         else:
             p = lab.pod_del(f"{a.namespace}/{a.name}")
@@ -142,7 +143,7 @@ def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
     from flowcni.controller.manifests import ManifestError, load
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
-            objs = load(f.read())
+            objs = load(f.read(), identity_only=a.cmd == "delete")
     except (OSError, ManifestError) as e:
         print(f"flowctl: {a.file}: {e}", file=sys.stderr)
         return 1
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--node", required=True)
     pa.add_argument("--namespace", default="default")
     pa.add_argument("--labels", default="")
+    pa.add_argument("--ports", default="", help="named container ports: http=80/TCP,...")
     pd = ps.add_parser("del")
     pd.add_argument("name")
     pd.add_argument("--namespace", default="default")

@@ -65,6 +65,7 @@ class FlowSync:
         self._new_round = new_round
         self._lock = threading.RLock()  # one writer at a time
         self._desired: dict[str, dict[Key, Flow]] = {}
+        self._owner_index: dict[Key, str] = {}
         self._installed: dict[Key, Flow] = {}
         self.switch: Switch | None = None
         self.round = 0
@@ -81,36 +82,45 @@ class FlowSync:
 
     def set_owner(self, owner: str, flows: Iterable[Flow]) -> None:
         """Make OVS hold exactly `flows` for `owner`; raises OFError if OVS refused."""
-        new = index(flows)
+        self.set_owners({owner: list(flows)})
+
+    def set_owners(self, changes: dict[str, list[Flow]]) -> None:
+        """Several owners' new flow sets (empty: remove the owner), in one bundle.
+
+        Either OVS takes all of it or none: a refused bundle leaves the desired
+        set as it was, so a later full sync does not install what the caller
+        was told failed.
+        """
+        news = {o: index(fl) for o, fl in changes.items()}
         with self._lock:
-            for k, f in new.items():
-                holder = self._owner_of(k)
-                if holder not in (None, owner):
-                    raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {owner} "
-                                     f"already belongs to {holder}")
-            old = self._desired.get(owner, {})
-            self._desired[owner] = new
-            if not new:
-                del self._desired[owner]
+            for o, new in news.items():
+                for k, f in new.items():
+                    holder = self._owner_index.get(k)
+                    if holder not in (None, o) and holder not in news:
+                        raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {o} "
+                                         f"already belongs to {holder}")
+            olds = {o: self._desired.get(o, {}) for o in news}
+            self._replace(news)
+            old_all = {k: f for fl in olds.values() for k, f in fl.items()}
+            new_all = {k: f for fl in news.values() for k, f in fl.items()}
             try:
-                self._apply(old, new)
+                self._apply(old_all, new_all)
             except OFError:
-                # OVS refused: keep the desired set as it was, so a later
-                # full sync does not install what the caller was told failed.
-                if old:
-                    self._desired[owner] = old
-                else:
-                    self._desired.pop(owner, None)
+                self._replace(olds)
                 raise
+
+    def _replace(self, sets: dict[str, dict[Key, Flow]]) -> None:
+        """Swap owners' desired sets, keeping the flow -> owner index in step."""
+        for o, new in sets.items():
+            for k in self._desired.pop(o, {}):
+                self._owner_index.pop(k, None)
+            if new:
+                self._desired[o] = new
+                for k in new:
+                    self._owner_index[k] = o
 
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
-
-    def _owner_of(self, key: Key) -> str | None:
-        for o, fl in self._desired.items():
-            if key in fl:
-                return o
-        return None
 
     def _apply(self, old: dict[Key, Flow], new: dict[Key, Flow]) -> None:
         sw = self.switch

@@ -103,7 +103,15 @@ def nudge_neighbor(ip: str) -> None:
     snooping ARP on the bridge that holds the node IP, and drops the packets
     it has to encapsulate before it knows it. Resolving each peer as it joins,
     and again now and then, keeps the first packets to a node from being lost.
+    The kernel's entry is dropped first so that an ARP exchange really happens
+    (OVS may have missed an earlier one, e.g. before it knew the node IP).
     """
+    with IPRoute() as ipr:
+        for n in ipr.get_neighbours(family=2, dst=ip):
+            try:
+                ipr.neigh("del", dst=ip, ifindex=n["ifindex"])
+            except NetlinkError:
+                pass
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.sendto(b"flowcni", (ip, 9))

@@ -11,9 +11,10 @@ import re
 from typing import Any
 
 import yaml
+from flowcni.flows.policy import PolicyError, parse_policy
 
 # kind -> apiVersion we accept
-SUPPORTED = {"Namespace": "v1"}
+SUPPORTED = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_NAME_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -49,8 +50,12 @@ def validate_labels(where: str, field: str, labels: Any) -> dict[str, str]:
     return out
 
 
-def to_object(doc: Any, index: int = 0) -> tuple[str, str, str, dict[str, Any]]:
-    """(kind, namespace, name, body) for one manifest, validated."""
+def to_object(doc: Any, index: int = 0,
+              identity_only: bool = False) -> tuple[str, str, str, dict[str, Any]]:
+    """(kind, namespace, name, body) for one manifest, validated.
+
+    identity_only: for deletions, only kind, apiVersion and metadata count.
+    """
     if not isinstance(doc, dict):
         raise ManifestError(f"document {index}: not a mapping")
     kind = doc.get("kind")
@@ -71,10 +76,32 @@ def to_object(doc: Any, index: int = 0) -> tuple[str, str, str, dict[str, Any]]:
     labels = validate_labels(where, "metadata.labels", meta.get("labels"))
     if kind == "Namespace":
         return kind, "", name, {"name": name, "labels": labels}
-    raise AssertionError(kind)
+    ns = meta.get("namespace") or "default"
+    if not isinstance(ns, str) or not NAME_RE.match(ns):
+        raise _fail(where, "metadata.namespace", f"{ns!r} is not a DNS-1123 label")
+    where = f"{kind} {ns}/{name}"
+    if identity_only:
+        return kind, ns, name, {}
+    spec = doc.get("spec")
+    try:
+        parse_policy(ns, name, spec)
+    except PolicyError as e:
+        raise ManifestError(f"{where}: {e}") from e
+    assert isinstance(spec, dict)  # parse_policy checked it
+    for d in ("ingress", "egress"):
+        for i, r in enumerate(spec.get(d) or []):
+            peers = (r or {}).get("from" if d == "ingress" else "to") or []
+            for j, peer in enumerate(peers):
+                for sk in ("podSelector", "namespaceSelector"):
+                    sel = (peer or {}).get(sk) or {}
+                    validate_labels(where, f"spec.{d}[{i}].{'from' if d == 'ingress' else 'to'}"
+                                    f"[{j}].{sk}.matchLabels", sel.get("matchLabels"))
+    validate_labels(where, "spec.podSelector.matchLabels",
+                    (spec.get("podSelector") or {}).get("matchLabels"))
+    return kind, ns, name, {"namespace": ns, "name": name, "labels": labels, "spec": spec}
 
 
-def load(text: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+def load(text: str, identity_only: bool = False) -> list[tuple[str, str, str, dict[str, Any]]]:
     """Every document of a (multi-document) YAML text; all or nothing."""
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
@@ -85,7 +112,7 @@ def load(text: str) -> list[tuple[str, str, str, dict[str, Any]]]:
     out = []
     for i, d in enumerate(docs):
         if isinstance(d, dict) and d.get("kind") == "List":
-            out += [to_object(x, i) for x in d.get("items") or []]
+            out += [to_object(x, i, identity_only) for x in d.get("items") or []]
         else:
-            out.append(to_object(d, i))
+            out.append(to_object(d, i, identity_only))
     return out

@@ -42,6 +42,7 @@ _OFCTL_MATCH = {
     "tcp_src": "tp_src", "tcp_dst": "tp_dst", "udp_src": "tp_src", "udp_dst": "tp_dst",
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
+    "ct_state": "ct_state", "conj_id": "conj_id",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -60,6 +61,25 @@ _FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
 
 MatchValue = int | str | tuple[int, int]
 
+CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20}
+CT_ZONE = 0xFFF0  # the one conntrack zone pod traffic is tracked in
+
+
+def ct_state_bits(spec: str) -> tuple[int, int]:
+    """'+trk-new' -> (value, mask) for the ct_state field."""
+    value = mask = 0
+    for sign, flag in ((spec[i], spec[i + 1:]) for i in range(len(spec))
+                       if spec[i] in "+-"):
+        flag = flag.split("+")[0].split("-")[0]
+        if flag not in CT_FLAGS:
+            raise ValueError(f"ct_state {spec!r}: unknown flag {flag!r}")
+        mask |= CT_FLAGS[flag]
+        if sign == "+":
+            value |= CT_FLAGS[flag]
+    if not mask:
+        raise ValueError(f"ct_state {spec!r}: no flags")
+    return value, mask
+
 
 def _fmt_int(v: int) -> str:
     return hex(v)
@@ -71,10 +91,14 @@ def _match_text(name: str, value: MatchValue) -> str:
         return f"{ofname}={_fmt_int(value[0])}/{_fmt_int(value[1])}"
     if name.startswith("reg"):
         return f"{ofname}={_fmt_int(int(value))}"
+    if name == "ct_state":
+        return f"ct_state={value}"
     return f"{ofname}={value}"
 
 
 def _osken_value(name: str, value: MatchValue) -> Any:
+    if name == "ct_state" and isinstance(value, str):
+        return ct_state_bits(value)
     if isinstance(value, str) and "/" in value and name.startswith(("ipv4", "arp_spa", "arp_tpa")):
         net = ipaddress.ip_network(value, strict=False)
         if net.prefixlen == net.max_prefixlen:
@@ -92,6 +116,8 @@ def _canon_value(name: str, value: MatchValue) -> MatchValue:
         return str(net.network_address) if net.prefixlen == 32 else str(net)
     if isinstance(value, str) and name in ("eth_src", "eth_dst", "arp_sha", "arp_tha"):
         return value.lower()
+    if name == "ct_state" and isinstance(value, str):
+        ct_state_bits(value)  # validates
     return value
 
 
@@ -101,7 +127,7 @@ class Action:
     def ofctl(self, pipeline: Pipeline) -> str:
         raise NotImplementedError
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         raise NotImplementedError
 
 
@@ -112,7 +138,7 @@ class Output(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return "IN_PORT" if self.port == "IN_PORT" else f"output:{self.port}"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         port = ofp.OFPP_IN_PORT if self.port == "IN_PORT" else int(self.port)
         return parser.OFPActionOutput(port, 0)
 
@@ -124,7 +150,7 @@ class OutputReg(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return f"output:{self.field.ofctl()}"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         from os_ken.ofproto import nicira_ext
         return parser.NXActionOutputReg(
             ofs_nbits=nicira_ext.ofs_nbits(self.field.start, self.field.end),
@@ -145,7 +171,7 @@ class SetField(Action):
         # OVS prints set_field targets by their OXM names (eth_src, arp_sha, ...).
         return f"set_field:{self.value}->{_SET_ONLY.get(self.field, self.field)}"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         return parser.OFPActionSetField(**{self.field: self.value})
 
 
@@ -160,7 +186,7 @@ class Load(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return f"load:{_fmt_int(self.value)}->{self.field.ofctl()}"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         from os_ken.ofproto import nicira_ext
         return parser.NXActionRegLoad(
             ofs_nbits=nicira_ext.ofs_nbits(self.field.start, self.field.end),
@@ -185,7 +211,7 @@ class Move(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return f"move:{_move_end(self.src)[3]}->{_move_end(self.dst)[3]}"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         s, s_ofs, n, _ = _move_end(self.src)
         d, d_ofs, _, _ = _move_end(self.dst)
         return parser.NXActionRegMove(src_field=s, dst_field=d, n_bits=n,
@@ -193,11 +219,56 @@ class Move(Action):
 
 
 @dataclass(frozen=True)
+class Conjunction(Action):
+    """Clause `clause` (1-based, as ovs-ofctl writes it) of `n_clauses` of conjunction `id`."""
+
+    id: int
+    clause: int
+    n_clauses: int
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.n_clauses <= 64 and 1 <= self.clause <= self.n_clauses):
+            raise ValueError(f"conjunction({self.id},{self.clause}/{self.n_clauses}) invalid")
+        if not 0 < self.id < (1 << 32):
+            raise ValueError(f"conjunction id {self.id} out of range")
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"conjunction({self.id},{self.clause}/{self.n_clauses})"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        return parser.NXActionConjunction(clause=self.clause - 1, n_clauses=self.n_clauses,
+                                          id_=self.id)
+
+
+@dataclass(frozen=True)
+class CT(Action):
+    """ct(): track in CT_ZONE, and either recirculate to `table` or commit."""
+
+    commit: bool = False
+    table: str | None = None
+    zone: int = CT_ZONE
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        parts = (["commit"] if self.commit else []) + (
+            [f"table={pipeline.id(self.table)}"] if self.table else []) + [f"zone={self.zone}"]
+        return f"ct({','.join(parts)})"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        from os_ken.ofproto import nicira_ext
+        return parser.NXActionCT(
+            flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
+            zone_ofs_nbits=self.zone,
+            # 255 tells OVS "no recirculation"
+            recirc_table=255 if self.table is None else pipeline.id(self.table),
+            alg=0, actions=[])
+
+
+@dataclass(frozen=True)
 class DecTTL(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return "dec_ttl"
 
-    def osken(self, parser: Any, ofp: Any) -> Any:
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         return parser.OFPActionDecNwTtl()
 
 
@@ -244,6 +315,14 @@ class Flow:
             m[name] = _canon_value(name, m[name])
         if goto is not None and goto not in t.next:
             raise ValueError(f"{table} may not go to {goto} (allowed: {t.next})")
+        for a in actions:
+            if isinstance(a, CT) and a.table is not None and a.table not in t.next:
+                raise ValueError(f"{table} may not recirculate to {a.table}")
+            if isinstance(a, Conjunction) and len(actions) != sum(
+                    isinstance(x, Conjunction) for x in actions):
+                raise ValueError(f"{table}: conjunction actions cannot mix with others")
+        if goto is not None and any(isinstance(a, Conjunction) for a in actions):
+            raise ValueError(f"{table}: a conjunctive clause flow cannot go anywhere")
         order = sorted(m.items(), key=lambda kv: (_FIELD_ORDER.get(kv[0], -1), kv[0]))
         return cls(table, priority, tuple(order), tuple(actions), goto, feature, owner)
 
@@ -290,7 +369,7 @@ class Flow:
         inst: list[Any] = []
         if self.actions:
             inst.append(parser.OFPInstructionActions(
-                ofp.OFPIT_APPLY_ACTIONS, [a.osken(parser, ofp) for a in self.actions]))
+                ofp.OFPIT_APPLY_ACTIONS, [a.osken(parser, ofp, pipeline) for a in self.actions]))
         if self.goto:
             inst.append(parser.OFPInstructionGotoTable(pipeline.id(self.goto)))
         return inst

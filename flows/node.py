@@ -25,6 +25,7 @@ from flowcni.flows.tables import DEFAULT, Pipeline
 NODE_OWNER = "node"
 GATEWAY_OWNER = "gateway"
 
+PRIO_HOST = 205
 PRIO_HIGH = 200
 PRIO_NORMAL = 100
 PRIO_MISS = 0
@@ -91,10 +92,16 @@ def node_flows(gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[Flow]:
         Flow.make("Classifier", PRIO_HIGH, {"in_port": gw.ofport},
                   [Load(F.SOURCE, F.FROM_GATEWAY)], goto="SpoofGuard", **gwf),
         Flow.make("SpoofGuard", PRIO_HIGH, {"in_port": gw.ofport, "eth_type": 0x0800},
-                  goto="L3Forwarding", **gwf),
+                  goto="ConntrackZone", **gwf),
         Flow.make("SpoofGuard", PRIO_HIGH, {"in_port": gw.ofport, "eth_type": 0x0806},
                   goto="ARPResponder", **gwf),
         Flow.make("L2ForwardingCalc", PRIO_NORMAL, {"eth_dst": gw.mac},
-                  [Load(F.OUT_PORT, gw.ofport)], goto="Output", **gwf),
+                  [Load(F.OUT_PORT, gw.ofport)], goto="IngressRule", **gwf),
+        # Traffic between a pod and its own node is always allowed (Kubernetes
+        # NetworkPolicy semantics): the node talks to its pods from the gateway IP.
+        Flow.make("EgressRule", PRIO_HOST, {"ipv4_dst": gw.ip}, goto="L3Forwarding", **gwf),
+        Flow.make("IngressRule", PRIO_HOST,
+                  {"reg0": F.SOURCE.value(F.FROM_GATEWAY), "ipv4_src": gw.ip},
+                  goto="ConntrackCommit", **gwf),
     ]
     return flows

@@ -41,7 +41,7 @@ def pod_flows(pod: LocalPod, gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[
                   [Load(F.SOURCE, F.FROM_POD)], goto="SpoofGuard", **kw),
         Flow.make("SpoofGuard", PRIO_HIGH,
                   {"in_port": port, "eth_src": pod.mac, "ipv4_src": pod.ip},
-                  goto="L3Forwarding", **kw),
+                  goto="ConntrackZone", **kw),
         Flow.make("SpoofGuard", PRIO_HIGH,
                   {"in_port": port, "eth_src": pod.mac, "arp_sha": pod.mac, "arp_spa": pod.ip},
                   goto="ARPResponder", **kw),
@@ -49,5 +49,5 @@ def pod_flows(pod: LocalPod, gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[
                   [SetField("eth_src", gw.mac), SetField("eth_dst", pod.mac)],
                   goto="L3DecTTL", **kw),
         Flow.make("L2ForwardingCalc", PRIO_NORMAL, {"eth_dst": pod.mac},
-                  [Load(F.OUT_PORT, port)], goto="Output", **kw),
+                  [Load(F.OUT_PORT, port)], goto="IngressRule", **kw),
     ]

@@ -37,18 +37,30 @@ PREREQ_FIELDS = frozenset({"eth_type", "ip_proto"})
 
 def _t(name: str, doc: str, fields: Iterable[str], next_: Iterable[str] = (),
        miss: str = "drop") -> Table:
-    return Table(name, doc, frozenset(fields) | PREREQ_FIELDS, tuple(next_), miss)
+    nxt = tuple(next_) + ((miss,) if miss not in ("drop", "", *next_) else ())
+    return Table(name, doc, frozenset(fields) | PREREQ_FIELDS, nxt, miss)
 
+
+PORTS = ["tcp_dst", "udp_dst", "sctp_dst"]
 
 PIPELINE: tuple[Table, ...] = (
     _t("Classifier", "in_port -> source mark (pod, gateway, tunnel)",
-       ["in_port"], ["SpoofGuard", "L3Forwarding"]),
+       ["in_port"], ["SpoofGuard", "ConntrackZone"]),
     _t("SpoofGuard", "pod ports: source MAC and IP (and ARP sender) must be the pod's",
        ["in_port", "eth_src", "ipv4_src", "arp_spa", "arp_sha", "reg0"],
-       ["ARPResponder", "L3Forwarding"]),
+       ["ARPResponder", "ConntrackZone"]),
     _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
+    _t("ConntrackZone", "IP into conntrack, only while some local pod is isolated by policy",
+       [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
+    _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
+       ["ct_state"], ["L3Forwarding"], miss="EgressRule"),
+    _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
+       ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
+       miss="EgressDefault"),
+    _t("EgressDefault", "egress-isolated pods: what no rule allowed is dropped",
+       ["ipv4_src"], ["L3Forwarding"], miss="L3Forwarding"),
     _t("L3Forwarding", "local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
        "everything else: switch on dst MAC",
        ["ipv4_dst", "eth_dst", "reg0"], ["L3DecTTL", "L2ForwardingCalc"],
@@ -57,7 +69,14 @@ PIPELINE: tuple[Table, ...] = (
        ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
     _t("L2ForwardingCalc", "dst MAC -> output port register (virtual router MAC: "
        "already chosen by L3Forwarding)",
-       ["eth_dst"], ["Output"]),
+       ["eth_dst"], ["IngressRule"]),
+    _t("IngressRule", "NetworkPolicy ingress rules of local pods (conjunctive matches)",
+       ["ipv4_src", "ipv4_dst", "conj_id", "ct_state", "reg0", *PORTS],
+       ["IngressDefault", "ConntrackCommit"], miss="IngressDefault"),
+    _t("IngressDefault", "ingress-isolated pods: what no rule allowed is dropped",
+       ["ipv4_dst"], ["ConntrackCommit"], miss="ConntrackCommit"),
+    _t("ConntrackCommit", "commit new connections that got this far",
+       ["ct_state"], ["Output"], miss="Output"),
     _t("Output", "output to the port in the output register", [], [], miss=""),
 )
 

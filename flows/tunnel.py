@@ -54,11 +54,11 @@ def tunnel_flows(tun_ofport: int, pipeline: Pipeline = DEFAULT) -> list[Flow]:
     kw = dict(feature=Feature.TUNNEL, owner=TUNNEL_OWNER, pipeline=pipeline)
     return [
         Flow.make("Classifier", 200, {"in_port": tun_ofport},
-                  [Load(F.SOURCE, F.FROM_TUNNEL)], goto="L3Forwarding", **kw),
+                  [Load(F.SOURCE, F.FROM_TUNNEL)], goto="ConntrackZone", **kw),
         # Only L3Forwarding's remote flows send to the virtual MAC with the port chosen.
         Flow.make("L3Forwarding", PRIO_VMAC_DROP, {"eth_dst": F.VIRTUAL_ROUTER_MAC}, **kw),
         Flow.make("L2ForwardingCalc", 200, {"eth_dst": F.VIRTUAL_ROUTER_MAC},
-                  goto="Output", **kw),
+                  goto="IngressRule", **kw),
     ]
 
 

@@ -76,6 +76,7 @@ class Pod:
     ip: str = ""
     mac: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    ports: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -86,6 +87,21 @@ def validate_name(kind: str, name: str) -> str:
     if not NAME_RE.match(name) or len(name) > 63:
         raise LabError(f"{kind} name {name!r} is not a DNS-1123 label")
     return name
+
+
+def parse_ports(s: str | None) -> list[dict[str, Any]]:
+    """'http=80/TCP,dns=53/UDP' -> container ports (name, containerPort, protocol)."""
+    out = []
+    for part in filter(None, (s or "").split(",")):
+        name, sep, rest = part.partition("=")
+        num, _, proto = rest.partition("/")
+        if not sep or not num.isdigit() or not 0 < int(num) < 65536:
+            raise LabError(f"--ports: {part!r} is not name=port[/PROTOCOL]")
+        proto = (proto or "TCP").upper()
+        if proto not in ("TCP", "UDP", "SCTP"):
+            raise LabError(f"--ports: {part!r}: protocol must be TCP, UDP or SCTP")
+        out.append({"name": name, "containerPort": int(num), "protocol": proto})
+    return out
 
 
 def parse_labels(s: str | None) -> dict[str, str]:
@@ -369,14 +385,15 @@ class Lab:
         return out
 
     def pod_add(self, name: str, node_name: str, namespace: str = "default",
-                labels: dict[str, str] | None = None) -> Pod:
+                labels: dict[str, str] | None = None,
+                ports: list[dict[str, Any]] | None = None) -> Pod:
         validate_name("pod", name)
         validate_name("namespace", namespace)
         node = self.node(node_name)
         if any(p.name == name and p.namespace == namespace for p in self.pods()):
             raise LabError(f"pod {namespace}/{name} already exists")
         pod = Pod(name, namespace, node.name, f"{self.prefix}p-{namespace}-{name}",
-                  secrets.token_hex(32), labels=labels or {})
+                  secrets.token_hex(32), labels=labels or {}, ports=ports or [])
         netns.add(pod.netns)
         try:
             res = self.run_plugin("ADD", pod, node)
@@ -390,7 +407,7 @@ class Lab:
         # What a kubelet reports to the API server: the pod, its labels and its IP.
         self.store().put("Pod", namespace, name, {
             "namespace": namespace, "name": name, "labels": pod.labels, "ip": pod.ip,
-            "node": node.name, "containerID": pod.container_id})
+            "node": node.name, "containerID": pod.container_id, "ports": pod.ports})
         return pod
 
     def pod_del(self, ref: str) -> Pod:
@@ -402,6 +419,34 @@ class Lab:
             st["pods"] = [p for p in st["pods"]
                           if not (p["name"] == pod.name and p["namespace"] == pod.namespace)]
         return pod
+
+    def set_labels(self, ref: str, labels: dict[str, str]) -> Pod:
+        """Relabel a pod (as `kubectl label` would); policies follow."""
+        pod = self.pod(ref)
+        pod.labels = dict(labels)
+        with self._locked() as st:
+            st["pods"] = [asdict(pod) if (p["name"], p["namespace"]) == (pod.name, pod.namespace)
+                          else p for p in st["pods"]]
+        store = self.store()
+        body = store.get("Pod", pod.namespace, pod.name) or {}
+        store.put("Pod", pod.namespace, pod.name, {**body, "labels": pod.labels})
+        return pod
+
+    def wait_realized(self, timeout: float = 10.0) -> int:
+        """Wait until every agent has applied the datastore's current revision."""
+        from flowcni.controller.client import AgentClient
+        rev = self.store().revision()
+        deadline = time.monotonic() + timeout
+        for n in self.nodes():
+            while True:
+                st = AgentClient(n.socket).status()
+                if st.get("applied_revision", 0) >= rev:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"{n.name} applied revision {st.get('applied_revision')} "
+                                   f"< {rev} after {timeout}s")
+                time.sleep(0.01)
+        return rev
 
     def exec_argv(self, ref: str, argv: list[str]) -> list[str]:
         return netns.exec_argv(self.pod(ref).netns, argv)

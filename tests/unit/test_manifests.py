@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from flowcni.controller.manifests import ManifestError, load
 from flowcni.controller.store import Store
 

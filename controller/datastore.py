@@ -1,0 +1,46 @@
+"""What the agent needs from a datastore, and how one is chosen.
+
+Two implementations: the embedded SQLite store (`controller.store.Store`,
+`sqlite:PATH`) and the Kubernetes API (`kubernetes`, in controller.kube).
+Both hand the agent the same small object shapes (see controller.manifests)
+and the same ordered change stream, so nothing above this seam knows which
+one it talks to.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from flowcni.controller.store import Change, ClusterConfig, Store
+
+
+class Datastore(Protocol):
+    def cluster(self) -> ClusterConfig:
+        """Cluster-wide settings (CIDR, encapsulation, masquerade, MTU)."""
+
+    def register_node(self, name: str, node_ip: str, pod_cidr: str | None = None) -> str:
+        """Record this node (where the datastore allows it) and return its pod CIDR."""
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        """Current objects of a kind: Node, Namespace, Pod, NetworkPolicy, ..."""
+
+    def revision(self) -> int:
+        """A revision to watch from; taken before listing."""
+
+    def watch(self, since: int, callback: Callable[[list[Change]], None],
+              stop: threading.Event, interval: float = 0.05) -> None:
+        """Deliver every change after `since`, in order, until `stop` is set."""
+
+
+def open_datastore(spec: str, kubeconfig: str | None = None) -> Datastore | None:
+    """`none`, `sqlite:PATH` or `kubernetes`."""
+    if spec == "none":
+        return None
+    if spec.startswith("sqlite:"):
+        return Store(spec.split(":", 1)[1])
+    if spec == "kubernetes":
+        from flowcni.controller.kube import KubeDatastore  # imports the client only here
+        return KubeDatastore(kubeconfig)
+    raise ValueError(f"--datastore {spec!r}: use sqlite:PATH, kubernetes or none")

@@ -1,0 +1,633 @@
+"""The Kubernetes datastore: the API server, listed and watched, as the agent's store.
+
+One informer thread per resource lists it (in pages), then watches from the
+list's resourceVersion with bookmarks. Every watch carries a server-side
+`timeoutSeconds` (jittered, so a fleet of agents does not reconnect in step)
+and a client read timeout a little longer, so a connection that died without
+a FIN ends the watch instead of hanging it. A watch that ends or drops is
+resumed from the last resourceVersion seen (objects or bookmarks), with
+backoff when it keeps failing; 410 Gone means the server no longer has that
+history, so the informer lists again and the cache emits the difference:
+deletes for what vanished meanwhile, puts for what changed.
+
+All informers feed one `Cache`, which numbers every change with its own
+revision counter (API resourceVersions are per-etcd and opaque, and the
+agent needs one order across kinds) and keeps the newest change per object,
+so `watch(since)` gives the same stream the embedded store's log does.
+`objects(kind)` waits for that kind's first list, so an agent restarting
+against a slow API server never sees an empty cluster and prunes live state.
+
+The agent only reads: RBAC grants get/list/watch and nothing else; pod
+CIDRs are allocated by the controller manager (`spec.podCIDR`). All pods
+are watched (policy needs the labels and IPs of remote pods too); a second,
+`spec.nodeName`-selected watch of the node's own pods would only repeat a
+subset of the same events, so there is none.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+from flowcni.controller import kubeconv
+from flowcni.controller.kubeconv import Body, Key, Malformed
+from flowcni.controller.store import Change, ClusterConfig, StoreError
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from urllib3.exceptions import HTTPError
+
+LOG = logging.getLogger(__name__)
+
+CLUSTER_CONFIG_ENV = "FLOWCNI_CLUSTER_CONFIG"
+KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice")
+
+# kind -> (API class, list function covering all namespaces)
+LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
+    "Node": (client.CoreV1Api, "list_node"),
+    "Namespace": (client.CoreV1Api, "list_namespace"),
+    "Pod": (client.CoreV1Api, "list_pod_for_all_namespaces"),
+    "NetworkPolicy": (client.NetworkingV1Api, "list_network_policy_for_all_namespaces"),
+    "Service": (client.CoreV1Api, "list_service_for_all_namespaces"),
+    "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
+}
+
+
+# -- cluster settings --------------------------------------------------------------------
+
+def load_cluster_config(path: str | None) -> ClusterConfig:
+    """ClusterConfig from a YAML/JSON file (keys as ClusterConfig's fields), or the defaults.
+
+    The API server has no place for these settings, so the DaemonSet mounts
+    them from a ConfigMap; unknown keys are refused so a typo is not ignored.
+    """
+    if not path:
+        return ClusterConfig().validate()
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise StoreError(f"cluster config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise StoreError(f"cluster config {path}: not valid YAML: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise StoreError(f"cluster config {path}: not a mapping")
+    types = {"cluster_cidr": str, "node_cidr_size": int, "encap": str, "ip_masq": bool,
+             "mtu": int}
+    known = [f.name for f in fields(ClusterConfig)]
+    for k, v in data.items():
+        if k not in known:
+            raise StoreError(f"cluster config {path}: unknown key {k!r} (known: "
+                             f"{', '.join(known)})")
+        want = types[k]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise StoreError(f"cluster config {path}: {k}: {v!r} is not a {want.__name__}")
+    return ClusterConfig(**data).validate()
+
+
+# -- the cache and its change log -------------------------------------------------------
+
+class Cache:
+    """Current objects per kind plus the newest change of each, numbered in one order.
+
+    Keeping only the newest change per object (deletes as tombstones) bounds
+    the log by the number of objects, while a watcher that reads from any
+    revision still ends at the current state: the same contract as the
+    embedded store's log, whose rows always carry the current body.
+    """
+
+    def __init__(self, max_tombstones: int = 50_000) -> None:
+        self._cond = threading.Condition()
+        self._rev = 0
+        self._objects: dict[str, dict[Key, Body]] = {}
+        self._log: OrderedDict[tuple[str, Key], Change] = OrderedDict()
+        self._tombstones = 0
+        self.max_tombstones = max_tombstones
+        self.horizon = 0  # tombstones at or below this revision were forgotten
+        self.skipped: dict[tuple[str, Key], str] = {}
+
+    def revision(self) -> int:
+        with self._cond:
+            return self._rev
+
+    def objects(self, kind: str) -> list[Body]:
+        with self._cond:
+            items = sorted(self._objects.get(kind, {}).items())
+        return [b for _, b in items]
+
+    def get(self, kind: str, key: Key) -> Body | None:
+        with self._cond:
+            return self._objects.get(kind, {}).get(key)
+
+    def _emit(self, op: str, kind: str, key: Key, body: Body | None) -> Change:
+        self._rev += 1
+        change = Change(self._rev, op, kind, key[0], key[1], body)
+        old = self._log.pop((kind, key), None)
+        if old is not None and old.op == "delete":
+            self._tombstones -= 1
+        self._log[(kind, key)] = change
+        if op == "delete":
+            self._tombstones += 1
+            if self._tombstones > self.max_tombstones:
+                self._forget_tombstones()
+        self._cond.notify_all()
+        return change
+
+    def _forget_tombstones(self) -> None:
+        """Drop the older half of the deletes; a watcher that far behind is warned."""
+        keep = self.max_tombstones // 2
+        for k, c in list(self._log.items()):
+            if self._tombstones <= keep:
+                break
+            if c.op == "delete":
+                del self._log[k]
+                self._tombstones -= 1
+                self.horizon = c.rev
+
+    def put(self, kind: str, key: Key, body: Body) -> Change | None:
+        """Store `body`; a change only if it differs from what is cached."""
+        with self._cond:
+            self.skipped.pop((kind, key), None)
+            objs = self._objects.setdefault(kind, {})
+            if objs.get(key) == body:
+                return None
+            objs[key] = body
+            return self._emit("put", kind, key, body)
+
+    def delete(self, kind: str, key: Key) -> Change | None:
+        with self._cond:
+            self.skipped.pop((kind, key), None)
+            if self._objects.get(kind, {}).pop(key, None) is None:
+                return None
+            return self._emit("delete", kind, key, None)
+
+    def skip(self, kind: str, key: Key, reason: str) -> tuple[bool, Change | None]:
+        """Mark an object unusable: (reason is new, the delete of its older usable copy).
+
+        Dropping the older copy makes the watch path agree with a re-list,
+        which would not list the object at all.
+        """
+        with self._cond:
+            change = None
+            if self._objects.get(kind, {}).pop(key, None) is not None:
+                change = self._emit("delete", kind, key, None)
+            new = self.skipped.get((kind, key)) != reason
+            self.skipped[(kind, key)] = reason
+            return new, change
+
+    def replace(self, kind: str, items: dict[Key, Body]) -> list[Change]:
+        """A full list: deletes for what is gone, puts for what is new or changed."""
+        with self._cond:
+            objs = self._objects.setdefault(kind, {})
+            out = []
+            for k in sorted(set(objs) - set(items)):
+                del objs[k]
+                out.append(self._emit("delete", kind, k, None))
+            for k in sorted(items):
+                if objs.get(k) != items[k]:
+                    objs[k] = items[k]
+                    out.append(self._emit("put", kind, k, items[k]))
+            for sk in [sk for sk in self.skipped if sk[0] == kind and sk[1] in items]:
+                del self.skipped[sk]
+            return out
+
+    def since(self, rev: int) -> list[Change]:
+        """The newest change of every object changed after `rev`, in revision order."""
+        with self._cond:
+            if rev < self.horizon:
+                LOG.warning("watch from revision %d: deletions up to %d were forgotten",
+                            rev, self.horizon)
+            out = []
+            for c in reversed(self._log.values()):
+                if c.rev <= rev:
+                    break
+                out.append(c)
+        out.reverse()
+        return out
+
+    def wait_newer(self, rev: int, timeout: float) -> bool:
+        """Block until the revision passes `rev` (True) or `timeout` runs out (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._rev > rev, timeout)
+
+
+# -- one informer per resource ----------------------------------------------------------
+
+class Gone(Exception):
+    """410: the server has compacted the history we asked for; list again."""
+
+
+class WatchError(Exception):
+    """The server ended a watch with an error event other than 410."""
+
+
+class Backoff:
+    """Exponential delay with jitter, so agents do not hammer a recovering API server together."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+@dataclass
+class Timeouts:
+    """How long requests may take; every one of them is bounded."""
+
+    watch: int = 300          # server-side timeoutSeconds (jittered up to twice this)
+    read_grace: float = 30.0  # client read timeout = watch timeout + this
+    connect: float = 10.0
+    list_read: float = 60.0   # per page
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Newline-delimited records of a chunked watch response, as each chunk arrives."""
+    buf = b""
+    for chunk in resp.stream(amt=None):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+class Informer:
+    """List-then-watch of one resource into the shared cache; runs in its own thread."""
+
+    def __init__(self, kind: str, api: client.ApiClient, cache: Cache, stop: threading.Event,
+                 timeouts: Timeouts, page_size: int = 500) -> None:
+        cls, fn = LIST_FUNCTIONS[kind]
+        self.kind, self.cache, self.stop, self.timeouts = kind, cache, stop, timeouts
+        self.list_fn: Callable[..., Any] = getattr(cls(api), fn)
+        self.page_size = page_size
+        self.synced = threading.Event()
+        self.resource_version: str | None = None
+        self.last_error = ""
+        self.stats = {"lists": 0, "watches": 0, "gone": 0, "errors": 0, "skipped": 0}
+        self._resp: Any = None
+        self.thread = threading.Thread(target=self.run, name=f"kube-{kind}", daemon=True)
+
+    # the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        backoff = Backoff(self.timeouts.backoff_initial, self.timeouts.backoff_max)
+        gone_before = False
+        while not self.stop.is_set():
+            delay = 0.0
+            gone = False
+            try:
+                if self.resource_version is None:
+                    self.relist()
+                    backoff.reset()
+                if self.watch() or self.stop.is_set():
+                    backoff.reset()  # a watch that delivered or ran its time is healthy
+                else:
+                    delay = backoff.next()
+            except Gone as e:
+                self.stats["gone"] += 1
+                LOG.info("%s: %s; listing again", self.kind, e)
+                self.resource_version = None
+                gone = True
+                delay = backoff.next() if gone_before else 0.0  # twice in a row: slow down
+            except (ApiException, HTTPError, OSError, ValueError, WatchError) as e:
+                delay = self._failed(e, backoff)
+            except Exception as e:  # a bug must not end the informer for good
+                LOG.exception("%s informer", self.kind)
+                delay = self._failed(e, backoff)
+            gone_before = gone
+            if delay:
+                self.stop.wait(delay)
+
+    def _failed(self, e: Exception, backoff: Backoff) -> float:
+        self.stats["errors"] += 1
+        self.last_error = _describe(e)
+        delay = backoff.next()
+        if self.stop.is_set():
+            return 0.0
+        LOG.warning("%s %s from resourceVersion %s failed: %s; retrying in %.1fs", self.kind,
+                    "watch" if self.resource_version else "list", self.resource_version,
+                    self.last_error, delay)
+        return delay
+
+    # list -----------------------------------------------------------------------------
+
+    def relist(self) -> None:
+        """List every object (in pages of one snapshot) and make the cache match it."""
+        items: dict[Key, Body] = {}
+        rv: str | None = None
+        cont: str | None = None
+        while True:
+            page = self._call(limit=self.page_size, _continue=cont,
+                              _request_timeout=(self.timeouts.connect,
+                                                self.timeouts.list_read))
+            try:
+                data = json.loads(page.data)
+            finally:
+                page.release_conn()
+            meta = data.get("metadata") if isinstance(data, dict) else None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{self.kind} list: response has no metadata")
+            rv = rv or kubeconv.resource_version(data)
+            for raw in data.get("items") or []:
+                try:
+                    key, body = kubeconv.convert(self.kind, raw)
+                except Malformed as e:
+                    self._skip(raw, e)
+                    continue
+                items[key] = body
+            cont = meta.get("continue") or None
+            if not cont:
+                break
+        if rv is None:
+            raise ValueError(f"{self.kind} list: response has no resourceVersion")
+        changes = self.cache.replace(self.kind, items)
+        self.stats["lists"] += 1
+        self.resource_version = rv
+        LOG.info("%s: listed %d at resourceVersion %s (%d changes)", self.kind, len(items), rv,
+                 len(changes))
+        self.synced.set()
+
+    # watch ----------------------------------------------------------------------------
+
+    def watch(self) -> bool:
+        """One watch request; True if it was healthy (delivered events or ran its course)."""
+        t = self.timeouts
+        seconds = max(1, int(t.watch * random.uniform(1.0, 2.0)))
+        started = time.monotonic()
+        events = 0
+        resp = self._call(watch=True, resource_version=self.resource_version,
+                          allow_watch_bookmarks=True, timeout_seconds=seconds,
+                          _request_timeout=(t.connect, seconds + t.read_grace))
+        self._resp = resp
+        self.stats["watches"] += 1
+        try:
+            for line in _lines(resp):
+                if self.stop.is_set():
+                    break
+                self.handle(json.loads(line))
+                events += 1
+        finally:
+            self._resp = None
+            resp.close()  # never hand a half-read stream back to the pool
+            resp.release_conn()
+        return events > 0 or time.monotonic() - started >= min(seconds, 1.0) * 0.9
+
+    def handle(self, event: Any) -> None:
+        """Apply one watch event to the cache and remember its resourceVersion."""
+        if not isinstance(event, dict):
+            raise ValueError(f"{self.kind} watch: event is not an object")
+        etype, raw = event.get("type"), event.get("object")
+        if etype == "ERROR":
+            status = raw if isinstance(raw, dict) else {}
+            msg = f"{status.get('reason')}: {status.get('message')}"
+            if status.get("code") == 410:
+                raise Gone(f"watch from resourceVersion {self.resource_version}: {msg}")
+            raise WatchError(f"error event {status.get('code')} {msg}")
+        rv = kubeconv.resource_version(raw)
+        if etype in ("ADDED", "MODIFIED"):
+            try:
+                key, body = kubeconv.convert(self.kind, raw)
+                self.cache.put(self.kind, key, body)
+            except Malformed as e:
+                self._skip(raw, e)
+        elif etype == "DELETED":
+            try:
+                self.cache.delete(self.kind, kubeconv.object_key(self.kind, raw))
+            except Malformed as e:
+                self._skip(raw, e)
+        elif etype != "BOOKMARK":
+            LOG.warning("%s watch: unknown event type %r ignored", self.kind, etype)
+        if rv is not None:
+            self.resource_version = rv
+
+    def _skip(self, raw: Any, e: Malformed) -> None:
+        self.stats["skipped"] += 1
+        try:
+            key = kubeconv.object_key(self.kind, raw)
+        except Malformed:
+            LOG.warning("skipping %s", e)  # no name to forget it by
+            return
+        new, _ = self.cache.skip(self.kind, key, str(e))
+        if new:
+            LOG.warning("skipping %s", e)
+
+    # plumbing -------------------------------------------------------------------------
+
+    def _call(self, **kw: Any) -> Any:
+        """The client's list function with the raw response (no model deserialisation)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        try:
+            return self.list_fn(_preload_content=False, **kw)
+        except ApiException as e:
+            if e.status == 410:
+                raise Gone(f"{'watch' if kw.get('watch') else 'list'}: 410 "
+                           f"{e.reason}") from e
+            raise
+
+    def abort(self) -> None:
+        """Cut the current watch connection so the thread notices `stop` at once."""
+        resp = self._resp
+        sock = getattr(getattr(resp, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ApiException):
+        hint = " (check the flowcni ClusterRole)" if e.status == 403 else ""
+        return f"HTTP {e.status} {e.reason}{hint}"
+    return f"{type(e).__name__}: {e}"
+
+
+# -- the datastore ----------------------------------------------------------------------
+
+def api_client(kubeconfig: str | None, pool: int) -> client.ApiClient:
+    """A client from a kubeconfig file, or from the pod's service account."""
+    cfg = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        else:
+            config.load_incluster_config(client_configuration=cfg)
+    except (ConfigException, OSError, yaml.YAMLError) as e:
+        where = kubeconfig or "in-cluster service account"
+        raise StoreError(f"Kubernetes client configuration ({where}): {e}") from e
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, pool)
+    return client.ApiClient(cfg)
+
+
+class KubeDatastore:
+    """The `Datastore` (controller.datastore) backed by the Kubernetes API server."""
+
+    def __init__(self, kubeconfig: str | None = None, *, kinds: Iterable[str] = KINDS,
+                 timeouts: Timeouts | None = None, page_size: int = 500,
+                 node_wait: float = 60.0, api: client.ApiClient | None = None) -> None:
+        self.kinds = tuple(kinds)
+        unknown = set(self.kinds) - set(LIST_FUNCTIONS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}")
+        self.timeouts = timeouts or Timeouts()
+        self.node_wait = node_wait
+        self.api = api or api_client(kubeconfig, pool=2 * len(self.kinds) + 4)
+        self.cache = Cache()
+        self._stop = threading.Event()
+        self.informers = {k: Informer(k, self.api, self.cache, self._stop, self.timeouts,
+                                      page_size) for k in self.kinds}
+        for inf in self.informers.values():
+            inf.thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every informer (tests and clean shutdowns; the agent just exits)."""
+        self._stop.set()
+        for inf in self.informers.values():
+            inf.abort()
+        for inf in self.informers.values():
+            inf.thread.join(timeout)
+        self.api.close()
+
+    # Datastore -------------------------------------------------------------------------
+
+    def cluster(self) -> ClusterConfig:
+        return load_cluster_config(os.environ.get(CLUSTER_CONFIG_ENV))
+
+    def revision(self) -> int:
+        return self.cache.revision()
+
+    def wait_synced(self, kinds: Iterable[str] | None = None,
+                    timeout: float | None = None) -> bool:
+        """True once each kind has been listed once (all kinds by default)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for k in self.kinds if kinds is None else kinds:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.informers[k].synced.wait(left):
+                return False
+        return True
+
+    def objects(self, kind: str, timeout: float | None = None) -> list[Body]:
+        """Current objects of `kind`, after its first list has completed.
+
+        Blocks (warning every 30 s) rather than answering from an empty cache:
+        an agent that took "nothing listed yet" for "nothing exists" would
+        delete the flows of every live pod and peer. With `timeout`, raises
+        StoreError when it runs out.
+        """
+        inf = self.informers.get(kind)
+        if inf is None:
+            LOG.warning("objects(%r): kind not watched; nothing to return", kind)
+            return []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not inf.synced.wait(30.0 if deadline is None
+                                  else max(0.0, min(30.0, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreError(f"{kind}s not listed from the API server within {timeout:g}s"
+                                 f": {inf.last_error or 'no answer yet'}")
+            LOG.warning("still waiting for the first list of %ss: %s", kind,
+                        inf.last_error or "no answer yet")
+        return copy.deepcopy(self.cache.objects(kind))  # callers own what they get, as with Store
+
+    def watch(self, since: int, callback: Callable[[list[Change]], None],
+              stop: threading.Event, interval: float = 0.05) -> None:
+        """Deliver the changes after `since` in batches until `stop` is set.
+
+        A failing callback gets the same batch again a second later, as with
+        the embedded store, so a transient error never skips a change.
+        """
+        rev = since
+        while not stop.is_set():
+            batch = self.cache.since(rev)
+            if not batch:
+                self.cache.wait_newer(rev, max(interval, 0.25))
+                continue
+            try:
+                callback(copy.deepcopy(batch))
+                rev = batch[-1].rev
+            except Exception:
+                LOG.exception("applying API changes after revision %d; retrying", rev)
+                stop.wait(1.0)
+
+    # nodes -------------------------------------------------------------------------------
+
+    def _node(self, name: str) -> Body:
+        """The usable Node `name`, waiting up to node_wait for it (or for its podCIDR)."""
+        deadline = time.monotonic() + self.node_wait
+        inf = self.informers.get("Node")
+        if inf is None:
+            raise StoreError("this datastore does not watch Nodes")
+        if not inf.synced.wait(self.node_wait):
+            raise StoreError(f"node {name}: Nodes not listed from the API server within "
+                             f"{self.node_wait:g}s: {inf.last_error or 'no answer'}")
+        while True:
+            rev = self.cache.revision()
+            body = self.cache.get("Node", ("", name))
+            if body is not None:
+                return body
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = self.cache.skipped.get(("Node", ("", name)), "no Node of that name")
+                raise StoreError(f"node {name}: {why} (waited {self.node_wait:g}s)")
+            self.cache.wait_newer(rev, min(left, 1.0))
+
+    def register_node(self, name: str, node_ip: str, pod_cidr: str | None = None) -> str:
+        """This node's spec.podCIDR; read-only, since the controller manager allocates it.
+
+        Waits up to node_wait for the Node to show up with a podCIDR (the
+        kubelet registers it, then the controller manager fills it in).
+        """
+        body = self._node(name)
+        cidr = body["podCIDR"]
+        net = ipaddress.ip_network(cidr)
+        if pod_cidr is not None:
+            try:
+                want = ipaddress.ip_network(pod_cidr)
+            except ValueError as e:
+                raise StoreError(f"node {name}: --pod-cidr {pod_cidr!r}: {e}") from e
+            if want != net:
+                raise StoreError(f"node {name}: --pod-cidr {pod_cidr} differs from the Node's "
+                                 f"spec.podCIDR {cidr}; drop --pod-cidr with this datastore")
+        cluster = ipaddress.ip_network(self.cluster().cluster_cidr)
+        if net.version != cluster.version or not net.subnet_of(cluster):  # type: ignore[arg-type]
+            raise StoreError(f"node {name}: spec.podCIDR {cidr} is outside cluster_cidr "
+                             f"{cluster}; set cluster_cidr in {CLUSTER_CONFIG_ENV} to the "
+                             "cluster's pod subnet")
+        if body["nodeIP"] != node_ip:
+            LOG.warning("node %s: --node-ip %s differs from its InternalIP %s, which peers "
+                        "will tunnel to", name, node_ip, body["nodeIP"])
+        return str(cidr)
+
+    def node_ip(self, name: str) -> str:
+        """A node's InternalIP (its tunnel endpoint for the peers)."""
+        return str(self._node(name)["nodeIP"])
+
+    def status(self) -> dict[str, Any]:
+        """Per kind: listed yet, resourceVersion, object count, counters, last error."""
+        return {k: {"synced": inf.synced.is_set(), "resourceVersion": inf.resource_version,
+                    "objects": len(self.cache.objects(k)), **inf.stats,
+                    "lastError": inf.last_error}
+                for k, inf in self.informers.items()}

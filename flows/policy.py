@@ -1,0 +1,702 @@
+"""Kubernetes NetworkPolicy: parsing, selection, and the flows that enforce it.
+
+A rule allows traffic between the pods its policy selects and a set of peers
+on a set of ports. Enforcing it with one flow per (pod, peer, port) grows
+with their product; here each rule is a conjunction of up to three clauses,
+so it costs |selected| + |peers| + |ports| + 1 flows, and a match flow used by
+several rules (the same peer address, the same port) is one flow carrying
+several conjunction actions.
+
+Egress rules are enforced where the selected (source) pod lives, ingress
+rules where the selected (destination) pod lives, so a connection is checked
+on every node it crosses. Replies and related traffic of allowed connections
+skip the rules through conntrack; conntrack is switched on only on nodes
+where some local pod is isolated, so a node without policy pays nothing.
+
+The engine is incremental: a change to a pod, a namespace or a policy
+recomputes only the rules it can affect and returns only the flows whose
+content changed, keyed by owner, for one atomic bundle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowcni.flows.cookie import Feature
+from flowcni.flows.model import CT, Conjunction, Flow, MatchValue
+from flowcni.flows.tables import DEFAULT, Pipeline
+
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+DIRS = ("ingress", "egress")
+
+PRIO_CT_ESTABLISHED = 210
+PRIO_ALLOW = 201   # single-clause rules: a direct allow, above any conjunction
+PRIO_CONJ = 200
+PRIO_ISOLATE = 200
+CONNTRACK_OWNER = "conntrack"
+
+
+class PolicyError(ValueError):
+    """Invalid NetworkPolicy; the message names the field."""
+
+
+# -- model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A Kubernetes label selector; the empty selector selects everything."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    exprs: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for k, v in self.labels:
+            if labels.get(k) != v:
+                return False
+        for k, op, values in self.exprs:
+            has = k in labels
+            if op == "In" and not (has and labels[k] in values):
+                return False
+            if op == "NotIn" and has and labels[k] in values:
+                return False
+            if op == "Exists" and not has:
+                return False
+            if op == "DoesNotExist" and has:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Peer:
+    pods: Selector | None = None        # None with namespaces set: all pods there
+    namespaces: Selector | None = None  # None: the policy's own namespace
+    cidrs: tuple[str, ...] = ()         # ipBlock, minus its excepts
+
+    @property
+    def is_ipblock(self) -> bool:
+        return bool(self.cidrs)
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    protocol: str              # TCP | UDP | SCTP
+    port: int | str | None     # number, name, or None (every port)
+    end_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str                          # ns/name/direction/index
+    direction: str
+    peers: tuple[Peer, ...] | None    # None: every peer
+    ports: tuple[PortSpec, ...] | None  # None: every port and protocol
+
+
+@dataclass(frozen=True)
+class Policy:
+    namespace: str
+    name: str
+    selector: Selector
+    types: frozenset[str]
+    rules: tuple[Rule, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    labels: dict[str, str] = field(hash=False, compare=True)
+    ip: str = ""
+    node: str = ""
+    ports: tuple[tuple[str, int, str], ...] = ()  # (name, number, protocol)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def pod_from_body(b: dict[str, Any]) -> PodInfo:
+    ports = tuple((str(p.get("name", "")), int(p["containerPort"]),
+                   str(p.get("protocol", "TCP")).upper())
+                  for p in b.get("ports") or [] if p.get("containerPort"))
+    return PodInfo(b["namespace"], b["name"], dict(b.get("labels") or {}), b.get("ip") or "",
+                   b.get("node") or "", ports)
+
+
+# -- parsing ------------------------------------------------------------------------
+
+
+def _selector(v: Any, where: str) -> Selector:
+    if v is None:
+        return Selector()
+    if not isinstance(v, dict):
+        raise PolicyError(f"{where}: must be a label selector")
+    ml = v.get("matchLabels") or {}
+    if not isinstance(ml, dict):
+        raise PolicyError(f"{where}.matchLabels: must be a map")
+    exprs = []
+    for i, e in enumerate(v.get("matchExpressions") or []):
+        w = f"{where}.matchExpressions[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("key"), str):
+            raise PolicyError(f"{w}.key: required")
+        op = e.get("operator")
+        if op not in OPERATORS:
+            raise PolicyError(f"{w}.operator: {op!r} is not one of {', '.join(OPERATORS)}")
+        values = e.get("values") or []
+        if op in ("In", "NotIn") and not values:
+            raise PolicyError(f"{w}.values: required for {op}")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise PolicyError(f"{w}.values: must be empty for {op}")
+        exprs.append((e["key"], op, tuple(str(x) for x in values)))
+    return Selector(tuple(sorted((str(k), str(x)) for k, x in ml.items())), tuple(exprs))
+
+
+def _ipblock(v: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(v, dict) or "cidr" not in v:
+        raise PolicyError(f"{where}.cidr: required")
+    try:
+        block = ipaddress.ip_network(v["cidr"], strict=False)
+    except ValueError as e:
+        raise PolicyError(f"{where}.cidr: {v['cidr']!r} is not a CIDR") from e
+    if block.version != 4:
+        raise PolicyError(f"{where}.cidr: only IPv4 is supported")
+    nets = [block]
+    for i, x in enumerate(v.get("except") or []):
+        try:
+            ex = ipaddress.ip_network(x, strict=False)
+        except ValueError as e:
+            raise PolicyError(f"{where}.except[{i}]: {x!r} is not a CIDR") from e
+        if ex.version != 4 or not ex.subnet_of(block):  # type: ignore[arg-type]
+            raise PolicyError(f"{where}.except[{i}]: {x} is outside the block {block}")
+        nxt = []
+        for n in nets:
+            if ex.subnet_of(n):  # type: ignore[arg-type]
+                nxt += list(n.address_exclude(ex))  # type: ignore[arg-type]
+            elif not n.subnet_of(ex):  # type: ignore[arg-type]
+                nxt.append(n)
+        nets = nxt
+    return tuple(str(n) for n in sorted(nets))
+
+
+def _peer(v: Any, where: str) -> Peer:
+    if not isinstance(v, dict) or not v:
+        raise PolicyError(f"{where}: must set podSelector, namespaceSelector or ipBlock")
+    if "ipBlock" in v:
+        if len(v) > 1:
+            raise PolicyError(f"{where}: ipBlock cannot be combined with selectors")
+        return Peer(cidrs=_ipblock(v["ipBlock"], f"{where}.ipBlock"))
+    pods = _selector(v["podSelector"], f"{where}.podSelector") if "podSelector" in v else None
+    nss = (_selector(v["namespaceSelector"], f"{where}.namespaceSelector")
+           if "namespaceSelector" in v else None)
+    return Peer(pods=pods if pods is not None else None if nss is not None else Selector(),
+                namespaces=nss)
+
+
+def _port(v: Any, where: str) -> PortSpec:
+    if not isinstance(v, dict):
+        raise PolicyError(f"{where}: must be a map")
+    proto = str(v.get("protocol", "TCP"))
+    if proto not in PROTOCOLS:
+        raise PolicyError(f"{where}.protocol: {proto!r} is not TCP, UDP or SCTP")
+    port = v.get("port")
+    end = v.get("endPort")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or (port is not None and not isinstance(port, (int, str))):
+        raise PolicyError(f"{where}.port: must be a number or a name")
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        raise PolicyError(f"{where}.port: {port} out of range 1..65535")
+    if isinstance(port, str) and not (0 < len(port) <= 15):
+        raise PolicyError(f"{where}.port: {port!r} is not a port name")
+    if end is not None:
+        if not isinstance(port, int):
+            raise PolicyError(f"{where}.endPort: needs a numeric port")
+        if not isinstance(end, int) or not port <= end <= 65535:
+            raise PolicyError(f"{where}.endPort: {end!r} must be >= port {port} and <= 65535")
+    return PortSpec(proto, port, end)
+
+
+def parse_policy(namespace: str, name: str, spec: Any) -> Policy:
+    """A NetworkPolicy spec (camelCase, as in YAML) into the model, or PolicyError."""
+    if not isinstance(spec, dict):
+        raise PolicyError("spec: required")
+    if "podSelector" not in spec:
+        raise PolicyError("spec.podSelector: required (use {} to select every pod)")
+    sel = _selector(spec["podSelector"], "spec.podSelector")
+    types = spec.get("policyTypes")
+    if types is None:  # inferred: Ingress always, Egress if egress rules are present
+        types = ["Ingress"] + (["Egress"] if spec.get("egress") is not None else [])
+    if not isinstance(types, list) or any(t not in ("Ingress", "Egress") for t in types):
+        raise PolicyError(f"spec.policyTypes: {types!r} must list Ingress and/or Egress")
+    rules: list[Rule] = []
+    for d, peer_key in (("ingress", "from"), ("egress", "to")):
+        raw = spec.get(d) or []
+        if not isinstance(raw, list):
+            raise PolicyError(f"spec.{d}: must be a list")
+        for i, r in enumerate(raw):
+            w = f"spec.{d}[{i}]"
+            if r is None:
+                r = {}
+            if not isinstance(r, dict):
+                raise PolicyError(f"{w}: must be a map")
+            peers = r.get(peer_key)
+            ports = r.get("ports")
+            rules.append(Rule(
+                f"{namespace}/{name}/{d}/{i}", d,
+                None if not peers else tuple(_peer(p, f"{w}.{peer_key}[{j}]")
+                                             for j, p in enumerate(peers)),
+                None if not ports else tuple(_port(p, f"{w}.ports[{j}]")
+                                             for j, p in enumerate(ports))))
+    return Policy(namespace, name, sel, frozenset(t.lower() for t in types),
+                  tuple(r for r in rules if r.direction in {t.lower() for t in types}))
+
+
+# -- port resolution ---------------------------------------------------------------
+
+
+def range_masks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """[lo, hi] as (value, mask) pairs, largest aligned blocks first."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size >>= 1
+        out.append((lo, 0xFFFF & ~(size - 1)))
+        lo += size
+    return out
+
+
+PortMatch = tuple[str, int | None, int | None]  # (protocol, value, mask); value None: any port
+
+
+def resolve_ports(specs: tuple[PortSpec, ...], pod: PodInfo | None) -> frozenset[PortMatch]:
+    """Port matches of a rule's ports, naming ports of `pod` (None: numbers only)."""
+    out: set[PortMatch] = set()
+    for s in specs:
+        if s.port is None:
+            out.add((s.protocol, None, None))
+        elif isinstance(s.port, int):
+            if s.end_port is None or s.end_port == s.port:
+                out.add((s.protocol, s.port, 0xFFFF))
+            else:
+                out.update((s.protocol, v, m) for v, m in range_masks(s.port, s.end_port))
+        elif pod is not None:
+            out.update((s.protocol, num, 0xFFFF) for name, num, proto in pod.ports
+                       if name == s.port and proto == s.protocol)
+    return frozenset(out)
+
+
+def port_match(pm: PortMatch) -> dict[str, MatchValue]:
+    proto, value, mask = pm
+    m: dict[str, MatchValue] = {"eth_type": 0x0800, "ip_proto": PROTOCOLS[proto]}
+    if value is not None:
+        assert mask is not None
+        m[f"{proto.lower()}_dst"] = value if mask == 0xFFFF else (value, mask)
+    return m
+
+
+# -- the world and selection ------------------------------------------------------------
+
+
+class World:
+    """Pods, namespaces and policies, with indexes that make selection cheap."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, PodInfo] = {}
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.policies: dict[str, Policy] = {}
+        self.by_ns: dict[str, set[str]] = defaultdict(set)
+        self.policies_by_ns: dict[str, set[str]] = defaultdict(set)
+
+    def put_pod(self, p: PodInfo) -> PodInfo | None:
+        old = self.pods.get(p.key)
+        self.pods[p.key] = p
+        self.by_ns[p.namespace].add(p.key)
+        return old
+
+    def del_pod(self, key: str) -> PodInfo | None:
+        old = self.pods.pop(key, None)
+        if old:
+            self.by_ns[old.namespace].discard(key)
+        return old
+
+    def put_policy(self, p: Policy) -> Policy | None:
+        old = self.policies.get(p.key)
+        self.policies[p.key] = p
+        self.policies_by_ns[p.namespace].add(p.key)
+        return old
+
+    def del_policy(self, key: str) -> Policy | None:
+        old = self.policies.pop(key, None)
+        if old:
+            self.policies_by_ns[old.namespace].discard(key)
+        return old
+
+    def selected(self, pol: Policy) -> list[PodInfo]:
+        return [p for k in self.by_ns.get(pol.namespace, ()) if (p := self.pods[k]).ip
+                and pol.selector.matches(p.labels)]
+
+    def peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
+        if peer.is_ipblock:
+            return []
+        if peer.namespaces is None:
+            nss: Iterable[str] = [policy_ns]
+        else:
+            sel = peer.namespaces
+            nss = [n for n, labels in self.namespaces.items() if sel.matches(labels)]
+        psel = peer.pods or Selector()
+        return [p for n in nss for k in self.by_ns.get(n, ()) if (p := self.pods[k]).ip
+                and psel.matches(p.labels)]
+
+    def isolated(self, pod: PodInfo, direction: str) -> list[Policy]:
+        return [pol for k in self.policies_by_ns.get(pod.namespace, ())
+                if direction in (pol := self.policies[k]).types
+                and pol.selector.matches(pod.labels)]
+
+
+# -- realization ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubRule:
+    """One conjunction: selected addresses x peer addresses x port matches (None: any)."""
+
+    rule: str
+    direction: str
+    selected: frozenset[str]
+    peers: frozenset[str] | None
+    ports: frozenset[PortMatch] | None
+
+
+def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
+    """The conjunctions a rule needs on `node` (named ports split it by resolution)."""
+    sel = [p for p in world.selected(pol) if p.node == node]
+    if not sel:
+        return []
+    groups: dict[tuple[Any, Any], set[str]] = defaultdict(set)
+    if rule.direction == "ingress":
+        peers = None if rule.peers is None else frozenset(
+            a for peer in rule.peers for a in (peer.cidrs or [
+                p.ip for p in world.peer_pods(peer, pol.namespace)]))
+        for p in sel:
+            ports = None if rule.ports is None else resolve_ports(rule.ports, p)
+            groups[(peers, ports)].add(p.ip)
+        out = [SubRule(rule.key, "ingress", frozenset(ips), pe, po)
+               for (pe, po), ips in groups.items()]
+    else:
+        selected = frozenset(p.ip for p in sel)
+        by_ports: dict[Any, set[str]] = defaultdict(set)
+        if rule.peers is None:
+            ports = None if rule.ports is None else resolve_ports(rule.ports, None)
+            has_named = rule.ports is not None and any(isinstance(s.port, str)
+                                                       for s in rule.ports)
+            if has_named:  # named ports of any pod anywhere: resolve per pod
+                for p in world.pods.values():
+                    if p.ip:
+                        by_ports[resolve_ports(rule.ports or (), p)].add(f"{p.ip}/32")
+                by_ports[ports].add("0.0.0.0/0")
+            else:
+                return [SubRule(rule.key, "egress", selected, None, ports)]
+        else:
+            for peer in rule.peers:
+                if peer.is_ipblock:
+                    ports = None if rule.ports is None else resolve_ports(rule.ports, None)
+                    by_ports[ports].update(peer.cidrs)
+                else:
+                    for p in world.peer_pods(peer, pol.namespace):
+                        ports = None if rule.ports is None else resolve_ports(rule.ports, p)
+                        by_ports[ports].add(p.ip)
+        out = [SubRule(rule.key, "egress", selected, frozenset(peers), po)
+               for po, peers in by_ports.items()]
+    return [s for s in out if (s.peers is None or s.peers) and (s.ports is None or s.ports)]
+
+
+def _addr(a: str) -> str:
+    return a[:-3] if a.endswith("/32") else a
+
+
+class PolicyEngine:
+    """Incremental NetworkPolicy -> flows for one node."""
+
+    def __init__(self, node: str, pipeline: Pipeline = DEFAULT) -> None:
+        self.node = node
+        self.pipeline = pipeline
+        self.world = World()
+        self.subrules: dict[str, list[SubRule]] = {}         # rule key -> its conjunctions
+        self.conj_ids: dict[tuple[str, int], int] = {}      # (rule key, index) -> id
+        self.rule_of_conj: dict[int, str] = {}
+        self._next_id = 1
+        # (table, priority, match) -> {contributor: action-or-"allow"}
+        self.contrib: dict[tuple[str, int, tuple[Any, ...]], dict[tuple[str, int], Any]] = {}
+        self.isolated: dict[str, tuple[bool, bool]] = {}    # local pod key -> (in, out)
+
+    # -- flows of one piece ----------------------------------------------------------
+
+    def _conj_id(self, rule: str, i: int) -> int:
+        k = (rule, i)
+        if k not in self.conj_ids:
+            self.conj_ids[k] = self._next_id
+            self.rule_of_conj[self._next_id] = rule
+            self._next_id += 1
+        return self.conj_ids[k]
+
+    def _clauses(self, s: SubRule, cid: int) -> list[tuple[tuple[str, int, tuple[Any, ...]],
+                                                           Any]]:
+        """(flow key, contribution) pairs of one conjunction."""
+        ingress = s.direction == "ingress"
+        table = "IngressRule" if ingress else "EgressRule"
+        sel_f, peer_f = ("ipv4_dst", "ipv4_src") if ingress else ("ipv4_src", "ipv4_dst")
+        dims: list[list[dict[str, MatchValue]]] = [[{sel_f: ip} for ip in sorted(s.selected)]]
+        if s.peers is not None:
+            dims.append([{peer_f: _addr(a)} for a in sorted(s.peers)])
+        if s.ports is not None:
+            dims.append([port_match(pm) for pm in sorted(s.ports, key=str)])
+        out = []
+        if len(dims) == 1:
+            for m in dims[0]:
+                out.append(((table, PRIO_ALLOW, self._mkey(table, m)), "allow"))
+            return out
+        for k, dim in enumerate(dims, 1):
+            for m in dim:
+                out.append(((table, PRIO_CONJ, self._mkey(table, m)),
+                            Conjunction(cid, k, len(dims))))
+        return out
+
+    def _mkey(self, table: str, m: dict[str, MatchValue]) -> tuple[Any, ...]:
+        return Flow.make(table, 0, m, feature=Feature.POLICY, owner="",
+                         pipeline=self.pipeline).match
+
+    def _match_owner(self, key: tuple[str, int, tuple[Any, ...]]) -> str:
+        table, prio, match = key
+        return f"policy-match:{table}:{prio}:{match}"
+
+    def _match_flow(self, key: tuple[str, int, tuple[Any, ...]]) -> list[Flow]:
+        table, prio, match = key
+        c = self.contrib.get(key)
+        if not c:
+            return []
+        nxt = "ConntrackCommit" if table == "IngressRule" else "L3Forwarding"
+        owner = self._match_owner(key)
+        if prio == PRIO_ALLOW:
+            return [Flow.make(table, prio, dict(match), goto=nxt, feature=Feature.POLICY,
+                              owner=owner, pipeline=self.pipeline)]
+        acts = sorted(set(c.values()), key=lambda a: (a.id, a.clause))
+        return [Flow.make(table, prio, dict(match), acts, feature=Feature.POLICY,
+                          owner=owner, pipeline=self.pipeline)]
+
+    def _rule_flows(self, rule: str) -> list[Flow]:
+        out = []
+        for i, s in enumerate(self.subrules.get(rule, [])):
+            if self._n_dims(s) < 2:
+                continue
+            table = "IngressRule" if s.direction == "ingress" else "EgressRule"
+            nxt = "ConntrackCommit" if s.direction == "ingress" else "L3Forwarding"
+            out.append(Flow.make(table, PRIO_CONJ, {"conj_id": self._conj_id(rule, i),
+                                                    "eth_type": 0x0800},
+                                 goto=nxt, feature=Feature.POLICY, owner=f"rule:{rule}",
+                                 pipeline=self.pipeline))
+        return out
+
+    @staticmethod
+    def _n_dims(s: SubRule) -> int:
+        return 1 + (s.peers is not None) + (s.ports is not None)
+
+    def _isolation_flows(self, key: str) -> list[Flow]:
+        pod = self.world.pods.get(key)
+        iso = self.isolated.get(key, (False, False))
+        if pod is None or not pod.ip:
+            return []
+        kw = dict(feature=Feature.POLICY, owner=f"isolation:{key}", pipeline=self.pipeline)
+        out = []
+        if iso[0]:
+            out.append(Flow.make("IngressDefault", PRIO_ISOLATE, {"ipv4_dst": pod.ip}, **kw))
+        if iso[1]:
+            out.append(Flow.make("EgressDefault", PRIO_ISOLATE, {"ipv4_src": pod.ip}, **kw))
+        return out
+
+    def conntrack_flows(self) -> list[Flow]:
+        if not any(a or b for a, b in self.isolated.values()):
+            return []
+        kw = dict(feature=Feature.POLICY, owner=CONNTRACK_OWNER, pipeline=self.pipeline)
+        ip = {"eth_type": 0x0800}
+        return [
+            Flow.make("ConntrackZone", 200, ip, [CT(table="ConntrackState")], **kw),
+            Flow.make("ConntrackState", 200, {**ip, "ct_state": "+inv+trk"}, **kw),
+            Flow.make("ConntrackState", 190, {**ip, "ct_state": "-new+trk"},
+                      goto="L3Forwarding", **kw),
+            Flow.make("IngressRule", PRIO_CT_ESTABLISHED, {**ip, "ct_state": "-new+trk"},
+                      goto="ConntrackCommit", **kw),
+            Flow.make("ConntrackCommit", 200, {**ip, "ct_state": "+new+trk"},
+                      [CT(commit=True)], goto="Output", **kw),
+        ]
+
+    # -- recomputation -----------------------------------------------------------------
+
+    def _recompute_rules(self, rules: set[str], out: dict[str, list[Flow]]) -> None:
+        touched: set[tuple[str, int, tuple[Any, ...]]] = set()
+        for rk in rules:
+            old = self.subrules.get(rk, [])
+            for i, s in enumerate(old):
+                for key, _ in self._clauses(s, self.conj_ids.get((rk, i), 0) or 1):
+                    c = self.contrib.get(key)
+                    if c is not None:
+                        c.pop((rk, i), None)
+                        touched.add(key)
+            ns, name, _d, _i = rk.split("/")
+            pol = self.world.policies.get(f"{ns}/{name}")
+            rule = next((r for r in pol.rules if r.key == rk), None) if pol else None
+            new = realize(rule, pol, self.world, self.node) if rule and pol else []
+            if new:
+                self.subrules[rk] = new
+            else:
+                self.subrules.pop(rk, None)
+            for i, s in enumerate(new):
+                for key, act in self._clauses(s, self._conj_id(rk, i)):
+                    self.contrib.setdefault(key, {})[(rk, i)] = act
+                    touched.add(key)
+            out[f"rule:{rk}"] = self._rule_flows(rk)
+        for key in touched:
+            if key in self.contrib and not self.contrib[key]:
+                del self.contrib[key]
+            out[self._match_owner(key)] = self._match_flow(key)
+
+    def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
+        before = any(a or b for a, b in self.isolated.values())
+        for k in pods:
+            p = self.world.pods.get(k)
+            if p is None or p.node != self.node or not p.ip:
+                self.isolated.pop(k, None)
+            else:
+                self.isolated[k] = (bool(self.world.isolated(p, "ingress")),
+                                    bool(self.world.isolated(p, "egress")))
+            out[f"isolation:{k}"] = self._isolation_flows(k)
+        if before != any(a or b for a, b in self.isolated.values()):
+            out[CONNTRACK_OWNER] = self.conntrack_flows()
+
+    def _rules_touching_pods(self, pods: list[PodInfo]) -> set[str]:
+        """Rules whose selected set or peer set may contain any of these pods."""
+        out: set[str] = set()
+        for pol in self.world.policies.values():
+            for p in pods:
+                hit = p.namespace == pol.namespace and pol.selector.matches(p.labels)
+                if hit:
+                    out.update(r.key for r in pol.rules)
+                    break
+                for r in pol.rules:
+                    if r.peers is None:
+                        if r.ports and any(isinstance(s.port, str) for s in r.ports):
+                            out.add(r.key)
+                        continue
+                    for peer in r.peers:
+                        if peer.is_ipblock:
+                            continue
+                        ns_ok = (p.namespace == pol.namespace if peer.namespaces is None
+                                 else peer.namespaces.matches(
+                                     self.world.namespaces.get(p.namespace, {})))
+                        if ns_ok and (peer.pods or Selector()).matches(p.labels):
+                            out.add(r.key)
+                            break
+        return out
+
+    def load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
+             policies: list[dict[str, Any]]) -> tuple[dict[str, list[Flow]], list[str]]:
+        """Initial state; returns (flows by owner, problems)."""
+        problems: list[str] = []
+        for n in namespaces:
+            self.world.namespaces[n["name"]] = dict(n.get("labels") or {})
+        for b in pods:
+            try:
+                self.world.put_pod(pod_from_body(b))
+            except (KeyError, TypeError, ValueError) as e:
+                problems.append(f"pod {b.get('namespace')}/{b.get('name')}: {e}")
+        for b in policies:
+            try:
+                self.world.put_policy(parse_policy(b["namespace"], b["name"], b.get("spec")))
+            except (PolicyError, KeyError) as e:
+                problems.append(f"networkpolicy {b.get('namespace')}/{b.get('name')}: {e}")
+        out: dict[str, list[Flow]] = {}
+        self._recompute_rules({r.key for p in self.world.policies.values() for r in p.rules},
+                              out)
+        self._recompute_isolation(set(self.world.pods), out)
+        out[CONNTRACK_OWNER] = self.conntrack_flows()
+        return {k: v for k, v in out.items() if v}, problems
+
+    def apply(self, changes: Iterable[Any]) -> tuple[dict[str, list[Flow]], list[str]]:
+        """Apply datastore changes (store.Change); returns (changed owners' flows, problems)."""
+        problems: list[str] = []
+        rules: set[str] = set()
+        pods_changed: list[PodInfo] = []
+        iso_pods: set[str] = set()
+        for c in changes:
+            if c.kind == "Pod":
+                key = f"{c.namespace}/{c.name}"
+                old = self.world.del_pod(key)
+                if old:
+                    pods_changed.append(old)
+                if c.op == "put" and c.body:
+                    try:
+                        new = pod_from_body(c.body)
+                    except (KeyError, TypeError, ValueError) as e:
+                        problems.append(f"pod {key}: {e}")
+                        continue
+                    self.world.put_pod(new)
+                    pods_changed.append(new)
+                iso_pods.add(key)
+            elif c.kind == "Namespace":
+                if c.op == "put" and c.body:
+                    self.world.namespaces[c.name] = dict(c.body.get("labels") or {})
+                else:
+                    self.world.namespaces.pop(c.name, None)
+                rules.update(r.key for pol in self.world.policies.values() for r in pol.rules
+                             if r.peers and any(p.namespaces is not None for p in r.peers))
+            elif c.kind == "NetworkPolicy":
+                key = f"{c.namespace}/{c.name}"
+                oldp = self.world.del_policy(key)
+                if oldp:
+                    rules.update(r.key for r in oldp.rules)
+                    iso_pods.update(p.key for p in self.world.selected(oldp))
+                if c.op == "put" and c.body:
+                    try:
+                        newp = parse_policy(c.namespace, c.name, c.body.get("spec"))
+                    except PolicyError as e:
+                        problems.append(f"networkpolicy {key}: {e}")
+                        continue
+                    self.world.put_policy(newp)
+                    rules.update(r.key for r in newp.rules)
+                    iso_pods.update(p.key for p in self.world.selected(newp))
+        if pods_changed:
+            rules |= self._rules_touching_pods(pods_changed)
+        out: dict[str, list[Flow]] = {}
+        self._recompute_rules(rules, out)
+        self._recompute_isolation(iso_pods, out)
+        return out, problems
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every realized rule: its conjunction ids and the sizes of its clauses."""
+        out = []
+        for rk, subs in sorted(self.subrules.items()):
+            for i, s in enumerate(subs):
+                out.append({
+                    "rule": rk, "conj_id": self.conj_ids.get((rk, i)),
+                    "direction": s.direction, "pods": sorted(s.selected),
+                    "peers": None if s.peers is None else sorted(s.peers),
+                    "ports": None if s.ports is None else sorted(
+                        f"{p}/{v if v is not None else '*'}"
+                        + (f"/{m:#x}" if m not in (None, 0xFFFF) else "")
+                        for p, v, m in s.ports),
+                    "flows": len(s.selected) + (len(s.peers) if s.peers is not None else 0)
+                    + (len(s.ports) if s.ports is not None else 0)
+                    + (1 if self._n_dims(s) > 1 else 0)})
+        return out

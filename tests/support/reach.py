@@ -1,0 +1,103 @@
+"""Reachability probing for policy tests: servers in pods, one parallel prober per source.
+
+Every pod runs the same server (TCP 80, TCP 81, UDP 53 echo). A probe is a
+fresh connection (TCP connect, or a UDP datagram that must come back), so
+each one is a new conntrack entry and reflects the policy in force.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+
+from flowcni.lab import netns
+from flowcni.lab.lab import Lab
+
+PROBES = ("80", "81", "53u")
+
+SERVER = r"""
+import socket, sys, threading
+def tcp(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+    while True:
+        d, a = s.recvfrom(100); s.sendto(d, a)
+ports = [p for p in sys.argv[1].split(",") if p]
+for p in ports:
+    f = udp if p.endswith("u") else tcp
+    threading.Thread(target=f, args=(int(p.rstrip("u")),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+PROBER = r"""
+import json, socket, sys, threading
+targets = json.loads(sys.argv[1]); timeout = float(sys.argv[2]); out = {}
+def probe(key, ip, port):
+    ok = False
+    try:
+        if port.endswith("u"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+            s.sendto(b"probe", (ip, int(port[:-1]))); ok = s.recvfrom(100)[0] == b"probe"
+        else:
+            s = socket.create_connection((ip, int(port)), timeout=timeout); ok = True
+        s.close()
+    except OSError:
+        pass
+    out[key] = ok
+ts = [threading.Thread(target=probe, args=t) for t in targets]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def start_server(argv_prefix: list[str], ports: Iterable[str] = PROBES) -> subprocess.Popen[str]:
+    p = subprocess.Popen([*argv_prefix, sys.executable, "-c", SERVER, ",".join(ports)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def start_pod_server(lab: Lab, ref: str) -> subprocess.Popen[str]:
+    return start_server(lab.exec_argv(ref, []))
+
+
+def start_netns_server(ns: str, ports: Iterable[str]) -> subprocess.Popen[str]:
+    return start_server(netns.exec_argv(ns, []), ports)
+
+
+def probe_from(argv_prefix: list[str], targets: list[tuple[str, str, str]],
+               timeout: float = 0.8) -> subprocess.Popen[str]:
+    """Start probing (key, ip, port) targets in parallel; read the JSON from stdout."""
+    return subprocess.Popen([*argv_prefix, sys.executable, "-c", PROBER,
+                             json.dumps(targets), str(timeout)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def matrix(lab: Lab, sources: list[str], dests: dict[str, str],
+           ext: tuple[str, str] | None = None) -> dict[str, dict[str, set[str]]]:
+    """{src: {dst: allowed probes}} for pods (dests: name -> IP) and the external host."""
+    procs = {}
+    for s in sources:
+        targets = [(f"{d}|{port}", ip, port) for d, ip in dests.items() if d != s
+                   for port in PROBES]
+        if ext:
+            targets.append((f"ext|{ext[1]}", ext[0], ext[1]))
+        procs[s] = probe_from(lab.exec_argv(s, []), targets)
+    out: dict[str, dict[str, set[str]]] = {}
+    for s, p in procs.items():
+        res = json.loads(p.communicate(timeout=30)[0])
+        row: dict[str, set[str]] = {}
+        for key, ok in res.items():
+            d, port = key.split("|")
+            row.setdefault(d, set())
+            if ok:
+                row[d].add(port)
+        out[s] = row
+    return out
