@@ -287,7 +287,8 @@ class Informer:
         self.synced = threading.Event()
         self.resource_version: str | None = None
         self.last_error = ""
-        self.stats = {"lists": 0, "watches": 0, "gone": 0, "errors": 0, "skipped": 0}
+        self.stats = {"lists": 0, "watches": 0, "events": 0, "gone": 0, "errors": 0,
+                      "skipped": 0}
         self._resp: Any = None
         self.thread = threading.Thread(target=self.run, name=f"kube-{kind}", daemon=True)
 
@@ -408,6 +409,8 @@ class Informer:
                 raise Gone(f"watch from resourceVersion {self.resource_version}: {msg}")
             raise WatchError(f"error event {status.get('code')} {msg}")
         rv = kubeconv.resource_version(raw)
+        if etype != "BOOKMARK":
+            self.stats["events"] += 1
         if etype in ("ADDED", "MODIFIED"):
             try:
                 key, body = kubeconv.convert(self.kind, raw)

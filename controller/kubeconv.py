@@ -84,10 +84,10 @@ def node_internal_ip(raw: dict[str, Any]) -> str | None:
     """The first InternalIP of status.addresses, IPv4 preferred (tunnels are IPv4 for now)."""
     status = raw.get("status")
     addrs = status.get("addresses") if isinstance(status, dict) else None
-    found = [a.get("address") for a in addrs or [] if isinstance(a, dict)
-             and a.get("type") == "InternalIP" and isinstance(a.get("address"), str)]
+    found: list[str] = [a["address"] for a in addrs or [] if isinstance(a, dict)
+                        and a.get("type") == "InternalIP" and isinstance(a.get("address"), str)]
     v4 = [a for a in found if "." in a]
-    return (v4 or found or [None])[0]
+    return (v4 or found)[0] if found else None
 
 
 def node(raw: Any) -> Body:

@@ -543,15 +543,21 @@ class PolicyEngine:
     # -- recomputation -----------------------------------------------------------------
 
     def _recompute_rules(self, rules: set[str], out: dict[str, list[Flow]]) -> None:
-        touched: set[tuple[str, int, tuple[Any, ...]]] = set()
+        """Recompute `rules`; put into `out` only the owners whose flows changed."""
+        before: dict[tuple[str, int, tuple[Any, ...]], list[Flow]] = {}
+
+        def touch(key: tuple[str, int, tuple[Any, ...]]) -> None:
+            if key not in before:
+                before[key] = self._match_flow(key)
+
         for rk in rules:
-            old = self.subrules.get(rk, [])
-            for i, s in enumerate(old):
+            old_rule_flows = self._rule_flows(rk)
+            for i, s in enumerate(self.subrules.get(rk, [])):
                 for key, _ in self._clauses(s, self.conj_ids.get((rk, i), 0) or 1):
+                    touch(key)
                     c = self.contrib.get(key)
                     if c is not None:
                         c.pop((rk, i), None)
-                        touched.add(key)
             ns, name, _d, _i = rk.split("/")
             pol = self.world.policies.get(f"{ns}/{name}")
             rule = next((r for r in pol.rules if r.key == rk), None) if pol else None
@@ -562,24 +568,31 @@ class PolicyEngine:
                 self.subrules.pop(rk, None)
             for i, s in enumerate(new):
                 for key, act in self._clauses(s, self._conj_id(rk, i)):
+                    touch(key)
                     self.contrib.setdefault(key, {})[(rk, i)] = act
-                    touched.add(key)
-            out[f"rule:{rk}"] = self._rule_flows(rk)
-        for key in touched:
+            new_rule_flows = self._rule_flows(rk)
+            if new_rule_flows != old_rule_flows:
+                out[f"rule:{rk}"] = new_rule_flows
+        for key, old_flows in before.items():
             if key in self.contrib and not self.contrib[key]:
                 del self.contrib[key]
-            out[self._match_owner(key)] = self._match_flow(key)
+            new_flows = self._match_flow(key)
+            if new_flows != old_flows:
+                out[self._match_owner(key)] = new_flows
 
     def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
         before = any(a or b for a, b in self.isolated.values())
         for k in pods:
+            old_flows = self._isolation_flows(k)
             p = self.world.pods.get(k)
             if p is None or p.node != self.node or not p.ip:
                 self.isolated.pop(k, None)
             else:
                 self.isolated[k] = (bool(self.world.isolated(p, "ingress")),
                                     bool(self.world.isolated(p, "egress")))
-            out[f"isolation:{k}"] = self._isolation_flows(k)
+            new_flows = self._isolation_flows(k)
+            if new_flows != old_flows:
+                out[f"isolation:{k}"] = new_flows
         if before != any(a or b for a, b in self.isolated.values()):
             out[CONNTRACK_OWNER] = self.conntrack_flows()
 

@@ -116,6 +116,8 @@ class FakeAPI:
         self.request_log: list[dict[str, Any]] = []
         self.lists_open = threading.Event()
         self.lists_open.set()
+        self.watches_open = threading.Event()
+        self.watches_open.set()
         self.snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self.gone_mode = gone_mode
         self.bookmark_interval = bookmark_interval
@@ -243,6 +245,13 @@ class FakeAPI:
 
     def resume_lists(self) -> None:
         self.lists_open.set()
+
+    def pause_watches(self) -> None:
+        """Hold new watch requests until resume_watches (clients stay disconnected)."""
+        self.watches_open.clear()
+
+    def resume_watches(self) -> None:
+        self.watches_open.set()
 
     def set_gone_mode(self, mode: str) -> None:
         """How a too-old watch is refused: "event" (200 + ERROR event 410) or "http" (410)."""
@@ -422,6 +431,8 @@ class Handler(BaseHTTPRequestHandler):
         seconds = min(float(q.get("timeoutSeconds") or api.max_watch_seconds),
                       api.max_watch_seconds)
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        if not api.watches_open.wait(60):
+            raise ApiError(504, "Timeout", "watches held back for too long")
         try:
             w = api.open_watch(res, ns, q.get("resourceVersion"), bookmarks)
         except ApiError as e:
@@ -514,6 +525,7 @@ class FakeAPIServer(FakeAPI):
         self.http.stopping.set()
         self.drop_watches()
         self.lists_open.set()
+        self.watches_open.set()
         self.http.shutdown()
         with self.http.conns_lock:
             conns = list(self.http.conns)
@@ -534,7 +546,8 @@ class FakeAPIServer(FakeAPI):
 # -- control over a unix socket ------------------------------------------------------------
 
 CONTROL_OPS = ("put", "create", "update", "delete", "get", "drop_watches", "stall_watches",
-               "compact", "bookmark", "pause_lists", "resume_lists", "set_gone_mode",
+               "compact", "bookmark", "pause_lists", "resume_lists", "pause_watches",
+               "resume_watches", "set_gone_mode",
                "revision", "watch_count", "requests", "clear_requests")
 
 
@@ -623,6 +636,12 @@ class Control:
 
     def resume_lists(self) -> None:
         self.call("resume_lists")
+
+    def pause_watches(self) -> None:
+        self.call("pause_watches")
+
+    def resume_watches(self) -> None:
+        self.call("resume_watches")
 
     def set_gone_mode(self, mode: str) -> None:
         self.call("set_gone_mode", mode=mode)

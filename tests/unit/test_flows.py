@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import diff, index
-from flowcni.flows.model import Flow, Move, SetField
+from flowcni.flows.model import CT, Conjunction, Flow, Move, SetField
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.pod import LocalPod, pod_flows
 from flowcni.flows.tables import DEFAULT, PIPELINE, Pipeline, Table, _t
@@ -35,6 +35,13 @@ def test_flow_contract_violations_fail_at_build_time() -> None:
         Flow.make("Classifier", 1, {"ipv4_dst": "10.0.0.1"}, **kw)
     with pytest.raises(ValueError, match="may not go to"):
         Flow.make("Classifier", 1, {"in_port": 1}, goto="Output", **kw)
+    with pytest.raises(ValueError, match="may not recirculate"):
+        Flow.make("Classifier", 1, {"in_port": 1}, [CT(table="Output")], **kw)
+    with pytest.raises(ValueError, match="cannot go anywhere"):
+        Flow.make("EgressRule", 1, {"ipv4_src": "10.0.0.1"}, [Conjunction(1, 1, 2)],
+                  goto="L3Forwarding", **kw)
+    with pytest.raises(ValueError, match="unknown flag"):
+        Flow.make("ConntrackState", 1, {"ct_state": "+trk+bogus"}, **kw)
     with pytest.raises(ValueError, match="needs eth_type"):
         Flow.make("SpoofGuard", 1, {"eth_type": 0x0806, "ipv4_src": "10.0.0.1"}, **kw)
     with pytest.raises(ValueError, match="host bits"):
@@ -57,14 +64,14 @@ def test_pod_flows_golden() -> None:
         "table=Classifier,priority=200,in_port=3,"
         "actions=load:0x1->NXM_NX_REG0[0..3],goto_table:SpoofGuard",
         "table=SpoofGuard,priority=200,ip,in_port=3,dl_src=0a:58:0a:f4:01:05,"
-        "nw_src=10.244.1.5,actions=goto_table:L3Forwarding",
+        "nw_src=10.244.1.5,actions=goto_table:ConntrackZone",
         "table=SpoofGuard,priority=200,arp,in_port=3,dl_src=0a:58:0a:f4:01:05,"
         "arp_spa=10.244.1.5,arp_sha=0a:58:0a:f4:01:05,actions=goto_table:ARPResponder",
         "table=L3Forwarding,priority=200,ip,nw_dst=10.244.1.5,"
         "actions=set_field:02:00:00:00:00:01->eth_src,set_field:0a:58:0a:f4:01:05->eth_dst,"
         "goto_table:L3DecTTL",
         "table=L2ForwardingCalc,priority=100,dl_dst=0a:58:0a:f4:01:05,"
-        "actions=load:0x3->NXM_NX_REG1[0..31],goto_table:Output",
+        "actions=load:0x3->NXM_NX_REG1[0..31],goto_table:IngressRule",
     ]
 
 
@@ -81,9 +88,8 @@ def test_node_flows_golden_and_numbered_rendering() -> None:
     # every table but Output has a miss flow, Output has its output flow at priority 0
     misses = [f for f in node_flows(GW) if f.priority == 0]
     assert sorted(f.table for f in misses) == sorted(t.name for t in PIPELINE)
-    numbered = node_flows(GW)[3].ofctl(cookie=0x10)
-    assert numbered.startswith("cookie=0x10,table=3,priority=0,")
-    assert "goto_table:5" in numbered
+    numbered = node_flows(GW)[3].ofctl(cookie=0x10)  # ConntrackZone's miss
+    assert numbered == "cookie=0x10,table=3,priority=0,actions=goto_table:7"
 
 
 def test_flows_per_pod_is_constant() -> None:
@@ -116,10 +122,10 @@ def test_diff_adds_changed_and_deletes_gone() -> None:
 
 def test_index_rejects_conflicting_owners() -> None:
     f1 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
-                   [SetField("eth_dst", "0a:00:00:00:00:02")], goto="Output",
+                   [SetField("eth_dst", "0a:00:00:00:00:02")], goto="IngressRule",
                    feature=ck.Feature.POD, owner="pod:a")
     f2 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
-                   goto="Output", feature=ck.Feature.POD, owner="pod:b")
+                   goto="IngressRule", feature=ck.Feature.POD, owner="pod:b")
     with pytest.raises(ValueError, match="two flows claim"):
         index([f1, f2])
 
@@ -132,7 +138,20 @@ def test_osken_rendering_builds_valid_messages() -> None:
     class DP:
         ofproto, ofproto_parser = ofp, parser
 
-    for f in node_flows(GW) + pod_flows(POD, GW):
+    from flowcni.flows.policy import PolicyEngine
+    from flowcni.flows.tunnel import RemoteNode, remote_node_flows, tunnel_flows
+
+    eng = PolicyEngine("n1")
+    owners, _ = eng.load([], [{"namespace": "d", "name": "p", "labels": {"a": "b"},
+                               "ip": "10.244.1.5", "node": "n1"}],
+                         [{"namespace": "d", "name": "x", "spec": {
+                             "podSelector": {}, "ingress": [{"from": [{"podSelector": {}}],
+                                                             "ports": [{"port": 80}]}]}}])
+    policy_flows = [f for fl in owners.values() for f in fl]
+    assert any(isinstance(a, CT) for f in policy_flows for a in f.actions)
+    assert any(isinstance(a, Conjunction) for f in policy_flows for a in f.actions)
+    for f in (node_flows(GW) + pod_flows(POD, GW) + tunnel_flows(2) + policy_flows
+              + remote_node_flows(RemoteNode("n2", "192.168.77.2", "10.244.2.0/24"), GW, 2)):
         m = parser.OFPFlowMod(DP(), cookie=f.cookie(1), table_id=DEFAULT.id(f.table),
                               command=ofp.OFPFC_ADD, priority=f.priority,
                               match=f.osken_match(parser),

@@ -1,0 +1,170 @@
+"""NetworkPolicy parsing, selection and the incremental engine (no switch needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flowcni.controller.manifests import ManifestError, load
+from flowcni.controller.store import Change
+from flowcni.flows.model import Conjunction
+from flowcni.flows.policy import (
+    PolicyEngine,
+    PolicyError,
+    Selector,
+    parse_policy,
+    range_masks,
+)
+
+
+def pod(ns: str, name: str, ip: str, node: str = "n1", **labels: str) -> dict[str, Any]:
+    return {"namespace": ns, "name": name, "ip": ip, "node": node, "labels": labels}
+
+
+def pol(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"namespace": ns, "name": name, "spec": spec}
+
+
+def test_range_masks_cover_exactly_the_range() -> None:
+    for lo, hi in [(80, 81), (79, 81), (1, 65535), (8000, 8010), (1024, 1024), (3, 17)]:
+        covered = {p for v, m in range_masks(lo, hi) for p in range(65536)
+                   if p & m == v} if hi - lo < 100 else None
+        if covered is not None:
+            assert covered == set(range(lo, hi + 1)), (lo, hi)
+    assert range_masks(1, 65535)[-1] == (32768, 0x8000)
+
+
+def test_selector_operators() -> None:
+    s = parse_policy("d", "p", {"podSelector": {"matchExpressions": [
+        {"key": "a", "operator": "In", "values": ["1", "2"]},
+        {"key": "b", "operator": "NotIn", "values": ["x"]},
+        {"key": "c", "operator": "Exists"},
+        {"key": "d", "operator": "DoesNotExist"}]}}).selector
+    assert s.matches({"a": "1", "c": ""})
+    assert not s.matches({"a": "3", "c": ""})
+    assert not s.matches({"a": "1", "b": "x", "c": ""})
+    assert not s.matches({"a": "1"})
+    assert not s.matches({"a": "1", "c": "", "d": "y"})
+    assert Selector().matches({})
+
+
+def test_policy_types_inferred() -> None:
+    assert parse_policy("d", "p", {"podSelector": {}}).types == {"ingress"}
+    assert parse_policy("d", "p", {"podSelector": {}, "egress": []}).types == {
+        "ingress", "egress"}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]},
+     "spec.ingress[0].from[0].ipBlock.cidr"),
+    ({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8",
+                                                             "except": ["11.0.0.0/16"]}}]}]},
+     "spec.ingress[0].from[0].ipBlock.except[0]: 11.0.0.0/16 is outside the block"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]},
+     "spec.ingress[0].ports[0].endPort"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP", "port": 1}]}]},
+     "spec.ingress[0].ports[0].protocol"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}},
+     "spec.podSelector.matchExpressions[0].operator"),
+    ({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"},
+                                             "podSelector": {}}]}]},
+     "spec.egress[0].to[0]: ipBlock cannot be combined"),
+    ({}, "spec.podSelector: required"),
+])
+def test_invalid_policies_name_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(PolicyError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse_policy("d", "p", spec)
+
+
+def test_apply_rejects_invalid_policy_naming_the_field() -> None:
+    text = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bad, namespace: prod}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: 90, endPort: 80}]}]
+"""
+    with pytest.raises(ManifestError, match=r"NetworkPolicy prod/bad: spec.ingress\[0\]"):
+        load(text)
+    assert load(text.replace("endPort: 80", "endPort: 95"))[0][:3] == (
+        "NetworkPolicy", "prod", "bad")
+
+
+WORLD_NS = [{"name": "d", "labels": {}}, {"name": "p", "labels": {"env": "prod"}}]
+WORLD_PODS = [pod("d", "web", "10.244.1.2", app="web"), pod("d", "web2", "10.244.1.3", app="web"),
+              pod("d", "c1", "10.244.2.2", node="n2", app="client"),
+              pod("d", "c2", "10.244.2.3", node="n2", app="client"),
+              pod("p", "api", "10.244.2.4", node="n2", app="api")]
+
+
+def allow_clients(name: str = "a", ports: list[Any] | None = None) -> dict[str, Any]:
+    return pol("d", name, {"podSelector": {"matchLabels": {"app": "web"}},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                               "app": "client"}}}], "ports": ports or [{"port": 80},
+                                                                       {"port": 81}]}]})
+
+
+def flows_of(owners: dict[str, list[Any]]) -> list[Any]:
+    return [f for fl in owners.values() for f in fl]
+
+
+def test_flow_count_is_a_sum_not_a_product() -> None:
+    eng = PolicyEngine("n1")
+    owners, problems = eng.load(WORLD_NS, WORLD_PODS, [allow_clients()])
+    assert problems == []
+    rule_flows = [f for f in flows_of(owners) if f.owner.startswith(("rule:", "policy-match"))]
+    # 2 selected + 2 peers + 2 ports + 1 conjunction flow (product would be 8)
+    assert len(rule_flows) == 7
+    assert eng.describe()[0]["flows"] == 7
+
+
+def test_match_flows_shared_between_rules() -> None:
+    eng = PolicyEngine("n1")
+    owners, _ = eng.load(WORLD_NS, WORLD_PODS, [allow_clients("a"),
+                                                allow_clients("b", [{"port": 81}])])
+    rule_flows = [f for f in flows_of(owners) if f.table == "IngressRule"]
+    port81 = [f for f in rule_flows if dict(f.match).get("tcp_dst") == 81]
+    assert len(port81) == 1
+    assert sorted(a.id for a in port81[0].actions if isinstance(a, Conjunction)) == [1, 2]
+
+
+def test_unrelated_change_touches_nothing_and_relabel_touches_little() -> None:
+    eng = PolicyEngine("n1")
+    eng.load(WORLD_NS, WORLD_PODS, [allow_clients()])
+    out, _ = eng.apply([Change(1, "put", "Pod", "p", "other",
+                               pod("p", "other", "10.244.2.9", node="n2", app="x"))])
+    assert {k for k, v in out.items()} <= {"isolation:p/other"} and not any(out.values())
+    out, _ = eng.apply([Change(2, "put", "Pod", "p", "other",
+                               pod("p", "other", "10.244.2.9", node="n2", app="client"))])
+    assert not any(out.values())  # namespaced podSelector: p/other is not a peer
+    out, _ = eng.apply([Change(3, "put", "Pod", "d", "c3",
+                               pod("d", "c3", "10.244.2.9", node="n2", app="client"))])
+    changed = {k for k, v in out.items() if v}
+    # one new peer: one new match flow, nothing else
+    assert changed == {"policy-match:IngressRule:200:(('eth_type', 2048), "
+                       "('ipv4_src', '10.244.2.9'))"}
+
+
+def test_isolation_and_conntrack_follow_policies() -> None:
+    eng = PolicyEngine("n1")
+    owners, _ = eng.load(WORLD_NS, WORLD_PODS, [])
+    assert "conntrack" not in owners  # no isolated pod: no conntrack at all
+    out, _ = eng.apply([Change(1, "put", "NetworkPolicy", "d", "a", allow_clients())])
+    assert out["conntrack"] and out["isolation:d/web"] and out["isolation:d/web2"]
+    out, _ = eng.apply([Change(2, "delete", "NetworkPolicy", "d", "a", None)])
+    assert out["conntrack"] == [] and out["isolation:d/web"] == []
+
+
+def test_named_ports_split_by_resolution() -> None:
+    pods = [{**pod("d", "w1", "10.244.1.2", app="web"),
+             "ports": [{"name": "http", "containerPort": 80}]},
+            {**pod("d", "w2", "10.244.1.3", app="web"),
+             "ports": [{"name": "http", "containerPort": 8080}]},
+            pod("d", "w3", "10.244.1.4", app="web")]
+    eng = PolicyEngine("n1")
+    eng.load(WORLD_NS, pods, [pol("d", "n", {"podSelector": {"matchLabels": {"app": "web"}},
+                                             "ingress": [{"ports": [{"port": "http"}]}]})])
+    rules = {tuple(r["pods"]): r["ports"] for r in eng.describe()}
+    assert rules == {("10.244.1.2",): ["TCP/80"], ("10.244.1.3",): ["TCP/8080"]}
