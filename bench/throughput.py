@@ -35,9 +35,17 @@ stderr; stdout gets one JSON line per path::
      "linux_vxlan_gbps": ..., "ratio_bare_ovs": flowcni/bare,
      "ratio_linux_vxlan": flowcni/linux}
 
+Reading the numbers: with tx checksum offload off, the netdev datapath moves
+MTU-sized frames, one AF_PACKET read and write per frame per port, on each
+ovs-vswitchd's single main thread; when that thread falls behind, the receive
+buffer of the AF_PACKET socket where the data enters OVS overflows (``ss -0 -m``
+in the node netns shows the drops), TCP backs off and the sender idles. Runs in
+that regime scatter by +-20% and more on a busy machine, so judge a ratio near 1
+by several runs or a higher ``--repeat``, not by one line.
+
 Everything (lab, peer namespaces, peer OVS daemons via their pidfiles, iperf3
-servers) is removed in ``finally``; leftovers of a crashed earlier run are
-removed first.
+servers, the lock file) is removed in ``finally``; leftovers of a crashed
+earlier run are removed first.
 
     python3 bench/throughput.py [--time 5] [--repeat 3] [--path same_node|cross_node|both]
 """
@@ -45,6 +53,7 @@ removed first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -264,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         removed = peers.cleanup()
         removed += lab.down()
         log(f"cleaned up: {removed}")
+        # Unlinked while still held and only after everything else is gone, so a run
+        # that starts now cannot overlap with anything of ours.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK)
         lock.close()
     return 0
 

@@ -9,6 +9,7 @@ match); `Flow.key` is exactly that, and the diff works on it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -107,8 +108,12 @@ def _osken_value(name: str, value: MatchValue) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _canon_value(name: str, value: MatchValue) -> MatchValue:
-    """Normalise values so equal matches compare equal (10.0.0.1/32 == 10.0.0.1)."""
+    """Normalise values so equal matches compare equal (10.0.0.1/32 == 10.0.0.1).
+
+    Cached: policy flows repeat the same addresses across many rules.
+    """
     if isinstance(value, str) and name.startswith(("ipv4", "arp_spa", "arp_tpa")):
         net = ipaddress.ip_network(value, strict=False)
         if str(net.network_address) != value.split("/")[0]:
@@ -315,16 +320,37 @@ class Flow:
             m[name] = _canon_value(name, m[name])
         if goto is not None and goto not in t.next:
             raise ValueError(f"{table} may not go to {goto} (allowed: {t.next})")
+        n_conj = 0
         for a in actions:
             if isinstance(a, CT) and a.table is not None and a.table not in t.next:
                 raise ValueError(f"{table} may not recirculate to {a.table}")
-            if isinstance(a, Conjunction) and len(actions) != sum(
-                    isinstance(x, Conjunction) for x in actions):
-                raise ValueError(f"{table}: conjunction actions cannot mix with others")
-        if goto is not None and any(isinstance(a, Conjunction) for a in actions):
+            n_conj += isinstance(a, Conjunction)
+        if n_conj and n_conj != len(actions):
+            raise ValueError(f"{table}: conjunction actions cannot mix with others")
+        if goto is not None and n_conj:
             raise ValueError(f"{table}: a conjunctive clause flow cannot go anywhere")
         order = sorted(m.items(), key=lambda kv: (_FIELD_ORDER.get(kv[0], -1), kv[0]))
         return cls(table, priority, tuple(order), tuple(actions), goto, feature, owner)
+
+    @classmethod
+    def with_match(cls, template: Flow, actions: tuple[Action, ...] | list[Action] = (),
+                   goto: str | None = None, *, priority: int | None = None,
+                   owner: str | None = None, pipeline: Pipeline = DEFAULT) -> Flow:
+        """A flow on an already validated match (`template`, from `make`).
+
+        Policy engines build thousands of flows over a few thousand distinct
+        matches; the match is checked once, when the template is made, and
+        only what changes (actions, goto) is checked here.
+        """
+        t = pipeline.table(template.table)
+        if goto is not None and goto not in t.next:
+            raise ValueError(f"{t.name} may not go to {goto} (allowed: {t.next})")
+        n_conj = sum(isinstance(a, Conjunction) for a in actions)
+        if n_conj and (n_conj != len(actions) or goto is not None):
+            raise ValueError(f"{t.name}: conjunction actions must stand alone")
+        return cls(template.table, template.priority if priority is None else priority,
+                   template.match, tuple(actions), goto, template.feature,
+                   template.owner if owner is None else owner)
 
     # -- rendering ---------------------------------------------------------
 

@@ -317,14 +317,21 @@ class World:
         self.policies: dict[str, Policy] = {}
         self.by_ns: dict[str, set[str]] = defaultdict(set)
         self.policies_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._peer_cache: dict[tuple[Peer, str | None], list[PodInfo]] = {}
+
+    def changed(self) -> None:
+        """Pods or namespaces changed: forget memoised peer sets."""
+        self._peer_cache.clear()
 
     def put_pod(self, p: PodInfo) -> PodInfo | None:
+        self.changed()
         old = self.pods.get(p.key)
         self.pods[p.key] = p
         self.by_ns[p.namespace].add(p.key)
         return old
 
     def del_pod(self, key: str) -> PodInfo | None:
+        self.changed()
         old = self.pods.pop(key, None)
         if old:
             self.by_ns[old.namespace].discard(key)
@@ -347,8 +354,16 @@ class World:
                 and pol.selector.matches(p.labels)]
 
     def peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
+        """Pods a peer selects; memoised until the world changes (rules share peers)."""
         if peer.is_ipblock:
             return []
+        key = (peer, policy_ns if peer.namespaces is None else None)
+        hit = self._peer_cache.get(key)
+        if hit is None:
+            hit = self._peer_cache[key] = self._peer_pods(peer, policy_ns)
+        return hit
+
+    def _peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
         if peer.namespaces is None:
             nss: Iterable[str] = [policy_ns]
         else:
@@ -439,6 +454,8 @@ class PolicyEngine:
         # (table, priority, match) -> {contributor: action-or-"allow"}
         self.contrib: dict[tuple[str, int, tuple[Any, ...]], dict[tuple[str, int], Any]] = {}
         self.isolated: dict[str, tuple[bool, bool]] = {}    # local pod key -> (in, out)
+        self._mkeys: dict[tuple[Any, ...], Flow] = {}
+        self._templates: dict[tuple[str, tuple[Any, ...]], Flow] = {}
 
     # -- flows of one piece ----------------------------------------------------------
 
@@ -456,25 +473,37 @@ class PolicyEngine:
         ingress = s.direction == "ingress"
         table = "IngressRule" if ingress else "EgressRule"
         sel_f, peer_f = ("ipv4_dst", "ipv4_src") if ingress else ("ipv4_src", "ipv4_dst")
-        dims: list[list[dict[str, MatchValue]]] = [[{sel_f: ip} for ip in sorted(s.selected)]]
+        mk = self._mkey
+        dims: list[list[tuple[Any, ...]]] = [[mk(table, sel_f, ip) for ip in s.selected]]
         if s.peers is not None:
-            dims.append([{peer_f: _addr(a)} for a in sorted(s.peers)])
+            dims.append([mk(table, peer_f, _addr(a)) for a in s.peers])
         if s.ports is not None:
-            dims.append([port_match(pm) for pm in sorted(s.ports, key=str)])
-        out = []
+            dims.append([mk(table, "port", pm) for pm in s.ports])
+        out: list[tuple[tuple[str, int, tuple[Any, ...]], Any]] = []
         if len(dims) == 1:
             for m in dims[0]:
-                out.append(((table, PRIO_ALLOW, self._mkey(table, m)), "allow"))
+                out.append(((table, PRIO_ALLOW, m), "allow"))
             return out
         for k, dim in enumerate(dims, 1):
+            act = Conjunction(cid, k, len(dims))
             for m in dim:
-                out.append(((table, PRIO_CONJ, self._mkey(table, m)),
-                            Conjunction(cid, k, len(dims))))
+                out.append(((table, PRIO_CONJ, m), act))
         return out
 
-    def _mkey(self, table: str, m: dict[str, MatchValue]) -> tuple[Any, ...]:
-        return Flow.make(table, 0, m, feature=Feature.POLICY, owner="",
-                         pipeline=self.pipeline).match
+    def _mkey(self, table: str, field: str, value: Any) -> tuple[Any, ...]:
+        """The canonical match of a clause flow on one address or port match.
+
+        Validated once per distinct match: rules repeat the same addresses.
+        """
+        raw = (table, field, value)
+        tmpl = self._mkeys.get(raw)
+        if tmpl is None:
+            m = port_match(value) if field == "port" else {field: value}
+            tmpl = Flow.make(table, 0, m, feature=Feature.POLICY, owner="",
+                             pipeline=self.pipeline)
+            self._mkeys[raw] = tmpl
+            self._templates[(table, tmpl.match)] = tmpl
+        return tmpl.match
 
     def _match_owner(self, key: tuple[str, int, tuple[Any, ...]]) -> str:
         table, prio, match = key
@@ -487,12 +516,12 @@ class PolicyEngine:
             return []
         nxt = "ConntrackCommit" if table == "IngressRule" else "L3Forwarding"
         owner = self._match_owner(key)
+        tmpl = self._templates[(table, match)]
         if prio == PRIO_ALLOW:
-            return [Flow.make(table, prio, dict(match), goto=nxt, feature=Feature.POLICY,
-                              owner=owner, pipeline=self.pipeline)]
+            return [Flow.with_match(tmpl, goto=nxt, priority=prio, owner=owner,
+                                    pipeline=self.pipeline)]
         acts = sorted(set(c.values()), key=lambda a: (a.id, a.clause))
-        return [Flow.make(table, prio, dict(match), acts, feature=Feature.POLICY,
-                          owner=owner, pipeline=self.pipeline)]
+        return [Flow.with_match(tmpl, acts, priority=prio, owner=owner, pipeline=self.pipeline)]
 
     def _rule_flows(self, rule: str) -> list[Flow]:
         out = []
@@ -627,6 +656,7 @@ class PolicyEngine:
         problems: list[str] = []
         for n in namespaces:
             self.world.namespaces[n["name"]] = dict(n.get("labels") or {})
+        self.world.changed()
         for b in pods:
             try:
                 self.world.put_pod(pod_from_body(b))
@@ -670,6 +700,7 @@ class PolicyEngine:
                     self.world.namespaces[c.name] = dict(c.body.get("labels") or {})
                 else:
                     self.world.namespaces.pop(c.name, None)
+                self.world.changed()
                 rules.update(r.key for pol in self.world.policies.values() for r in pol.rules
                              if r.peers and any(p.namespaces is not None for p in r.peers))
             elif c.kind == "NetworkPolicy":
