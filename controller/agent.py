@@ -23,14 +23,15 @@ from dataclasses import replace
 from typing import Any
 
 from flowcni.cni.ipam import IPAM
-from flowcni.controller import hostnet, ofapp
+from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.cluster import Peers, refresh_neighbors
-from flowcni.controller.cniserver import CNIServer
+from flowcni.controller.cniserver import CNIServer, timed
 from flowcni.controller.datastore import Datastore, open_datastore
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.store import ENCAPS, Change, ClusterConfig, StoreError
+from flowcni.flows import cookie as ck
 from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.tables import DEFAULT as PIPELINE
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", default="/var/lib/flowcni")
     p.add_argument("--mtu", type=int, default=0,
                    help="pod interface MTU (default: uplink MTU minus encapsulation overhead)")
+    p.add_argument("--metrics-address", default="127.0.0.1:9153",
+                   help="Prometheus endpoint (host:port; empty to disable)")
+    p.add_argument("--resync-period", type=float, default=30.0,
+                   help="seconds between checks that OVS holds exactly the desired flows")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
@@ -165,7 +170,11 @@ class Agent:
         else:
             hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
         self._syncq: queue.Queue[Any] = queue.Queue()
-        self.cni = CNIServer(a.cni_socket, self.dispatch)
+        self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
+
+    def _observe_request(self, command: str, seconds: float, ok: bool) -> None:
+        if not command.startswith("_"):
+            metrics.CNI_REQUESTS.labels(command, "ok" if ok else "error").observe(seconds)
 
     # -- datastore -----------------------------------------------------------------
 
@@ -176,6 +185,7 @@ class Agent:
         a restarted agent never prunes flows of objects it has not seen yet.
         """
         rev = store.revision()
+        metrics.DATASTORE_RESYNCS.inc()
         self.peers.set_nodes(store.objects("Node"))
         owners, problems = self.policy.load(store.objects("Namespace"), store.objects("Pod"),
                                             store.objects("NetworkPolicy"))
@@ -189,13 +199,32 @@ class Agent:
                          name="neigh-refresh", daemon=True).start()
 
     def _on_changes(self, batch: list[Change]) -> None:
+        t = time.perf_counter()
+        for c in batch:
+            metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
         owners, problems = self.policy.apply(batch)
         for p in problems:
             LOG.error("skipping %s", p)
         if owners:
             self.flows.set_owners(owners)
+            metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
+
+    def _resync_loop(self) -> None:
+        """Repair drift (flows added or deleted behind the agent's back) periodically."""
+        while not self.stop_event.wait(self.args.resync_period):
+            if not self.flows.synced.is_set():
+                continue
+            try:
+                added, removed = self.flows.repair()
+            except Exception:
+                LOG.exception("drift check failed")
+                continue
+            if added or removed:
+                LOG.warning("repaired drift: %d flows re-added, %d removed", added, removed)
+                metrics.FLOW_REPAIRS.labels("missing").inc(added)
+                metrics.FLOW_REPAIRS.labels("unexpected").inc(removed)
 
     # -- OpenFlow connection -----------------------------------------------------
 
@@ -203,6 +232,7 @@ class Agent:
         """The one thread that performs full syncs; retries until one succeeds."""
         while True:
             sw = self._syncq.get()
+            metrics.OF_RECONNECTS.inc()
             while sw.alive:
                 try:
                     self.flows.full_sync(sw)
@@ -213,6 +243,13 @@ class Agent:
 
     def start(self) -> None:
         threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
+        threading.Thread(target=self._resync_loop, name="resync", daemon=True).start()
+        if self.args.metrics_address:
+            metrics.serve(self.args.metrics_address, metrics.StateCollector(
+                lambda: metrics.flows_per_table(self.flows.desired_flows()),
+                lambda: self.flows.switch is not None,
+                lambda: self.flows.stats["bundle_errors"],
+                lambda: self.applied_revision))
         app = ofapp.start(self.args.of_host, self.args.of_port)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
@@ -228,6 +265,23 @@ class Agent:
         self.cni.stop()
 
     # -- requests ------------------------------------------------------------------
+
+    def owner_names(self) -> dict[str, dict[str, str]]:
+        """Owner id (as in cookies) -> owner key and the object it stands for."""
+        pods = {f"pod:{a.key}": f"pod {a.namespace}/{a.name}"
+                for a in self.pods.attachments.values()}
+        out = {}
+        for owner in self.flows.owners():
+            obj = pods.get(owner)
+            if obj is None:
+                kind, _, rest = owner.partition(":")
+                obj = {"node": "node", "gateway": "gateway", "tunnel": "tunnel port",
+                       "conntrack": "conntrack"}.get(owner) or {
+                    "node": f"remote node {rest}", "rule": f"policy rule {rest}",
+                    "isolation": f"pod {rest} (isolated)",
+                    "policy-match": "policy match (shared)"}.get(kind, owner)
+            out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
+        return out
 
     def status(self) -> dict[str, Any]:
         return {
@@ -268,6 +322,13 @@ class Agent:
                 return {"ok": True, "status": self.status()}
             elif cmd == "_pods":
                 return {"ok": True, "pods": [vars_of(a) for a in self.pods.attachments.values()]}
+            elif cmd == "_stale":
+                missing, unexpected = self.flows.drift()
+                return {"ok": True, "missing": [f.ofctl(PIPELINE, names=True)
+                                                for f in missing],
+                        "unexpected": [describe_stat(s, PIPELINE) for s in unexpected]}
+            elif cmd == "_owners":
+                return {"ok": True, "owners": self.owner_names()}
             elif cmd == "_policy":
                 return {"ok": True, "rules": self.policy.describe()}
             elif cmd == "_flows":
@@ -285,6 +346,13 @@ class Agent:
             LOG.exception("%s failed", cmd)
             return {"ok": False, "code": 5, "msg": f"{cmd} failed: {e}",
                     "details": traceback.format_exc(limit=3)}
+
+
+def describe_stat(s: Any, pipeline: Any) -> str:
+    """A flow-stats entry from OVS in short text (table name, priority, match, cookie)."""
+    match = ",".join(f"{k}={v}" for k, v in sorted(s.match.items()))
+    return (f"cookie={s.cookie:#x},table={pipeline.name(s.table_id)},priority={s.priority}"
+            f"{',' + match if match else ''}")
 
 
 def vars_of(a: Any) -> dict[str, Any]:

@@ -74,12 +74,11 @@ class CNIServer:
             pass
 
 
-def timed(fn: Handler, observe: Callable[[str, float], None]) -> Handler:
-    """Wrap a dispatcher to report each command's latency."""
+def timed(fn: Handler, observe: Callable[[str, float, bool], None]) -> Handler:
+    """Wrap a dispatcher to report each command's latency and whether it succeeded."""
     def run(req: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
-        try:
-            return fn(req)
-        finally:
-            observe(str(req.get("command", "?")), time.perf_counter() - t)
+        reply = fn(req)
+        observe(str(req.get("command", "?")), time.perf_counter() - t, bool(reply.get("ok")))
+        return reply
     return run

@@ -158,6 +158,42 @@ def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
     return 0
 
 
+def _conj_packets(node_ovs: Any) -> dict[int, int]:
+    """conj_id -> packets allowed by it, from the flow stats OVS holds."""
+    out: dict[int, int] = {}
+    for line in node_ovs.ofctl("dump-flows", "br-int").splitlines():
+        m = re.search(r"conj_id=(\d+)", line)
+        n = re.search(r"n_packets=(\d+)", line)
+        if m and n and "conjunction(" not in line:
+            out[int(m[1])] = out.get(int(m[1]), 0) + int(n[1])
+    return out
+
+
+def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
+    """Each rule as realized on each node: pods, peers, ports, flows, packets allowed."""
+    rows = []
+    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
+        rules = AgentClient(node.socket).call("_policy")["rules"]
+        packets = _conj_packets(node.ovs)
+        for r in rules:
+            ns, name, direction, idx = r["rule"].split("/")
+            if a.policy and a.policy != f"{ns}/{name}":
+                continue
+            rows.append({"node": node.name, "policy": f"{ns}/{name}", "rule": f"{direction}[{idx}]",
+                         "pods": len(r["pods"]),
+                         "peers": "any" if r["peers"] is None else len(r["peers"]),
+                         "ports": "any" if r["ports"] is None else ",".join(r["ports"]),
+                         "flows": r["flows"], "conj_id": r["conj_id"],
+                         "packets": packets.get(r["conj_id"], 0) if r["conj_id"] else "-",
+                         "detail": r})
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_table(rows, ["node", "policy", "rule", "pods", "peers", "ports", "flows",
+                            "packets"])
+    return 0
+
+
 def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
     from flowcni.lab.demo import run_demo
     return run_demo(lab, keep=a.keep)
@@ -204,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("apply", "delete"):
         ap = sub.add_parser(verb, help=f"{verb} Kubernetes YAML objects in the lab's datastore")
         ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
+    po = sub.add_parser("policy", help="NetworkPolicy rules as realized on each node")
+    po.add_argument("policy", nargs="?", help="NS/NAME")
+    po.add_argument("--node")
+    po.add_argument("--json", action="store_true")
     fl = sub.add_parser("flows", help="a node's flows, with table names")
     fl.add_argument("--node")
     fl.add_argument("--table")
@@ -229,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab()
     try:
         return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
-                "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply}[a.cmd](lab, a)
+                "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply,
+                "policy": cmd_policy}[a.cmd](lab, a)
     except (LabError, AgentError) as e:
         print(f"flowctl: {e}", file=sys.stderr)
         return 1

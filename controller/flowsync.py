@@ -24,6 +24,11 @@ from flowcni.flows.tables import Pipeline
 LOG = logging.getLogger(__name__)
 
 
+def match_key(match: Any) -> tuple[Any, ...]:
+    """An os-ken OFPMatch as a comparable tuple (same fields, same values)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in match.items()))
+
+
 def flow_add(sw: Switch, flow: Flow, round_: int, pipeline: Pipeline) -> Any:
     p, o = sw.parser, sw.ofp
     return p.OFPFlowMod(sw.dp, cookie=flow.cookie(round_), cookie_mask=0,
@@ -158,6 +163,48 @@ class FlowSync:
             self.stats["full_syncs"] += 1
             self.synced.set()
             LOG.info("round %d: %d flows installed", rnd, len(flows))
+
+    # -- drift -------------------------------------------------------------------
+
+    def drift(self) -> tuple[list[Flow], list[Any]]:
+        """(desired flows OVS lacks, flows OVS holds that nobody wants).
+
+        Compared on OpenFlow identity (table, priority, match) and cookie: a
+        flow added or deleted by hand, or left by another round, shows up.
+        """
+        with self._lock:
+            sw = self.switch
+            if sw is None or not self.synced.is_set():
+                raise OFError("not synced with the switch")
+            parser = sw.parser
+            want = {(self.pipeline.id(f.table), f.priority,
+                     match_key(f.osken_match(parser))): f for f in self.desired_flows()}
+            have = {(s.table_id, s.priority, match_key(s.match)): s for s in sw.flow_stats()}
+            rnd = self.round
+        missing = [f for k, f in want.items()
+                   if k not in have or have[k].cookie != f.cookie(rnd)]
+        unexpected = [s for k, s in have.items()
+                      if k not in want or s.cookie != want[k].cookie(rnd)]
+        return missing, unexpected
+
+    def repair(self) -> tuple[int, int]:
+        """Re-add missing flows and delete unexpected ones in one bundle."""
+        missing, unexpected = self.drift()
+        with self._lock:
+            sw = self.switch
+            if sw is None or not (missing or unexpected):
+                return 0, 0
+            p, o = sw.parser, sw.ofp
+            wanted_keys = {(self.pipeline.id(f.table), f.priority,
+                            match_key(f.osken_match(p))) for f in missing}
+            msgs = [p.OFPFlowMod(sw.dp, table_id=s.table_id, command=o.OFPFC_DELETE_STRICT,
+                                 priority=s.priority, out_port=o.OFPP_ANY,
+                                 out_group=o.OFPG_ANY, match=s.match)
+                    for s in unexpected
+                    if (s.table_id, s.priority, match_key(s.match)) not in wanted_keys]
+            msgs += [flow_add(sw, f, self.round, self.pipeline) for f in missing]
+            self._bundle(sw, msgs)
+        return len(missing), len(unexpected)
 
     def disconnected(self, sw: Switch) -> None:
         with self._lock:

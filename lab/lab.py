@@ -328,7 +328,7 @@ class Lab:
             netns.exec_argv(node.netns, [
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
                 "--datastore", f"sqlite:{self.store_path}", "--node-ip", node.node_ip,
-                "--ovsdb", node.ovs.remote,
+                "--ovsdb", node.ovs.remote, "--resync-period", "3",
                 "--cni-socket", node.socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
                 "--datapath-type", "netdev"]),

@@ -509,8 +509,8 @@ class FakeAPIServer(FakeAPI):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **kw: Any) -> None:
         super().__init__(**kw)
         self.http = Server((host, port), self)
-        self._thread = threading.Thread(target=self.http.serve_forever, name="fakeapi",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.http.serve_forever, args=(0.05,),
+                                        name="fakeapi", daemon=True)
 
     @property
     def url(self) -> str:

@@ -7,6 +7,7 @@ slowly) and checks the change stream the agent would see. No root needed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -117,7 +118,7 @@ def seed(srv: FakeAPIServer) -> None:
                                                  [{"name": "http", "port": 8080}]))
 
 
-EXPECTED = {
+EXPECTED: dict[str, list[dict[str, Any]]] = {
     "Namespace": [{"name": "web", "labels": {"kubernetes.io/metadata.name": "web",
                                             "team": "a"}}],
     "Node": [{"name": "node1", "nodeIP": "192.168.77.1", "podCIDR": "10.244.1.0/24"}],
@@ -152,8 +153,7 @@ def test_initial_sync_of_every_kind(server: FakeAPIServer,
                  "/apis/discovery.k8s.io/v1/endpointslices"):
         reqs = server.requests(path)
         assert reqs[0]["query"].get("watch") is None, "lists first"
-        watch = eventually(lambda p=path: [r for r in server.requests(p)  # type: ignore[misc]
-                                           if r["query"].get("watch") == "true"])[0]
+        watch = eventually(functools.partial(_watches, server, path))[0]
         assert watch["query"]["allowWatchBookmarks"] == "true"
         assert int(watch["query"]["timeoutSeconds"]) >= FAST.watch
         assert watch["query"]["resourceVersion"] == str(server.revision())

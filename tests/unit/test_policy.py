@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from flowcni.controller.manifests import ManifestError, load
 from flowcni.controller.store import Change
 from flowcni.flows.model import Conjunction

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the agent, in one registry, served on a loopback address by default.
+
+Gauges that mirror state (flows per table, connection) are computed when
+scraped, from the objects that own that state, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry()
+
+CNI_REQUESTS = Histogram(
+    "flowcni_cni_request_seconds", "CNI requests handled by the agent, by command and result",
+    ["command", "result"], registry=REGISTRY,
+    buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
+POLICY_REALIZATION = Histogram(
+    "flowcni_policy_realization_seconds",
+    "From reading a datastore change to its flows committed in OVS",
+    registry=REGISTRY, buckets=(.001, .005, .01, .02, .05, .1, .2, .5, 1, 2))
+DATASTORE_EVENTS = Counter("flowcni_datastore_events_total", "Datastore changes applied",
+                           ["kind", "op"], registry=REGISTRY)
+DATASTORE_RESYNCS = Counter("flowcni_datastore_resyncs_total",
+                            "Full lists of the datastore (start-up, re-list)", registry=REGISTRY)
+OF_RECONNECTS = Counter("flowcni_openflow_connections_total",
+                        "OpenFlow connections made to the bridge", registry=REGISTRY)
+FLOW_REPAIRS = Counter("flowcni_flow_repairs_total",
+                       "Flows re-installed or removed by the periodic drift check",
+                       ["kind"], registry=REGISTRY)
+
+
+class StateCollector(Collector):
+    """Scrape-time gauges from callbacks the agent registers."""
+
+    def __init__(self, flows_by_table: Callable[[], dict[str, int]],
+                 connected: Callable[[], bool], bundle_errors: Callable[[], int],
+                 revision: Callable[[], int]) -> None:
+        self.flows_by_table, self.connected = flows_by_table, connected
+        self.bundle_errors, self.revision = bundle_errors, revision
+
+    def collect(self) -> Any:
+        g = GaugeMetricFamily("flowcni_flows", "Flows the agent keeps in OVS, by table",
+                              labels=["table"])
+        for table, n in sorted(self.flows_by_table().items()):
+            g.add_metric([table], n)
+        yield g
+        yield GaugeMetricFamily("flowcni_openflow_connected",
+                                "1 while the OpenFlow connection to the bridge is up",
+                                value=1 if self.connected() else 0)
+        yield GaugeMetricFamily("flowcni_bundle_errors", "Bundles OVS refused since start",
+                                value=self.bundle_errors())
+        yield GaugeMetricFamily("flowcni_datastore_applied_revision",
+                                "Datastore revision the flows reflect", value=self.revision())
+
+
+def flows_per_table(flows: list[Any]) -> dict[str, int]:
+    return dict(Tally(f.table for f in flows))
+
+
+def serve(address: str, collector: StateCollector) -> None:
+    """Start the /metrics HTTP server (a daemon thread of prometheus_client)."""
+    REGISTRY.register(collector)
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
