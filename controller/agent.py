@@ -288,6 +288,7 @@ class Agent:
             "node": self.args.node, "bridge": self.args.bridge,
             "datapath_type": self.datapath_type, "pod_cidr": self.pod_cidr,
             "node_ip": self.args.node_ip, "encap": self.cluster.encap, "mtu": self.mtu,
+            "tunnel_ofport": self.tun_ofport,
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
             "datastore_revision": self.store.revision() if self.store else None,
@@ -330,7 +331,8 @@ class Agent:
             elif cmd == "_owners":
                 return {"ok": True, "owners": self.owner_names()}
             elif cmd == "_policy":
-                return {"ok": True, "rules": self.policy.describe()}
+                return {"ok": True, "rules": self.policy.describe(),
+                        "isolation": self.policy.isolation_report()}
             elif cmd == "_flows":
                 return {"ok": True, "round": self.flows.round,
                         "owners": self.flows.owners(),

@@ -11,61 +11,55 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from typing import Any
 
+from flowcni.controller import inspect
 from flowcni.controller.client import AgentClient, AgentError
-from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
 
 
-def _table_names(lab: Lab, node: str) -> dict[int, str]:
-    out = lab.node(node).ovs.vsctl("--if-exists", "get", "Bridge", "br-int",
-                                   f"external_ids:{ck.TABLES_KEY}").strip().strip('"')
-    names: dict[int, str] = {}
-    for part in filter(None, out.split(",")):
-        n, _, i = part.partition("=")
-        names[int(i)] = n
-    return names
-
-
-_TABLE_RE = re.compile(r"\btable=(\d+)")
-_GOTO_RE = re.compile(r"goto_table:(\d+)")
-_COOKIE_RE = re.compile(r"cookie=(0x[0-9a-f]+)")
-
-
-def named_flows(dump: str, names: dict[int, str]) -> list[str]:
-    """ovs-ofctl dump-flows lines with table numbers replaced by names and cookies decoded."""
-    out = []
-    for line in dump.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("OFPST_FLOW", "NXST_FLOW")):
-            continue
-        if not _TABLE_RE.search(line):  # ovs-ofctl omits table=0
-            line = line.replace(" priority=", f" table={names.get(0, '0')}, priority=", 1)
-        line = _TABLE_RE.sub(lambda m: f"table={names.get(int(m[1]), m[1])}", line)
-        line = _GOTO_RE.sub(lambda m: f"goto_table:{names.get(int(m[1]), m[1])}", line)
-        c = _COOKIE_RE.search(line)
-        if c:
-            cookie = int(c[1], 16)
-            feat = ck.feature_of(cookie)
-            tag = f"[r{ck.round_of(cookie)} {feat.name.lower() if feat else '?'}]"
-            line = _COOKIE_RE.sub(tag, line, count=1)
-        out.append(line)
-    return out
-
-
 def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
+    """A node's flows as OVS holds them, with table names and owners; or the drift."""
+    out: list[dict[str, Any]] = []
     for node in ([lab.node(a.node)] if a.node else lab.nodes()):
-        dump = node.ovs.ofctl("dump-flows", "br-int", *(["--no-stats"] if a.no_stats else []))
-        names = _table_names(lab, node.name)
-        lines = named_flows(dump, names)
+        agent = AgentClient(node.socket)
+        if a.stale:
+            st = agent.call("_stale")
+            out.append({"node": node.name, "missing": st["missing"],
+                        "unexpected": st["unexpected"]})
+            continue
+        rows = inspect.node_flows(node.ovs, agent.call("_owners")["owners"])
         if a.table:
-            lines = [ln for ln in lines if f"table={a.table}," in ln]
-        print(f"# {node.name}: {len(lines)} flows")
-        for ln in lines:
-            print(ln)
+            rows = [r for r in rows if r.table == a.table]
+        if a.pod:
+            pod = lab.pod(a.pod)
+            wanted = {f"pod:{pod.container_id}/eth0", f"isolation:{pod.ref}"}
+            rows = [r for r in rows if r.owner in wanted]
+        if a.policy:
+            rules = [r for r in agent.call("_policy")["rules"]
+                     if r["rule"].startswith(a.policy + "/")]
+            ids = {r["conj_id"] for r in rules if r["conj_id"]}
+            conj = re.compile(r"conjunction\((\d+),")
+            rows = [r for r in rows if r.owner.startswith(f"rule:{a.policy}/")
+                    or any(int(x) in ids for x in conj.findall(r.actions))]
+        out.append({"node": node.name, "flows": [r.as_dict() for r in rows]})
+        if not a.json:
+            print(f"# {node.name}: {len(rows)} flows")
+            for r in rows:
+                print(r.text(stats=not a.no_stats))
+    if a.json:
+        print(json.dumps(out, indent=1))
+    elif a.stale:
+        for n in out:
+            print(f"# {n['node']}: {len(n['missing'])} missing, "
+                  f"{len(n['unexpected'])} unexpected")
+            for f in n["missing"]:
+                print(f"missing     {f}")
+            for f in n["unexpected"]:
+                print(f"unexpected  {f}")
     return 0
 
 
@@ -194,6 +188,23 @@ def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
+    """Trace a new connection through OVS on every node it crosses; exit 0 if delivered."""
+    from flowcni.controller.trace import Tracer
+    v = Tracer(lab).trace(a.src, a.dst, a.proto, a.dport)
+    if a.json:
+        print(json.dumps(v.as_dict(), indent=1))
+    else:
+        node = None
+        for s in v.steps:
+            if s.node != node:
+                node = s.node
+                print(f"# {node}")
+            print(f"  {s.story}")
+        print(f"verdict: {'DELIVERED' if v.delivered else 'DROPPED'}: {v.detail}")
+    return 0 if v.delivered else 3
+
+
 def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
     from flowcni.lab.demo import run_demo
     return run_demo(lab, keep=a.keep)
@@ -240,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("apply", "delete"):
         ap = sub.add_parser(verb, help=f"{verb} Kubernetes YAML objects in the lab's datastore")
         ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
+    tr = sub.add_parser("trace", help="trace a packet from a pod through every node it crosses")
+    tr.add_argument("--from", dest="src", required=True, help="NS/POD")
+    tr.add_argument("--to", dest="dst", required=True, help="NS/POD or IP")
+    tr.add_argument("--proto", default="tcp", choices=["tcp", "udp", "icmp", "sctp"])
+    tr.add_argument("--dport", type=int)
+    tr.add_argument("--json", action="store_true")
     po = sub.add_parser("policy", help="NetworkPolicy rules as realized on each node")
     po.add_argument("policy", nargs="?", help="NS/NAME")
     po.add_argument("--node")
@@ -248,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--node")
     fl.add_argument("--table")
     fl.add_argument("--no-stats", action="store_true")
+    fl.add_argument("--pod", help="NS/NAME: only the flows this pod owns")
+    fl.add_argument("--policy", help="NS/NAME: only the flows this policy's rules use")
+    fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
+    fl.add_argument("--stale", action="store_true",
+                    help="what OVS holds that the agent does not want, and the reverse")
     st = sub.add_parser("status", help="agent status per node")
     st.add_argument("--node")
     ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
@@ -259,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `flowctl flows | head` ends quietly
     if a.cmd == "install-cni":
         from flowcni.cni.install import install
         print(install(a.dest))
@@ -270,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
                 "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply,
-                "policy": cmd_policy}[a.cmd](lab, a)
+                "policy": cmd_policy, "trace": cmd_trace}[a.cmd](lab, a)
     except (LabError, AgentError) as e:
         print(f"flowctl: {e}", file=sys.stderr)
         return 1

@@ -727,6 +727,17 @@ class PolicyEngine:
 
     # -- inspection ------------------------------------------------------------------------
 
+    def isolation_report(self) -> dict[str, dict[str, list[str]]]:
+        """Local isolated pods -> the policies isolating them, per direction."""
+        out = {}
+        for key, (i_in, i_out) in self.isolated.items():
+            p = self.world.pods.get(key)
+            if p is None or not (i_in or i_out):
+                continue
+            out[key] = {d: [pol.key for pol in self.world.isolated(p, d)]
+                        for d in DIRS}
+        return out
+
     def describe(self) -> list[dict[str, Any]]:
         """Every realized rule: its conjunction ids and the sizes of its clauses."""
         out = []
