@@ -48,11 +48,29 @@ GENEVE_PORT = "tun0"
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where an iperf3 pair runs: client and server pod netns, and the server's IP."""
+    """Where an iperf3 pair runs: client and server pod netns, and the server's IP.
+
+    `ovs_pids` are the ovs-vswitchd processes that forward the pair's packets,
+    so the bench can report their CPU per byte: in the userspace datapath that
+    is where the time goes, and it compares more steadily than throughput.
+    """
 
     client_ns: str
     server_ns: str
     server_ip: str
+    ovs_pids: tuple[int, ...] = ()
+
+
+def vswitchd_pids(nodes: list[OVS]) -> tuple[int, ...]:
+    """The ovs-vswitchd pid of each OVS, read from its pidfile."""
+    out = []
+    for ovs in nodes:
+        try:
+            with open(os.path.join(ovs.rundir, "ovs-vswitchd.pid")) as f:
+                out.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            pass
+    return tuple(out)
 
 
 def _link_mac(ns: str, ifname: str) -> str:
@@ -141,15 +159,18 @@ class Peers:
                       None, tx_offload)
             ovs.vsctl("add-port", "br-int", host)
         self._one_flow_set(ovs, "br-int", ["priority=0,actions=NORMAL"])
-        return Endpoints(f"{BARE_PREFIX}s-a", f"{BARE_PREFIX}s-b", f"{BARE_POD_NET}.2")
+        return Endpoints(f"{BARE_PREFIX}s-a", f"{BARE_PREFIX}s-b", f"{BARE_POD_NET}.2",
+                         vswitchd_pids([ovs]))
 
     def bare_cross_node(self, tx_offload: bool) -> Endpoints:
         """Two bare nodes on the lab underlay, each br-phy (node IP) + br-int (pod, geneve)."""
         ips = {1: f"{UNDERLAY_NET}.201", 2: f"{UNDERLAY_NET}.202"}
+        nodes = []
         for i, ip in ips.items():
             node = self._netns(f"{BARE_PREFIX}x-node{i}")
             self._uplink(node, f"bb{i}")
             ovs = self._ovs(node)
+            nodes.append(ovs)
             # The lab's node layout: the endpoint IP on br-phy so OVS native tunnelling
             # finds its route and neighbours there, eth0 as br-phy's underlay port.
             ovs.vsctl("add-br", "br-phy", "--", "set", "bridge", "br-phy",
@@ -166,7 +187,8 @@ class Peers:
             pod, tun = self._ofport(ovs, "vp"), self._ofport(ovs, GENEVE_PORT)
             self._one_flow_set(ovs, "br-int", [f"in_port={pod},actions=output:{tun}",
                                                f"in_port={tun},actions=output:{pod}"])
-        return Endpoints(f"{BARE_PREFIX}x-pod1", f"{BARE_PREFIX}x-pod2", f"{BARE_POD_NET}.2")
+        return Endpoints(f"{BARE_PREFIX}x-pod1", f"{BARE_PREFIX}x-pod2", f"{BARE_POD_NET}.2",
+                         vswitchd_pids(nodes))
 
     # -- the Flannel datapath ------------------------------------------------------
 

@@ -40,6 +40,7 @@ def generate(pods: int, policies: int, seed: int = 7) -> tuple[list[Any], list[A
     for j in range(policies):
         ns = f"ns{j % n_ns}"
         kind = rnd.random()
+        peer: dict[str, Any]
         if kind < 0.6:
             peer = {"podSelector": {"matchLabels": {"app": f"a{rnd.randrange(apps)}"}}}
         elif kind < 0.9:

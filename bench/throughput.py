@@ -28,8 +28,11 @@ pod offloads and MTU are printed to stderr so the claim can be checked.
 
 Machine load hits all datapaths alike: every repeat runs the three in turn,
 the order rotating by one per repeat, and each path reports the median of
-``--repeat`` runs. Per-run figures (with retransmits and CPU use) go to
-stderr; stdout gets one JSON line per path::
+``--repeat`` runs. Per-run figures go to stderr: retransmits, iperf3's CPU
+use and, for the two OVS datapaths, the CPU seconds their ovs-vswitchd
+processes spent per gigabyte received, which is where the userspace datapath's
+time goes and which compares flowcni with bare OVS more steadily than
+throughput does. stdout gets one JSON line per path::
 
     {"path": "same_node", "flowcni_gbps": ..., "bare_ovs_gbps": ...,
      "linux_vxlan_gbps": ..., "ratio_bare_ovs": flowcni/bare,
@@ -72,7 +75,7 @@ from flowcni.lab.ovs import kill_wait
 
 # bench/ is a folder of scripts, not a package: peers sits next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import Endpoints, Peers, cleanup_leftovers  # noqa: E402
+from peers import Endpoints, Peers, cleanup_leftovers, vswitchd_pids  # noqa: E402
 
 BASE = "/run/flowcni-bench-tp"
 PREFIX = "fcbt-"
@@ -92,6 +95,30 @@ class Sample:
     retransmits: int
     cpu_sender: float
     cpu_receiver: float
+    seconds: float  # wall time of the client run, for per-byte figures
+    vswitchd_cpu: float  # CPU seconds the pair's ovs-vswitchd processes used meanwhile
+
+    @property
+    def vswitchd_s_per_gb(self) -> float:
+        """ovs-vswitchd CPU seconds per gigabyte received: the datapath's cost per byte."""
+        gbytes = self.gbps * self.seconds / 8
+        return self.vswitchd_cpu / gbytes if gbytes else 0.0
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of `pids` (threads included), from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / _CLK_TCK
 
 
 def log(msg: str) -> None:
@@ -136,9 +163,11 @@ def iperf3(ep: Endpoints, seconds: int) -> Sample:
                 err = server.stderr.read().decode() if server.stderr else ""
                 raise BenchError(f"iperf3 server in {ep.server_ns} not listening: {err}")
             time.sleep(0.05)
+        cpu0, t0 = cpu_seconds(ep.ovs_pids), time.monotonic()
         p = run(netns.exec_argv(ep.client_ns, [
             "iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]),
             check=False, timeout=seconds + 60)
+        cpu1, t1 = cpu_seconds(ep.ovs_pids), time.monotonic()
         try:
             res: dict[str, Any] = json.loads(p.stdout)
         except json.JSONDecodeError as e:
@@ -151,7 +180,9 @@ def iperf3(ep: Endpoints, seconds: int) -> Sample:
         return Sample(gbps=end["sum_received"]["bits_per_second"] / 1e9,
                       retransmits=int(end.get("sum_sent", {}).get("retransmits", 0)),
                       cpu_sender=float(cpu.get("host_total", 0.0)),
-                      cpu_receiver=float(cpu.get("remote_total", 0.0)))
+                      cpu_receiver=float(cpu.get("remote_total", 0.0)),
+                      seconds=float(end["sum_received"].get("seconds", t1 - t0)),
+                      vswitchd_cpu=cpu1 - cpu0)
     finally:
         try:
             server.wait(timeout=5)
@@ -184,13 +215,14 @@ def pod_setup(ns: str) -> str:
 def flowcni_endpoints(lab: Lab, paths: Sequence[str]) -> dict[str, Endpoints]:
     """Pods s1, s2 on node1 and c on node2 of the (already up) lab."""
     s1 = lab.pod_add("s1", "node1")
+    n1, n2 = (vswitchd_pids([lab.node(n).ovs]) for n in ("node1", "node2"))
     out: dict[str, Endpoints] = {}
     if "same_node" in paths:
         s2 = lab.pod_add("s2", "node1")
-        out["same_node"] = Endpoints(s1.netns, s2.netns, s2.ip)
+        out["same_node"] = Endpoints(s1.netns, s2.netns, s2.ip, n1)
     if "cross_node" in paths:
         c = lab.pod_add("c", "node2")
-        out["cross_node"] = Endpoints(s1.netns, c.netns, c.ip)
+        out["cross_node"] = Endpoints(s1.netns, c.netns, c.ip, n1 + n2)
     return out
 
 
@@ -228,9 +260,11 @@ def measure(eps: dict[str, dict[str, Endpoints]], seconds: int,
             for dp in order:
                 s = iperf3(by_dp[dp], seconds)
                 samples[dp].append(s.gbps)
+                ovs_cost = (f", ovs-vswitchd {s.vswitchd_s_per_gb:.1f} cpu-s/GB"
+                            if by_dp[dp].ovs_pids else "")
                 log(f"run {path} #{r + 1} {dp}: {s.gbps:.3f} Gbit/s, retransmits "
                     f"{s.retransmits}, cpu sender {s.cpu_sender:.0f}% receiver "
-                    f"{s.cpu_receiver:.0f}%")
+                    f"{s.cpu_receiver:.0f}%{ovs_cost}")
         med = {dp: statistics.median(v) for dp, v in samples.items()}
         line = {"path": path,
                 "flowcni_gbps": round(med["flowcni"], 3),

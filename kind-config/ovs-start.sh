@@ -17,6 +17,7 @@ set -euo pipefail
 OVS_CTL=/usr/share/openvswitch/scripts/ovs-ctl
 OVS_RUNDIR=/var/run/openvswitch
 
+# shellcheck disable=SC2317  # reached through the trap
 stop() {
     "$OVS_CTL" stop || true
     exit 0

@@ -30,8 +30,11 @@ docker build -t "$IMAGE" -f "$here/Dockerfile" "$repo"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 echo "== deploying flowcni"
+existed=$(kc -n flowcni-system get daemonset flowcni-agent -o name 2>/dev/null || true)
 sed "s#image: flowcni:dev#image: $IMAGE#" "$here/flowcni.yaml" | kc apply -f -
-kc -n flowcni-system rollout restart daemonset/flowcni-agent  # picks up a rebuilt image
+if [ -n "$existed" ]; then
+    kc -n flowcni-system rollout restart daemonset/flowcni-agent  # run the image just loaded
+fi
 kc -n flowcni-system rollout status daemonset/flowcni-agent --timeout=300s
 kc wait --for=condition=Ready nodes --all --timeout=300s
 

@@ -63,6 +63,17 @@ def test_every_pod_reaches_every_pod(mlab: Lab) -> None:
     assert failed == []
 
 
+def test_trace_agrees_with_the_datapath(mlab: Lab) -> None:
+    """flowctl trace follows each pair across nodes and ends at the destination pod."""
+    from flowcni.controller.trace import Tracer
+    tracer = Tracer(mlab)
+    for s, d in itertools.permutations(mlab.pods(), 2):
+        v = tracer.trace(s.ref, d.ref, "icmp")
+        assert v.delivered and v.pod == d.ref and v.node == d.node, (s.name, d.name, v.detail)
+        nodes = {st.node for st in v.steps}
+        assert nodes == {s.node, d.node}, (s.name, d.name, nodes)
+
+
 def test_tcp_between_every_pair_of_nodes(mlab: Lab) -> None:
     pods = mlab.pods()
     for s, d in itertools.permutations(pods, 2):

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from flowcni.controller.manifests import load
+from flowcni.controller.trace import Tracer
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
@@ -139,6 +140,29 @@ def run_step(pl: PolicyLab, step: dict[str, Any]) -> None:
     pl.lab.wait_realized()
 
 
+PROBE_PACKET = {"80": ("tcp", 80), "81": ("tcp", 81), "53u": ("udp", 53)}
+
+
+def check_traces(pl: PolicyLab, got: dict[str, dict[str, set[str]]], step: int) -> None:
+    """flowctl trace must agree with every probe, and name the policy behind each drop."""
+    tracer = Tracer(pl.lab)
+    wrong = []
+    for s, row in got.items():
+        for d in [*PODS, "ext"]:
+            if d == s:
+                continue
+            for probe in (["80"] if d == "ext" else PROBES):
+                proto, port = PROBE_PACKET[probe]
+                dst = EXTERNAL_IP if d == "ext" else pl.ref(d)
+                v = tracer.trace(pl.ref(s), dst, proto, port)
+                if v.delivered != (probe in row.get(d, set())):
+                    wrong.append(f"{s} -> {d} {probe}: trace says {v.detail}")
+                elif not v.delivered and v.table in ("IngressDefault", "EgressDefault") \
+                        and not v.policies:
+                    wrong.append(f"{s} -> {d} {probe}: drop names no policy: {v.detail}")
+    assert not wrong, f"step {step}:\n" + "\n".join(wrong)
+
+
 def test_at_least_25_cases() -> None:
     assert len(CASES) >= 25
 
@@ -157,5 +181,6 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
                     f"got {sorted(got[s].get(d, set())) or 'none'}"
                     for s in want for d in want[s] if want[s][d] != got[s].get(d, set())]
             assert not diff, f"step {i}:\n" + "\n".join(diff)
+            check_traces(plab, got, i)
     finally:
         plab.reset()

@@ -272,11 +272,13 @@ def test_stalled_watch_times_out_and_resumes(
     server.bookmark_interval = 60  # no keep-alive traffic on the stalled stream either
     assert eventually(server.watch_count) == 1
     before = server.revision()
+    stalled_at = time.time()
     server.stall_watches()
     server.put("nodes", node_obj("n1", "192.168.77.1", "10.244.1.0/24"))
     assert seen.wait("Node", 1, timeout=10) == [
         ("put", "n1", {"name": "n1", "nodeIP": "192.168.77.1", "podCIDR": "10.244.1.0/24"})]
-    assert _watches(server, "/api/v1/nodes")[-1]["query"]["resourceVersion"] == str(before)
+    after = [w for w in _watches(server, "/api/v1/nodes") if w["time"] > stalled_at]
+    assert after[0]["query"]["resourceVersion"] == str(before)
     assert "ReadTimeout" in ds.informers["Node"].last_error
 
 
