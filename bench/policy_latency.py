@@ -60,6 +60,7 @@ from flowcni.controller.manifests import load
 from flowcni.controller.store import Change, Store
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.tables import DEFAULT as PIPELINE
+from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 BASE = "/run/flowcni-bench-pl"
@@ -72,6 +73,7 @@ APPS = 10
 BG_POLICIES = 20
 ECHO_PORTS = [5000 + i for i in range(8)]
 STABLE_PROBES = 20
+METRICS_ADDRESS = "127.0.0.1:9153"  # the agent's default --metrics-address, in its netns
 
 DENY_POLICY = {
     "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -254,6 +256,26 @@ while True:
 """
 
 
+# Reads the agent's own realization histogram (datastore change read -> flows committed)
+# from its /metrics, inside the node's netns; one JSON {sum, count} line per stdin line.
+SCRAPER = r"""
+import json, sys, urllib.request
+url = sys.argv[1]; name = "flowcni_policy_realization_seconds"
+print("ready", flush=True)
+for _ in sys.stdin:
+    out = {}
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        for line in text.splitlines():
+            for k in ("sum", "count"):
+                if line.startswith(f"{name}_{k} "):
+                    out[k] = float(line.split()[1])
+    except OSError as e:
+        out["error"] = str(e)
+    print(json.dumps(out), flush=True)
+"""
+
+
 class BenchError(RuntimeError):
     pass
 
@@ -304,6 +326,35 @@ class Prober:
     def check(self, state: str, n: int, timeout: float) -> dict[str, Any]:
         self.send(f"check {state} {n}")
         return self.reply(timeout)
+
+
+class AgentMetrics:
+    """The node agent's realization histogram, read between changes (never while timed).
+
+    Its per-change delta is the agent's share (processing + OpenFlow bundle),
+    so the rest of each latency is the datastore poll wait and the datapath.
+    Optional: if the agent has no such metric, the bench reports None.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.out = LineReader(self.proc, "metrics scraper")
+        if self.out.readline(30) != "ready":
+            raise BenchError("metrics scraper did not start")
+
+    def read(self) -> tuple[float, float] | None:
+        """(seconds, observations) so far, or None when unavailable."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            r = json.loads(self.out.readline(10))
+        except (OSError, BenchError, ValueError):
+            return None
+        if "sum" not in r or "count" not in r:
+            return None
+        return float(r["sum"]), float(r["count"])
 
 
 def percentile(sorted_xs: list[float], q: float) -> float:
@@ -378,19 +429,29 @@ def build(lab: Lab, n_pods: int, seed: int) -> list[dict[str, Any]]:
     return pols
 
 
+def agent_poll_s() -> float:
+    """How often the agent polls the SQLite store (Store.watch's default, which it uses)."""
+    interval: float = inspect.signature(Store.watch).parameters["interval"].default
+    return interval
+
+
 def log(msg: str) -> None:
     print(f"policy_latency: {msg}", file=sys.stderr, flush=True)
 
 
-def measure(lab: Lab, prober: Prober, changes: int, warmup: int,
-            deadline: float) -> tuple[list[float], list[dict[str, Any]]]:
+def measure(lab: Lab, prober: Prober, changes: int, warmup: int, deadline: float,
+            agent: AgentMetrics | None, seed: int) -> tuple[list[float], list[dict[str, Any]]]:
     """Alternate deny/allow changes; latency (ms) of each after the warm-up ones."""
+    rnd = random.Random(seed)
+    poll_s = agent_poll_s()
     store = lab.store()
     # Parsed once, outside the timed interval: parsing is the CLI's work, not realization.
     put_objs = load(yaml.safe_dump(DENY_POLICY))
     del_objs = load(yaml.safe_dump(DENY_POLICY), identity_only=True)
     lat: list[float] = []
     samples: list[dict[str, Any]] = []
+    t_start = time.monotonic()
+    before = agent.read() if agent else None
     for i in range(warmup + changes):
         deny = i % 2 == 0
         old, new = ("allow", "deny") if deny else ("deny", "allow")
@@ -401,6 +462,10 @@ def measure(lab: Lab, prober: Prober, changes: int, warmup: int,
         line = prober.out.readline(deadline + 5)
         if line != "armed":
             raise BenchError(f"change {i}: prober not armed: {line}")
+        # Each cycle starts right after wait_realized, i.e. just after an agent poll, so
+        # without this the write would land at the same phase of the poll loop every
+        # time and sample one poll wait instead of all of them.
+        time.sleep(rnd.uniform(0, 2 * poll_s))
         t0 = time.monotonic()
         if deny:
             for kind, ns, name, body in put_objs:
@@ -418,12 +483,17 @@ def measure(lab: Lab, prober: Prober, changes: int, warmup: int,
         sample = {"i": i, "to": new, "ms": round(ms, 2), "gap_ms": round(r["gap"] * 1000, 2),
                   "stable_mismatches": chk.get("mismatches", 0),
                   "write_ms": round((t_written - t0) * 1000, 2), "probes": r["probes"]}
+        after = agent.read() if agent else None
+        if before and after and after[1] - before[1] == 1:  # exactly this change
+            sample["agent_ms"] = round((after[0] - before[0]) * 1000, 2)
+        before = after
         if i >= warmup:
             if ms < 0:  # a flip seen before the write cannot be this change's
                 raise BenchError(f"change {i}: flip observed {ms:.1f} ms before the write")
             lat.append(ms)
             samples.append(sample)
-        log(f"change {i}{' (warm-up)' if i < warmup else ''}: -> {new} {ms:.1f} ms")
+        log(f"change {i}{' (warm-up)' if i < warmup else ''}: -> {new} {ms:.1f} ms "
+            f"(agent {sample.get('agent_ms', '?')} ms, at {time.monotonic() - t_start:.2f}s)")
     return lat, samples
 
 
@@ -499,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.down()
     server: subprocess.Popen[str] | None = None
     prober: Prober | None = None
+    agent: AgentMetrics | None = None
     result: dict[str, Any] = {"pods": a.pods, "changes": a.changes}
     try:
         t = time.monotonic()
@@ -518,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
         if not prober.check("allow", STABLE_PROBES, deadline + 5).get("ok"):
             raise BenchError("source cannot reach the target before any change")
 
-        lat, samples = measure(lab, prober, a.changes, a.warmup, deadline)
+        node1 = lab.node("node1")
+        agent = AgentMetrics(netns.exec_argv(node1.netns, [
+            sys.executable, "-c", SCRAPER, f"http://{METRICS_ADDRESS}/metrics"]))
+        lat, samples = measure(lab, prober, a.changes, a.warmup, deadline, agent,
+                               a.seed)
         xs = sorted(lat)
         gaps = sorted(s["gap_ms"] for s in samples)
         result.update({
@@ -534,9 +609,18 @@ def main(argv: list[str] | None = None) -> int:
             "probe_gap_max_ms": round(gaps[-1], 2),
             # probes that disagreed with a settled state: loss/stalls from other load
             "stable_mismatches": sum(s["stable_mismatches"] for s in samples),
-            "agent_poll_ms": round(
-                inspect.signature(Store.watch).parameters["interval"].default * 1000, 1),
+            "agent_poll_ms": round(agent_poll_s() * 1000, 1),
         })
+        agent_ms = sorted(s["agent_ms"] for s in samples if "agent_ms" in s)
+        if agent_ms:
+            # the agent's share (poll read -> bundle committed) and what is left over
+            rest = sorted(s["ms"] - s["agent_ms"] for s in samples if "agent_ms" in s)
+            result.update({
+                "agent_p50_ms": round(percentile(agent_ms, 50), 1),
+                "agent_p99_ms": round(percentile(agent_ms, 99), 1),
+                "agent_max_ms": round(agent_ms[-1], 1),
+                "rest_p50_ms": round(percentile(rest, 50), 1),
+                "rest_p99_ms": round(percentile(rest, 99), 1)})
         result.update(engine_ms(lab, "node1"))
         try:
             cli = cli_times(lab, pols[0], a.cli_runs)
@@ -545,9 +629,12 @@ def main(argv: list[str] | None = None) -> int:
             result["cli_ms"] = None
             result["cli_error"] = str(e)[:200]
         result["samples_ms"] = [s["ms"] for s in samples]
+        if agent_ms:
+            result["samples_agent_ms"] = [s.get("agent_ms") for s in samples]
     finally:
-        if prober is not None:
-            stop(prober.proc)
+        for helper in (prober, agent):
+            if helper is not None:
+                stop(helper.proc)
         stop(server)
         lab.down()
         left = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True,

@@ -29,6 +29,7 @@ from flowcni.controller.cniserver import CNIServer, timed
 from flowcni.controller.datastore import Datastore, open_datastore
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
+from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.store import ENCAPS, Change, ClusterConfig, StoreError
 from flowcni.flows import cookie as ck
@@ -169,6 +170,7 @@ class Agent:
             self._list_and_watch(self.store)
         else:
             hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
+        self.traceflow = LiveTrace(self.flows, self.pods, self.gateway, self.tun_ofport)
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
 
@@ -253,6 +255,7 @@ class Agent:
         app = ofapp.start(self.args.of_host, self.args.of_port)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
+        app.on_packet_in = self.traceflow.packet_in
         if app.switch is not None:  # connected before the hooks were set
             self._syncq.put(app.switch)
         self.cni.start()
@@ -328,6 +331,9 @@ class Agent:
                 return {"ok": True, "missing": [f.ofctl(PIPELINE, names=True)
                                                 for f in missing],
                         "unexpected": [describe_stat(s, PIPELINE) for s in unexpected]}
+            elif cmd in ("_traceflow_arm", "_traceflow_inject", "_traceflow_collect",
+                         "_traceflow_disarm"):
+                return {"ok": True, **self.traceflow.handle(cmd[11:], req)}
             elif cmd == "_owners":
                 return {"ok": True, "owners": self.owner_names()}
             elif cmd == "_policy":

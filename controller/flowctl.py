@@ -191,6 +191,20 @@ def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
 def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
     """Trace a new connection through OVS on every node it crosses; exit 0 if delivered."""
     from flowcni.controller.trace import Tracer
+    if a.live:
+        r = Tracer(lab).live(a.src, a.dst, a.proto, a.dport)
+        if a.json:
+            print(json.dumps(r, indent=1))
+        else:
+            for o in r["observations"]:
+                what = f"left through {o['output']}" if not o["dropped"] else "dropped"
+                print(f"  {o['node']}: {o['table']}: {what} ({o['owner'] or 'table default'})")
+            verdict = "DELIVERED" if r["delivered"] else "DROPPED"
+            print(f"live verdict: {verdict} on {r['node'] or '?'} at {r['table'] or '?'}"
+                  f"{' to ' + r['output'] if r['delivered'] else ''}; "
+                  f"ofproto/trace {'agrees' if r['matches_trace'] else 'DISAGREES'}: "
+                  f"{r['trace']['detail']}")
+        return 0 if r["delivered"] else 3
     v = Tracer(lab).trace(a.src, a.dst, a.proto, a.dport)
     if a.json:
         print(json.dumps(v.as_dict(), indent=1))
@@ -257,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--proto", default="tcp", choices=["tcp", "udp", "icmp", "sctp"])
     tr.add_argument("--dport", type=int)
     tr.add_argument("--json", action="store_true")
+    tr.add_argument("--live", action="store_true",
+                    help="inject a real marked packet and report where it went")
     po = sub.add_parser("policy", help="NetworkPolicy rules as realized on each node")
     po.add_argument("policy", nargs="?", help="NS/NAME")
     po.add_argument("--node")

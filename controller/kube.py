@@ -561,8 +561,9 @@ class KubeDatastore:
 
         Each object's newest change only: a watcher that falls behind gets
         where things are now, not every step on the way (as the embedded
-        store's rows carry the current body). A failing callback gets the same batch again a second later, as with
-        the embedded store, so a transient error never skips a change.
+        store's rows carry the current body). A failing callback gets the
+        same batch again a second later, as with the embedded store, so a
+        transient error never skips a change.
         """
         rev = since
         while not stop.is_set():

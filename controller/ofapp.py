@@ -157,6 +157,12 @@ class Switch:
                     pass
             raise
 
+    def packet_out(self, in_port: int, data: bytes) -> None:
+        """Inject `data` as if it arrived on `in_port`, through the whole pipeline."""
+        p, o = self.parser, self.ofp
+        self.send(p.OFPPacketOut(self.dp, buffer_id=o.OFP_NO_BUFFER, in_port=in_port,
+                                 actions=[p.OFPActionOutput(o.OFPP_TABLE, 0)], data=data))
+
     def flow_stats(self, table_id: int | None = None, timeout: float = 30.0) -> list[Any]:
         ofp, parser = self.ofp, self.parser
         req = parser.OFPFlowStatsRequest(
@@ -182,6 +188,7 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
         self.switch: Switch | None = None
         self.on_connect: Callable[[Switch], None] | None = None
         self.on_disconnect: Callable[[Switch], None] | None = None
+        self.on_packet_in: Callable[[Any], None] | None = None
         self._lock = threading.Lock()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
@@ -216,6 +223,11 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
         sw = self._current(ev.msg.datapath)
         if sw:
             sw.on_error(ev.msg)
+
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def _packet_in(self, ev: Any) -> None:
+        if self.on_packet_in is not None:
+            self.on_packet_in(ev.msg)
 
     @set_ev_cls([ofp_event.EventOFPBarrierReply, ofp_event.EventONFBundleCtrlMsg,
                  ofp_event.EventOFPFlowStatsReply], MAIN_DISPATCHER)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -216,6 +218,82 @@ class Tracer:
         return steps, Verdict(True, v.node.name, last.table,
                               f"delivered to {name} on {v.node.name}{where}", last.owner,
                               port=str(out_port), pod=pod)
+
+    def live(self, src_ref: str, dst: str, proto: str = "tcp", dport: int | None = None,
+             wait: float = 1.5) -> dict[str, Any]:
+        """Inject a real marked probe at the source pod and report what each node saw.
+
+        Returns the observations, the live verdict, and the ofproto/trace verdict
+        for the same packet, which must agree.
+        """
+        modelled = self.trace(src_ref, dst, proto, dport)
+        src = self.lab.pod(src_ref)
+        try:
+            dst_ip = self.lab.pod(dst).ip
+        except LabError:
+            dst_ip = dst
+        v = self.view(src.node)
+        gw = v.status["gateway"]
+        on_link = ipaddress.ip_address(dst_ip) in ipaddress.ip_network(v.status["pod_cidr"])
+        dst_mac = gw["mac"] if dst_ip == gw["ip"] or not on_link else VIRTUAL_ROUTER_MAC
+        dscp = secrets.randbelow(62) + 1
+        nodes = self.lab.nodes()
+        agents = {n.name: AgentClient(n.socket) for n in nodes}
+        # Leaving through the gateway is a hop, not the end, only when the
+        # destination is another node's pod (routed mode).
+        dst_node = self._destination_node(dst_ip)
+        transit = {"tunnel"} | ({"gateway"} if dst_node and dst_node.node.name != src.node
+                                else set())
+
+        def collect() -> list[dict[str, Any]]:
+            return [{"node": n, **o} for n, a in agents.items()
+                    for o in a.call("_traceflow_collect", dscp=dscp)["observations"]]
+
+        def terminal(o: dict[str, Any]) -> bool:
+            return bool(o["dropped"]) or o["output"] not in transit
+
+        seen: list[dict[str, Any]] = []
+        try:
+            for a in agents.values():
+                a.call("_traceflow_arm", dscp=dscp)
+            agents[src.node].call("_traceflow_inject", dscp=dscp, pod=src.ref, dst_ip=dst_ip,
+                                  dst_mac=dst_mac, proto=proto, dport=dport)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                seen = collect()
+                if any(terminal(o) for o in seen):
+                    time.sleep(0.1)  # let the earlier hops' packet-ins arrive too
+                    seen = collect()
+                    break
+                time.sleep(0.05)
+        finally:
+            for a in agents.values():
+                a.call("_traceflow_disarm", dscp=dscp)
+        # One hop per node, in path order (source node first), up to the first end:
+        # anything after it is the destination answering (ICMP and RST reflect DSCP).
+        seen.sort(key=lambda o: (o["node"] != src.node, o["t"]))
+        path: list[dict[str, Any]] = []
+        for o in seen:
+            if any(p["node"] == o["node"] for p in path):
+                continue
+            path.append(o)
+            if terminal(o):
+                break
+        seen = path
+        last: dict[str, Any] = seen[-1] if seen else {}
+        delivered = bool(last) and not last["dropped"]
+        same_end = bool(last) and last["node"] == modelled.node and (
+            last["table"] == modelled.table if not delivered
+            else (last["output"] == f"pod {modelled.pod}" if modelled.pod
+                  else last["output"] == "gateway"))
+        return {
+            "dscp": dscp, "observations": seen, "delivered": delivered,
+            "node": last.get("node", ""), "table": last.get("table", ""),
+            "owner": last.get("owner", ""), "output": last.get("output", ""),
+            "nodes": [o["node"] for o in seen],
+            "trace": modelled.as_dict(),
+            "matches_trace": delivered == modelled.delivered and same_end,
+        }
 
     def _destination_node(self, ip: str) -> NodeView | None:
         for n in self.lab.nodes():

@@ -31,6 +31,7 @@ _PREREQ: dict[str, tuple[int, int | None]] = {
     "udp_src": (ETH_IP, 17), "udp_dst": (ETH_IP, 17),
     "sctp_src": (ETH_IP, 132), "sctp_dst": (ETH_IP, 132),
     "icmpv4_type": (ETH_IP, 1), "icmpv4_code": (ETH_IP, 1),
+    "ip_dscp": (ETH_IP, None),
 }
 
 # os-ken (OXM) field name -> ovs-ofctl match name, in the order ofctl prints them.
@@ -43,7 +44,7 @@ _OFCTL_MATCH = {
     "tcp_src": "tp_src", "tcp_dst": "tp_dst", "udp_src": "tp_src", "udp_dst": "tp_dst",
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
-    "ct_state": "ct_state", "conj_id": "conj_id",
+    "ct_state": "ct_state", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -146,6 +147,17 @@ class Output(Action):
     def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         port = ofp.OFPP_IN_PORT if self.port == "IN_PORT" else int(self.port)
         return parser.OFPActionOutput(port, 0)
+
+
+@dataclass(frozen=True)
+class Controller(Action):
+    """Send a copy to the agent (packet-in); live traceflow's observation points."""
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return "CONTROLLER:65535"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        return parser.OFPActionOutput(ofp.OFPP_CONTROLLER, 0xFFFF)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ class Table:
 
 
 # Fields a table gets for free: prerequisites that the model adds itself.
-PREREQ_FIELDS = frozenset({"eth_type", "ip_proto"})
+# ip_dscp: live traceflow marks its probe packet with a DSCP value and copies
+# each table's drop and output flows with that mark added; any table may hold those.
+PREREQ_FIELDS = frozenset({"eth_type", "ip_proto", "ip_dscp"})
 
 
 def _t(name: str, doc: str, fields: Iterable[str], next_: Iterable[str] = (),

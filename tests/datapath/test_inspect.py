@@ -93,3 +93,28 @@ def test_metrics_parse_and_move(ilab: Lab) -> None:
     assert after["flowcni_flows,table=IngressRule"] > before["flowcni_flows,table=IngressRule"]
     assert after["flowcni_datastore_applied_revision"] > before[
         "flowcni_datastore_applied_revision"]
+
+
+def test_live_traceflow_cross_node_and_denied(ilab: Lab) -> None:
+    from flowcni.controller.trace import Tracer
+    a, b = ilab.pod("a"), ilab.pod("b")
+    r = Tracer(ilab).live(a.ref, b.ref, "tcp", 80)
+    assert r["nodes"] == ["node1", "node2"], r["observations"]
+    assert r["delivered"] and r["output"] == f"pod {b.ref}", r
+    assert r["observations"][0]["output"] == "tunnel"
+    assert r["matches_trace"], r
+    ilab.store().put("NetworkPolicy", "default", "deny-b", {
+        "namespace": "default", "name": "deny-b",
+        "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}})
+    ilab.wait_realized()
+    try:
+        r = Tracer(ilab).live(a.ref, b.ref, "udp", 53)
+        assert not r["delivered"] and r["node"] == "node2", r
+        assert r["table"] == "IngressDefault" and r["owner"] == f"isolation:{b.ref}", r
+        assert r["matches_trace"] and "default/deny-b" in r["trace"]["policies"], r
+        # the observation points are gone afterwards
+        flows = ilab.node("node2").ovs.ofctl("dump-flows", "br-int")
+        assert "ip_dscp" not in flows
+    finally:
+        ilab.store().delete("NetworkPolicy", "default", "deny-b")
+        ilab.wait_realized()

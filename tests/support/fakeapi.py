@@ -744,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(a.control):
         os.unlink(a.control)
     ctl = ControlServer(a.control, srv, done.set)
-    threading.Thread(target=ctl.serve_forever, name="control", daemon=True).start()
+    threading.Thread(target=ctl.serve_forever, args=(0.05,), name="control",
+                     daemon=True).start()
     srv.start()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -446,6 +446,16 @@ def test_cluster_config_from_env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
     assert ds.cluster() == ClusterConfig("10.200.0.0/16", 24, "vxlan", False, 1400)
 
 
+def test_bad_client_configuration_is_a_store_error(tmp_path: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reports StoreError as "cannot start: ..." and exits 2, not a traceback."""
+    with pytest.raises(StoreError, match=r"missing\): Invalid kube-config file"):
+        KubeDatastore(str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(StoreError, match="in-cluster service account"):
+        KubeDatastore(None)
+
+
 def test_fakeapi_as_a_process(tmp_path: Any) -> None:
     """The mode a lab uses: a separate process, driven through its unix control socket."""
     sock = str(tmp_path / "ctl.sock")
