@@ -56,6 +56,7 @@ import time
 from typing import Any
 
 import yaml
+from flowcni.controller.client import AgentClient
 from flowcni.controller.manifests import load
 from flowcni.controller.store import Change, Store
 from flowcni.flows.policy import PolicyEngine
@@ -622,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rest_p50_ms": round(percentile(rest, 50), 1),
                 "rest_p99_ms": round(percentile(rest, 99), 1)})
         result.update(engine_ms(lab, "node1"))
+        result["node1_flows"] = AgentClient(node1.socket).status().get("flows")
         try:
             cli = cli_times(lab, pols[0], a.cli_runs)
             result["cli_ms"] = round(statistics.median(cli), 1)

@@ -224,6 +224,19 @@ def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
     return run_demo(lab, keep=a.keep)
 
 
+def probe(socket_path: str, ready: bool, timeout: float) -> int:
+    """Liveness (the agent answers) and readiness (and it is synced with OVS) checks."""
+    try:
+        st = AgentClient(socket_path, timeout=timeout).status()
+    except (OSError, ValueError, AgentError) as e:
+        print(f"flowcni agent not answering on {socket_path}: {e}")
+        return 1
+    if ready and not st.get("synced"):
+        print(f"flowcni agent on {st.get('node')} not synced with Open vSwitch yet")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowctl", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -288,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what OVS holds that the agent does not want, and the reverse")
     st = sub.add_parser("status", help="agent status per node")
     st.add_argument("--node")
+    pr = sub.add_parser("probe", help="liveness/readiness probe of a node's agent")
+    pr.add_argument("--socket", default="/run/flowcni/cni.sock")
+    pr.add_argument("--ready", action="store_true", help="also require sync with OVS")
+    pr.add_argument("--timeout", type=float, default=5.0)
     ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
     ic.add_argument("--dest", default="/opt/cni/bin")
     dm = sub.add_parser("demo", help="lab demo: nodes, pods, traffic, flow tables")
@@ -298,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `flowctl flows | head` ends quietly
+    if a.cmd == "probe":
+        return probe(a.socket, a.ready, a.timeout)
     if a.cmd == "install-cni":
         from flowcni.cni.install import install
         print(install(a.dest))

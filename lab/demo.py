@@ -1,16 +1,27 @@
-"""The lab demo: a node, pods, real traffic, the spoof guard at work, and the flow tables."""
+"""The lab demo: two nodes, pods, real traffic, a NetworkPolicy, a trace, the flow tables."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
-from flowcni.lab.lab import Lab
+from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 TCP_SINK = ("import socket;s=socket.socket();s.bind(('0.0.0.0',8080));s.listen(1);"
             "c,_=s.accept();n=0\nwhile (b:=c.recv(65536)): n+=len(b)\nprint(n)")
 TCP_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],8080),timeout=5);"
             "c.sendall(b'x'*int(sys.argv[2]));c.close()")
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-client, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}]
+"""
 
 
 def step(title: str) -> None:
@@ -23,54 +34,80 @@ def ok(cond: bool, what: str) -> bool:
 
 
 def _ping(lab: Lab, src: str, dst: str, *extra: str) -> bool:
-    return subprocess.run(lab.exec_argv(src, ["ping", "-n", "-c", "1", "-W", "1", *extra, dst]),
+    return subprocess.run(lab.exec_argv(src, ["ping", "-n", "-c", "2", "-W", "1", *extra, dst]),
                           capture_output=True).returncode == 0
+
+
+def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
+    sink = subprocess.Popen(lab.exec_argv(dst, [sys.executable, "-c", TCP_SINK]),
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", TCP_SEND, lab.pod(dst).ip,
+                                       str(nbytes)]), capture_output=True)
+    try:
+        out, _ = sink.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        sink.kill()
+        out, _ = sink.communicate()
+    return int(out.strip() or 0)
 
 
 def run_demo(lab: Lab, keep: bool = False) -> int:
     from flowcni.controller.flowctl import main as flowctl
+    from flowcni.controller.manifests import load
 
     good = True
     try:
-        step("flowctl lab up --nodes 1")
-        lab.up(nodes=1)
+        step("flowctl lab up --nodes 2 (geneve)")
+        lab.up(nodes=2, encap="geneve")
         flowctl(["lab", "nodes"])
-        step("three pods: web-1, web-2 (app=web), client (app=client)")
+        step("pods: web-1 (node1, app=web), web-2 (node2, app=web), "
+             "client (node2, app=client), other (node1)")
         lab.pod_add("web-1", "node1", labels={"app": "web"})
-        lab.pod_add("web-2", "node1", labels={"app": "web"})
-        lab.pod_add("client", "node1", labels={"app": "client"})
+        lab.pod_add("web-2", "node2", labels={"app": "web"})
+        lab.pod_add("client", "node2", labels={"app": "client"})
+        lab.pod_add("other", "node1", labels={"app": "other"})
         flowctl(["lab", "pods"])
         pods = {p.name: p for p in lab.pods()}
-        gw = lab.node("node1").pod_cidr.rsplit(".", 1)[0] + ".1"
-        step("ping: every pod to every pod and to the gateway")
+        step("ping: every pod to every pod (same node and across the Geneve tunnel)")
         for s in pods:
-            good &= ok(_ping(lab, s, gw), f"{s} -> gateway {gw}")
             for d, p in pods.items():
                 if s != d:
                     good &= ok(_ping(lab, s, p.ip), f"{s} -> {d} ({p.ip})")
-        step("TCP: client sends 10 MB to web-1:8080")
-        sink = subprocess.Popen(lab.exec_argv("web-1", [sys.executable, "-c", TCP_SINK]),
-                                stdout=subprocess.PIPE, text=True)
-        import time
-        time.sleep(0.5)
-        subprocess.run(lab.exec_argv("client", [sys.executable, "-c", TCP_SEND,
-                                                pods["web-1"].ip, "10000000"]), check=False)
-        out, _ = sink.communicate(timeout=30)
-        good &= ok(out.strip() == "10000000", f"web-1 received {out.strip()} bytes")
-        step("spoof guard: client pings web-2 from a forged source address")
-        subprocess.run(lab.exec_argv("client", ["ip", "addr", "add", "10.244.1.250/32",
-                                                "dev", "eth0"]), check=True)
-        good &= ok(not _ping(lab, "client", pods["web-2"].ip, "-I", "10.244.1.250"),
+        step(f"egress: other pings the external host {EXTERNAL_IP} (masqueraded)")
+        good &= ok(_ping(lab, "other", EXTERNAL_IP), f"other -> {EXTERNAL_IP}")
+        step("TCP: client (node2) sends 10 MB to web-1 (node1) port 8080")
+        good &= ok(_tcp(lab, "client", "web-1", 10_000_000) == 10_000_000,
+                   "web-1 received 10000000 bytes")
+        step("NetworkPolicy: web pods accept only client, on TCP 8080")
+        print(POLICY)
+        store = lab.store()
+        for kind, ns, name, body in load(POLICY):
+            store.put(kind, ns, name, body)
+        lab.wait_realized()
+        good &= ok(_tcp(lab, "client", "web-2", 1000) == 1000, "client -> web-2:8080 allowed")
+        good &= ok(_tcp(lab, "other", "web-2", 1000) == 0, "other -> web-2:8080 denied")
+        good &= ok(not _ping(lab, "client", pods["web-1"].ip), "client -> web-1 ping denied")
+        step("flowctl policy (each rule as realized, with the packets it allowed)")
+        flowctl(["policy"])
+        step("flowctl trace --from other --to web-2 --dport 8080 (why is it denied?)")
+        flowctl(["trace", "--from", "other", "--to", "web-2", "--dport", "8080"])
+        step("flowctl trace --live --from client --to web-1 --dport 8080 (a real probe)")
+        flowctl(["trace", "--live", "--from", "client", "--to", "web-1", "--dport", "8080"])
+        step("spoof guard: other pings web-1 from a forged source address")
+        subprocess.run(lab.exec_argv("other", ["ip", "addr", "add", "10.244.1.250/32",
+                                               "dev", "eth0"]), check=True)
+        good &= ok(not _ping(lab, "other", pods["web-1"].ip, "-I", "10.244.1.250"),
                    "forged packets dropped by SpoofGuard")
-        step("NetworkPolicy: not implemented yet (issue 4); all pods may talk")
-        step("flowctl flows --node node1 (table names, feature and round from the cookie)")
-        flowctl(["flows", "--node", "node1"])
+        step("flowctl flows --node node1 (table names, owners from the cookies)")
+        flowctl(["flows", "--node", "node1", "--no-stats"])
         step("flowctl status")
         flowctl(["status"])
     finally:
         if keep:
-            print("\nlab left up: try `flowctl lab pods`, `flowctl flows`, "
-                  "`flowctl lab exec client -- ping web-1's IP`; `flowctl lab down` to remove")
+            print("\nlab left up: try `flowctl lab pods`, `flowctl flows --pod default/web-1`, "
+                  "`flowctl trace --from client --to web-1 --dport 8080`; "
+                  "`flowctl lab down` to remove it")
         else:
             step("flowctl lab down")
             lab.down()

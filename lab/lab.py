@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -114,14 +114,49 @@ def parse_labels(s: str | None) -> dict[str, str]:
     return out
 
 
+class LabDatastore:
+    """Where a lab's agents get their cluster from, and where the lab reports to it.
+
+    The default is the embedded SQLite store every agent of the lab shares.
+    Tests plug in others (a fake Kubernetes API server) through the same
+    four hooks, so the lab drives agents the same way whatever feeds them.
+    """
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    def agent_args(self, node: Node) -> list[str]:
+        return ["--datastore", f"sqlite:{self.lab.store_path}", "--node-ip", node.node_ip]
+
+    def node_added(self, node: Node) -> str:
+        """Called after the node's agent is ready; returns its pod CIDR."""
+        body = self.lab.store().get("Node", "", node.name)
+        return body["podCIDR"] if body else ""
+
+    def node_removed(self, node: Node) -> None:
+        self.lab.store().delete("Node", "", node.name)
+
+    def pod_put(self, pod: Pod) -> None:
+        """What a kubelet reports to the API server: the pod, its labels and its IP."""
+        self.lab.store().put("Pod", pod.namespace, pod.name, {
+            "namespace": pod.namespace, "name": pod.name, "labels": pod.labels,
+            "ip": pod.ip, "node": pod.node, "containerID": pod.container_id,
+            "ports": pod.ports})
+
+    def pod_deleted(self, pod: Pod) -> None:
+        self.lab.store().delete("Pod", pod.namespace, pod.name)
+
+
 class Lab:
     """A lab described by its state file under `base`."""
 
-    def __init__(self, base: str | None = None, prefix: str | None = None) -> None:
+    def __init__(self, base: str | None = None, prefix: str | None = None,
+                 datastore: Callable[[Lab], LabDatastore] = LabDatastore) -> None:
         self.base = base or os.environ.get("FLOWCNI_LAB_DIR", DEFAULT_BASE)
         self.prefix = prefix or os.environ.get("FLOWCNI_LAB_PREFIX", "fc-")
         self.state_path = os.path.join(self.base, "lab.json")
         self.bin_dir = os.path.join(self.base, "bin")
+        self.datastore = datastore(self)
 
     # -- state ----------------------------------------------------------------------
 
@@ -258,8 +293,7 @@ class Lab:
             json.dump({"cniVersion": CNI_VERSION, "name": "flowcni", "plugins": [
                 {"type": "flowcni", "agentSocket": node.socket}]}, f, indent=1)
         node = self._start_agent(node)
-        body = Store(self.store_path).get("Node", "", name)
-        node.pod_cidr = body["podCIDR"] if body else ""
+        node.pod_cidr = self.datastore.node_added(node)
         with self._locked() as st:
             st["nodes"] = [asdict(node) if n["name"] == name else n for n in st["nodes"]]
         return node
@@ -267,14 +301,13 @@ class Lab:
     def node_del(self, name: str) -> Node:
         """Remove a node and its pods; the other agents drop its flows and routes."""
         node = self.node(name)
-        store = self.store()
         for p in self.pods():
             if p.node == name:
                 netns.delete(p.netns)
-                store.delete("Pod", p.namespace, p.name)
+                self.datastore.pod_deleted(p)
         if node.agent_pid:
             kill_wait(node.agent_pid, timeout=3)
-        Store(self.store_path).delete("Node", "", name)
+        self.datastore.node_removed(node)
         node.ovs.stop()
         netns.delete(node.netns)
         run(["ip", "-n", self.underlay_ns, "link", "del", f"u{node.index}"], check=False)
@@ -327,7 +360,7 @@ class Lab:
         proc = subprocess.Popen(
             netns.exec_argv(node.netns, [
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
-                "--datastore", f"sqlite:{self.store_path}", "--node-ip", node.node_ip,
+                *self.datastore.agent_args(node),
                 "--ovsdb", node.ovs.remote, "--resync-period", "3",
                 "--cni-socket", node.socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
@@ -404,17 +437,14 @@ class Lab:
         pod.mac = res["interfaces"][res["ips"][0].get("interface", 0)]["mac"]
         with self._locked() as st:
             st["pods"].append(asdict(pod))
-        # What a kubelet reports to the API server: the pod, its labels and its IP.
-        self.store().put("Pod", namespace, name, {
-            "namespace": namespace, "name": name, "labels": pod.labels, "ip": pod.ip,
-            "node": node.name, "containerID": pod.container_id, "ports": pod.ports})
+        self.datastore.pod_put(pod)
         return pod
 
     def pod_del(self, ref: str) -> Pod:
         pod = self.pod(ref)
         self.run_plugin("DEL", pod, self.node(pod.node))
         netns.delete(pod.netns)
-        self.store().delete("Pod", pod.namespace, pod.name)
+        self.datastore.pod_deleted(pod)
         with self._locked() as st:
             st["pods"] = [p for p in st["pods"]
                           if not (p["name"] == pod.name and p["namespace"] == pod.namespace)]
@@ -427,9 +457,7 @@ class Lab:
         with self._locked() as st:
             st["pods"] = [asdict(pod) if (p["name"], p["namespace"]) == (pod.name, pod.namespace)
                           else p for p in st["pods"]]
-        store = self.store()
-        body = store.get("Pod", pod.namespace, pod.name) or {}
-        store.put("Pod", pod.namespace, pod.name, {**body, "labels": pod.labels})
+        self.datastore.pod_put(pod)
         return pod
 
     def wait_realized(self, timeout: float = 10.0) -> int:
