@@ -23,12 +23,25 @@ namespaces share) of the first probe that shows the new state: the first
 reply for ``allow``; for ``deny`` the first of three consecutive timeouts, so
 one slow reply is not mistaken for the flip. Before the write the prober
 must have seen the old state ("armed"), and before each change the old state
-must hold for ``STABLE_PROBES`` probes in a row.
+must hold for ``STABLE_PROBES`` probes in a row. After the write the bench
+tells the prober ``t0``; probes sent before it are ignored, since they cannot
+show the change (so a stall before the write is never taken for the flip).
+A random sleep of up to two agent poll intervals precedes each write: every
+cycle starts right after an agent poll (wait_realized), and without it the
+writes would all land at one phase of the poll loop.
 
 Every probe uses a 5-tuple not used before in the run (source port and
 destination port are walked, not left to the kernel): the pipeline lets
 ``-new+trk`` packets through ahead of policy, so a reused tuple could ride a
 conntrack entry from the allowed phase and hide the deny.
+
+Where the time goes: between changes (never while timed) the bench reads the
+node1 agent's own ``flowcni_policy_realization_seconds`` histogram (datastore
+batch read -> OpenFlow bundle committed) from its /metrics; the per-change
+delta is ``agent_*_ms``, and ``rest_*_ms`` = latency - agent share = the wait
+for the agent's next datastore poll (``agent_poll_ms``) plus the datapath.
+``engine_*_ms`` replays the same ``PolicyEngine.apply`` in this process, the
+pure computation part of the agent share.
 
 ``lab.wait_realized()`` runs only after each measurement (to keep changes
 apart), never inside the timed interval. Processes and the lab are removed

@@ -252,6 +252,11 @@ def build(lab: Lab, peers: Peers, paths: Sequence[str]) -> dict[str, dict[str, E
 
 def measure(eps: dict[str, dict[str, Endpoints]], seconds: int,
             repeat: int) -> list[dict[str, Any]]:
+    """Per path, `repeat` rounds of all three datapaths; print and return the medians.
+
+    The order rotates each round so that no datapath always runs first (right
+    after setup or another path's runs) or last.
+    """
     lines = []
     for path, by_dp in eps.items():
         samples: dict[str, list[float]] = {dp: [] for dp in DATAPATHS}
@@ -294,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         log(f"another throughput bench holds {LOCK}")
+        lock.close()
         return 1
     lab = Lab(base=BASE, prefix=PREFIX)
     peers = Peers(lab.underlay_ns)

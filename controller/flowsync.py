@@ -171,16 +171,19 @@ class FlowSync:
 
         Compared on OpenFlow identity (table, priority, match) and cookie: a
         flow added or deleted by hand, or left by another round, shows up.
+        Reading OVS's flows takes a while, so it happens outside the writer
+        lock; `repair` re-checks each finding under the lock before acting.
         """
         with self._lock:
             sw = self.switch
             if sw is None or not self.synced.is_set():
                 raise OFError("not synced with the switch")
-            parser = sw.parser
-            want = {(self.pipeline.id(f.table), f.priority,
-                     match_key(f.osken_match(parser))): f for f in self.desired_flows()}
-            have = {(s.table_id, s.priority, match_key(s.match)): s for s in sw.flow_stats()}
+            flows = self.desired_flows()
             rnd = self.round
+        parser = sw.parser
+        want = {(self.pipeline.id(f.table), f.priority,
+                 match_key(f.osken_match(parser))): f for f in flows}
+        have = {(s.table_id, s.priority, match_key(s.match)): s for s in sw.flow_stats()}
         missing = [f for k, f in want.items()
                    if k not in have or have[k].cookie != f.cookie(rnd)]
         unexpected = [s for k, s in have.items()
@@ -188,22 +191,34 @@ class FlowSync:
         return missing, unexpected
 
     def repair(self) -> tuple[int, int]:
-        """Re-add missing flows and delete unexpected ones in one bundle."""
+        """Re-add missing flows and delete unexpected ones in one bundle.
+
+        Findings are re-checked against the desired set as it is now: a flow
+        changed meanwhile by a normal update is left to that update.
+        """
         missing, unexpected = self.drift()
+        if not (missing or unexpected):
+            return 0, 0
         with self._lock:
             sw = self.switch
-            if sw is None or not (missing or unexpected):
+            if sw is None:
                 return 0, 0
             p, o = sw.parser, sw.ofp
-            wanted_keys = {(self.pipeline.id(f.table), f.priority,
-                            match_key(f.osken_match(p))) for f in missing}
+            missing = [f for f in missing if self._installed.get(f.key) == f]
+            # Flows of another round (or cookie 0: added by hand) are never wanted;
+            # one of this round is unwanted only if it is still not desired now.
+            ours = [s for s in unexpected if ck.round_of(s.cookie) == self.round]
+            if ours:
+                current = {(self.pipeline.id(f.table), f.priority,
+                            match_key(f.osken_match(p))) for f in self.desired_flows()}
+                unexpected = [s for s in unexpected if ck.round_of(s.cookie) != self.round
+                              or (s.table_id, s.priority, match_key(s.match)) not in current]
             msgs = [p.OFPFlowMod(sw.dp, table_id=s.table_id, command=o.OFPFC_DELETE_STRICT,
                                  priority=s.priority, out_port=o.OFPP_ANY,
-                                 out_group=o.OFPG_ANY, match=s.match)
-                    for s in unexpected
-                    if (s.table_id, s.priority, match_key(s.match)) not in wanted_keys]
+                                 out_group=o.OFPG_ANY, match=s.match) for s in unexpected]
             msgs += [flow_add(sw, f, self.round, self.pipeline) for f in missing]
-            self._bundle(sw, msgs)
+            if msgs:
+                self._bundle(sw, msgs)
         return len(missing), len(unexpected)
 
     def disconnected(self, sw: Switch) -> None:
