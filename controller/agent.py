@@ -96,6 +96,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def pod_tx_offload(encap: str, datapath_type: str) -> bool:
+    """Whether pods keep tx checksum offload (and with it TSO/GSO).
+
+    The userspace datapath of OVS 3.1 drops offloaded packets it has to
+    encapsulate ("Tunneling packets with HW offload flags is not supported"),
+    so pods of an encapsulating cluster on it send finished packets; same-node
+    traffic pays that too, since a pod has one setting for all its peers. The
+    kernel datapath segments offloaded packets into tunnels itself.
+    """
+    return encap == "none" or datapath_type == "system"
+
+
 def configure_gateway(name: str, cidr: str, mtu: int, timeout: float = 5.0) -> tuple[str, str]:
     """Address the gateway netdev with the first IP of the pod CIDR; return (ip, mac)."""
     net = ipaddress.ip_network(cidr)
@@ -161,7 +173,7 @@ class Agent:
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
-                               tx_offload=cfg.encap == "none")
+                               tx_offload=pod_tx_offload(cfg.encap, dptype))
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from flowcni.lab.lab import Lab
@@ -33,16 +34,28 @@ def make_lab(tag: str) -> Lab:
     return Lab(base=f"/run/flowcni-test-{tag}", prefix=f"fct{tag}-")
 
 
+Pods = Iterable[tuple[str, str, dict[str, str]]]
+
+
+@contextmanager
+def running_lab(tag: str, nodes: int = 1, encap: str = "geneve", pods: Pods = ()
+                ) -> Iterator[Lab]:
+    """A lab with pods (name, node, labels) for the block; torn down even on failure,
+    and leftovers of a crashed earlier run are removed first."""
+    lab = make_lab(tag)
+    lab.down()
+    try:
+        lab.up(nodes=nodes, encap=encap)
+        for name, node, labels in pods:
+            lab.pod_add(name, node, labels=labels)
+        yield lab
+    finally:
+        lab.down()
+
+
 @pytest.fixture(scope="module")
 def lab1(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """One node, three pods."""
     tag = request.module.__name__.rsplit(".", 1)[-1][-6:].replace("_", "")
-    lab = make_lab(tag)
-    lab.down()  # leftovers of a crashed run
-    try:
-        lab.up(nodes=1)
-        for name in ("a", "b", "c"):
-            lab.pod_add(name, "node1")
+    with running_lab(tag, pods=[(n, "node1", {}) for n in ("a", "b", "c")]) as lab:
         yield lab
-    finally:
-        lab.down()

@@ -18,20 +18,14 @@ import pytest
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
-from tests.datapath.conftest import make_lab
+from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually, ping
 
 
 @pytest.fixture(scope="module")
 def elab() -> Iterator[Lab]:
-    lab = make_lab("err")
-    lab.down()
-    try:
-        lab.up(nodes=1)
-        lab.pod_add("anchor", "node1")
+    with running_lab("err", pods=[("anchor", "node1", {})]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def snapshot(lab: Lab) -> dict[str, Any]:

@@ -13,21 +13,15 @@ from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.datapath.conftest import make_lab
+from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually, ping
 
 
 @pytest.fixture(scope="module")
 def ilab() -> Iterator[Lab]:
-    lab = make_lab("insp")
-    lab.down()
-    try:
-        lab.up(nodes=2)
-        lab.pod_add("a", "node1", labels={"app": "a"})
-        lab.pod_add("b", "node2", labels={"app": "b"})
+    with running_lab("insp", nodes=2, pods=[("a", "node1", {"app": "a"}),
+                                            ("b", "node2", {"app": "b"})]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def stale(lab: Lab, node: str) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ import pytest
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab, LabError
 
-from tests.datapath.conftest import make_lab
+from tests.datapath.conftest import make_lab, running_lab
 from tests.support.probe import eventually, ping, tcp_transfer
 
 ENCAPS = ["geneve", "vxlan", "gre", "none"]
@@ -32,17 +32,11 @@ MTU = {"geneve": 1450, "vxlan": 1450, "gre": 1458, "none": 1500}
 @pytest.fixture(scope="module", params=ENCAPS)
 def mlab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     encap = request.param
-    lab = make_lab(f"m{encap[:3]}")
-    lab.down()
-    try:
-        lab.up(nodes=3, encap=encap)
-        for n in (1, 2, 3):
-            for k in ("a", "b"):
-                lab.pod_add(f"p{n}{k}", f"node{n}")
+    pods: list[tuple[str, str, dict[str, str]]] = [
+        (f"p{n}{k}", f"node{n}", {}) for n in (1, 2, 3) for k in ("a", "b")]
+    with running_lab(f"m{encap[:3]}", nodes=3, encap=encap, pods=pods) as lab:
         lab.encap = encap  # type: ignore[attr-defined]
         yield lab
-    finally:
-        lab.down()
 
 
 def underlay_capture(lab: Lab, bpf: str) -> subprocess.Popen[str]:
@@ -136,12 +130,8 @@ def test_external_host_sees_the_node_ip(mlab: Lab) -> None:
 
 @pytest.mark.parametrize("encap", ["geneve", "none"])
 def test_node_joins_and_leaves(encap: str) -> None:
-    lab = make_lab(f"j{encap[:3]}")
-    lab.down()
-    try:
-        lab.up(nodes=2, encap=encap)
-        lab.pod_add("x1", "node1")
-        lab.pod_add("x2", "node2")
+    with running_lab(f"j{encap[:3]}", nodes=2, encap=encap,
+                     pods=[("x1", "node1", {}), ("x2", "node2", {})]) as lab:
         n3 = lab.node_add()
         lab.pod_add("x3", n3.name)
         assert ping(lab, "x1", lab.pod("x3").ip, count=3)
@@ -157,8 +147,6 @@ def test_node_joins_and_leaves(encap: str) -> None:
 
         assert eventually(gone), "node3's flow or route is still on node1"
         assert ping(lab, "x1", lab.pod("x2").ip)
-    finally:
-        lab.down()
 
 
 def test_bad_lab_input_is_refused_and_nothing_built() -> None:
@@ -175,10 +163,7 @@ def test_bad_lab_input_is_refused_and_nothing_built() -> None:
 def test_agent_claiming_a_taken_cidr_is_refused() -> None:
     """A second node asking for node1's pod CIDR stops before touching OVS or the store."""
     import sys
-    lab = make_lab("dup")
-    lab.down()
-    try:
-        lab.up(nodes=1, encap="geneve")
+    with running_lab("dup") as lab:
         taken = lab.node("node1").pod_cidr
         p = subprocess.run([sys.executable, "-m", "flowcni.controller.agent", "--node", "intruder",
                             "--datastore", f"sqlite:{lab.store_path}", "--node-ip", "192.168.77.99",
@@ -187,5 +172,3 @@ def test_agent_claiming_a_taken_cidr_is_refused() -> None:
         assert p.returncode != 0
         assert f"pod CIDR {taken} overlaps node node1's {taken}" in p.stderr
         assert [n["name"] for n in lab.store().nodes()] == ["node1"]
-    finally:
-        lab.down()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from flowcni.lab.lab import Lab
 
-from tests.datapath.conftest import make_lab
+from tests.datapath.conftest import running_lab
 from tests.support.oci_image import BUSYBOX, build_busybox_oci
 from tests.support.probe import ping
 from tests.support.runtimes import (
@@ -41,14 +41,8 @@ ExecFn = Callable[..., "subprocess.CompletedProcess[str]"]
 
 @pytest.fixture(scope="module")
 def rt_lab() -> Iterator[Lab]:
-    lab = make_lab("rt")
-    lab.down()
-    try:
-        lab.up(nodes=1)
-        lab.pod_add("target", "node1")
+    with running_lab("rt", pods=[("target", "node1", {})]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture(scope="module")
