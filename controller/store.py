@@ -169,7 +169,7 @@ class Store:
                 for r in rows]
 
     def watch(self, since: int, callback: Callable[[list[Change]], None],
-              stop: threading.Event, interval: float = 0.05) -> None:
+              stop: threading.Event, interval: float = 0.02) -> None:
         """Poll for changes until `stop` is set; callback gets each batch in order."""
         rev = since
         while not stop.is_set():

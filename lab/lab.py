@@ -361,7 +361,7 @@ class Lab:
             netns.exec_argv(node.netns, [
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
                 *self.datastore.agent_args(node),
-                "--ovsdb", node.ovs.remote, "--resync-period", "3",
+                "--ovsdb", node.ovs.remote, "--resync-period", "10",
                 "--cni-socket", node.socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
                 "--datapath-type", "netdev"]),

@@ -49,9 +49,9 @@ def test_stale_empty_then_lists_and_repairs_hand_edits(ilab: Lab,
         del os.environ["FLOWCNI_LAB_DIR"], os.environ["FLOWCNI_LAB_PREFIX"]
     out = json.loads(capsys.readouterr().out)
     assert len(out[0]["missing"]) == 1 and len(out[0]["unexpected"]) == 1
-    # the agent repairs both within its resync period (3 s in the lab)
+    # the agent repairs both within its resync period (10 s in the lab)
     assert eventually(lambda: stale(ilab, "node1") == {"missing": [], "unexpected": []},
-                      timeout=10)
+                      timeout=25)
     assert ping(ilab, "b", a.ip, count=2)
 
 
