@@ -279,6 +279,13 @@ class Lab:
             st["nodes"].append(asdict(node))
         netns.add(node.netns)
         self._uplink(node.netns, str(i), None)
+        # eth0 belongs to br-phy; with the userspace datapath it is still a kernel
+        # interface, and the node's stack would answer ARP for the node IP on it
+        # with eth0's own MAC. A peer that learns that MAC sends tunnel packets
+        # OVS does not take as its own, so the node's stack stays off eth0.
+        run(["ip", "-n", node.netns, "link", "set", "eth0", "arp", "off"])
+        run(["ip", "netns", "exec", node.netns, "sysctl", "-qw",
+             "net.ipv6.conf.eth0.disable_ipv6=1"])
         node.ovs.start(tso=True)
         # The node IP sits on br-phy, so OVS's native tunnelling finds its route and
         # neighbours there; eth0 is br-phy's port to the underlay.

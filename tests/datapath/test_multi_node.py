@@ -68,6 +68,20 @@ def test_trace_agrees_with_the_datapath(mlab: Lab) -> None:
         assert nodes == {s.node, d.node}, (s.name, d.name, nodes)
 
 
+def test_tunnel_neighbours_are_the_peers_bridge_macs(mlab: Lab) -> None:
+    """OVS must send tunnel packets to the MAC of the peer's br-phy (where its node IP
+    lives); a peer's uplink MAC would reach the peer but not its tunnel end."""
+    if mlab.encap == "none":  # type: ignore[attr-defined]
+        pytest.skip("routed mode has no tunnels")
+    mac = {n.node_ip: subprocess.run(["ip", "-n", n.netns, "-br", "link", "show", "br-phy"],
+                                     capture_output=True, text=True).stdout.split()[2]
+           for n in mlab.nodes()}
+    for n in mlab.nodes():
+        rows = [ln.split()[:2] for ln in n.ovs.appctl("tnl/neigh/show").splitlines()[2:]]
+        learnt = {ip: m for ip, m in rows if ip in mac}
+        assert learnt == {ip: m for ip, m in mac.items() if ip != n.node_ip}, (n.name, learnt)
+
+
 def test_tcp_between_every_pair_of_nodes(mlab: Lab) -> None:
     pods = mlab.pods()
     for s, d in itertools.permutations(pods, 2):
