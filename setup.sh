@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine (as root) for flowcni: OVS, network tools,
-# container runtimes for the end-to-end tests, and the flowcni package.
+# container runtimes for the end-to-end tests (debian-packages.txt), and the
+# flowcni package with its test tools. FLOWCNI_SKIP_APT=1 skips the Debian part
+# (for callers that installed the list themselves, like .ci/run).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 cd "$(dirname "$0")"
-apt-get update -q
-apt-get install -y -q --no-install-recommends \
-  openvswitch-switch openvswitch-common iproute2 iputils-ping iputils-arping \
-  tcpdump iperf3 ethtool procps kmod busybox-static containernetworking-plugins \
-  podman containerd runc conmon util-linux nftables shellcheck ca-certificates >/dev/null
+if [ "${FLOWCNI_SKIP_APT:-0}" != 1 ]; then
+  apt-get update -q
+  xargs apt-get install -y -q --no-install-recommends < debian-packages.txt >/dev/null
+fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -c "import flowcni.controller.agent, flowcni.cni.plugin" # installed and importable
