@@ -35,7 +35,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ from flowcni.lab.lab import Lab, Node, Pod
 
 # bench/ is a folder of scripts, not a package: refplugin sits next to this file.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refplugin import measure_reference, percentiles  # noqa: E402
+from refplugin import measure_reference, percentiles, run_plugin_timed  # noqa: E402
 
 BASE = "/run/flowcni-bench"
 PREFIX = "fcb-"
@@ -63,17 +62,8 @@ class _FlowcniPods:
 
     def _invoke(self, command: str, pod: Pod, conf: dict[str, Any]) -> tuple[float, str]:
         """Run the plugin once; return (elapsed ms, stdout). Raise unless it exits 0."""
-        stdin = json.dumps(conf).encode()
-        env = self.lab.plugin_env(command, pod)
-        t0 = time.perf_counter()
-        cp = subprocess.run([self.plugin], input=stdin, env=env, capture_output=True)
-        elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        if cp.returncode != 0:
-            raise RuntimeError(
-                f"flowcni {command} {pod.ref} rc={cp.returncode}: "
-                f"{cp.stdout.decode(errors='replace')} {cp.stderr.decode(errors='replace')}"
-            )
-        return elapsed_ms, cp.stdout.decode()
+        return run_plugin_timed(self.plugin, command, pod.ref,
+                                self.lab.plugin_env(command, pod), conf)
 
     def add(self, i: int) -> float:
         """Make netns ``fcb-p<i>`` and ADD it; return the plugin's ms."""

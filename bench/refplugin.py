@@ -79,21 +79,29 @@ def _cni_env(command: str, container_id: str, netns: str) -> dict[str, str]:
     }
 
 
-def _invoke(command: str, container_id: str, netns: str, conf: dict[str, Any]) -> tuple[float, str]:
-    """Run the bridge plugin once; return (elapsed ms, stdout). Raise on failure."""
+def run_plugin_timed(plugin: str, command: str, label: str, env: dict[str, str],
+                     conf: dict[str, Any]) -> tuple[float, str]:
+    """Run a CNI plugin once as a runtime does; return (elapsed ms, stdout).
+
+    Only the plugin process is timed, the same way for flowcni and the
+    reference, so the two figures compare. Raises unless it exits 0.
+    """
     stdin = json.dumps(conf).encode()
-    env = _cni_env(command, container_id, netns)
     t0 = time.perf_counter()
-    cp = subprocess.run(
-        [os.path.join(CNI_DIR, "bridge")], input=stdin, env=env, capture_output=True
-    )
+    cp = subprocess.run([plugin], input=stdin, env=env, capture_output=True)
     elapsed_ms = (time.perf_counter() - t0) * 1000.0
     if cp.returncode != 0:
         raise RuntimeError(
-            f"bridge {command} {container_id} rc={cp.returncode}: "
+            f"{os.path.basename(plugin)} {command} {label} rc={cp.returncode}: "
             f"{cp.stdout.decode(errors='replace')} {cp.stderr.decode(errors='replace')}"
         )
     return elapsed_ms, cp.stdout.decode()
+
+
+def _invoke(command: str, container_id: str, netns: str, conf: dict[str, Any]) -> tuple[float, str]:
+    """Run the bridge plugin once; return (elapsed ms, stdout). Raise on failure."""
+    return run_plugin_timed(os.path.join(CNI_DIR, "bridge"), command, container_id,
+                            _cni_env(command, container_id, netns), conf)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
