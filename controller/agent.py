@@ -33,7 +33,8 @@ from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.store import ENCAPS, Change, ClusterConfig, StoreError
 from flowcni.flows import cookie as ck
-from flowcni.flows.node import GATEWAY_OWNER, NODE_OWNER, Gateway, node_flows
+from flowcni.flows.model import Flow
+from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
@@ -164,9 +165,10 @@ class Agent:
             "flowcni-node": a.node, "flowcni-pod-cidr": pod_cidr,
             "flowcni-encap": cfg.encap})
         self.flows = FlowSync(PIPELINE, lambda: self.ovsdb.bump_round(a.bridge))
-        nf = node_flows(self.gateway, PIPELINE)
-        self.flows.set_owner(NODE_OWNER, [f for f in nf if f.owner == NODE_OWNER])
-        self.flows.set_owner(GATEWAY_OWNER, [f for f in nf if f.owner == GATEWAY_OWNER])
+        by_owner: dict[str, list[Flow]] = {}
+        for f in node_flows(self.gateway, PIPELINE):
+            by_owner.setdefault(f.owner, []).append(f)
+        self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, PIPELINE))
         os.makedirs(a.state_dir, exist_ok=True)

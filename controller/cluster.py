@@ -24,6 +24,15 @@ from flowcni.flows.tunnel import RemoteNode, remote_node_flows
 LOG = logging.getLogger(__name__)
 
 
+def remote_node(body: dict[str, Any]) -> RemoteNode | None:
+    """A datastore Node as a remote node; None (logged) if it cannot be used."""
+    try:
+        return RemoteNode(body["name"], body["nodeIP"], body["podCIDR"])
+    except (KeyError, TypeError):
+        LOG.error("skipping malformed node %r", body)
+        return None
+
+
 class Peers:
     """Keeps flows and routes in step with the set of remote nodes."""
 
@@ -41,15 +50,8 @@ class Peers:
 
     def set_nodes(self, bodies: list[dict[str, Any]]) -> None:
         """Replace the whole set (initial list, or a re-list)."""
-        want = {}
-        for b in bodies:
-            try:
-                n = RemoteNode(b["name"], b["nodeIP"], b["podCIDR"])
-            except (KeyError, TypeError):
-                LOG.error("skipping malformed node %r", b)
-                continue
-            if n.name != self.me:
-                want[n.name] = n
+        want = {n.name: n for n in map(remote_node, bodies)
+                if n is not None and n.name != self.me}
         with self._lock:
             for name in set(self.nodes) - set(want):
                 self._drop(name)
@@ -66,10 +68,11 @@ class Peers:
                 if c.kind != "Node" or c.name == self.me:
                     continue
                 touched = True
-                if c.op == "delete" or c.body is None:
+                n = remote_node(c.body) if c.op == "put" and c.body else None
+                if n is None:
                     self._drop(c.name)
                 else:
-                    self._put(RemoteNode(c.body["name"], c.body["nodeIP"], c.body["podCIDR"]))
+                    self._put(n)
             if touched:
                 hostnet.sync_routes(self.routes())
         if touched:

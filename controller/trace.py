@@ -147,11 +147,17 @@ def _story(step: Step, names: dict[int, str]) -> str:
     return f"{step.table}: {who} -> {', '.join(acts)}"
 
 
+def first_hop_mac(dst_ip: str, gw: dict[str, Any], pod_cidr: str) -> str:
+    """The MAC a pod's ARP resolves for `dst_ip`'s first hop: the gateway's for the
+    gateway and anything off its subnet, the virtual router MAC for its subnet."""
+    on_link = ipaddress.ip_address(dst_ip) in ipaddress.ip_network(pod_cidr)
+    return gw["mac"] if dst_ip == gw["ip"] or not on_link else VIRTUAL_ROUTER_MAC
+
+
 def packet(src: Pod, dst_ip: str, gw: dict[str, Any], pod_cidr: str, proto: str,
            dport: int | None) -> str:
-    """The flow the source pod sends: destination MAC as its ARP would resolve it."""
-    on_link = ipaddress.ip_address(dst_ip) in ipaddress.ip_network(pod_cidr)
-    dmac = gw["mac"] if dst_ip == gw["ip"] or not on_link else VIRTUAL_ROUTER_MAC
+    """The flow the source pod sends for a new connection."""
+    dmac = first_hop_mac(dst_ip, gw, pod_cidr)
     f = f"{proto},dl_src={src.mac},dl_dst={dmac},nw_src={src.ip},nw_dst={dst_ip},nw_ttl=64"
     if proto in ("tcp", "udp", "sctp"):
         f += f",{proto}_src={SRC_PORT},{proto}_dst={dport or 80}"
@@ -233,9 +239,7 @@ class Tracer:
         except LabError:
             dst_ip = dst
         v = self.view(src.node)
-        gw = v.status["gateway"]
-        on_link = ipaddress.ip_address(dst_ip) in ipaddress.ip_network(v.status["pod_cidr"])
-        dst_mac = gw["mac"] if dst_ip == gw["ip"] or not on_link else VIRTUAL_ROUTER_MAC
+        dst_mac = first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"])
         dscp = secrets.randbelow(62) + 1
         nodes = self.lab.nodes()
         agents = {n.name: AgentClient(n.socket) for n in nodes}
