@@ -199,6 +199,34 @@ def _unavailable(command: str, path: str, why: str) -> CNIError:
     )
 
 
+def _connect(path: str, deadline: float) -> "Any":
+    """Return a socket connected to the agent, retrying while its queue is full.
+
+    A Unix socket with a timeout is non-blocking underneath, so a full listen
+    backlog shows up as EAGAIN at once instead of a wait; that is overload,
+    not absence, and is retried (on a fresh socket) until the deadline.
+    """
+    pause = 0.002
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out connecting to the agent")
+        # The bare C socket has no context manager; it raises the same
+        # OSError subclasses as socket.socket (its timeout is TimeoutError).
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(remaining)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.05)
+        except BaseException:
+            sock.close()
+            raise
+
+
 def exchange(path: str, request: "dict[str, Any]", timeout: float) -> bytes:
     """Send one JSON request to the agent and return its raw reply.
 
@@ -208,12 +236,8 @@ def exchange(path: str, request: "dict[str, Any]", timeout: float) -> bytes:
     """
     deadline = time.monotonic() + timeout
     payload = spec.dumps(request).encode("utf-8")
-    # The bare C socket has no context manager; it raises the same OSError
-    # subclasses as socket.socket (its timeout is TimeoutError).
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock = _connect(path, deadline)
     try:
-        sock.settimeout(timeout)
-        sock.connect(path)
         sock.sendall(payload)
         sock.shutdown(_socket.SHUT_WR)
         chunks: list[bytes] = []

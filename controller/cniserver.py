@@ -41,6 +41,10 @@ class _Conn(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 makes a burst of plugin calls (a
+    # node starting 50 pods at once) fail to connect with EAGAIN; the kernel
+    # caps this at net.core.somaxconn.
+    request_queue_size = 1024
     dispatch: Handler
 
 

@@ -321,6 +321,71 @@ def test_agent_timeout_is_try_again(
     assert len(agent.requests) == 1
 
 
+def _full_backlog_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is already full (backlog 0, one queued)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(0)
+    queued: list[socket.socket] = []
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(str(path))
+        except BlockingIOError:
+            c.close()
+            return srv, queued
+        queued.append(c)
+
+
+def test_full_agent_queue_is_waited_for_not_failed(tmp_path: Path) -> None:
+    """EAGAIN from a full accept queue is overload: the plugin keeps trying."""
+    path = tmp_path / "busy.sock"
+    srv, queued = _full_backlog_listener(path)
+    served: list[bytes] = []
+
+    def drain_then_serve() -> None:
+        threading.Event().wait(0.2)
+        for _ in range(len(queued) + 1):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                served.append(data)
+                if data:
+                    conn.sendall(b'{"ok": true}')
+
+    t = threading.Thread(target=drain_then_serve, daemon=True)
+    t.start()
+    try:
+        for c in queued:
+            c.close()
+        reply = plugin.call_agent(str(path), {"command": "STATUS"}, 5.0)
+    finally:
+        t.join(5)
+        srv.close()
+    assert reply == {"ok": True}
+    assert any(b"STATUS" in d for d in served)
+
+
+def test_full_agent_queue_until_deadline_is_try_again(tmp_path: Path) -> None:
+    path = tmp_path / "stuck.sock"
+    srv, queued = _full_backlog_listener(path)
+    try:
+        with pytest.raises(CNIError) as err:
+            plugin.call_agent(str(path), {"command": "ADD"}, 0.3)
+    finally:
+        for c in queued:
+            c.close()
+        srv.close()
+    assert err.value.code == spec.ERR_TRY_AGAIN_LATER
+    assert str(path) in err.value.msg
+
+
 # --- forwarding to a fake agent --------------------------------------------
 
 
