@@ -10,8 +10,11 @@ several conjunction actions.
 Egress rules are enforced where the selected (source) pod lives, ingress
 rules where the selected (destination) pod lives, so a connection is checked
 on every node it crosses. Replies and related traffic of allowed connections
-skip the rules through conntrack; conntrack is switched on only on nodes
-where some local pod is isolated, so a node without policy pays nothing.
+skip the rules through conntrack. Conntrack is always on: switching it on
+only while some local pod is isolated saved a recirculation on nodes without
+policy, but the userspace datapath kept megaflows translated while it was off
+(a SYN forwarded without ct commit, so its SYN-ACK was invalid; an egress
+deny not applied) for seconds after it came back on.
 
 The engine is incremental: a change to a pod, a namespace or a policy
 recomputes only the rules it can affect and returns only the flows whose
@@ -554,8 +557,7 @@ class PolicyEngine:
         return out
 
     def conntrack_flows(self) -> list[Flow]:
-        if not any(a or b for a, b in self.isolated.values()):
-            return []
+        """Conntrack for all IP traffic, whether or not any pod is isolated (see above)."""
         kw = dict(feature=Feature.POLICY, owner=CONNTRACK_OWNER, pipeline=self.pipeline)
         ip = {"eth_type": 0x0800}
         return [
@@ -610,7 +612,6 @@ class PolicyEngine:
                 out[self._match_owner(key)] = new_flows
 
     def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
-        before = any(a or b for a, b in self.isolated.values())
         for k in pods:
             old_flows = self._isolation_flows(k)
             p = self.world.pods.get(k)
@@ -622,8 +623,6 @@ class PolicyEngine:
             new_flows = self._isolation_flows(k)
             if new_flows != old_flows:
                 out[f"isolation:{k}"] = new_flows
-        if before != any(a or b for a, b in self.isolated.values()):
-            out[CONNTRACK_OWNER] = self.conntrack_flows()
 
     def _rules_touching_pods(self, pods: list[PodInfo]) -> set[str]:
         """Rules whose selected set or peer set may contain any of these pods."""

@@ -54,7 +54,7 @@ PIPELINE: tuple[Table, ...] = (
     _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
-    _t("ConntrackZone", "IP into conntrack, only while some local pod is isolated by policy",
+    _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules)",
        [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
        ["ct_state"], ["L3Forwarding"], miss="EgressRule"),

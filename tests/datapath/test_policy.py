@@ -69,9 +69,11 @@ class PolicyLab:
                 self.lab.set_labels(self.ref(name), dict(labels))
         self.lab.wait_realized()
 
-    def observed(self) -> dict[str, dict[str, set[str]]]:
+    def observed(self, expect: dict[str, dict[str, set[str]]] | None = None,
+                 ) -> dict[str, dict[str, set[str]]]:
         dests = {n: self.lab.pod(self.ref(n)).ip for n in PODS}
-        return matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"))
+        return matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"),
+                      expect)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,27 @@ def check_traces(pl: PolicyLab, got: dict[str, dict[str, set[str]]], step: int) 
     assert not wrong, f"step {step}:\n" + "\n".join(wrong)
 
 
+def diagnose(pl: PolicyLab, diff: list[str]) -> str:
+    """What the datapath says about the differing cells: trace verdicts and conntrack."""
+    tracer = Tracer(pl.lab)
+    lines = []
+    for d in diff:
+        s, _, dst = d.split(":")[0].partition(" -> ")
+        for probe, (proto, port) in PROBE_PACKET.items():
+            target = EXTERNAL_IP if dst == "ext" else pl.ref(dst)
+            lines.append(f"trace {s} -> {dst} {probe}: "
+                         f"{tracer.trace(pl.ref(s), target, proto, port).detail}")
+        dst_ip = EXTERNAL_IP if dst == "ext" else pl.lab.pod(pl.ref(dst)).ip
+        ips = {pl.lab.pod(pl.ref(s)).ip, dst_ip}
+        for n in pl.lab.nodes():
+            ct = n.ovs.appctl("dpctl/dump-conntrack", check=False)
+            lines += [f"{n.name} ct: {c}" for c in ct.splitlines()
+                      if all(ip in c for ip in ips) and "TIME_WAIT" not in c]
+            dp = n.ovs.appctl("dpctl/dump-flows", check=False)
+            lines += [f"{n.name} dp: {c}" for c in dp.splitlines() if all(ip in c for ip in ips)]
+    return "\n" + "\n".join(lines)
+
+
 def test_at_least_25_cases() -> None:
     assert len(CASES) >= 25
 
@@ -176,11 +199,11 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
                 run_step(plab, step)
                 continue
             want = expected(step["expect"])
-            got = {s.split("/")[1]: row for s, row in plab.observed().items()}
+            got = {s.split("/")[1]: row for s, row in plab.observed(want).items()}
             diff = [f"{s} -> {d}: want {sorted(want[s][d]) or 'none'}, "
                     f"got {sorted(got[s].get(d, set())) or 'none'}"
                     for s in want for d in want[s] if want[s][d] != got[s].get(d, set())]
-            assert not diff, f"step {i}:\n" + "\n".join(diff)
+            assert not diff, f"step {i}:\n" + "\n".join(diff) + diagnose(plab, diff)
             check_traces(plab, got, i)
     finally:
         plab.reset()

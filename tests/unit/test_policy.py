@@ -146,14 +146,15 @@ def test_unrelated_change_touches_nothing_and_relabel_touches_little() -> None:
                        "('ipv4_src', '10.244.2.9'))"}
 
 
-def test_isolation_and_conntrack_follow_policies() -> None:
+def test_isolation_follows_policies_and_conntrack_stays() -> None:
     eng = PolicyEngine("n1")
     owners, _ = eng.load(WORLD_NS, WORLD_PODS, [])
-    assert "conntrack" not in owners  # no isolated pod: no conntrack at all
+    assert owners["conntrack"]  # on from the start, policy or not
     out, _ = eng.apply([Change(1, "put", "NetworkPolicy", "d", "a", allow_clients())])
-    assert out["conntrack"] and out["isolation:d/web"] and out["isolation:d/web2"]
+    assert out["isolation:d/web"] and out["isolation:d/web2"]
     out, _ = eng.apply([Change(2, "delete", "NetworkPolicy", "d", "a", None)])
-    assert out["conntrack"] == [] and out["isolation:d/web"] == []
+    assert out["isolation:d/web"] == []
+    assert "conntrack" not in out  # never switched off and on again
 
 
 def test_named_ports_split_by_resolution() -> None:
