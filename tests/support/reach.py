@@ -130,9 +130,12 @@ def matrix(lab: Lab, sources: list[str], dests: dict[str, str],
             targets[s].append((f"ext|{ext[1]}", ext[0], ext[1]))
     res = _probe_all(lab, targets, 0.8)
     if expect is not None:
-        again = {s: [t for t in targets[s] if res[s][t[0]] is not True
-                     and t[0].split("|")[1] in expect.get(s.split("/")[-1], {})
-                     .get(t[0].split("|")[0], set())]
+        def allow_expected(src: str, key: str) -> bool:
+            dst, port = key.split("|")
+            return port in expect.get(src.split("/")[-1], {}).get(dst, set())
+
+        again = {s: [t for t in targets[s]
+                     if res[s][t[0]] is not True and allow_expected(s, t[0])]
                  for s in sources}
         for s, row_res in _probe_all(lab, again, 3.0).items():
             for key, ok in row_res.items():
