@@ -224,6 +224,9 @@ class Agent:
             LOG.error("skipping %s", p)
         if owners:
             self.flows.set_owners(owners)
+        if not self.flows.wait_installed(self.stop_event):
+            return
+        if owners:
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
 
@@ -309,7 +312,8 @@ class Agent:
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
             "datastore_revision": self.store.revision() if self.store else None,
-            "applied_revision": self.applied_revision,
+            # "applied" means OVS holds it: nothing while changes wait for a full sync
+            "applied_revision": 0 if self.flows.pending else self.applied_revision,
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),

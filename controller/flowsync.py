@@ -75,6 +75,9 @@ class FlowSync:
         self.switch: Switch | None = None
         self.round = 0
         self.synced = threading.Event()
+        # Desired changes made while the switch was away, waiting for the next full sync.
+        self._pending = False
+        self._installed_cv = threading.Condition(self._lock)
         self.stats = {"bundles": 0, "bundle_errors": 0, "full_syncs": 0}
 
     def desired_flows(self) -> list[Flow]:
@@ -114,6 +117,24 @@ class FlowSync:
                 self._replace(olds)
                 raise
 
+    @property
+    def pending(self) -> bool:
+        """Whether some desired change is not in OVS yet (the switch was away)."""
+        return self._pending
+
+    def wait_installed(self, stop: threading.Event) -> bool:
+        """Block until OVS holds every desired change (False if `stop` came first).
+
+        A change made while the switch is away is only in the desired set; it
+        reaches OVS with the next full sync. Whoever reports a change as
+        realized (the datastore revision) waits here first, so "applied" never
+        means "queued for a switch that is not there".
+        """
+        with self._installed_cv:
+            while self._pending and not stop.is_set():
+                self._installed_cv.wait(0.2)
+            return not self._pending
+
     def _replace(self, sets: dict[str, dict[Key, Flow]]) -> None:
         """Swap owners' desired sets, keeping the flow -> owner index in step."""
         for o, new in sets.items():
@@ -130,7 +151,8 @@ class FlowSync:
     def _apply(self, old: dict[Key, Flow], new: dict[Key, Flow]) -> None:
         sw = self.switch
         if sw is None or not sw.alive or not self.synced.is_set():
-            return  # the full sync on (re)connect will install it
+            self._pending = True  # the full sync on (re)connect will install it
+            return
         adds, dels = diff(old, new)
         msgs = [flow_delete(sw, f, self.pipeline) for f in dels]
         msgs += [flow_add(sw, f, self.round, self.pipeline) for f in adds]
@@ -161,6 +183,8 @@ class FlowSync:
             self.round = rnd
             self._installed = index(flows)
             self.stats["full_syncs"] += 1
+            self._pending = False
+            self._installed_cv.notify_all()
             self.synced.set()
             LOG.info("round %d: %d flows installed", rnd, len(flows))
 
