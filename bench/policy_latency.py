@@ -318,20 +318,27 @@ class LineReader:
         return line
 
 
-class Prober:
-    """The long-running prober in the source pod, driven over stdin/stdout."""
+class Helper:
+    """A long-running helper process driven by lines over stdin/stdout; says "ready" first."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], what: str) -> None:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
-        self.out = LineReader(self.proc, "prober")
+        self.out = LineReader(self.proc, what)
         if self.out.readline(30) != "ready":
-            raise BenchError("prober did not start")
+            raise BenchError(f"{what} did not start")
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+
+class Prober(Helper):
+    """The long-running prober in the source pod."""
+
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__(argv, "prober")
 
     def reply(self, timeout: float) -> dict[str, Any]:
         r: dict[str, Any] = json.loads(self.out.readline(timeout))
@@ -342,7 +349,7 @@ class Prober:
         return self.reply(timeout)
 
 
-class AgentMetrics:
+class AgentMetrics(Helper):
     """The node agent's realization histogram, read between changes (never while timed).
 
     Its per-change delta is the agent's share (processing + OpenFlow bundle),
@@ -351,18 +358,12 @@ class AgentMetrics:
     """
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        self.out = LineReader(self.proc, "metrics scraper")
-        if self.out.readline(30) != "ready":
-            raise BenchError("metrics scraper did not start")
+        super().__init__(argv, "metrics scraper")
 
     def read(self) -> tuple[float, float] | None:
         """(seconds, observations) so far, or None when unavailable."""
-        assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write("\n")
-            self.proc.stdin.flush()
+            self.send("")
             r = json.loads(self.out.readline(10))
         except (OSError, BenchError, ValueError):
             return None

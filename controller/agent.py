@@ -225,10 +225,14 @@ class Agent:
         if owners:
             self.flows.set_owners(owners)
         if not self.flows.wait_installed(self.stop_event):
-            return
+            return  # stopping: this batch never reached OVS
         if owners:
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
+
+    def realized_revision(self) -> int:
+        """The datastore revision OVS holds: 0 while changes wait for a full sync."""
+        return 0 if self.flows.pending else self.applied_revision
 
     def _resync_loop(self) -> None:
         """Repair drift (flows added or deleted behind the agent's back) periodically."""
@@ -268,7 +272,7 @@ class Agent:
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
-                lambda: self.applied_revision))
+                self.realized_revision))
         app = ofapp.start(self.args.of_host, self.args.of_port)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
@@ -312,8 +316,7 @@ class Agent:
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
             "datastore_revision": self.store.revision() if self.store else None,
-            # "applied" means OVS holds it: nothing while changes wait for a full sync
-            "applied_revision": 0 if self.flows.pending else self.applied_revision,
+            "applied_revision": self.realized_revision(),
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),

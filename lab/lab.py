@@ -65,6 +65,10 @@ class Node:
     def conflist(self) -> str:
         return os.path.join(self.rundir, "flowcni.conflist")
 
+    @property
+    def agent_log(self) -> str:
+        return os.path.join(self.rundir, "agent.log")
+
 
 @dataclass
 class Pod:
@@ -342,7 +346,7 @@ class Lab:
                 last = e
             time.sleep(0.1)
         try:
-            with open(os.path.join(node.rundir, "agent.log")) as f:
+            with open(node.agent_log) as f:
                 tail = "".join(f.readlines()[-12:])
         except OSError:
             tail = ""
@@ -363,7 +367,7 @@ class Lab:
 
     def _start_agent(self, node: Node) -> Node:
         """Spawn the node's agent in its netns, record its pid, wait until it has synced."""
-        log = open(os.path.join(node.rundir, "agent.log"), "ab")
+        log = open(node.agent_log, "ab")
         proc = subprocess.Popen(
             netns.exec_argv(node.netns, [
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,

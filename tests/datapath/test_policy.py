@@ -72,9 +72,10 @@ class PolicyLab:
 
     def observed(self, expect: dict[str, dict[str, set[str]]] | None = None,
                  ) -> dict[str, dict[str, set[str]]]:
+        """What each pod (by short name) reached, probed now."""
         dests = {n: self.lab.pod(self.ref(n)).ip for n in PODS}
-        return matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"),
-                      expect)
+        got = matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"), expect)
+        return {s.split("/")[1]: row for s, row in got.items()}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def diagnose(pl: PolicyLab, diff: list[str]) -> str:
             lines += [f"{n.name} upcall/show: " + " ".join(
                 n.ovs.appctl("upcall/show", check=False).split())]
             try:
-                with open(os.path.join(n.rundir, "agent.log")) as f:
+                with open(n.agent_log) as f:
                     lines += [f"{n.name} agent: {x.rstrip()}" for x in f
                               if " WARNING " in x or " ERROR " in x or "round " in x]
             except OSError as e:
@@ -221,7 +222,7 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
                 run_step(plab, step)
                 continue
             want = expected(step["expect"])
-            got = {s.split("/")[1]: row for s, row in plab.observed(want).items()}
+            got = plab.observed(want)
             diff = differing(want, got)
             if diff:
                 # The datapath's flow cache follows OpenFlow changes through OVS's
@@ -231,7 +232,7 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
                 first = "\n".join(diff) + diagnose(plab, diff)
                 for n in plab.lab.nodes():
                     n.ovs.appctl("revalidator/wait", check=False)
-                got = {s.split("/")[1]: row for s, row in plab.observed(want).items()}
+                got = plab.observed(want)
                 diff = differing(want, got)
                 assert not diff, (f"step {i}:\n" + "\n".join(diff) + diagnose(plab, diff)
                                   + "\n-- before the revalidation round:\n" + first)
