@@ -69,9 +69,9 @@ import time
 from typing import Any
 
 import yaml
-from flowcni.controller.client import AgentClient
-from flowcni.controller.manifests import load
-from flowcni.controller.store import Change, Store
+from flowcni.ctl.client import AgentClient
+from flowcni.datastore.manifests import load
+from flowcni.datastore.store import Change, Store
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.lab import netns
@@ -515,7 +515,7 @@ def measure(lab: Lab, prober: Prober, changes: int, warmup: int, deadline: float
 def cli_times(lab: Lab, policy: dict[str, Any], runs: int) -> list[float]:
     """Wall time of `flowctl apply -f` as a subprocess (re-applies a background policy)."""
     exe = shutil.which("flowctl")
-    argv = [exe] if exe else [sys.executable, "-m", "flowcni.controller.flowctl"]
+    argv = [exe] if exe else [sys.executable, "-m", "flowcni.ctl.flowctl"]
     env = dict(os.environ, FLOWCNI_LAB_DIR=lab.base, FLOWCNI_LAB_PREFIX=lab.prefix)
     out = []
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:

@@ -24,14 +24,14 @@ from typing import Any
 
 from flowcni.cni.ipam import IPAM
 from flowcni.controller import hostnet, metrics, ofapp
-from flowcni.controller.cluster import Peers, refresh_neighbors
 from flowcni.controller.cniserver import CNIServer, timed
-from flowcni.controller.datastore import Datastore, open_datastore
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
+from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.pods import CNIFailure, PodManager
-from flowcni.controller.store import ENCAPS, Change, ClusterConfig, StoreError
+from flowcni.datastore.base import Datastore, open_datastore
+from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, StoreError
 from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows

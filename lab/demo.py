@@ -53,8 +53,8 @@ def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
 
 
 def run_demo(lab: Lab, keep: bool = False) -> int:
-    from flowcni.controller.flowctl import main as flowctl
-    from flowcni.controller.manifests import load
+    from flowcni.ctl.flowctl import main as flowctl
+    from flowcni.datastore.manifests import load
 
     good = True
     try:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flowcni.cni import install as cni_install
-from flowcni.controller.store import ClusterConfig, Store, StoreError
+from flowcni.datastore.store import ClusterConfig, Store, StoreError
 from flowcni.lab import netns
 from flowcni.lab.netns import run
 from flowcni.lab.ovs import OVS, kill_wait
@@ -330,7 +330,7 @@ class Lab:
 
     def wait_ready(self, node: Node, timeout: float = 30.0,
                    proc: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
-        from flowcni.controller.client import AgentClient
+        from flowcni.ctl.client import AgentClient
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -473,7 +473,7 @@ class Lab:
 
     def wait_realized(self, timeout: float = 10.0) -> int:
         """Wait until every agent has applied the datastore's current revision."""
-        from flowcni.controller.client import AgentClient
+        from flowcni.ctl.client import AgentClient
         rev = self.store().revision()
         deadline = time.monotonic() + timeout
         for n in self.nodes():

@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from flowcni.lab.lab import Lab
@@ -29,9 +30,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
-def make_lab(tag: str) -> Lab:
-    """A lab with its own state dir and netns prefix, so tests never touch a user's lab."""
-    return Lab(base=f"/run/flowcni-test-{tag}", prefix=f"fct{tag}-")
+def make_lab(tag: str, **kwargs: Any) -> Lab:
+    """A lab with its own state dir and netns prefix, so tests never touch a user's lab.
+
+    FLOWCNI_TEST_PREFIX (default "fct") separates concurrent test runs on one machine
+    (two checkouts): pick values neither of which starts with the other."""
+    run = os.environ.get("FLOWCNI_TEST_PREFIX", "fct")
+    return Lab(base=f"/run/flowcni-test-{run}-{tag}", prefix=f"{run}{tag}-", **kwargs)
 
 
 Pods = Iterable[tuple[str, str, dict[str, str]]]

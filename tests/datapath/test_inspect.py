@@ -7,8 +7,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from flowcni.controller.client import AgentClient
-from flowcni.controller.flowctl import main as flowctl
+from flowcni.ctl.client import AgentClient
+from flowcni.ctl.flowctl import main as flowctl
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 from prometheus_client.parser import text_string_to_metric_families
@@ -90,7 +90,7 @@ def test_metrics_parse_and_move(ilab: Lab) -> None:
 
 
 def test_live_traceflow_cross_node_and_denied(ilab: Lab) -> None:
-    from flowcni.controller.trace import Tracer
+    from flowcni.ctl.trace import Tracer
     a, b = ilab.pod("a"), ilab.pod("b")
     r = Tracer(ilab).live(a.ref, b.ref, "tcp", 80)
     assert r["nodes"] == ["node1", "node2"], r["observations"]

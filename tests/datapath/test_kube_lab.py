@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 from flowcni.lab.lab import Lab
 
+from tests.datapath.conftest import make_lab
 from tests.support.fakeapi import policy_obj
 from tests.support.kubelab import KubeLabDatastore
 from tests.support.probe import eventually, ping
@@ -14,7 +15,7 @@ from tests.support.probe import eventually, ping
 
 @pytest.fixture(scope="module")
 def klab() -> Iterator[Lab]:
-    lab = Lab(base="/run/flowcni-test-kube", prefix="fctkube-", datastore=KubeLabDatastore)
+    lab = make_lab("kube", datastore=KubeLabDatastore)
     lab.down()
     try:
         lab.up(nodes=2, encap="geneve")

@@ -59,7 +59,7 @@ def test_every_pod_reaches_every_pod(mlab: Lab) -> None:
 
 def test_trace_agrees_with_the_datapath(mlab: Lab) -> None:
     """flowctl trace follows each pair across nodes and ends at the destination pod."""
-    from flowcni.controller.trace import Tracer
+    from flowcni.ctl.trace import Tracer
     tracer = Tracer(mlab)
     for s, d in itertools.permutations(mlab.pods(), 2):
         v = tracer.trace(s.ref, d.ref, "icmp")

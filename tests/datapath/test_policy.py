@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from flowcni.controller.manifests import load
-from flowcni.controller.trace import Tracer
+from flowcni.ctl.trace import Tracer
+from flowcni.datastore.manifests import load
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab

@@ -21,7 +21,7 @@ import yaml
 from flowcni.cni import install as cni_install
 from flowcni.cni.spec import DEFAULT_AGENT_SOCKET, parse_config
 from flowcni.controller.agent import parse_args
-from flowcni.controller.kube import CLUSTER_CONFIG_ENV, KINDS, load_cluster_config
+from flowcni.datastore.kube import CLUSTER_CONFIG_ENV, KINDS, load_cluster_config
 
 KIND_DIR = Path(__file__).resolve().parents[2] / "kind-config"
 SCRIPTS = ["up.sh", "down.sh", "ovs-start.sh", "agent-start.sh", "cni-shim.sh"]
@@ -242,7 +242,7 @@ def test_dockerfile() -> None:
 
 def test_probes_use_an_existing_command() -> None:
     """Liveness/readiness run `flowctl probe`; it has to exist in flowctl."""
-    from flowcni.controller.flowctl import build_parser
+    from flowcni.ctl.flowctl import build_parser
     c = container("agent")
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["exec"]["command"][:2] == ["flowctl", "probe"], probe

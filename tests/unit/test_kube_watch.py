@@ -19,16 +19,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from flowcni.controller import kubeconv
-from flowcni.controller.kube import (
+from flowcni.datastore import kubeconv
+from flowcni.datastore.kube import (
     CLUSTER_CONFIG_ENV,
     Cache,
     KubeDatastore,
     Timeouts,
     load_cluster_config,
 )
-from flowcni.controller.kubeconv import Malformed
-from flowcni.controller.store import Change, ClusterConfig, StoreError
+from flowcni.datastore.kubeconv import Malformed
+from flowcni.datastore.store import Change, ClusterConfig, StoreError
 
 from tests.support.fakeapi import (
     Control,
@@ -337,7 +337,7 @@ def test_gone_relists_and_diffs(gone_mode: str, server: FakeAPIServer,
 def test_malformed_objects_are_skipped(server: FakeAPIServer,
                                        open_ds: Callable[..., KubeDatastore],
                                        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="flowcni.controller.kube")
+    caplog.set_level(logging.WARNING, logger="flowcni.datastore.kube")
     server.put("nodes", node_obj("no-cidr", "192.168.77.8", None))  # in the first list
     server.put("nodes", node_obj("good1", "192.168.77.1", "10.244.1.0/24"))
     ds = open_ds(kinds=["Node", "Pod", "NetworkPolicy"])

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from flowcni.controller.manifests import ManifestError, load
-from flowcni.controller.store import Store
+from flowcni.datastore.manifests import ManifestError, load
+from flowcni.datastore.store import Store
 
 NS = """
 apiVersion: v1
@@ -48,7 +48,7 @@ def test_bad_manifests_name_the_field(text: str, msg: str) -> None:
 
 def _flowctl(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLOWCNI_LAB_DIR": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "flowcni.controller.flowctl", *args],
+    return subprocess.run([sys.executable, "-m", "flowcni.ctl.flowctl", *args],
                           input=stdin, capture_output=True, text=True, env=env)
 
 

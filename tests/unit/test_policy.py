@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from flowcni.controller.manifests import ManifestError, load
-from flowcni.controller.store import Change
+from flowcni.datastore.manifests import ManifestError, load
+from flowcni.datastore.store import Change
 from flowcni.flows.model import Conjunction
 from flowcni.flows.policy import (
     PolicyEngine,

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from flowcni.controller.store import Change, ClusterConfig, Store, StoreError
+from flowcni.datastore.store import Change, ClusterConfig, Store, StoreError
 
 
 @pytest.fixture

@@ -41,9 +41,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import yaml
-from flowcni.controller import kubeconv
-from flowcni.controller.kubeconv import Body, Key, Malformed
-from flowcni.controller.store import Change, ClusterConfig, StoreError
+from flowcni.datastore import kubeconv
+from flowcni.datastore.kubeconv import Body, Key, Malformed
+from flowcni.datastore.store import Change, ClusterConfig, StoreError
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException

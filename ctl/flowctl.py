@@ -16,8 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
-from flowcni.controller import inspect
-from flowcni.controller.client import AgentClient, AgentError
+from flowcni.ctl import inspect
+from flowcni.ctl.client import AgentClient, AgentError
 from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
 
 
@@ -134,7 +134,7 @@ def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
 
 def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
-    from flowcni.controller.manifests import ManifestError, load
+    from flowcni.datastore.manifests import ManifestError, load
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
             objs = load(f.read(), identity_only=a.cmd == "delete")
@@ -190,7 +190,7 @@ def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
 
 def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
     """Trace a new connection through OVS on every node it crosses; exit 0 if delivered."""
-    from flowcni.controller.trace import Tracer
+    from flowcni.ctl.trace import Tracer
     if a.live:
         r = Tracer(lab).live(a.src, a.dst, a.proto, a.dport)
         if a.json:

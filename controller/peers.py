@@ -17,7 +17,7 @@ from typing import Any
 
 from flowcni.controller import hostnet
 from flowcni.controller.flowsync import FlowSync
-from flowcni.controller.store import Change, ClusterConfig
+from flowcni.datastore.store import Change, ClusterConfig
 from flowcni.flows.node import Gateway
 from flowcni.flows.tunnel import RemoteNode, remote_node_flows
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from flowcni.controller.store import Change, ClusterConfig, Store
+from flowcni.datastore.store import Change, ClusterConfig, Store
 
 
 class Datastore(Protocol):
@@ -41,6 +41,6 @@ def open_datastore(spec: str, kubeconfig: str | None = None) -> Datastore | None
     if spec.startswith("sqlite:"):
         return Store(spec.split(":", 1)[1])
     if spec == "kubernetes":
-        from flowcni.controller.kube import KubeDatastore  # imports the client only here
+        from flowcni.datastore.kube import KubeDatastore  # imports the client only here
         return KubeDatastore(kubeconfig)
     raise ValueError(f"--datastore {spec!r}: use sqlite:PATH, kubernetes or none")

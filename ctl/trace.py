@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flowcni.controller.client import AgentClient
-from flowcni.controller.inspect import table_names
+from flowcni.ctl.client import AgentClient
+from flowcni.ctl.inspect import table_names
 from flowcni.flows import cookie as ck
 from flowcni.flows.fields import VIRTUAL_ROUTER_MAC
 from flowcni.lab.lab import Lab, LabError, Node, Pod

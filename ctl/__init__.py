@@ -1,0 +1,1 @@
+"""flowctl: the command line, its agent API client and node providers."""
