@@ -5,10 +5,9 @@ every peer: the L3Forwarding flow of a remote node's pod CIDR sets tun_dst
 to that node's IP. Decapsulated packets carry the virtual router MAC and go
 straight to L3Forwarding, which delivers them like any routed packet (those
 for the gateway address, replies to the node's own host traffic, to the
-node's stack through the gateway port). In
-routed mode (no encapsulation) there are no per-node flows at all: pods send
-remote traffic to the gateway, and the node's routing table takes it from
-there.
+node's stack through the gateway port). In routed mode (no encapsulation)
+there are no per-node flows at all: pods send remote traffic to the gateway,
+and the node's routing table takes it from there.
 """
 
 from __future__ import annotations
