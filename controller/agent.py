@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from flowcni.cni.ipam import IPAM
+from flowcni.cni.podif import set_tx_checksum
 from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.cniserver import CNIServer, timed
 from flowcni.controller.flowsync import FlowSync
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pod_tx_offload(encap: str, datapath_type: str) -> bool:
-    """Whether pods keep tx checksum offload (and with it TSO/GSO).
+    """Whether pods and the gateway port keep tx checksum offload (and with it TSO/GSO).
 
     The userspace datapath of OVS 3.1 drops offloaded packets it has to
     encapsulate ("Tunneling packets with HW offload flags is not supported"),
@@ -109,8 +110,14 @@ def pod_tx_offload(encap: str, datapath_type: str) -> bool:
     return encap == "none" or datapath_type == "system"
 
 
-def configure_gateway(name: str, cidr: str, mtu: int, timeout: float = 5.0) -> tuple[str, str]:
-    """Address the gateway netdev with the first IP of the pod CIDR; return (ip, mac)."""
+def configure_gateway(name: str, cidr: str, mtu: int, tx_offload: bool = True,
+                      timeout: float = 5.0) -> tuple[str, str]:
+    """Address the gateway netdev with the first IP of the pod CIDR; return (ip, mac).
+
+    `tx_offload` as for pods (see pod_tx_offload): the node's own TCP to
+    remote pods leaves through the gateway into the tunnel, and OVS 3.1's
+    userspace tunnels drop it while it carries checksum offload flags.
+    """
     net = ipaddress.ip_network(cidr)
     ip = str(next(net.hosts()))
     deadline = time.monotonic() + timeout
@@ -129,6 +136,7 @@ def configure_gateway(name: str, cidr: str, mtu: int, timeout: float = 5.0) -> t
             if e.code != errno.EEXIST:
                 raise
         mac = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
+    set_tx_checksum("/proc/self/ns/net", name, tx_offload)
     return ip, mac
 
 
@@ -156,8 +164,9 @@ class Agent:
         hostnet.nft((hostnet.isolation_rules() if dptype == "netdev" else "")
                     + hostnet.masquerade_rules(cfg.cluster_cidr, cfg.ip_masq))
         gw_port = self.ovsdb.ensure_internal_port(a.bridge, GATEWAY_IF)
-        gw_ip, gw_mac = configure_gateway(GATEWAY_IF, pod_cidr, self.mtu)
-        self.gateway = Gateway(gw_ip, gw_mac, gw_port, pod_cidr)
+        gw_ip, gw_mac = configure_gateway(GATEWAY_IF, pod_cidr, self.mtu,
+                                          tx_offload=pod_tx_offload(cfg.encap, dptype))
+        self.gateway = Gateway(gw_ip, gw_mac, gw_port, pod_cidr, a.node_ip or "")
         self.tun_ofport = (self.ovsdb.ensure_tunnel_port(a.bridge, TUNNEL_PORT, cfg.encap)
                            if cfg.encap != "none" else None)
         self.ovsdb.set_bridge_ids(a.bridge, {
@@ -170,7 +179,8 @@ class Agent:
             by_owner.setdefault(f.owner, []).append(f)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
-            self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, PIPELINE))
+            self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, self.gateway,
+                                                             PIPELINE))
         os.makedirs(a.state_dir, exist_ok=True)
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,

@@ -3,9 +3,11 @@
 Encapsulating clusters: one L3Forwarding flow per remote node (its pod CIDR
 into the tunnel, towards its node IP), plus one route for the whole cluster
 CIDR through the gateway so the node itself reaches remote pods through the
-tunnel too. Routed clusters: no flows, one kernel route per remote node
-(`podCIDR via nodeIP`). A node that joins or leaves changes only its own
-flow and route.
+tunnel too, from its gateway address (the route's source), which keeps the
+replies on the tunnel (see flows/tunnel.py). Routed clusters: no flows, one
+kernel route per remote node (`podCIDR via nodeIP`): the node reaches remote
+pods from its node IP over the underlay, and replies route back the same way.
+A node that joins or leaves changes only its own flow and route.
 """
 
 from __future__ import annotations

@@ -33,12 +33,23 @@ PRIO_MISS = 0
 
 @dataclass(frozen=True)
 class Gateway:
-    """The node's gateway port: first address of the pod CIDR."""
+    """The node's gateway port: first address of the pod CIDR.
+
+    `node_ip` is the node's own address on the underlay ("" when the agent
+    runs without one): the node's host network may talk to its pods from it
+    as well as from the gateway address.
+    """
 
     ip: str
     mac: str
     ofport: int
     pod_cidr: str
+    node_ip: str = ""
+
+    @property
+    def host_ips(self) -> tuple[str, ...]:
+        """The addresses the node's own stack uses towards its local pods."""
+        return (self.ip, self.node_ip) if self.node_ip else (self.ip,)
 
 
 def table_misses(pipeline: Pipeline = DEFAULT) -> list[Flow]:
@@ -97,11 +108,19 @@ def node_flows(gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[Flow]:
                   goto="ARPResponder", **gwf),
         Flow.make("L2ForwardingCalc", PRIO_NORMAL, {"eth_dst": gw.mac},
                   [Load(F.OUT_PORT, gw.ofport)], goto="IngressRule", **gwf),
-        # Traffic between a pod and its own node is always allowed (Kubernetes
-        # NetworkPolicy semantics): the node talks to its pods from the gateway IP.
-        Flow.make("EgressRule", PRIO_HOST, {"ipv4_dst": gw.ip}, goto="L3Forwarding", **gwf),
-        Flow.make("IngressRule", PRIO_HOST,
-                  {"reg0": F.SOURCE.value(F.FROM_GATEWAY), "ipv4_src": gw.ip},
-                  goto="ConntrackCommit", **gwf),
     ]
+    # Traffic between a pod and its own node is always allowed (Kubernetes
+    # NetworkPolicy semantics: kubelet probes). The node's stack talks to its
+    # pods from the gateway IP (the route's choice) or, bound explicitly, from
+    # the node IP; either way it enters through the gateway port, and the kernel
+    # refuses packets from outside that claim one of its own addresses. Other
+    # nodes' host traffic never matches these (their addresses differ), so it
+    # meets ipBlock rules like any other source.
+    for ip in gw.host_ips:
+        flows += [
+            Flow.make("EgressRule", PRIO_HOST, {"ipv4_dst": ip}, goto="L3Forwarding", **gwf),
+            Flow.make("IngressRule", PRIO_HOST,
+                      {"reg0": F.SOURCE.value(F.FROM_GATEWAY), "ipv4_src": ip},
+                      goto="ConntrackCommit", **gwf),
+        ]
     return flows

@@ -150,7 +150,7 @@ def test_osken_rendering_builds_valid_messages() -> None:
     policy_flows = [f for fl in owners.values() for f in fl]
     assert any(isinstance(a, CT) for f in policy_flows for a in f.actions)
     assert any(isinstance(a, Conjunction) for f in policy_flows for a in f.actions)
-    for f in (node_flows(GW) + pod_flows(POD, GW) + tunnel_flows(2) + policy_flows
+    for f in (node_flows(GW) + pod_flows(POD, GW) + tunnel_flows(2, GW) + policy_flows
               + remote_node_flows(RemoteNode("n2", "192.168.77.2", "10.244.2.0/24"), GW, 2)):
         m = parser.OFPFlowMod(DP(), cookie=f.cookie(1), table_id=DEFAULT.id(f.table),
                               command=ofp.OFPFC_ADD, priority=f.priority,
@@ -159,3 +159,26 @@ def test_osken_rendering_builds_valid_messages() -> None:
         m.set_xid(1)
         m.serialize()
         assert len(m.buf) > 48
+
+
+def test_tunnel_hands_the_gateway_address_to_the_gateway_port() -> None:
+    """Replies to the node's own host traffic come back through the tunnel addressed to
+    the gateway IP; only tunnel traffic is re-addressed (pods already use the gateway MAC)."""
+    from flowcni.flows.tunnel import tunnel_flows
+    flows = [f.ofctl(names=True) for f in tunnel_flows(2, GW)]
+    assert ("table=L3Forwarding,priority=200,ip,reg0=0x3/0xf,nw_dst=10.244.1.1,"
+            "actions=set_field:aa:bb:cc:dd:ee:ff->eth_src,"
+            "set_field:02:00:00:00:00:01->eth_dst,goto_table:L3DecTTL") in flows
+
+
+def test_own_node_addresses_bypass_policy_only_from_the_gateway_port() -> None:
+    with_ip = Gateway(GW.ip, GW.mac, GW.ofport, GW.pod_cidr, "192.168.77.1")
+    host = {f.ofctl(names=True) for f in node_flows(with_ip) if f.table in
+            ("IngressRule", "EgressRule") and f.priority}
+    assert host == {
+        f"table=IngressRule,priority=205,ip,reg0=0x2/0xf,nw_src={ip},"
+        "actions=goto_table:ConntrackCommit" for ip in ("10.244.1.1", "192.168.77.1")} | {
+        f"table=EgressRule,priority=205,ip,nw_dst={ip},actions=goto_table:L3Forwarding"
+        for ip in ("10.244.1.1", "192.168.77.1")}
+    # without a node IP only the gateway address is the node's
+    assert sum(f.table == "IngressRule" and f.priority > 0 for f in node_flows(GW)) == 1
