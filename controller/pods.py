@@ -378,15 +378,15 @@ class PodManager:
 
     def check(self, req: dict[str, Any]) -> None:
         key = attachment_key(req["containerID"], req["ifname"])
+        try:
+            podif.check_netns(req["netns"])
+        except podif.PodIfError as e:
+            raise CNIFailure(e.code, str(e)) from e
         a = self.attachments.get(key)
         if a is None:
             raise CNIFailure(spec.ERR_UNKNOWN_CONTAINER,
                              f"container {req['containerID']} ({req['ifname']}) unknown "
                              "to this node's agent")
-        try:
-            podif.check_netns(req["netns"])
-        except podif.PodIfError as e:
-            raise CNIFailure(e.code, str(e)) from e
         problem = podif.check(req["netns"], a.ifname, a.ip)
         if problem:
             raise CNIFailure(spec.ERR_IO_FAILURE, problem)
