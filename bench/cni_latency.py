@@ -71,7 +71,7 @@ class _FlowcniPods:
             name=f"bench-{i}",
             namespace="default",
             node=self.node.name,
-            netns=f"{PREFIX}p{i}",
+            netns=f"{self.lab.prefix}p{i}",
             container_id=secrets.token_hex(32),  # 64 hex chars, like a runtime
         )
         subprocess.run(["ip", "netns", "add", pod.netns], check=True, capture_output=True)
@@ -111,11 +111,11 @@ def measure_flowcni(lab: Lab, n: int, warmup: int) -> dict[str, list[float]]:
     try:
         for i in range(warmup):
             pods.add(n + i)
-            pods.delete(f"{PREFIX}p{n + i}")
+            pods.delete(f"{lab.prefix}p{n + i}")
         order: list[str] = []
         for i in range(n):
             add_ms.append(pods.add(i))
-            order.append(f"{PREFIX}p{i}")
+            order.append(f"{lab.prefix}p{i}")
         for ns in order:
             del_ms.append(pods.delete(ns))
     finally:
@@ -141,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--n", type=int, default=100, help="pods per implementation (timed)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed ADD+DEL pairs first")
+    ap.add_argument("--prefix", default=os.environ.get("FLOWCNI_BENCH_PREFIX", PREFIX),
+                    help="netns prefix of the bench lab, so two checkouts can run side by "
+                         f"side (default: $FLOWCNI_BENCH_PREFIX or {PREFIX}); the lab's "
+                         f"state goes to {BASE}-PREFIX unless it is the default")
     args = ap.parse_args(argv)
     if args.n < 1 or args.warmup < 0:
         ap.error("--n must be >= 1 and --warmup >= 0")
@@ -149,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_reference(args.warmup)  # untimed: warms the bridge/host-local binaries
     ref = measure_reference(args.n)
 
-    lab = Lab(base=BASE, prefix=PREFIX)
+    base = BASE if args.prefix == PREFIX else f"{BASE}-{args.prefix.rstrip('-')}"
+    lab = Lab(base=base, prefix=args.prefix)
     lab.down()  # leftovers of an interrupted run
     try:
         lab.up(nodes=1)

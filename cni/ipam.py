@@ -29,10 +29,12 @@ import ipaddress
 import json
 import os
 import threading
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+from flowcni.cni import spec
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -44,13 +46,13 @@ __all__ = [
     "first_host",
 ]
 
-#: CNI error code for "pod CIDR exhausted". CNI reserves 100 and above for
-#: plugin-specific errors; code 11 ("try again later") would be wrong because
-#: retrying does not help until a pod on this node is deleted.
-EXHAUSTED_CODE = 100
+#: CNI error code for "pod CIDR exhausted" (flowcni's own, see cni/spec.py);
+#: code 11 ("try again later") would be wrong because retrying does not help
+#: until a pod on this node is deleted.
+EXHAUSTED_CODE = spec.ERR_IP_EXHAUSTED
 
 #: CNI well-known error code 5, "I/O failure": the checkpoint could not be written.
-IO_FAILURE_CODE = 5
+IO_FAILURE_CODE = spec.ERR_IO_FAILURE
 
 CHECKPOINT_VERSION = 1
 
@@ -260,6 +262,42 @@ class IPAM:
                 self._last = found
             return addr
 
+    def allocate_exact(self, key: str, ip: str, meta: Mapping[str, Any] | None = None
+                       ) -> IPv4Address:
+        """Lease the address a runtime asked for (runtimeConfig ``ips``) to ``key``.
+
+        The pod gets exactly that address or an error (code 7) saying why not:
+        outside the node's pool (the network, gateway and broadcast addresses
+        included), or held by another key. Asking again for the address the key
+        already holds returns it; asking for a different one is an error, since
+        the pod may already use the first.
+        """
+        try:
+            addr = IPv4Address(ip)
+        except ValueError:
+            raise IPAMError(spec.ERR_INVALID_NETWORK_CONFIG,
+                            f"runtimeConfig.ips: {ip!r} is not an IPv4 address") from None
+        if not self._first <= int(addr) <= self._last_pool:
+            raise IPAMError(spec.ERR_INVALID_NETWORK_CONFIG,
+                            f"runtimeConfig.ips: {addr} is not assignable on this node "
+                            f"(pod range {IPv4Address(self._first)}-"
+                            f"{IPv4Address(self._last_pool)} of {self._net})")
+        with self._lock:
+            existing = self._leases.get(key)
+            if existing is not None:
+                if existing[0] != addr:
+                    raise IPAMError(spec.ERR_INVALID_NETWORK_CONFIG,
+                                    f"runtimeConfig.ips: {key} already holds {existing[0]}, "
+                                    f"not {addr}")
+                return addr
+            owner = self._by_ip.get(int(addr))
+            if owner is not None:
+                raise IPAMError(spec.ERR_INVALID_NETWORK_CONFIG,
+                                f"runtimeConfig.ips: {addr} is already in use on this node")
+            with self._change():
+                self._add(key, addr, dict(meta or {}))
+            return addr
+
     def release(self, key: str) -> IPv4Address | None:
         """Free the lease held by ``key`` and return its address.
 
@@ -324,14 +362,18 @@ class IPAM:
                         self._add(key, addr, {})
             return rejected
 
-    def gc(self, valid_keys: set[str]) -> list[str]:
+    def gc(self, valid_keys: set[str],
+           owned: Callable[[dict[str, Any]], bool] | None = None) -> list[str]:
         """Release every lease whose key is not in ``valid_keys``; return those keys, sorted.
 
         Used after agent restart to free addresses of pods whose CNI DEL never
-        reached the agent. All releases are written in one checkpoint update.
+        reached the agent. ``owned``, given a lease's metadata, limits the
+        sweep to the leases it accepts (a CNI GC covers one network only).
+        All releases are written in one checkpoint update.
         """
         with self._lock:
-            stale = sorted(k for k in self._leases if k not in valid_keys)
+            stale = sorted(k for k, (_, meta) in self._leases.items()
+                           if k not in valid_keys and (owned is None or owned(meta)))
             if stale:
                 with self._change():
                     for key in stale:

@@ -327,16 +327,28 @@ def run(env: "Mapping[str, str]", stdin_bytes: bytes) -> "dict[str, Any] | None"
     cni_version: str = conf["cniVersion"]
     spec.check_command_allowed(command, cni_version)
     request = build_request(command, env, conf)
-    reply = call_agent(spec.agent_socket(conf), request, agent_timeout(env))
+    if command in (spec.CMD_ADD, spec.CMD_CHECK):
+        spec.check_prev_result(conf, command)
+    path, timeout = spec.agent_socket(conf), agent_timeout(env)
+    reply = call_agent(path, request, timeout)
     if command != spec.CMD_ADD:
         return None
-    result = reply.get("result")
-    if not isinstance(result, dict):
-        raise CNIError(
-            spec.ERR_IO_FAILURE,
-            "malformed reply from flowcni agent: ADD succeeded without a result object",
-        )
-    return spec.format_result(result, cni_version, conf.get("prevResult"))
+    try:
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise CNIError(
+                spec.ERR_IO_FAILURE,
+                "malformed reply from flowcni agent: ADD succeeded without a result object",
+            )
+        return spec.format_result(result, cni_version, conf.get("prevResult"))
+    except CNIError:
+        # The agent attached the pod but the runtime gets an error: it will not
+        # send a DEL for an ADD it saw fail, so undo the attachment here.
+        try:
+            call_agent(path, {**request, "command": spec.CMD_DEL}, timeout)
+        except CNIError:
+            pass
+        raise
 
 
 def _emit(out: "TextIO", obj: "dict[str, Any]") -> None:

@@ -19,19 +19,64 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from flowcni.cni import spec
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 CLONE_NEWNET = 0x40000000
+#: ioctl on a namespace file: which kind of namespace it is (linux/nsfs.h).
+NS_GET_NSTYPE = 0xB703
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class PodIfError(RuntimeError):
     """Plumbing failed; `code` is the CNI error code to report."""
 
-    def __init__(self, msg: str, code: int = 5) -> None:
+    def __init__(self, msg: str, code: int = spec.ERR_IO_FAILURE) -> None:
         super().__init__(msg)
         self.code = code
+
+
+def check_netns(path: str) -> None:
+    """Raise (code 4, naming CNI_NETNS) unless `path` is a network namespace the agent sees.
+
+    A regular file, a directory or /dev/null opens fine and only fails later,
+    deep in setns or in creating the veth, as "Invalid argument"; asking the
+    kernel what the file is says what is wrong before anything is created.
+    The agent may live in another mount namespace than the runtime, so a path
+    the plugin saw can still be missing here.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise PodIfError(f"CNI_NETNS {path} cannot be opened by the flowcni agent: "
+                         f"{e.strerror}", code=spec.ERR_INVALID_ENV) from e
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = -1
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise PodIfError(f"CNI_NETNS {path} is not a network namespace",
+                         code=spec.ERR_INVALID_ENV)
+
+
+def same_netns(a: str, b: str) -> bool:
+    """Whether two netns paths name one namespace (/run/netns/x and /proc/PID/ns/net may)."""
+    if a == b:
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def has_default_route(netns: str) -> bool:
+    """Whether the pod already routes 0.0.0.0/0 (an earlier interface owns it)."""
+    with ipr_in(netns) as ipr:
+        return bool(ipr.get_routes(family=socket.AF_INET, dst_len=0, table=254))
 
 
 HOST_IF_PREFIX = "fcv"
@@ -55,7 +100,8 @@ def socket_in(netns_path: str, family: int = socket.AF_NETLINK,
         try:
             fd = os.open(netns_path, os.O_RDONLY)
         except OSError as e:
-            raise PodIfError(f"CNI_NETNS {netns_path}: {e.strerror}", code=4) from e
+            raise PodIfError(f"CNI_NETNS {netns_path}: {e.strerror}",
+                             code=spec.ERR_INVALID_ENV) from e
         try:
             _setns(fd)
             try:
@@ -98,46 +144,55 @@ def ipr_in(netns_path: str) -> Iterator[IPRoute]:
 @dataclass(frozen=True)
 class PodIf:
     host_name: str
+    host_mac: str
     mac: str
 
 
 def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
-           gateway: str, mtu: int, tx_offload: bool = True) -> PodIf:
+           gateway: str, mtu: int, tx_offload: bool = True, default_route: bool = True,
+           mac: str | None = None) -> PodIf:
     """Make the veth pair, the pod end named `ifname` inside `netns`, addressed and routed.
 
-    On failure the host end (and with it the pod end) is removed.
+    `default_route`: whether this interface carries the pod's default route
+    (the first interface of a pod does; a second one, Multus-style, only
+    reaches its own subnet). `mac`: the pod end's address when the runtime
+    asked for one. On failure the host end (and with it the pod end) is removed.
     """
     host = host_ifname(container_id, ifname)
     try:
         nsfd = os.open(netns, os.O_RDONLY)
     except OSError as e:
-        raise PodIfError(f"CNI_NETNS {netns}: {e.strerror}", code=4) from e
+        raise PodIfError(f"CNI_NETNS {netns}: {e.strerror}", code=spec.ERR_INVALID_ENV) from e
+    peer: dict[str, object] = {"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu}
+    if mac:
+        peer["address"] = mac
     with IPRoute() as ipr:
         try:
-            ipr.link("add", ifname=host, kind="veth", mtu=mtu,
-                     peer={"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu})
+            ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 raise PodIfError(f"interface {ifname} or {host} already exists "
-                                 f"(CNI_IFNAME in {netns})", code=4) from e
+                                 f"(CNI_IFNAME in {netns})", code=spec.ERR_INVALID_ENV) from e
             raise PodIfError(f"creating veth {host}: {e}") from e
         finally:
             os.close(nsfd)
         try:
             idx = ipr.link_lookup(ifname=host)[0]
             ipr.link("set", index=idx, state="up")
+            host_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
             with ipr_in(netns) as pipr:
                 pidx = pipr.link_lookup(ifname=ifname)[0]
-                mac = pipr.get_links(pidx)[0].get_attr("IFLA_ADDRESS")
+                pod_mac = pipr.get_links(pidx)[0].get_attr("IFLA_ADDRESS")
                 pipr.addr("add", index=pidx, address=ip, prefixlen=prefixlen)
                 pipr.link("set", index=pidx, state="up")
-                pipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=pidx)
+                if default_route:
+                    pipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=pidx)
             if not tx_offload:
                 set_tx_checksum(netns, ifname, False)
         except Exception:
             delete(host)
             raise
-    return PodIf(host, mac)
+    return PodIf(host, host_mac, pod_mac)
 
 
 def delete(host_name: str) -> bool:

@@ -40,6 +40,18 @@ ERR_INVALID_NETWORK_CONFIG = 7
 ERR_TRY_AGAIN_LATER = 11
 ERR_PLUGIN_NOT_AVAILABLE = 50
 ERR_LIMITED_CONNECTIVITY = 51
+# flowcni's own codes (the spec leaves 100 and above to plugins).
+#: The node's pod CIDR has no free address; retrying does not help until a pod goes.
+ERR_IP_EXHAUSTED = 100
+
+#: Largest network config (and so agent request) flowcni accepts. Real configs
+#: are a few KiB; a runtime sending more has a bug that retrying will not fix,
+#: so going over it is a permanent error (code 7), never "try again later".
+MAX_CONFIG_BYTES = 1 << 20
+#: The agent reads at most this much of a request: a config plus the CNI env.
+MAX_REQUEST_BYTES = MAX_CONFIG_BYTES + (64 << 10)
+#: Error texts travel in JSON to a runtime's log line; keep them short.
+MAX_ERROR_TEXT = 400
 
 CMD_ADD = "ADD"
 CMD_DEL = "DEL"
@@ -94,12 +106,23 @@ class CNIError(Exception):
         return {
             "cniVersion": cni_version,
             "code": self.code,
-            "msg": self.msg,
-            "details": self.details,
+            "msg": one_line(self.msg),
+            "details": one_line(self.details),
         }
 
     def __repr__(self) -> str:
         return f"CNIError(code={self.code!r}, msg={self.msg!r}, details={self.details!r})"
+
+
+def one_line(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """``text`` squeezed onto one line of at most ``limit`` characters.
+
+    Error messages and details end up in a runtime's log next to a pod's
+    events: a multi-line traceback or a kilobyte of library repr there helps
+    nobody, so every error the agent or the plugin reports goes through this.
+    """
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -284,6 +307,8 @@ def loads(data: "str | bytes") -> "Any":
         raise _diagnose(text, start) from None
     except SystemError:  # see _diagnose
         raise _diagnose(text, start) from None
+    except RecursionError:  # the C scanner recurses once per nested array/object
+        raise JSONDecodeError("nesting too deep", text, start) from None
     end = _skip_whitespace(text, end)
     if end != len(text):
         raise JSONDecodeError("Extra data", text, end)
@@ -377,6 +402,34 @@ def _config_error(msg: str, details: str = "") -> CNIError:
     return CNIError(ERR_INVALID_NETWORK_CONFIG, msg, details)
 
 
+#: Deepest nesting of arrays/objects a config may have. Real configs nest a
+#: handful of levels; the limit keeps every later step (our encoder, the
+#: agent's json module) far from Python's recursion limit.
+MAX_NESTING = 64
+
+
+def _nesting_depth(obj: object, limit: int) -> int:
+    """Depth of nested lists/dicts in ``obj``, counted without recursion, up to ``limit + 1``."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return deepest
+
+
 def parse_config(stdin_bytes: bytes) -> "dict[str, Any]":
     """Decode and validate the network configuration the runtime sent on stdin.
 
@@ -384,6 +437,11 @@ def parse_config(stdin_bytes: bytes) -> "dict[str, Any]":
     unmodified so it can be forwarded verbatim to the agent (defaults are
     applied by accessor functions such as :func:`agent_socket`).
     """
+    if len(stdin_bytes) > MAX_CONFIG_BYTES:
+        raise _config_error(
+            f"network config is {len(stdin_bytes)} bytes, over flowcni's limit of "
+            f"{MAX_CONFIG_BYTES} bytes (MAX_CONFIG_BYTES)",
+        )
     try:
         text = stdin_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -441,7 +499,59 @@ def parse_config(stdin_bytes: bytes) -> "dict[str, Any]":
             )
     if "prevResult" in conf and not isinstance(conf["prevResult"], dict):
         raise _config_error("network config field prevResult must be an object")
+    if _nesting_depth(conf, MAX_NESTING) > MAX_NESTING:
+        raise CNIError(
+            ERR_DECODE,
+            f"failed to decode network config from stdin: nested deeper than {MAX_NESTING} "
+            "levels",
+        )
+    if "defaultRoute" in conf and not isinstance(conf["defaultRoute"], bool):
+        raise _config_error("network config field defaultRoute must be true or false",
+                            f"got {conf['defaultRoute']!r}")
+    _check_runtime_config(conf)
     return conf
+
+
+def _check_runtime_config(conf: "dict[str, Any]") -> None:
+    """Shape of the runtimeConfig capabilities flowcni honours (``ips``, ``mac``).
+
+    A runtime passes these only when the conflist declares the capability, and
+    then the pod must get exactly what was asked for: the agent refuses what it
+    cannot give, before it touches anything. Values are checked there (it knows
+    the node's range); here only their JSON types.
+    """
+    rc = conf.get("runtimeConfig")
+    if rc is None:
+        return
+    if not isinstance(rc, dict):
+        raise _config_error("network config field runtimeConfig must be an object")
+    ips = rc.get("ips")
+    if ips is not None and (
+        not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips)
+    ):
+        raise _config_error("runtimeConfig.ips must be a list of address strings",
+                            f"got {ips!r}")
+    mac = rc.get("mac")
+    if mac is not None and not isinstance(mac, str):
+        raise _config_error("runtimeConfig.mac must be a string", f"got {mac!r}")
+
+
+def check_prev_result(conf: "dict[str, Any]", command: str) -> None:
+    """Validate ``prevResult`` before the agent does anything (ADD, CHECK).
+
+    A malformed prevResult found only when the result is rendered would come
+    after the agent created the pod's interface; and the spec makes CHECK
+    without a prevResult an error.
+    """
+    prev = conf.get("prevResult")
+    if prev is None:
+        if command == CMD_CHECK:
+            raise _config_error("CHECK needs prevResult in the network config (CNI spec)")
+        return
+    try:
+        _split_result(prev, "prevResult")
+    except ValueError as exc:
+        raise _config_error("malformed prevResult in network config", str(exc)) from None
 
 
 def agent_socket(conf: "dict[str, Any]") -> str:
@@ -474,6 +584,9 @@ def _split_result(
         dns = {}
     if not isinstance(dns, dict):
         raise ValueError(f"{where}: field 'dns' must be an object")
+    for entry in interfaces:
+        if not isinstance(entry.get("name"), str):
+            raise ValueError(f"{where}: every interfaces entry needs a string 'name'")
     for ip in ips:
         if not isinstance(ip.get("address"), str):
             raise ValueError(f"{where}: every ips entry needs a string 'address'")

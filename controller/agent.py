@@ -18,10 +18,10 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import replace
 from typing import Any
 
+from flowcni.cni import spec
 from flowcni.cni.ipam import IPAM
 from flowcni.cni.podif import set_tx_checksum
 from flowcni.controller import hostnet, metrics, ofapp
@@ -30,9 +30,10 @@ from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
+from flowcni.controller.podrecords import PodRecords
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.datastore.base import Datastore, open_datastore
-from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, StoreError
+from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
@@ -185,7 +186,9 @@ class Agent:
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
-                               tx_offload=pod_tx_offload(cfg.encap, dptype))
+                               tx_offload=pod_tx_offload(cfg.encap, dptype),
+                               records=(PodRecords(self.store, a.node)
+                                        if isinstance(self.store, Store) else None))
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
@@ -341,7 +344,7 @@ class Agent:
             if cmd in ("ADD", "DEL", "CHECK"):
                 for f in ("containerID", "ifname"):
                     if not isinstance(req.get(f), str) or not req[f]:
-                        raise CNIFailure(4, f"request lacks {f}")
+                        raise CNIFailure(spec.ERR_INVALID_ENV, f"request lacks {f}")
             if cmd == "ADD":
                 return {"ok": True, "result": self.pods.add(req)}
             if cmd == "DEL":
@@ -352,7 +355,8 @@ class Agent:
                 return {"ok": True, "removed": self.pods.gc(req)}
             elif cmd == "STATUS":
                 if not self.flows.synced.is_set():
-                    raise CNIFailure(50, "agent not connected to Open vSwitch yet")
+                    raise CNIFailure(spec.ERR_PLUGIN_NOT_AVAILABLE,
+                                     "agent not connected to Open vSwitch yet")
             elif cmd == "_status":
                 return {"ok": True, "status": self.status()}
             elif cmd == "_pods":
@@ -376,15 +380,18 @@ class Agent:
                         "flows": [f.ofctl(PIPELINE, names=True)
                                   for f in self.flows.desired_flows()]}
             else:
-                raise CNIFailure(4, f"unknown command {cmd!r}")
+                raise CNIFailure(spec.ERR_INVALID_ENV, f"unknown command {cmd!r}")
             return {"ok": True}
         except CNIFailure as e:
             LOG.warning("%s %s failed: %s", cmd, req.get("containerID", ""), e.msg)
-            return {"ok": False, "code": e.code, "msg": e.msg, "details": e.details}
+            return {"ok": False, "code": e.code, "msg": spec.one_line(e.msg),
+                    "details": spec.one_line(e.details)}
         except Exception as e:
+            # The traceback goes to the agent's log; the runtime gets one line.
             LOG.exception("%s failed", cmd)
-            return {"ok": False, "code": 5, "msg": f"{cmd} failed: {e}",
-                    "details": traceback.format_exc(limit=3)}
+            return {"ok": False, "code": spec.ERR_IO_FAILURE,
+                    "msg": spec.one_line(f"{cmd} failed: {type(e).__name__}: {e}"),
+                    "details": "see the flowcni agent's log for the traceback"}
 
 
 def describe_stat(s: Any, pipeline: Any) -> str:

@@ -16,24 +16,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flowcni.cni import spec
+
 LOG = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-MAX_REQUEST = 4 << 20
+
+
+def _refuse(code: int, msg: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "msg": msg, "details": ""}
 
 
 class _Conn(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        raw = self.rfile.read(MAX_REQUEST)
+        raw = self.rfile.read(spec.MAX_REQUEST_BYTES + 1)
+        if len(raw) > spec.MAX_REQUEST_BYTES:
+            # Permanent: the same request would be refused again.
+            reply = _refuse(spec.ERR_INVALID_NETWORK_CONFIG,
+                            f"request over the agent's limit of {spec.MAX_REQUEST_BYTES} "
+                            "bytes (MAX_REQUEST_BYTES)")
+            self.wfile.write(json.dumps(reply).encode())
+            return
         try:
             req = json.loads(raw)
             if not isinstance(req, dict):
                 raise ValueError("request is not a JSON object")
-        except ValueError as e:
-            reply: dict[str, Any] = {"ok": False, "code": 6, "msg": f"bad request: {e}",
-                                     "details": ""}
+        except (ValueError, RecursionError) as e:
+            reply = _refuse(spec.ERR_DECODE, spec.one_line(f"bad request: {e}"))
         else:
             reply = self.server.dispatch(req)
         self.wfile.write(json.dumps(reply).encode())

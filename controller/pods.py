@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Any
 
-from flowcni.cni import podif
+from flowcni.cni import podif, spec
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.ofapp import OFError
+from flowcni.controller.podrecords import LABELS_ARG, LabelError, PodRecords, parse_labels
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
 from flowcni.ovsdb.bridge import OVSDB, OVSDBError
 
 LOG = logging.getLogger(__name__)
 
-# CNI error codes used here (the plugin's spec module has the full list).
-E_ENV = 4
-E_IO = 5
-E_CONFIG = 7
-E_TRY_AGAIN = 11
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 class CNIFailure(Exception):
+    """A CNI request the agent refuses or could not carry out; ``code`` from cni/spec.py."""
+
     def __init__(self, code: int, msg: str, details: str = "") -> None:
         super().__init__(msg)
         self.code, self.msg, self.details = code, msg, details
@@ -55,6 +55,10 @@ class Attachment:
     mac: str
     host_if: str
     ofport: int
+    # Added later: ports recorded by an older agent lack them (see from_external_ids).
+    network: str = ""  # the CNI network name (conf "name"): GC is per network
+    host_mac: str = ""
+    default_route: bool = True
 
     def external_ids(self) -> dict[str, str]:
         d = asdict(self)
@@ -63,12 +67,31 @@ class Attachment:
 
     @classmethod
     def from_external_ids(cls, ids: dict[str, str], ofport: int) -> Attachment:
-        kw = {k: ids[f"flowcni-{k.replace('_', '-')}"] for k in cls.__dataclass_fields__
-              if k != "ofport"}
+        kw: dict[str, Any] = {}
+        for k, f in cls.__dataclass_fields__.items():
+            if k == "ofport":
+                continue
+            ext = f"flowcni-{k.replace('_', '-')}"
+            if f.default is MISSING:
+                kw[k] = ids[ext]
+            elif f.type in (bool, "bool"):
+                kw[k] = ids.get(ext, str(f.default)) == "True"
+            else:
+                kw[k] = ids.get(ext, f.default)
         return cls(ofport=ofport, **kw)
 
     def local_pod(self) -> LocalPod:
         return LocalPod(self.key, self.ofport, self.ip, self.mac)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the runtime asked of an ADD beyond the defaults (runtimeConfig, conf, CNI_ARGS)."""
+
+    ip: str | None
+    mac: str | None
+    default_route: bool | None
+    labels: dict[str, str] | None
 
 
 class Laps:
@@ -95,10 +118,11 @@ def attachment_key(container_id: str, ifname: str) -> str:
 class PodManager:
     def __init__(self, ovsdb: OVSDB, bridge: str, ipam: IPAM, flows: FlowSync,
                  gateway: Gateway, mtu: int, ready: Callable[[float], bool],
-                 tx_offload: bool = True) -> None:
+                 tx_offload: bool = True, records: PodRecords | None = None) -> None:
         self.ovsdb, self.bridge, self.ipam, self.flows = ovsdb, bridge, ipam, flows
         self.gw, self.mtu, self._ready = gateway, mtu, ready
         self.tx_offload = tx_offload
+        self.records = records  # embedded store only: the agent plays kubelet
         self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -142,48 +166,103 @@ class PodManager:
     # -- CNI commands --------------------------------------------------------------
 
     def result(self, a: Attachment) -> dict[str, Any]:
+        """The ADD result: host veth end first (bandwidth and other chained plugins
+        look for it), then the pod's interface, which the address belongs to."""
+        host: dict[str, Any] = {"name": a.host_if}
+        if a.host_mac:
+            host["mac"] = a.host_mac
         return {
-            "interfaces": [{"name": a.ifname, "mac": a.mac, "sandbox": a.netns}],
+            "interfaces": [host, {"name": a.ifname, "mac": a.mac, "sandbox": a.netns}],
             "ips": [{"address": f"{a.ip}/{self.prefixlen}", "gateway": self.gw.ip,
-                     "interface": 0}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": self.gw.ip}],
+                     "interface": 1}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": self.gw.ip}] if a.default_route else [],
             "dns": {},
         }
+
+    def wanted(self, req: dict[str, Any]) -> Wanted:
+        """Validate what the runtime asked for, before anything is created."""
+        conf = req.get("config") or {}
+        rc = conf.get("runtimeConfig") or {}
+        ip: str | None = None
+        ips = rc.get("ips") or []
+        if len(ips) > 1:
+            raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                             f"runtimeConfig.ips: flowcni gives a pod one IPv4 address, "
+                             f"{len(ips)} were asked for ({', '.join(map(str, ips))})")
+        if ips:
+            addr, _, plen = str(ips[0]).partition("/")
+            if plen and plen != str(self.prefixlen):
+                raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                                 f"runtimeConfig.ips: {ips[0]} has prefix /{plen}; this "
+                                 f"node's pod network is {self.gw.pod_cidr}")
+            ip = addr
+        mac = rc.get("mac")
+        if mac is not None:
+            mac = str(mac).lower()
+            if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+                raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                                 f"runtimeConfig.mac: {rc.get('mac')!r} is not a unicast "
+                                 "Ethernet address (xx:xx:xx:xx:xx:xx)")
+        route = conf.get("defaultRoute")
+        labels = None
+        args = req.get("args") or {}
+        if LABELS_ARG in args:
+            try:
+                labels = parse_labels(str(args[LABELS_ARG]))
+            except LabelError as e:
+                raise CNIFailure(spec.ERR_INVALID_ENV, str(e)) from e
+        return Wanted(ip, mac, route if isinstance(route, bool) else None, labels)
 
     def add(self, req: dict[str, Any]) -> dict[str, Any]:
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         args = req.get("args") or {}
+        conf = req.get("config") or {}
         key = attachment_key(cid, ifname)
+        network = str(conf.get("name") or "")
+        want = self.wanted(req)
+        try:
+            podif.check_netns(netns)
+        except podif.PodIfError as e:
+            raise CNIFailure(e.code, str(e)) from e
         if not self._ready(10.0):
-            raise CNIFailure(E_TRY_AGAIN, "agent not connected to Open vSwitch yet")
-        mtu = int(req.get("config", {}).get("mtu") or self.mtu)
+            raise CNIFailure(spec.ERR_TRY_AGAIN_LATER, "agent not connected to Open vSwitch yet")
+        mtu = int(conf.get("mtu") or self.mtu)
         with self._klock(key):
             if key in self.attachments:
-                return self.result(self.attachments[key])
+                return self.result(self._repeat(self.attachments[key], netns, want))
             host = podif.host_ifname(cid, ifname)
             ns = args.get("K8S_POD_NAMESPACE") or "default"
             name = args.get("K8S_POD_NAME") or cid[:12]
+            named = bool(args.get("K8S_POD_NAMESPACE") and args.get("K8S_POD_NAME"))
+            default_route = (want.default_route if want.default_route is not None
+                             else not podif.has_default_route(netns))
             undo: list[Callable[[], Any]] = []
             lap = Laps()
             try:
+                meta = {"namespace": ns, "name": name, "network": network}
                 try:
-                    ip = str(self.ipam.allocate(key, {"namespace": ns, "name": name}))
+                    ip = str(self.ipam.allocate_exact(key, want.ip, meta) if want.ip
+                             else self.ipam.allocate(key, meta))
                 except IPAMError as e:
                     raise CNIFailure(e.code, e.msg) from e
                 undo.append(lambda: self.ipam.release(key))
                 lap("ipam")
                 try:
                     pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu,
-                                       self.tx_offload)
+                                       self.tx_offload, default_route, want.mac)
                 except podif.PodIfError as e:
                     raise CNIFailure(e.code, str(e)) from e
+                except Exception as e:
+                    raise CNIFailure(spec.ERR_IO_FAILURE,
+                                     f"creating the interface {ifname} in {netns}: {e}") from e
                 undo.append(lambda: podif.delete(host))
                 lap("veth")
-                a = Attachment(key, cid, ifname, netns, ns, name, ip, pif.mac, host, 0)
+                a = Attachment(key, cid, ifname, netns, ns, name, ip, pif.mac, host, 0,
+                               network, pif.host_mac, default_route)
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
                 except Exception as e:
-                    raise CNIFailure(E_IO, f"adding OVS port {host}: {e}") from e
+                    raise CNIFailure(spec.ERR_IO_FAILURE, f"adding OVS port {host}: {e}") from e
                 finally:
                     undo.append(lambda: self.ovsdb.del_port(host))
                 a = Attachment(**{**asdict(a), "ofport": ofport})
@@ -192,9 +271,18 @@ class PodManager:
                     self.flows.set_owner(pod_owner(key), pod_flows(
                         a.local_pod(), self.gw, self.flows.pipeline))
                 except (OFError, ValueError) as e:
-                    raise CNIFailure(E_IO, f"installing flows for {ns}/{name}: {e}") from e
+                    raise CNIFailure(spec.ERR_IO_FAILURE,
+                                     f"installing flows for {ns}/{name}: {e}") from e
                 undo.append(lambda: self.flows.remove_owner(pod_owner(key)))
                 lap("flows")
+                if self.records is not None and named:
+                    try:
+                        self.records.attached(ns, name, ip, cid, want.labels)
+                    except Exception as e:
+                        raise CNIFailure(spec.ERR_TRY_AGAIN_LATER,
+                                         f"recording pod {ns}/{name} in the datastore: {e}"
+                                         ) from e
+                    lap("datastore")
             except Exception:
                 for step in reversed(undo):
                     try:
@@ -206,6 +294,20 @@ class PodManager:
         LOG.info("ADD %s/%s %s -> %s port %d (%s)", ns, name, key, ip, ofport, lap)
         self.on_change()
         return self.result(a)
+
+    def _repeat(self, a: Attachment, netns: str, want: Wanted) -> Attachment:
+        """A repeated ADD: the same attachment again, or an error if it asks for another."""
+        if not podif.same_netns(a.netns, netns):
+            raise CNIFailure(spec.ERR_INVALID_ENV,
+                             f"container {a.container_id} interface {a.ifname} is already "
+                             f"attached in netns {a.netns}; CNI_NETNS {netns} is another one")
+        if want.ip and want.ip != a.ip:
+            raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                             f"runtimeConfig.ips: {a.key} already has {a.ip}, not {want.ip}")
+        if want.mac and want.mac != a.mac.lower():
+            raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                             f"runtimeConfig.mac: {a.key} already has {a.mac}, not {want.mac}")
+        return a
 
     def _teardown(self, key: str, host: str, lock: threading.Lock | None = None) -> Laps:
         """Flows and OVS port now; the veth and the lease in the background.
@@ -250,10 +352,22 @@ class PodManager:
         """Idempotent: an unknown container or a missing netns is a success."""
         cid, ifname = req["containerID"], req["ifname"]
         key = attachment_key(cid, ifname)
+        args = req.get("args") or {}
         lock = self._klock(key)
         lock.acquire()
         try:
-            a = self.attachments.pop(key, None)
+            a = self.attachments.get(key)
+            ns, name = ((a.namespace, a.name) if a else
+                        (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")))
+            if self.records is not None and ns and name:
+                # First: a record left behind would give its IP's next owner this
+                # pod's labels. Failing here leaves everything for the retry.
+                try:
+                    self.records.detached(ns, name, cid)
+                except Exception as e:
+                    raise CNIFailure(spec.ERR_TRY_AGAIN_LATER,
+                                     f"removing pod {ns}/{name} from the datastore: {e}") from e
+            self.attachments.pop(key, None)
             host = a.host_if if a else podif.host_ifname(cid, ifname)
             lap = self._teardown(key, host, lock)  # releases the lock when done
         except BaseException:
@@ -264,29 +378,44 @@ class PodManager:
 
     def check(self, req: dict[str, Any]) -> None:
         key = attachment_key(req["containerID"], req["ifname"])
+        try:
+            podif.check_netns(req["netns"])
+        except podif.PodIfError as e:
+            raise CNIFailure(e.code, str(e)) from e
         a = self.attachments.get(key)
         if a is None:
-            raise CNIFailure(3, f"container {req['containerID']} ({req['ifname']}) unknown "
-                                "to this node's agent")
+            raise CNIFailure(spec.ERR_UNKNOWN_CONTAINER,
+                             f"container {req['containerID']} ({req['ifname']}) unknown "
+                             "to this node's agent")
         problem = podif.check(req["netns"], a.ifname, a.ip)
         if problem:
-            raise CNIFailure(E_IO, problem)
+            raise CNIFailure(spec.ERR_IO_FAILURE, problem)
 
     def gc(self, req: dict[str, Any]) -> list[str]:
-        """Remove every attachment (and lease) not in cni.dev/valid-attachments."""
-        valid_list = req.get("config", {}).get("cni.dev/valid-attachments")
+        """Remove this network's attachments (and leases) not in cni.dev/valid-attachments.
+
+        libcni calls GC once per network with that network's valid list, so an
+        attachment of another network (another conflist using flowcni on this
+        node) is not this call's to judge. Attachments recorded before the
+        network name was (network "") are judged by every GC, as they were.
+        """
+        conf = req.get("config", {})
+        valid_list = conf.get(spec.VALID_ATTACHMENTS_KEY)
         if not isinstance(valid_list, list):
-            raise CNIFailure(E_CONFIG, "GC needs cni.dev/valid-attachments (a list)")
+            raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG,
+                             f"GC needs {spec.VALID_ATTACHMENTS_KEY} (a list)")
+        network = str(conf.get("name") or "")
         valid = {attachment_key(v.get("containerID", ""), v.get("ifname", ""))
                  for v in valid_list if isinstance(v, dict)}
         removed = []
         for key in list(self.attachments):
-            if key not in valid:
-                a = self.attachments[key]
+            a = self.attachments[key]
+            if key not in valid and a.network in (network, ""):
                 self.delete({"containerID": a.container_id, "ifname": a.ifname})
                 removed.append(key)
         self.drain()
-        removed += self.ipam.gc(valid | set(self.attachments))
+        removed += self.ipam.gc(valid | set(self.attachments),
+                                lambda meta: meta.get("network", "") in (network, ""))
         with self._lock:  # forget the locks of keys that are gone and idle
             for k in [k for k, lk in self._key_locks.items()
                       if k not in self.attachments and not lk.locked()]:

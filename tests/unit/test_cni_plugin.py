@@ -111,25 +111,32 @@ class FakeAgent:
         self.thread.start()
 
     def _serve(self) -> None:
+        """Serve connections until closed (a failed ADD is followed by the plugin's DEL)."""
         try:
-            conn, _ = self.server.accept()
-            with conn:
-                conn.settimeout(30)
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                request = json.loads(data)
-                self.requests.append(request)
-                answer = self.reply(request)
-                if answer is None:  # simulate a hung agent: hold the connection open
-                    self.release.wait(30)
-                    return
-                conn.sendall(answer)
+            while not self.release.is_set():
+                conn, _ = self.server.accept()
+                with conn:
+                    conn.settimeout(30)
+                    data = b""
+                    while chunk := conn.recv(4096):
+                        data += chunk
+                    request = json.loads(data)
+                    self.requests.append(request)
+                    answer = self.reply(request)
+                    if answer is None:  # simulate a hung agent: hold the connection open
+                        self.release.wait(30)
+                        return
+                    conn.sendall(answer)
         except BaseException as exc:  # surfaced by the fixture teardown
-            self.errors.append(exc)
+            if not self.release.is_set():
+                self.errors.append(exc)
 
     def close(self) -> None:
         self.release.set()
+        try:  # wakes the accept() of the serving thread (Linux: EINVAL)
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         self.thread.join(timeout=30)
 
@@ -486,7 +493,9 @@ def test_malformed_agent_reply_is_io_failure(
     agent = fake_agent(lambda _req: raw)
     out = run_plugin(attach_env("ADD", netns), make_conf(agent.path))
     assert_error(out, spec.ERR_IO_FAILURE)
-    assert len(agent.requests) == 1
+    # An ADD the agent carried out but the plugin cannot report is undone.
+    commands = [r["command"] for r in agent.requests]
+    assert commands == (["ADD", "DEL"] if raw.startswith(b'{"ok": true') else ["ADD"])
 
 
 def test_del_prints_nothing_and_forwards_missing_netns(

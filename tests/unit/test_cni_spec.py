@@ -546,3 +546,70 @@ def test_loads_errors_have_positions_without_json_package() -> None:
         except json.JSONDecodeError as exc:
             expected.append([exc.msg, exc.pos])
     assert got == expected
+
+
+# -- limits, prevResult, runtimeConfig (issue 13) ----------------------------------------
+
+def _raw_conf(**extra: Any) -> bytes:
+    return json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "flowcni", **extra}).encode()
+
+
+def test_config_over_the_size_limit_is_a_permanent_error_naming_it() -> None:
+    with pytest.raises(CNIError) as exc:
+        spec.parse_config(_raw_conf(pad="x" * spec.MAX_CONFIG_BYTES))
+    assert exc.value.code == spec.ERR_INVALID_NETWORK_CONFIG
+    assert str(spec.MAX_CONFIG_BYTES) in exc.value.msg
+
+
+@pytest.mark.parametrize("depth", [spec.MAX_NESTING + 1, 3000])
+def test_deep_nesting_is_a_decode_error(depth: int) -> None:
+    raw = _raw_conf()[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(CNIError) as exc:
+        spec.parse_config(raw)
+    assert exc.value.code == spec.ERR_DECODE
+    assert "nest" in exc.value.msg
+
+
+def test_nesting_within_the_limit_is_fine() -> None:
+    inner: Any = 1
+    for _ in range(spec.MAX_NESTING - 2):
+        inner = [inner]
+    assert spec.parse_config(_raw_conf(x=inner))["x"] == inner
+
+
+@pytest.mark.parametrize("prev", [{"ips": "x"}, {"interfaces": 5}, {"ips": [{"address": 5}]},
+                                  {"interfaces": [{"mac": "m"}]}])
+def test_check_prev_result_refuses_malformed_shapes(prev: dict[str, Any]) -> None:
+    for command in (spec.CMD_ADD, spec.CMD_CHECK):
+        with pytest.raises(CNIError) as exc:
+            spec.check_prev_result({"prevResult": prev}, command)
+        assert exc.value.code == spec.ERR_INVALID_NETWORK_CONFIG
+        assert "prevResult" in exc.value.msg
+
+
+def test_check_needs_prev_result_but_add_does_not() -> None:
+    spec.check_prev_result({}, spec.CMD_ADD)
+    with pytest.raises(CNIError) as exc:
+        spec.check_prev_result({}, spec.CMD_CHECK)
+    assert exc.value.code == spec.ERR_INVALID_NETWORK_CONFIG
+
+
+@pytest.mark.parametrize("rc", [[], {"ips": "10.0.0.1"}, {"ips": [5]}, {"mac": 5}])
+def test_runtime_config_shapes(rc: Any) -> None:
+    with pytest.raises(CNIError) as exc:
+        spec.parse_config(_raw_conf(runtimeConfig=rc))
+    assert exc.value.code == spec.ERR_INVALID_NETWORK_CONFIG
+
+
+def test_default_route_must_be_a_bool() -> None:
+    assert spec.parse_config(_raw_conf(defaultRoute=False))["defaultRoute"] is False
+    with pytest.raises(CNIError):
+        spec.parse_config(_raw_conf(defaultRoute="no"))
+
+
+def test_one_line_squeezes_and_bounds_error_text() -> None:
+    text = "Traceback (most recent call last):\n  File x\n" + "y" * 1000
+    out = spec.one_line(text)
+    assert "\n" not in out and len(out) == spec.MAX_ERROR_TEXT and out.endswith("...")
+    err = CNIError(5, "a\nb", "c\n d").to_json("1.0.0")
+    assert (err["msg"], err["details"]) == ("a b", "c d")

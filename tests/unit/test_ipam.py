@@ -325,3 +325,35 @@ def test_gc_releases_unknown_keys(tmp_path: Path) -> None:
     # The freed addresses are usable again (after the rest of the pool).
     got = {ipam.allocate(f"n{i}/eth0") for i in range(3)}
     assert got == {ip(6), ip(2), ip(4)}
+
+
+# -- runtimeConfig ips and per-network GC (issue 13) -------------------------------------
+
+def test_allocate_exact_gives_that_address_or_a_code_7_error() -> None:
+    ipam = IPAM("10.244.1.0/24", None)
+    assert ipam.allocate_exact("a/eth0", "10.244.1.77") == IPv4Address("10.244.1.77")
+    assert ipam.allocate_exact("a/eth0", "10.244.1.77") == IPv4Address("10.244.1.77")
+    for key, ip, words in [("b/eth0", "10.244.1.77", "in use"),
+                           ("b/eth0", "10.244.2.5", "not assignable"),
+                           ("b/eth0", "10.244.1.1", "not assignable"),
+                           ("b/eth0", "10.244.1.255", "not assignable"),
+                           ("b/eth0", "nope", "not an IPv4"),
+                           ("a/eth0", "10.244.1.78", "already holds")]:
+        with pytest.raises(IPAMError) as exc:
+            ipam.allocate_exact(key, ip)
+        assert exc.value.code == 7 and words in exc.value.msg, (ip, exc.value.msg)
+    assert set(ipam.leases()) == {"a/eth0"}
+    # The round-robin allocator skips the address taken on request.
+    ipam2 = IPAM("10.244.1.0/24", None)
+    ipam2.allocate_exact("x/eth0", "10.244.1.2")
+    assert ipam2.allocate("y/eth0") == IPv4Address("10.244.1.3")
+
+
+def test_gc_limited_to_owned_leases() -> None:
+    ipam = IPAM("10.244.1.0/24", None)
+    ipam.allocate("a/eth0", {"network": "one"})
+    ipam.allocate("b/eth0", {"network": "two"})
+    ipam.allocate("c/eth0", {})
+    removed = ipam.gc(set(), lambda meta: meta.get("network", "") in ("one", ""))
+    assert removed == ["a/eth0", "c/eth0"]
+    assert set(ipam.leases()) == {"b/eth0"}
