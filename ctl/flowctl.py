@@ -306,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ready", action="store_true", help="also require sync with OVS")
     pr.add_argument("--timeout", type=float, default=5.0)
     ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
-    ic.add_argument("--dest", default="/opt/cni/bin")
+    ic.add_argument("--dest", default="/opt/cni/bin", help="directory (default: %(default)s)")
+    ic.add_argument("--python", default=None,
+                    help="interpreter the launcher runs (default: the base interpreter of this "
+                         "one, outside any venv); it must be this one's version")
     dm = sub.add_parser("demo", help="lab demo: nodes, pods, traffic, flow tables")
     dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     return p
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return probe(a.socket, a.ready, a.timeout)
     if a.cmd == "install-cni":
         from flowcni.cni.install import install
-        print(install(a.dest))
+        print(install(a.dest, python=a.python))
         return 0
     if os.geteuid() != 0:
         print("flowctl: needs root (network namespaces, OVS)", file=sys.stderr)
