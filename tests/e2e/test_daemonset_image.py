@@ -149,21 +149,21 @@ class Node:
         return argv
 
 
-def make_node(base: Path, cm_data: dict[str, str]) -> Node:
-    netns = f"{PREFIX}-dsnode"
+def make_node(node: Node, cm_data: dict[str, str]) -> Node:
+    netns = node.netns
     _check(_run(["ip", "netns", "add", netns]))
     for cmd in (["ip", "link", "set", "lo", "up"],
-                ["ip", "link", "add", "eth0", "type", "dummy"],
+                # The node's uplink (a veth: kernels without modules have no dummy).
+                ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"],
                 ["ip", "addr", "add", f"{NODE_IP}/24", "dev", "eth0"],
+                ["ip", "link", "set", "eth0-peer", "up"],
                 ["ip", "link", "set", "eth0", "up"]):
         _check(_run(["ip", "netns", "exec", netns, *cmd]))
-    config_dir = base / "configmap"
-    config_dir.mkdir()
+    node.config_dir.mkdir()
     for key, text in cm_data.items():
-        (config_dir / key).write_text(text)
-    sa_dir = base / "serviceaccount"
-    sa_dir.mkdir()
-    return Node(base, netns, config_dir, sa_dir)
+        (node.config_dir / key).write_text(text)
+    node.sa_dir.mkdir()
+    return node
 
 
 def start_api(node: Node) -> tuple[subprocess.Popen[str], Control]:
@@ -225,15 +225,15 @@ class Pods:
         self.node, self.conf, self.shim, self.pidfile = node, conf, shim, pidfile
         self.netns: list[str] = []
 
-    def cni(self, command: str, name: str = "",
-            netns: str = "") -> subprocess.CompletedProcess[str]:
+    def cni(self, command: str, name: str = "", netns: str = "",
+            conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command,
                "CNI_PATH": os.path.dirname(self.shim), "FLOWCNI_AGENT_PIDFILE": self.pidfile}
         if name:
             env.update(CNI_CONTAINERID=f"{PREFIX}-{name}", CNI_IFNAME="eth0",
                        CNI_NETNS=f"/var/run/netns/{netns}",
                        CNI_ARGS=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}")
-        return subprocess.run([self.shim], input=json.dumps(self.conf), env=env,
+        return subprocess.run([self.shim], input=json.dumps(conf or self.conf), env=env,
                               capture_output=True, text=True, timeout=120)
 
     def add(self, name: str) -> str:
@@ -268,10 +268,11 @@ def test_daemonset_image_on_a_lab_node(
     image = images.pop()
     build_image(podman, debian12[1], f"localhost/{image}")
 
-    node = make_node(tmp_path, cm_data)
+    node = Node(tmp_path, f"{PREFIX}-dsnode", tmp_path / "configmap", tmp_path / "sa")
     api: subprocess.Popen[str] | None = None
     pods: Pods | None = None
     try:
+        node = make_node(node, cm_data)
         api, ctl = start_api(node)
         for c in pod["initContainers"]:  # in order, each to completion
             podman.run(*node.run_argv(pod, c, detach=False), timeout=300)
@@ -307,7 +308,9 @@ def test_daemonset_image_on_a_lab_node(
         conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"],
                 **conflist["plugins"][0]}
         pods = Pods(node, conf, shim, os.path.join(node.host("/run/flowcni"), "agent.pid"))
-        status = pods.cni("STATUS")
+        # STATUS exists from CNI 1.1.0 on (the manifest's conflist says 1.0.0,
+        # for runtimes that know no newer): ask as a 1.1.0 runtime does.
+        status = pods.cni("STATUS", conf={**conf, "cniVersion": "1.1.0"})
         assert (status.returncode, status.stdout) == (0, ""), status.stdout + status.stderr
         ips = {name: pods.add(name) for name in ("web", "client")}
         for name, ip in ips.items():
@@ -318,6 +321,12 @@ def test_daemonset_image_on_a_lab_node(
             return _run(["ip", "netns", "exec", f"{PREFIX}-ds{src}", "ping", "-c1", "-W2",
                          ips[dst]]).returncode == 0
 
+        def ports() -> set[str]:
+            # The node's OVS, as the ovs container serves it to the agent.
+            out = podman.run("exec", ovs, "ovs-vsctl", "list-ports", "br-int").stdout
+            return set(out.split())
+
+        with_pods = ports()
         eventually("client -> web ping", lambda: ping("client", "web"), timeout=60)
         assert ping("web", "client")
 
@@ -327,10 +336,15 @@ def test_daemonset_image_on_a_lab_node(
             link = _run(["ip", "netns", "exec", f"{PREFIX}-ds{name}", "ip", "link", "show",
                          "eth0"])
             assert link.returncode != 0, f"{name}: eth0 left after DEL"
+        # Two pod ports came and went; the gateway (and tunnel) port stays.
+        without = ports()
+        assert len(with_pods - without) == 2 and without < with_pods, (with_pods, without)
+        assert "flowcni-gw0" in without
     finally:
         if pods is not None:
             pods.cleanup()
-        podman.run("rm", "--force", "--time", "10", *node.names, check=False, timeout=120)
+        podman.run("rm", "--force", "--ignore", "--time", "10", *node.names, check=False,
+                   timeout=120)
         if api is not None:
             api.kill()
             api.wait()
