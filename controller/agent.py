@@ -31,7 +31,7 @@ from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.datastore.base import Datastore, open_datastore
-from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, StoreError
+from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
@@ -72,10 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus endpoint (host:port; empty to disable)")
     p.add_argument("--resync-period", type=float, default=30.0,
                    help="seconds between checks that OVS holds exactly the desired flows")
+    p.add_argument("--report-pods", action="store_true",
+                   help="with --datastore sqlite:PATH on a node of its own: record the pods "
+                   "this agent attaches in the store (namespace, name, IP; no labels), as a "
+                   "kubelet reports them to the API server, so NetworkPolicies select them")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
         p.error(f"--datastore {a.datastore!r}: use sqlite:PATH, kubernetes or none")
+    if a.report_pods and not a.datastore.startswith("sqlite:"):
+        p.error("--report-pods needs --datastore sqlite:PATH (on Kubernetes the kubelet "
+                "reports pods)")
     if a.datastore == "none" and not a.pod_cidr:
         p.error("--pod-cidr is required without a datastore")
     if a.datastore != "none" and not a.node_ip:
@@ -325,6 +332,29 @@ class Agent:
             "flow_stats": dict(self.flows.stats),
         }
 
+    def _report_pod(self, key: str, added: bool) -> None:
+        """--report-pods: record (or forget) an attached pod in the node's own store.
+
+        A node on an embedded store of its own has no kubelet, so nothing else
+        tells the store which pods exist, and policies would select none. An
+        existing object is kept (labels set by whoever wrote it), and only the
+        object of this attachment's container is deleted.
+        """
+        att = self.pods.attachments.get(key)
+        if not self.args.report_pods or att is None or not isinstance(self.store, Store):
+            return
+        try:
+            current = self.store.get("Pod", att.namespace, att.name)
+            if added and current is None:
+                self.store.put("Pod", att.namespace, att.name, {
+                    "namespace": att.namespace, "name": att.name, "labels": {}, "ip": att.ip,
+                    "node": self.args.node, "containerID": att.container_id, "ports": []})
+            elif not added and current is not None and \
+                    current.get("containerID") == att.container_id:
+                self.store.delete("Pod", att.namespace, att.name)
+        except Exception:  # the pod is plumbed either way; policies just miss it
+            LOG.exception("recording pod %s/%s in the store", att.namespace, att.name)
+
     def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("command")
         try:
@@ -333,8 +363,11 @@ class Agent:
                     if not isinstance(req.get(f), str) or not req[f]:
                         raise CNIFailure(4, f"request lacks {f}")
             if cmd == "ADD":
-                return {"ok": True, "result": self.pods.add(req)}
+                result = self.pods.add(req)
+                self._report_pod(f"{req['containerID']}/{req['ifname']}", added=True)
+                return {"ok": True, "result": result}
             if cmd == "DEL":
+                self._report_pod(f"{req['containerID']}/{req['ifname']}", added=False)
                 self.pods.delete(req)
             elif cmd == "CHECK":
                 self.pods.check(req)
