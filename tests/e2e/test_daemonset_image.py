@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -191,10 +192,14 @@ def start_api(node: Node) -> tuple[subprocess.Popen[str], Control]:
 
 @pytest.fixture
 def podman(tmp_path: Path) -> Iterator[PodmanEnv]:
-    """A podman with private storage and config under the test's directory."""
-    penv = PodmanEnv(base_dir=str(tmp_path / "podman"), conf_dir=str(tmp_path / "net.d"),
+    """A podman with private storage and config of this test's own, removed after it.
+
+    Its directory is a short one beside the test's: podman's overlay driver
+    refuses a runroot path longer than 50 characters.
+    """
+    base = tempfile.mkdtemp(prefix=f"{PREFIX}-pm-", dir="/tmp")
+    penv = PodmanEnv(base_dir=base, conf_dir=str(tmp_path / "net.d"),
                      plugin_dirs=["/usr/lib/cni"], storage_driver="overlay")
-    os.makedirs(penv.base_dir)
     os.makedirs(penv.conf_dir)
     penv.write_config()
     try:
