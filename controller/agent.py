@@ -346,7 +346,8 @@ class Agent:
                     if not isinstance(req.get(f), str) or not req[f]:
                         raise CNIFailure(spec.ERR_INVALID_ENV, f"request lacks {f}")
             if cmd == "ADD":
-                return {"ok": True, "result": self.pods.add(req)}
+                result = self.pods.add(req)
+                return {"ok": True, "result": result}
             if cmd == "DEL":
                 self.pods.delete(req)
             elif cmd == "CHECK":

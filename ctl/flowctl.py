@@ -18,6 +18,7 @@ from typing import Any
 
 from flowcni.ctl import inspect
 from flowcni.ctl.client import AgentClient, AgentError
+from flowcni.datastore.store import Store, StoreError
 from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
 
 
@@ -132,7 +133,23 @@ def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
+def node_store(spec: str) -> Store:
+    """The embedded store named by --datastore (sqlite:PATH), which must exist.
+
+    A node outside the lab keeps its objects in the file its agent was started
+    with; a missing file means a wrong path, so it is not created empty here.
+    """
+    if not spec.startswith("sqlite:") or not spec[len("sqlite:"):]:
+        raise StoreError(f"--datastore {spec!r}: flowctl writes to an embedded store, "
+                       "sqlite:PATH (on Kubernetes, use kubectl apply)")
+    path = spec[len("sqlite:"):]
+    if not os.path.isfile(path):
+        raise StoreError(f"--datastore {spec}: no store at {path} (the agent creates it: "
+                       f"flowcni-agent --datastore {spec} ...)")
+    return Store(path)
+
+
+def cmd_apply(lab: Lab | None, a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
     from flowcni.datastore.manifests import ManifestError, load
     try:
@@ -141,7 +158,7 @@ def cmd_apply(lab: Lab, a: argparse.Namespace) -> int:
     except (OSError, ManifestError) as e:
         print(f"flowctl: {a.file}: {e}", file=sys.stderr)
         return 1
-    store = lab.store()
+    store = node_store(a.datastore) if a.datastore else (lab or Lab()).store()
     for kind, ns, name, body in objs:
         ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
         if a.cmd == "apply":
@@ -278,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("apply", "delete"):
         ap = sub.add_parser(verb, help=f"{verb} Kubernetes YAML objects in the lab's datastore")
         ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
+        ap.add_argument("--datastore", default=os.environ.get("FLOWCNI_DATASTORE"),
+                        help="sqlite:PATH: the embedded store of a node outside the lab (the "
+                             "path its agent's --datastore names); default: $FLOWCNI_DATASTORE, "
+                             "else the lab's store")
     tr = sub.add_parser("trace", help="trace a packet from a pod through every node it crosses")
     tr.add_argument("--from", dest="src", required=True, help="NS/POD")
     tr.add_argument("--to", dest="dst", required=True, help="NS/POD or IP")
@@ -306,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ready", action="store_true", help="also require sync with OVS")
     pr.add_argument("--timeout", type=float, default=5.0)
     ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
-    ic.add_argument("--dest", default="/opt/cni/bin")
+    ic.add_argument("--dest", default="/opt/cni/bin", help="directory (default: %(default)s)")
+    ic.add_argument("--python", default=None,
+                    help="interpreter the launcher runs (default: the base interpreter of this "
+                         "one, outside any venv); it must be this one's version")
     dm = sub.add_parser("demo", help="lab demo: nodes, pods, traffic, flow tables")
     dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     return p
@@ -319,8 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         return probe(a.socket, a.ready, a.timeout)
     if a.cmd == "install-cni":
         from flowcni.cni.install import install
-        print(install(a.dest))
+        print(install(a.dest, python=a.python))
         return 0
+    if a.cmd in ("apply", "delete") and a.datastore:  # a node's own store: no lab
+        try:
+            return cmd_apply(None, a)
+        except StoreError as e:
+            print(f"flowctl: {e}", file=sys.stderr)
+            return 1
     if os.geteuid() != 0:
         print("flowctl: needs root (network namespaces, OVS)", file=sys.stderr)
         return 1

@@ -9,11 +9,18 @@ one it talks to.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from flowcni.datastore.store import Change, ClusterConfig, Store
+from flowcni.datastore.store import (
+    CLUSTER_CONFIG_ENV,
+    Change,
+    ClusterConfig,
+    Store,
+    load_cluster_config,
+)
 
 
 class Datastore(Protocol):
@@ -39,7 +46,12 @@ def open_datastore(spec: str, kubeconfig: str | None = None) -> Datastore | None
     if spec == "none":
         return None
     if spec.startswith("sqlite:"):
-        return Store(spec.split(":", 1)[1])
+        store = Store(spec.split(":", 1)[1])
+        if os.environ.get(CLUSTER_CONFIG_ENV):
+            # A node on a store of its own (no lab to set them): the cluster's
+            # settings from the same file the DaemonSet's ConfigMap holds.
+            store.set_cluster(load_cluster_config(os.environ[CLUSTER_CONFIG_ENV]))
+        return store
     if spec == "kubernetes":
         from flowcni.datastore.kube import KubeDatastore  # imports the client only here
         return KubeDatastore(kubeconfig)

@@ -37,13 +37,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from flowcni.datastore import kubeconv
 from flowcni.datastore.kubeconv import Body, Key, Malformed
-from flowcni.datastore.store import Change, ClusterConfig, StoreError
+from flowcni.datastore.store import (
+    CLUSTER_CONFIG_ENV,
+    Change,
+    ClusterConfig,
+    StoreError,
+    load_cluster_config,
+)
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -51,7 +57,6 @@ from urllib3.exceptions import HTTPError
 
 LOG = logging.getLogger(__name__)
 
-CLUSTER_CONFIG_ENV = "FLOWCNI_CLUSTER_CONFIG"
 KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice")
 
 # kind -> (API class, list function covering all namespaces)
@@ -63,39 +68,6 @@ LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
     "Service": (client.CoreV1Api, "list_service_for_all_namespaces"),
     "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
 }
-
-
-# -- cluster settings --------------------------------------------------------------------
-
-def load_cluster_config(path: str | None) -> ClusterConfig:
-    """ClusterConfig from a YAML/JSON file (keys as ClusterConfig's fields), or the defaults.
-
-    The API server has no place for these settings, so the DaemonSet mounts
-    them from a ConfigMap; unknown keys are refused so a typo is not ignored.
-    """
-    if not path:
-        return ClusterConfig().validate()
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise StoreError(f"cluster config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise StoreError(f"cluster config {path}: not valid YAML: {e}") from e
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise StoreError(f"cluster config {path}: not a mapping")
-    types = {"cluster_cidr": str, "node_cidr_size": int, "encap": str, "ip_masq": bool,
-             "mtu": int}
-    known = [f.name for f in fields(ClusterConfig)]
-    for k, v in data.items():
-        if k not in known:
-            raise StoreError(f"cluster config {path}: unknown key {k!r} (known: "
-                             f"{', '.join(known)})")
-        want = types[k]
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise StoreError(f"cluster config {path}: {k}: {v!r} is not a {want.__name__}")
-    return ClusterConfig(**data).validate()
 
 
 # -- the cache and its change log -------------------------------------------------------

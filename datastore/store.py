@@ -20,12 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
+
+import yaml
 
 LOG = logging.getLogger(__name__)
 
 ENCAPS = ("geneve", "vxlan", "gre", "none")
+#: A YAML file of ClusterConfig keys (the DaemonSet's ConfigMap, or a single node's file).
+CLUSTER_CONFIG_ENV = "FLOWCNI_CLUSTER_CONFIG"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +70,41 @@ class ClusterConfig:
         if self.mtu and not 576 <= self.mtu <= 65535:
             raise StoreError(f"mtu {self.mtu}: out of range 576..65535")
         return self
+
+
+# -- cluster settings --------------------------------------------------------------------
+
+def load_cluster_config(path: str | None) -> ClusterConfig:
+    """ClusterConfig from a YAML/JSON file (keys as ClusterConfig's fields), or the defaults.
+
+    The API server has no place for these settings, so the DaemonSet mounts
+    them from a ConfigMap; a single node on the embedded store reads the same
+    file (`FLOWCNI_CLUSTER_CONFIG`). Unknown keys are refused so a typo is
+    not ignored.
+    """
+    if not path:
+        return ClusterConfig().validate()
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise StoreError(f"cluster config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise StoreError(f"cluster config {path}: not valid YAML: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise StoreError(f"cluster config {path}: not a mapping")
+    types = {"cluster_cidr": str, "node_cidr_size": int, "encap": str, "ip_masq": bool,
+             "mtu": int}
+    known = [f.name for f in fields(ClusterConfig)]
+    for k, v in data.items():
+        if k not in known:
+            raise StoreError(f"cluster config {path}: unknown key {k!r} (known: "
+                             f"{', '.join(known)})")
+        want = types[k]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise StoreError(f"cluster config {path}: {k}: {v!r} is not a {want.__name__}")
+    return ClusterConfig(**data).validate()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ Two ways to run it:
   one of its namespaces and drive it from the host.
 
 Plain HTTP, no authentication: `kubeconfig(url)` writes what the client needs.
+As a process it can serve HTTPS instead (`--tls-cert/--tls-key`), for clients
+that only speak TLS, like the in-cluster config of a pod's service account.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -515,7 +518,14 @@ class FakeAPIServer(FakeAPI):
     @property
     def url(self) -> str:
         host, port = self.http.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "https" if isinstance(self.http.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://{host!s}:{port}"
+
+    def use_tls(self, cert: str, key: str) -> None:
+        """Serve HTTPS with this certificate (call before start)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.http.socket = ctx.wrap_socket(self.http.socket, server_side=True)
 
     def start(self) -> FakeAPIServer:
         self._thread.start()
@@ -736,10 +746,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", required=True, help="unix socket path for the control API")
     p.add_argument("--gone-mode", default="event", choices=["event", "http"])
     p.add_argument("--bookmark-interval", type=float, default=5.0)
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     a = p.parse_args(argv)
     host, _, port = a.listen.rpartition(":")
     srv = FakeAPIServer(host, int(port), gone_mode=a.gone_mode,
                         bookmark_interval=a.bookmark_interval)
+    if a.tls_cert:
+        srv.use_tls(a.tls_cert, a.tls_key or a.tls_cert)
     done = threading.Event()
     if os.path.exists(a.control):
         os.unlink(a.control)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -643,8 +644,8 @@ sys.exit(rc)
 """
 
 #: What the launcher may add to a bare ``python3 -IS``: its package mapping,
-#: the two plugin modules and two small C extensions (``types`` is the
-#: launcher's own import).
+#: the two plugin modules and three small C extensions (``binascii`` decodes
+#: the embedded code; it is built into Debian's python3).
 LAUNCHER_MODULES = {
     "flowcni",
     "flowcni.cni",
@@ -652,7 +653,7 @@ LAUNCHER_MODULES = {
     "flowcni.cni.spec",
     "_json",
     "_socket",
-    "types",
+    "binascii",
 }
 #: Each costs milliseconds of start-up per pod under gVisor.
 SLOW_MODULES = {"re", "enum", "json", "socket", "typing", "selectors", "os", "__future__"}
@@ -663,6 +664,41 @@ def launcher(tmp_path: Path) -> Path:
     from flowcni.cni import install
 
     return Path(install.install(str(tmp_path / "bin")))
+
+
+def test_launcher_survives_its_sources_removed(tmp_path: Path) -> None:
+    # The checkout (or the venv) the launcher came from may be moved or removed.
+    from flowcni.cni import install
+
+    sources = tmp_path / "checkout" / "cni"
+    shutil.copytree(Path(install.__file__).parent, sources)
+    path = install.install(str(tmp_path / "bin"), pkgdir=str(sources))
+    shutil.rmtree(tmp_path / "checkout")
+    text = Path(path).read_text()
+    assert str(sources) not in text and "site-packages" not in text
+    assert text.startswith(f"#!{install.base_python()} -IS\n")
+    proc = subprocess.run([path], env=_clean_env({"CNI_COMMAND": "VERSION"}), cwd="/",
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stdout
+    assert json.loads(proc.stdout)["cniVersion"] == "1.1.0"
+
+
+def test_launcher_for_another_interpreter_version_is_a_cni_error(launcher: Path) -> None:
+    # Compiled code is only valid for the version that wrote it: refuse, don't crash.
+    tag = sys.implementation.cache_tag
+    launcher.write_text(launcher.read_text().replace(repr(tag), repr("cpython-30")))
+    proc = subprocess.run([str(launcher)], env=_clean_env({"CNI_COMMAND": "ADD"}),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    err = json.loads(proc.stdout)
+    assert err["code"] == spec.ERR_PLUGIN_NOT_AVAILABLE
+    assert tag in err["msg"] and "install-cni" in err["msg"]
+
+
+def test_launcher_embeds_what_the_plugin_imports() -> None:
+    from flowcni.cni import install
+
+    assert [name for name, _ in install.plugin_modules()] == ["spec", "plugin"]
 
 
 def _clean_env(env: dict[str, str]) -> dict[str, str]:
