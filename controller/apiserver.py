@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import re
 import socketserver
 import threading
 from collections.abc import Callable
@@ -30,16 +31,33 @@ if TYPE_CHECKING:
     from flowcni.controller.agent import Agent
 
 LOG = logging.getLogger(__name__)
+_NXM_RE = re.compile(r"_nxm\b")
+
+
+def _action_text(act: Any) -> str:
+    """One action: os-ken's text where it has one, else the action's own fields. Field
+    names are the OXM ones (os-ken parses some moves back with an `_nxm` suffix)."""
+    try:
+        return _NXM_RE.sub("", str(ofctl_v1_3.action_to_str(act)))
+    except Exception:  # os-ken lacks a renderer for some Nicira actions
+        name, body = next(iter(act.to_jsondict().items()))
+        keep = {k: v for k, v in body.items()
+                if k not in ("len", "type", "experimenter", "subtype")}
+        return f"{name}({','.join(f'{k}={v}' for k, v in sorted(keep.items()))})"
 
 
 def render_actions(instructions: list[Any], names: dict[int, str]) -> str:
     """OpenFlow instructions in short text, goto targets by table name."""
     out = []
-    for a in ofctl_v1_3.actions_to_str(instructions):
-        if isinstance(a, str) and a.startswith("GOTO_TABLE:"):
-            tid = int(a.split(":")[1])
-            a = f"goto_table:{names.get(tid, tid)}"
-        out.append(str(a))
+    for i in instructions:
+        if hasattr(i, "actions"):
+            acts = [_action_text(a) for a in i.actions]
+            kind = {3: "write_actions", 5: "clear_actions"}.get(i.type)
+            out += [f"{kind}({','.join(acts)})"] if kind else acts
+        elif hasattr(i, "table_id"):
+            out.append(f"goto_table:{names.get(i.table_id, i.table_id)}")
+        else:
+            out.append(type(i).__name__)
     return ",".join(out) or "drop"
 
 
@@ -126,8 +144,8 @@ class AgentAPI:
             feat = ck.feature_of(s.cookie)
             f = desired.get((s.table_id, s.priority, match_key(s.match)))
             have = render_actions(s.instructions, self.names)
-            same = f is not None and ofctl_v1_3.actions_to_str(s.instructions) == \
-                ofctl_v1_3.actions_to_str(f.osken_instructions(p, o, self.pipeline))
+            same = f is not None and have == render_actions(
+                f.osken_instructions(p, o, self.pipeline), self.names)
             o_id = f"{ck.owner_of(s.cookie):#x}"
             own = owners.get(o_id) if feat is not None else None
             rows.append(FlowRow(

@@ -191,6 +191,10 @@ class Tracer:
         if r.output_port is None or r.datapath_actions in ("", "drop"):
             pols = self._isolating(v, last)
             detail = last.story + (f" (pod isolated by {', '.join(pols)})" if pols else "")
+            nowhere = "" if pols else self._no_destination(dst_ip)
+            if nowhere:
+                return steps, Verdict(False, v.name, last.table, f"{detail}: {nowhere}",
+                                      last.owner, outcome=NOWHERE)
             return steps, Verdict(False, v.name, last.table, detail, last.owner,
                                   policies=pols, outcome=DROPPED)
         name = r.output_name
@@ -207,6 +211,21 @@ class Tracer:
             return steps, self._gateway_verdict(v, last, dst_ip, r)
         return steps, Verdict(True, v.name, last.table, f"leaves {v.name} through {name}",
                               last.owner, port=str(r.output_port))
+
+    def _no_destination(self, dst_ip: str) -> str:
+        """Why nothing can receive `dst_ip`, if so: a pod-CIDR address no pod has,
+        or a cluster-CIDR address in no node's pod CIDR ("" otherwise)."""
+        owner = self._destination_node(dst_ip)
+        if owner is not None:
+            if any(p["ip"] == dst_ip for p in owner.pods.values()) or \
+                    dst_ip == owner.status["gateway"]["ip"]:
+                return ""
+            return (f"nowhere, {dst_ip} is in {owner.name}'s pod CIDR "
+                    f"{owner.status['pod_cidr']} but no pod has it")
+        cluster = next(iter(self.views.values())).status.get("cluster_cidr")
+        if cluster and ipaddress.ip_address(dst_ip) in ipaddress.ip_network(cluster):
+            return f"nowhere, {dst_ip} is in the cluster CIDR {cluster} but in no node's pod CIDR"
+        return ""
 
     def _gateway_verdict(self, v: NodeView, last: Step, dst_ip: str, r: TraceResult
                          ) -> Verdict:

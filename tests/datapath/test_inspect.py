@@ -25,7 +25,7 @@ def ilab() -> Iterator[Lab]:
 
 
 def stale(lab: Lab, node: str) -> dict[str, list[str]]:
-    st = AgentClient(lab.node(node).socket).call("_stale")
+    st = AgentClient(lab.node(node).api_socket).call("stale")
     return {"missing": st["missing"], "unexpected": st["unexpected"]}
 
 
