@@ -40,7 +40,10 @@ def _action_text(act: Any) -> str:
     try:
         return _NXM_RE.sub("", str(ofctl_v1_3.action_to_str(act)))
     except Exception:  # os-ken lacks a renderer for some Nicira actions
-        name, body = next(iter(act.to_jsondict().items()))
+        try:
+            name, body = next(iter(act.to_jsondict().items()))
+        except Exception:
+            name, body = type(act).__name__, dict(vars(act))
         keep = {k: v for k, v in body.items()
                 if k not in ("len", "type", "experimenter", "subtype")}
         return f"{name}({','.join(f'{k}={v}' for k, v in sorted(keep.items()))})"

@@ -41,6 +41,7 @@ def parse(out: str, bridge: str, names: dict[int, str], node: str = "") -> Parse
     for line in out.splitlines():
         if line.startswith("bridge("):
             inside = line.startswith(f'bridge("{bridge}")')
+            cur = None  # a new pipeline: nothing below belongs to the last step
             continue
         if line.startswith(("Final flow:", "Megaflow:", "===", "Flow:")):
             inside = False
@@ -60,6 +61,8 @@ def parse(out: str, bridge: str, names: dict[int, str], node: str = "") -> Parse
         if cur is None:
             continue
         s = line.strip()
+        if s and set(s) == {"-"}:
+            continue
         if s.startswith("-> output port is"):
             r.output_port = int(s.rsplit(" ", 1)[1])
         elif s.startswith("-> output to native tunnel"):

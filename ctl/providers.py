@@ -87,15 +87,18 @@ class LocalProvider:
 class ExecClient:
     """An agent API call made by `flowctl call` inside the agent's pod, via pod exec."""
 
-    def __init__(self, core: Any, namespace: str, pod: str, container: str, socket: str,
-                 timeout: float = 60.0) -> None:
+    def __init__(self, core: Any, namespace: str, pod: str, container: str,
+                 socket: str | None = None, timeout: float = 60.0) -> None:
         self.core, self.namespace, self.pod = core, namespace, pod
         self.container, self.socket, self.timeout = container, socket, timeout
 
     def call(self, verb: str, **args: Any) -> dict[str, Any]:
         from kubernetes.stream import stream
         req = Request(verb, args)
-        cmd = ["flowctl", "call", "--agent-socket", self.socket, verb, json.dumps(req.args)]
+        # Without --agent-socket, `flowctl call` finds the socket as the agent's container
+        # says ($FLOWCNI_AGENT_SOCKET, else the default path the DaemonSet uses).
+        cmd = ["flowctl", "call", *(["--agent-socket", self.socket] if self.socket else []),
+               verb, json.dumps(req.args)]
         where = f"agent pod {self.namespace}/{self.pod}"
         try:
             ws = stream(self.core.connect_get_namespaced_pod_exec, self.pod, self.namespace,
@@ -119,7 +122,7 @@ class ClusterProvider:
 
     def __init__(self, kubeconfig: str | None, context: str | None,
                  namespace: str = AGENT_NAMESPACE, selector: str = AGENT_SELECTOR,
-                 container: str = AGENT_CONTAINER, socket: str = api.DEFAULT_SOCKET) -> None:
+                 container: str = AGENT_CONTAINER, socket: str | None = None) -> None:
         self.kubeconfig, self.context = kubeconfig, context
         self.namespace, self.selector, self.container = namespace, selector, container
         self.socket = socket
