@@ -397,18 +397,19 @@ def _connection_options(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = None
-                 ) -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+                 ) -> argparse.ArgumentParser:
+    """flowctl's parser; each command's handler is its `func` default. `extra`: command
+    plugins (default: the `flowcni.flowctl_commands` entry points, i.e. the lab's)."""
     p = argparse.ArgumentParser(prog="flowctl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_options(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    handlers: dict[str, Handler] = {}
 
     def verb(name: str, fn: Handler, help_: str, conn: bool = True) -> argparse.ArgumentParser:
         x = sub.add_parser(name, help=help_, description=help_)
         if conn:
             _connection_options(x, top=False)
-        handlers[name] = fn
+        x.set_defaults(func=fn)
         return x
 
     st = verb("status", cmd_status, "agent status per node (a table; --json for all fields)")
@@ -472,8 +473,9 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
     ic = verb("install-cni", _install_cni, "install the flowcni plugin launcher", conn=False)
     ic.add_argument("--dest", default="/opt/cni/bin", help="directory (default: %(default)s)")
     for register in (extra if extra is not None else plugins(COMMAND_GROUP)).values():
-        handlers.update(register(sub))
-    return p, handlers
+        for name, fn in register(sub).items():
+            sub.choices[name].set_defaults(func=fn)
+    return p
 
 
 def _install_cni(a: argparse.Namespace) -> int:
@@ -483,11 +485,11 @@ def _install_cni(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, handlers = build_parser()
-    a = parser.parse_args(argv)
+    a = build_parser().parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `flowctl flows | head` ends quietly
     try:
-        return handlers[a.cmd](a)
+        rc: int = a.func(a)
+        return rc
     except (RuntimeError, OSError) as e:  # CLIError, ProviderError, AgentError, TraceError..
         print(f"flowctl: {e}", file=sys.stderr)
         return 1

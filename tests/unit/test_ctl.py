@@ -267,7 +267,7 @@ def test_status_and_policy_rows_show_errors_and_isolation() -> None:
 
 
 def test_every_option_names_its_default_or_choices() -> None:
-    parser, _ = flowctl.build_parser(extra={})
+    parser = flowctl.build_parser(extra={})
     sub = next(a for a in parser._actions if a.dest == "cmd")
     fl = sub.choices["flows"]  # type: ignore[attr-defined]
     table = next(a for a in fl._actions if a.dest == "table")
