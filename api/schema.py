@@ -33,7 +33,8 @@ VERBS: dict[str, str] = {
     "owners": "owner ids (as in cookies) -> owner keys and objects",
     "pods": "pods attached on this node (namespace, name, IP, MAC, ofport)",
     "stale": "drift: desired flows OVS lacks and flows OVS holds that nobody wants",
-    "policy": "NetworkPolicy rules and isolated pods as realized, with packets allowed",
+    "policy": "NetworkPolicy rules and isolated pods as realized, with packets allowed; "
+              "args: packets (default true)",
     "trace": "ofproto/trace of a flow on the agent's bridge, as structured steps; args: flow",
     "traceflow": "live trace: args: step (arm|inject|collect|disarm), dscp, ...",
 }

@@ -197,9 +197,11 @@ class AgentAPI:
                     for s in unexpected]}
 
     def v_policy(self, req: Request) -> dict[str, Any]:
-        """Rules with the packets their conjunctions let through, and isolated pods."""
+        """Rules with the packets their conjunctions let through (unless `packets` is
+        false: no flow dump), and isolated pods."""
         packets: dict[int, int] = {}
-        if self.agent.flows.switch is not None:
+        if api.arg(req, "packets", bool, required=False, default=True) and \
+                self.agent.flows.switch is not None:
             for r in self.flow_rows():
                 if "conj_id=" in r.match and "conjunction(" not in r.actions:
                     cid = int(r.match.split("conj_id=")[1].split(",")[0])

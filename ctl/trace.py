@@ -87,7 +87,7 @@ class NodeView:
     @property
     def isolation(self) -> dict[str, dict[str, list[str]]]:
         if self._isolation is None:
-            self._isolation = self.agent.call("policy").get("isolation", {})
+            self._isolation = self.agent.call("policy", packets=False).get("isolation", {})
         return self._isolation
 
     def pod(self, ns: str, name: str) -> dict[str, Any] | None:
