@@ -389,3 +389,38 @@ def test_call_prints_the_raw_reply(capsys: pytest.CaptureFixture[str], tmp_path:
     assert flowctl.main(["call", "--agent-socket", str(tmp_path / "none"), "status"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["error"]["code"] == "unreachable"
+
+
+def test_provider_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--kubeconfig/--context: the cluster; --agent-socket or $FLOWCNI_AGENT_SOCKET: this
+    node; --lab: the lab (an error when none is up); nothing: a lab that is up, else the
+    default socket, else a message naming all three."""
+    from flowcni.ctl.providers import LocalProvider, from_args
+    monkeypatch.setenv("FLOWCNI_LAB_DIR", str(tmp_path / "no-lab"))
+    monkeypatch.delenv(api.SOCKET_ENV, raising=False)
+    parser = flowctl.build_parser()
+
+    def choose(*argv: str) -> Any:
+        return from_args(parser.parse_args([*argv, "status"]))
+
+    assert isinstance(choose("--kubeconfig", "k"), ClusterProvider)
+    assert isinstance(choose("--context", "c"), ClusterProvider)
+    p = choose("--agent-socket", "/x.sock")
+    assert isinstance(p, LocalProvider) and p.path == "/x.sock"
+    monkeypatch.setenv(api.SOCKET_ENV, "/env.sock")
+    p = choose()
+    assert isinstance(p, LocalProvider) and p.path == "/env.sock"
+    monkeypatch.delenv(api.SOCKET_ENV)
+    with pytest.raises(RuntimeError, match="--lab: no lab in"):
+        choose("--lab")
+    if not os.path.exists(api.DEFAULT_SOCKET):
+        with pytest.raises(ProviderError, match="--agent-socket PATH, --kubeconfig/--context "
+                                                "or --lab"):
+            choose()
+    (tmp_path / "no-lab").mkdir()
+    (tmp_path / "no-lab" / "lab.json").write_text('{"nodes": [], "pods": []}')
+    p = choose()
+    assert p.kind == "lab" and str(tmp_path / "no-lab") in p.describe()
+    # options after the command count too
+    p = from_args(parser.parse_args(["status", "--agent-socket", "/y.sock"]))
+    assert isinstance(p, LocalProvider) and p.path == "/y.sock"
