@@ -209,6 +209,9 @@ def test_flows_are_what_ovs_holds(solo: Node) -> None:
 def test_unknown_table_node_and_socket_fail_loudly(solo: Node) -> None:
     p = flowctl(solo, "flows", "--table", "NoSuchTable")
     assert p.returncode != 0 and "Classifier" in p.stderr and "IngressDefault" in p.stderr
+    p = flowctl(solo, "call", "flows", '{"table": "NoSuchTable"}')  # the agent checks too
+    err = json.loads(p.stdout)["error"]
+    assert p.returncode == 1 and err["code"] == "not-found" and "Classifier" in err["message"]
     p = flowctl(solo, "status", "--node", "other")
     assert p.returncode == 1 and "no node 'other'" in p.stderr and "solo" in p.stderr
     p = flowctl(solo, "--agent-socket", "/nonexistent/api.sock", "status")
