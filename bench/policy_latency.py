@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rest_p50_ms": round(percentile(rest, 50), 1),
                 "rest_p99_ms": round(percentile(rest, 99), 1)})
         result.update(engine_ms(lab, "node1"))
-        result["node1_flows"] = AgentClient(node1.socket).status().get("flows")
+        result["node1_flows"] = AgentClient(node1.api_socket).status().get("flows")
         try:
             cli = cli_times(lab, pols[0], a.cli_runs)
             result["cli_ms"] = round(statistics.median(cli), 1)

@@ -21,10 +21,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from flowcni.api.schema import DEFAULT_SOCKET as API_SOCKET
 from flowcni.cni import spec
 from flowcni.cni.ipam import IPAM
 from flowcni.cni.podif import set_tx_checksum
 from flowcni.controller import hostnet, metrics, ofapp
+from flowcni.controller.apiserver import AgentAPI, APIServer
 from flowcni.controller.cniserver import CNIServer, timed
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
@@ -66,7 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datapath-type", default="auto", choices=["auto", "system", "netdev"])
     p.add_argument("--of-listen", default="127.0.0.1:6653",
                    help="address os-ken listens on for the bridge (loopback only)")
-    p.add_argument("--cni-socket", default="/run/flowcni/cni.sock")
+    p.add_argument("--cni-socket", default="/run/flowcni/cni.sock",
+                   help="the CNI plugin's socket, CNI verbs only (default: %(default)s)")
+    p.add_argument("--api-socket", default=API_SOCKET,
+                   help="the agent API socket flowctl uses (default: %(default)s)")
+    p.add_argument("--api-group", default="",
+                   help="group allowed on the agent API socket (mode 0660); "
+                   "default: none, root only (0600)")
     p.add_argument("--state-dir", default="/var/lib/flowcni")
     p.add_argument("--mtu", type=int, default=0,
                    help="pod interface MTU (default: uplink MTU minus encapsulation overhead)")
@@ -200,6 +208,7 @@ class Agent:
         self.traceflow = LiveTrace(self.flows, self.pods, self.gateway, self.tun_ofport)
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
+        self.api = APIServer(a.api_socket, AgentAPI(self), a.api_group)
 
     def _observe_request(self, command: str, seconds: float, ok: bool) -> None:
         if not command.startswith("_"):
@@ -293,6 +302,7 @@ class Agent:
         if app.switch is not None:  # connected before the hooks were set
             self._syncq.put(app.switch)
         self.cni.start()
+        self.api.start()
         LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s, encap %s, "
                  "pod MTU %d", self.args.node, self.args.bridge, self.datapath_type,
                  self.pod_cidr, self.gateway.ip, self.cluster.encap, self.mtu)
@@ -300,6 +310,7 @@ class Agent:
     def stop(self) -> None:
         self.stop_event.set()
         self.cni.stop()
+        self.api.stop()
 
     # -- requests ------------------------------------------------------------------
 
@@ -358,28 +369,6 @@ class Agent:
                 if not self.flows.synced.is_set():
                     raise CNIFailure(spec.ERR_PLUGIN_NOT_AVAILABLE,
                                      "agent not connected to Open vSwitch yet")
-            elif cmd == "_status":
-                return {"ok": True, "status": self.status()}
-            elif cmd == "_pods":
-                return {"ok": True, "pods": [vars_of(a) for a in self.pods.attachments.values()]}
-            elif cmd == "_stale":
-                missing, unexpected = self.flows.drift()
-                return {"ok": True, "missing": [f.ofctl(PIPELINE, names=True)
-                                                for f in missing],
-                        "unexpected": [describe_stat(s, PIPELINE) for s in unexpected]}
-            elif cmd in ("_traceflow_arm", "_traceflow_inject", "_traceflow_collect",
-                         "_traceflow_disarm"):
-                return {"ok": True, **self.traceflow.handle(cmd[11:], req)}
-            elif cmd == "_owners":
-                return {"ok": True, "owners": self.owner_names()}
-            elif cmd == "_policy":
-                return {"ok": True, "rules": self.policy.describe(),
-                        "isolation": self.policy.isolation_report()}
-            elif cmd == "_flows":
-                return {"ok": True, "round": self.flows.round,
-                        "owners": self.flows.owners(),
-                        "flows": [f.ofctl(PIPELINE, names=True)
-                                  for f in self.flows.desired_flows()]}
             else:
                 raise CNIFailure(spec.ERR_INVALID_ENV, f"unknown command {cmd!r}")
             return {"ok": True}
@@ -395,24 +384,13 @@ class Agent:
                     "details": "see the flowcni agent's log for the traceback"}
 
 
-def describe_stat(s: Any, pipeline: Any) -> str:
-    """A flow-stats entry from OVS in short text (table name, priority, match, cookie)."""
-    match = ",".join(f"{k}={v}" for k, v in sorted(s.match.items()))
-    return (f"cookie={s.cookie:#x},table={pipeline.name(s.table_id)},priority={s.priority}"
-            f"{',' + match if match else ''}")
-
-
-def vars_of(a: Any) -> dict[str, Any]:
-    return {k: getattr(a, k) for k in a.__dataclass_fields__}
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         agent = Agent(a)
-    except (StoreError, HostNetError, OVSDBError) as e:
+    except (StoreError, HostNetError, OVSDBError, ValueError) as e:
         LOG.error("cannot start: %s", e)
         return 2
     agent.start()

@@ -230,7 +230,8 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
             self.on_packet_in(ev.msg)
 
     @set_ev_cls([ofp_event.EventOFPBarrierReply, ofp_event.EventONFBundleCtrlMsg,
-                 ofp_event.EventOFPFlowStatsReply], MAIN_DISPATCHER)
+                 ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPGroupDescStatsReply],
+                MAIN_DISPATCHER)
     def _reply(self, ev: Any) -> None:
         sw = self._current(ev.msg.datapath)
         if sw:

@@ -1,8 +1,14 @@
-"""flowctl: the operator's tool (lab, flows, status, install-cni).
+"""flowctl: the operator's tool, a client of the flowcni agent API.
 
-Flows are read from OVS itself (ovs-ofctl in the node's netns) and shown
-with the table names the agent published on the bridge, so what is printed
-is what the switch holds, not what the agent believes.
+Every command asks agents; where they are comes from a node provider:
+  this node      --agent-socket PATH, or $FLOWCNI_AGENT_SOCKET, or the default
+                 socket (/run/flowcni/agent.sock)
+  a cluster      --kubeconfig FILE / --context NAME: the DaemonSet's agent pods,
+                 reached by pod exec through the API server
+  the lab        --lab (and `flowctl lab ...`); without any option, a lab that is
+                 up is used (flowctl says so on stderr), else the default socket
+--node NAME picks one node in all three. Flows are what OVS holds (OpenFlow flow
+stats read by the agent), shown with table names and owners.
 """
 
 from __future__ import annotations
@@ -12,205 +18,252 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from flowcni.ctl import inspect
+from flowcni.api import schema as api
+from flowcni.api.schema import FlowRow
 from flowcni.ctl.client import AgentClient, AgentError
-from flowcni.datastore.store import Store, StoreError
-from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
+from flowcni.ctl.providers import (
+    AGENT_NAMESPACE,
+    AGENT_SELECTOR,
+    COMMAND_GROUP,
+    NodeAgent,
+    from_args,
+    plugins,
+    select,
+)
+from flowcni.ctl.trace import PROTOS, Tracer
+from flowcni.flows.tables import DEFAULT as PIPELINE
+
+TABLES = list(PIPELINE.ids)
+Handler = Callable[[argparse.Namespace], int]
 
 
-def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
-    """A node's flows as OVS holds them, with table names and owners; or the drift."""
+class CLIError(RuntimeError):
+    pass
+
+
+def _agents(a: argparse.Namespace) -> list[NodeAgent]:
+    p = from_args(a)
+    if getattr(a, "announce", True) and p.kind == "lab" and not getattr(a, "lab", False):
+        print(f"flowctl: using {p.describe()} (choose with --agent-socket, --kubeconfig "
+              "or --lab)", file=sys.stderr)
+    return select(p, a.node)
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+STATUS_COLS = ["node", "connected", "synced", "round", "pods", "flows", "pod_cidr", "node_ip",
+               "encap", "bridge", "datastore", "applied_revision"]
+
+
+def status_rows(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per node; a node whose agent failed shows the error."""
+    rows = []
+    for st in statuses:
+        if "error" in st:
+            rows.append({"node": st["node"], "connected": "ERROR", "synced": st["error"]})
+        else:
+            rows.append({c: ("yes" if st.get(c) else "no") if c in ("connected", "synced")
+                         else st.get(c, "") for c in STATUS_COLS})
+    return rows
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    return show_status(_agents(a), a.json)
+
+
+def show_status(agents: list[NodeAgent], as_json: bool = False) -> int:
     out: list[dict[str, Any]] = []
-    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
-        agent = AgentClient(node.socket)
+    for n in agents:
+        try:
+            out.append({**n.call("status"), "node": n.name})
+        except AgentError as e:
+            out.append({"node": n.name, "error": str(e)})
+    if as_json:
+        print(json.dumps(out, indent=1))
+    else:
+        print_table(status_rows(out), STATUS_COLS)
+    return 0 if all("error" not in s for s in out) else 1
+
+
+# -- flows, groups, tables --------------------------------------------------------------
+
+
+def _pod_owners(n: NodeAgent, ref: str) -> set[str]:
+    ns, _, name = ref.rpartition("/")
+    ns = ns or "default"
+    for p in n.call("pods")["pods"]:
+        if p["namespace"] == ns and p["name"] == name:
+            return {f"pod:{p['key']}", f"isolation:{ns}/{name}"}
+    return set()
+
+
+def cmd_flows(a: argparse.Namespace) -> int:
+    """A node's flows as OVS holds them, with table names and owners; or the drift."""
+    return show_flows(_agents(a), a)
+
+
+def show_flows(agents: list[NodeAgent], a: Any) -> int:
+    """`a` carries the options of `flows` (table, pod, policy, stale, json, no_stats)."""
+    out: list[dict[str, Any]] = []
+    pod_found = False
+    for n in agents:
         if a.stale:
-            st = agent.call("_stale")
-            out.append({"node": node.name, "missing": st["missing"],
+            st = n.call("stale")
+            out.append({"node": n.name, "missing": st["missing"],
                         "unexpected": st["unexpected"]})
             continue
-        rows = inspect.node_flows(node.ovs, agent.call("_owners")["owners"])
-        if a.table:
-            rows = [r for r in rows if r.table == a.table]
+        args = {"table": a.table} if a.table else {}
+        rows = [FlowRow.from_dict(r) for r in n.call("flows", **args)["flows"]]
         if a.pod:
-            pod = lab.pod(a.pod)
-            wanted = {f"pod:{pod.container_id}/eth0", f"isolation:{pod.ref}"}
+            wanted = _pod_owners(n, a.pod)
+            pod_found |= bool(wanted)
             rows = [r for r in rows if r.owner in wanted]
         if a.policy:
-            rules = [r for r in agent.call("_policy")["rules"]
+            rules = [r for r in n.call("policy")["rules"]
                      if r["rule"].startswith(a.policy + "/")]
             ids = {r["conj_id"] for r in rules if r["conj_id"]}
             conj = re.compile(r"conjunction\((\d+),")
             rows = [r for r in rows if r.owner.startswith(f"rule:{a.policy}/")
                     or any(int(x) in ids for x in conj.findall(r.actions))]
-        out.append({"node": node.name, "flows": [r.as_dict() for r in rows]})
+        out.append({"node": n.name, "flows": [r.to_dict() for r in rows]})
         if not a.json:
-            print(f"# {node.name}: {len(rows)} flows")
+            print(f"# {n.name}: {len(rows)} flows")
             for r in rows:
                 print(r.text(stats=not a.no_stats))
+    if a.pod and not pod_found:
+        raise CLIError(f"--pod {a.pod}: no such pod on "
+                       f"{', '.join(x['node'] for x in out) or 'any node'}")
     if a.json:
         print(json.dumps(out, indent=1))
     elif a.stale:
-        for n in out:
-            print(f"# {n['node']}: {len(n['missing'])} missing, "
-                  f"{len(n['unexpected'])} unexpected")
-            for f in n["missing"]:
+        for x in out:
+            print(f"# {x['node']}: {len(x['missing'])} missing, "
+                  f"{len(x['unexpected'])} unexpected")
+            for f in x["missing"]:
                 print(f"missing     {f}")
-            for f in n["unexpected"]:
+            for f in x["unexpected"]:
                 print(f"unexpected  {f}")
     return 0
 
 
-def cmd_status(lab: Lab, a: argparse.Namespace) -> int:
-    out = []
-    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
-        try:
-            out.append(AgentClient(node.socket).status())
-        except (OSError, AgentError) as e:
-            out.append({"node": node.name, "error": str(e)})
-    print(json.dumps(out, indent=1))
-    return 0 if all("error" not in s for s in out) else 1
-
-
-def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
-    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
-
-
-def cmd_lab(lab: Lab, a: argparse.Namespace) -> int:
-    if a.lab_cmd == "up":
-        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size, a.encap)
-        print(f"lab up ({a.encap}): "
-              f"{', '.join(f'{n.name} {n.node_ip} pods {n.pod_cidr}' for n in nodes)}")
-    elif a.lab_cmd == "node":
-        if a.node_cmd == "add":
-            n = lab.node_add()
-            print(f"node {n.name} up: {n.node_ip}, pods {n.pod_cidr}")
-        else:
-            lab.node_del(a.name)
-            print(f"node {a.name} removed")
-    elif a.lab_cmd == "down":
-        removed = lab.down()
-        print(f"lab down: removed {len(removed)} namespaces")
-    elif a.lab_cmd == "nodes":
-        rows = []
-        for n in lab.nodes():
-            rows.append({"name": n.name, "node_ip": n.node_ip or "-", "pod_cidr": n.pod_cidr,
-                         "netns": n.netns, "agent_pid": n.agent_pid})
-        if a.json:
-            print(json.dumps(rows, indent=1))
-        else:
-            _print_table(rows, ["name", "node_ip", "pod_cidr", "netns"])
-    elif a.lab_cmd == "pods":
-        rows = [{"name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip,
-                 "mac": p.mac, "labels": p.labels, "netns": p.netns} for p in lab.pods()]
-        if a.json:
-            print(json.dumps(rows, indent=1))
-        else:
-            _print_table([{**r, "labels": ",".join(f"{k}={v}" for k, v in r["labels"].items())}
-                          for r in rows], ["namespace", "name", "node", "ip", "mac", "labels"])
-    elif a.lab_cmd == "pod":
-        if a.pod_cmd == "add":
-            p = lab.pod_add(a.name, a.node, a.namespace, parse_labels(a.labels),
-                            parse_ports(a.ports))
-            print(f"pod {p.ref} on {p.node}: {p.ip} {p.mac}")
-        else:
-            p = lab.pod_del(f"{a.namespace}/{a.name}")
-            print(f"pod {p.ref} deleted")
-    elif a.lab_cmd == "exec":
-        argv = a.argv[1:] if a.argv and a.argv[0] == "--" else a.argv
-        if not argv:
-            raise LabError("lab exec POD -- CMD: no command given")
-        return subprocess.call(lab.exec_argv(a.pod, argv))
-    elif a.lab_cmd == "restart-agent":
-        lab.restart_agent(a.node, kill=True)
-        print(f"agent of {a.node} restarted")
-    return 0
-
-
-def node_store(spec: str) -> Store:
-    """The embedded store named by --datastore (sqlite:PATH), which must exist.
-
-    A node outside the lab keeps its objects in the file its agent was started
-    with; a missing file means a wrong path, so it is not created empty here.
-    """
-    if not spec.startswith("sqlite:") or not spec[len("sqlite:"):]:
-        raise StoreError(f"--datastore {spec!r}: flowctl writes to an embedded store, "
-                       "sqlite:PATH (on Kubernetes, use kubectl apply)")
-    path = spec[len("sqlite:"):]
-    if not os.path.isfile(path):
-        raise StoreError(f"--datastore {spec}: no store at {path} (the agent creates it: "
-                       f"flowcni-agent --datastore {spec} ...)")
-    return Store(path)
-
-
-def cmd_apply(lab: Lab | None, a: argparse.Namespace) -> int:
-    """apply -f / delete -f: validate every object first, then write them all."""
-    from flowcni.datastore.manifests import ManifestError, load
-    try:
-        with (sys.stdin if a.file == "-" else open(a.file)) as f:
-            objs = load(f.read(), identity_only=a.cmd == "delete")
-    except (OSError, ManifestError) as e:
-        print(f"flowctl: {a.file}: {e}", file=sys.stderr)
-        return 1
-    store = node_store(a.datastore) if a.datastore else (lab or Lab()).store()
-    for kind, ns, name, body in objs:
-        ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
-        if a.cmd == "apply":
-            store.put(kind, ns, name, body)
-            print(f"{ref} applied")
-        else:
-            print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
-    return 0
-
-
-def _conj_packets(node_ovs: Any) -> dict[int, int]:
-    """conj_id -> packets allowed by it, from the flow stats OVS holds."""
-    out: dict[int, int] = {}
-    for line in node_ovs.ofctl("dump-flows", "br-int").splitlines():
-        m = re.search(r"conj_id=(\d+)", line)
-        n = re.search(r"n_packets=(\d+)", line)
-        if m and n and "conjunction(" not in line:
-            out[int(m[1])] = out.get(int(m[1]), 0) + int(n[1])
-    return out
-
-
-def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
-    """Each rule as realized on each node: pods, peers, ports, flows, packets allowed."""
-    rows = []
-    for node in ([lab.node(a.node)] if a.node else lab.nodes()):
-        rules = AgentClient(node.socket).call("_policy")["rules"]
-        packets = _conj_packets(node.ovs)
-        for r in rules:
-            ns, name, direction, idx = r["rule"].split("/")
-            if a.policy and a.policy != f"{ns}/{name}":
-                continue
-            rows.append({"node": node.name, "policy": f"{ns}/{name}", "rule": f"{direction}[{idx}]",
-                         "pods": len(r["pods"]),
-                         "peers": "any" if r["peers"] is None else len(r["peers"]),
-                         "ports": "any" if r["ports"] is None else ",".join(r["ports"]),
-                         "flows": r["flows"], "conj_id": r["conj_id"],
-                         "packets": packets.get(r["conj_id"], 0) if r["conj_id"] else "-",
-                         "detail": r})
+def cmd_groups(a: argparse.Namespace) -> int:
+    out = [{"node": n.name, "groups": n.call("groups")["groups"]} for n in _agents(a)]
     if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for x in out:
+        print(f"# {x['node']}: {len(x['groups'])} groups")
+        for g in x["groups"]:
+            print(f"group_id={g['group_id']},type={g['type']},"
+                  + ",".join(f"bucket={b}" for b in g["buckets"]))
+    return 0
+
+
+def cmd_tables(a: argparse.Namespace) -> int:
+    out = [{"node": n.name, "tables": n.call("tables")["tables"]} for n in _agents(a)]
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for x in out:
+        print(f"# {x['node']}")
+        print_table(x["tables"], ["id", "name"])
+    return 0
+
+
+# -- policy ----------------------------------------------------------------------------
+
+
+def policy_rows(node: str, rep: dict[str, Any], only: str | None) -> list[dict[str, Any]]:
+    """Rules as realized, then what isolation does: a pod selected by a policy
+    without a rule that allows a packet drops it (deny-all policies have no rules
+    at all, and this is where they show)."""
+    rows = []
+    for r in rep["rules"]:
+        ns, name, direction, idx = r["rule"].split("/")
+        if only and only != f"{ns}/{name}":
+            continue
+        rows.append({"node": node, "policy": f"{ns}/{name}", "rule": f"{direction}[{idx}]",
+                     "pods": len(r["pods"]),
+                     "peers": "any" if r["peers"] is None else len(r["peers"]),
+                     "ports": "any" if r["ports"] is None else ",".join(r["ports"]),
+                     "flows": r["flows"], "conj_id": r["conj_id"],
+                     "packets": "-" if r.get("packets") is None else r["packets"],
+                     "detail": r})
+    isolated: dict[tuple[str, str], list[str]] = {}
+    for pod, dirs in sorted(rep.get("isolation", {}).items()):
+        for direction, pols in dirs.items():
+            for pol in pols:
+                if not only or only == pol:
+                    isolated.setdefault((pol, direction), []).append(pod)
+    for (pol, direction), pods in sorted(isolated.items()):
+        rows.append({"node": node, "policy": pol, "rule": f"{direction}: isolates",
+                     "pods": len(pods), "peers": "-", "ports": "-", "flows": "-",
+                     "conj_id": None, "packets": "-",
+                     "detail": {"isolated_pods": pods, "direction": direction,
+                                "effect": f"{direction} not allowed by a rule is dropped"}})
+    return rows
+
+
+def cmd_policy(a: argparse.Namespace) -> int:
+    """Each rule as realized on each node, and the pods each policy isolates."""
+    return show_policy(_agents(a), a.policy, a.json)
+
+
+def show_policy(agents: list[NodeAgent], policy: str | None = None,
+                as_json: bool = False) -> int:
+    rows = []
+    for n in agents:
+        rows += policy_rows(n.name, n.call("policy"), policy)
+    if policy and not rows:
+        raise CLIError(f"policy {policy}: not realized on any node (no such policy, or it "
+                       "selects no pod there)")
+    if as_json:
         print(json.dumps(rows, indent=1))
     else:
-        _print_table(rows, ["node", "policy", "rule", "pods", "peers", "ports", "flows",
-                            "packets"])
+        print_table(rows, ["node", "policy", "rule", "pods", "peers", "ports", "flows",
+                           "packets"])
+        for r in rows:
+            if "isolated_pods" in r["detail"]:
+                print(f"  {r['node']}: {r['policy']} isolates "
+                      f"{', '.join(r['detail']['isolated_pods'])} ({r['detail']['effect']})")
     return 0
 
 
-def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
-    """Trace a new connection through OVS on every node it crosses; exit 0 if delivered."""
-    from flowcni.ctl.trace import Tracer
-    if a.live:
-        r = Tracer(lab).live(a.src, a.dst, a.proto, a.dport)
-        if a.json:
+# -- trace -----------------------------------------------------------------------------
+
+
+class _Agents:
+    def __init__(self, agents: list[NodeAgent]) -> None:
+        self._a = agents
+
+    def agents(self) -> list[NodeAgent]:
+        return self._a
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    """Trace a new connection through OVS on every node it crosses; exit 0 if it reaches
+    its destination (a pod, the node, or out of the node), 3 if not."""
+    return show_trace(_agents(a), a.src, a.dst, a.proto, a.dport, a.live, a.json)
+
+
+def show_trace(agents: list[NodeAgent], src: str, dst: str, proto: str = "tcp",
+               dport: int | None = None, live: bool = False, as_json: bool = False) -> int:
+    tracer = Tracer(_Agents(agents))
+    if live:
+        r = tracer.live(src, dst, proto, dport)
+        if as_json:
             print(json.dumps(r, indent=1))
         else:
             for o in r["observations"]:
@@ -222,8 +275,8 @@ def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
                   f"ofproto/trace {'agrees' if r['matches_trace'] else 'DISAGREES'}: "
                   f"{r['trace']['detail']}")
         return 0 if r["delivered"] else 3
-    v = Tracer(lab).trace(a.src, a.dst, a.proto, a.dport)
-    if a.json:
+    v = tracer.trace(src, dst, proto, dport)
+    if as_json:
         print(json.dumps(v.as_dict(), indent=1))
     else:
         node = None
@@ -232,137 +285,232 @@ def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
                 node = s.node
                 print(f"# {node}")
             print(f"  {s.story}")
-        print(f"verdict: {'DELIVERED' if v.delivered else 'DROPPED'}: {v.detail}")
+        word = {"delivered": "DELIVERED", "left-node": "LEAVES THE NODE",
+                "dropped": "DROPPED", "nowhere": "NOWHERE"}[v.outcome]
+        print(f"verdict: {word}: {v.detail}")
     return 0 if v.delivered else 3
 
 
-def cmd_demo(lab: Lab, a: argparse.Namespace) -> int:
-    from flowcni.lab.demo import run_demo
-    return run_demo(lab, keep=a.keep)
+# -- apply, call, probe ------------------------------------------------------------------
+
+
+def _store_path(a: argparse.Namespace) -> str:
+    """--datastore sqlite:PATH (or $FLOWCNI_DATASTORE), else the lab's store, else the
+    embedded store the local agent uses.
+
+    A node outside the lab keeps its objects in the file its agent was started with;
+    a missing file means a wrong path, so it is never created empty here.
+    """
+    if a.datastore:
+        spec = str(a.datastore)
+        path = spec[len("sqlite:"):] if spec.startswith("sqlite:") else ""
+        if not path:
+            raise CLIError(f"--datastore {spec!r}: flowctl writes to an embedded store, "
+                           "sqlite:PATH (on Kubernetes, use kubectl apply)")
+        if not os.path.isfile(path):
+            raise CLIError(f"--datastore {spec}: no store at {path} (the agent creates it: "
+                           f"flowcni-agent --datastore {spec} ...)")
+        return path
+    p = from_args(a)
+    lab_store = getattr(p, "store_path", None)
+    if lab_store:
+        return str(lab_store)
+    ds = str(select(p, a.node)[0].call("status").get("datastore", ""))
+    if ds.startswith("sqlite:"):
+        return ds[len("sqlite:"):]
+    raise CLIError(f"the agent's datastore is {ds!r}: apply Kubernetes objects with kubectl, "
+                   "or give --datastore sqlite:PATH")
+
+
+def cmd_apply(a: argparse.Namespace) -> int:
+    """apply -f / delete -f: validate every object first, then write them all."""
+    from flowcni.datastore.manifests import ManifestError, load
+    from flowcni.datastore.store import Store
+    try:
+        with (sys.stdin if a.file == "-" else open(a.file)) as f:
+            objs = load(f.read(), identity_only=a.cmd == "delete")
+    except (OSError, ManifestError) as e:
+        raise CLIError(f"{a.file}: {e}") from e
+    path = _store_path(a)
+    if not os.path.exists(path):
+        raise CLIError(f"no embedded store at {path}")
+    store = Store(path)
+    for kind, ns, name, body in objs:
+        ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
+        if a.cmd == "apply":
+            store.put(kind, ns, name, body)
+            print(f"{ref} applied")
+        else:
+            print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
+    return 0
+
+
+def cmd_call(a: argparse.Namespace) -> int:
+    """One raw API request to the local agent; prints the reply as the agent sent it
+    (this is what cluster mode runs inside each agent pod)."""
+    path = a.agent_socket or os.environ.get(api.SOCKET_ENV) or api.DEFAULT_SOCKET
+    try:
+        args = json.loads(a.args)
+        raw = api.Request(a.verb, args if isinstance(args, dict) else {}).encode()
+        reply = AgentClient(path).exchange(raw)
+    except (ValueError, AgentError) as e:
+        code = getattr(e, "code", api.BAD_REQUEST)
+        reply = api.encode_reply(error=api.APIError(code, str(e)))
+    sys.stdout.write(reply.decode())
+    sys.stdout.flush()
+    return 0 if json.loads(reply).get("ok") else 1
 
 
 def probe(socket_path: str, ready: bool, timeout: float) -> int:
-    """Liveness (the agent answers) and readiness (and it is synced with OVS) checks."""
+    """Liveness (the agent answers CNI STATUS at all) and readiness (STATUS says ready:
+    synced with OVS). Uses the CNI socket's own STATUS verb, so a probe needs nothing
+    the plugin would not."""
+    import socket
     try:
-        st = AgentClient(socket_path, timeout=timeout).status()
-    except (OSError, ValueError, AgentError) as e:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(json.dumps({"command": "STATUS"}).encode())
+            s.shutdown(socket.SHUT_WR)
+            reply = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
+    except (OSError, ValueError) as e:
         print(f"flowcni agent not answering on {socket_path}: {e}")
         return 1
-    if ready and not st.get("synced"):
-        print(f"flowcni agent on {st.get('node')} not synced with Open vSwitch yet")
+    if ready and not reply.get("ok"):
+        print(f"flowcni agent not ready: {reply.get('msg')} (code {reply.get('code')})")
         return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowctl", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+# -- parser ----------------------------------------------------------------------------
 
-    lab = sub.add_parser("lab", help="the embedded multi-node lab")
-    ls = lab.add_subparsers(dest="lab_cmd", required=True)
-    up = ls.add_parser("up", help="create nodes (netns + OVS + agent)")
-    up.add_argument("--nodes", type=int, default=1)
-    up.add_argument("--cluster-cidr", default="10.244.0.0/16")
-    up.add_argument("--node-cidr-size", type=int, default=24)
-    up.add_argument("--encap", default="geneve",
-                    help="geneve (default), vxlan, gre, or none (routed)")
-    nd = ls.add_parser("node", help="add or remove a node of a running lab")
-    nds = nd.add_subparsers(dest="node_cmd", required=True)
-    nds.add_parser("add")
-    ndd = nds.add_parser("del")
-    ndd.add_argument("name")
-    ls.add_parser("down", help="remove every namespace, process and file of the lab")
-    for name in ("nodes", "pods"):
-        x = ls.add_parser(name)
-        x.add_argument("--json", action="store_true")
-    pod = ls.add_parser("pod", help="add or delete a pod")
-    ps = pod.add_subparsers(dest="pod_cmd", required=True)
-    pa = ps.add_parser("add")
-    pa.add_argument("name")
-    pa.add_argument("--node", required=True)
-    pa.add_argument("--namespace", default="default")
-    pa.add_argument("--labels", default="")
-    pa.add_argument("--ports", default="", help="named container ports: http=80/TCP,...")
-    pd = ps.add_parser("del")
-    pd.add_argument("name")
-    pd.add_argument("--namespace", default="default")
-    ex = ls.add_parser("exec", help="run a command in a pod: lab exec NS/POD -- CMD")
-    ex.add_argument("pod")
-    ex.add_argument("argv", nargs=argparse.REMAINDER)
-    ra = ls.add_parser("restart-agent", help="kill -9 a node's agent and start it again")
-    ra.add_argument("node")
 
-    for verb in ("apply", "delete"):
-        ap = sub.add_parser(verb, help=f"{verb} Kubernetes YAML objects in the lab's datastore")
-        ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
-        ap.add_argument("--datastore", default=os.environ.get("FLOWCNI_DATASTORE"),
-                        help="sqlite:PATH: the embedded store of a node outside the lab (the "
-                             "path its agent's --datastore names); default: $FLOWCNI_DATASTORE, "
-                             "else the lab's store")
-    tr = sub.add_parser("trace", help="trace a packet from a pod through every node it crosses")
-    tr.add_argument("--from", dest="src", required=True, help="NS/POD")
-    tr.add_argument("--to", dest="dst", required=True, help="NS/POD or IP")
-    tr.add_argument("--proto", default="tcp", choices=["tcp", "udp", "icmp", "sctp"])
-    tr.add_argument("--dport", type=int)
-    tr.add_argument("--json", action="store_true")
-    tr.add_argument("--live", action="store_true",
-                    help="inject a real marked packet and report where it went")
-    po = sub.add_parser("policy", help="NetworkPolicy rules as realized on each node")
-    po.add_argument("policy", nargs="?", help="NS/NAME")
-    po.add_argument("--node")
-    po.add_argument("--json", action="store_true")
-    fl = sub.add_parser("flows", help="a node's flows, with table names")
-    fl.add_argument("--node")
-    fl.add_argument("--table")
-    fl.add_argument("--no-stats", action="store_true")
-    fl.add_argument("--pod", help="NS/NAME: only the flows this pod owns")
-    fl.add_argument("--policy", help="NS/NAME: only the flows this policy's rules use")
+def _connection_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """Where the agents are; on the top level and again after each verb (there they
+    only override when given)."""
+    d: Any = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("where the agents are")
+    g.add_argument("--agent-socket", metavar="PATH", default=d(None),
+                   help=f"this node's agent API socket (default: ${api.SOCKET_ENV}, else "
+                   f"{api.DEFAULT_SOCKET}, unless a lab is up)")
+    g.add_argument("--kubeconfig", metavar="FILE", default=d(None),
+                   help="a cluster: reach the DaemonSet's agents through this kubeconfig")
+    g.add_argument("--context", default=d(None),
+                   help="a cluster: kubeconfig context (default: the current one)")
+    g.add_argument("--agent-namespace", default=d(AGENT_NAMESPACE),
+                   help="a cluster: namespace of the agent pods (default: %(default)s)"
+                   if top else argparse.SUPPRESS)
+    g.add_argument("--agent-selector", default=d(AGENT_SELECTOR),
+                   help="a cluster: label selector of the agent pods (default: %(default)s)"
+                   if top else argparse.SUPPRESS)
+    g.add_argument("--lab", action="store_true", default=d(False),
+                   help="the embedded lab ($FLOWCNI_LAB_DIR, default /run/flowcni-lab)")
+    g.add_argument("--node", default=d(None),
+                   help="only this node (default: every node the provider knows)")
+
+
+def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = None
+                 ) -> argparse.ArgumentParser:
+    """flowctl's parser; each command's handler is its `func` default. `extra`: command
+    plugins (default: the `flowcni.flowctl_commands` entry points, i.e. the lab's)."""
+    p = argparse.ArgumentParser(prog="flowctl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _connection_options(p, top=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def verb(name: str, fn: Handler, help_: str, conn: bool = True) -> argparse.ArgumentParser:
+        x = sub.add_parser(name, help=help_, description=help_)
+        if conn:
+            _connection_options(x, top=False)
+        x.set_defaults(func=fn)
+        return x
+
+    st = verb("status", cmd_status, "agent status per node (a table; --json for all fields)")
+    st.add_argument("--json", action="store_true", help="every status field, as JSON")
+    fl = verb("flows", cmd_flows, "flows as OVS holds them, with table names and owners")
+    fl.add_argument("--table", choices=TABLES, metavar="TABLE",
+                    help="only this table; one of: " + ", ".join(TABLES))
+    fl.add_argument("--no-stats", action="store_true", help="leave packet/byte counts out")
+    fl.add_argument("--pod", metavar="NS/NAME", help="only the flows this pod owns")
+    fl.add_argument("--policy", metavar="NS/NAME",
+                    help="only the flows this policy's rules use")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
                     help="what OVS holds that the agent does not want, and the reverse")
-    st = sub.add_parser("status", help="agent status per node")
-    st.add_argument("--node")
-    pr = sub.add_parser("probe", help="liveness/readiness probe of a node's agent")
-    pr.add_argument("--socket", default="/run/flowcni/cni.sock")
-    pr.add_argument("--ready", action="store_true", help="also require sync with OVS")
-    pr.add_argument("--timeout", type=float, default=5.0)
-    ic = sub.add_parser("install-cni", help="install the flowcni plugin launcher")
+    gr = verb("groups", cmd_groups, "OpenFlow groups as OVS holds them")
+    gr.add_argument("--json", action="store_true")
+    tb = verb("tables", cmd_tables, "the pipeline's tables (name and number)")
+    tb.add_argument("--json", action="store_true")
+    po = verb("policy", cmd_policy, "NetworkPolicy rules as realized on each node, and the "
+              "pods each policy isolates")
+    po.add_argument("policy", nargs="?", metavar="NS/NAME", help="only this policy "
+                    "(default: all)")
+    po.add_argument("--json", action="store_true")
+    tr = verb("trace", cmd_trace, "trace a packet from a pod through every node it crosses "
+              "(exit 3 when it does not get there)")
+    tr.add_argument("--from", dest="src", required=True, metavar="NS/POD",
+                    help="source pod (namespace defaults to 'default')")
+    tr.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP",
+                    help="destination pod or IP address")
+    tr.add_argument("--proto", default="tcp", choices=PROTOS,
+                    help="protocol (default: %(default)s)")
+    tr.add_argument("--dport", type=int, metavar="PORT",
+                    help="destination port, tcp/udp/sctp only (default: 80)")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--live", action="store_true",
+                    help="inject a real marked packet and report where it went "
+                    "(default: ofproto/trace only)")
+    for name in ("apply", "delete"):
+        ap = verb(name, cmd_apply, f"{name} Kubernetes YAML objects in an embedded datastore "
+                  "(the lab's, or the one the agent uses)")
+        ap.add_argument("-f", "--file", required=True, help="YAML file, or - for stdin")
+        ap.add_argument("--datastore", metavar="sqlite:PATH",
+                        default=os.environ.get("FLOWCNI_DATASTORE"),
+                        help="the embedded store of a node (the path its agent's --datastore "
+                        "names; default: $FLOWCNI_DATASTORE, else the lab's store, else the "
+                        "local agent's)")
+    ca = verb("call", cmd_call, "one raw agent API request to the local agent, reply "
+              "printed as JSON (used by cluster mode inside agent pods)", conn=False)
+    ca.add_argument("--agent-socket", metavar="PATH", default=argparse.SUPPRESS,
+                    help=f"agent API socket (default: ${api.SOCKET_ENV}, else "
+                    f"{api.DEFAULT_SOCKET})")
+    ca.add_argument("verb", choices=list(api.VERBS), metavar="VERB",
+                    help="one of: " + ", ".join(api.VERBS))
+    ca.add_argument("args", nargs="?", default="{}", help="arguments as a JSON object "
+                    "(default: {})")
+    pr = verb("probe", lambda a: probe(a.socket, a.ready, a.timeout),
+              "liveness/readiness probe of this node's agent (CNI STATUS)", conn=False)
+    pr.add_argument("--socket", default="/run/flowcni/cni.sock",
+                    help="the agent's CNI socket (default: %(default)s)")
+    pr.add_argument("--ready", action="store_true",
+                    help="also require sync with OVS (default: only that it answers)")
+    pr.add_argument("--timeout", type=float, default=5.0, help="seconds (default: %(default)s)")
+    ic = verb("install-cni", _install_cni, "install the flowcni plugin launcher", conn=False)
     ic.add_argument("--dest", default="/opt/cni/bin", help="directory (default: %(default)s)")
     ic.add_argument("--python", default=None,
                     help="interpreter the launcher runs (default: the base interpreter of this "
                          "one, outside any venv); it must be this one's version")
-    dm = sub.add_parser("demo", help="lab demo: nodes, pods, traffic, flow tables")
-    dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    for register in (extra if extra is not None else plugins(COMMAND_GROUP)).values():
+        for name, fn in register(sub).items():
+            sub.choices[name].set_defaults(func=fn)
     return p
+
+
+def _install_cni(a: argparse.Namespace) -> int:
+    from flowcni.cni.install import install
+    print(install(a.dest, python=a.python))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `flowctl flows | head` ends quietly
-    if a.cmd == "probe":
-        return probe(a.socket, a.ready, a.timeout)
-    if a.cmd == "install-cni":
-        from flowcni.cni.install import install
-        print(install(a.dest, python=a.python))
-        return 0
-    if a.cmd in ("apply", "delete") and a.datastore:  # a node's own store: no lab
-        try:
-            return cmd_apply(None, a)
-        except StoreError as e:
-            print(f"flowctl: {e}", file=sys.stderr)
-            return 1
-    if os.geteuid() != 0:
-        print("flowctl: needs root (network namespaces, OVS)", file=sys.stderr)
-        return 1
-    lab = Lab()
     try:
-        return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
-                "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply,
-                "policy": cmd_policy, "trace": cmd_trace}[a.cmd](lab, a)
-    except (LabError, AgentError) as e:
+        rc: int = a.func(a)
+        return rc
+    except (RuntimeError, OSError) as e:  # CLIError, ProviderError, AgentError, TraceError..
         print(f"flowctl: {e}", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,41 +1,47 @@
-"""flowctl trace: a packet built from the model, traced through OVS on every node it crosses.
+"""flowctl trace: a packet built from the model, traced by the agent of every node it crosses.
 
 The packet is what the source pod would send for a new connection (its MAC
 and IP, the MAC its ARP would get for the destination, a fresh source port).
-`ofproto/trace` runs on the source node; when the packet leaves through the
-tunnel (or, in routed mode, through the gateway towards another node's pod
-CIDR), the packet as it arrives is traced on the destination node too. Each
-step is told with the owner of the flow that matched, decoded from its
-cookie, and the verdict names the table and the owner that decided.
+The source node's agent runs `ofproto/trace` on its bridge and returns the
+steps; when the packet leaves through the tunnel (or, in routed mode, through
+the gateway towards another node's pod CIDR), the destination node's agent
+traces the packet as it arrives there. Each step is told with the owner of
+the flow that matched, and the verdict says where the packet really ends: a
+pod, the node's own stack (and out of the node, masqueraded or not), or
+nowhere. Pods are found by asking the agents, so this works the same on one
+node, a lab and a cluster.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from flowcni.ctl.client import AgentClient
-from flowcni.ctl.inspect import table_names
-from flowcni.flows import cookie as ck
+from flowcni.api.schema import TraceResult
+from flowcni.api.schema import TraceStep as Step
+from flowcni.ctl.providers import NodeAgent
 from flowcni.flows.fields import VIRTUAL_ROUTER_MAC
-from flowcni.lab.lab import Lab, LabError, Node, Pod
 
-_STEP_RE = re.compile(r"^\s*(\d+)\. (.*?)(?:, priority (\d+))?(?:, cookie (0x[0-9a-f]+))?$")
 SRC_PORT = 40000
+PROTOS = ("tcp", "udp", "icmp", "sctp")
+PORT_PROTOS = ("tcp", "udp", "sctp")
+
+# Verdict outcomes.
+DELIVERED = "delivered"  # to a pod, or to the node itself (its gateway address)
+LEFT_NODE = "left-node"  # handed to the node's stack for a destination outside the cluster
+DROPPED = "dropped"
+NOWHERE = "nowhere"  # no pod and no node has the destination address
 
 
-@dataclass
-class Step:
-    node: str
-    table: str
-    story: str
-    owner: str = ""
-    object: str = ""
-    actions: list[str] = field(default_factory=list)
+class TraceError(RuntimeError):
+    """Bad trace input or a pod that is not found."""
+
+
+class Nodes(Protocol):
+    def agents(self) -> list[NodeAgent]: ...
 
 
 @dataclass
@@ -49,90 +55,57 @@ class Verdict:
     pod: str = ""
     policies: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    outcome: str = DELIVERED
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def check_request(proto: str, dport: int | None) -> None:
+    """Refuse what a packet cannot be (a port on ICMP, a port out of range)."""
+    if proto not in PROTOS:
+        raise TraceError(f"--proto {proto!r}: use one of {', '.join(PROTOS)}")
+    if dport is not None:
+        if proto not in PORT_PROTOS:
+            raise TraceError(f"--dport {dport}: {proto} has no ports (use --proto tcp, udp "
+                             "or sctp, or leave --dport out)")
+        if not 0 < dport < 65536:
+            raise TraceError(f"--dport {dport}: out of range 1..65535")
+
+
 class NodeView:
-    """What the tracer needs to know about one node, fetched once."""
+    """What the tracer needs to know about one node, fetched once from its agent."""
 
-    def __init__(self, lab: Lab, node: Node) -> None:
-        self.node = node
-        agent = AgentClient(node.socket)
-        self.status = agent.status()
-        self.pods = {a["ofport"]: a for a in agent.call("_pods")["pods"]}
-        self.owners = agent.call("_owners")["owners"]
-        pol = agent.call("_policy")
-        self.isolation: dict[str, dict[str, list[str]]] = pol.get("isolation", {})
-        self.names = table_names(node.ovs)
-        self.tunnel_ofport = self.status.get("tunnel_ofport")
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.name = agent.name
+        self.status = agent.call("status")
+        self.pods: dict[int, dict[str, Any]] = {
+            a["ofport"]: a for a in agent.call("pods")["pods"]}
+        self._isolation: dict[str, dict[str, list[str]]] | None = None
 
-    def owner(self, cookie: str | None) -> tuple[str, str]:
-        if not cookie:
-            return "", ""
-        o = self.owners.get(f"{ck.owner_of(int(cookie, 16)):#x}")
-        return (o["owner"], o["object"]) if o else ("", "")
+    @property
+    def isolation(self) -> dict[str, dict[str, list[str]]]:
+        if self._isolation is None:
+            self._isolation = self.agent.call("policy", packets=False).get("isolation", {})
+        return self._isolation
 
-    def port_name(self, ofport: int) -> tuple[str, str]:
-        if ofport == self.status["gateway"]["ofport"]:
-            return "gateway", ""
-        if ofport == self.tunnel_ofport:
-            return "tunnel", ""
-        a = self.pods.get(ofport)
-        if a:
-            return f"pod {a['namespace']}/{a['name']}", f"{a['namespace']}/{a['name']}"
-        return f"port {ofport}", ""
+    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.pods.values()
+                     if a["namespace"] == ns and a["name"] == name), None)
+
+    def trace(self, flow: str) -> TraceResult:
+        return TraceResult.from_dict(self.agent.call("trace", flow=flow))
 
 
-def _parse(view: NodeView, out: str) -> tuple[list[Step], str, int | None, bool]:
-    """Steps of every resumed pipeline, final datapath actions, output port, tunnelled?"""
-    steps: list[Step] = []
-    out_port: int | None = None
-    tunnel = False
-    cur: Step | None = None
-    in_br_int = False
-    dp_actions = ""
-    for line in out.splitlines():
-        if line.startswith("bridge("):
-            in_br_int = line.startswith('bridge("br-int")')
-            continue
-        if line.startswith(("Final flow:", "Megaflow:", "===", "Flow:")):
-            in_br_int = False
-        if line.startswith("Datapath actions:"):
-            dp_actions = line.split(":", 1)[1].strip()
-            continue
-        if not in_br_int:
-            continue
-        m = _STEP_RE.match(line)
-        if m and not line.startswith("     "):
-            table = view.names.get(int(m[1]), m[1])
-            owner, obj = view.owner(m[4])
-            cur = Step(view.node.name, table, "", owner, obj)
-            if m[2].strip() == "No match.":
-                cur.story = "no flow matched"
-            steps.append(cur)
-            continue
-        if cur is None:
-            continue
-        s = line.strip()
-        if s.startswith("-> output port is"):
-            out_port = int(s.rsplit(" ", 1)[1])
-        elif s.startswith("-> output to native tunnel"):
-            tunnel = True
-        elif s and not s.startswith("->") and not s.startswith("Resuming") and s != "thaw":
-            cur.actions.append(s)
-    return steps, dp_actions, out_port, tunnel
-
-
-def _story(step: Step, names: dict[int, str]) -> str:
-    acts = [re.sub(r"goto_table:(\d+)", lambda m: f"goto_table:{names.get(int(m[1]), m[1])}",
-                   a) for a in step.actions]
+def story(step: Step) -> str:
+    """One step in words: what the flow that matched did, and whose it is."""
+    acts = step.actions
     who = step.object or step.owner or "table default"
     if step.owner == "node" and len(acts) == 1 and acts[0].startswith("goto_table:"):
         return f"{step.table}: no rule for this packet, on to {acts[0].split(':')[1]}"
-    if step.story:
-        return f"{step.table}: {step.story}, dropped"
+    if step.no_match:
+        return f"{step.table}: no flow matched, dropped"
     if not acts or acts == ["drop"]:
         return f"{step.table}: dropped by {who}"
     if step.table == "SpoofGuard":
@@ -154,76 +127,134 @@ def first_hop_mac(dst_ip: str, gw: dict[str, Any], pod_cidr: str) -> str:
     return gw["mac"] if dst_ip == gw["ip"] or not on_link else VIRTUAL_ROUTER_MAC
 
 
-def packet(src: Pod, dst_ip: str, gw: dict[str, Any], pod_cidr: str, proto: str,
+def packet(src: dict[str, Any], dst_ip: str, gw: dict[str, Any], pod_cidr: str, proto: str,
            dport: int | None) -> str:
-    """The flow the source pod sends for a new connection."""
+    """The flow the source pod (an attachment: mac, ip) sends for a new connection."""
     dmac = first_hop_mac(dst_ip, gw, pod_cidr)
-    f = f"{proto},dl_src={src.mac},dl_dst={dmac},nw_src={src.ip},nw_dst={dst_ip},nw_ttl=64"
-    if proto in ("tcp", "udp", "sctp"):
+    f = (f"{proto},dl_src={src['mac']},dl_dst={dmac},nw_src={src['ip']},nw_dst={dst_ip},"
+         f"nw_ttl=64")
+    if proto in PORT_PROTOS:
         f += f",{proto}_src={SRC_PORT},{proto}_dst={dport or 80}"
     elif proto == "icmp":
         f += ",icmp_type=8,icmp_code=0"
     return f
 
 
+def split_ref(ref: str) -> tuple[str, str]:
+    ns, _, name = ref.rpartition("/")
+    return ns or "default", name
+
+
 class Tracer:
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
+    def __init__(self, nodes: Nodes) -> None:
+        self.agents = {a.name: a for a in nodes.agents()}
         self.views: dict[str, NodeView] = {}
 
     def view(self, node: str) -> NodeView:
         if node not in self.views:
-            self.views[node] = NodeView(self.lab, self.lab.node(node))
+            self.views[node] = NodeView(self.agents[node])
         return self.views[node]
 
-    def _run(self, view: NodeView, flow: str) -> str:
-        return view.node.ovs.appctl("ofproto/trace", "br-int", flow)
+    def find_pod(self, ref: str) -> tuple[NodeView, dict[str, Any]]:
+        ns, name = split_ref(ref)
+        for n in self.agents:
+            v = self.view(n)
+            a = v.pod(ns, name)
+            if a is not None:
+                return v, a
+        raise TraceError(f"no pod {ns}/{name} on any node ({', '.join(self.agents)})")
+
+    def resolve(self, dst: str) -> str:
+        try:
+            return str(ipaddress.ip_address(dst))
+        except ValueError:
+            return str(self.find_pod(dst)[1]["ip"])
 
     def trace(self, src_ref: str, dst: str, proto: str = "tcp",
               dport: int | None = None) -> Verdict:
-        src = self.lab.pod(src_ref)
-        try:
-            dst_ip = self.lab.pod(dst).ip
-        except LabError:
-            try:
-                dst_ip = str(ipaddress.ip_address(dst))
-            except ValueError as e:
-                raise LabError(f"--to {dst!r}: neither a lab pod nor an IP address") from e
-        v = self.view(src.node)
-        ofport = next((p for p, a in v.pods.items()
-                       if a["namespace"] == src.namespace and a["name"] == src.name), None)
-        if ofport is None:
-            raise LabError(f"pod {src.ref} has no port on {src.node}")
-        gw = v.status["gateway"]
-        flow = f"in_port={ofport}," + packet(src, dst_ip, gw, v.status["pod_cidr"], proto,
-                                              dport)
-        steps, verdict = self._follow(v, flow, dst_ip, proto, dport)
+        check_request(proto, dport)
+        v, src = self.find_pod(src_ref)
+        dst_ip = self.resolve(dst)
+        flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
+                                                     v.status["pod_cidr"], proto, dport)
+        steps, verdict = self._follow(v, flow, dst_ip)
         verdict.steps = steps
         return verdict
 
-    def _follow(self, v: NodeView, flow: str, dst_ip: str, proto: str, dport: int | None,
-                hops: int = 0) -> tuple[list[Step], Verdict]:
-        steps, dp, out_port, tunnel = _parse(v, self._run(v, flow))
+    def _follow(self, v: NodeView, flow: str, dst_ip: str, hops: int = 0
+                ) -> tuple[list[Step], Verdict]:
+        r = v.trace(flow)
+        steps = r.steps
         for s in steps:
-            s.story = _story(s, v.names)
-        last = steps[-1] if steps else Step(v.node.name, "?", "no steps")
-        if out_port is None or dp in ("", "drop"):
+            s.story = story(s)
+        last = steps[-1] if steps else Step(v.name, "?", -1, story="no steps")
+        if r.output_port is None or r.datapath_actions in ("", "drop"):
             pols = self._isolating(v, last)
             detail = last.story + (f" (pod isolated by {', '.join(pols)})" if pols else "")
-            return steps, Verdict(False, v.node.name, last.table, detail, last.owner,
-                                  policies=pols)
-        name, pod = v.port_name(out_port)
-        if hops == 0 and (tunnel or name == "gateway"):
+            nowhere = "" if pols else self._no_destination(dst_ip)
+            if nowhere:
+                return steps, Verdict(False, v.name, last.table, f"{detail}: {nowhere}",
+                                      last.owner, outcome=NOWHERE)
+            return steps, Verdict(False, v.name, last.table, detail, last.owner,
+                                  policies=pols, outcome=DROPPED)
+        name = r.output_name
+        if hops == 0 and (r.tunnel_dst or name == "tunnel" or name == "gateway"):
             nxt = self._destination_node(dst_ip)
-            if nxt is not None and nxt.node.name != v.node.name:
-                arrive = self._arrival(v, nxt, flow, tunnel)
-                more, verdict = self._follow(nxt, arrive, dst_ip, proto, dport, hops + 1)
+            if nxt is not None and nxt.name != v.name:
+                more, verdict = self._follow(nxt, self._arrival(v, nxt, flow,
+                                                                name == "tunnel"), dst_ip, 1)
                 return steps + more, verdict
-        where = (" (leaves through the node's own network stack)" if name == "gateway"
-                 else "")
-        return steps, Verdict(True, v.node.name, last.table,
-                              f"delivered to {name} on {v.node.name}{where}", last.owner,
-                              port=str(out_port), pod=pod)
+        if name.startswith("pod "):
+            return steps, Verdict(True, v.name, last.table, f"delivered to {name} on {v.name}",
+                                  last.owner, port=str(r.output_port), pod=name[4:])
+        if name == "gateway":
+            return steps, self._gateway_verdict(v, last, dst_ip, r)
+        return steps, Verdict(True, v.name, last.table, f"leaves {v.name} through {name}",
+                              last.owner, port=str(r.output_port))
+
+    def _no_destination(self, dst_ip: str) -> str:
+        """Why nothing can receive `dst_ip`, if so: a pod-CIDR address no pod has,
+        or a cluster-CIDR address in no node's pod CIDR ("" otherwise)."""
+        owner = self._destination_node(dst_ip)
+        if owner is not None:
+            if any(p["ip"] == dst_ip for p in owner.pods.values()) or \
+                    dst_ip == owner.status["gateway"]["ip"]:
+                return ""
+            return (f"nowhere, {dst_ip} is in {owner.name}'s pod CIDR "
+                    f"{owner.status['pod_cidr']} but no pod has it")
+        cluster = next(iter(self.views.values())).status.get("cluster_cidr")
+        if cluster and ipaddress.ip_address(dst_ip) in ipaddress.ip_network(cluster):
+            return f"nowhere, {dst_ip} is in the cluster CIDR {cluster} but in no node's pod CIDR"
+        return ""
+
+    def _gateway_verdict(self, v: NodeView, last: Step, dst_ip: str, r: TraceResult
+                         ) -> Verdict:
+        """Where a packet handed to the node's own stack really goes."""
+        st = v.status
+        ip = ipaddress.ip_address(dst_ip)
+        port = str(r.output_port)
+        if dst_ip == st["gateway"]["ip"]:
+            return Verdict(True, v.name, last.table, f"delivered to the gateway of {v.name} "
+                           f"(the node's own address {dst_ip})", last.owner, port=port)
+        owner = self._destination_node(dst_ip)
+        if owner is not None:
+            return Verdict(False, v.name, last.table,
+                           f"nowhere: {dst_ip} is in {owner.name}'s pod CIDR "
+                           f"{owner.status['pod_cidr']} but no pod has it; OVS hands it to "
+                           f"{v.name}'s stack, which has no such host", last.owner, port=port,
+                           outcome=NOWHERE)
+        cluster = st.get("cluster_cidr")
+        if cluster and ip in ipaddress.ip_network(cluster):
+            return Verdict(False, v.name, last.table,
+                           f"nowhere: {dst_ip} is in the cluster CIDR {cluster} but in no "
+                           f"node's pod CIDR; OVS hands it to {v.name}'s stack",
+                           last.owner, port=port, outcome=NOWHERE)
+        masq = (f"masqueraded to the node's address {st.get('node_ip') or '?'}"
+                if st.get("ip_masq", True) else "not masqueraded (ip_masq off)")
+        return Verdict(True, v.name, last.table,
+                       f"leaves {v.name} through the gateway into the node's stack, then out "
+                       f"of the node by its routes to {dst_ip}, {masq}", last.owner,
+                       port=port, outcome=LEFT_NODE)
 
     def live(self, src_ref: str, dst: str, proto: str = "tcp", dport: int | None = None,
              wait: float = 1.5) -> dict[str, Any]:
@@ -233,25 +264,20 @@ class Tracer:
         for the same packet, which must agree.
         """
         modelled = self.trace(src_ref, dst, proto, dport)
-        src = self.lab.pod(src_ref)
-        try:
-            dst_ip = self.lab.pod(dst).ip
-        except LabError:
-            dst_ip = dst
-        v = self.view(src.node)
+        v, src = self.find_pod(src_ref)
+        dst_ip = self.resolve(dst)
         dst_mac = first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"])
         dscp = secrets.randbelow(62) + 1
-        nodes = self.lab.nodes()
-        agents = {n.name: AgentClient(n.socket) for n in nodes}
+        agents = self.agents
         # Leaving through the gateway is a hop, not the end, only when the
         # destination is another node's pod (routed mode).
         dst_node = self._destination_node(dst_ip)
-        transit = {"tunnel"} | ({"gateway"} if dst_node and dst_node.node.name != src.node
+        transit = {"tunnel"} | ({"gateway"} if dst_node and dst_node.name != v.name
                                 else set())
 
         def collect() -> list[dict[str, Any]]:
             return [{"node": n, **o} for n, a in agents.items()
-                    for o in a.call("_traceflow_collect", dscp=dscp)["observations"]]
+                    for o in a.call("traceflow", step="collect", dscp=dscp)["observations"]]
 
         def terminal(o: dict[str, Any]) -> bool:
             return bool(o["dropped"]) or o["output"] not in transit
@@ -259,9 +285,10 @@ class Tracer:
         seen: list[dict[str, Any]] = []
         try:
             for a in agents.values():
-                a.call("_traceflow_arm", dscp=dscp)
-            agents[src.node].call("_traceflow_inject", dscp=dscp, pod=src.ref, dst_ip=dst_ip,
-                                  dst_mac=dst_mac, proto=proto, dport=dport)
+                a.call("traceflow", step="arm", dscp=dscp)
+            agents[v.name].call("traceflow", step="inject", dscp=dscp,
+                                pod=f"{src['namespace']}/{src['name']}", dst_ip=dst_ip,
+                                dst_mac=dst_mac, proto=proto, dport=dport)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 seen = collect()
@@ -272,10 +299,10 @@ class Tracer:
                 time.sleep(0.05)
         finally:
             for a in agents.values():
-                a.call("_traceflow_disarm", dscp=dscp)
+                a.call("traceflow", step="disarm", dscp=dscp)
         # One hop per node, in path order (source node first), up to the first end:
         # anything after it is the destination answering (ICMP and RST reflect DSCP).
-        seen.sort(key=lambda o: (o["node"] != src.node, o["t"]))
+        seen.sort(key=lambda o: (o["node"] != v.name, o["t"]))
         path: list[dict[str, Any]] = []
         for o in seen:
             if any(p["node"] == o["node"] for p in path):
@@ -300,24 +327,25 @@ class Tracer:
         }
 
     def _destination_node(self, ip: str) -> NodeView | None:
-        for n in self.lab.nodes():
-            if n.pod_cidr and ipaddress.ip_address(ip) in ipaddress.ip_network(n.pod_cidr):
-                return self.view(n.name)
+        for n in self.agents:
+            v = self.view(n)
+            cidr = v.status.get("pod_cidr")
+            if cidr and ipaddress.ip_address(ip) in ipaddress.ip_network(cidr):
+                return v
         return None
 
     def _arrival(self, src: NodeView, dst: NodeView, flow: str, tunnel: bool) -> str:
-        """The packet as it enters br-int on the destination node."""
+        """The packet as it enters the destination node's bridge."""
         fields = dict(kv.split("=", 1) for kv in flow.split(",") if "=" in kv)
         proto = flow.split(",")[1]
         rest = ",".join(f"{k}={v}" for k, v in fields.items()
                         if k in ("nw_src", "nw_dst", "icmp_type", "icmp_code")
-                        or k.endswith(("_src", "_dst")) and k.split("_")[0] in (
-                            "tcp", "udp", "sctp"))
+                        or k.endswith(("_src", "_dst")) and k.split("_")[0] in PORT_PROTOS)
         if tunnel:
-            port = dst.tunnel_ofport
-            head = (f"in_port={port},tun_id=0,tun_src={src.node.node_ip},"
-                    f"tun_dst={dst.node.node_ip},{proto},dl_src={src.status['gateway']['mac']},"
-                    f"dl_dst={VIRTUAL_ROUTER_MAC}")
+            port = dst.status.get("tunnel_ofport")
+            head = (f"in_port={port},tun_id=0,tun_src={src.status['node_ip']},"
+                    f"tun_dst={dst.status['node_ip']},{proto},"
+                    f"dl_src={src.status['gateway']['mac']},dl_dst={VIRTUAL_ROUTER_MAC}")
         else:  # routed: the destination node's stack hands it to its gateway
             gw = dst.status["gateway"]
             head = f"in_port={gw['ofport']},{proto},dl_src={gw['mac']},dl_dst={VIRTUAL_ROUTER_MAC}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
@@ -53,21 +54,22 @@ def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
 
 
 def run_demo(lab: Lab, keep: bool = False) -> int:
-    from flowcni.ctl.flowctl import main as flowctl
+    from flowcni.ctl.flowctl import show_flows, show_policy, show_status, show_trace
     from flowcni.datastore.manifests import load
+    from flowcni.lab.cli import show_nodes, show_pods
 
     good = True
     try:
         step("flowctl lab up --nodes 2 (geneve)")
         lab.up(nodes=2, encap="geneve")
-        flowctl(["lab", "nodes"])
+        show_nodes(lab)
         step("pods: web-1 (node1, app=web), web-2 (node2, app=web), "
              "client (node2, app=client), other (node1)")
         lab.pod_add("web-1", "node1", labels={"app": "web"})
         lab.pod_add("web-2", "node2", labels={"app": "web"})
         lab.pod_add("client", "node2", labels={"app": "client"})
         lab.pod_add("other", "node1", labels={"app": "other"})
-        flowctl(["lab", "pods"])
+        show_pods(lab)
         pods = {p.name: p for p in lab.pods()}
         step("ping: every pod to every pod (same node and across the Geneve tunnel)")
         for s in pods:
@@ -89,20 +91,21 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         good &= ok(_tcp(lab, "other", "web-2", 1000) == 0, "other -> web-2:8080 denied")
         good &= ok(not _ping(lab, "client", pods["web-1"].ip), "client -> web-1 ping denied")
         step("flowctl policy (each rule as realized, with the packets it allowed)")
-        flowctl(["policy"])
+        show_policy(lab.agents())
         step("flowctl trace --from other --to web-2 --dport 8080 (why is it denied?)")
-        flowctl(["trace", "--from", "other", "--to", "web-2", "--dport", "8080"])
+        show_trace(lab.agents(), "other", "web-2", "tcp", 8080)
         step("flowctl trace --live --from client --to web-1 --dport 8080 (a real probe)")
-        flowctl(["trace", "--live", "--from", "client", "--to", "web-1", "--dport", "8080"])
+        show_trace(lab.agents(), "client", "web-1", "tcp", 8080, live=True)
         step("spoof guard: other pings web-1 from a forged source address")
         subprocess.run(lab.exec_argv("other", ["ip", "addr", "add", "10.244.1.250/32",
                                                "dev", "eth0"]), check=True)
         good &= ok(not _ping(lab, "other", pods["web-1"].ip, "-I", "10.244.1.250"),
                    "forged packets dropped by SpoofGuard")
         step("flowctl flows --node node1 (table names, owners from the cookies)")
-        flowctl(["flows", "--node", "node1", "--no-stats"])
+        show_flows([a for a in lab.agents() if a.name == "node1"], SimpleNamespace(
+            table=None, pod=None, policy=None, stale=False, json=False, no_stats=True))
         step("flowctl status")
-        flowctl(["status"])
+        show_status(lab.agents())
     finally:
         if keep:
             print("\nlab left up: try `flowctl lab pods`, `flowctl flows --pod default/web-1`, "

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flowcni.cni import install as cni_install
+from flowcni.ctl.client import AgentClient, AgentError
+from flowcni.ctl.providers import NodeAgent
 from flowcni.datastore.store import ClusterConfig, Store, StoreError
 from flowcni.lab import netns
 from flowcni.lab.netns import run
@@ -60,6 +62,10 @@ class Node:
     @property
     def socket(self) -> str:
         return os.path.join(self.rundir, "agent", "cni.sock")
+
+    @property
+    def api_socket(self) -> str:
+        return os.path.join(self.rundir, "agent", "api.sock")
 
     @property
     def conflist(self) -> str:
@@ -196,6 +202,10 @@ class Lab:
     def pods(self) -> list[Pod]:
         return [Pod(**p) for p in self._read()["pods"]]
 
+    def agents(self) -> list[NodeAgent]:
+        """The nodes' agents, as flowctl's node providers give them."""
+        return [NodeAgent(n.name, AgentClient(n.api_socket)) for n in self.nodes()]
+
     def pod(self, ref: str) -> Pod:
         ns, _, name = ref.rpartition("/")
         ns = ns or "default"
@@ -330,7 +340,6 @@ class Lab:
 
     def wait_ready(self, node: Node, timeout: float = 30.0,
                    proc: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
-        from flowcni.ctl.client import AgentClient
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -338,11 +347,11 @@ class Lab:
                 last = f"agent exited with {proc.returncode}"
                 break
             try:
-                st = AgentClient(node.socket).status()
+                st = AgentClient(node.api_socket).status()
                 if st.get("synced"):
                     return st
                 last = st
-            except OSError as e:
+            except AgentError as e:
                 last = e
             time.sleep(0.1)
         try:
@@ -373,7 +382,7 @@ class Lab:
                 sys.executable, "-m", "flowcni.controller.agent", "--node", node.name,
                 *self.datastore.agent_args(node),
                 "--ovsdb", node.ovs.remote, "--resync-period", "10",
-                "--cni-socket", node.socket,
+                "--cni-socket", node.socket, "--api-socket", node.api_socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
                 "--datapath-type", "netdev"]),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -473,12 +482,11 @@ class Lab:
 
     def wait_realized(self, timeout: float = 10.0) -> int:
         """Wait until every agent has applied the datastore's current revision."""
-        from flowcni.ctl.client import AgentClient
         rev = self.store().revision()
         deadline = time.monotonic() + timeout
         for n in self.nodes():
             while True:
-                st = AgentClient(n.socket).status()
+                st = AgentClient(n.api_socket).status()
                 if st.get("applied_revision", 0) >= rev:
                     break
                 if time.monotonic() > deadline:

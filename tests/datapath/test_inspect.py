@@ -25,7 +25,7 @@ def ilab() -> Iterator[Lab]:
 
 
 def stale(lab: Lab, node: str) -> dict[str, list[str]]:
-    st = AgentClient(lab.node(node).socket).call("_stale")
+    st = AgentClient(lab.node(node).api_socket).call("stale")
     return {"missing": st["missing"], "unexpected": st["unexpected"]}
 
 
@@ -112,3 +112,37 @@ def test_live_traceflow_cross_node_and_denied(ilab: Lab) -> None:
     finally:
         ilab.store().delete("NetworkPolicy", "default", "deny-b")
         ilab.wait_realized()
+
+
+def lab_flowctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+    import sys
+    env = {**os.environ, "FLOWCNI_LAB_DIR": lab.base, "FLOWCNI_LAB_PREFIX": lab.prefix}
+    env.pop("FLOWCNI_AGENT_SOCKET", None)
+    return subprocess.run([sys.executable, "-m", "flowcni.ctl.flowctl", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_flowctl_on_the_lab(ilab: Lab) -> None:
+    """The same commands as on a plain node, with the lab as node provider."""
+    p = lab_flowctl(ilab, "--lab", "status")
+    assert p.returncode == 0, p.stderr
+    assert [ln.split()[:3] for ln in p.stdout.splitlines()[1:]] == [
+        ["node1", "yes", "yes"], ["node2", "yes", "yes"]]
+    p = lab_flowctl(ilab, "status", "--json")  # no option: the lab is found, and said so
+    assert p.returncode == 0 and "using the lab in " + ilab.base in p.stderr
+    p = lab_flowctl(ilab, "flows", "--node", "node1", "--pod", "default/a", "--json")
+    rows = json.loads(p.stdout)[0]["flows"]
+    assert rows and {r["object"] for r in rows} == {"pod default/a"}
+    p = lab_flowctl(ilab, "flows", "--node", "node1", "--pod", "default/nosuch")
+    assert p.returncode == 1 and "no such pod" in p.stderr
+    p = lab_flowctl(ilab, "--lab", "--node", "node3", "flows")
+    assert p.returncode == 1 and "no node 'node3'" in p.stderr
+    p = lab_flowctl(ilab, "trace", "--from", "a", "--to", "b", "--dport", "80")
+    assert p.returncode == 0 and "delivered to pod default/b on node2" in p.stdout
+    p = lab_flowctl(ilab, "policy", "default/none")
+    assert p.returncode == 1 and "not realized" in p.stderr
+    p = lab_flowctl(ilab, "tables")
+    assert p.returncode == 0 and "Classifier" in p.stdout
+    p = lab_flowctl(ilab, "groups", "--json")
+    assert p.returncode == 0 and [g["node"] for g in json.loads(p.stdout)] == ["node1", "node2"]

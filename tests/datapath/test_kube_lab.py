@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
+from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 from tests.datapath.conftest import make_lab
@@ -48,4 +53,54 @@ def test_networkpolicy_created_through_the_api_is_enforced(klab: Lab) -> None:
         assert ping(klab, "c", b.ip, count=2)
     finally:
         ds.control().delete("networkpolicies", "b-from-c", "default")
+    assert eventually(lambda: ping(klab, "a", b.ip, timeout=0.5), timeout=10)
+
+
+def flowctl(klab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """flowctl with only a kubeconfig, from where the API server is reachable."""
+    ds = klab.datastore
+    assert isinstance(ds, KubeLabDatastore)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCNI_")}
+    env["FLOWCNI_LAB_DIR"] = os.path.join(klab.base, "no-lab")
+    return subprocess.run(netns.exec_argv(klab.external_ns, [
+        sys.executable, "-m", "flowcni.ctl.flowctl", "--kubeconfig", ds.kubeconfig, *args]),
+        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_flowctl_across_the_cluster_through_pod_exec(klab: Lab) -> None:
+    p = flowctl(klab, "status", "--json")
+    assert p.returncode == 0, p.stderr
+    assert [(s["node"], s["synced"]) for s in json.loads(p.stdout)] == [
+        ("node1", True), ("node2", True)]
+    p = flowctl(klab, "trace", "--from", "default/a", "--to", "default/b", "--proto", "icmp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "# node1" in p.stdout and "# node2" in p.stdout
+    assert "verdict: DELIVERED: delivered to pod default/b on node2" in p.stdout
+    p = flowctl(klab, "flows", "--node", "node2", "--table", "Classifier", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert [n["node"] for n in out] == ["node2"] and out[0]["flows"]
+    assert {f["table"] for f in out[0]["flows"]} == {"Classifier"}
+    p = flowctl(klab, "status", "--node", "node9")
+    assert p.returncode == 1 and "no node 'node9'" in p.stderr
+    p = flowctl(klab, "trace", "--from", "default/zz", "--to", "default/b")
+    assert p.returncode == 1 and "no pod default/zz" in p.stderr
+
+
+def test_flowctl_shows_a_deny_all_policy_made_through_the_api(klab: Lab) -> None:
+    ds = klab.datastore
+    assert isinstance(ds, KubeLabDatastore)
+    b = klab.pod("b")
+    ds.control().put("networkpolicies", policy_obj("default", "deny-b", {
+        "podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}))
+    try:
+        assert eventually(lambda: not ping(klab, "a", b.ip, timeout=0.5), timeout=10)
+        assert ping(klab, "b", klab.pod("a").ip, count=2)
+        p = flowctl(klab, "policy", "--node", "node2")
+        assert p.returncode == 0 and "default/deny-b isolates default/b" in p.stdout, p.stdout
+        p = flowctl(klab, "trace", "--from", "default/a", "--to", "default/b", "--proto",
+                    "icmp")
+        assert p.returncode == 3 and "isolated by default/deny-b" in p.stdout, p.stdout
+    finally:
+        ds.control().delete("networkpolicies", "deny-b", "default")
     assert eventually(lambda: ping(klab, "a", b.ip, timeout=0.5), timeout=10)

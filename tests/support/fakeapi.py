@@ -9,6 +9,12 @@ compaction point, as etcd-backed servers do. Tests drive it to misbehave on
 purpose: drop every watch connection (optionally losing events in flight),
 stall watches like a dead peer, compact history, hold lists back.
 
+Pod exec (`/api/v1/namespaces/NS/pods/NAME/exec`) is served as the real server
+does it: a WebSocket upgrade speaking the v4.channel.k8s.io subprotocol
+(stdout on channel 1, stderr on 2, the exit status as a Status on 3). What
+kubelet and the container runtime would do is stood in for by a command prefix
+the test registers per pod (`set_exec`), e.g. `ip netns exec NODE-NS env ...`.
+
 Two ways to run it:
 - in-process: `FakeAPIServer().start()` serves on loopback from threads; its
   methods are the control API;
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import hashlib
 import json
 import os
 import queue
@@ -36,6 +43,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -117,6 +125,7 @@ class FakeAPI:
         self.compacted = 0
         self.watches: set[WatchStream] = set()
         self.request_log: list[dict[str, Any]] = []
+        self.exec_prefix: dict[Key, list[str]] = {}
         self.lists_open = threading.Event()
         self.lists_open.set()
         self.watches_open = threading.Event()
@@ -187,6 +196,12 @@ class FakeAPI:
                 obj["metadata"]["resourceVersion"] = str(self.rv)
             self._publish(r, "DELETED", obj)
             return True
+
+    def set_exec(self, namespace: str, name: str, prefix: list[str]) -> None:
+        """How to run a command in the containers of pod NAMESPACE/NAME (the part of
+        kubelet and the container runtime): the command is appended to `prefix`."""
+        with self.lock:
+            self.exec_prefix[(namespace, name)] = list(prefix)
 
     def get(self, res: str, name: str, namespace: str = "") -> dict[str, Any] | None:
         r = resource(res)
@@ -356,6 +371,7 @@ def _drain(q: queue.Queue[Any]) -> None:
         pass
 
 
+EXEC_RE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/exec$")
 PATH_RE = re.compile(r"^(?P<prefix>/api/v1|/apis/[^/]+/[^/]+)"
                      r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$")
 
@@ -401,6 +417,9 @@ class Handler(BaseHTTPRequestHandler):
             api.request_log.append({"method": "GET", "path": url.path, "query": q,
                                     "time": time.time()})
         try:
+            m = EXEC_RE.match(url.path)
+            if m:
+                return self._exec(m["ns"], m["name"], parse_qs(url.query))
             res, ns, name = route(url.path)
             if name is not None:
                 obj = api.get(res.plural, name, ns)
@@ -415,6 +434,63 @@ class Handler(BaseHTTPRequestHandler):
             self._json(e.code, status(e.code, e.reason, e.message))
         except (ValueError, KeyError) as e:
             self._json(400, status(400, "BadRequest", str(e)))
+
+    def _exec(self, ns: str, name: str, q: dict[str, list[str]]) -> None:
+        """Pod exec over a WebSocket (v4.channel.k8s.io), as the API server proxies it."""
+        api = self.server.api
+        pod = api.get("pods", name, ns)
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        containers = [c["name"] for c in pod.get("spec", {}).get("containers", [])]
+        container = (q.get("container") or [containers[0] if containers else ""])[-1]
+        if container not in containers:
+            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod "
+                           f"{name}")
+        command = q.get("command") or []
+        if not command:
+            raise ApiError(400, "BadRequest", "you must specify at least 1 command")
+        key = self.headers.get("Sec-WebSocket-Key")
+        protos = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            raise ApiError(400, "BadRequest", "Upgrade request required")
+        if "v4.channel.k8s.io" not in protos:
+            raise ApiError(400, "BadRequest", f"unsupported subprotocols {protos}")
+        with api.lock:
+            prefix = api.exec_prefix.get((ns, name))
+        accept = base64.b64encode(hashlib.sha1(
+            (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+        self.end_headers()
+        self.close_connection = True
+        if prefix is None:  # no runtime stands behind this pod: as if it had no container
+            self._frame(3, json.dumps(status(500, "InternalError",
+                                             f"container {container} not running")).encode())
+        else:
+            p = subprocess.run(prefix + command, capture_output=True, timeout=120)
+            for chan, data in ((1, p.stdout), (2, p.stderr)):
+                for i in range(0, len(data), 1 << 16):
+                    self._frame(chan, data[i:i + (1 << 16)])
+            st: dict[str, Any] = {"metadata": {}, "status": "Success"}
+            if p.returncode != 0:
+                st = {**status(500, "NonZeroExitCode",
+                               f"command terminated with non-zero exit code: {p.returncode}"),
+                      "details": {"causes": [{"reason": "ExitCode",
+                                              "message": str(p.returncode)}]}}
+            self._frame(3, json.dumps(st).encode())
+        self.wfile.write(b"\x88\x02\x03\xe8")  # close, normal closure
+        self.wfile.flush()
+
+    def _frame(self, channel: int, data: bytes) -> None:
+        """One unmasked binary WebSocket frame (server to client): channel byte + data."""
+        payload = bytes([channel]) + data
+        n = len(payload)
+        head = b"\x82" + (bytes([n]) if n < 126 else b"\x7e" + n.to_bytes(2, "big")
+                           if n < 1 << 16 else b"\x7f" + n.to_bytes(8, "big"))
+        self.wfile.write(head + payload)
 
     def _json(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -558,7 +634,7 @@ class FakeAPIServer(FakeAPI):
 CONTROL_OPS = ("put", "create", "update", "delete", "get", "drop_watches", "stall_watches",
                "compact", "bookmark", "pause_lists", "resume_lists", "pause_watches",
                "resume_watches", "set_gone_mode",
-               "revision", "watch_count", "requests", "clear_requests")
+               "revision", "watch_count", "requests", "clear_requests", "set_exec")
 
 
 class ControlServer(socketserver.ThreadingUnixStreamServer):
@@ -669,6 +745,9 @@ class Control:
     def clear_requests(self) -> None:
         self.call("clear_requests")
 
+    def set_exec(self, namespace: str, name: str, prefix: list[str]) -> None:
+        self.call("set_exec", namespace=namespace, name=name, prefix=prefix)
+
     def shutdown(self) -> None:
         self.call("shutdown")
 
@@ -709,14 +788,15 @@ def namespace_obj(name: str, labels: dict[str, str] | None = None) -> dict[str, 
 
 def pod_obj(namespace: str, name: str, node: str, ip: str | None,
             labels: dict[str, str] | None = None,
-            ports: list[dict[str, Any]] | None = None, phase: str = "Running") -> dict[str, Any]:
+            ports: list[dict[str, Any]] | None = None, phase: str = "Running",
+            container: str = "main") -> dict[str, Any]:
     """A scheduled pod; `ip` None for one whose sandbox has no address yet."""
     st: dict[str, Any] = {"phase": phase}
     if ip:
         st.update(podIP=ip, podIPs=[{"ip": ip}])
     return {"metadata": {"namespace": namespace, "name": name, "labels": labels or {}},
             "spec": {"nodeName": node,
-                     "containers": [{"name": "main", "image": "busybox",
+                     "containers": [{"name": container, "image": "busybox",
                                      "ports": ports or []}]},
             "status": st}
 

@@ -4,7 +4,11 @@ The fake API server runs in the lab's `external` namespace on the underlay,
 where every node's agent reaches it over HTTP; the test drives it through
 its unix control socket. Nodes are seeded as a kubelet and the controller
 manager would leave them (InternalIP, spec.podCIDR), and pods are reported
-with their IPs after the CNI ADD, as a kubelet does.
+with their IPs after the CNI ADD, as a kubelet does. Each node's agent also
+appears as a pod of the flowcni DaemonSet (flowcni-system, app=flowcni-agent)
+whose exec runs commands in the node's namespace with `flowctl` on PATH and
+the agent's API socket in FLOWCNI_AGENT_SOCKET, as its container would: so
+`flowctl --kubeconfig` reaches the agents through the API server.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tests.support.fakeapi import Control, namespace_obj, node_obj, pod_obj, wri
 
 REPO = str(Path(__file__).resolve().parents[2])
 API_PORT = 6443
+AGENT_NS = "flowcni-system"
 
 
 class KubeLabDatastore(LabDatastore):
@@ -47,12 +52,35 @@ class KubeLabDatastore(LabDatastore):
             self.proc.stdout.readline()  # ready line
             write_kubeconfig(self.kubeconfig, f"http://{EXTERNAL_UNDERLAY_IP}:{API_PORT}")
             self.ctl = Control(sock)
-            for ns in ("default", "kube-system"):
+            for ns in ("default", "kube-system", AGENT_NS):
                 self.ctl.put("namespaces", namespace_obj(ns))
         return self.ctl
 
+    def flowctl_bin(self) -> str:
+        """A directory with `flowctl` in it: the agent image's command, for pod exec."""
+        d = os.path.join(self.lab.base, "image-bin")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "flowctl")
+        with open(path, "w") as f:
+            f.write(f'#!/bin/sh\nexec {sys.executable} -m flowcni.ctl.flowctl "$@"\n')
+        os.chmod(path, 0o755)
+        return d
+
+    @staticmethod
+    def agent_pod(node: Node) -> str:
+        return f"flowcni-agent-{node.name}"
+
     def agent_args(self, node: Node) -> list[str]:
-        self.control().put("nodes", node_obj(node.name, node.node_ip, self.pod_cidr(node)))
+        ctl = self.control()
+        ctl.put("nodes", node_obj(node.name, node.node_ip, self.pod_cidr(node)))
+        pod = pod_obj(AGENT_NS, self.agent_pod(node), node.name, None,
+                      {"app": "flowcni-agent"}, container="agent")
+        pod["spec"]["hostNetwork"] = True
+        ctl.put("pods", pod)
+        ctl.set_exec(AGENT_NS, self.agent_pod(node), [
+            "ip", "netns", "exec", node.netns, "env",
+            f"PATH={self.flowctl_bin()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            f"FLOWCNI_AGENT_SOCKET={node.api_socket}", f"PYTHONPATH={REPO}"])
         return ["--datastore", "kubernetes", "--kubeconfig", self.kubeconfig,
                 "--node-ip", node.node_ip]
 
@@ -65,6 +93,7 @@ class KubeLabDatastore(LabDatastore):
 
     def node_removed(self, node: Node) -> None:
         self.control().delete("nodes", node.name)
+        self.control().delete("pods", self.agent_pod(node), AGENT_NS)
 
     def pod_put(self, pod: Pod) -> None:
         self.control().put("pods", pod_obj(pod.namespace, pod.name, pod.node, pod.ip,

@@ -1,0 +1,1 @@
+"""flowcni.api: the agent API's wire schema, shared by the agent and flowctl (stdlib only)."""
