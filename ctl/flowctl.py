@@ -29,7 +29,9 @@ def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
         if a.stale:
             st = agent.call("_stale")
             out.append({"node": node.name, "missing": st["missing"],
-                        "unexpected": st["unexpected"]})
+                        "unexpected": st["unexpected"],
+                        # cached datapath flows the installed tables no longer give
+                        "datapath": st.get("datapath", [])})
             continue
         rows = inspect.node_flows(node.ovs, agent.call("_owners")["owners"])
         if a.table:
@@ -55,11 +57,14 @@ def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
     elif a.stale:
         for n in out:
             print(f"# {n['node']}: {len(n['missing'])} missing, "
-                  f"{len(n['unexpected'])} unexpected")
+                  f"{len(n['unexpected'])} unexpected, "
+                  f"{len(n['datapath'])} stale datapath flows")
             for f in n["missing"]:
                 print(f"missing     {f}")
             for f in n["unexpected"]:
                 print(f"unexpected  {f}")
+            for f in n["datapath"]:
+                print(f"datapath    {f}")
     return 0
 
 
@@ -298,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--policy", help="NS/NAME: only the flows this policy's rules use")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
-                    help="what OVS holds that the agent does not want, and the reverse")
+                    help="what OVS holds that the agent does not want, and the reverse; "
+                    "and cached datapath flows the installed tables no longer give")
     st = sub.add_parser("status", help="agent status per node")
     st.add_argument("--node")
     pr = sub.add_parser("probe", help="liveness/readiness probe of a node's agent")
