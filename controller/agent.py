@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus endpoint (host:port; empty to disable)")
     p.add_argument("--resync-period", type=float, default=30.0,
                    help="seconds between checks that OVS holds exactly the desired flows")
-    p.add_argument("--datapath-guard", default="on", choices=["on", "off"],
+    p.add_argument("--datapath-guard", choices=["on", "off"],
+                   default=os.environ.get("FLOWCNI_DATAPATH_GUARD", "on"),
                    help="after each policy change and every resync period, re-translate "
                    "the cached datapath flows it can affect and delete those the tables no "
                    "longer give (see controller/dpcache.py)")
