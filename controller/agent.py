@@ -245,16 +245,20 @@ class Agent:
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
         if owners:
-            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)])
+            # policy decides only new connections: only their cached flows can be wrong
+            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)],
+                                new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
 
-    def guard_datapath(self, trigger: str, changed: list[Flow] | None) -> CheckResult | None:
+    def guard_datapath(self, trigger: str, changed: list[Flow] | None,
+                       new_only: bool = False) -> CheckResult | None:
         """Make the datapath cache agree with the tables a change just installed.
 
         The hook for every feature whose flows decide verdicts (policy now;
         Services and tenant networks later): pass the flows replaced and
-        installed, or None for every cached flow behind conntrack. Runs before
+        installed, or None for every cached flow behind conntrack; new_only
+        for a feature that decides only new connections. Runs before
         the change is reported realized, so "realized" covers the datapath
         too. A failing check is logged and never blocks the change.
         """
@@ -262,7 +266,7 @@ class Agent:
             return None
         ips = None if changed is None else flow_addresses(changed)
         try:
-            res = self.dpguard.check(ips)
+            res = self.dpguard.check(ips, new_only=new_only)
         except UnixctlError as e:
             LOG.warning("datapath check (%s) failed: %s", trigger, e)
             return None

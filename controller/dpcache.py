@@ -67,6 +67,17 @@ class DpFlow:
         value, mask = int(m.group(1), 16), int(m.group(2) or "0xffffffff", 16)
         return bool(value & mask & 0x20)  # +trk
 
+    @property
+    def new_connections(self) -> bool:
+        """Whether the flow can carry the first packet of a connection (ct_state +new,
+        or the new bit wildcarded). Only those meet NetworkPolicy: the pipeline sends
+        established and related packets past the rules."""
+        m = _CT_STATE.search(self.key)
+        if not m:
+            return True
+        value, mask = int(m.group(1), 16), int(m.group(2) or "0xffffffff", 16)
+        return not mask & 0x01 or bool(value & 0x01)
+
     def addresses(self) -> tuple[str | None, str | None]:
         """(ipv4 src, dst) the flow is restricted to, as networks; None: any."""
         m = _IPV4.search(self.key)
@@ -132,9 +143,15 @@ def needs_slow_path(trace: str) -> bool:
     return "handled by the userspace slow path" in trace or "slow_path(" in trace
 
 
-def in_scope(flow: DpFlow, ips: frozenset[str] | None, post_ct_only: bool = True) -> bool:
-    """Whether a change touching `ips` (None: any address) can have changed this flow."""
+def in_scope(flow: DpFlow, ips: frozenset[str] | None, post_ct_only: bool = True,
+             new_only: bool = False) -> bool:
+    """Whether a change touching `ips` (None: any address) can have changed this flow.
+
+    `new_only`: only flows of new connections (what a policy change can affect).
+    """
     if post_ct_only and not flow.post_conntrack:
+        return False
+    if new_only and not flow.new_connections:
         return False
     if ips is None:
         return True
@@ -315,7 +332,7 @@ class DatapathGuard:
         return parse_dump(self.ctl.call("dpctl/dump-flows", "-m", "--no-names"))
 
     def check(self, ips: frozenset[str] | None = None, post_ct_only: bool = True,
-              repair: bool = True) -> CheckResult:
+              repair: bool = True, new_only: bool = False) -> CheckResult:
         """Re-translate the cached flows in scope; delete (repair) those that disagree.
 
         Returns what was checked, and the flows still wrong after a completed
@@ -324,7 +341,7 @@ class DatapathGuard:
         t = time.perf_counter()
         res = CheckResult()
         with self._lock:
-            scope = [f for f in self.dump() if in_scope(f, ips, post_ct_only)]
+            scope = [f for f in self.dump() if in_scope(f, ips, post_ct_only, new_only)]
             res.checked, first = self._disagreeing(scope)
             if first:
                 # Give the revalidator its round: what it fixes was lag, not staleness.
@@ -332,7 +349,7 @@ class DatapathGuard:
                 # itself can leave a flow wrong (OVS 3.1 modifies a megaflow found by
                 # a lookup of the key, which may be another, overlapping one).
                 self.ctl.call("revalidator/wait")
-                scope = [f for f in self.dump() if in_scope(f, ips, post_ct_only)]
+                scope = [f for f in self.dump() if in_scope(f, ips, post_ct_only, new_only)]
                 n, stale = self._disagreeing(scope)
                 res.checked += n
                 res.lagging = len({s.flow.ufid for s in first}

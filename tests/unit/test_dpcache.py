@@ -103,6 +103,14 @@ def test_scope_by_address() -> None:
     assert in_scope(first, None, post_ct_only=False)
 
 
+def test_new_connection_flows_only_when_asked() -> None:
+    syn, first, est = parse_dump("\n".join([SYN_DROP, FIRST_PASS, ESTABLISHED]))
+    assert syn.new_connections and not est.new_connections
+    assert first.new_connections  # ct_state wildcarded: any packet
+    assert in_scope(syn, None, new_only=True)
+    assert not in_scope(est, None, new_only=True) and in_scope(est, None)
+
+
 def test_traced_actions_are_the_keys_own_not_the_resumed_ones() -> None:
     assert traced_actions(TRACE) == "ct(zone=65520),recirc(0x1)"
     assert traced_actions("no translation") is None
