@@ -181,6 +181,10 @@ def test_unixctl_json_rpc_round_trip_and_errors() -> None:
         with pytest.raises(UnixctlError, match="unknown command"):
             u.call("fail")
         assert u.call("echo", "again") == "again"  # the connection survives an error
+        got = u.call_many("echo", [["x"], ["y"], ["z"]], chunk=2)
+        assert got == ["x", "y", "z"]
+        mixed = u.call_many("fail", [["x"]])
+        assert isinstance(mixed[0], UnixctlError)
     finally:
         u.close()
         srv.close()
