@@ -270,6 +270,9 @@ class Agent:
         except UnixctlError as e:
             LOG.warning("datapath check (%s) failed: %s", trigger, e)
             return None
+        except Exception:  # never let the check break the watch or the resync thread
+            LOG.exception("datapath check (%s) failed", trigger)
+            return None
         metrics.DATAPATH_CHECK.labels(trigger).observe(res.seconds)
         if res.stale:
             metrics.STALE_DATAPATH_FLOWS.labels(trigger).inc(len(res.stale))
