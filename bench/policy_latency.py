@@ -8,7 +8,7 @@ new verdict in the datapath. The CLI's own start-up is not part of it (it is
 Python import time, not realization), so it is measured separately as
 ``cli_ms``: the median wall time of running ``flowctl apply -f`` a few times.
 
-Setup: a 2-node geneve lab (``/run/flowcni-bench-pl``, names ``fcbp-``) with
+Setup: a 2-node geneve lab (``/run/flowcni-bench-fcbp``, names ``fcbp-``) with
 ``--pods`` pods over a few namespaces with varied labels and ~20 background
 policies that select other pods, so the agents' policy engines are not
 empty. ``bench/target`` (app=target) on node1 runs a UDP echo server on a
@@ -48,7 +48,14 @@ apart), never inside the timed interval. Processes and the lab are removed
 in ``finally``; the JSON reports whether ``ip netns list`` is clean of the
 lab's prefix afterwards.
 
-    python3 bench/policy_latency.py [--pods 200] [--changes 50]   # one JSON line on stdout
+The agents' datapath guard (controller/dpcache.py: after each change it
+re-translates the cached datapath flows the change can affect) is part of the
+realization path, so the whole measurement runs twice, in two fresh labs:
+with the guard on and off. The JSON line holds both (``guard_on``,
+``guard_off``) and the ratio of their p50s.
+
+    python3 bench/policy_latency.py [--pods 200] [--changes 50] [--guard both|on|off]
+        [--prefix fcbp]     # lab /run/flowcni-bench-PREFIX, netns PREFIX-*; one JSON line
 """
 
 from __future__ import annotations
@@ -77,8 +84,6 @@ from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
-BASE = "/run/flowcni-bench-pl"
-PREFIX = "fcbp-"
 BENCH_NS = "bench"
 TARGET = f"{BENCH_NS}/target"
 SOURCE = f"{BENCH_NS}/src"
@@ -573,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="a probe without a reply by then counts as dropped")
     ap.add_argument("--cli-runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--guard", choices=["both", "on", "off"], default="both",
+                    help="run with the agents' datapath guard on, off, or both (two labs)")
+    ap.add_argument("--prefix", default=os.environ.get("FLOWCNI_BENCH_PREFIX", "fcbp"),
+                    help="lab name prefix (netns PREFIX-*, /run/flowcni-bench-PREFIX), so "
+                    "runs beside other labs on one machine do not collide")
     a = ap.parse_args(argv)
     if a.pods < 2 or a.changes < 1:
         ap.error("need --pods >= 2 and --changes >= 1")
@@ -580,7 +590,21 @@ def main(argv: list[str] | None = None) -> int:
         print("policy_latency: needs root (network namespaces, OVS)", file=sys.stderr)
         return 1
 
-    lab = Lab(base=BASE, prefix=PREFIX)
+    out: dict[str, Any] = {"pods": a.pods, "changes": a.changes}
+    for guard in (["on", "off"] if a.guard == "both" else [a.guard]):
+        os.environ["FLOWCNI_DATAPATH_GUARD"] = guard  # the lab's agents inherit it
+        out[f"guard_{guard}"] = run_lab(a, f"/run/flowcni-bench-{a.prefix}", f"{a.prefix}-")
+    on, off = out.get("guard_on", {}), out.get("guard_off", {})
+    if on.get("p50_ms") and off.get("p50_ms"):
+        out["p50_guard_on_over_off"] = round(on["p50_ms"] / off["p50_ms"], 2)
+        out["p99_guard_on_over_off"] = round(on["p99_ms"] / off["p99_ms"], 2)
+    print(json.dumps(out))
+    return 0
+
+
+def run_lab(a: argparse.Namespace, base: str, prefix: str) -> dict[str, Any]:
+    """One lab, one measured series; the result dict (the lab is removed either way)."""
+    lab = Lab(base=base, prefix=prefix)
     lab.down()
     server: subprocess.Popen[str] | None = None
     prober: Prober | None = None
@@ -655,12 +679,12 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         left = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                           text=True).stdout.split()
-                if n.startswith(PREFIX)]
+                if n.startswith(prefix)]
         if left:
             log(f"namespaces left behind: {left}")
     result["netns_clean"] = not left
-    print(json.dumps(result))
-    return 0
+    result["guard"] = os.environ.get("FLOWCNI_DATAPATH_GUARD", "on")
+    return result
 
 
 if __name__ == "__main__":

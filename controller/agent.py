@@ -28,6 +28,14 @@ from flowcni.cni.podif import set_tx_checksum
 from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.apiserver import AgentAPI, APIServer
 from flowcni.controller.cniserver import CNIServer, timed
+from flowcni.controller.dpcache import (
+    CheckResult,
+    DatapathGuard,
+    Unixctl,
+    UnixctlError,
+    flow_addresses,
+    vswitchd_target,
+)
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
@@ -82,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus endpoint (host:port; empty to disable)")
     p.add_argument("--resync-period", type=float, default=30.0,
                    help="seconds between checks that OVS holds exactly the desired flows")
+    p.add_argument("--datapath-guard", choices=["on", "off"],
+                   default=os.environ.get("FLOWCNI_DATAPATH_GUARD", "on"),
+                   help="after each policy change and every resync period, re-translate "
+                   "the cached datapath flows it can affect and delete those the tables no "
+                   "longer give (see controller/dpcache.py)")
+    p.add_argument("--vswitchd-ctl", default="",
+                   help="ovs-vswitchd's unixctl socket (default: next to the OVSDB socket)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
@@ -200,6 +215,8 @@ class Agent:
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
+        self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
+                        if a.datapath_guard == "on" else None)
         self.applied_revision = 0
         if self.store:
             self._list_and_watch(self.store)
@@ -244,13 +261,46 @@ class Agent:
         owners, problems = self.policy.apply(batch)
         for p in problems:
             LOG.error("skipping %s", p)
+        before = self.flows.flows_of(owners) if owners else []
         if owners:
             self.flows.set_owners(owners)
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
         if owners:
+            # policy decides only new connections: only their cached flows can be wrong
+            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)],
+                                new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
+
+    def guard_datapath(self, trigger: str, changed: list[Flow] | None,
+                       new_only: bool = False) -> CheckResult | None:
+        """Make the datapath cache agree with the tables a change just installed.
+
+        The hook for every feature whose flows decide verdicts (policy now;
+        Services and tenant networks later): pass the flows replaced and
+        installed, or None for every cached flow behind conntrack; new_only
+        for a feature that decides only new connections. Runs before
+        the change is reported realized, so "realized" covers the datapath
+        too. A failing check is logged and never blocks the change.
+        """
+        if self.dpguard is None or not self.flows.synced.is_set():
+            return None
+        ips = None if changed is None else flow_addresses(changed)
+        try:
+            res = self.dpguard.check(ips, new_only=new_only)
+        except UnixctlError as e:
+            LOG.warning("datapath check (%s) failed: %s", trigger, e)
+            return None
+        except Exception:  # never let the check break the watch or the resync thread
+            LOG.exception("datapath check (%s) failed", trigger)
+            return None
+        metrics.DATAPATH_CHECK.labels(trigger).observe(res.seconds)
+        if res.stale:
+            metrics.STALE_DATAPATH_FLOWS.labels(trigger).inc(len(res.stale))
+            for st in res.stale:
+                LOG.warning("stale datapath flow deleted (%s): %s", trigger, st.describe())
+        return res
 
     def realized_revision(self) -> int:
         """The datastore revision OVS holds: 0 while changes wait for a full sync."""
@@ -270,6 +320,7 @@ class Agent:
                 LOG.warning("repaired drift: %d flows re-added, %d removed", added, removed)
                 metrics.FLOW_REPAIRS.labels("missing").inc(added)
                 metrics.FLOW_REPAIRS.labels("unexpected").inc(removed)
+            self.guard_datapath("periodic", None)
 
     # -- OpenFlow connection -----------------------------------------------------
 

@@ -189,12 +189,19 @@ class AgentAPI:
             missing, unexpected = self.agent.flows.drift()
         except OFError as e:
             raise APIError(api.UNAVAILABLE, str(e)) from e
-        return {"missing": [f.ofctl(self.pipeline, names=True) for f in missing],
-                "unexpected": [
-                    f"cookie={s.cookie:#x},table={self.names.get(s.table_id, s.table_id)},"
-                    f"priority={s.priority}" + (f",{render_match(s.match)}"
-                                                if render_match(s.match) else "")
-                    for s in unexpected]}
+        out: dict[str, Any] = {
+            "missing": [f.ofctl(self.pipeline, names=True) for f in missing],
+            "unexpected": [
+                f"cookie={s.cookie:#x},table={self.names.get(s.table_id, s.table_id)},"
+                f"priority={s.priority}" + (f",{render_match(s.match)}"
+                                            if render_match(s.match) else "")
+                for s in unexpected]}
+        guard = self.agent.dpguard
+        if guard is not None:  # report only: the guard's own runs repair
+            res = guard.check(None, post_ct_only=False, repair=False)
+            out["datapath"] = [d.describe() for d in res.stale or []]
+            out["datapath_checked"] = res.checked
+        return out
 
     def v_policy(self, req: Request) -> dict[str, Any]:
         """Rules with the packets their conjunctions let through (unless `packets` is

@@ -84,6 +84,11 @@ class FlowSync:
         with self._lock:
             return [f for fl in self._desired.values() for f in fl.values()]
 
+    def flows_of(self, owners: Iterable[str]) -> list[Flow]:
+        """The desired flows of these owners now (what a change is about to replace)."""
+        with self._lock:
+            return [f for o in owners for f in self._desired.get(o, {}).values()]
+
     def owners(self) -> dict[str, int]:
         with self._lock:
             return {o: len(f) for o, f in self._desired.items()}

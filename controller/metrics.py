@@ -33,6 +33,15 @@ OF_RECONNECTS = Counter("flowcni_openflow_connections_total",
 FLOW_REPAIRS = Counter("flowcni_flow_repairs_total",
                        "Flows re-installed or removed by the periodic drift check",
                        ["kind"], registry=REGISTRY)
+STALE_DATAPATH_FLOWS = Counter(
+    "flowcni_stale_datapath_flows_total",
+    "Cached datapath flows whose actions the installed tables no longer give (still wrong "
+    "after a revalidation round), found and deleted by the datapath guard",
+    ["trigger"], registry=REGISTRY)
+DATAPATH_CHECK = Histogram(
+    "flowcni_datapath_check_seconds",
+    "One datapath cache check (dump, re-translation of the flows in scope, repair)",
+    ["trigger"], registry=REGISTRY, buckets=(.001, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
 
 
 class StateCollector(Collector):

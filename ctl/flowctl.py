@@ -122,7 +122,9 @@ def show_flows(agents: list[NodeAgent], a: Any) -> int:
         if a.stale:
             st = n.call("stale")
             out.append({"node": n.name, "missing": st["missing"],
-                        "unexpected": st["unexpected"]})
+                        "unexpected": st["unexpected"],
+                        # cached datapath flows the installed tables no longer give
+                        "datapath": st.get("datapath", [])})
             continue
         args = {"table": a.table} if a.table else {}
         rows = [FlowRow.from_dict(r) for r in n.call("flows", **args)["flows"]]
@@ -150,11 +152,14 @@ def show_flows(agents: list[NodeAgent], a: Any) -> int:
     elif a.stale:
         for x in out:
             print(f"# {x['node']}: {len(x['missing'])} missing, "
-                  f"{len(x['unexpected'])} unexpected")
+                  f"{len(x['unexpected'])} unexpected, "
+                  f"{len(x['datapath'])} stale datapath flows")
             for f in x["missing"]:
                 print(f"missing     {f}")
             for f in x["unexpected"]:
                 print(f"unexpected  {f}")
+            for f in x["datapath"]:
+                print(f"datapath    {f}")
     return 0
 
 
@@ -436,7 +441,8 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
                     help="only the flows this policy's rules use")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
-                    help="what OVS holds that the agent does not want, and the reverse")
+                    help="what OVS holds that the agent does not want, and the reverse; "
+                    "and cached datapath flows the installed tables no longer give")
     gr = verb("groups", cmd_groups, "OpenFlow groups as OVS holds them")
     gr.add_argument("--json", action="store_true")
     tb = verb("tables", cmd_tables, "the pipeline's tables (name and number)")

@@ -381,6 +381,44 @@ class World:
                 if direction in (pol := self.policies[k]).types
                 and pol.selector.matches(pod.labels)]
 
+    def allows(self, src: PodInfo, dst: PodInfo, protocol: str, port: int) -> bool:
+        """Whether policy lets a new connection src -> dst:port/protocol through.
+
+        The Kubernetes semantics evaluated on the objects, not on flows: the
+        oracle the datapath tests compare real probes with. Both ends count:
+        the destination's ingress policies and the source's egress policies.
+        """
+        return (self._side_allows(dst, src, dst, "ingress", protocol, port)
+                and self._side_allows(src, dst, dst, "egress", protocol, port))
+
+    def _side_allows(self, pod: PodInfo, other: PodInfo, dst: PodInfo, direction: str,
+                     protocol: str, port: int) -> bool:
+        pols = self.isolated(pod, direction)
+        if not pols:
+            return True
+        return any(self._rule_allows(r, pol, other, dst, protocol, port)
+                   for pol in pols for r in pol.rules if r.direction == direction)
+
+    def _rule_allows(self, rule: Rule, pol: Policy, other: PodInfo, dst: PodInfo,
+                     protocol: str, port: int) -> bool:
+        if rule.ports is not None and not any(
+                p == protocol and (v is None or port & (m or 0xFFFF) == v)
+                for p, v, m in resolve_ports(rule.ports, dst)):
+            return False
+        if rule.peers is None:
+            return True
+        for peer in rule.peers:
+            if peer.is_ipblock:
+                if other.ip and any(ipaddress.ip_address(other.ip) in
+                                    ipaddress.ip_network(c) for c in peer.cidrs):
+                    return True
+                continue
+            ns_ok = (other.namespace == pol.namespace if peer.namespaces is None
+                     else peer.namespaces.matches(self.namespaces.get(other.namespace, {})))
+            if ns_ok and (peer.pods or Selector()).matches(other.labels):
+                return True
+        return False
+
 
 # -- realization ---------------------------------------------------------------------------
 

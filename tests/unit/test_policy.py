@@ -9,9 +9,11 @@ from flowcni.datastore.manifests import ManifestError, load
 from flowcni.datastore.store import Change
 from flowcni.flows.model import Conjunction
 from flowcni.flows.policy import (
+    PodInfo,
     PolicyEngine,
     PolicyError,
     Selector,
+    World,
     parse_policy,
     range_masks,
 )
@@ -168,3 +170,31 @@ def test_named_ports_split_by_resolution() -> None:
                                              "ingress": [{"ports": [{"port": "http"}]}]})])
     rules = {tuple(r["pods"]): r["ports"] for r in eng.describe()}
     assert rules == {("10.244.1.2",): ["TCP/80"], ("10.244.1.3",): ["TCP/8080"]}
+
+
+def test_world_allows_is_the_kubernetes_semantics() -> None:
+    """The oracle the churn test compares probes with (namespace AND pod selectors,
+    named ports resolved on the destination, both ends' isolation)."""
+    w = World()
+    w.namespaces = {"default": {}, "other": {}}
+    b = PodInfo("default", "b", {"app": "b"}, "10.0.2.2", "n2", (("echo", 8080, "TCP"),))
+    c = PodInfo("default", "c", {"app": "c"}, "10.0.3.2", "n3")
+    d = PodInfo("other", "d", {"app": "c"}, "10.0.3.3", "n3")
+    for p in (b, c, d):
+        w.put_pod(p)
+    assert w.allows(c, b, "TCP", 8080) and w.allows(d, b, "TCP", 1)
+    w.put_policy(parse_policy("default", "team", {
+        "podSelector": {"matchLabels": {"app": "b"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "x"}},
+                               "podSelector": {"matchLabels": {"app": "c"}}}],
+                     "ports": [{"port": "echo"}]}]}))
+    assert not w.allows(c, b, "TCP", 8080) and not w.allows(d, b, "TCP", 8080)
+    w.namespaces["other"] = {"team": "x"}
+    assert w.allows(d, b, "TCP", 8080) and not w.allows(c, b, "TCP", 8080)
+    assert not w.allows(d, b, "TCP", 8081) and not w.allows(d, b, "UDP", 8080)
+    assert w.allows(b, c, "TCP", 80)  # c is not isolated; b has no egress policy
+    w.put_policy(parse_policy("default", "out", {
+        "podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Egress"],
+        "egress": [{"ports": [{"port": 8000, "endPort": 8100}]}]}))
+    assert not w.allows(c, d, "TCP", 80) and w.allows(c, d, "TCP", 8050)
+    assert not w.allows(c, b, "TCP", 8080)  # egress allows, b's ingress still denies
