@@ -62,8 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ovsdb", default="unix:/var/run/openvswitch/db.sock",
                    help="OVSDB remote (unix:PATH or tcp:127.0.0.1:PORT)")
     p.add_argument("--datapath-type", default="auto", choices=["auto", "system", "netdev"])
-    p.add_argument("--of-listen", default="127.0.0.1:6653",
-                   help="address os-ken listens on for the bridge (loopback only)")
+    p.add_argument("--of-socket", default=None,
+                   help="unix socket the agent listens on for the bridge's OpenFlow "
+                   "session; ovs-vswitchd connects only to sockets under its own run "
+                   "directory, and the agent makes the socket's directory root-only "
+                   "(default: OVS_RUNDIR/flowcni/BRIDGE.sock, OVS_RUNDIR being the "
+                   "directory of the --ovsdb unix socket, else /var/run/openvswitch); "
+                   "there is no TCP endpoint")
     p.add_argument("--cni-socket", default="/run/flowcni/cni.sock")
     p.add_argument("--state-dir", default="/var/lib/flowcni")
     p.add_argument("--mtu", type=int, default=0,
@@ -88,10 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if net.version != 4 or net.num_addresses < 4:
             p.error(f"--pod-cidr {a.pod_cidr}: need an IPv4 range with room for gateway "
                     "and pods")
-    host, _, port = a.of_listen.rpartition(":")
-    if not ipaddress.ip_address(host).is_loopback:
-        p.error(f"--of-listen {a.of_listen}: the OpenFlow listener must be on loopback")
-    a.of_host, a.of_port = host, int(port)
+    ovs_rundir = (os.path.dirname(a.ovsdb[5:]) if a.ovsdb.startswith("unix:")
+                  else "/var/run/openvswitch")
+    a.of_socket = a.of_socket or os.path.join(ovs_rundir, "flowcni", f"{a.bridge}.sock")
+    if not os.path.isabs(a.of_socket) or len(a.of_socket.encode()) > 107:
+        p.error(f"--of-socket {a.of_socket}: need an absolute path of at most 107 bytes")
     if a.mtu and not 576 <= a.mtu <= 65535:
         p.error(f"--mtu {a.mtu}: out of range 576..65535")
     return a
@@ -151,7 +157,8 @@ class Agent:
         dptype = default_datapath_type() if a.datapath_type == "auto" else a.datapath_type
         self.datapath_type = dptype
         self.ovsdb = OVSDB(a.ovsdb)
-        self.ovsdb.ensure_bridge(a.bridge, dptype, f"tcp:{a.of_host}:{a.of_port}")
+        self.ovsdb.ensure_bridge(a.bridge, dptype, ofapp.controller_target(a.of_socket))
+        self.dpid = self.ovsdb.pin_datapath_id(a.bridge)
         hostnet.set_forwarding()
         hostnet.nft((hostnet.isolation_rules() if dptype == "netdev" else "")
                     + hostnet.masquerade_rules(cfg.cluster_cidr, cfg.ip_masq))
@@ -273,7 +280,7 @@ class Agent:
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
                 self.realized_revision))
-        app = ofapp.start(self.args.of_host, self.args.of_port)
+        app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
         app.on_packet_in = self.traceflow.packet_in
