@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from flowcni.cni import podif
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.keylocks import KeyLocks
 from flowcni.controller.ofapp import OFError
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
@@ -101,15 +101,12 @@ class PodManager:
         self.tx_offload = tx_offload
         self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
+        self._key_locks = KeyLocks()
         self.attachments: dict[str, Attachment] = {}
         self.on_change: Callable[[], None] = lambda: None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="teardown")
-        self._pending: deque[Future[None]] = deque(maxlen=1024)
-
-    def _klock(self, key: str) -> threading.Lock:
-        with self._lock:
-            return self._key_locks.setdefault(key, threading.Lock())
+        # Background teardowns not finished yet; each removes itself when done.
+        self._pending: set[Future[None]] = set()
 
     # -- start-up ----------------------------------------------------------------
 
@@ -157,7 +154,7 @@ class PodManager:
         if not self._ready(10.0):
             raise CNIFailure(E_TRY_AGAIN, "agent not connected to Open vSwitch yet")
         mtu = int(req.get("config", {}).get("mtu") or self.mtu)
-        with self._klock(key):
+        with self._key_locks.held(key):
             if key in self.attachments:
                 return self.result(self.attachments[key])
             host = podif.host_ifname(cid, ifname)
@@ -207,14 +204,16 @@ class PodManager:
         self.on_change()
         return self.result(a)
 
-    def _teardown(self, key: str, host: str, lock: threading.Lock | None = None) -> Laps:
+    def _teardown(self, key: str, host: str,
+                  release: Callable[[], None] | None = None) -> Laps:
         """Flows and OVS port now; the veth and the lease in the background.
 
         Deleting a veth is the kernel's slowest step (20-30 ms here) and
         nothing the runtime does next depends on it, so DEL answers once the
         pod is cut off from the pipeline. The key's lock, if given, is held
         until the background part is done, so an ADD for the same container
-        waits for it instead of finding a half-deleted interface.
+        waits for it instead of finding a half-deleted interface (`release`
+        gives it back).
         """
         lap = Laps()
         try:
@@ -235,29 +234,41 @@ class PodManager:
             except Exception:
                 LOG.exception("finishing teardown of %s", key)
             finally:
-                if lock is not None:
-                    lock.release()
+                if release is not None:
+                    release()
 
-        self._pending.append(self._pool.submit(finish))
+        fut = self._pool.submit(finish)
+        with self._lock:
+            self._pending.add(fut)
+        fut.add_done_callback(self._finished)
         return lap
+
+    def _finished(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(fut)
 
     def drain(self) -> None:
         """Wait for background teardowns (tests and shutdown)."""
-        while self._pending:
-            self._pending.pop().result()
+        while True:
+            with self._lock:
+                fut = next(iter(self._pending), None)
+            if fut is None:
+                return
+            fut.result()
+            self._finished(fut)
 
     def delete(self, req: dict[str, Any]) -> None:
         """Idempotent: an unknown container or a missing netns is a success."""
         cid, ifname = req["containerID"], req["ifname"]
         key = attachment_key(cid, ifname)
-        lock = self._klock(key)
-        lock.acquire()
+        self._key_locks.acquire(key)
         try:
             a = self.attachments.pop(key, None)
             host = a.host_if if a else podif.host_ifname(cid, ifname)
-            lap = self._teardown(key, host, lock)  # releases the lock when done
+            # The key stays locked until the background part is done.
+            lap = self._teardown(key, host, lambda: self._key_locks.release(key))
         except BaseException:
-            lock.release()
+            self._key_locks.release(key)
             raise
         LOG.info("DEL %s (%s)", key, lap)
         self.on_change()
@@ -287,8 +298,4 @@ class PodManager:
                 removed.append(key)
         self.drain()
         removed += self.ipam.gc(valid | set(self.attachments))
-        with self._lock:  # forget the locks of keys that are gone and idle
-            for k in [k for k, lk in self._key_locks.items()
-                      if k not in self.attachments and not lk.locked()]:
-                del self._key_locks[k]
         return removed
