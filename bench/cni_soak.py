@@ -125,7 +125,8 @@ def concurrent_round(r: Runner, c: int) -> tuple[list[float], int]:
             added = list(pool.map(lambda p: r.invoke("ADD", p), pods))
             ips = Counter(ip for _, res in added if (ip := _ip_of(res)))
             dups = sum(n - 1 for n in ips.values() if n > 1)
-            list(pool.map(lambda pr: r.invoke("DEL", pr[0], pr[1][1]), zip(pods, added, strict=True)))
+            list(pool.map(lambda pr: r.invoke("DEL", pr[0], pr[1][1]),
+                          zip(pods, added, strict=True)))
     finally:
         for p in pods:
             netns.delete(p.netns)

@@ -34,6 +34,9 @@ E_IO = 5
 E_CONFIG = 7
 E_TRY_AGAIN = 11
 
+# How long an ADD waits for the switch to be (back) in sync before answering 11.
+READY_WAIT_S = 2.0
+
 
 class CNIFailure(Exception):
     def __init__(self, code: int, msg: str, details: str = "") -> None:
@@ -86,6 +89,12 @@ class Laps:
     def __str__(self) -> str:
         total = sum(ms for _, ms in self.steps)
         return f"{total:.1f} ms: " + ", ".join(f"{s} {ms:.1f}" for s, ms in self.steps)
+
+
+def short_error(e: BaseException, limit: int = 200) -> str:
+    """One line a person can read: ovsdbapp's errors carry the repr of every command."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def attachment_key(container_id: str, ifname: str) -> str:
@@ -151,8 +160,11 @@ class PodManager:
         cid, ifname, netns = req["containerID"], req["ifname"], req["netns"]
         args = req.get("args") or {}
         key = attachment_key(cid, ifname)
-        if not self._ready(10.0):
-            raise CNIFailure(E_TRY_AGAIN, "agent not connected to Open vSwitch yet")
+        # Fail fast while the switch is away: the runtime retries, and a request
+        # parked here would only hold the runtime's sandbox set-up.
+        if not self._ready(READY_WAIT_S):
+            raise CNIFailure(E_TRY_AGAIN, "Open vSwitch is not connected to the agent "
+                             "(ovs-vswitchd down or restarting); try again later")
         mtu = int(req.get("config", {}).get("mtu") or self.mtu)
         with self._key_locks.held(key):
             if key in self.attachments:
@@ -180,7 +192,10 @@ class PodManager:
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
                 except Exception as e:
-                    raise CNIFailure(E_IO, f"adding OVS port {host}: {e}") from e
+                    if not self.flows.synced.is_set():  # the switch went away meanwhile
+                        raise CNIFailure(E_TRY_AGAIN, f"adding OVS port {host}: Open vSwitch "
+                                         "is not connected; try again later") from e
+                    raise CNIFailure(E_IO, f"adding OVS port {host}: {short_error(e)}") from e
                 finally:
                     undo.append(lambda: self.ovsdb.del_port(host))
                 a = Attachment(**{**asdict(a), "ofport": ofport})
