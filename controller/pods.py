@@ -25,6 +25,7 @@ from flowcni.controller.ofapp import OFError
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
 from flowcni.ovsdb.bridge import OVSDB, OVSDBError
+from ovsdbapp.exceptions import TimeoutException
 
 LOG = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class PodManager:
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
                 except Exception as e:
-                    if not self.flows.synced.is_set():  # the switch went away meanwhile
+                    if isinstance(e, TimeoutException) or not self.flows.synced.is_set():
+                        # ovs-vswitchd did not apply the port (gone, frozen, restarting)
                         raise CNIFailure(E_TRY_AGAIN, f"adding OVS port {host}: Open vSwitch "
                                          "is not connected; try again later") from e
                     raise CNIFailure(E_IO, f"adding OVS port {host}: {short_error(e)}") from e

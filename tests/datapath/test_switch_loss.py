@@ -86,3 +86,30 @@ def test_status_add_and_recovery_across_vswitchd_loss(slab: Lab) -> None:
     finally:
         if not restarted:
             node.ovs.start_vswitchd()
+
+
+def test_add_while_vswitchd_is_frozen_is_try_again_and_leaks_nothing(slab: Lab) -> None:
+    """A frozen ovs-vswitchd (SIGSTOP) keeps its sockets open: the session looks alive
+    until its echo times out, and OVSDB takes the port without anyone applying it."""
+    node = slab.node("node1")
+    before_leases = leases(slab)
+    before_ports = node.ovs.vsctl("list-ports", "br-int").split()
+    pid = vswitchd_pid(slab)
+    pod = Pod("frozen", "default", "node1", f"{slab.prefix}frozen", secrets.token_hex(32))
+    subprocess.run(["ip", "netns", "add", pod.netns], check=True)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        rc, out = plugin(slab, "ADD", pod)
+        assert rc != 0 and out.get("code") == 11, out
+        text = f"{out.get('msg', '')} {out.get('details', '')}"
+        assert len(text) < 300 and "ovsdbapp" not in text and "Traceback" not in text, text
+        assert eventually(lambda: plugin(slab, "STATUS")[0] != 0, timeout=60)
+        assert plugin(slab, "STATUS")[1].get("code") == 50
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        subprocess.run(["ip", "netns", "del", pod.netns], check=False)
+    assert eventually(lambda: plugin(slab, "STATUS")[0] == 0, timeout=60)
+    assert leases(slab) == before_leases
+    assert eventually(lambda: node.ovs.vsctl("list-ports", "br-int").split() == before_ports,
+                      timeout=30)
+    assert ping(slab, "a", node.pod_cidr.replace("0/24", "1"))
