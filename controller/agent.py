@@ -187,6 +187,13 @@ class Agent:
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
         self.applied_revision = 0
+        # The store as last seen by the monitor thread: status() never reads the
+        # store itself, so a locked or unreachable store cannot stall the agent
+        # API (nor fail a liveness probe and get a healthy agent restarted).
+        self._ds_revision: int | None = None
+        self._ds_error: str | None = None
+        self._ds_probe_since: float | None = None
+        self._ds_last_read_s = 0.0
         if self.store:
             self._list_and_watch(self.store)
         else:
@@ -220,6 +227,35 @@ class Agent:
                          name="store-watch", daemon=True).start()
         threading.Thread(target=refresh_neighbors, args=(self.peers, self.stop_event),
                          name="neigh-refresh", daemon=True).start()
+        self._ds_revision = rev
+        threading.Thread(target=self._datastore_monitor, args=(store,), name="store-health",
+                         daemon=True).start()
+
+    def _datastore_monitor(self, store: Datastore, period: float = 1.0) -> None:
+        """Read the store's revision once a period, off every request path."""
+        while not self.stop_event.is_set():
+            t0 = self._ds_probe_since = time.monotonic()
+            try:
+                self._ds_revision = store.revision()
+                self._ds_error = None
+            except Exception as e:
+                self._ds_error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            self._ds_last_read_s = time.monotonic() - t0
+            self._ds_probe_since = None
+            self.stop_event.wait(period)
+
+    def datastore_health(self, stall: float = 1.0) -> dict[str, Any]:
+        """Reachable unless the last read failed or took, or the current one takes,
+        more than `stall` seconds (a healthy read takes milliseconds)."""
+        if not self.store:
+            return {"datastore_reachable": None, "datastore_error": None}
+        since = self._ds_probe_since
+        error = self._ds_error
+        if error is None and since is not None and time.monotonic() - since > stall:
+            error = f"no answer for {time.monotonic() - since:.1f}s"
+        elif error is None and self._ds_last_read_s > stall:
+            error = f"last read took {self._ds_last_read_s:.1f}s"
+        return {"datastore_reachable": error is None, "datastore_error": error}
 
     def _on_changes(self, batch: list[Change]) -> None:
         t = time.perf_counter()
@@ -322,7 +358,8 @@ class Agent:
             "tunnel_ofport": self.tun_ofport,
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
-            "datastore_revision": self.store.revision() if self.store else None,
+            "datastore_revision": self._ds_revision,
+            **self.datastore_health(),
             "applied_revision": self.realized_revision(),
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},

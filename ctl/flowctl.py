@@ -18,6 +18,7 @@ from typing import Any
 
 from flowcni.ctl import inspect
 from flowcni.ctl.client import AgentClient, AgentError
+from flowcni.datastore.store import StoreError
 from flowcni.lab.lab import Lab, LabError, parse_labels, parse_ports
 
 
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
                 "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply,
                 "policy": cmd_policy, "trace": cmd_trace}[a.cmd](lab, a)
-    except (LabError, AgentError) as e:
+    except (LabError, AgentError, StoreError) as e:  # StoreError: e.g. the store is locked
         print(f"flowctl: {e}", file=sys.stderr)
         return 1
 
