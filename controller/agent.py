@@ -365,6 +365,7 @@ class Agent:
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
+            "pod_keys_in_flight": self.pods.keys_in_flight(),
             "flows": len(self.flows.desired_flows()), "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }

@@ -118,6 +118,11 @@ class PodManager:
         # Background teardowns not finished yet; each removes itself when done.
         self._pending: set[Future[None]] = set()
 
+    def keys_in_flight(self) -> int:
+        """Attachments with a request (or a DEL's background teardown) in progress;
+        0 on an idle node, since a key's lock lives only that long."""
+        return len(self._key_locks)
+
     # -- start-up ----------------------------------------------------------------
 
     def restore(self) -> None:
