@@ -74,8 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ovsdb", default="unix:/var/run/openvswitch/db.sock",
                    help="OVSDB remote (unix:PATH or tcp:127.0.0.1:PORT)")
     p.add_argument("--datapath-type", default="auto", choices=["auto", "system", "netdev"])
-    p.add_argument("--of-listen", default="127.0.0.1:6653",
-                   help="address os-ken listens on for the bridge (loopback only)")
+    p.add_argument("--of-socket", default=None,
+                   help="unix socket the agent listens on for the bridge's OpenFlow "
+                   "session; ovs-vswitchd connects only to sockets under its own run "
+                   "directory, and the agent makes the socket's directory root-only "
+                   "(default: OVS_RUNDIR/flowcni/BRIDGE.sock, OVS_RUNDIR being the "
+                   "directory of the --ovsdb unix socket, else /var/run/openvswitch); "
+                   "there is no TCP endpoint")
     p.add_argument("--cni-socket", default="/run/flowcni/cni.sock",
                    help="the CNI plugin's socket, CNI verbs only (default: %(default)s)")
     p.add_argument("--api-socket", default=API_SOCKET,
@@ -113,10 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if net.version != 4 or net.num_addresses < 4:
             p.error(f"--pod-cidr {a.pod_cidr}: need an IPv4 range with room for gateway "
                     "and pods")
-    host, _, port = a.of_listen.rpartition(":")
-    if not ipaddress.ip_address(host).is_loopback:
-        p.error(f"--of-listen {a.of_listen}: the OpenFlow listener must be on loopback")
-    a.of_host, a.of_port = host, int(port)
+    ovs_rundir = (os.path.dirname(a.ovsdb[5:]) if a.ovsdb.startswith("unix:")
+                  else "/var/run/openvswitch")
+    a.of_socket = a.of_socket or os.path.join(ovs_rundir, "flowcni", f"{a.bridge}.sock")
+    if not os.path.isabs(a.of_socket) or len(a.of_socket.encode()) > 107:
+        p.error(f"--of-socket {a.of_socket}: need an absolute path of at most 107 bytes")
     if a.mtu and not 576 <= a.mtu <= 65535:
         p.error(f"--mtu {a.mtu}: out of range 576..65535")
     return a
@@ -183,7 +189,8 @@ class Agent:
         dptype = default_datapath_type() if a.datapath_type == "auto" else a.datapath_type
         self.datapath_type = dptype
         self.ovsdb = OVSDB(a.ovsdb)
-        self.ovsdb.ensure_bridge(a.bridge, dptype, f"tcp:{a.of_host}:{a.of_port}")
+        self.ovsdb.ensure_bridge(a.bridge, dptype, ofapp.controller_target(a.of_socket))
+        self.dpid = self.ovsdb.pin_datapath_id(a.bridge)
         hostnet.set_forwarding()
         hostnet.nft((hostnet.isolation_rules() if dptype == "netdev" else "")
                     + hostnet.masquerade_rules(cfg.cluster_cidr, cfg.ip_masq))
@@ -218,6 +225,13 @@ class Agent:
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
         self.applied_revision = 0
+        # The store as last seen by the monitor thread: status() never reads the
+        # store itself, so a locked or unreachable store cannot stall the agent
+        # API (nor fail a liveness probe and get a healthy agent restarted).
+        self._ds_revision: int | None = None
+        self._ds_error: str | None = None
+        self._ds_probe_since: float | None = None
+        self._ds_last_read_s = 0.0
         if self.store:
             self._list_and_watch(self.store)
         else:
@@ -252,6 +266,35 @@ class Agent:
                          name="store-watch", daemon=True).start()
         threading.Thread(target=refresh_neighbors, args=(self.peers, self.stop_event),
                          name="neigh-refresh", daemon=True).start()
+        self._ds_revision = rev
+        threading.Thread(target=self._datastore_monitor, args=(store,), name="store-health",
+                         daemon=True).start()
+
+    def _datastore_monitor(self, store: Datastore, period: float = 1.0) -> None:
+        """Read the store's revision once a period, off every request path."""
+        while not self.stop_event.is_set():
+            t0 = self._ds_probe_since = time.monotonic()
+            try:
+                self._ds_revision = store.revision()
+                self._ds_error = None
+            except Exception as e:
+                self._ds_error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            self._ds_last_read_s = time.monotonic() - t0
+            self._ds_probe_since = None
+            self.stop_event.wait(period)
+
+    def datastore_health(self, stall: float = 1.0) -> dict[str, Any]:
+        """Reachable unless the last read failed or took, or the current one takes,
+        more than `stall` seconds (a healthy read takes milliseconds)."""
+        if not self.store:
+            return {"datastore_reachable": None, "datastore_error": None}
+        since = self._ds_probe_since
+        error = self._ds_error
+        if error is None and since is not None and time.monotonic() - since > stall:
+            error = f"no answer for {time.monotonic() - since:.1f}s"
+        elif error is None and self._ds_last_read_s > stall:
+            error = f"last read took {self._ds_last_read_s:.1f}s"
+        return {"datastore_reachable": error is None, "datastore_error": error}
 
     def _on_changes(self, batch: list[Change]) -> None:
         t = time.perf_counter()
@@ -346,7 +389,7 @@ class Agent:
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
                 self.realized_revision))
-        app = ofapp.start(self.args.of_host, self.args.of_port)
+        app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
         app.on_packet_in = self.traceflow.packet_in
@@ -390,12 +433,14 @@ class Agent:
             "tunnel_ofport": self.tun_ofport,
             "remote_nodes": sorted(self.peers.nodes),
             "datastore": self.args.datastore,
-            "datastore_revision": self.store.revision() if self.store else None,
+            "datastore_revision": self._ds_revision,
+            **self.datastore_health(),
             "applied_revision": self.realized_revision(),
             "gateway": {"ip": self.gateway.ip, "mac": self.gateway.mac,
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
+            "pod_keys_in_flight": self.pods.keys_in_flight(),
             "flows": len(self.flows.desired_flows()), "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }

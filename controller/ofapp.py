@@ -1,5 +1,16 @@
 """The os-ken app: OpenFlow connection to the node's bridge, request/reply by xid, bundles.
 
+Who may be "the switch" is the security boundary of the agent: whoever holds
+the OpenFlow session gets the full flow set and receives every later change,
+so an impostor silently takes the node's pods off the network. The agent
+therefore has no TCP endpoint at all. It listens on a unix socket in a
+root-only directory (ovs-vswitchd connects to it as its controller
+`unix:PATH`), accepts only peers whose credentials are root's (or its own), only
+the datapath id it expects for its bridge, and never lets a second session
+displace a live one: the newcomer is closed and the live session kept. When
+the live session dies, ovs-vswitchd reconnects by itself (its controller
+backoff), so the agent recovers without a restart.
+
 os-ken runs with its native (threading) hub: no eventlet, no monkey
 patching. Its event thread only records replies and hands connection changes
 to the agent; every blocking exchange (bundle, barrier, stats) is made from
@@ -10,9 +21,13 @@ on it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
+import stat
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,11 +37,14 @@ os.environ.setdefault("OSKEN_HUB_TYPE", "native")
 from os_ken import cfg  # noqa: E402
 from os_ken.base import app_manager  # noqa: E402
 from os_ken.controller import ofp_event  # noqa: E402
+from os_ken.controller.controller import Datapath  # noqa: E402
 from os_ken.controller.handler import (  # noqa: E402
     DEAD_DISPATCHER,
     MAIN_DISPATCHER,
     set_ev_cls,
 )
+from os_ken.controller.ofp_handler import OFPHandler  # noqa: E402
+from os_ken.lib import hub  # noqa: E402
 from os_ken.ofproto import ofproto_v1_3  # noqa: E402
 
 LOG = logging.getLogger(__name__)
@@ -189,17 +207,36 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
         self.on_connect: Callable[[Switch], None] | None = None
         self.on_disconnect: Callable[[Switch], None] | None = None
         self.on_packet_in: Callable[[Any], None] | None = None
+        # The datapath id of the agent's bridge; sessions from any other are refused.
+        self.expected_dpid: Callable[[], int | None] | None = None
         self._lock = threading.Lock()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
     def _state_change(self, ev: Any) -> None:
         dp = ev.datapath
         if ev.state == MAIN_DISPATCHER:
-            sw = Switch(dp)
+            want = self.expected_dpid() if self.expected_dpid else None
+            if want is not None and dp.id != want:
+                LOG.error("refusing OpenFlow peer with datapath id %016x: the bridge's is "
+                          "%016x", dp.id or 0, want)
+                dp.close()
+                return
             with self._lock:
-                old, self.switch = self.switch, sw
-            if old is not None:
-                old.on_dead()
+                cur = self.switch
+                if cur is not None and cur.alive and cur.dp.is_active:
+                    refused = True
+                else:
+                    refused = False
+                    self.switch = sw = Switch(dp)
+            if refused:
+                # A live session is never displaced: if it is really dead, its
+                # echo timeout ends it and ovs-vswitchd reconnects.
+                LOG.error("refusing a second OpenFlow session for datapath %016x while "
+                          "one is live", dp.id or 0)
+                dp.close()
+                return
+            if cur is not None:
+                cur.on_dead()
             LOG.info("switch %016x connected", dp.id or 0)
             if self.on_connect:
                 self.on_connect(sw)
@@ -238,18 +275,124 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
             sw.on_reply(ev.msg)
 
 
-def start(listen_host: str, listen_port: int) -> FlowcniOFApp:
-    """Start os-ken's OpenFlow listener and our app in this process; return the app."""
+class _UnixSocket(socket.socket):
+    """An accepted unix stream socket that os-ken's Datapath can take.
+
+    Datapath sets TCP_NODELAY on whatever socket it gets; that option has no
+    meaning on a unix socket, so it is ignored here.
+    """
+
+    def setsockopt(self, level: int, optname: int, value: Any, *rest: Any) -> None:
+        if level == socket.IPPROTO_TCP:
+            return
+        super().setsockopt(level, optname, value, *rest)
+
+
+class UnixOFPHandler(OFPHandler):  # type: ignore[misc]
+    """os-ken's handshake handler without its TCP listener (we accept on a unix socket)."""
+
+    def start(self) -> Any:
+        return app_manager.OSKenApp.start(self)
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def private_dir(path: str) -> None:
+    """Make `path` a directory only root (the agent's user) can enter.
+
+    An existing directory owned by someone else is refused: whoever owns it
+    could swap the socket for their own.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OFError(f"{path} is not a directory owned by uid {os.geteuid()}: refusing to "
+                      "put the OpenFlow socket there")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+class UnixListener:
+    """Accepts ovs-vswitchd's controller connections on a unix socket in a private dir."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        private_dir(os.path.dirname(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            uid = peer_uid(conn)
+            if uid not in (0, os.geteuid()):
+                LOG.error("refusing OpenFlow peer with uid %d on %s", uid, self.path)
+                conn.close()
+                continue
+            sock = _UnixSocket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.detach())
+            hub.spawn(_serve, sock, self.path)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Datapath(Datapath):  # type: ignore[misc]
+    """os-ken's Datapath, reporting its death as soon as the peer hangs up.
+
+    os-ken reports DEAD only after its echo thread wakes up (up to
+    echo_request_interval later); until then a reconnecting ovs-vswitchd
+    would find the old session still live and be refused.
+    """
+
+    def _recv_loop(self) -> None:
+        try:
+            super()._recv_loop()
+        finally:
+            self.set_state(DEAD_DISPATCHER)
+
+
+def _serve(sock: socket.socket, address: str) -> None:
+    with contextlib.closing(_Datapath(sock, address)) as dp:
+        try:
+            dp.serve()
+        except Exception:
+            LOG.exception("OpenFlow session on %s failed", address)
+
+
+def controller_target(socket_path: str) -> str:
+    """The Controller row target that makes ovs-vswitchd connect to our socket."""
+    return f"unix:{socket_path}"
+
+
+def start(socket_path: str, dpid: int) -> FlowcniOFApp:
+    """Start os-ken (handshake handler and our app) and our unix listener; return the app.
+
+    Only sessions from datapath `dpid` are accepted."""
     conf = cfg.CONF
     conf(args=[], project="os_ken")
-    conf.set_override("ofp_listen_host", listen_host)
-    conf.set_override("ofp_tcp_listen_port", listen_port)
-    conf.set_override("echo_request_interval", 5.0)
+    conf.set_override("echo_request_interval", 2.0)
     conf.set_override("maximum_unreplied_echo_requests", 3)
     mgr = app_manager.AppManager.get_instance()
-    mgr.load_apps(["os_ken.controller.ofp_handler", __name__])
+    mgr.load_apps([__name__])
+    # os-ken pulls in its handshake handler, which would listen on TCP 6653:
+    # the same handler minus the listener takes its place.
+    mgr.applications_cls["os_ken.controller.ofp_handler"] = UnixOFPHandler
     contexts = mgr.create_contexts()
     mgr.instantiate_apps(**contexts)
     app = mgr.applications["FlowcniOFApp"]
     assert isinstance(app, FlowcniOFApp)
+    app.expected_dpid = lambda: dpid
+    listener = UnixListener(socket_path)
+    threading.Thread(target=listener.serve_forever, name="of-listen", daemon=True).start()
     return app

@@ -13,7 +13,6 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass
@@ -22,15 +21,20 @@ from typing import Any
 from flowcni.cni import podif, spec
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.keylocks import KeyLocks
 from flowcni.controller.ofapp import OFError
 from flowcni.controller.podrecords import LABELS_ARG, LabelError, PodRecords, parse_labels
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
 from flowcni.ovsdb.bridge import OVSDB, OVSDBError
+from ovsdbapp.exceptions import TimeoutException
 
 LOG = logging.getLogger(__name__)
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+# How long an ADD waits for the switch to be (back) in sync before answering 11.
+READY_WAIT_S = 2.0
 
 
 class CNIFailure(Exception):
@@ -111,6 +115,12 @@ class Laps:
         return f"{total:.1f} ms: " + ", ".join(f"{s} {ms:.1f}" for s, ms in self.steps)
 
 
+def short_error(e: BaseException, limit: int = 200) -> str:
+    """One line a person can read: ovsdbapp's errors carry the repr of every command."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def attachment_key(container_id: str, ifname: str) -> str:
     return f"{container_id}/{ifname}"
 
@@ -125,15 +135,17 @@ class PodManager:
         self.records = records  # embedded store only: the agent plays kubelet
         self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
+        self._key_locks = KeyLocks()
         self.attachments: dict[str, Attachment] = {}
         self.on_change: Callable[[], None] = lambda: None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="teardown")
-        self._pending: deque[Future[None]] = deque(maxlen=1024)
+        # Background teardowns not finished yet; each removes itself when done.
+        self._pending: set[Future[None]] = set()
 
-    def _klock(self, key: str) -> threading.Lock:
-        with self._lock:
-            return self._key_locks.setdefault(key, threading.Lock())
+    def keys_in_flight(self) -> int:
+        """Attachments with a request (or a DEL's background teardown) in progress;
+        0 on an idle node, since a key's lock lives only that long."""
+        return len(self._key_locks)
 
     # -- start-up ----------------------------------------------------------------
 
@@ -224,10 +236,13 @@ class PodManager:
             podif.check_netns(netns)
         except podif.PodIfError as e:
             raise CNIFailure(e.code, str(e)) from e
-        if not self._ready(10.0):
-            raise CNIFailure(spec.ERR_TRY_AGAIN_LATER, "agent not connected to Open vSwitch yet")
+        # Fail fast while the switch is away: the runtime retries, and a request
+        # parked here would only hold the runtime's sandbox set-up.
+        if not self._ready(READY_WAIT_S):
+            raise CNIFailure(spec.ERR_TRY_AGAIN_LATER, "Open vSwitch is not connected to the "
+                             "agent (ovs-vswitchd down or restarting); try again later")
         mtu = int(conf.get("mtu") or self.mtu)
-        with self._klock(key):
+        with self._key_locks.held(key):
             if key in self.attachments:
                 return self.result(self._repeat(self.attachments[key], netns, want))
             host = podif.host_ifname(cid, ifname)
@@ -262,7 +277,13 @@ class PodManager:
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
                 except Exception as e:
-                    raise CNIFailure(spec.ERR_IO_FAILURE, f"adding OVS port {host}: {e}") from e
+                    if isinstance(e, TimeoutException) or not self.flows.synced.is_set():
+                        # ovs-vswitchd did not apply the port (gone, frozen, restarting)
+                        raise CNIFailure(spec.ERR_TRY_AGAIN_LATER,
+                                         f"adding OVS port {host}: Open vSwitch "
+                                         "is not connected; try again later") from e
+                    raise CNIFailure(spec.ERR_IO_FAILURE,
+                                     f"adding OVS port {host}: {short_error(e)}") from e
                 finally:
                     undo.append(lambda: self.ovsdb.del_port(host))
                 a = Attachment(**{**asdict(a), "ofport": ofport})
@@ -309,14 +330,16 @@ class PodManager:
                              f"runtimeConfig.mac: {a.key} already has {a.mac}, not {want.mac}")
         return a
 
-    def _teardown(self, key: str, host: str, lock: threading.Lock | None = None) -> Laps:
+    def _teardown(self, key: str, host: str,
+                  release: Callable[[], None] | None = None) -> Laps:
         """Flows and OVS port now; the veth and the lease in the background.
 
         Deleting a veth is the kernel's slowest step (20-30 ms here) and
         nothing the runtime does next depends on it, so DEL answers once the
         pod is cut off from the pipeline. The key's lock, if given, is held
         until the background part is done, so an ADD for the same container
-        waits for it instead of finding a half-deleted interface.
+        waits for it instead of finding a half-deleted interface (`release`
+        gives it back).
         """
         lap = Laps()
         try:
@@ -337,24 +360,35 @@ class PodManager:
             except Exception:
                 LOG.exception("finishing teardown of %s", key)
             finally:
-                if lock is not None:
-                    lock.release()
+                if release is not None:
+                    release()
 
-        self._pending.append(self._pool.submit(finish))
+        fut = self._pool.submit(finish)
+        with self._lock:
+            self._pending.add(fut)
+        fut.add_done_callback(self._finished)
         return lap
+
+    def _finished(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(fut)
 
     def drain(self) -> None:
         """Wait for background teardowns (tests and shutdown)."""
-        while self._pending:
-            self._pending.pop().result()
+        while True:
+            with self._lock:
+                fut = next(iter(self._pending), None)
+            if fut is None:
+                return
+            fut.result()
+            self._finished(fut)
 
     def delete(self, req: dict[str, Any]) -> None:
         """Idempotent: an unknown container or a missing netns is a success."""
         cid, ifname = req["containerID"], req["ifname"]
         key = attachment_key(cid, ifname)
         args = req.get("args") or {}
-        lock = self._klock(key)
-        lock.acquire()
+        self._key_locks.acquire(key)
         try:
             a = self.attachments.get(key)
             ns, name = ((a.namespace, a.name) if a else
@@ -369,9 +403,10 @@ class PodManager:
                                      f"removing pod {ns}/{name} from the datastore: {e}") from e
             self.attachments.pop(key, None)
             host = a.host_if if a else podif.host_ifname(cid, ifname)
-            lap = self._teardown(key, host, lock)  # releases the lock when done
+            # The key stays locked until the background part is done.
+            lap = self._teardown(key, host, lambda: self._key_locks.release(key))
         except BaseException:
-            lock.release()
+            self._key_locks.release(key)
             raise
         LOG.info("DEL %s (%s)", key, lap)
         self.on_change()
@@ -416,8 +451,4 @@ class PodManager:
         self.drain()
         removed += self.ipam.gc(valid | set(self.attachments),
                                 lambda meta: meta.get("network", "") in (network, ""))
-        with self._lock:  # forget the locks of keys that are gone and idle
-            for k in [k for k, lk in self._key_locks.items()
-                      if k not in self.attachments and not lk.locked()]:
-                del self._key_locks[k]
         return removed

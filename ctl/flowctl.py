@@ -35,6 +35,7 @@ from flowcni.ctl.providers import (
     select,
 )
 from flowcni.ctl.trace import PROTOS, Tracer
+from flowcni.datastore.store import StoreError
 from flowcni.flows.tables import DEFAULT as PIPELINE
 
 TABLES = list(PIPELINE.ids)
@@ -514,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc: int = a.func(a)
         return rc
-    except (RuntimeError, OSError) as e:  # CLIError, ProviderError, AgentError, TraceError..
+    except (RuntimeError, OSError, StoreError) as e:  # CLIError, ProviderError, AgentError,
+        # TraceError; StoreError: e.g. the store is locked
         print(f"flowctl: {e}", file=sys.stderr)
         return 1
 

@@ -12,6 +12,7 @@ one write transaction, so two nodes can never get overlapping ranges.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -45,6 +46,28 @@ CREATE TABLE IF NOT EXISTS log (
 
 class StoreError(ValueError):
     """A write the store refuses; the message names the field and the conflict."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be read or written (locked, busy or unreadable file)."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _unavailable_as_error(fn: F) -> F:
+    """sqlite's OperationalError ("database is locked", "locking protocol") as a
+    StoreUnavailable naming the file and how long it was tried, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(
+                f"datastore {self.path} unreachable after {time.monotonic() - t0:.1f}s "
+                f"(tried for up to {self.timeout:g}s): {e}") from e
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -120,15 +143,17 @@ class Change:
 class Store:
     """SQLite-backed store; safe to share between processes (WAL, busy timeout)."""
 
-    def __init__(self, path: str) -> None:
+    @_unavailable_as_error
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path = path
+        self.timeout = timeout  # how long a locked store is waited for
         self._local = threading.local()
         self._db().executescript(SCHEMA)  # idempotent; executescript commits by itself
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
@@ -147,12 +172,14 @@ class Store:
 
     # -- cluster configuration ------------------------------------------------------
 
+    @_unavailable_as_error
     def set_cluster(self, cfg: ClusterConfig) -> None:
         cfg.validate()
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('cluster', ?)",
                        (json.dumps(cfg.__dict__),))
 
+    @_unavailable_as_error
     def cluster(self) -> ClusterConfig:
         row = self._db().execute("SELECT value FROM meta WHERE key='cluster'").fetchone()
         return ClusterConfig(**json.loads(row[0])) if row else ClusterConfig()
@@ -168,10 +195,12 @@ class Store:
                    (kind, ns, name, json.dumps(body, sort_keys=True), rev))
         return rev
 
+    @_unavailable_as_error
     def put(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> int:
         with self._tx() as db:
             return self._put(db, kind, namespace, name, body)
 
+    @_unavailable_as_error
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
@@ -182,21 +211,25 @@ class Store:
                        (kind, namespace, name))
             return True
 
+    @_unavailable_as_error
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         row = self._db().execute(
             "SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
             (kind, namespace, name)).fetchone()
         return json.loads(row[0]) if row else None
 
+    @_unavailable_as_error
     def objects(self, kind: str) -> list[dict[str, Any]]:
         rows = self._db().execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
                                   (kind,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    @_unavailable_as_error
     def revision(self) -> int:
         row = self._db().execute("SELECT COALESCE(MAX(rev), 0) FROM log").fetchone()
         return int(row[0])
 
+    @_unavailable_as_error
     def changes(self, since: int) -> list[Change]:
         """Every change after revision `since`, with the object's current body."""
         rows = self._db().execute(
@@ -224,6 +257,7 @@ class Store:
 
     # -- nodes -------------------------------------------------------------------------
 
+    @_unavailable_as_error
     def register_node(self, name: str, node_ip: str, pod_cidr: str | None = None) -> str:
         """Record a node; return its pod CIDR (kept, requested, or the first free one)."""
         cfg = self.cluster()
@@ -269,5 +303,6 @@ class Store:
                                              "registered": time.time()})
         return str(want)
 
+    @_unavailable_as_error
     def nodes(self) -> list[dict[str, Any]]:
         return self.objects("Node")

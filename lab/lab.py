@@ -188,7 +188,46 @@ class Lab:
                 st: dict[str, Any] = json.load(f)
                 return st
         except FileNotFoundError:
-            return {"prefix": self.prefix, "nodes": [], "pods": []}
+            return {"prefix": self.prefix, "nodes": [], "pods": [], "netns": []}
+
+    def _netns_add(self, name: str) -> None:
+        """Create a netns, recorded first: a crash between the two leaves a name `down`
+        finds in the state (and deletes only if it exists), never an unknown netns."""
+        if netns.exists(name):
+            raise LabError(f"network namespace {name} already exists and is not this lab's")
+        with self._locked() as st:
+            st.setdefault("netns", [])
+            if name not in st["netns"]:
+                st["netns"].append(name)
+        try:
+            run(["ip", "netns", "add", name])
+        except BaseException:
+            self._forget_netns(name)  # not made (or someone else's by now): not ours to delete
+            raise
+        try:
+            run(["ip", "-n", name, "link", "set", "lo", "up"])
+        except BaseException:
+            self._netns_del(name)
+            raise
+
+    def _netns_del(self, name: str) -> None:
+        netns.delete(name)
+        self._forget_netns(name)
+
+    def _forget_netns(self, name: str) -> None:
+        with self._locked() as st:
+            st["netns"] = [n for n in st.get("netns", []) if n != name]
+
+    def recorded_netns(self) -> list[str]:
+        """Every netns this lab made and has not removed yet, from its state file."""
+        st = self._read()
+        names = list(st.get("netns", []))
+        names += [n["netns"] for n in st["nodes"]] + [p["netns"] for p in st["pods"]]
+        if "netns" not in st and os.path.exists(self.state_path):
+            # A state file written before netns were recorded: its shared namespaces.
+            prefix = st.get("prefix") or self.prefix
+            names += [f"{prefix}underlay", f"{prefix}external"]
+        return sorted(set(names))
 
     def nodes(self) -> list[Node]:
         return [Node(**n) for n in self._read()["nodes"]]
@@ -263,11 +302,11 @@ class Lab:
     def _underlay_up(self) -> None:
         """A Linux bridge in its own netns joins the nodes; `external` plays the outside."""
         u = self.underlay_ns
-        netns.add(u)
+        self._netns_add(u)
         run(["ip", "-n", u, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", u, "link", "set", "br0", "up"])
         ext = self.external_ns
-        netns.add(ext)
+        self._netns_add(ext)
         self._uplink(ext, "x", EXTERNAL_UNDERLAY_IP)
         run(["ip", "-n", ext, "addr", "add", f"{EXTERNAL_IP}/32", "dev", "lo"])
 
@@ -291,7 +330,7 @@ class Lab:
                     os.path.join(self.base, name))
         with self._locked() as st:
             st["nodes"].append(asdict(node))
-        netns.add(node.netns)
+        self._netns_add(node.netns)
         self._uplink(node.netns, str(i), None)
         # eth0 belongs to br-phy; with the userspace datapath it is still a kernel
         # interface, and the node's stack would answer ARP for the node IP on it
@@ -324,13 +363,13 @@ class Lab:
         node = self.node(name)
         for p in self.pods():
             if p.node == name:
-                netns.delete(p.netns)
+                self._netns_del(p.netns)
                 self.datastore.pod_deleted(p)
         if node.agent_pid:
             kill_wait(node.agent_pid, timeout=3)
         self.datastore.node_removed(node)
         node.ovs.stop()
-        netns.delete(node.netns)
+        self._netns_del(node.netns)
         run(["ip", "-n", self.underlay_ns, "link", "del", f"u{node.index}"], check=False)
         shutil.rmtree(node.rundir, ignore_errors=True)
         with self._locked() as st:
@@ -394,7 +433,11 @@ class Lab:
         return node
 
     def down(self) -> list[str]:
-        """Remove every process, namespace and file of the lab; return what was removed."""
+        """Remove every process, namespace and file of the lab; return what was removed.
+
+        Only what the state file records is removed: another lab's namespaces,
+        or anyone's that merely share the prefix, are left alone. A lab that
+        crashed half-way recorded each namespace before making it."""
         removed = []
         st = self._read()
         for n in st["nodes"]:
@@ -402,9 +445,10 @@ class Lab:
             if node.agent_pid:
                 kill_wait(node.agent_pid, timeout=3)
             node.ovs.stop()
-        for name in netns.listing(st.get("prefix") or self.prefix):
-            netns.delete(name)
-            removed.append(name)
+        for name in self.recorded_netns():
+            if netns.exists(name):
+                netns.delete(name)
+                removed.append(name)
         shutil.rmtree(self.base, ignore_errors=True)
         return removed
 
@@ -447,11 +491,11 @@ class Lab:
             raise LabError(f"pod {namespace}/{name} already exists")
         pod = Pod(name, namespace, node.name, f"{self.prefix}p-{namespace}-{name}",
                   secrets.token_hex(32), labels=labels or {}, ports=ports or [])
-        netns.add(pod.netns)
+        self._netns_add(pod.netns)
         try:
             res = self.run_plugin("ADD", pod, node)
         except Exception:
-            netns.delete(pod.netns)
+            self._netns_del(pod.netns)
             raise
         pod.ip = res["ips"][0]["address"].split("/")[0]
         pod.mac = res["interfaces"][res["ips"][0].get("interface", 0)]["mac"]
@@ -463,7 +507,7 @@ class Lab:
     def pod_del(self, ref: str) -> Pod:
         pod = self.pod(ref)
         self.run_plugin("DEL", pod, self.node(pod.node))
-        netns.delete(pod.netns)
+        self._netns_del(pod.netns)
         self.datastore.pod_deleted(pod)
         with self._locked() as st:
             st["pods"] = [p for p in st["pods"]

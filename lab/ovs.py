@@ -60,6 +60,11 @@ class OVS:
         self.vsctl("--no-wait", "init")
         self.vsctl("--no-wait", "set", "Open_vSwitch", ".",
                    f"other_config:userspace-tso-enable={'true' if tso else 'false'}")
+        self.start_vswitchd()
+
+    def start_vswitchd(self) -> None:
+        """(Re)start ovs-vswitchd alone, against the running ovsdb-server."""
+        r = self.rundir
         run(netns.exec_argv(self.ns, [
             "ovs-vswitchd", self.remote, f"--pidfile={r}/ovs-vswitchd.pid",
             f"--unixctl={r}/ovs-vswitchd.ctl", f"--log-file={r}/ovs-vswitchd.log",

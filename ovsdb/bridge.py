@@ -28,6 +28,16 @@ OWNER_KEY = "flowcni-owner"
 PROTOCOLS = ["OpenFlow10", "OpenFlow13", "OpenFlow15"]
 
 
+def _loopback_tcp(target: str) -> bool:
+    """A TCP controller target on loopback: what flowcni agents used before unix sockets."""
+    kind, _, rest = target.partition(":")
+    return kind == "tcp" and (rest.startswith("127.") or rest.startswith("[::1]"))
+
+
+def _is_dpid(s: str) -> bool:
+    return len(s) == 16 and all(c in "0123456789abcdefABCDEF" for c in s) and int(s, 16) != 0
+
+
 class OVSDBError(RuntimeError):
     """An OVSDB operation did not do what was asked."""
 
@@ -76,13 +86,72 @@ class OVSDB:
         if br.datapath_type != datapath_type:
             raise OVSDBError(f"bridge {name} has datapath_type {br.datapath_type!r}, "
                              f"want {datapath_type!r}: delete it or pass --datapath-type")
-        targets = [c.target for c in br.controller]
-        if controller not in targets:
-            LOG.info("adding controller %s to %s (existing: %s)", controller, name, targets)
-            with api.transaction(check_error=True) as txn:
-                ctl = txn.add(api.db_create("Controller", target=controller,
+        self._ensure_controller(name, controller)
+
+    def _ensure_controller(self, name: str, target: str) -> None:
+        """Make `target` the bridge's controller without ever emptying its controller set.
+
+        OVS flushes a bridge's flows when it goes from some controllers to
+        none (or back), so a row is never deleted and recreated: an agent of
+        an older version left a loopback TCP row (reachable by any local
+        user), and that row is turned into ours in place, in the same
+        transaction that drops other loopback TCP rows.
+        """
+        api = self.api
+        br = self._bridge(name)
+        rows = list(br.controller)
+        if [c.target for c in rows] == [target]:
+            self._tune_controller(rows[0])
+            return
+        stale = [c for c in rows if c.target == target or _loopback_tcp(c.target)]
+        keep = [c for c in rows if c not in stale]
+        if keep:
+            LOG.warning("bridge %s has other controllers %s: left in place",
+                        name, [c.target for c in keep])
+        with api.transaction(check_error=True) as txn:
+            if stale:
+                mine = next((c for c in stale if c.target == target), stale[0])
+                LOG.info("bridge %s: controller %s becomes %s (same row: no flush)",
+                         name, mine.target, target)
+                txn.add(api.db_set("Controller", mine.uuid, ("target", target),
+                                   ("connection_mode", "out-of-band")))
+                for c in stale:
+                    if c is not mine:
+                        txn.add(api.db_remove("Bridge", name, "controller", c.uuid))
+            else:
+                LOG.info("adding controller %s to %s", target, name)
+                ctl = txn.add(api.db_create("Controller", target=target,
                                             connection_mode="out-of-band"))
                 txn.add(api.db_add("Bridge", name, "controller", ctl))
+        for c in self._bridge(name).controller:
+            if c.target == target:
+                self._tune_controller(c)
+
+    def _tune_controller(self, row: Any) -> None:
+        """Reconnect within a second when the agent's session dies (OVS default: up to 8 s)."""
+        if row.max_backoff != [1000]:
+            self.api.db_set("Controller", row.uuid, ("max_backoff", 1000)).execute(
+                check_error=True)
+
+    def pin_datapath_id(self, name: str) -> int:
+        """The bridge's datapath id, pinned in other_config so it never changes.
+
+        The agent accepts OpenFlow sessions only from this datapath id. Left
+        to itself OVS may derive it from a MAC that changes across restarts,
+        so it is written down once (the id OVS uses now, or a random
+        locally administered one if OVS has not chosen yet).
+        """
+        br = self._bridge(name)
+        pinned = dict(br.other_config).get("datapath-id", "")
+        if _is_dpid(pinned):
+            return int(pinned, 16)
+        cur = br.datapath_id[0] if isinstance(br.datapath_id, list) and br.datapath_id \
+            else br.datapath_id
+        dpid = cur if isinstance(cur, str) and _is_dpid(cur) else \
+            f"{(int.from_bytes(os.urandom(6), 'big') | (1 << 41)) & ~(1 << 40):016x}"
+        self.api.db_set("Bridge", name, ("other_config", {"datapath-id": dpid})).execute(
+            check_error=True)
+        return int(dpid, 16)
 
     def _bridge(self, name: str) -> Any:
         return idlutils.row_by_value(self.api.idl, "Bridge", "name", name)
