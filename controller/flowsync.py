@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,11 +79,17 @@ class FlowSync:
         # Desired changes made while the switch was away, waiting for the next full sync.
         self._pending = False
         self._installed_cv = threading.Condition(self._lock)
-        self.stats = {"bundles": 0, "bundle_errors": 0, "full_syncs": 0}
+        self.stats: dict[str, float] = {"bundles": 0, "bundle_errors": 0, "full_syncs": 0,
+                                        "last_full_sync_s": 0.0}
 
     def desired_flows(self) -> list[Flow]:
         with self._lock:
             return [f for fl in self._desired.values() for f in fl.values()]
+
+    def flow_count(self) -> int:
+        """How many flows are desired, without building the list (status polls this)."""
+        with self._lock:
+            return sum(len(fl) for fl in self._desired.values())
 
     def owners(self) -> dict[str, int]:
         with self._lock:
@@ -173,6 +180,7 @@ class FlowSync:
     def full_sync(self, sw: Switch) -> None:
         """Take a new round: install everything, drop all other rounds, atomically."""
         with self._lock:
+            t0 = time.perf_counter()
             self.synced.clear()
             self.switch = sw
             rnd = self._new_round()
@@ -183,10 +191,12 @@ class FlowSync:
             self.round = rnd
             self._installed = index(flows)
             self.stats["full_syncs"] += 1
+            self.stats["last_full_sync_s"] = time.perf_counter() - t0
             self._pending = False
             self._installed_cv.notify_all()
             self.synced.set()
-            LOG.info("round %d: %d flows installed", rnd, len(flows))
+            LOG.info("round %d: %d flows installed in %.2fs", rnd, len(flows),
+                     self.stats["last_full_sync_s"])
 
     # -- drift -------------------------------------------------------------------
 
