@@ -55,6 +55,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,7 @@ def ovs_flows(node: Node) -> int:
 def wait_applied(node: Node, target: int, timeout: float = 120.0,
                  poll: float = 0.002) -> float:
     """Poll the agent until it reports revision >= target applied; returns the time seen."""
-    cli = AgentClient(node.socket)
+    cli = AgentClient(node.socket, timeout=timeout)
     deadline = time.monotonic() + timeout
     while True:
         st = cli.status()
@@ -239,7 +240,7 @@ def wait_applied(node: Node, target: int, timeout: float = 120.0,
 
 def settled_revision(node: Node, timeout: float = 300.0) -> int:
     """The agent's datastore revision once it has applied everything it has seen."""
-    cli = AgentClient(node.socket)
+    cli = AgentClient(node.socket, timeout=timeout)
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
@@ -281,13 +282,15 @@ def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
         settled_revision(node)
 
         # 1. a fresh agent: list everything, one full sync
-        kill_wait(node.agent_pid)
+        old_pid = node.agent_pid
+        kill_wait(old_pid)
+        rec = Recorder(lab, old_pid, profile, kind) if profile else None
         t0 = time.monotonic()
         node = lab._start_agent(node)
         t_synced = time.monotonic() - t0
-        st = AgentClient(node.socket).status()
-        if profile:
-            spy(node.agent_pid, profile, kind)
+        if rec is not None:
+            rec.stop()
+        st = AgentClient(node.socket, timeout=60).status()
         emit({"datastore": kind, "flows": ovs_flows(node), "desired_flows": st["flows"],
               "agent_rss_mb": rss_mb(node.agent_pid),
               "full_sync_s": round(st["flow_stats"].get("last_full_sync_s", -1.0), 3),
@@ -352,15 +355,138 @@ def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
             stop()
 
 
-def spy(pid: int, out_dir: str, kind: str) -> None:
-    """A py-spy dump of the agent's threads right after sync (if py-spy is installed)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(exe):
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"dump-{kind}.txt"), "w") as f:
-        subprocess.run([exe, "dump", "--pid", str(pid)], stdout=f, stderr=subprocess.STDOUT,
-                       check=False)
+class Recorder:
+    """py-spy (from the venv, if installed) sampling the new agent from its start to synced.
+
+    The agent's pid is known only once the lab has spawned it, so a thread
+    watches the lab's state for it and attaches; collapsed stacks (one line
+    per stack, with its sample count) go to DIR/agent-start-KIND.txt.
+    """
+
+    def __init__(self, lab: Lab, old_pid: int, out_dir: str, kind: str) -> None:
+        self.exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.done = threading.Event()
+        os.makedirs(out_dir, exist_ok=True)
+        self.out = os.path.join(out_dir, f"agent-start-{kind}.txt")
+        if os.path.exists(self.exe):
+            threading.Thread(target=self._attach, args=(lab, old_pid), daemon=True).start()
+
+    def _attach(self, lab: Lab, old_pid: int) -> None:
+        while not self.done.is_set():
+            pid = lab.node("node1").agent_pid
+            if pid and pid != old_pid:
+                self.proc = subprocess.Popen(
+                    [self.exe, "record", "--pid", str(pid), "--rate", "50", "--threads",
+                     "--format", "raw", "--output", self.out, "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- in-process memory profile (no lab) ---------------------------------------------------
+
+class SerializingSwitch:
+    """Enough of ofapp.Switch for a full sync: serializes each message as os-ken would send it.
+
+    Holding only the byte count keeps the profile about the agent's own
+    objects, as a real connection's bounded send queue does.
+    """
+
+    def __init__(self) -> None:
+        from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser
+
+        class _Dp:
+            ofproto = ofproto_v1_3
+            ofproto_parser = ofproto_v1_3_parser
+            id = 1
+
+            def set_xid(self, msg: Any) -> None:
+                msg.set_xid(1)
+
+        self.dp = _Dp()
+        self.ofp, self.parser = ofproto_v1_3, ofproto_v1_3_parser
+        self.alive = True
+        self.sent_bytes = 0
+        self.messages = 0
+
+    def bundle(self, msgs: Any, timeout: float = 30.0) -> None:
+        for m in msgs:
+            add = self.parser.ONFBundleAddMsg(self.dp, 1, 0, m, [])
+            add.set_xid(1)
+            add.serialize()
+            self.sent_bytes += len(add.buf)
+            self.messages += 1
+
+
+def memory_profile(size: Size, top: int) -> None:
+    """What the agent holds at this size, stage by stage, with tracemalloc's top sites."""
+    import tracemalloc
+
+    from flowcni.controller.flowsync import FlowSync
+    from flowcni.flows.node import Gateway, node_flows
+    from flowcni.flows.policy import PolicyEngine
+    from flowcni.flows.tables import DEFAULT as PIPELINE
+    from flowcni.flows.tunnel import RemoteNode, remote_node_flows
+
+    tracemalloc.start(1)
+    gw = Gateway("10.244.1.1", "02:00:00:00:00:01", 2, "10.244.1.0/24")
+    fs = FlowSync(PIPELINE, lambda: 7)
+    stages = []
+
+    def stage(name: str, t0: float) -> None:
+        cur, peak = tracemalloc.get_traced_memory()
+        stages.append({"stage": name, "s": round(time.perf_counter() - t0, 2),
+                       "traced_mb": round(cur / 2**20, 1), "peak_mb": round(peak / 2**20, 1)})
+        tracemalloc.reset_peak()
+
+    t = time.perf_counter()
+    by_owner: dict[str, list[Any]] = {}
+    for f in node_flows(gw, PIPELINE):
+        by_owner.setdefault(f.owner, []).append(f)
+    for j in range(size.nodes):
+        b = remote_node(j)
+        n = RemoteNode(b["name"], b["nodeIP"], b["podCIDR"])
+        by_owner[n.owner] = remote_node_flows(n, gw, 3, PIPELINE)
+    fs.set_owners(by_owner)
+    stage("nodes", t)
+    t = time.perf_counter()
+    eng = PolicyEngine("node1", PIPELINE)
+    loc = [{"namespace": ns, "name": n, "labels": lb, "node": "node1",
+            "ip": f"10.244.1.{i + 2}", "ports": []}
+           for i, (ns, n, lb) in enumerate(local_pods(size))]
+    owners, problems = eng.load(namespaces(size), remote_pods(size) + loc,
+                                [policy(j, size) for j in range(size.policies)])
+    assert not problems, problems[:3]
+    stage("policy_engine_load", t)
+    t = time.perf_counter()
+    fs.set_owners(owners)
+    del owners
+    stage("desired_set", t)
+    t = time.perf_counter()
+    sw = SerializingSwitch()
+    fs.full_sync(sw)  # type: ignore[arg-type]
+    stage("full_sync", t)
+    snap = tracemalloc.take_snapshot()
+    for s in stages:
+        emit(s)
+    emit({"flows": fs.flow_count(), "owners": len(fs.owners()), "bundle_messages": sw.messages,
+          "bundle_mb": round(sw.sent_bytes / 2**20, 1)})
+    for st in snap.statistics("lineno")[:top]:
+        fr = st.traceback[0]
+        where = os.path.relpath(fr.filename, REPO) if REPO in fr.filename else fr.filename
+        emit({"site": f"{where}:{fr.lineno}", "mb": round(st.size / 2**20, 2),
+              "count": st.count})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,9 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default=os.environ.get("FLOWCNI_TEST_PREFIX", "fcb"),
                     help="names of this run's namespaces and /run dirs (default: "
                     "$FLOWCNI_TEST_PREFIX or fcb)")
-    ap.add_argument("--py-spy-dir", help="write a py-spy dump of the synced agent here")
+    ap.add_argument("--py-spy-dir", help="record the agent's start (py-spy, collapsed "
+                    "stacks) into this directory")
+    ap.add_argument("--memory-profile", action="store_true",
+                    help="no lab: build the agent's state in this process and print "
+                    "tracemalloc figures per stage and the top allocation sites")
     a = ap.parse_args(argv)
     size = QUICK if a.quick else FULL
+    if a.memory_profile:
+        memory_profile(size, top=15)
+        return 0
     kinds = ["sqlite", "kubernetes"] if a.datastore == "both" else [a.datastore]
     for k in kinds:
         run_one(k, size, a.prefix, a.py_spy_dir)

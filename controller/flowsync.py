@@ -10,6 +10,7 @@ overwritten in place, so traffic never sees a missing flow.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -70,7 +71,9 @@ class FlowSync:
         self.pipeline = pipeline
         self._new_round = new_round
         self._lock = threading.RLock()  # one writer at a time
-        self._desired: dict[str, dict[Key, Flow]] = {}
+        # owner -> its flows. A tuple, not a dict per owner: most owners (each
+        # shared policy match) have one flow, and 100k one-entry dicts cost 20 MB.
+        self._desired: dict[str, tuple[Flow, ...]] = {}
         self._owner_index: dict[Key, str] = {}
         self._installed: dict[Key, Flow] = {}
         self.switch: Switch | None = None
@@ -84,7 +87,7 @@ class FlowSync:
 
     def desired_flows(self) -> list[Flow]:
         with self._lock:
-            return [f for fl in self._desired.values() for f in fl.values()]
+            return [f for fl in self._desired.values() for f in fl]
 
     def flow_count(self) -> int:
         """How many flows are desired, without building the list (status polls this)."""
@@ -114,7 +117,7 @@ class FlowSync:
                     if holder not in (None, o) and holder not in news:
                         raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {o} "
                                          f"already belongs to {holder}")
-            olds = {o: self._desired.get(o, {}) for o in news}
+            olds = {o: index(self._desired.get(o, ())) for o in news}
             self._replace(news)
             old_all = {k: f for fl in olds.values() for k, f in fl.items()}
             new_all = {k: f for fl in news.values() for k, f in fl.items()}
@@ -145,10 +148,10 @@ class FlowSync:
     def _replace(self, sets: dict[str, dict[Key, Flow]]) -> None:
         """Swap owners' desired sets, keeping the flow -> owner index in step."""
         for o, new in sets.items():
-            for k in self._desired.pop(o, {}):
-                self._owner_index.pop(k, None)
+            for f in self._desired.pop(o, ()):
+                self._owner_index.pop(f.key, None)
             if new:
-                self._desired[o] = new
+                self._desired[o] = tuple(new.values())
                 for k in new:
                     self._owner_index[k] = o
 
@@ -169,7 +172,7 @@ class FlowSync:
         for f in adds:
             self._installed[f.key] = f
 
-    def _bundle(self, sw: Switch, msgs: list[Any]) -> None:
+    def _bundle(self, sw: Switch, msgs: Iterable[Any]) -> None:
         try:
             sw.bundle(msgs)
             self.stats["bundles"] += 1
@@ -185,11 +188,12 @@ class FlowSync:
             self.switch = sw
             rnd = self._new_round()
             flows = self.desired_flows()
-            msgs = [flow_add(sw, f, rnd, self.pipeline) for f in flows]
-            msgs += other_rounds_deletes(sw, rnd)
+            # A generator: each FlowMod is built, serialized and dropped in turn.
+            msgs = itertools.chain((flow_add(sw, f, rnd, self.pipeline) for f in flows),
+                                   other_rounds_deletes(sw, rnd))
             self._bundle(sw, msgs)
             self.round = rnd
-            self._installed = index(flows)
+            self._installed = {f.key: f for f in flows}
             self.stats["full_syncs"] += 1
             self.stats["last_full_sync_s"] = time.perf_counter() - t0
             self._pending = False

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 os.environ.setdefault("OSKEN_HUB_TYPE", "native")
@@ -121,14 +121,20 @@ class Switch:
     def barrier(self, timeout: float = 10.0) -> None:
         self.request(self.parser.OFPBarrierRequest(self.dp), timeout)
 
-    def bundle(self, msgs: Sequence[Any], timeout: float = 30.0) -> None:
+    def bundle(self, msgs: Iterable[Any], timeout: float = 30.0) -> None:
         """Apply `msgs` atomically in one ONF bundle, or not at all.
 
         A message rejected when it is added to the bundle does not abort the
         commit by itself, so errors are collected by xid and checked after a
         barrier, and the bundle is discarded if any arrived.
+
+        `msgs` may be a generator: each message is serialized as it is sent
+        and dropped, so a full sync of 100,000 flows never holds 100,000
+        os-ken message objects at once.
         """
-        if not msgs:
+        it = iter(msgs)
+        first = next(it, None)
+        if first is None:
             return
         ofp, parser = self.ofp, self.parser
         bid = self._xid()
@@ -137,14 +143,14 @@ class Switch:
                                              flags, []), timeout)
         xids = []
         try:
-            for m in msgs:
+            for m in itertools.chain((first,), it):
                 add = parser.ONFBundleAddMsg(self.dp, bid, flags, m, [])
                 xids.append(self.send(add))
             self.barrier(timeout)
             with self._lock:
                 errs = [self._errors.pop(x) for x in xids if x in self._errors]
             if errs:
-                raise OFError(f"{len(errs)} of {len(msgs)} bundled messages refused; "
+                raise OFError(f"{len(errs)} of {len(xids)} bundled messages refused; "
                               f"first: {describe_error(errs[0])}")
             self.request(parser.ONFBundleCtrlMsg(self.dp, bid, ofp.ONF_BCT_COMMIT_REQUEST,
                                                  flags, []), timeout)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowcni.flows.cookie import Feature
-from flowcni.flows.model import CT, Conjunction, Flow, MatchValue
+from flowcni.flows.model import CT, Conjunction, Flow, MatchValue, plain_ipv4
 from flowcni.flows.tables import DEFAULT, Pipeline
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -167,6 +167,10 @@ def _selector(v: Any, where: str) -> Selector:
 def _ipblock(v: Any, where: str) -> tuple[str, ...]:
     if not isinstance(v, dict) or "cidr" not in v:
         raise PolicyError(f"{where}.cidr: required")
+    cidr = v["cidr"]
+    if (isinstance(cidr, str) and cidr.endswith("/32") and not v.get("except")
+            and plain_ipv4(cidr[:-3])):
+        return (cidr,)  # one host: what the general path gives, without ipaddress
     try:
         block = ipaddress.ip_network(v["cidr"], strict=False)
     except ValueError as e:
@@ -454,8 +458,10 @@ class PolicyEngine:
         self.conj_ids: dict[tuple[str, int], int] = {}      # (rule key, index) -> id
         self.rule_of_conj: dict[int, str] = {}
         self._next_id = 1
-        # (table, priority, match) -> {contributor: action-or-"allow"}
-        self.contrib: dict[tuple[str, int, tuple[Any, ...]], dict[tuple[str, int], Any]] = {}
+        # (table, priority, match) -> {contributing conjunction id: action-or-"allow"}.
+        # Keyed by the id, not by (rule key, index): at 100k flows there are
+        # 600k contributions, and a tuple each was the engine's largest cost.
+        self.contrib: dict[tuple[str, int, tuple[Any, ...]], dict[int, Any]] = {}
         self.isolated: dict[str, tuple[bool, bool]] = {}    # local pod key -> (in, out)
         self._mkeys: dict[tuple[Any, ...], Flow] = {}
         self._templates: dict[tuple[str, tuple[Any, ...]], Flow] = {}
@@ -584,11 +590,12 @@ class PolicyEngine:
         for rk in rules:
             old_rule_flows = self._rule_flows(rk)
             for i, s in enumerate(self.subrules.get(rk, [])):
-                for key, _ in self._clauses(s, self.conj_ids.get((rk, i), 0) or 1):
+                cid = self._conj_id(rk, i)
+                for key, _ in self._clauses(s, cid):
                     touch(key)
                     c = self.contrib.get(key)
                     if c is not None:
-                        c.pop((rk, i), None)
+                        c.pop(cid, None)
             ns, name, _d, _i = rk.split("/")
             pol = self.world.policies.get(f"{ns}/{name}")
             rule = next((r for r in pol.rules if r.key == rk), None) if pol else None
@@ -598,9 +605,10 @@ class PolicyEngine:
             else:
                 self.subrules.pop(rk, None)
             for i, s in enumerate(new):
-                for key, act in self._clauses(s, self._conj_id(rk, i)):
+                cid = self._conj_id(rk, i)
+                for key, act in self._clauses(s, cid):
                     touch(key)
-                    self.contrib.setdefault(key, {})[(rk, i)] = act
+                    self.contrib.setdefault(key, {})[cid] = act
             new_rule_flows = self._rule_flows(rk)
             if new_rule_flows != old_rule_flows:
                 out[f"rule:{rk}"] = new_rule_flows
