@@ -617,7 +617,8 @@ class PolicyEngine:
                 del self.contrib[key]
             new_flows = self._match_flow(key)
             if new_flows != old_flows:
-                out[self._match_owner(key)] = new_flows
+                # The flow's own owner string: one copy per flow, not two.
+                out[new_flows[0].owner if new_flows else self._match_owner(key)] = new_flows
 
     def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
         for k in pods:
