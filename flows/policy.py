@@ -634,28 +634,51 @@ class PolicyEngine:
                 out[f"isolation:{k}"] = new_flows
 
     def _rules_touching_pods(self, pods: list[PodInfo]) -> set[str]:
-        """Rules whose selected set or peer set may contain any of these pods."""
+        """Rules whose selected set or peer set may contain any of these pods.
+
+        Indexed by namespace: a policy selects only pods of its own namespace,
+        and a peer without a namespaceSelector only pods of the policy's
+        namespace, so only peers with a namespaceSelector are checked across
+        namespaces, and which of those match a namespace is worked out once
+        per namespace. Checking every policy's every peer for every pod took
+        minutes for a 10,000-pod list against 1,000 policies of 40 ipBlocks.
+        """
         out: set[str] = set()
+        by_ns: dict[str, list[Policy]] = defaultdict(list)
+        same_ns: dict[str, list[Peer]] = {}         # rule key -> its same-namespace pod peers
+        cross: list[tuple[str, Peer]] = []          # (rule key, peer with namespaceSelector)
         for pol in self.world.policies.values():
-            for p in pods:
-                hit = p.namespace == pol.namespace and pol.selector.matches(p.labels)
-                if hit:
+            by_ns[pol.namespace].append(pol)
+            for r in pol.rules:
+                if r.peers is None:
+                    if r.ports and any(isinstance(s.port, str) for s in r.ports):
+                        out.add(r.key)
+                    continue
+                same_ns[r.key] = [pe for pe in r.peers
+                                  if not pe.is_ipblock and pe.namespaces is None]
+                cross += [(r.key, pe) for pe in r.peers
+                          if not pe.is_ipblock and pe.namespaces is not None]
+        cross_in: dict[str, list[tuple[str, Peer]]] = {}
+        every = Selector()
+        for p in pods:
+            for pol in by_ns.get(p.namespace, ()):
+                if pol.selector.matches(p.labels):
                     out.update(r.key for r in pol.rules)
-                    break
+                    continue
                 for r in pol.rules:
-                    if r.peers is None:
-                        if r.ports and any(isinstance(s.port, str) for s in r.ports):
-                            out.add(r.key)
+                    if r.key in out:
                         continue
-                    for peer in r.peers:
-                        if peer.is_ipblock:
-                            continue
-                        ns_ok = (p.namespace == pol.namespace if peer.namespaces is None
-                                 else peer.namespaces.matches(
-                                     self.world.namespaces.get(p.namespace, {})))
-                        if ns_ok and (peer.pods or Selector()).matches(p.labels):
-                            out.add(r.key)
-                            break
+                    if any((pe.pods or every).matches(p.labels) for pe in same_ns.get(r.key, ())):
+                        out.add(r.key)
+            xs = cross_in.get(p.namespace)
+            if xs is None:
+                labels = self.world.namespaces.get(p.namespace, {})
+                xs = cross_in[p.namespace] = [
+                    (k, pe) for k, pe in cross
+                    if pe.namespaces is not None and pe.namespaces.matches(labels)]
+            for k, pe in xs:
+                if k not in out and (pe.pods or every).matches(p.labels):
+                    out.add(k)
         return out
 
     def load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
