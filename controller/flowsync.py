@@ -164,8 +164,10 @@ class FlowSync:
             self._pending = True  # the full sync on (re)connect will install it
             return
         adds, dels = diff(old, new)
-        msgs = [flow_delete(sw, f, self.pipeline) for f in dels]
-        msgs += [flow_add(sw, f, self.round, self.pipeline) for f in adds]
+        # Generators, as in full_sync: a datastore list applied as one change
+        # (100k flows) must not hold 100k os-ken FlowMods at once.
+        msgs = itertools.chain((flow_delete(sw, f, self.pipeline) for f in dels),
+                               (flow_add(sw, f, self.round, self.pipeline) for f in adds))
         self._bundle(sw, msgs)
         for f in dels:
             self._installed.pop(f.key, None)
