@@ -39,7 +39,7 @@ class FlowTableDatapath:
         self.open: dict[int, list[Any]] = {}
         self.switch: ofapp.Switch | None = None
         self.bundles_committed = 0
-        self.max_in_flight = 0  # most bundled messages alive at once (see test below)
+        self.requests = {"aggregate": 0, "dump": 0}
 
     def set_xid(self, msg: Any) -> None:
         msg.set_xid(1)
@@ -63,6 +63,19 @@ class FlowTableDatapath:
             self.open[msg.bundle_id].append(self.decode(msg.message))
         elif isinstance(msg, parser.OFPBarrierRequest):
             sw.on_reply(types.SimpleNamespace(xid=msg.xid, flags=0))
+        elif isinstance(msg, parser.OFPAggregateStatsRequest):
+            self.requests["aggregate"] += 1
+            n = sum(1 for k, c in self.table.items()
+                    if msg.table_id in (ofp.OFPTT_ALL, k[0])
+                    and c & msg.cookie_mask == msg.cookie & msg.cookie_mask)
+            sw.on_reply(types.SimpleNamespace(xid=msg.xid, flags=0,
+                                              body=types.SimpleNamespace(flow_count=n)))
+        elif isinstance(msg, parser.OFPFlowStatsRequest):
+            self.requests["dump"] += 1
+            body = [types.SimpleNamespace(table_id=k[0], priority=k[1], cookie=c,
+                                          match=parser.OFPMatch(**dict(k[2])))
+                    for k, c in self.table.items() if msg.table_id in (ofp.OFPTT_ALL, k[0])]
+            sw.on_reply(types.SimpleNamespace(xid=msg.xid, flags=0, body=body))
         return True
 
     @staticmethod
@@ -170,3 +183,28 @@ def test_a_thousand_nodes_join_in_one_bundle(monkeypatch: pytest.MonkeyPatch) ->
     assert len(nudged) == 1 and len(nudged[0]) == 1000
     peers.set_nodes(nodes[:10])  # 990 leave, in one more bundle
     assert dp.bundles_committed == 3 and len(dp.table) == 10
+
+
+def test_drift_check_counts_first_and_dumps_only_a_table_that_is_off() -> None:
+    fs = FlowSync(DEFAULT, lambda: 6)
+    fs.set_owners({"a": flows(300, "a"),
+                   "b": [Flow.make("Classifier", 5, {"in_port": 9}, [Output(1)],
+                                   feature=ck.Feature.POD, owner="b")]})
+    dp, sw = connected()
+    fs.full_sync(sw)
+    assert fs.drift() == ([], []) and dp.requests["dump"] == 0  # counts agree: no dump
+    # By hand: one L3Forwarding flow deleted, a foreign one (cookie 0) added there.
+    gone = next(k for k in dp.table if k[0] == DEFAULT.id("L3Forwarding"))
+    del dp.table[gone]
+    dp.table[(DEFAULT.id("L3Forwarding"), 7, (("in_port", 4),))] = 0
+    missing, unexpected = fs.drift()
+    assert [m.key[2] for m in missing] == [f.key[2] for f in flows(300, "a")
+                                           if DEFAULT.id(f.table) == gone[0]
+                                           and match_key(f.osken_match(parser)) == gone[2]]
+    assert [(u.table_id, u.priority, u.cookie) for u in unexpected] == [(gone[0], 7, 0)]
+    assert dp.requests["dump"] == 1  # only that table
+    assert fs.repair() == (1, 1)
+    assert fs.drift() == ([], []) and len(dp.table) == 301
+    # A flow in a table the pipeline does not declare: found by the total count.
+    dp.table[(200, 1, ())] = 0
+    assert [(u.table_id, u.cookie) for u in fs.drift()[1]] == [(200, 0)]
