@@ -225,3 +225,10 @@ def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
     got = eng._rules_touching_pods(changed)
     assert got == _touching_by_brute_force(eng, changed)
     assert got and got != {r.key for p in eng.world.policies.values() for r in p.rules}
+    # The index is kept between calls: a new policy and a relabelled namespace must show.
+    eng.apply([Change(1, "put", "NetworkPolicy", "ns1", "late", {
+        "namespace": "ns1", "name": "late", "spec": {"podSelector": {}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"team": "t9"}}}]}]}}),
+        Change(2, "put", "Namespace", "", "ns4", {"name": "ns4", "labels": {"team": "t9"}})])
+    got = eng._rules_touching_pods(changed)
+    assert "ns1/late/ingress/0" in got and got == _touching_by_brute_force(eng, changed)
