@@ -224,7 +224,7 @@ def ovs_flows(node: Node) -> int:
 
 
 def wait_applied(node: Node, target: int, timeout: float = 120.0,
-                 poll: float = 0.002) -> float:
+                 poll: float = 0.005) -> float:
     """Poll the agent until it reports revision >= target applied; returns the time seen."""
     cli = AgentClient(node.socket, timeout=timeout)
     deadline = time.monotonic() + timeout

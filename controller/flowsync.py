@@ -220,23 +220,26 @@ class FlowSync:
                 raise OFError("not synced with the switch")
             flows = self.desired_flows()
             rnd = self.round
-        by_table: dict[int, list[Flow]] = {}
-        for f in flows:
-            by_table.setdefault(self.pipeline.id(f.table), []).append(f)
-        cookie, mask = ck.round_match(rnd)
-        # Counts first (a few bytes per table); only a table whose counts are
-        # off is dumped and compared flow by flow. What counts cannot see: a
-        # desired flow deleted by hand and another added with this round's
-        # cookie in the same table.
-        suspect = []
-        counted = 0
-        for tid in sorted(set(self.pipeline.ids.values())):
-            have_n = sw.flow_count(tid)
-            counted += have_n
-            want_n = len(by_table.get(tid, ()))
-            if not have_n == want_n == sw.flow_count(tid, cookie, mask):
-                suspect.append(tid)
-        if counted != sw.flow_count(sw.ofp.OFPTT_ALL):  # flows in undeclared tables
+            by_table: dict[int, list[Flow]] = {}
+            for f in flows:
+                by_table.setdefault(self.pipeline.id(f.table), []).append(f)
+            cookie, mask = ck.round_match(rnd)
+            # Counts first (a few bytes per table); only a table whose counts
+            # are off is dumped and compared flow by flow. Counted under the
+            # writer lock, so a change in flight does not look like drift (it
+            # did, and each change then cost a 50k-flow dump). What counts
+            # cannot see: a desired flow deleted by hand and another added
+            # with this round's cookie in the same table.
+            suspect = []
+            counted = 0
+            for tid in sorted(set(self.pipeline.ids.values())):
+                have_n = sw.flow_count(tid)
+                counted += have_n
+                want_n = len(by_table.get(tid, ()))
+                if not have_n == want_n == sw.flow_count(tid, cookie, mask):
+                    suspect.append(tid)
+            undeclared = counted != sw.flow_count(sw.ofp.OFPTT_ALL)
+        if undeclared:  # flows in tables the pipeline does not declare
             return self._compare(sw, flows, sw.flow_stats(), rnd)
         missing: list[Flow] = []
         unexpected: list[Any] = []
