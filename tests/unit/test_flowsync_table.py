@@ -143,7 +143,7 @@ def test_incremental_change_touches_only_its_owner() -> None:
     assert len(dp.table) == 25
     assert all(dp.table[k] == c for k, c in before.items())
     fs.remove_owner("a")
-    assert len(dp.table) == 15 and fs.owners() == {"b": 15}
+    assert len(dp.table) == 15 and fs.owners() == {"b": 15} and fs.flow_count() == 15
 
 
 def test_bundle_accepts_a_generator_and_sends_each_message_once() -> None:
