@@ -441,7 +441,7 @@ class Agent:
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
             "pod_keys_in_flight": self.pods.keys_in_flight(),
-            "flows": len(self.flows.desired_flows()), "uptime_s": time.time() - self.started,
+            "flows": self.flows.flow_count(), "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }
 

@@ -20,6 +20,7 @@ from typing import Any
 from flowcni.controller import hostnet
 from flowcni.controller.flowsync import FlowSync
 from flowcni.datastore.store import Change, ClusterConfig
+from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway
 from flowcni.flows.tunnel import RemoteNode, remote_node_flows
 
@@ -55,10 +56,13 @@ class Peers:
         want = {n.name: n for n in map(remote_node, bodies)
                 if n is not None and n.name != self.me}
         with self._lock:
+            changes: dict[str, list[Flow]] = {}
+            joined: list[RemoteNode] = []
             for name in set(self.nodes) - set(want):
-                self._drop(name)
+                self._drop(name, changes)
             for n in want.values():
-                self._put(n)
+                self._put(n, changes, joined)
+            self._commit(changes, joined)
             hostnet.sync_routes(self.routes())
         self.on_change()
 
@@ -66,35 +70,50 @@ class Peers:
         """Apply watched changes to Node objects."""
         touched = False
         with self._lock:
+            flows: dict[str, list[Flow]] = {}
+            joined: list[RemoteNode] = []
             for c in changes:
                 if c.kind != "Node" or c.name == self.me:
                     continue
                 touched = True
                 n = remote_node(c.body) if c.op == "put" and c.body else None
                 if n is None:
-                    self._drop(c.name)
+                    self._drop(c.name, flows)
                 else:
-                    self._put(n)
+                    self._put(n, flows, joined)
+            self._commit(flows, joined)
             if touched:
                 hostnet.sync_routes(self.routes())
         if touched:
             self.on_change()
 
-    def _put(self, n: RemoteNode) -> None:
+    def _commit(self, changes: dict[str, list[Flow]], joined: list[RemoteNode]) -> None:
+        """All nodes' flow changes in one bundle, then resolve the new peers.
+
+        One bundle per node made a 1,000-node list take a round trip per node
+        (open, add, barrier, commit) before the agent applied anything else.
+        """
+        if changes:
+            self.flows.set_owners(changes)
+        if joined:
+            hostnet.nudge_neighbors([n.node_ip for n in joined])
+
+    def _put(self, n: RemoteNode, changes: dict[str, list[Flow]],
+             joined: list[RemoteNode]) -> None:
         if self.nodes.get(n.name) == n:
             return
         self.nodes[n.name] = n
         if self.tun_ofport is not None:
-            self.flows.set_owner(n.owner, remote_node_flows(n, self.gw, self.tun_ofport,
-                                                            self.flows.pipeline))
-            hostnet.nudge_neighbor(n.node_ip)
+            changes[n.owner] = remote_node_flows(n, self.gw, self.tun_ofport,
+                                                 self.flows.pipeline)
+            joined.append(n)
         LOG.info("node %s (%s, pods %s) joined", n.name, n.node_ip, n.pod_cidr)
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: str, changes: dict[str, list[Flow]]) -> None:
         n = self.nodes.pop(name, None)
         if n is None:
             return
-        self.flows.remove_owner(n.owner)
+        changes[n.owner] = []
         LOG.info("node %s left", name)
 
 
@@ -108,5 +127,4 @@ def refresh_neighbors(peers: Peers, stop: threading.Event, interval: float = 30.
     while not stop.wait(wait):
         wait = interval
         if peers.tun_ofport is not None:
-            for n in list(peers.nodes.values()):
-                hostnet.nudge_neighbor(n.node_ip)
+            hostnet.nudge_neighbors([n.node_ip for n in list(peers.nodes.values())])

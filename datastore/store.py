@@ -201,6 +201,19 @@ class Store:
             return self._put(db, kind, namespace, name, body)
 
     @_unavailable_as_error
+    def put_many(self, kind: str, items: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Several objects of one kind (namespace, name, body) in one transaction.
+
+        Watchers see them as one batch of changes, as an API server's watch
+        delivers a burst; returns the revision of the last one.
+        """
+        rev = 0
+        with self._tx() as db:
+            for ns, name, body in items:
+                rev = self._put(db, kind, ns, name, body)
+        return rev
+
+    @_unavailable_as_error
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",

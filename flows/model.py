@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,18 @@ def _osken_value(name: str, value: MatchValue) -> Any:
     return value
 
 
+def plain_ipv4(s: str) -> bool:
+    """Whether `s` is an IPv4 address in canonical dotted-quad form ("10.0.0.1").
+
+    A C round trip instead of ipaddress's parser: policies at scale carry
+    100,000 distinct addresses, and ipaddress took a fifth of their build time.
+    """
+    try:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, s)) == s
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=1 << 15)
 def _canon_address(value: str) -> tuple[str, bool]:
     """(canonical text, host bits clear) of an IPv4 address or network.
@@ -126,6 +139,9 @@ def _canon_address(value: str) -> tuple[str, bool]:
 def _canon_value(name: str, value: MatchValue) -> MatchValue:
     """Normalise values so equal matches compare equal (10.0.0.1/32 == 10.0.0.1)."""
     if isinstance(value, str) and name.startswith(("ipv4", "arp_spa", "arp_tpa")):
+        addr, slash, plen = value.partition("/")
+        if (not slash or plen == "32") and plain_ipv4(addr):
+            return addr  # what the general path below gives, without ipaddress
         canon, clean = _canon_address(value)
         if not clean:
             raise ValueError(f"{name}={value}: host bits set")
@@ -302,9 +318,13 @@ class DecTTL(Action):
 Match = tuple[tuple[str, MatchValue], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
-    """One flow as the agent wants it. Build with `Flow.make`."""
+    """One flow as the agent wants it. Build with `Flow.make`.
+
+    Slotted: an agent holds one per flow (100,000 at cluster scale), and a
+    per-instance __dict__ was a fifth of each one's size.
+    """
 
     table: str
     priority: int

@@ -167,6 +167,8 @@ class Lab:
         self.state_path = os.path.join(self.base, "lab.json")
         self.bin_dir = os.path.join(self.base, "bin")
         self.datastore = datastore(self)
+        # How long a started agent may take to sync (benches with huge tables raise it).
+        self.ready_timeout = 30.0
 
     # -- state ----------------------------------------------------------------------
 
@@ -429,7 +431,7 @@ class Lab:
         node.agent_pid = proc.pid
         with self._locked() as st:
             st["nodes"] = [asdict(node) if n["name"] == node.name else n for n in st["nodes"]]
-        self.wait_ready(node, proc=proc)
+        self.wait_ready(node, timeout=self.ready_timeout, proc=proc)
         return node
 
     def down(self) -> list[str]:

@@ -180,6 +180,12 @@ class FakeAPI:
     def create(self, res: str, obj: dict[str, Any]) -> dict[str, Any]:
         return self.put(res, obj, "create")
 
+    def put_many(self, res: str, objs: list[dict[str, Any]]) -> int:
+        """Create or update many objects (one control call for a whole burst); returns how many."""
+        for obj in objs:
+            self.put(res, obj)
+        return len(objs)
+
     def update(self, res: str, obj: dict[str, Any]) -> dict[str, Any]:
         return self.put(res, obj, "update")
 
@@ -631,7 +637,8 @@ class FakeAPIServer(FakeAPI):
 
 # -- control over a unix socket ------------------------------------------------------------
 
-CONTROL_OPS = ("put", "create", "update", "delete", "get", "drop_watches", "stall_watches",
+CONTROL_OPS = ("put", "put_many", "create", "update", "delete", "get", "drop_watches",
+               "stall_watches",
                "compact", "bookmark", "pause_lists", "resume_lists", "pause_watches",
                "resume_watches", "set_gone_mode",
                "revision", "watch_count", "requests", "clear_requests", "set_exec")

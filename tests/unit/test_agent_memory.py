@@ -39,5 +39,6 @@ def test_value_cache_holds_addresses_not_per_pod_macs() -> None:
     for i in range(500):
         mac = f"AA:BB:CC:00:{i // 256:02X}:{i % 256:02X}"
         assert model._canon_value("eth_src", mac) == mac.lower()
-        assert model._canon_value("ipv4_dst", "10.0.0.5") == "10.0.0.5"
+        assert model._canon_value("ipv4_dst", "10.0.0.5") == "10.0.0.5"  # fast path
+        assert model._canon_value("ipv4_dst", "10.0.0.0/24") == "10.0.0.0/24"
     assert model._canon_address.cache_info().currsize == 1

@@ -24,7 +24,7 @@ class RecordingSwitch:
         self.bundles: list[list[Any]] = []
 
     def bundle(self, msgs: list[Any]) -> None:
-        self.bundles.append(msgs)
+        self.bundles.append(list(msgs))
 
 
 def drop(port: int) -> Flow:

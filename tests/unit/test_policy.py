@@ -198,3 +198,67 @@ def test_world_allows_is_the_kubernetes_semantics() -> None:
         "egress": [{"ports": [{"port": 8000, "endPort": 8100}]}]}))
     assert not w.allows(c, d, "TCP", 80) and w.allows(c, d, "TCP", 8050)
     assert not w.allows(c, b, "TCP", 8080)  # egress allows, b's ingress still denies
+
+
+def _touching_by_brute_force(eng: PolicyEngine, pods: list[Any]) -> set[str]:
+    """Every policy's every peer against every pod: the definition the index must keep."""
+    out: set[str] = set()
+    for p in pods:
+        for polx in eng.world.policies.values():
+            if p.namespace == polx.namespace and polx.selector.matches(p.labels):
+                out.update(r.key for r in polx.rules)
+            for r in polx.rules:
+                if r.peers is None:
+                    if r.ports and any(isinstance(s.port, str) for s in r.ports):
+                        out.add(r.key)
+                    continue
+                for peer in r.peers:
+                    if peer.is_ipblock:
+                        continue
+                    ns_ok = (p.namespace == polx.namespace if peer.namespaces is None
+                             else peer.namespaces.matches(eng.world.namespaces.get(p.namespace,
+                                                                                   {})))
+                    if ns_ok and (peer.pods or Selector()).matches(p.labels):
+                        out.add(r.key)
+    return out
+
+
+def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
+    import random
+
+    from flowcni.flows.policy import pod_from_body
+
+    rnd = random.Random(3)
+    nss = [{"name": f"ns{i}", "labels": {"team": f"t{i % 3}"}} for i in range(6)]
+    pods = [pod(f"ns{i % 6}", f"p{i}", f"10.0.{i // 250}.{i % 250 + 1}",
+                node="n1" if i % 4 == 0 else "n2", app=f"a{i % 5}", tier=("web", "db")[i % 2])
+            for i in range(120)]
+    peers = [{"podSelector": {"matchLabels": {"app": "a1"}}},
+             {"namespaceSelector": {"matchLabels": {"team": "t1"}}},
+             {"namespaceSelector": {"matchLabels": {"team": "t2"}},
+              "podSelector": {"matchLabels": {"tier": "db"}}},
+             {"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.8/29"]}},
+             {"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn",
+                                                    "values": ["a0", "a2"]}]}}]
+    pols = []
+    for j in range(40):
+        rule: dict[str, Any] = {"from": rnd.sample(peers, rnd.randint(1, 3))}
+        if j % 7 == 0:
+            rule = {"ports": [{"port": "http"}]}  # every peer, a named port
+        pols.append(pol(f"ns{j % 6}", f"np{j}", {
+            "podSelector": {"matchLabels": {"app": f"a{j % 5}"}} if j % 3 else {},
+            "ingress": [rule]}))
+    eng = PolicyEngine("n1")
+    _, problems = eng.load(nss, pods, pols)
+    assert not problems
+    changed = [pod_from_body(b) for b in rnd.sample(pods, 30)]
+    got = eng._rules_touching_pods(changed)
+    assert got == _touching_by_brute_force(eng, changed)
+    assert got and got != {r.key for p in eng.world.policies.values() for r in p.rules}
+    # The index is kept between calls: a new policy and a relabelled namespace must show.
+    eng.apply([Change(1, "put", "NetworkPolicy", "ns1", "late", {
+        "namespace": "ns1", "name": "late", "spec": {"podSelector": {}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"team": "t9"}}}]}]}}),
+        Change(2, "put", "Namespace", "", "ns4", {"name": "ns4", "labels": {"team": "t9"}})])
+    got = eng._rules_touching_pods(changed)
+    assert "ns1/late/ingress/0" in got and got == _touching_by_brute_force(eng, changed)
