@@ -36,5 +36,5 @@ def test_short_soak_leaks_nothing() -> None:
         assert out["duplicate_ips"] == 0, out
         for k in ("leases", "ports", "veths", "flows"):
             assert out[f"leaked_{k}"] == 0, out
-        st = AgentClient(lab.node("node1").socket).status()
+        st = AgentClient(lab.node("node1").api_socket).status()
         assert st["pods"] == 0 and st["pod_keys_in_flight"] == 0, st

@@ -71,7 +71,7 @@ def test_locked_store_leaves_status_probe_and_traffic_working(flab: Lab) -> None
         assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
         # The agent notices by itself (its monitor's read hangs or fails).
         def unreachable() -> bool:
-            st = flowctl(flab, "status", "--node", "node1")
+            st = flowctl(flab, "status", "--node", "node1", "--json")
             return st.returncode == 0 and \
                 json.loads(st.stdout)[0].get("datastore_reachable") is False
         assert eventually(unreachable, timeout=15, interval=0.5)
@@ -87,7 +87,7 @@ def test_locked_store_leaves_status_probe_and_traffic_working(flab: Lab) -> None
         locker.kill()
         locker.wait()
     # Back to normal without a restart.
-    assert eventually(lambda: json.loads(flowctl(flab, "status", "--node", "node1").stdout)[0]
+    assert eventually(lambda: json.loads(flowctl(flab, "status", "--node", "node1", "--json").stdout)[0]
                       .get("datastore_reachable") is True, timeout=30, interval=0.5)
     assert flowctl(flab, "apply", "-f", "-", stdin=POLICY).returncode == 0
     assert flowctl(flab, "delete", "-f", "-", stdin=POLICY).returncode == 0

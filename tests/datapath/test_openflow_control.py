@@ -25,7 +25,7 @@ NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
 
 
 def status(node: Node) -> dict[str, Any]:
-    st: dict[str, Any] = AgentClient(node.socket).status()
+    st: dict[str, Any] = AgentClient(node.api_socket).status()
     return st
 
 

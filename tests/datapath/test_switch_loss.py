@@ -83,6 +83,8 @@ def test_status_add_and_recovery_across_vswitchd_loss(slab: Lab) -> None:
             slab.pod_del("after-outage")
         assert eventually(lambda: node.ovs.vsctl("list-ports", "br-int").split()
                           == before_ports, timeout=30)
+        # DEL releases the lease in the background: done before the next test counts.
+        assert eventually(lambda: leases(slab) == before_leases, timeout=30)
     finally:
         if not restarted:
             node.ovs.start_vswitchd()
