@@ -87,8 +87,9 @@ def test_locked_store_leaves_status_probe_and_traffic_working(flab: Lab) -> None
         locker.kill()
         locker.wait()
     # Back to normal without a restart.
-    assert eventually(lambda: json.loads(flowctl(flab, "status", "--node", "node1", "--json").stdout)[0]
-                      .get("datastore_reachable") is True, timeout=30, interval=0.5)
+    assert eventually(lambda: json.loads(flowctl(flab, "status", "--node", "node1", "--json")
+                                         .stdout)[0].get("datastore_reachable") is True,
+                      timeout=30, interval=0.5)
     assert flowctl(flab, "apply", "-f", "-", stdin=POLICY).returncode == 0
     assert flowctl(flab, "delete", "-f", "-", stdin=POLICY).returncode == 0
 
