@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import socketserver
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from flowcni.api.schema import APIError, FlowRow, GroupRow, Request, TraceResult
 from flowcni.controller import ofproto_trace
 from flowcni.controller.flowsync import match_key
 from flowcni.controller.ofapp import OFError
+from flowcni.controller.unixserver import Server, UnixServer
 from flowcni.flows import cookie as ck
 from os_ken.lib import ofctl_v1_3
 
@@ -258,13 +258,13 @@ class AgentAPI:
 
 
 class _Conn(socketserver.StreamRequestHandler):
-    server: _Server
+    server: Server
 
     def handle(self) -> None:
         raw = self.rfile.read(api.MAX_MESSAGE)
         try:
             req = Request.decode(raw)
-            reply = api.encode_reply(self.server.api.handle(req))
+            reply = api.encode_reply(self.server.context.handle(req))
         except APIError as e:
             reply = api.encode_reply(error=e)
         except Exception as e:
@@ -273,47 +273,14 @@ class _Conn(socketserver.StreamRequestHandler):
         self.wfile.write(reply)
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    api: AgentAPI
-
-
-class APIServer:
+class APIServer(UnixServer):
     """The socket: mode 0600, or 0660 with `group` (the directory then 0710 to it)."""
 
     def __init__(self, path: str, handler: AgentAPI, group: str = "") -> None:
-        self.path = path
-        d = os.path.dirname(path) or "."
-        os.makedirs(d, mode=0o700, exist_ok=True)
         gid = -1
         if group:
             try:
                 gid = grp.getgrnam(group).gr_gid
             except KeyError as e:
                 raise ValueError(f"--api-group {group!r}: no such group") from e
-            os.chown(d, -1, gid)
-            os.chmod(d, 0o710)
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            self.server = _Server(path, _Conn)
-        finally:
-            os.umask(old)
-        if gid >= 0:
-            os.chown(path, -1, gid)
-        os.chmod(path, 0o660 if gid >= 0 else 0o600)
-        self.server.api = handler
-        self.thread = threading.Thread(target=self.server.serve_forever, name="api-server",
-                                       daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        super().__init__(path, _Conn, handler, name="api-server", gid=gid)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socketserver
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from flowcni.cni import spec
+from flowcni.controller.unixserver import Server, UnixServer
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def _refuse(code: int, msg: str) -> dict[str, Any]:
 
 
 class _Conn(socketserver.StreamRequestHandler):
-    server: _Server
+    server: Server
 
     def handle(self) -> None:
         raw = self.rfile.read(spec.MAX_REQUEST_BYTES + 1)
@@ -46,47 +45,13 @@ class _Conn(socketserver.StreamRequestHandler):
         except (ValueError, RecursionError) as e:
             reply = _refuse(spec.ERR_DECODE, spec.one_line(f"bad request: {e}"))
         else:
-            reply = self.server.dispatch(req)
+            reply = self.server.context(req)
         self.wfile.write(json.dumps(reply).encode())
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 makes a burst of plugin calls (a
-    # node starting 50 pods at once) fail to connect with EAGAIN; the kernel
-    # caps this at net.core.somaxconn.
-    request_queue_size = 1024
-    dispatch: Handler
-
-
-class CNIServer:
+class CNIServer(UnixServer):
     def __init__(self, path: str, dispatch: Handler) -> None:
-        self.path = path
-        d = os.path.dirname(path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        if os.path.exists(path):
-            os.unlink(path)
-        old = os.umask(0o177)
-        try:
-            self.server = _Server(path, _Conn)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.server.dispatch = dispatch
-        self.thread = threading.Thread(target=self.server.serve_forever, name="cni-server",
-                                       daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        super().__init__(path, _Conn, dispatch, name="cni-server")
 
 
 def timed(fn: Handler, observe: Callable[[str, float, bool], None]) -> Handler:
