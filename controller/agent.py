@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from flowcni.cni.ipam import IPAM
+from flowcni.cni.podif import set_tx_checksum
 from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.cniserver import CNIServer, timed
 from flowcni.controller.flowsync import FlowSync
@@ -36,6 +37,7 @@ from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
+from flowcni.flows.services import GATEWAY_CT_OWNER, gateway_reply_flows
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
@@ -158,6 +160,11 @@ class Agent:
         gw_port = self.ovsdb.ensure_internal_port(a.bridge, GATEWAY_IF)
         gw_ip, gw_mac = configure_gateway(GATEWAY_IF, pod_cidr, self.mtu)
         self.gateway = Gateway(gw_ip, gw_mac, gw_port, pod_cidr)
+        if not pod_tx_offload(cfg.encap, dptype):
+            # What the node forwards or sends to a remote pod (NodePort traffic,
+            # host-network clients) leaves through the gateway into the tunnel:
+            # the same offload-flag drop as for pods (see pod_tx_offload).
+            set_tx_checksum("/proc/thread-self/ns/net", GATEWAY_IF, False)
         self.tun_ofport = (self.ovsdb.ensure_tunnel_port(a.bridge, TUNNEL_PORT, cfg.encap)
                            if cfg.encap != "none" else None)
         self.ovsdb.set_bridge_ids(a.bridge, {
@@ -168,6 +175,7 @@ class Agent:
         by_owner: dict[str, list[Flow]] = {}
         for f in node_flows(self.gateway, PIPELINE):
             by_owner.setdefault(f.owner, []).append(f)
+        by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, PIPELINE))
@@ -300,7 +308,8 @@ class Agent:
             if obj is None:
                 kind, _, rest = owner.partition(":")
                 obj = {"node": "node", "gateway": "gateway", "tunnel": "tunnel port",
-                       "conntrack": "conntrack"}.get(owner) or {
+                       "conntrack": "conntrack",
+                       GATEWAY_CT_OWNER: "connections from the gateway"}.get(owner) or {
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
                     "policy-match": "policy match (shared)"}.get(kind, owner)

@@ -44,7 +44,7 @@ _OFCTL_MATCH = {
     "tcp_src": "tp_src", "tcp_dst": "tp_dst", "udp_src": "tp_src", "udp_dst": "tp_dst",
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
-    "ct_state": "ct_state", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
+    "ct_state": "ct_state", "ct_mark": "ct_mark", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -95,6 +95,8 @@ def _match_text(name: str, value: MatchValue) -> str:
         return f"{ofname}={_fmt_int(int(value))}"
     if name == "ct_state":
         return f"ct_state={value}"
+    if name == "ct_mark":
+        return f"ct_mark={_fmt_int(int(value))}"
     return f"{ofname}={value}"
 
 
@@ -259,25 +261,37 @@ class Conjunction(Action):
 
 @dataclass(frozen=True)
 class CT(Action):
-    """ct(): track in CT_ZONE, and either recirculate to `table` or commit."""
+    """ct(): track in CT_ZONE, and either recirculate to `table` or commit.
+
+    `mark` (with commit) stores a conntrack mark on the connection, so later
+    packets of it, replies included, can be told apart by where it started.
+    """
 
     commit: bool = False
     table: str | None = None
     zone: int = CT_ZONE
+    mark: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mark is not None and not (self.commit and 0 < self.mark < (1 << 32)):
+            raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
 
     def ofctl(self, pipeline: Pipeline) -> str:
         parts = (["commit"] if self.commit else []) + (
             [f"table={pipeline.id(self.table)}"] if self.table else []) + [f"zone={self.zone}"]
+        if self.mark is not None:
+            parts.append(f"exec(set_field:{_fmt_int(self.mark)}->ct_mark)")
         return f"ct({','.join(parts)})"
 
     def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         from os_ken.ofproto import nicira_ext
+        inner = [] if self.mark is None else [parser.OFPActionSetField(ct_mark=self.mark)]
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
             zone_ofs_nbits=self.zone,
             # 255 tells OVS "no recirculation"
             recirc_table=255 if self.table is None else pipeline.id(self.table),
-            alg=0, actions=[])
+            alg=0, actions=inner)
 
 
 @dataclass(frozen=True)

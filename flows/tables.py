@@ -63,9 +63,10 @@ PIPELINE: tuple[Table, ...] = (
        miss="EgressDefault"),
     _t("EgressDefault", "egress-isolated pods: what no rule allowed is dropped",
        ["ipv4_src"], ["L3Forwarding"], miss="L3Forwarding"),
-    _t("L3Forwarding", "local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
+    _t("L3Forwarding", "replies of connections that entered from the gateway: back to the "
+       "gateway; local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
        "everything else: switch on dst MAC",
-       ["ipv4_dst", "eth_dst", "reg0"], ["L3DecTTL", "L2ForwardingCalc"],
+       ["ipv4_dst", "eth_dst", "reg0", "ct_state", "ct_mark"], ["L3DecTTL", "L2ForwardingCalc"],
        miss="L2ForwardingCalc"),
     _t("L3DecTTL", "decrement TTL of routed packets, except those the gateway sent",
        ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
@@ -77,8 +78,9 @@ PIPELINE: tuple[Table, ...] = (
        ["IngressDefault", "ConntrackCommit"], miss="IngressDefault"),
     _t("IngressDefault", "ingress-isolated pods: what no rule allowed is dropped",
        ["ipv4_dst"], ["ConntrackCommit"], miss="ConntrackCommit"),
-    _t("ConntrackCommit", "commit new connections that got this far",
-       ["ct_state"], ["Output"], miss="Output"),
+    _t("ConntrackCommit", "commit new connections that got this far (marking those that "
+       "entered from the gateway)",
+       ["ct_state", "reg0"], ["Output"], miss="Output"),
     _t("Output", "output to the port in the output register", [], [], miss=""),
 )
 

@@ -150,7 +150,10 @@ def test_osken_rendering_builds_valid_messages() -> None:
     policy_flows = [f for fl in owners.values() for f in fl]
     assert any(isinstance(a, CT) for f in policy_flows for a in f.actions)
     assert any(isinstance(a, Conjunction) for f in policy_flows for a in f.actions)
+    from flowcni.flows.services import gateway_reply_flows
+
     for f in (node_flows(GW) + pod_flows(POD, GW) + tunnel_flows(2) + policy_flows
+              + gateway_reply_flows(GW)
               + remote_node_flows(RemoteNode("n2", "192.168.77.2", "10.244.2.0/24"), GW, 2)):
         m = parser.OFPFlowMod(DP(), cookie=f.cookie(1), table_id=DEFAULT.id(f.table),
                               command=ofp.OFPFC_ADD, priority=f.priority,
@@ -159,3 +162,26 @@ def test_osken_rendering_builds_valid_messages() -> None:
         m.set_xid(1)
         m.serialize()
         assert len(m.buf) > 48
+
+
+def test_gateway_reply_flows_golden() -> None:
+    """Connections entering from the gateway are marked; their replies go back to it."""
+    from flowcni.flows.services import gateway_reply_flows
+    got = [f.ofctl(names=True) for f in gateway_reply_flows(GW)]
+    assert got == [
+        "table=ConntrackCommit,priority=210,ip,reg0=0x2/0xf,ct_state=+new+trk,"
+        "actions=ct(commit,zone=65520,exec(set_field:0x1->ct_mark)),goto_table:Output",
+        "table=L3Forwarding,priority=210,ip,ct_state=+rpl+trk,ct_mark=0x1/0x1,"
+        f"actions=set_field:{GW.mac}->eth_dst,goto_table:L3DecTTL",
+    ]
+    # Above the policy engine's commit and every forwarding flow of pods and nodes.
+    others = node_flows(GW) + pod_flows(POD, GW)
+    for f in gateway_reply_flows(GW):
+        assert all(o.priority < f.priority for o in others if o.table == f.table)
+
+
+def test_ct_mark_needs_commit() -> None:
+    with pytest.raises(ValueError, match="commit"):
+        CT(mark=1)
+    with pytest.raises(ValueError):
+        CT(commit=True, mark=0)
