@@ -37,7 +37,12 @@ from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
-from flowcni.flows.services import GATEWAY_CT_OWNER, gateway_reply_flows
+from flowcni.flows.services import (
+    GATEWAY_CT_OWNER,
+    PROXY_MODES,
+    ServiceProxy,
+    gateway_reply_flows,
+)
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
@@ -74,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus endpoint (host:port; empty to disable)")
     p.add_argument("--resync-period", type=float, default=30.0,
                    help="seconds between checks that OVS holds exactly the desired flows")
+    p.add_argument("--proxy", choices=PROXY_MODES, default="flowcni",
+                   help="who implements Services: flowcni (ClusterIPs load-balanced in "
+                   "OVS) or kube-proxy (the node's own DNAT; flowcni only makes sure "
+                   "replies return through the node)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
@@ -187,6 +196,8 @@ class Agent:
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
+        self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes")
+                         if a.proxy == "flowcni" else None)
         self.applied_revision = 0
         if self.store:
             self._list_and_watch(self.store)
@@ -216,6 +227,12 @@ class Agent:
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
+        if self.services is not None:
+            sflows, sgroups, problems = self.services.load(
+                store.objects("Service"), store.objects("Pod"), store.objects("EndpointSlice"))
+            for p in problems:
+                LOG.error("skipping %s", p)
+            self.flows.set_owners(sflows, sgroups)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
                          name="store-watch", daemon=True).start()
@@ -228,10 +245,15 @@ class Agent:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
         owners, problems = self.policy.apply(batch)
+        groups: dict[str, Any] = {}
+        if self.services is not None:
+            sflows, groups, sproblems = self.services.apply(batch)
+            owners.update(sflows)
+            problems += sproblems
         for p in problems:
             LOG.error("skipping %s", p)
         if owners:
-            self.flows.set_owners(owners)
+            self.flows.set_owners(owners, groups)
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
         if owners:
@@ -312,7 +334,8 @@ class Agent:
                        GATEWAY_CT_OWNER: "connections from the gateway"}.get(owner) or {
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
-                    "policy-match": "policy match (shared)"}.get(kind, owner)
+                    "policy-match": "policy match (shared)",
+                    "service": f"service {rest}"}.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 
@@ -330,7 +353,9 @@ class Agent:
                         "ofport": self.gateway.ofport},
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
-            "flows": len(self.flows.desired_flows()), "uptime_s": time.time() - self.started,
+            "flows": len(self.flows.desired_flows()),
+            "groups": len(self.flows.desired_groups()), "proxy": self.args.proxy,
+            "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }
 
@@ -358,14 +383,21 @@ class Agent:
                 return {"ok": True, "pods": [vars_of(a) for a in self.pods.attachments.values()]}
             elif cmd == "_stale":
                 missing, unexpected = self.flows.drift()
+                gmissing, gunexpected = self.flows.group_drift()
                 return {"ok": True, "missing": [f.ofctl(PIPELINE, names=True)
-                                                for f in missing],
-                        "unexpected": [describe_stat(s, PIPELINE) for s in unexpected]}
+                                                for f in missing]
+                        + [g.ofctl(PIPELINE) for g in gmissing],
+                        "unexpected": [describe_stat(s, PIPELINE) for s in unexpected]
+                        + [f"group_id={i}" for i in gunexpected]}
             elif cmd in ("_traceflow_arm", "_traceflow_inject", "_traceflow_collect",
                          "_traceflow_disarm"):
                 return {"ok": True, **self.traceflow.handle(cmd[11:], req)}
             elif cmd == "_owners":
                 return {"ok": True, "owners": self.owner_names()}
+            elif cmd == "_services":
+                return {"ok": True, "proxy": self.args.proxy,
+                        "services": self.services.describe() if self.services else [],
+                        "groups": [g.ofctl(PIPELINE) for g in self.flows.desired_groups()]}
             elif cmd == "_policy":
                 return {"ok": True, "rules": self.policy.describe(),
                         "isolation": self.policy.isolation_report()}

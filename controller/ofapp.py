@@ -171,10 +171,19 @@ class Switch:
         replies = self.request(req, timeout, multipart=True)
         return [s for r in replies for s in r.body]
 
+    def group_desc(self, timeout: float = 30.0) -> list[Any]:
+        """Every group on the bridge (id, type, buckets)."""
+        replies = self.request(self.parser.OFPGroupDescStatsRequest(self.dp, 0), timeout,
+                               multipart=True)
+        return [s for r in replies for s in r.body]
+
 
 def describe_error(err: Any) -> str:
     if isinstance(err, str):
         return err
+    if getattr(err, "experimenter", None) is not None:  # e.g. ONF bundle errors
+        return (f"OpenFlow error type={err.type} experimenter={err.experimenter:#x} "
+                f"exp_type={err.exp_type}")
     return f"OpenFlow error type={err.type} code={err.code}"
 
 
@@ -230,7 +239,8 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
             self.on_packet_in(ev.msg)
 
     @set_ev_cls([ofp_event.EventOFPBarrierReply, ofp_event.EventONFBundleCtrlMsg,
-                 ofp_event.EventOFPFlowStatsReply], MAIN_DISPATCHER)
+                 ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPGroupDescStatsReply],
+                MAIN_DISPATCHER)
     def _reply(self, ev: Any) -> None:
         sw = self._current(ev.msg.datapath)
         if sw:

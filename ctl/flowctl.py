@@ -188,6 +188,19 @@ def cmd_policy(lab: Lab, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_services(lab: Lab, a: argparse.Namespace) -> int:
+    """Each Service port per node: ClusterIP, endpoints, group, packets per bucket."""
+    from flowcni.ctl.services import service_rows
+    rows = service_rows([lab.node(a.node)] if a.node else lab.nodes(), a.service)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_table([{**r, "endpoints": ",".join(r["endpoints"]) or "-",
+                       "packets": ",".join(map(str, r["packets"])) or "-"} for r in rows],
+                     ["node", "service", "clusterIP", "port", "endpoints", "group", "packets"])
+    return 0
+
+
 def cmd_trace(lab: Lab, a: argparse.Namespace) -> int:
     """Trace a new connection through OVS on every node it crosses; exit 0 if delivered."""
     from flowcni.ctl.trace import Tracer
@@ -290,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("policy", nargs="?", help="NS/NAME")
     po.add_argument("--node")
     po.add_argument("--json", action="store_true")
+    sv = sub.add_parser("services", help="Services as each node's agent programs them")
+    sv.add_argument("service", nargs="?", help="NS/NAME")
+    sv.add_argument("--node")
+    sv.add_argument("--json", action="store_true")
     fl = sub.add_parser("flows", help="a node's flows, with table names")
     fl.add_argument("--node")
     fl.add_argument("--table")
@@ -328,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"lab": cmd_lab, "flows": cmd_flows, "status": cmd_status,
                 "demo": cmd_demo, "apply": cmd_apply, "delete": cmd_apply,
-                "policy": cmd_policy, "trace": cmd_trace}[a.cmd](lab, a)
+                "policy": cmd_policy, "trace": cmd_trace,
+                "services": cmd_services}[a.cmd](lab, a)
     except (LabError, AgentError) as e:
         print(f"flowctl: {e}", file=sys.stderr)
         return 1

@@ -57,7 +57,10 @@ PIPELINE: tuple[Table, ...] = (
     _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules)",
        [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
-       ["ct_state"], ["L3Forwarding"], miss="EgressRule"),
+       ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
+    _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
+       "buckets DNAT to one endpoint (committed) and continue in EgressRule",
+       ["ipv4_dst", *PORTS], ["EgressRule"], miss="EgressRule"),
     _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
        miss="EgressDefault"),

@@ -207,3 +207,69 @@ def install_kube_proxy_rules(lab: Lab, node: str, table: str, rules: list[DNat])
     subprocess.run(netns.exec_argv(lab.node(node).netns, ["nft", "-f", "-"]),
                    input=kube_proxy_rules(table, rules), text=True, check=True,
                    capture_output=True)
+
+
+# A long TCP stream for churn and restart tests: the server names itself, then
+# counts what arrives; the client sends 1 KiB every 10 ms for `seconds` and
+# prints {"name", "sent", "got"} (got: the server's count, -1 if it broke).
+STREAM_SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1]
+def serve(c):
+    n = 0
+    try:
+        c.sendall((name + "\n").encode())
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            n += len(d)
+        c.sendall(str(n).encode())
+    except OSError:
+        pass
+    c.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+STREAM_CLIENT = r"""
+import json, socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10); c.settimeout(10)
+f = c.makefile("rb"); name = f.readline().decode().strip()
+print(name, flush=True)
+sent = 0; end = time.monotonic() + float(sys.argv[3])
+try:
+    while time.monotonic() < end:
+        c.sendall(b"x" * 1024); sent += 1024; time.sleep(0.01)
+    c.shutdown(socket.SHUT_WR); got = int(f.read().decode() or -1)
+except OSError as e:
+    got = -1; name += f" ({type(e).__name__} {e})"
+print(json.dumps({"name": name, "sent": sent, "got": got}), flush=True)
+"""
+
+
+def start_stream_server(argv_prefix: list[str], name: str, port: int) -> subprocess.Popen[str]:
+    p = subprocess.Popen([*argv_prefix, sys.executable, "-c", STREAM_SERVER, name, str(port)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
+        raise RuntimeError(f"stream server {name} did not start")
+    return p
+
+
+class Stream:
+    """A running STREAM_CLIENT: `serving` is the endpoint that answered; `result()` waits."""
+
+    def __init__(self, argv_prefix: list[str], ip: str, port: int, seconds: float) -> None:
+        self.p = subprocess.Popen([*argv_prefix, sys.executable, "-c", STREAM_CLIENT, ip,
+                                   str(port), str(seconds)], stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout is not None
+        self.serving = self.p.stdout.readline().strip()
+
+    def result(self, timeout: float = 60) -> dict[str, object]:
+        out, _ = self.p.communicate(timeout=timeout)
+        return dict(json.loads(out.strip().splitlines()[-1]))

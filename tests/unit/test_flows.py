@@ -89,7 +89,8 @@ def test_node_flows_golden_and_numbered_rendering() -> None:
     misses = [f for f in node_flows(GW) if f.priority == 0]
     assert sorted(f.table for f in misses) == sorted(t.name for t in PIPELINE)
     numbered = node_flows(GW)[3].ofctl(cookie=0x10)  # ConntrackZone's miss
-    assert numbered == "cookie=0x10,table=3,priority=0,actions=goto_table:7"
+    assert numbered == (f"cookie=0x10,table={DEFAULT.id('ConntrackZone')},priority=0,"
+                        f"actions=goto_table:{DEFAULT.id('L3Forwarding')}")
 
 
 def test_flows_per_pod_is_constant() -> None:
@@ -185,3 +186,21 @@ def test_ct_mark_needs_commit() -> None:
         CT(mark=1)
     with pytest.raises(ValueError):
         CT(commit=True, mark=0)
+
+
+def test_group_with_nat_serialises_to_whole_words() -> None:
+    """OVS refuses a group mod whose length is not a multiple of 8 (os-ken's nat() alone
+    comes out 4 bytes short)."""
+    from flowcni.flows.model import Group
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    class DP:
+        ofproto, ofproto_parser = ofp, parser
+
+    g = Group.make(5, [[CT(commit=True, table="EgressRule", nat="10.244.1.3:80")]] * 3,
+                   owner="service:d/s", table="ServiceLB")
+    m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=5,
+                           buckets=g.osken_buckets(parser, ofp, DEFAULT))
+    m.serialize()
+    assert len(m.buf) % 8 == 0 and len(m.buf) == 16 + 3 * (16 + 56)
