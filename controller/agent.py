@@ -31,6 +31,7 @@ from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.pods import CNIFailure, PodManager
+from flowcni.controller.reject import Rejecter
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, StoreError
 from flowcni.flows import cookie as ck
@@ -204,6 +205,8 @@ class Agent:
         else:
             hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
         self.traceflow = LiveTrace(self.flows, self.pods, self.gateway, self.tun_ofport)
+        self.rejecter = Rejecter(lambda: self.flows.switch)
+        self._service_lb = PIPELINE.id("ServiceLB")
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
 
@@ -306,13 +309,22 @@ class Agent:
         app = ofapp.start(self.args.of_host, self.args.of_port)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
-        app.on_packet_in = self.traceflow.packet_in
+        app.on_packet_in = self._packet_in
         if app.switch is not None:  # connected before the hooks were set
             self._syncq.put(app.switch)
         self.cni.start()
         LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s, encap %s, "
                  "pod MTU %d", self.args.node, self.args.bridge, self.datapath_type,
                  self.pod_cidr, self.gateway.ip, self.cluster.encap, self.mtu)
+
+    def _packet_in(self, msg: Any) -> None:
+        """Packet-ins: ServiceLB's (a Service without endpoints) get an answer; the
+        rest are live traceflow's observation points."""
+        if (msg.table_id == self._service_lb
+                and ck.feature_of(msg.cookie) == ck.Feature.SERVICE):
+            self.rejecter.packet_in(msg)
+        else:
+            self.traceflow.packet_in(msg)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -28,7 +28,15 @@ from typing import Any
 
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
-from flowcni.flows.model import CT, MAX_GROUP_ID, Flow, Group, GroupAction, SetField
+from flowcni.flows.model import (
+    CT,
+    MAX_GROUP_ID,
+    Controller,
+    Flow,
+    Group,
+    GroupAction,
+    SetField,
+)
 from flowcni.flows.node import Gateway
 from flowcni.flows.policy import PodInfo, pod_from_body
 from flowcni.flows.tables import DEFAULT, Pipeline
@@ -253,8 +261,9 @@ def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int
         match: dict[str, Any] = {"ipv4_dst": svc.cluster_ip,
                                  f"{sp.protocol.lower()}_dst": sp.port}
         if not ep:
-            # No endpoint: dropped here rather than sent on to a ClusterIP nobody has.
-            flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, **kw))
+            # No endpoint: the agent answers (TCP RST, ICMP port unreachable) as
+            # kube-proxy does, instead of letting the client time out (controller.reject).
+            flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, [Controller()], **kw))
             continue
         groups.append(Group.make(gid, [[CT(commit=True, table="EgressRule", nat=f"{ip}:{port}")]
                                        for ip, port in ep],

@@ -126,10 +126,14 @@ def test_flowctl_services_shows_endpoints_and_bucket_packets(
     assert rows["53/UDP"]["packets"] == [0, 0]
 
 
-def test_service_without_endpoints_does_not_answer_while_others_do(slab: Lab) -> None:
-    got = replies(slab, "default/client1", [f"{VIP_EMPTY}:8080", f"{VIP_W2}:8080"])
+def test_service_without_endpoints_rejects(slab: Lab) -> None:
+    """As kube-proxy does: TCP gets a reset, UDP an ICMP port unreachable (both seen by
+    the client as "connection refused", not a timeout); another Service still works."""
+    got = replies(slab, "default/client1", [f"{VIP_EMPTY}:8080", f"{VIP_EMPTY}:53u",
+                                            f"{VIP_W2}:8080"])
     assert got[f"{VIP_W2}:8080"] == "web2 ping"
-    assert got[f"{VIP_EMPTY}:8080"].startswith("ERR")
+    assert got[f"{VIP_EMPTY}:8080"].startswith("ERR ConnectionRefusedError"), got
+    assert got[f"{VIP_EMPTY}:53u"].startswith("ERR ConnectionRefusedError"), got
 
 
 def test_policy_applies_after_dnat(slab: Lab) -> None:

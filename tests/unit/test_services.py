@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from flowcni.datastore.manifests import ManifestError, load
-from flowcni.flows.model import CT, GroupAction
+from flowcni.flows.model import CT, Controller, GroupAction
 from flowcni.flows.policy import PodInfo
 from flowcni.flows.services import (
     ServiceError,
@@ -122,11 +122,12 @@ def test_changes_touch_only_the_services_they_affect() -> None:
     assert flows == {"service:d/db": []} and groups == {"service:d/db": []}
 
 
-def test_a_service_without_endpoints_gets_a_drop_and_no_group() -> None:
+def test_a_service_without_endpoints_goes_to_the_agent_and_has_no_group() -> None:
+    """The agent answers those packets (controller.reject)."""
     p = ServiceProxy()
     flows, groups, _ = p.load([svc()], [])
     assert groups["service:d/web"] == []
-    assert all(f.actions == () for f in flows["service:d/web"])
+    assert all(f.actions == (Controller(),) for f in flows["service:d/web"])
 
 
 def test_a_bad_service_is_reported_and_the_rest_still_programmed() -> None:
