@@ -38,6 +38,8 @@ def cmd_flows(lab: Lab, a: argparse.Namespace) -> int:
             pod = lab.pod(a.pod)
             wanted = {f"pod:{pod.container_id}/eth0", f"isolation:{pod.ref}"}
             rows = [r for r in rows if r.owner in wanted]
+        if a.service:
+            rows = [r for r in rows if r.owner == f"service:{a.service}"]
         if a.policy:
             rules = [r for r in agent.call("_policy")["rules"]
                      if r["rule"].startswith(a.policy + "/")]
@@ -313,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--no-stats", action="store_true")
     fl.add_argument("--pod", help="NS/NAME: only the flows this pod owns")
     fl.add_argument("--policy", help="NS/NAME: only the flows this policy's rules use")
+    fl.add_argument("--service", help="NS/NAME: only this Service's flows (its groups: "
+                    "flowctl services)")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
                     help="what OVS holds that the agent does not want, and the reverse")

@@ -20,6 +20,7 @@ gateway too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable
@@ -249,6 +250,12 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
     return gid
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _dnat(ip: str, port: int) -> CT:
+    """A bucket's action (shared: an endpoint of several Services is built once)."""
+    return CT(commit=True, table="EgressRule", nat=f"{ip}:{port}")
+
+
 def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int],
                   pipeline: Pipeline = DEFAULT) -> tuple[list[Flow], list[Group]]:
     """The ServiceLB flow and select group of each port of `svc` (eps/gids: per port)."""
@@ -265,8 +272,7 @@ def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int
             # kube-proxy does, instead of letting the client time out (controller.reject).
             flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, [Controller()], **kw))
             continue
-        groups.append(Group.make(gid, [[CT(commit=True, table="EgressRule", nat=f"{ip}:{port}")]
-                                       for ip, port in ep],
+        groups.append(Group.make(gid, [[_dnat(ip, port)] for ip, port in ep],
                                  owner=svc.owner, table="ServiceLB", pipeline=pipeline))
         flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, [GroupAction(gid)], **kw))
     return flows, groups
@@ -292,22 +298,27 @@ class ServiceProxy:
         self.slices: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []  # drained into the problems load/apply return
         self.gids: dict[int, str] = {}          # group id -> "ns/name/index"
+        self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
+        self.by_ns: dict[str, dict[str, PodInfo]] = {}  # namespace -> pod key -> pod
+        # (namespace, label, value) -> pod keys: a selector's candidates without a scan
+        self.by_label: dict[tuple[str, str, str], set[str]] = {}
         self.built: dict[str, tuple[list[Flow], list[Group]]] = {}
 
     def _build(self, key: str) -> tuple[list[Flow], list[Group]]:
         svc = self.services.get(key)
-        for gid in [g for g, k in self.gids.items() if k.rsplit("/", 1)[0] == key]:
-            if svc is None or int(self.gids[gid].rsplit("/", 1)[1]) >= len(svc.ports):
-                del self.gids[gid]
+        mine = self.svc_gids.setdefault(key, {})
+        for i in [i for i in mine if svc is None or i >= len(svc.ports)]:
+            del self.gids[mine.pop(i)]
         if svc is None:
+            del self.svc_gids[key]
             return [], []
-        mine = {k: g for g, k in self.gids.items()}
         gids = []
         for i in range(len(svc.ports)):
-            pk = f"{key}/{i}"
-            gid = mine.get(pk) or group_id_for(pk, self.gids)
-            self.gids[gid] = pk
-            gids.append(gid)
+            if i not in mine:
+                pk = f"{key}/{i}"
+                mine[i] = group_id_for(pk, self.gids)
+                self.gids[mine[i]] = pk
+            gids.append(mine[i])
         eps = [self.endpoints(svc, sp) for sp in svc.ports]
         for sp, ep in zip(svc.ports, eps, strict=True):
             if len(ep) > MAX_BUCKETS:
@@ -320,7 +331,25 @@ class ServiceProxy:
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
         if self.use_slices or svc.selector is None:
             return slice_endpoints(svc, sp, self.slices.values())
-        return endpoints(svc, sp, self.pods.values())
+        in_ns = self.by_ns.get(svc.namespace, {})
+        if not svc.selector:
+            return endpoints(svc, sp, in_ns.values())
+        sets = [self.by_label.get((svc.namespace, k, v), set()) for k, v in svc.selector]
+        return endpoints(svc, sp, (in_ns[k] for k in min(sets, key=len)))
+
+    def _set_pod(self, key: str, pod: PodInfo | None) -> PodInfo | None:
+        """Put (or with None remove) a pod, keeping the per-namespace index; the old one."""
+        old = self.pods.pop(key, None)
+        if old is not None:
+            self.by_ns.get(old.namespace, {}).pop(key, None)
+            for k, v in old.labels.items():
+                self.by_label.get((old.namespace, k, v), set()).discard(key)
+        if pod is not None:
+            self.pods[key] = pod
+            self.by_ns.setdefault(pod.namespace, {})[key] = pod
+            for k, v in pod.labels.items():
+                self.by_label.setdefault((pod.namespace, k, v), set()).add(key)
+        return old
 
     @staticmethod
     def _slice_service(body: dict[str, Any] | None) -> str | None:
@@ -354,7 +383,7 @@ class ServiceProxy:
                 p = pod_from_body(b)
             except (KeyError, TypeError, ValueError):
                 continue  # the policy engine reports bad pods
-            self.pods[p.key] = p
+            self._set_pod(p.key, p)
         for b in services:
             self._put_service(b, problems)
         flows, groups = self._recompute(self.services)
@@ -390,15 +419,13 @@ class ServiceProxy:
                 touched.update(k for k in (self._slice_service(old_slice),
                                            self._slice_service(c.body)) if k)
             elif c.kind == "Pod":
-                old = self.pods.pop(key, None)
                 new = None
                 if c.op == "put" and c.body:
                     try:
                         new = pod_from_body(c.body)
                     except (KeyError, TypeError, ValueError):
                         new = None
-                if new is not None:
-                    self.pods[key] = new
+                old = self._set_pod(key, new)
                 touched.update(s.key for s in self.services.values()
                                if any(p is not None and s.selects(p) for p in (old, new)))
         flows, groups = self._recompute(touched)
@@ -409,7 +436,7 @@ class ServiceProxy:
     def describe(self) -> list[dict[str, Any]]:
         """Each Service: ClusterIP, ports with their endpoints and group ids."""
         out = []
-        by_key = {k: g for g, k in self.gids.items()}
+        by_key = {f"{k}/{i}": g for k, gs in self.svc_gids.items() for i, g in gs.items()}
         for key, svc in sorted(self.services.items()):
             ports = []
             for i, sp in enumerate(svc.ports):

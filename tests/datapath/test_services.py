@@ -145,6 +145,11 @@ def test_flowctl_services_shows_endpoints_and_bucket_packets(
     assert sorted(e.split(":")[0] for e in http["endpoints"]) == ips
     assert len(http["packets"]) == 2 and all(n > 0 for n in http["packets"]), http
     assert rows["53/UDP"]["packets"] == [0, 0]
+    assert flowctl(["flows", "--node", "node1", "--service", "default/web", "--json"]) == 0
+    flows = json.loads(capsys.readouterr().out)[0]["flows"]
+    assert sorted(f["table"] for f in flows) == ["ServiceLB"] * 4
+    assert {f["owner"] for f in flows} == {"service:default/web"}
+    assert any(f"group:{http['group']}" in f["actions"] for f in flows)
 
 
 def test_service_without_endpoints_rejects(slab: Lab) -> None:
