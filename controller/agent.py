@@ -305,7 +305,7 @@ class Agent:
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
-                self.realized_revision))
+                self.realized_revision, self._service_counts))
         app = ofapp.start(self.args.of_host, self.args.of_port)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
@@ -316,6 +316,11 @@ class Agent:
         LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s, encap %s, "
                  "pod MTU %d", self.args.node, self.args.bridge, self.datapath_type,
                  self.pod_cidr, self.gateway.ip, self.cluster.encap, self.mtu)
+
+    def _service_counts(self) -> tuple[int, int, int]:
+        groups = self.flows.desired_groups()
+        n_svc = len(self.services.services) if self.services else 0
+        return n_svc, sum(len(g.buckets) for g in groups), len(groups)
 
     def _packet_in(self, msg: Any) -> None:
         """Packet-ins: ServiceLB's (a Service without endpoints) get an answer; the

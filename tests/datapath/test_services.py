@@ -152,6 +152,15 @@ def test_flowctl_services_shows_endpoints_and_bucket_packets(
     assert any(f"group:{http['group']}" in f["actions"] for f in flows)
 
 
+def test_metrics_count_services_endpoints_and_groups(slab: Lab) -> None:
+    """Four Services; web's four ports have two endpoints each, w1's and w2's one each,
+    empty's none (no group): 4 + 4 + 4 = 12 groups, 8 + 4 + 4 = 16 buckets."""
+    from tests.datapath.test_inspect import scrape
+    m = scrape(slab, "node1")
+    assert (m["flowcni_services"], m["flowcni_service_endpoints"], m["flowcni_groups"]) == \
+        (4, 16, 12), {k: v for k, v in m.items() if "service" in k or "group" in k}
+
+
 def test_service_without_endpoints_rejects(slab: Lab) -> None:
     """As kube-proxy does: TCP gets a reset, UDP an ICMP port unreachable (both seen by
     the client as "connection refused", not a timeout); another Service still works."""
