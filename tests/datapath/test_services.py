@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -171,6 +172,27 @@ def test_service_without_endpoints_rejects(slab: Lab) -> None:
     assert got[f"{VIP_EMPTY}:53u"].startswith("ERR ConnectionRefusedError"), got
 
 
+UDP_SAME_SOCKET = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+s.connect((sys.argv[1], 53)); out = []
+for i in range(3):
+    s.send(b"x%d" % i)
+    try:
+        out.append(s.recv(100).decode())
+    except OSError:
+        out.append("ERR")
+print(" ".join(o.replace(" ", "_") for o in out))
+"""
+
+
+def udp_same_socket(lab: Lab, src: str, vip: str) -> list[str]:
+    """Three datagrams from one socket to vip:53; each reply, or "ERR"."""
+    p = subprocess.run(lab.exec_argv(src, [sys.executable, "-c", UDP_SAME_SOCKET, vip]),
+                       capture_output=True, text=True, timeout=30)
+    return [o.replace("_", " ") for o in p.stdout.split()]
+
+
 def test_policy_applies_after_dnat(slab: Lab) -> None:
     """A policy on web1 that admits role=client on port 80 admits it through the Service
     (real source pod, real destination port) and denies client2 the same way."""
@@ -182,7 +204,7 @@ spec:
   podSelector: {matchLabels: {w: "1"}}
   ingress:
   - from: [{podSelector: {matchLabels: {role: client}}}]
-    ports: [{port: 80}]
+    ports: [{port: 80}, {port: 53, protocol: UDP}]
 """
     apply(slab, pol)
     try:
@@ -191,6 +213,11 @@ spec:
         assert ok == {f"{VIP_W1}:8080": "web1 ping"}
         assert denied[f"{VIP_W1}:8080"].startswith("ERR"), denied
         assert denied[f"{VIP_W2}:8080"] == "web2 ping"  # control: client2 works elsewhere
+        # The first datagram's DNAT is committed before policy drops it: later ones on
+        # the same socket (same conntrack entry) must be denied as well.
+        assert udp_same_socket(slab, "default/client2", VIP_W1) == ["ERR"] * 3
+        assert udp_same_socket(slab, "default/client1", VIP_W1) == ["web1 x0", "web1 x1",
+                                                                    "web1 x2"]
     finally:
         delete(slab, pol)
 
