@@ -35,6 +35,8 @@ VERBS: dict[str, str] = {
     "stale": "drift: desired flows OVS lacks and flows OVS holds that nobody wants",
     "policy": "NetworkPolicy rules and isolated pods as realized, with packets allowed; "
               "args: packets (default true)",
+    "services": "Services as programmed here: ClusterIP, ports, endpoints, group and "
+                "packets per bucket",
     "trace": "ofproto/trace of a flow on the agent's bridge, as structured steps; args: flow",
     "traceflow": "live trace: args: step (arm|inject|collect|disarm), dscp, ...",
 }

@@ -42,12 +42,19 @@ from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.podrecords import PodRecords
 from flowcni.controller.pods import CNIFailure, PodManager
+from flowcni.controller.reject import Rejecter
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
+from flowcni.flows.services import (
+    GATEWAY_CT_OWNER,
+    PROXY_MODES,
+    ServiceProxy,
+    gateway_reply_flows,
+)
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
@@ -102,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "longer give (see controller/dpcache.py)")
     p.add_argument("--vswitchd-ctl", default="",
                    help="ovs-vswitchd's unixctl socket (default: next to the OVSDB socket)")
+    p.add_argument("--proxy", choices=PROXY_MODES, default="flowcni",
+                   help="who implements Services: flowcni (ClusterIPs load-balanced in "
+                   "OVS) or kube-proxy (the node's own DNAT; flowcni only makes sure "
+                   "replies return through the node)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.datastore not in ("none", "kubernetes") and not a.datastore.startswith("sqlite:"):
@@ -208,6 +219,7 @@ class Agent:
         by_owner: dict[str, list[Flow]] = {}
         for f in node_flows(self.gateway, PIPELINE):
             by_owner.setdefault(f.owner, []).append(f)
+        by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, self.gateway,
@@ -224,6 +236,8 @@ class Agent:
         self.policy = PolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
+        self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes")
+                         if a.proxy == "flowcni" else None)
         self.applied_revision = 0
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
@@ -237,6 +251,8 @@ class Agent:
         else:
             hostnet.sync_routes(self.peers.routes() if cfg.encap != "none" else {})
         self.traceflow = LiveTrace(self.flows, self.pods, self.gateway, self.tun_ofport)
+        self.rejecter = Rejecter(lambda: self.flows.switch)
+        self._service_lb = PIPELINE.id("ServiceLB")
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
         self.api = APIServer(a.api_socket, AgentAPI(self), a.api_group)
@@ -261,6 +277,12 @@ class Agent:
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
+        if self.services is not None:
+            sflows, sgroups, problems = self.services.load(
+                store.objects("Service"), store.objects("Pod"), store.objects("EndpointSlice"))
+            for p in problems:
+                LOG.error("skipping %s", p)
+            self.flows.set_owners(sflows, sgroups)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
                          name="store-watch", daemon=True).start()
@@ -302,11 +324,16 @@ class Agent:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
         owners, problems = self.policy.apply(batch)
+        groups: dict[str, Any] = {}
+        if self.services is not None:
+            sflows, groups, sproblems = self.services.apply(batch)
+            owners.update(sflows)
+            problems += sproblems
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []
-        if owners:
-            self.flows.set_owners(owners)
+        if owners or groups:
+            self.flows.set_owners(owners, groups)
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
         if owners:
@@ -388,11 +415,11 @@ class Agent:
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
-                self.realized_revision))
+                self.realized_revision, self._service_counts))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
-        app.on_packet_in = self.traceflow.packet_in
+        app.on_packet_in = self._packet_in
         if app.switch is not None:  # connected before the hooks were set
             self._syncq.put(app.switch)
         self.cni.start()
@@ -400,6 +427,20 @@ class Agent:
         LOG.info("agent for node %s up: bridge %s (%s), pod CIDR %s, gateway %s, encap %s, "
                  "pod MTU %d", self.args.node, self.args.bridge, self.datapath_type,
                  self.pod_cidr, self.gateway.ip, self.cluster.encap, self.mtu)
+
+    def _service_counts(self) -> tuple[int, int, int]:
+        groups = self.flows.desired_groups()
+        n_svc = len(self.services.services) if self.services else 0
+        return n_svc, sum(len(g.buckets) for g in groups), len(groups)
+
+    def _packet_in(self, msg: Any) -> None:
+        """Packet-ins: ServiceLB's (a Service without endpoints) get an answer; the
+        rest are live traceflow's observation points."""
+        if (msg.table_id == self._service_lb
+                and ck.feature_of(msg.cookie) == ck.Feature.SERVICE):
+            self.rejecter.packet_in(msg)
+        else:
+            self.traceflow.packet_in(msg)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -418,10 +459,12 @@ class Agent:
             if obj is None:
                 kind, _, rest = owner.partition(":")
                 obj = {"node": "node", "gateway": "gateway", "tunnel": "tunnel port",
-                       "conntrack": "conntrack"}.get(owner) or {
+                       "conntrack": "conntrack",
+                       GATEWAY_CT_OWNER: "connections from the gateway"}.get(owner) or {
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
-                    "policy-match": "policy match (shared)"}.get(kind, owner)
+                    "policy-match": "policy match (shared)",
+                    "service": f"service {rest}"}.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 
@@ -441,7 +484,9 @@ class Agent:
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
             "pod_keys_in_flight": self.pods.keys_in_flight(),
-            "flows": self.flows.flow_count(), "uptime_s": time.time() - self.started,
+            "flows": self.flows.flow_count(),
+            "groups": len(self.flows.desired_groups()), "proxy": self.args.proxy,
+            "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }
 

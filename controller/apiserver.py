@@ -184,9 +184,19 @@ class AgentAPI:
                 for r in replies for g in r.body]
         return {"groups": [g.to_dict() for g in sorted(rows, key=lambda g: g.group_id)]}
 
+    def v_services(self, req: Request) -> dict[str, Any]:
+        svc = self.agent.services
+        try:
+            packets = self._switch().group_packets() if svc else {}
+        except OFError as e:
+            raise APIError(api.UNAVAILABLE, f"group stats: {e}") from e
+        return {"proxy": self.agent.args.proxy, "services": svc.describe() if svc else [],
+                "packets": {str(g): n for g, n in packets.items()}}
+
     def v_stale(self, req: Request) -> dict[str, Any]:
         try:
             missing, unexpected = self.agent.flows.drift()
+            gmissing, gunexpected = self.agent.flows.group_drift()
         except OFError as e:
             raise APIError(api.UNAVAILABLE, str(e)) from e
         out: dict[str, Any] = {
@@ -196,6 +206,8 @@ class AgentAPI:
                 f"priority={s.priority}" + (f",{render_match(s.match)}"
                                             if render_match(s.match) else "")
                 for s in unexpected]}
+        out["missing"] += [g.ofctl(self.pipeline) for g in gmissing]
+        out["unexpected"] += [f"group_id={i}" for i in gunexpected]
         guard = self.agent.dpguard
         if guard is not None:  # report only: the guard's own runs repair
             res = guard.check(None, post_ct_only=False, repair=False)

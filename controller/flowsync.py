@@ -6,6 +6,12 @@ every (re)connection the agent takes a new round: it re-adds every desired
 flow with the new round in its cookie and, in the same bundle, deletes every
 flow whose cookie carries another round. Flows that did not change are
 overwritten in place, so traffic never sees a missing flow.
+
+Groups (a Service port's select group) travel in the same bundles. They carry
+no cookie, so they are reconciled by id: the agent owns every group on its
+bridge, each desired group has an owner whose key derives its id, a full
+sync adds or modifies every desired group and deletes every other one, and
+the drift check compares ids and bucket counts.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 from flowcni.controller.ofapp import OFError, Switch
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import Key, diff, index
-from flowcni.flows.model import Flow
+from flowcni.flows.model import Flow, Group
 from flowcni.flows.tables import Pipeline
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +51,24 @@ def flow_delete(sw: Switch, flow: Flow, pipeline: Pipeline) -> Any:
                         command=o.OFPFC_DELETE_STRICT, priority=flow.priority,
                         out_port=o.OFPP_ANY, out_group=o.OFPG_ANY,
                         match=flow.osken_match(p))
+
+
+# Open vSwitch's "add, or modify if it exists" group command (an OpenFlow 1.1+
+# extension), so a restarted agent re-asserts its groups without knowing
+# which of them survived.
+OFPGC_ADD_OR_MOD = 0x8000
+
+
+def group_put(sw: Switch, g: Group, pipeline: Pipeline) -> Any:
+    p, o = sw.parser, sw.ofp
+    return p.OFPGroupMod(sw.dp, command=OFPGC_ADD_OR_MOD, type_=o.OFPGT_SELECT,
+                         group_id=g.group_id, buckets=g.osken_buckets(p, o, pipeline))
+
+
+def group_delete(sw: Switch, group_id: int) -> Any:
+    p, o = sw.parser, sw.ofp
+    return p.OFPGroupMod(sw.dp, command=o.OFPGC_DELETE, type_=o.OFPGT_SELECT,
+                         group_id=group_id, buckets=[])
 
 
 def other_rounds_deletes(sw: Switch, round_: int) -> list[Any]:
@@ -77,6 +101,8 @@ class FlowSync:
         self._count = 0  # flows in _desired, kept in step (status asks it often)
         self._owner_index: dict[Key, str] = {}
         self._installed: dict[Key, Flow] = {}
+        self._groups: dict[str, dict[int, Group]] = {}  # owner -> group id -> group
+        self._installed_groups: dict[int, Group] = {}
         self.switch: Switch | None = None
         self.round = 0
         self.synced = threading.Event()
@@ -100,6 +126,10 @@ class FlowSync:
         with self._lock:
             return [f for o in owners for f in self._desired.get(o, ())]
 
+    def desired_groups(self) -> list[Group]:
+        with self._lock:
+            return [g for gs in self._groups.values() for g in gs.values()]
+
     def owners(self) -> dict[str, int]:
         with self._lock:
             return {o: len(f) for o, f in self._desired.items()}
@@ -108,14 +138,17 @@ class FlowSync:
         """Make OVS hold exactly `flows` for `owner`; raises OFError if OVS refused."""
         self.set_owners({owner: list(flows)})
 
-    def set_owners(self, changes: dict[str, list[Flow]]) -> None:
+    def set_owners(self, changes: dict[str, list[Flow]],
+                   groups: dict[str, list[Group]] | None = None) -> None:
         """Several owners' new flow sets (empty: remove the owner), in one bundle.
 
-        Either OVS takes all of it or none: a refused bundle leaves the desired
-        set as it was, so a later full sync does not install what the caller
-        was told failed.
+        `groups`: owners' new group sets, in the same bundle (an owner not
+        named keeps its groups). Either OVS takes all of it or none: a
+        refused bundle leaves the desired set as it was, so a later full sync
+        does not install what the caller was told failed.
         """
         news = {o: index(fl) for o, fl in changes.items()}
+        gnews = {o: {g.group_id: g for g in gl} for o, gl in (groups or {}).items()}
         with self._lock:
             for o, new in news.items():
                 for k, f in new.items():
@@ -123,15 +156,32 @@ class FlowSync:
                     if holder not in (None, o) and holder not in news:
                         raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {o} "
                                          f"already belongs to {holder}")
+            for o, gnew in gnews.items():
+                for gid in gnew:
+                    gholder = next((h for h, gs in self._groups.items() if gid in gs), None)
+                    if gholder not in (None, o) and gholder not in gnews:
+                        raise ValueError(f"group {gid} of {o} already belongs to {gholder}")
             olds = {o: index(self._desired.get(o, ())) for o in news}
+            golds = {o: self._groups.get(o, {}) for o in gnews}
             self._replace(news)
+            self._replace_groups(gnews)
             old_all = {k: f for fl in olds.values() for k, f in fl.items()}
             new_all = {k: f for fl in news.values() for k, f in fl.items()}
+            gold_all = {i: g for gs in golds.values() for i, g in gs.items()}
+            gnew_all = {i: g for gs in gnews.values() for i, g in gs.items()}
             try:
-                self._apply(old_all, new_all)
+                self._apply(old_all, new_all, gold_all, gnew_all)
             except OFError:
                 self._replace(olds)
+                self._replace_groups(golds)
                 raise
+
+    def _replace_groups(self, sets: dict[str, dict[int, Group]]) -> None:
+        for o, new in sets.items():
+            if new:
+                self._groups[o] = new
+            else:
+                self._groups.pop(o, None)
 
     @property
     def pending(self) -> bool:
@@ -167,21 +217,33 @@ class FlowSync:
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
 
-    def _apply(self, old: dict[Key, Flow], new: dict[Key, Flow]) -> None:
+    def _apply(self, old: dict[Key, Flow], new: dict[Key, Flow],
+               gold: dict[int, Group] | None = None,
+               gnew: dict[int, Group] | None = None) -> None:
         sw = self.switch
         if sw is None or not sw.alive or not self.synced.is_set():
             self._pending = True  # the full sync on (re)connect will install it
             return
+        gold, gnew = gold or {}, gnew or {}
         adds, dels = diff(old, new)
+        gputs = [g for i, g in gnew.items() if gold.get(i) != g]
+        gdels = [i for i in gold if i not in gnew]
+        # Groups before the flows that use them; flows gone before their groups.
         # Generators, as in full_sync: a datastore list applied as one change
         # (100k flows) must not hold 100k os-ken FlowMods at once.
-        msgs = itertools.chain((flow_delete(sw, f, self.pipeline) for f in dels),
-                               (flow_add(sw, f, self.round, self.pipeline) for f in adds))
+        msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in gputs),
+                               (flow_delete(sw, f, self.pipeline) for f in dels),
+                               (flow_add(sw, f, self.round, self.pipeline) for f in adds),
+                               (group_delete(sw, i) for i in gdels))
         self._bundle(sw, msgs)
         for f in dels:
             self._installed.pop(f.key, None)
         for f in adds:
             self._installed[f.key] = f
+        for i in gdels:
+            self._installed_groups.pop(i, None)
+        for g in gputs:
+            self._installed_groups[g.group_id] = g
 
     def _bundle(self, sw: Switch, msgs: Iterable[Any]) -> None:
         try:
@@ -199,19 +261,26 @@ class FlowSync:
             self.switch = sw
             rnd = self._new_round()
             flows = self.desired_flows()
+            groups = {g.group_id: g for g in self.desired_groups()}
+            present = {d.group_id for d in sw.group_desc()}
             # A generator: each FlowMod is built, serialized and dropped in turn.
-            msgs = itertools.chain((flow_add(sw, f, rnd, self.pipeline) for f in flows),
-                                   other_rounds_deletes(sw, rnd))
+            # Groups nobody wants any more (a Service deleted while the agent was
+            # away) go last, after the old rounds' flows that may still point at them.
+            msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in groups.values()),
+                                   (flow_add(sw, f, rnd, self.pipeline) for f in flows),
+                                   other_rounds_deletes(sw, rnd),
+                                   (group_delete(sw, i) for i in sorted(present - set(groups))))
             self._bundle(sw, msgs)
             self.round = rnd
             self._installed = {f.key: f for f in flows}
+            self._installed_groups = groups
             self.stats["full_syncs"] += 1
             self.stats["last_full_sync_s"] = time.perf_counter() - t0
             self._pending = False
             self._installed_cv.notify_all()
             self.synced.set()
-            LOG.info("round %d: %d flows installed in %.2fs", rnd, len(flows),
-                     self.stats["last_full_sync_s"])
+            LOG.info("round %d: %d flows and %d groups installed in %.2fs", rnd, len(flows),
+                     len(groups), self.stats["last_full_sync_s"])
 
     # -- drift -------------------------------------------------------------------
 
@@ -270,6 +339,21 @@ class FlowSync:
                       if k not in want or s.cookie != want[k].cookie(rnd)]
         return missing, unexpected
 
+    def group_drift(self) -> tuple[list[Group], list[int]]:
+        """(desired groups OVS lacks or holds with other buckets, group ids nobody wants).
+
+        Buckets are compared by count: a bucket edited by hand in place is not
+        seen, one added or removed is.
+        """
+        with self._lock:
+            sw = self.switch
+            if sw is None or not self.synced.is_set():
+                raise OFError("not synced with the switch")
+            want = {g.group_id: g for g in self.desired_groups()}
+        have = {d.group_id: len(d.buckets) for d in sw.group_desc()}
+        missing = [g for i, g in want.items() if have.get(i) != len(g.buckets)]
+        return missing, sorted(set(have) - set(want))
+
     def repair(self) -> tuple[int, int]:
         """Re-add missing flows and delete unexpected ones in one bundle.
 
@@ -277,7 +361,8 @@ class FlowSync:
         changed meanwhile by a normal update is left to that update.
         """
         missing, unexpected = self.drift()
-        if not (missing or unexpected):
+        gmissing, gunexpected = self.group_drift()
+        if not (missing or unexpected or gmissing or gunexpected):
             return 0, 0
         with self._lock:
             sw = self.switch
@@ -297,9 +382,15 @@ class FlowSync:
                                  priority=s.priority, out_port=o.OFPP_ANY,
                                  out_group=o.OFPG_ANY, match=s.match) for s in unexpected]
             msgs += [flow_add(sw, f, self.round, self.pipeline) for f in missing]
+            # Re-checked like flows: only groups still desired as they were found.
+            gmissing = [g for g in gmissing if self._installed_groups.get(g.group_id) == g]
+            wanted = {g.group_id for g in self.desired_groups()}
+            gunexpected = [i for i in gunexpected if i not in wanted]
+            msgs = ([group_put(sw, g, self.pipeline) for g in gmissing] + msgs
+                    + [group_delete(sw, i) for i in gunexpected])
             if msgs:
                 self._bundle(sw, msgs)
-        return len(missing), len(unexpected)
+        return len(missing) + len(gmissing), len(unexpected) + len(gunexpected)
 
     def disconnected(self, sw: Switch) -> None:
         with self._lock:

@@ -49,9 +49,12 @@ class StateCollector(Collector):
 
     def __init__(self, flows_by_table: Callable[[], dict[str, int]],
                  connected: Callable[[], bool], bundle_errors: Callable[[], int],
-                 revision: Callable[[], int]) -> None:
+                 revision: Callable[[], int],
+                 services: Callable[[], tuple[int, int, int]] | None = None) -> None:
+        """services: (Services, endpoints over all their ports, groups) the proxy programs."""
         self.flows_by_table, self.connected = flows_by_table, connected
         self.bundle_errors, self.revision = bundle_errors, revision
+        self.services = services
 
     def collect(self) -> Any:
         g = GaugeMetricFamily("flowcni_flows", "Flows the agent keeps in OVS, by table",
@@ -66,6 +69,15 @@ class StateCollector(Collector):
                                 value=self.bundle_errors())
         yield GaugeMetricFamily("flowcni_datastore_applied_revision",
                                 "Datastore revision the flows reflect", value=self.revision())
+        if self.services is not None:
+            n_svc, n_ep, n_groups = self.services()
+            yield GaugeMetricFamily("flowcni_services", "Services the proxy programs",
+                                    value=n_svc)
+            yield GaugeMetricFamily("flowcni_service_endpoints",
+                                    "Endpoints over every Service port (group buckets)",
+                                    value=n_ep)
+            yield GaugeMetricFamily("flowcni_groups", "OpenFlow groups the agent keeps in OVS",
+                                    value=n_groups)
 
 
 def flows_per_table(flows: list[Any]) -> dict[str, int]:

@@ -210,10 +210,27 @@ class Switch:
         replies = self.request(req, timeout, multipart=True)
         return [s for r in replies for s in r.body]
 
+    def group_packets(self, timeout: float = 30.0) -> dict[int, list[int]]:
+        """{group id: packets each bucket took} (group stats)."""
+        ofp, parser = self.ofp, self.parser
+        replies = self.request(parser.OFPGroupStatsRequest(self.dp, 0, ofp.OFPG_ALL), timeout,
+                               multipart=True)
+        return {g.group_id: [b.packet_count for b in g.bucket_stats]
+                for r in replies for g in r.body}
+
+    def group_desc(self, timeout: float = 30.0) -> list[Any]:
+        """Every group on the bridge (id, type, buckets)."""
+        replies = self.request(self.parser.OFPGroupDescStatsRequest(self.dp, 0), timeout,
+                               multipart=True)
+        return [s for r in replies for s in r.body]
+
 
 def describe_error(err: Any) -> str:
     if isinstance(err, str):
         return err
+    if getattr(err, "experimenter", None) is not None:  # e.g. ONF bundle errors
+        return (f"OpenFlow error type={err.type} experimenter={err.experimenter:#x} "
+                f"exp_type={err.exp_type}")
     return f"OpenFlow error type={err.type} code={err.code}"
 
 
@@ -289,7 +306,7 @@ class FlowcniOFApp(app_manager.OSKenApp):  # type: ignore[misc]
 
     @set_ev_cls([ofp_event.EventOFPBarrierReply, ofp_event.EventONFBundleCtrlMsg,
                  ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPGroupDescStatsReply,
-                 ofp_event.EventOFPAggregateStatsReply],
+                 ofp_event.EventOFPGroupStatsReply, ofp_event.EventOFPAggregateStatsReply],
                 MAIN_DISPATCHER)
     def _reply(self, ev: Any) -> None:
         sw = self._current(ev.msg.datapath)

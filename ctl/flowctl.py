@@ -34,6 +34,7 @@ from flowcni.ctl.providers import (
     plugins,
     select,
 )
+from flowcni.ctl.services import service_rows
 from flowcni.ctl.trace import PROTOS, Tracer
 from flowcni.datastore.store import StoreError
 from flowcni.flows.tables import DEFAULT as PIPELINE
@@ -133,6 +134,8 @@ def show_flows(agents: list[NodeAgent], a: Any) -> int:
             wanted = _pod_owners(n, a.pod)
             pod_found |= bool(wanted)
             rows = [r for r in rows if r.owner in wanted]
+        if a.service:
+            rows = [r for r in rows if r.owner == f"service:{a.service}"]
         if a.policy:
             rules = [r for r in n.call("policy")["rules"]
                      if r["rule"].startswith(a.policy + "/")]
@@ -244,6 +247,25 @@ def show_policy(agents: list[NodeAgent], policy: str | None = None,
             if "isolated_pods" in r["detail"]:
                 print(f"  {r['node']}: {r['policy']} isolates "
                       f"{', '.join(r['detail']['isolated_pods'])} ({r['detail']['effect']})")
+    return 0
+
+
+def cmd_services(a: argparse.Namespace) -> int:
+    """Each Service port per node: ClusterIP, endpoints, group, packets per bucket."""
+    return show_services(_agents(a), a.service, a.json)
+
+
+def show_services(agents: list[NodeAgent], service: str | None = None,
+                  as_json: bool = False) -> int:
+    rows = service_rows(agents, service)
+    if service and not rows:
+        raise CLIError(f"no Service {service} on {', '.join(n.name for n in agents)}")
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table([{**r, "endpoints": ",".join(r["endpoints"]) or "-",
+                      "packets": ",".join(map(str, r["packets"])) or "-"} for r in rows],
+                    ["node", "service", "clusterIP", "port", "endpoints", "group", "packets"])
     return 0
 
 
@@ -440,6 +462,8 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
     fl.add_argument("--pod", metavar="NS/NAME", help="only the flows this pod owns")
     fl.add_argument("--policy", metavar="NS/NAME",
                     help="only the flows this policy's rules use")
+    fl.add_argument("--service", metavar="NS/NAME",
+                    help="only this Service's flows (its groups: flowctl services)")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
                     help="what OVS holds that the agent does not want, and the reverse; "
@@ -453,6 +477,11 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
     po.add_argument("policy", nargs="?", metavar="NS/NAME", help="only this policy "
                     "(default: all)")
     po.add_argument("--json", action="store_true")
+    sv = verb("services", cmd_services, "Services as each node's agent programs them: "
+              "ClusterIP, ports, endpoints, group, packets per bucket")
+    sv.add_argument("service", nargs="?", metavar="NS/NAME", help="only this Service "
+                    "(default: all)")
+    sv.add_argument("--json", action="store_true")
     tr = verb("trace", cmd_trace, "trace a packet from a pod through every node it crosses "
               "(exit 3 when it does not get there)")
     tr.add_argument("--from", dest="src", required=True, metavar="NS/POD",

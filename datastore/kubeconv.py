@@ -182,14 +182,15 @@ def network_policy(raw: Any) -> Body:
 
 
 def service(raw: Any) -> Body:
-    """{"namespace", "name", "spec"}: cached for Service load balancing (later)."""
+    """{"namespace", "name", "spec"}: what the Service proxy programs (flows.services)."""
     key = object_key("Service", raw)
     spec = _dict(ref("Service", key), raw, "spec")
     return {"namespace": key[0], "name": key[1], "spec": copy.deepcopy(spec)}
 
 
 def endpoint_slice(raw: Any) -> Body:
-    """{"namespace", "name", "labels", "endpoints", "ports", "addressType"} (cached, later)."""
+    """{"namespace", "name", "labels", "endpoints", "ports", "addressType"}: a Service's
+    endpoints for the proxy (flows.services.slice_endpoints)."""
     key = object_key("EndpointSlice", raw)
     where = ref("EndpointSlice", key)
     address_type = raw.get("addressType")

@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 from flowcni.flows.policy import PolicyError, parse_policy
+from flowcni.flows.services import ServiceError, parse_service
 
 # kind -> apiVersion we accept
-SUPPORTED = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+SUPPORTED = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1", "Service": "v1"}
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_NAME_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -83,6 +84,14 @@ def to_object(doc: Any, index: int = 0,
     if identity_only:
         return kind, ns, name, {}
     spec = doc.get("spec")
+    if kind == "Service":
+        try:
+            parse_service(ns, name, spec)
+        except ServiceError as e:
+            raise ManifestError(f"{where}: {e}") from e
+        assert isinstance(spec, dict)
+        validate_labels(where, "spec.selector", spec.get("selector"))
+        return kind, ns, name, {"namespace": ns, "name": name, "labels": labels, "spec": spec}
     try:
         parse_policy(ns, name, spec)
     except PolicyError as e:

@@ -50,3 +50,11 @@ SCRATCH = RegField("reg2", 0, 31)
 # The MAC every pod sees for every address except the gateway's: packets sent
 # to it are routed by L3Forwarding, so pods never need per-peer ARP flows.
 VIRTUAL_ROUTER_MAC = "aa:bb:cc:dd:ee:ff"
+
+# Conntrack marks (ct_mark), stored on a connection when it is committed.
+# FROM_GATEWAY: the connection's first packet entered br-int from the gateway
+# port: the node's own stack sent or forwarded it, possibly after rewriting
+# it (kube-proxy's DNAT). Its replies must go back through the gateway, where
+# the node's conntrack undoes the rewrite, even when the reply's destination
+# is a pod this bridge (or the tunnel) could reach directly.
+CT_MARK_FROM_GATEWAY = 0x1

@@ -45,7 +45,7 @@ _OFCTL_MATCH = {
     "tcp_src": "tp_src", "tcp_dst": "tp_dst", "udp_src": "tp_src", "udp_dst": "tp_dst",
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
-    "ct_state": "ct_state", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
+    "ct_state": "ct_state", "ct_mark": "ct_mark", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -64,8 +64,10 @@ _FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
 
 MatchValue = int | str | tuple[int, int]
 
-CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20}
+CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20,
+            "snat": 0x40, "dnat": 0x80}
 CT_ZONE = 0xFFF0  # the one conntrack zone pod traffic is tracked in
+NX_NAT_F_DST = 1 << 1  # nat(dst=...): OVS's flag, which os-ken does not name
 
 
 def ct_state_bits(spec: str) -> tuple[int, int]:
@@ -96,6 +98,8 @@ def _match_text(name: str, value: MatchValue) -> str:
         return f"{ofname}={_fmt_int(int(value))}"
     if name == "ct_state":
         return f"ct_state={value}"
+    if name == "ct_mark":
+        return f"ct_mark={_fmt_int(int(value))}"
     return f"{ofname}={value}"
 
 
@@ -283,27 +287,98 @@ class Conjunction(Action):
                                           id_=self.id)
 
 
+def _valid_nat_dst(nat: str) -> bool:
+    """'IPv4:PORT'? Checked by hand, not with ipaddress: a Service proxy builds one
+    per endpoint per port (200,000 at 10,000 Services), and ipaddress costs
+    most of that build."""
+    ip, _, port = nat.rpartition(":")
+    octets = ip.split(".")
+    return (len(octets) == 4
+            and all(o.isdigit() and len(o) <= 3 and int(o) < 256 for o in octets)
+            and port.isdigit() and 0 < int(port) < 65536)
+
+
 @dataclass(frozen=True)
 class CT(Action):
-    """ct(): track in CT_ZONE, and either recirculate to `table` or commit."""
+    """ct(): track in CT_ZONE, and either recirculate to `table` or commit.
+
+    `mark` (with commit) stores a conntrack mark on the connection, so later
+    packets of it, replies included, can be told apart by where it started.
+    `nat`: None for no NAT; "" to apply the NAT a committed connection
+    already has (replies un-DNATed, later packets DNATed); "IP:PORT" (with
+    commit) to DNAT a new connection there. NAT goes last inside ct(): OVS
+    requires it after the other nested actions.
+    """
 
     commit: bool = False
     table: str | None = None
     zone: int = CT_ZONE
+    mark: int | None = None
+    nat: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mark is not None and not (self.commit and 0 < self.mark < (1 << 32)):
+            raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
+        if self.nat and not (self.commit and _valid_nat_dst(self.nat)):
+            raise ValueError(f"ct nat(dst={self.nat}): needs commit and IP:PORT")
 
     def ofctl(self, pipeline: Pipeline) -> str:
         parts = (["commit"] if self.commit else []) + (
             [f"table={pipeline.id(self.table)}"] if self.table else []) + [f"zone={self.zone}"]
+        if self.mark is not None:
+            parts.append(f"exec(set_field:{_fmt_int(self.mark)}->ct_mark)")
+        if self.nat is not None:
+            parts.append(f"nat(dst={self.nat})" if self.nat else "nat")
         return f"ct({','.join(parts)})"
 
     def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
         from os_ken.ofproto import nicira_ext
+        inner: list[Any] = [] if self.mark is None else [
+            parser.OFPActionSetField(ct_mark=self.mark)]
+        if self.nat == "":
+            inner.append(parser.NXActionNAT(flags=0))
+        elif self.nat:
+            ip, _, port = self.nat.rpartition(":")
+            inner.append(_padded(parser.NXActionNAT(
+                flags=NX_NAT_F_DST, range_ipv4_min=ip, range_ipv4_max=ip,
+                range_proto_min=int(port), range_proto_max=int(port))))
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
             zone_ofs_nbits=self.zone,
             # 255 tells OVS "no recirculation"
             recirc_table=255 if self.table is None else pipeline.id(self.table),
-            alg=0, actions=[])
+            alg=0, actions=inner)
+
+
+def _padded(action: Any) -> Any:
+    """An os-ken NX action whose body is zero-padded to a multiple of 8 bytes.
+
+    os-ken writes nat() with an address and port range as 28 bytes but
+    counts 32 in the enclosing ct(): OVS then refuses a group mod holding it
+    ("incorrect length", OFPBFC_BAD_LEN inside a bundle); flow mods happened
+    to pass. The NX action header before the body is 10 bytes.
+    """
+    body = action.serialize_body
+
+    def serialize_body() -> bytes:
+        data = bytes(body())
+        return data + bytes(-(10 + len(data)) % 8)
+
+    action.serialize_body = serialize_body
+    return action
+
+
+@dataclass(frozen=True)
+class GroupAction(Action):
+    """Hand the packet to an OpenFlow group (a Service port's select group)."""
+
+    group_id: int
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"group:{self.group_id}"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        return parser.OFPActionGroup(self.group_id)
 
 
 @dataclass(frozen=True)
@@ -444,3 +519,48 @@ class Flow:
 
     def cookie(self, round_: int) -> int:
         return ck.make(round_, self.feature, self.owner)
+
+
+MAX_GROUP_ID = 0xFFFFFF00  # OFPG_MAX
+
+
+@dataclass(frozen=True)
+class Group:
+    """One select group as the agent wants it: an id and its buckets' actions.
+
+    Groups carry no cookie, so OVS cannot say which agent round made one;
+    the agent owns every group on its bridge and reconciles them by id
+    (desired ids are derived from their owners' keys, see flows.services).
+    `table` is the table the group is used from: bucket actions are checked
+    against its contract (a ct() in a bucket may recirculate only to a table
+    that one may go to).
+    """
+
+    group_id: int
+    buckets: tuple[tuple[Action, ...], ...]
+    owner: str
+    table: str
+    feature: ck.Feature = ck.Feature.SERVICE
+
+    @classmethod
+    def make(cls, group_id: int, buckets: list[list[Action]], *, owner: str, table: str,
+             pipeline: Pipeline = DEFAULT) -> Group:
+        if not 0 < group_id <= MAX_GROUP_ID:
+            raise ValueError(f"group id {group_id} out of range")
+        t = pipeline.table(table)
+        for b in buckets:
+            for a in b:
+                if isinstance(a, CT) and a.table is not None and a.table not in t.next:
+                    raise ValueError(f"group {group_id}: bucket may not recirculate to "
+                                     f"{a.table} from {table}")
+        return cls(group_id, tuple(tuple(b) for b in buckets), owner, table)
+
+    def ofctl(self, pipeline: Pipeline = DEFAULT) -> str:
+        bks = "".join(f",bucket=actions={','.join(a.ofctl(pipeline) for a in b)}"
+                      for b in self.buckets)
+        return f"group_id={self.group_id},type=select{bks}"
+
+    def osken_buckets(self, parser: Any, ofp: Any, pipeline: Pipeline) -> list[Any]:
+        return [parser.OFPBucket(weight=1, watch_port=ofp.OFPP_ANY, watch_group=ofp.OFPG_ANY,
+                                 actions=[a.osken(parser, ofp, pipeline) for a in b])
+                for b in self.buckets]

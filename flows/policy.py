@@ -633,7 +633,8 @@ class PolicyEngine:
         kw = dict(feature=Feature.POLICY, owner=CONNTRACK_OWNER, pipeline=self.pipeline)
         ip = {"eth_type": 0x0800}
         return [
-            Flow.make("ConntrackZone", 200, ip, [CT(table="ConntrackState")], **kw),
+            Flow.make("ConntrackZone", 200, ip, [CT(table="ConntrackState", nat="")],
+                      **kw),
             Flow.make("ConntrackState", 200, {**ip, "ct_state": "+inv+trk"}, **kw),
             Flow.make("ConntrackState", 190, {**ip, "ct_state": "-new+trk"},
                       goto="L3Forwarding", **kw),

@@ -57,15 +57,19 @@ PIPELINE: tuple[Table, ...] = (
     _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules)",
        [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
-       ["ct_state"], ["L3Forwarding"], miss="EgressRule"),
+       ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
+    _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
+       "buckets DNAT to one endpoint (committed) and continue in EgressRule",
+       ["ipv4_dst", *PORTS], ["EgressRule"], miss="EgressRule"),
     _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
        miss="EgressDefault"),
     _t("EgressDefault", "egress-isolated pods: what no rule allowed is dropped",
        ["ipv4_src"], ["L3Forwarding"], miss="L3Forwarding"),
-    _t("L3Forwarding", "local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
+    _t("L3Forwarding", "replies of connections that entered from the gateway: back to the "
+       "gateway; local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
        "everything else: switch on dst MAC",
-       ["ipv4_dst", "eth_dst", "reg0"], ["L3DecTTL", "L2ForwardingCalc"],
+       ["ipv4_dst", "eth_dst", "reg0", "ct_state", "ct_mark"], ["L3DecTTL", "L2ForwardingCalc"],
        miss="L2ForwardingCalc"),
     _t("L3DecTTL", "decrement TTL of routed packets, except those the gateway sent",
        ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
@@ -77,8 +81,9 @@ PIPELINE: tuple[Table, ...] = (
        ["IngressDefault", "ConntrackCommit"], miss="IngressDefault"),
     _t("IngressDefault", "ingress-isolated pods: what no rule allowed is dropped",
        ["ipv4_dst"], ["ConntrackCommit"], miss="ConntrackCommit"),
-    _t("ConntrackCommit", "commit new connections that got this far",
-       ["ct_state"], ["Output"], miss="Output"),
+    _t("ConntrackCommit", "commit new connections that got this far (marking those that "
+       "entered from the gateway)",
+       ["ct_state", "reg0"], ["Output"], miss="Output"),
     _t("Output", "output to the port in the output register", [], [], miss=""),
 )
 

@@ -1,4 +1,5 @@
-"""The lab demo: two nodes, pods, real traffic, a NetworkPolicy, a trace, the flow tables."""
+"""The lab demo: two nodes, pods, real traffic, a Service, a NetworkPolicy, a trace, the flow
+tables."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ spec:
   - from: [{podSelector: {matchLabels: {app: client}}}]
     ports: [{port: 8080}]
 """
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+SERVICE_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],80),timeout=5);"
+                "c.sendall(b'x'*int(sys.argv[2]));c.close()")
 
 
 def step(title: str) -> None:
@@ -53,8 +65,33 @@ def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
     return int(out.strip() or 0)
 
 
+def _tcp_service(lab: Lab, src: str, vip: str, nbytes: int, endpoints: list[str]
+                 ) -> dict[str, int]:
+    """Send nbytes from src to vip:80; what each endpoint's sink received."""
+    sinks = {d: subprocess.Popen(lab.exec_argv(d, [sys.executable, "-c", TCP_SINK]),
+                                 stdout=subprocess.PIPE, text=True) for d in endpoints}
+    time.sleep(0.5)
+    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", SERVICE_SEND, vip, str(nbytes)]),
+                   capture_output=True)
+    got = {}
+    for d, sink in sinks.items():
+        try:
+            out, _ = sink.communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            out, _ = sink.communicate()
+        got[d] = int(out.strip() or 0)
+    return got
+
+
 def run_demo(lab: Lab, keep: bool = False) -> int:
-    from flowcni.ctl.flowctl import show_flows, show_policy, show_status, show_trace
+    from flowcni.ctl.flowctl import (
+        show_flows,
+        show_policy,
+        show_services,
+        show_status,
+        show_trace,
+    )
     from flowcni.datastore.manifests import load
     from flowcni.lab.cli import show_nodes, show_pods
 
@@ -81,9 +118,23 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         step("TCP: client (node2) sends 10 MB to web-1 (node1) port 8080")
         good &= ok(_tcp(lab, "client", "web-1", 10_000_000) == 10_000_000,
                    "web-1 received 10000000 bytes")
+        step("Service: ClusterIP 10.96.0.80:80 -> the app=web pods' 8080 (a select group in OVS)")
+        print(SERVICE)
+        store = lab.store()
+        for kind, ns, name, body in load(SERVICE):
+            store.put(kind, ns, name, body)
+        lab.wait_realized()
+        got = _tcp_service(lab, "client", "10.96.0.80", 100_000, ["web-1", "web-2"])
+        good &= ok(sorted(got.values()) == [0, 100_000],
+                   f"client -> 10.96.0.80:80 reached one endpoint: {got}")
+        step("flowctl services (endpoints per node, packets per group bucket)")
+        show_services(lab.agents())
+        step("flowctl flows --node node2 --service default/web")
+        show_flows([a for a in lab.agents() if a.name == "node2"], SimpleNamespace(
+            stale=False, table=None, pod=None, policy=None, service="default/web", json=False,
+            no_stats=True))
         step("NetworkPolicy: web pods accept only client, on TCP 8080")
         print(POLICY)
-        store = lab.store()
         for kind, ns, name, body in load(POLICY):
             store.put(kind, ns, name, body)
         lab.wait_realized()
@@ -103,7 +154,8 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
                    "forged packets dropped by SpoofGuard")
         step("flowctl flows --node node1 (table names, owners from the cookies)")
         show_flows([a for a in lab.agents() if a.name == "node1"], SimpleNamespace(
-            table=None, pod=None, policy=None, stale=False, json=False, no_stats=True))
+            table=None, pod=None, policy=None, service=None, stale=False, json=False,
+            no_stats=True))
         step("flowctl status")
         show_status(lab.agents())
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from flowcni.ctl.client import AgentClient
 from flowcni.ctl.flowctl import main as flowctl
+from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,8 +36,10 @@ def test_stale_empty_then_lists_and_repairs_hand_edits(ilab: Lab,
     node = ilab.node("node1")
     a = ilab.pod("a")
     assert stale(ilab, "node1") == {"missing": [], "unexpected": []}
-    node.ovs.ofctl("del-flows", "--strict", "br-int", f"table=7,priority=200,ip,nw_dst={a.ip}")
-    node.ovs.ofctl("add-flow", "br-int", "table=7,priority=300,ip,nw_dst=10.9.9.9,actions=drop")
+    l3 = PIPELINE.id("L3Forwarding")
+    node.ovs.ofctl("del-flows", "--strict", "br-int", f"table={l3},priority=200,ip,nw_dst={a.ip}")
+    node.ovs.ofctl("add-flow", "br-int", f"table={l3},priority=300,ip,nw_dst=10.9.9.9,"
+                   "actions=drop")
     st = stale(ilab, "node1")
     assert len(st["missing"]) == 1 and f"nw_dst={a.ip}" in st["missing"][0]
     assert len(st["unexpected"]) == 1 and "10.9.9.9" in st["unexpected"][0]

@@ -13,9 +13,10 @@ from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 from tests.datapath.conftest import make_lab
-from tests.support.fakeapi import policy_obj
+from tests.support.fakeapi import endpoint_slice_obj, policy_obj, service_obj
 from tests.support.kubelab import KubeLabDatastore
 from tests.support.probe import eventually, ping
+from tests.support.svc import request, start_server
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,35 @@ def test_flowctl_shows_a_deny_all_policy_made_through_the_api(klab: Lab) -> None
     finally:
         ds.control().delete("networkpolicies", "deny-b", "default")
     assert eventually(lambda: ping(klab, "a", b.ip, timeout=0.5), timeout=10)
+
+
+def test_service_from_the_api_balances_to_its_endpointslice(klab: Lab) -> None:
+    """A Service and its EndpointSlice (as the controller would write them) from the API:
+    the ClusterIP reaches the endpoint on the other node; when the slice marks it not
+    ready (serving, terminating) and a ready one appears, only the ready one is used."""
+    ds = klab.datastore
+    assert isinstance(ds, KubeLabDatastore)
+    b, c = klab.pod("b"), klab.pod("c")
+    servers = [start_server(klab.exec_argv(f"default/{n}", []), n, "80,53u") for n in "bc"]
+    api = ds.control()
+    port = [{"name": "http", "port": 80, "protocol": "TCP"}]
+    try:
+        api.put("services", service_obj("default", "web", {
+            "clusterIP": "10.96.5.5", "ports": [{"name": "http", "port": 8080,
+                                                  "targetPort": 80}]}))
+        api.put("endpointslices", endpoint_slice_obj("default", "web-1", "web", [b.ip], port))
+        argv = klab.exec_argv("default/a", [])
+        assert eventually(lambda: request(argv, ["10.96.5.5:8080"])["10.96.5.5:8080"]
+                          == "b ping", timeout=20, interval=0.2)
+        sl = endpoint_slice_obj("default", "web-1", "web", [b.ip, c.ip], port)
+        sl["endpoints"][0]["conditions"] = {"ready": False, "serving": True,
+                                            "terminating": True}
+        api.put("endpointslices", sl)
+        assert eventually(lambda: all(request(argv, ["10.96.5.5:8080"])["10.96.5.5:8080"]
+                                      == "c ping" for _ in range(4)), timeout=20, interval=0.2)
+    finally:
+        api.delete("endpointslices", "web-1", "default")
+        api.delete("services", "web", "default")
+        for s in servers:
+            s.kill()
+            s.wait()

@@ -89,7 +89,8 @@ def test_node_flows_golden_and_numbered_rendering() -> None:
     misses = [f for f in node_flows(GW) if f.priority == 0]
     assert sorted(f.table for f in misses) == sorted(t.name for t in PIPELINE)
     numbered = node_flows(GW)[3].ofctl(cookie=0x10)  # ConntrackZone's miss
-    assert numbered == "cookie=0x10,table=3,priority=0,actions=goto_table:7"
+    assert numbered == (f"cookie=0x10,table={DEFAULT.id('ConntrackZone')},priority=0,"
+                        f"actions=goto_table:{DEFAULT.id('L3Forwarding')}")
 
 
 def test_flows_per_pod_is_constant() -> None:
@@ -150,7 +151,10 @@ def test_osken_rendering_builds_valid_messages() -> None:
     policy_flows = [f for fl in owners.values() for f in fl]
     assert any(isinstance(a, CT) for f in policy_flows for a in f.actions)
     assert any(isinstance(a, Conjunction) for f in policy_flows for a in f.actions)
+    from flowcni.flows.services import gateway_reply_flows
+
     for f in (node_flows(GW) + pod_flows(POD, GW) + tunnel_flows(2, GW) + policy_flows
+              + gateway_reply_flows(GW)
               + remote_node_flows(RemoteNode("n2", "192.168.77.2", "10.244.2.0/24"), GW, 2)):
         m = parser.OFPFlowMod(DP(), cookie=f.cookie(1), table_id=DEFAULT.id(f.table),
                               command=ofp.OFPFC_ADD, priority=f.priority,
@@ -182,3 +186,44 @@ def test_own_node_addresses_bypass_policy_only_from_the_gateway_port() -> None:
         for ip in ("10.244.1.1", "192.168.77.1")}
     # without a node IP only the gateway address is the node's
     assert sum(f.table == "IngressRule" and f.priority > 0 for f in node_flows(GW)) == 1
+
+
+def test_gateway_reply_flows_golden() -> None:
+    """Connections entering from the gateway are marked; their replies go back to it."""
+    from flowcni.flows.services import gateway_reply_flows
+    got = [f.ofctl(names=True) for f in gateway_reply_flows(GW)]
+    assert got == [
+        "table=ConntrackCommit,priority=210,ip,reg0=0x2/0xf,ct_state=+new+trk,"
+        "actions=ct(commit,zone=65520,exec(set_field:0x1->ct_mark)),goto_table:Output",
+        "table=L3Forwarding,priority=210,ip,ct_state=+rpl+trk,ct_mark=0x1/0x1,"
+        f"actions=set_field:{GW.mac}->eth_dst,goto_table:L3DecTTL",
+    ]
+    # Above the policy engine's commit and every forwarding flow of pods and nodes.
+    others = node_flows(GW) + pod_flows(POD, GW)
+    for f in gateway_reply_flows(GW):
+        assert all(o.priority < f.priority for o in others if o.table == f.table)
+
+
+def test_ct_mark_needs_commit() -> None:
+    with pytest.raises(ValueError, match="commit"):
+        CT(mark=1)
+    with pytest.raises(ValueError):
+        CT(commit=True, mark=0)
+
+
+def test_group_with_nat_serialises_to_whole_words() -> None:
+    """OVS refuses a group mod whose length is not a multiple of 8 (os-ken's nat() alone
+    comes out 4 bytes short)."""
+    from flowcni.flows.model import Group
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    class DP:
+        ofproto, ofproto_parser = ofp, parser
+
+    g = Group.make(5, [[CT(commit=True, table="EgressRule", nat="10.244.1.3:80")]] * 3,
+                   owner="service:d/s", table="ServiceLB")
+    m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=5,
+                           buckets=g.osken_buckets(parser, ofp, DEFAULT))
+    m.serialize()
+    assert len(m.buf) % 8 == 0 and len(m.buf) == 16 + 3 * (16 + 56)

@@ -36,6 +36,7 @@ class FlowTableDatapath:
 
     def __init__(self) -> None:
         self.table: dict[Entry, int] = {}  # -> cookie
+        self.groups: dict[int, int] = {}  # group id -> number of buckets
         self.open: dict[int, list[Any]] = {}
         self.switch: ofapp.Switch | None = None
         self.bundles_committed = 0
@@ -70,6 +71,10 @@ class FlowTableDatapath:
                     and c & msg.cookie_mask == msg.cookie & msg.cookie_mask)
             sw.on_reply(types.SimpleNamespace(xid=msg.xid, flags=0,
                                               body=types.SimpleNamespace(flow_count=n)))
+        elif isinstance(msg, parser.OFPGroupDescStatsRequest):
+            body = [types.SimpleNamespace(group_id=g, buckets=[None] * n)
+                    for g, n in sorted(self.groups.items())]
+            sw.on_reply(types.SimpleNamespace(xid=msg.xid, flags=0, body=body))
         elif isinstance(msg, parser.OFPFlowStatsRequest):
             self.requests["dump"] += 1
             body = [types.SimpleNamespace(table_id=k[0], priority=k[1], cookie=c,
@@ -79,11 +84,20 @@ class FlowTableDatapath:
         return True
 
     @staticmethod
-    def decode(fm: Any) -> tuple[int, int, int, tuple[Any, ...], int, int]:
+    def decode(fm: Any) -> tuple[Any, ...]:
+        if isinstance(fm, parser.OFPGroupMod):  # add-or-modify (0x8000) or delete
+            return ("group", fm.command, fm.group_id, len(fm.buckets))
         return (fm.command, fm.table_id, fm.priority, match_key(fm.match), fm.cookie,
                 fm.cookie_mask)
 
-    def apply(self, m: tuple[int, int, int, tuple[Any, ...], int, int]) -> None:
+    def apply(self, m: tuple[Any, ...]) -> None:
+        if m[0] == "group":
+            _, command, group_id, n = m
+            if command == ofp.OFPGC_DELETE:
+                self.groups.pop(group_id, None)
+            else:
+                self.groups[group_id] = n
+            return
         command, table_id, priority, match, cookie, cookie_mask = m
         if command == ofp.OFPFC_ADD:
             self.table[(table_id, priority, match)] = cookie

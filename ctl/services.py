@@ -1,0 +1,31 @@
+"""`flowctl services`: each Service port as each node's agent programs it.
+
+Kept apart from flowctl.py's other commands; the agent answers everything
+(`services` verb: its Service model and the packets each group bucket took,
+from OpenFlow group stats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowcni.ctl.providers import NodeAgent
+
+
+def service_rows(agents: list[NodeAgent], service: str | None = None) -> list[dict[str, Any]]:
+    """One row per node, Service and port: ClusterIP, endpoints, group, packets per bucket."""
+    rows = []
+    for n in agents:
+        reply = n.call("services")
+        packets = reply.get("packets", {})
+        for s in reply["services"]:
+            if service and s["service"] != service:
+                continue
+            for p in s["ports"]:
+                rows.append({"node": n.name, "proxy": reply["proxy"],
+                             "service": s["service"], "clusterIP": s["clusterIP"],
+                             "port": f"{p['port']}/{p['protocol']}",
+                             "endpoints": p["endpoints"], "group": p["group"],
+                             "packets": (packets.get(str(p["group"]), [])
+                                         if p["endpoints"] else [])})
+    return rows

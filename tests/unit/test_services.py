@@ -1,0 +1,211 @@
+"""Service parsing, endpoint selection and the proxy's incremental output (pure logic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flowcni.datastore.manifests import ManifestError, load
+from flowcni.flows.model import CT, Controller, GroupAction
+from flowcni.flows.policy import PodInfo
+from flowcni.flows.services import (
+    ServiceError,
+    ServicePort,
+    ServiceProxy,
+    endpoints,
+    group_id_for,
+    parse_service,
+    slice_endpoints,
+)
+
+SPEC = {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+        "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                  {"name": "dns", "port": 53, "protocol": "UDP"}]}
+
+
+@dataclass
+class Change:
+    kind: str
+    namespace: str
+    name: str
+    op: str
+    body: dict[str, Any] | None
+
+
+def pod(name: str, ip: str, labels: dict[str, str], ports: Any = ()) -> dict[str, Any]:
+    return {"namespace": "d", "name": name, "ip": ip, "labels": labels, "node": "n1",
+            "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports]}
+
+
+def svc(spec: dict[str, Any] = SPEC, name: str = "web") -> dict[str, Any]:
+    return {"namespace": "d", "name": name, "spec": spec}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({**SPEC, "ipFamilies": ["IPv6"]}, "spec.ipFamilies"),
+    ({**SPEC, "clusterIP": "fd00::1"}, "spec.clusterIP"),
+    ({k: v for k, v in SPEC.items() if k != "clusterIP"}, "spec.clusterIP"),
+    ({**SPEC, "ports": []}, "spec.ports"),
+    ({**SPEC, "ports": [{"port": 0}]}, "spec.ports[0].port"),
+    ({**SPEC, "ports": [{"port": 80, "protocol": "ICMP"}]}, "spec.ports[0].protocol"),
+    ({**SPEC, "ports": [{"port": 80, "targetPort": 70000}]}, "spec.ports[0].targetPort"),
+    ({**SPEC, "type": "Weird"}, "spec.type"),
+])
+def test_bad_services_are_refused_naming_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ServiceError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse_service("d", "web", spec)
+
+
+def test_manifest_refusal_names_object_and_field() -> None:
+    text = """
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ipFamilies: [IPv6], ports: [{port: 80}]}
+"""
+    with pytest.raises(ManifestError, match="Service default/web: spec.ipFamilies"):
+        load(text)
+
+
+def test_headless_and_external_name_program_nothing() -> None:
+    assert parse_service("d", "h", {**SPEC, "clusterIP": "None"}).cluster_ip is None
+    p = ServiceProxy()
+    flows, groups, problems = p.load([svc({**SPEC, "clusterIP": "None"})],
+                                     [pod("a", "10.244.1.2", {"app": "web"})])
+    assert (flows, groups, problems) == ({}, {}, [])
+
+
+def test_endpoints_resolve_named_ports_per_pod() -> None:
+    s = parse_service("d", "web", SPEC)
+    pods = [PodInfo("d", "a", {"app": "web"}, "10.244.1.2", "n1", (("http", 8080, "TCP"),)),
+            PodInfo("d", "b", {"app": "web"}, "10.244.1.3", "n1", (("http", 9090, "TCP"),)),
+            PodInfo("d", "c", {"app": "web"}, "10.244.1.4", "n1", ()),        # no such port
+            PodInfo("d", "e", {"app": "web"}, "", "n1", (("http", 80, "TCP"),)),  # no IP
+            PodInfo("x", "f", {"app": "web"}, "10.244.1.6", "n1", (("http", 80, "TCP"),)),
+            PodInfo("d", "g", {"app": "db"}, "10.244.1.7", "n1", (("http", 80, "TCP"),))]
+    assert endpoints(s, s.ports[0], pods) == [("10.244.1.2", 8080), ("10.244.1.3", 9090)]
+    assert endpoints(s, ServicePort("dns", "UDP", 53, 53), pods) == [
+        ("10.244.1.2", 53), ("10.244.1.3", 53), ("10.244.1.4", 53)]
+
+
+def test_one_group_per_port_with_a_bucket_per_endpoint() -> None:
+    p = ServiceProxy()
+    flows, groups, _ = p.load([svc()], [pod("a", "10.244.1.2", {"app": "web"}, [("http", 8080)]),
+                                        pod("b", "10.244.2.2", {"app": "web"}, [("http", 80)])])
+    gs = groups["service:d/web"]
+    assert len(gs) == 2 and len(flows["service:d/web"]) == 2
+    http = next(g for g in gs if len(g.buckets) == 2 and "8080" in g.ofctl())
+    assert http.ofctl().endswith(
+        "bucket=actions=ct(commit,table=6,zone=65520,nat(dst=10.244.1.2:8080))"
+        ",bucket=actions=ct(commit,table=6,zone=65520,nat(dst=10.244.2.2:80))")
+    lb = [f for f in flows["service:d/web"] if f.match_text().startswith("tcp")][0]
+    assert lb.match_text() == "tcp,nw_dst=10.96.0.10,tp_dst=80"
+    assert lb.actions == (GroupAction(http.group_id),)
+
+
+def test_changes_touch_only_the_services_they_affect() -> None:
+    p = ServiceProxy()
+    p.load([svc(), svc({**SPEC, "clusterIP": "10.96.0.11", "selector": {"app": "db"}}, "db")],
+           [pod("a", "10.244.1.2", {"app": "web"}, [("http", 80)])])
+    gid_before = {g.group_id for g in p.built["d/web"][1]}
+    # A new web pod: only web changes, and keeps its group ids.
+    flows, groups, _ = p.apply([Change("Pod", "d", "b", "put",
+                                       pod("b", "10.244.1.3", {"app": "web"}, [("http", 80)]))])
+    assert set(flows) == {"service:d/web"}
+    assert {g.group_id for g in groups["service:d/web"]} == gid_before
+    # An unrelated pod: nothing.
+    assert p.apply([Change("Pod", "d", "z", "put", pod("z", "10.244.1.9", {"app": "x"}))])[:2] \
+        == ({}, {})
+    # The last endpoint of db's selector never existed; deleting db removes its owner.
+    flows, groups, _ = p.apply([Change("Service", "d", "db", "delete", None)])
+    assert flows == {"service:d/db": []} and groups == {"service:d/db": []}
+
+
+def test_a_service_without_endpoints_goes_to_the_agent_and_has_no_group() -> None:
+    """The agent answers those packets (controller.reject)."""
+    p = ServiceProxy()
+    flows, groups, _ = p.load([svc()], [])
+    assert groups["service:d/web"] == []
+    assert all(f.actions == (Controller(),) for f in flows["service:d/web"])
+
+
+def test_a_bad_service_is_reported_and_the_rest_still_programmed() -> None:
+    p = ServiceProxy()
+    flows, _, problems = p.load([svc({**SPEC, "ipFamilies": ["IPv6"]}, "bad"), svc()],
+                                [pod("a", "10.244.1.2", {"app": "web"}, [("http", 80)])])
+    assert set(flows) == {"service:d/web"}
+    assert problems and "service d/bad: spec.ipFamilies" in problems[0]
+
+
+def test_group_ids_are_stable_and_collisions_probe_on() -> None:
+    a = group_id_for("d/web/0", {})
+    assert a == group_id_for("d/web/0", {})
+    assert group_id_for("d/web/0", {a: "other/svc/1"}) != a
+
+
+def test_nat_needs_commit_and_an_address() -> None:
+    with pytest.raises(ValueError):
+        CT(nat="10.0.0.1:80")
+    with pytest.raises(ValueError):
+        CT(commit=True, nat="10.0.0.1")
+
+
+def slice_(name: str, service: str, eps: list[tuple[str, dict[str, bool]]],
+           ports: Any = ({"name": "http", "port": 8080, "protocol": "TCP"},),
+           address_type: str = "IPv4") -> dict[str, Any]:
+    return {"namespace": "d", "name": name, "addressType": address_type,
+            "labels": {"kubernetes.io/service-name": service}, "ports": list(ports),
+            "endpoints": [{"addresses": [a], "conditions": c} for a, c in eps]}
+
+
+def test_slices_give_ready_endpoints_and_terminating_only_as_a_fallback() -> None:
+    s = parse_service("d", "web", SPEC)
+    http = s.ports[0]
+    ready, term = {"ready": True}, {"ready": False, "serving": True, "terminating": True}
+    gone = {"ready": False, "serving": False, "terminating": True}
+    slices = [slice_("a", "web", [("10.244.1.2", ready), ("10.244.1.3", term),
+                                  ("10.244.1.4", gone), ("not-an-ip", ready)]),
+              slice_("b", "web", [("10.244.2.2", {})]),             # ready unset: ready
+              slice_("c", "other", [("10.244.3.3", ready)]),         # another Service
+              slice_("d", "web", [("fd00::1", ready)], address_type="IPv6")]
+    assert slice_endpoints(s, http, slices) == [("10.244.1.2", 8080), ("10.244.2.2", 8080)]
+    only_term = [slice_("a", "web", [("10.244.1.3", term), ("10.244.1.4", gone)])]
+    assert slice_endpoints(s, http, only_term) == [("10.244.1.3", 8080)]
+    # the UDP port "dns" has no slice port of that name and protocol
+    assert slice_endpoints(s, s.ports[1], slices) == []
+
+
+def test_slice_changes_touch_their_service() -> None:
+    p = ServiceProxy(slices=True)
+    p.load([svc()], [], [])
+    flows, groups, _ = p.apply([Change("EndpointSlice", "d", "web-1", "put",
+                                       slice_("web-1", "web", [("10.244.1.2", {})]))])
+    assert set(groups) == {"service:d/web"} and len(groups["service:d/web"]) == 1
+    flows, groups, _ = p.apply([Change("EndpointSlice", "d", "web-1", "delete", None)])
+    assert groups == {"service:d/web": []}
+
+
+def test_too_many_endpoints_are_capped_and_reported() -> None:
+    """A port's group must fit one OpenFlow message: the biggest group serialises, and
+    endpoints beyond it are reported, not silently dropped."""
+    from flowcni.flows.services import MAX_BUCKETS
+    from flowcni.flows.tables import DEFAULT
+    from os_ken.ofproto import ofproto_v1_3 as ofp
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+
+    class DP:
+        ofproto, ofproto_parser = ofp, parser
+
+    p = ServiceProxy()
+    pods = [pod(f"p{i}", f"10.244.{i // 250}.{i % 250 + 2}", {"app": "web"}, [("http", 80)])
+            for i in range(MAX_BUCKETS + 5)]
+    _, groups, problems = p.load([svc()], pods)
+    g = max(groups["service:d/web"], key=lambda g: len(g.buckets))
+    assert len(g.buckets) == MAX_BUCKETS
+    assert any(f"{MAX_BUCKETS + 5} endpoints, only the first {MAX_BUCKETS}" in x
+               for x in problems)
+    m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=1,
+                           buckets=g.osken_buckets(parser, ofp, DEFAULT))
+    m.serialize()
+    assert len(m.buf) <= 0xFFFF
