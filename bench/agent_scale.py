@@ -226,7 +226,7 @@ def ovs_flows(node: Node) -> int:
 def wait_applied(node: Node, target: int, timeout: float = 120.0,
                  poll: float = 0.005) -> float:
     """Poll the agent until it reports revision >= target applied; returns the time seen."""
-    cli = AgentClient(node.socket, timeout=timeout)
+    cli = AgentClient(node.api_socket, timeout=timeout)
     deadline = time.monotonic() + timeout
     while True:
         st = cli.status()
@@ -240,7 +240,7 @@ def wait_applied(node: Node, target: int, timeout: float = 120.0,
 
 def settled_revision(node: Node, timeout: float = 300.0) -> int:
     """The agent's datastore revision once it has applied everything it has seen."""
-    cli = AgentClient(node.socket, timeout=timeout)
+    cli = AgentClient(node.api_socket, timeout=timeout)
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
@@ -290,7 +290,7 @@ def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
         t_synced = time.monotonic() - t0
         if rec is not None:
             rec.stop()
-        st = AgentClient(node.socket, timeout=60).status()
+        st = AgentClient(node.api_socket, timeout=60).status()
         emit({"datastore": kind, "flows": ovs_flows(node), "desired_flows": st["flows"],
               "agent_rss_mb": rss_mb(node.agent_pid),
               "full_sync_s": round(st["flow_stats"].get("last_full_sync_s", -1.0), 3),
