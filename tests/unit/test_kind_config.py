@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -241,6 +242,11 @@ def test_dockerfile() -> None:
                 and "--from" not in ln]:
         for s in src:
             assert (KIND_DIR.parent / s).exists(), f"COPY source {s} missing"
+    # Every package pyproject installs is in the image (api/ was once left out).
+    copied = {s for ln in text.splitlines() if ln.startswith("COPY ") for s in ln.split()[1:-1]}
+    pyproject = (KIND_DIR.parent / "pyproject.toml").read_text()
+    dirs = set(re.findall(r'^"flowcni\.\w+" = "(\w+)"$', pyproject, re.M))
+    assert dirs and dirs <= copied, f"packages not copied into the image: {dirs - copied}"
 
 
 def test_probes_use_an_existing_command() -> None:
