@@ -22,6 +22,7 @@ from tests.datapath.conftest import running_lab
 from tests.support.svc import (
     DNat,
     install_kube_proxy_rules,
+    replies,
     request,
     sctp_init,
     start_sctp_responder,
@@ -72,10 +73,6 @@ def klab() -> Iterator[Lab]:
             for s in servers:
                 s.kill()
                 s.wait()
-
-
-def replies(lab: Lab, src: str, targets: list[str]) -> dict[str, str]:
-    return request(lab.exec_argv(src, []), targets)
 
 
 @pytest.mark.parametrize("client", ["default/client", "default/client2"])

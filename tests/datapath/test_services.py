@@ -21,7 +21,7 @@ from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually
 from tests.support.svc import (
     Stream,
-    request,
+    replies,
     sctp_init,
     start_sctp_responder,
     start_server,
@@ -88,10 +88,6 @@ def slab() -> Iterator[Lab]:
             for s in servers:
                 s.kill()
                 s.wait()
-
-
-def replies(lab: Lab, src: str, targets: list[str]) -> dict[str, str]:
-    return request(lab.exec_argv(src, []), targets)
 
 
 @pytest.mark.parametrize("client", ["default/client1", "default/client2"])

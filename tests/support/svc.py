@@ -174,6 +174,11 @@ def request(argv_prefix: list[str], targets: list[str]) -> dict[str, str]:
     return dict(json.loads(p.stdout))
 
 
+def replies(lab: Lab, src: str, targets: list[str]) -> dict[str, str]:
+    """`request` from inside the pod `src` (NS/NAME) of the lab."""
+    return request(lab.exec_argv(src, []), targets)
+
+
 @dataclass(frozen=True)
 class DNat:
     """One kube-proxy style rule: traffic to vip:port (proto tcp/udp/sctp) -> endpoint."""
