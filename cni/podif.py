@@ -1,9 +1,11 @@
-"""Pod interface plumbing with pyroute2, run inside the agent.
+"""Pod interface plumbing over raw rtnetlink (cni/rtnl.py), run inside the agent.
 
 A netlink socket is opened inside the pod's network namespace by switching
 only the calling thread into it (setns is per thread) and straight back:
 pyroute2's own netns support forks a helper process per socket, which costs
-more than the rest of a CNI ADD.
+more than the rest of a CNI ADD. pyroute2 itself is not used on this path:
+its per-object event loops fragmented the agent's heap a little with every
+pod (see cni/rtnl.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flowcni.cni import spec
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from flowcni.cni.rtnl import NetlinkError, Rtnl
 
 CLONE_NEWNET = 0x40000000
 #: ioctl on a namespace file: which kind of namespace it is (linux/nsfs.h).
@@ -75,8 +76,8 @@ def same_netns(a: str, b: str) -> bool:
 
 def has_default_route(netns: str) -> bool:
     """Whether the pod already routes 0.0.0.0/0 (an earlier interface owns it)."""
-    with ipr_in(netns) as ipr:
-        return bool(ipr.get_routes(family=socket.AF_INET, dst_len=0, table=254))
+    with rtnl_in(netns) as nl:
+        return nl.has_default_route()
 
 
 HOST_IF_PREFIX = "fcv"
@@ -133,12 +134,10 @@ def set_tx_checksum(netns_path: str, ifname: str, on: bool) -> None:
 
 
 @contextmanager
-def ipr_in(netns_path: str) -> Iterator[IPRoute]:
-    ipr = IPRoute(use_socket=socket_in(netns_path))
-    try:
-        yield ipr
-    finally:
-        ipr.close()
+def rtnl_in(netns_path: str) -> Iterator[Rtnl]:
+    """An rtnetlink client inside `netns_path`, closed on exit."""
+    with Rtnl(socket_in(netns_path)) as nl:
+        yield nl
 
 
 @dataclass(frozen=True)
@@ -163,12 +162,9 @@ def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
         nsfd = os.open(netns, os.O_RDONLY)
     except OSError as e:
         raise PodIfError(f"CNI_NETNS {netns}: {e.strerror}", code=spec.ERR_INVALID_ENV) from e
-    peer: dict[str, object] = {"ifname": ifname, "net_ns_fd": nsfd, "mtu": mtu}
-    if mac:
-        peer["address"] = mac
-    with IPRoute() as ipr:
+    with Rtnl() as nl:
         try:
-            ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
+            nl.add_veth(host, mtu, ifname, nsfd, peer_mac=mac)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 raise PodIfError(f"interface {ifname} or {host} already exists "
@@ -177,16 +173,20 @@ def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
         finally:
             os.close(nsfd)
         try:
-            idx = ipr.link_lookup(ifname=host)[0]
-            ipr.link("set", index=idx, state="up")
-            host_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
-            with ipr_in(netns) as pipr:
-                pidx = pipr.link_lookup(ifname=ifname)[0]
-                pod_mac = pipr.get_links(pidx)[0].get_attr("IFLA_ADDRESS")
-                pipr.addr("add", index=pidx, address=ip, prefixlen=prefixlen)
-                pipr.link("set", index=pidx, state="up")
+            link = nl.link(host)
+            if link is None:
+                raise PodIfError(f"veth {host} vanished right after it was made")
+            nl.set_up(link.index)
+            host_mac = link.mac
+            with rtnl_in(netns) as pnl:
+                plink = pnl.link(ifname)
+                if plink is None:
+                    raise PodIfError(f"veth peer {ifname} missing in {netns}")
+                pod_mac = plink.mac
+                pnl.add_address(plink.index, ip, prefixlen)
+                pnl.set_up(plink.index)
                 if default_route:
-                    pipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=pidx)
+                    pnl.replace_default_route(gateway, plink.index)
             if not tx_offload:
                 set_tx_checksum(netns, ifname, False)
         except Exception:
@@ -197,9 +197,9 @@ def create(container_id: str, netns: str, ifname: str, ip: str, prefixlen: int,
 
 def delete(host_name: str) -> bool:
     """Remove the host end (the kernel removes the pod end). False if it was gone."""
-    with IPRoute() as ipr:
+    with Rtnl() as nl:
         try:
-            ipr.link("del", ifname=host_name)
+            nl.delete_link(host_name)
         except NetlinkError as e:
             if e.code in (errno.ENODEV, errno.ENOENT):
                 return False
@@ -208,18 +208,18 @@ def delete(host_name: str) -> bool:
 
 
 def exists(host_name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=host_name))
+    with Rtnl() as nl:
+        return nl.link(host_name) is not None
 
 
 def check(netns: str, ifname: str, ip: str) -> str | None:
     """None if the pod interface is there with its address, else what is wrong."""
     try:
-        with ipr_in(netns) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
+        with rtnl_in(netns) as nl:
+            link = nl.link(ifname)
+            if link is None:
                 return f"interface {ifname} missing in {netns}"
-            addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0])]
+            addrs = nl.addresses(link.index)
             if ip not in addrs:
                 return f"interface {ifname} in {netns} lacks address {ip} (has {addrs})"
     except PodIfError as e:

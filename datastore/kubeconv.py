@@ -159,15 +159,26 @@ def container_ports(where: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def pod(raw: Any) -> Body:
-    """{"namespace", "name", "labels", "ip", "node", "ports"} for policy and services."""
+    """{"namespace", "name", "labels", "ip", "node", "ports"} for policy and services.
+
+    A hostNetwork pod (kube-proxy, the flowcni agent itself, ...) is not on
+    the pod network: its status.podIP is its node's address. It gets ip ""
+    here, as a pod without an address does, so it never becomes a policy
+    subject or peer by its labels (NetworkPolicy does not apply to
+    host-network pods; their traffic is the node's, which ipBlock rules and
+    the node's own host-traffic rule cover).
+    """
     key = object_key("Pod", raw)
     where = ref("Pod", key)
     spec = _dict(where, raw, "spec", required=False)
     node_name = spec.get("nodeName") or ""
     if not isinstance(node_name, str):
         raise Malformed(f"{where}: spec.nodeName is not a string")
+    host_network = spec.get("hostNetwork", False)
+    if not isinstance(host_network, bool):
+        raise Malformed(f"{where}: spec.hostNetwork is not a boolean")
     try:
-        ip = pod_ip(raw)
+        ip = "" if host_network else pod_ip(raw)
     except ValueError as e:
         raise Malformed(f"{where}: {e}") from e
     return {"namespace": key[0], "name": key[1], "labels": _labels(where, raw["metadata"]),

@@ -640,3 +640,35 @@ def test_load_cluster_config(tmp_path: Any) -> None:
             load_cluster_config(str(p))
     with pytest.raises(StoreError, match="No such file"):
         load_cluster_config(str(tmp_path / "missing.yaml"))
+
+
+def test_host_network_pods_are_not_pod_network_pods(
+        server: FakeAPIServer, open_ds: Callable[..., KubeDatastore]) -> None:
+    """A hostNetwork pod reports its node's IP as podIP; it must not become a policy
+    subject or peer (or the node's address would be isolated or allowed as that pod)."""
+    from flowcni.flows.policy import World, parse_policy, pod_from_body
+    seed(server)
+    host = pod_obj("web", "agent", "node1", "192.168.77.1", {"role": "api"})
+    host["spec"]["hostNetwork"] = True
+    server.put("pods", host)
+    ds = open_ds()
+    listed = eventually(lambda: len(ds.objects("Pod")) == 2 and ds.objects("Pod"), 30.0,
+                        "both pods listed")
+    pods = {p["name"]: p for p in listed}
+    assert pods["agent"]["ip"] == "" and pods["agent"]["node"] == "node1"
+    assert pods["api"]["ip"] == "10.244.1.5"
+    w = World()
+    w.namespaces = {"web": {"team": "a"}}
+    for body in pods.values():
+        w.put_pod(pod_from_body(body))
+    pol = parse_policy("web", "all", {"podSelector": {"matchLabels": {"role": "api"}},
+                                      "ingress": [{"from": [{"podSelector": {}}]}]})
+    w.put_policy(pol)
+    assert [p.name for p in w.selected(pol)] == ["api"]
+    peers = pol.rules[0].peers
+    assert peers is not None
+    assert [p.ip for p in w.peer_pods(peers[0], "web")] == ["10.244.1.5"]
+    bad = pod_obj("web", "x", "node1", "192.168.77.1")
+    bad["spec"]["hostNetwork"] = "yes"
+    with pytest.raises(Malformed, match="^Pod web/x: spec.hostNetwork is not a boolean"):
+        kubeconv.pod(bad)

@@ -1,0 +1,117 @@
+"""Pod interface plumbing (cni/podif.py over cni/rtnl.py) against the kernel, checked with `ip`.
+
+The calls run on a thread switched into a throwaway "node" namespace (setns
+is per thread), so nothing is made in the test runner's own namespace; what
+they did is read back with iproute2, not with the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from flowcni.cni import podif, spec
+from flowcni.cni.rtnl import Rtnl
+
+T = TypeVar("T")
+RUN = os.environ.get("FLOWCNI_TEST_PREFIX", "fct")
+
+
+def ip(*args: str) -> Any:
+    out = subprocess.run(["ip", "-j", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run `fn` on a thread whose network namespace is /run/netns/NAME."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            podif._setns(fd)
+            box["v"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["e"] = e
+        finally:
+            os.close(fd)
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box["v"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def spaces() -> Iterator[tuple[str, str]]:
+    node, pod = f"{RUN}pi-node", f"{RUN}pi-pod"
+    for n in (node, pod):
+        subprocess.run(["ip", "netns", "del", n], capture_output=True)  # our own leftover
+        subprocess.run(["ip", "netns", "add", n], check=True)
+    try:
+        yield node, f"/run/netns/{pod}"
+    finally:
+        for n in (node, pod):
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def test_create_check_delete(spaces: tuple[str, str]) -> None:
+    node, pod = spaces
+    pod_ns = os.path.basename(pod)
+    assert not in_netns(node, lambda: podif.has_default_route(pod))
+    pif = in_netns(node, lambda: podif.create("c1", pod, "eth0", "10.9.0.5", 24, "10.9.0.1",
+                                              1400, mac="0a:58:0a:09:00:05"))
+    host = ip("-n", node, "link", "show", pif.host_name)[0]
+    assert host["address"] == pif.host_mac and "UP" in host["flags"] and host["mtu"] == 1400
+    eth0 = ip("-n", pod_ns, "addr", "show", "eth0")[0]
+    assert eth0["address"] == pif.mac == "0a:58:0a:09:00:05"
+    assert "UP" in eth0["flags"] and eth0["mtu"] == 1400
+    assert [(a["local"], a["prefixlen"]) for a in eth0["addr_info"] if a["family"] == "inet"] \
+        == [("10.9.0.5", 24)]
+    routes = ip("-n", pod_ns, "route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.9.0.1", "eth0")]
+    assert in_netns(node, lambda: podif.has_default_route(pod))
+    assert in_netns(node, lambda: podif.exists(pif.host_name))
+    assert in_netns(node, lambda: podif.check(pod, "eth0", "10.9.0.5")) is None
+    assert "lacks address 10.9.0.6" in str(in_netns(node, lambda: podif.check(pod, "eth0",
+                                                                               "10.9.0.6")))
+    assert "eth1 missing" in str(in_netns(node, lambda: podif.check(pod, "eth1", "10.9.0.5")))
+
+    # a second interface: no default route of its own, an existing name is code 4
+    in_netns(node, lambda: podif.create("c1", pod, "net1", "10.9.0.6", 24, "10.9.0.1", 1400,
+                                        default_route=False))
+    assert [r["dev"] for r in ip("-n", pod_ns, "route", "show", "default")] == ["eth0"]
+    with pytest.raises(podif.PodIfError) as ei:
+        in_netns(node, lambda: podif.create("c2", pod, "eth0", "10.9.0.7", 24, "10.9.0.1", 1400))
+    assert ei.value.code == spec.ERR_INVALID_ENV and "already exists" in str(ei.value)
+    assert not in_netns(node, lambda: podif.exists(podif.host_ifname("c2", "eth0")))
+
+    assert in_netns(node, lambda: podif.delete(pif.host_name))
+    assert not in_netns(node, lambda: podif.exists(pif.host_name))
+    assert not in_netns(node, lambda: podif.delete(pif.host_name))
+    assert [x["ifname"] for x in ip("-n", pod_ns, "link", "show")] == ["lo", "net1"]
+
+
+def test_rtnl_error_carries_errno(spaces: tuple[str, str]) -> None:
+    node, _ = spaces
+
+    def add_twice() -> None:
+        with Rtnl() as nl:
+            lo = nl.link("lo")
+            assert lo is not None and lo.index == 1
+            nl.add_address(lo.index, "10.9.9.9", 32)
+            assert "10.9.9.9" in nl.addresses(lo.index)
+            nl.add_address(lo.index, "10.9.9.9", 32)
+    with pytest.raises(OSError) as ei:
+        in_netns(node, add_twice)
+    assert getattr(ei.value, "code", None) == 17  # EEXIST
+    def missing() -> object:
+        with Rtnl() as nl:
+            return nl.link("nosuchlink0")
+    assert in_netns(node, missing) is None
