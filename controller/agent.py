@@ -446,6 +446,9 @@ class Agent:
         self.stop_event.set()
         self.cni.stop()
         self.api.stop()
+        if self.store:
+            # The API server sees the watches end now, not when the process is gone.
+            self.store.close(timeout=2.0)
 
     # -- requests ------------------------------------------------------------------
 
@@ -529,19 +532,28 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    done = threading.Event()
+    agent: Agent | None = None
+
+    def _stop(signum: int, frame: Any) -> None:
+        if agent is None:
+            # Still starting (waiting for OVS, the API server or this Node):
+            # nothing to hand over, so leave now. The handler must exist from
+            # the start: as a container's PID 1 (the DaemonSet execs the
+            # agent) a signal without a handler is dropped, and the agent
+            # would go on starting until the runtime's SIGKILL.
+            LOG.info("signal %d while starting; exiting", signum)
+            os._exit(0)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         agent = Agent(a)
     except (StoreError, HostNetError, OVSDBError, ValueError) as e:
         LOG.error("cannot start: %s", e)
         return 2
     agent.start()
-    done = threading.Event()
-
-    def _stop(signum: int, frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     done.wait()
     agent.stop()
     LOG.info("agent stopped; flows stay in OVS")

@@ -40,6 +40,9 @@ class Datastore(Protocol):
               stop: threading.Event, interval: float = 0.05) -> None:
         """Deliver every change after `since`, in order, until `stop` is set."""
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop background work and close connections, within about `timeout` seconds."""
+
 
 def open_datastore(spec: str, kubeconfig: str | None = None) -> Datastore | None:
     """`none`, `sqlite:PATH` or `kubernetes`."""

@@ -479,12 +479,14 @@ class KubeDatastore:
             inf.thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every informer (tests and clean shutdowns; the agent just exits)."""
+        """Stop every informer and close its watch connection, within about `timeout`
+        seconds in all (the agent's shutdown; a list in flight is not waited for)."""
         self._stop.set()
         for inf in self.informers.values():
             inf.abort()
+        deadline = time.monotonic() + timeout
         for inf in self.informers.values():
-            inf.thread.join(timeout)
+            inf.thread.join(max(0.0, deadline - time.monotonic()))
         self.api.close()
 
     # Datastore -------------------------------------------------------------------------

@@ -268,6 +268,14 @@ class Store:
                 stop.wait(1.0)
             stop.wait(interval)
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the calling thread's connection (the others close with their
+        threads; a watcher stops with its `stop` event). Nothing to wait for."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
+
     # -- nodes -------------------------------------------------------------------------
 
     @_unavailable_as_error
