@@ -82,7 +82,9 @@ def pid1_of(outer: subprocess.Popen[bytes]) -> int:
         except FileNotFoundError:
             return None
         return int(kids[0]) if kids else None
-    return wait_for(child, 30, "the agent under unshare")
+    pid = wait_for(child, 30, "the agent under unshare")
+    assert pid is not None
+    return pid
 
 
 def stop_and_time(outer: subprocess.Popen[bytes], pid: int) -> tuple[int | None, float]:
