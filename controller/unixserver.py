@@ -24,18 +24,33 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     context: Any  # what the connection handler serves (a dispatcher, an API)
 
 
+# Directories a live server of this process opened to a group (path -> gid): the
+# CNI socket and the API socket share /run/flowcni by default, and a root-only
+# socket made after a group one must not take the group's way in away again.
+_group_dirs: dict[str, int] = {}
+_group_dirs_lock = threading.Lock()
+
+
 class UnixServer:
     """A root-only socket at `path`: mode 0600 in a 0700 directory, or with `gid`
-    0660 in a 0710 directory of that group."""
+    0660 in a 0710 directory of that group. A directory shared with a group
+    socket stays 0710 (the root-only socket's own 0600 keeps the group out)."""
 
     def __init__(self, path: str, conn: type[socketserver.BaseRequestHandler], context: Any,
                  name: str, gid: int = -1) -> None:
         self.path = path
-        d = os.path.dirname(path) or "."
+        d = self._dir = os.path.realpath(os.path.dirname(path) or ".")
         os.makedirs(d, mode=0o700, exist_ok=True)
-        if gid >= 0:
-            os.chown(d, -1, gid)
-        os.chmod(d, 0o710 if gid >= 0 else 0o700)
+        with _group_dirs_lock:
+            if gid >= 0:
+                other = _group_dirs.get(d, gid)
+                if other != gid:
+                    raise ValueError(f"{d} is already open to group {other}; a socket for "
+                                     f"group {gid} needs a directory of its own")
+                _group_dirs[d] = gid
+                os.chown(d, -1, gid)
+            os.chmod(d, 0o710 if d in _group_dirs else 0o700)
+        self._gid = gid
         if os.path.exists(path):
             os.unlink(path)
         old = os.umask(0o177)
@@ -56,6 +71,9 @@ class UnixServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self._gid >= 0:
+            with _group_dirs_lock:
+                _group_dirs.pop(self._dir, None)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
