@@ -5,9 +5,10 @@ ADD/DEL pairs (a fresh netns and container id each, like a runtime's
 sandboxes), then ``--concurrent`` ADDs at once followed by their DELs at once.
 Everything goes through the real plugin executable of a one-node lab. After
 the run the node is checked against what it held before: IPAM leases (the
-agent's checkpoint), OVS ports on br-int, veths in the node's netns and
-flows in OVS; a pod that got an address another live pod holds counts as a
-duplicate; any plugin exit other than 0 is a failure.
+agent's checkpoint), OVS ports on br-int, veths in the node's netns, flows
+in OVS and the node's Pod records in the embedded store; a pod that got an
+address another live pod holds counts as a duplicate; any plugin exit other
+than 0 is a failure.
 
 Agent RSS is read after ``--warmup`` untimed pairs and again after the
 timed pairs, so a leak per pair shows as growth (goal: < 2 MB over 1,000
@@ -64,8 +65,10 @@ def node_state(lab: Lab, node: Node) -> dict[str, int]:
     links = netns.run(["ip", "-n", node.netns, "-o", "link", "show", "type", "veth"]).stdout
     flows = [ln for ln in ovs.ofctl("dump-flows", "br-int", "--no-stats").splitlines()
              if "actions=" in ln]
+    # The agent records each named pod in the embedded store; a DEL removes it.
+    records = len([p for p in lab.store().objects("Pod") if p.get("node") == node.name])
     return {"leases": leases, "ports": ports, "veths": len(links.splitlines()),
-            "flows": len(flows)}
+            "flows": len(flows), "pod_records": records}
 
 
 class Runner:
@@ -159,7 +162,8 @@ def soak(lab: Lab, pairs: int, concurrent: int, warmup: int) -> dict[str, Any]:
     return {
         "pairs": pairs, "concurrent": concurrent,
         "add_p50_ms": round(p50, 2), "add_p99_ms": round(p99, 2),
-        **{f"leaked_{k}": after[k] - before[k] for k in ("leases", "ports", "veths", "flows")},
+        **{f"leaked_{k}": after[k] - before[k]
+           for k in ("leases", "ports", "veths", "flows", "pod_records")},
         "duplicate_ips": dups, "failures": len(r.failures),
         "agent_rss_mb_before": round(rss_before, 2), "agent_rss_mb_after": round(rss_after, 2),
         "first_failures": r.failures[:3],

@@ -62,6 +62,10 @@ class _Pending:
         self.multipart = multipart
 
 
+#: Errors of messages sent without waiting (bundle adds) kept until claimed.
+MAX_UNCLAIMED_ERRORS = 1024
+
+
 class Switch:
     """One connected datapath; thread-safe for the agent's threads."""
 
@@ -96,7 +100,11 @@ class Switch:
         with self._lock:
             p = self._pending.get(msg.xid)
             if p is None:
+                # Kept for bundle() to collect by xid; an error for a message
+                # nobody collects (a packet-out) must not stay forever.
                 self._errors[msg.xid] = msg
+                while len(self._errors) > MAX_UNCLAIMED_ERRORS:
+                    del self._errors[next(iter(self._errors))]
         if p is not None:
             p.error = msg
             p.event.set()
@@ -159,20 +167,20 @@ class Switch:
         flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
         self.request(parser.ONFBundleCtrlMsg(self.dp, bid, ofp.ONF_BCT_OPEN_REQUEST,
                                              flags, []), timeout)
-        xids = []
+        xids: list[int] = []
         try:
             for m in itertools.chain((first,), it):
                 add = parser.ONFBundleAddMsg(self.dp, bid, flags, m, [])
                 xids.append(self.send(add))
             self.barrier(timeout)
-            with self._lock:
-                errs = [self._errors.pop(x) for x in xids if x in self._errors]
+            errs = self._claim_errors(xids)
             if errs:
                 raise OFError(f"{len(errs)} of {len(xids)} bundled messages refused; "
                               f"first: {describe_error(errs[0])}")
             self.request(parser.ONFBundleCtrlMsg(self.dp, bid, ofp.ONF_BCT_COMMIT_REQUEST,
                                                  flags, []), timeout)
         except Exception:
+            self._claim_errors(xids)  # a bundle given up on leaves none behind
             if self.alive:
                 try:
                     self.request(parser.ONFBundleCtrlMsg(
@@ -180,6 +188,10 @@ class Switch:
                 except OFError:
                     pass
             raise
+
+    def _claim_errors(self, xids: list[int]) -> list[Any]:
+        with self._lock:
+            return [self._errors.pop(x) for x in xids if x in self._errors]
 
     def packet_out(self, in_port: int, data: bytes) -> None:
         """Inject `data` as if it arrived on `in_port`, through the whole pipeline."""

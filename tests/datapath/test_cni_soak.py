@@ -3,7 +3,8 @@
 Sequential ADD/DEL pairs and concurrent ADDs then DELs through the real
 plugin on a one-node lab; afterwards the node holds exactly the leases, OVS
 ports, veths and flows it held before, no two live pods shared an address,
-every plugin run succeeded, and the agent keeps no per-pod lock behind.
+every plugin run succeeded, no Pod record of a deleted pod stays in the
+store, and the agent keeps no per-pod lock behind.
 No timing is asserted: the full run with its figures is the bench's job.
 """
 
@@ -34,7 +35,7 @@ def test_short_soak_leaks_nothing() -> None:
         out = soak.soak(lab, pairs=50, concurrent=20, warmup=0)
         assert out["failures"] == 0, out["first_failures"]
         assert out["duplicate_ips"] == 0, out
-        for k in ("leases", "ports", "veths", "flows"):
+        for k in ("leases", "ports", "veths", "flows", "pod_records"):
             assert out[f"leaked_{k}"] == 0, out
         st = AgentClient(lab.node("node1").api_socket).status()
         assert st["pods"] == 0 and st["pod_keys_in_flight"] == 0, st

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 from flowcni.controller.keylocks import KeyLocks
 from flowcni.flows import model
 
@@ -42,3 +45,36 @@ def test_value_cache_holds_addresses_not_per_pod_macs() -> None:
         assert model._canon_value("ipv4_dst", "10.0.0.5") == "10.0.0.5"  # fast path
         assert model._canon_value("ipv4_dst", "10.0.0.0/24") == "10.0.0.0/24"
     assert model._canon_address.cache_info().currsize == 1
+
+
+class _FakeDatapath:
+    """Answers bundle open/commit/discard, refuses every bundled message, never
+    answers a barrier: a bundle that is given up on after its adds were refused."""
+
+    def __init__(self) -> None:
+        from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser
+        self.ofproto, self.ofproto_parser = ofproto_v1_3, ofproto_v1_3_parser
+        self.switch: Any = None
+
+    def send_msg(self, msg: Any) -> bool:
+        p = self.ofproto_parser
+        reply = SimpleNamespace(xid=msg.xid, flags=0)
+        if isinstance(msg, p.ONFBundleAddMsg):
+            self.switch.on_error(reply)
+        elif isinstance(msg, p.ONFBundleCtrlMsg):
+            self.switch.on_reply(reply)
+        return True
+
+
+def test_switch_keeps_no_unclaimed_errors() -> None:
+    from flowcni.controller.ofapp import MAX_UNCLAIMED_ERRORS, OFError, Switch
+    dp = _FakeDatapath()
+    sw = dp.switch = Switch(dp)
+    parser = dp.ofproto_parser
+    msgs = [parser.OFPFlowMod(dp, priority=i) for i in range(50)]
+    with pytest.raises(OFError, match="no reply to OFPBarrierRequest"):
+        sw.bundle(msgs, timeout=0.2)
+    assert len(sw._errors) == 0, "refused adds of an abandoned bundle stayed behind"
+    for xid in range(3 * MAX_UNCLAIMED_ERRORS):  # errors nobody waits for (packet-outs)
+        sw.on_error(SimpleNamespace(xid=xid))
+    assert len(sw._errors) == MAX_UNCLAIMED_ERRORS
