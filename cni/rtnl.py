@@ -41,12 +41,14 @@ NLMSG_DONE = 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST = 1
 
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -58,6 +60,7 @@ _HDR = struct.Struct("=IHHII")        # nlmsghdr
 _IFINFO = struct.Struct("=BxHiII")    # ifinfomsg
 _IFADDR = struct.Struct("=BBBBi")     # ifaddrmsg
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg
+_NDMSG = struct.Struct("=BxxxiHBB")   # ndmsg
 _ATTR = struct.Struct("=HH")
 _RECV_BYTES = 65536
 
@@ -250,3 +253,23 @@ class Rtnl:
             if dst_len == 0 and table == RT_TABLE_MAIN:
                 return True
         return False
+
+    # -- neighbours --------------------------------------------------------
+
+    def neighbours(self) -> list[tuple[str, int]]:
+        """(IPv4 address, ifindex) of every entry of the neighbour table."""
+        body = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        out = []
+        for t, p in self.request(RTM_GETNEIGH, NLM_F_DUMP, body, "list neighbours"):
+            if t != RTM_NEWNEIGH:
+                continue
+            _fam, ifindex, _state, _flags, _type = _NDMSG.unpack_from(p)
+            dst = parse_attrs(p, _NDMSG.size).get(NDA_DST)
+            if dst and len(dst) == 4:
+                out.append((str(ipaddress.IPv4Address(dst)), ifindex))
+        return out
+
+    def delete_neighbour(self, ip: str, ifindex: int) -> None:
+        body = (_NDMSG.pack(socket.AF_INET, ifindex, 0, 0, 0)
+                + attr(NDA_DST, ipaddress.IPv4Address(ip).packed))
+        self.request(RTM_DELNEIGH, 0, body, f"delete neighbour {ip}")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 
 from flowcni.cni.podif import HOST_IF_PREFIX
+from flowcni.cni.rtnl import Rtnl
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -115,16 +116,18 @@ def nudge_neighbors(ips: list[str]) -> None:
     """
     if not ips:
         return
-    with IPRoute() as ipr, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        # One dump of the table, not one query per peer (pyroute2 costs ~1 ms a call).
+    # Raw rtnetlink (cni/rtnl.py), not pyroute2: this runs every 30 s for the
+    # agent's lifetime, and each pyroute2 object leaves the heap a little more
+    # fragmented. One dump of the table, not one query per peer.
+    with Rtnl() as nl, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         known: dict[str, list[int]] = {}
-        for n in ipr.get_neighbours(family=2):
-            known.setdefault(n.get_attr("NDA_DST"), []).append(n["ifindex"])
+        for dst, ifindex in nl.neighbours():
+            known.setdefault(dst, []).append(ifindex)
         for ip in ips:
             for ifindex in known.get(ip, ()):
                 try:
-                    ipr.neigh("del", dst=ip, ifindex=ifindex)
-                except NetlinkError:
+                    nl.delete_neighbour(ip, ifindex)
+                except OSError:
                     pass
             try:
                 s.sendto(b"flowcni", (ip, 9))

@@ -115,3 +115,27 @@ def test_rtnl_error_carries_errno(spaces: tuple[str, str]) -> None:
         with Rtnl() as nl:
             return nl.link("nosuchlink0")
     assert in_netns(node, missing) is None
+
+
+def test_nudge_neighbors_drops_the_entry_and_asks_again(spaces: tuple[str, str]) -> None:
+    """hostnet.nudge_neighbors over rtnl: the stale entry goes, a fresh resolution starts."""
+    from flowcni.controller import hostnet
+    node, _ = spaces
+    for cmd in (["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+                ["link", "set", "d0", "up"],
+                ["addr", "add", "10.8.0.1/24", "dev", "d0"],
+                ["neigh", "add", "10.8.0.9", "lladdr", "02:00:00:00:00:09", "dev", "d0",
+                 "nud", "stale"],
+                ["neigh", "add", "10.8.0.10", "lladdr", "02:00:00:00:00:0a", "dev", "d0",
+                 "nud", "permanent"]):
+        subprocess.run(["ip", "-n", node, *cmd], check=True)
+
+    def listed() -> list[tuple[str, int]]:
+        with Rtnl() as nl:
+            return nl.neighbours()
+    idx = ip("-n", node, "link", "show", "d0")[0]["ifindex"]
+    assert {("10.8.0.9", idx), ("10.8.0.10", idx)} <= set(in_netns(node, listed))
+    in_netns(node, lambda: hostnet.nudge_neighbors(["10.8.0.9"]))
+    left = {n["dst"]: n.get("lladdr") for n in ip("-n", node, "neigh", "show", "dev", "d0")}
+    assert left.get("10.8.0.9") is None  # gone, or being resolved afresh (no lladdr yet)
+    assert left["10.8.0.10"] == "02:00:00:00:00:0a"
