@@ -37,6 +37,7 @@ from flowcni.controller.dpcache import (
     vswitchd_target,
 )
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.heap import HeapTrimmer
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
@@ -256,10 +257,13 @@ class Agent:
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
         self.api = APIServer(a.api_socket, AgentAPI(self), a.api_group)
+        self.heap = HeapTrimmer()
 
     def _observe_request(self, command: str, seconds: float, ok: bool) -> None:
         if not command.startswith("_"):
             metrics.CNI_REQUESTS.labels(command, "ok" if ok else "error").observe(seconds)
+        if command in ("ADD", "DEL", "GC"):
+            self.heap.churned()
 
     # -- datastore -----------------------------------------------------------------
 
@@ -410,6 +414,8 @@ class Agent:
     def start(self) -> None:
         threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
         threading.Thread(target=self._resync_loop, name="resync", daemon=True).start()
+        threading.Thread(target=self.heap.run, args=(self.stop_event,), name="heap-trim",
+                         daemon=True).start()
         if self.args.metrics_address:
             metrics.serve(self.args.metrics_address, metrics.StateCollector(
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
@@ -487,6 +493,7 @@ class Agent:
             "connected": self.flows.switch is not None, "synced": self.flows.synced.is_set(),
             "round": self.flows.round, "pods": len(self.pods.attachments),
             "pod_keys_in_flight": self.pods.keys_in_flight(),
+            "heap_trims": self.heap.trims,
             "flows": self.flows.flow_count(),
             "groups": len(self.flows.desired_groups()), "proxy": self.args.proxy,
             "uptime_s": time.time() - self.started,

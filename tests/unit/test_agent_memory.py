@@ -78,3 +78,37 @@ def test_switch_keeps_no_unclaimed_errors() -> None:
     for xid in range(3 * MAX_UNCLAIMED_ERRORS):  # errors nobody waits for (packet-outs)
         sw.on_error(SimpleNamespace(xid=xid))
     assert len(sw._errors) == MAX_UNCLAIMED_ERRORS
+
+
+def test_heap_is_trimmed_only_after_churn() -> None:
+    import ctypes
+
+    from flowcni.controller.heap import HeapTrimmer
+
+    class M2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = M2
+    h = HeapTrimmer(interval=0.05)
+    assert h.available  # glibc here, as in the DaemonSet image
+    assert not h.trim_if_due() and h.trims == 0  # nothing changed: no trim
+    junk = [bytearray(n % 3000 + 16) for n in range(20000)]
+    del junk[::2]  # free chunks between live ones, like request threads leave
+    h.churned()
+    assert h.trim_if_due() and h.trims == 1
+    assert libc.mallinfo2().keepcost < 128 * 1024  # the arena's free top went back
+    assert not h.trim_if_due() and h.trims == 1  # once per churn
+    stop = threading.Event()
+    t = threading.Thread(target=h.run, args=(stop,))
+    t.start()
+    h.churned()
+    deadline = 100
+    while h.trims < 2 and deadline:
+        stop.wait(0.05)
+        deadline -= 1
+    stop.set()
+    t.join()
+    assert h.trims == 2
+    del junk

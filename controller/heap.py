@@ -1,0 +1,71 @@
+"""Hand freed heap back to the kernel after pod churn (glibc's malloc_trim).
+
+Why: with nothing left per pod (the soak's leak counters, the tracemalloc
+diff and Python's block count stay flat), the agent's RSS still crept
+~0.5 KB per CNI ADD/DEL pair. That creep is free memory inside glibc's
+malloc arenas that was touched once and stays resident: over 1,000 pairs
+malloc's in-use bytes (mallinfo2 uordblks) grew 82 KB while RSS grew 476 KB,
+and a single malloc_trim(0) afterwards took RSS 2.3 MB *below* its level
+before those pairs. Each request runs on a fresh thread, so its allocations
+land in whichever arena that thread gets, and glibc only returns the top of
+an arena by itself. Trimming once a minute, and only after pods changed,
+keeps RSS flat for a cost of a few milliseconds (arena locks are held that
+long; a CNI request allocating meanwhile waits for them).
+
+Where malloc_trim does not exist (not glibc), this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable
+
+LOG = logging.getLogger(__name__)
+
+#: Seconds between trims at most (a trim is only due after pod churn).
+TRIM_INTERVAL = 60.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim
+
+
+class HeapTrimmer:
+    """`churned()` after a pod came or went; `run(stop)` trims at most every `interval`."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL) -> None:
+        self.interval = interval
+        self._trim = _malloc_trim()
+        self._due = threading.Event()
+        self.trims = 0  # how many trims ran (status, tests)
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def churned(self) -> None:
+        self._due.set()
+
+    def trim_if_due(self) -> bool:
+        """Trim now if pods changed since the last trim; whether it trimmed."""
+        if self._trim is None or not self._due.is_set():
+            return False
+        self._due.clear()
+        self._trim(0)
+        self.trims += 1
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            try:
+                self.trim_if_due()
+            except Exception:  # never let housekeeping take the agent down
+                LOG.exception("malloc_trim failed")
