@@ -63,6 +63,9 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg
 _NDMSG = struct.Struct("=BxxxiHBB")   # ndmsg
 _ATTR = struct.Struct("=HH")
 _RECV_BYTES = 65536
+#: The kernel answers at once; a reply this late means something is badly wrong,
+#: and a CNI request must fail rather than hang.
+TIMEOUT_S = 10.0
 
 
 class NetlinkError(OSError):
@@ -122,6 +125,7 @@ class Rtnl:
         self.sock = sock if sock is not None else socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
+            self.sock.settimeout(TIMEOUT_S)
             self.sock.bind((0, 0))
         except OSError:
             self.sock.close()
