@@ -388,6 +388,7 @@ class ServiceProxy:
         # change that leaves a Service's inputs as they were costs no rebuild.
         self._inputs: dict[str, tuple[int, tuple[list[Flow], list[Group]]]] = {}
         self.sub_gids: dict[str, dict[tuple[int, int], int]] = {}  # key -> (port, j) -> gid
+        self.stale: list[StaleUDP] = []  # drained by take_stale
 
     def _gid(self, pk: str, have: dict[Any, int], slot: Any) -> int:
         if slot not in have:
@@ -498,8 +499,15 @@ class ServiceProxy:
                 self.built.pop(key, None)
             else:
                 self.built[key] = new
+            self.stale += stale_udp(old, new)
             flows[service_owner(key)], groups[service_owner(key)] = new
         return flows, groups
+
+    def take_stale(self) -> list[StaleUDP]:
+        """UDP endpoints removed since the last call: their conntrack entries must go
+        once the new groups are installed (controller.svcconntrack)."""
+        out, self.stale = self.stale, []
+        return out
 
     def load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
              slices: Iterable[dict[str, Any]] = ()
@@ -584,3 +592,69 @@ class ServiceProxy:
                                                   if pi == i)})
             out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports})
         return out
+
+
+# -- stale UDP conntrack -------------------------------------------------------------------
+#
+# A UDP "connection" never ends: a client that keeps one source port keeps
+# its conntrack entry, DNATed to the endpoint it first got, for as long as it
+# sends (the entry's timeout restarts with every datagram). When that endpoint
+# goes away the entry must go too, or the client keeps sending to nobody; the
+# next datagram then misses conntrack, is new, and picks a remaining endpoint.
+# TCP entries are left alone: a connection to a gone endpoint fails on its
+# own, and those to remaining endpoints must not be disturbed.
+
+
+@dataclass(frozen=True)
+class StaleUDP:
+    """The conntrack entries of connections to cluster_ip:port that were DNATed to
+    endpoint:endpoint_port."""
+
+    cluster_ip: str
+    port: int
+    endpoint: str
+    endpoint_port: int
+
+
+def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int],
+                                                                  set[tuple[str, int]]]:
+    """(ClusterIP, UDP port) -> the endpoints its group (and sub-groups) DNAT to."""
+    flows, groups = built
+    by_id = {g.group_id: g for g in groups}
+
+    def reach(gid: int, seen: set[int]) -> set[tuple[str, int]]:
+        out: set[tuple[str, int]] = set()
+        if gid in seen or gid not in by_id:
+            return out
+        seen.add(gid)
+        for bucket in by_id[gid].buckets:
+            for a in bucket:
+                if isinstance(a, CT) and a.nat:
+                    ip, _, port = a.nat.rpartition(":")
+                    out.add((ip, int(port)))
+                elif isinstance(a, GroupAction):
+                    out |= reach(a.group_id, seen)
+        return out
+
+    eps: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for f in flows:
+        m = dict(f.match)
+        if "udp_dst" not in m:
+            continue
+        key = (str(m["ipv4_dst"]), int(m["udp_dst"]))  # type: ignore[arg-type]
+        for a in f.actions:
+            if isinstance(a, GroupAction):
+                eps.setdefault(key, set()).update(reach(a.group_id, set()))
+    return eps
+
+
+def stale_udp(old: tuple[list[Flow], list[Group]],
+              new: tuple[list[Flow], list[Group]]) -> list[StaleUDP]:
+    """Endpoints a Service's UDP ports had in `old` and no longer have in `new`."""
+    before = udp_endpoints(old)
+    if not before:
+        return []
+    after = udp_endpoints(new)
+    return [StaleUDP(vip, port, ip, n)
+            for (vip, port), eps in sorted(before.items())
+            for ip, n in sorted(eps - after.get((vip, port), set()))]

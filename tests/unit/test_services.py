@@ -270,3 +270,25 @@ def test_unchanged_inputs_are_not_rebuilt() -> None:
     flows, _, _ = p.apply([Change("Pod", "d", "b", "put", pod(
         "b", "10.244.1.3", {"app": "web"}, [("http", 80)]))])
     assert list(flows) == ["service:d/web"] and p.built["d/web"] is not before
+
+
+def test_removed_udp_endpoints_are_reported_once_for_flushing() -> None:
+    """Only UDP ports' removed endpoints; each once (take_stale drains); the flush names
+    the ClusterIP side and the endpoint side of the entries, in the pods' zone."""
+    from flowcni.controller.svcconntrack import flush_args
+    from flowcni.flows.services import StaleUDP
+
+    spec = {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                      {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}
+    p = ServiceProxy()
+    p.load([svc(spec)], [pod("a", "10.244.1.2", {"app": "web"}),
+                         pod("b", "10.244.1.3", {"app": "web"})])
+    assert p.take_stale() == []
+    p.apply([Change("Pod", "d", "a", "delete", None)])
+    gone = StaleUDP("10.96.0.10", 53, "10.244.1.2", 5353)
+    assert p.take_stale() == [gone] and p.take_stale() == []
+    p.apply([Change("Service", "d", "web", "delete", None)])
+    assert p.take_stale() == [StaleUDP("10.96.0.10", 53, "10.244.1.3", 5353)]
+    assert flush_args(gone) == ["zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53",
+                                "ct_nw_src=10.244.1.2,ct_nw_proto=17,ct_tp_src=5353"]
