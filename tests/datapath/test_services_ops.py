@@ -184,3 +184,54 @@ def test_removed_udp_endpoint_conntrack_is_flushed(olab: Lab) -> None:
         olab.store().delete("EndpointSlice", "default", "udp-1")
         olab.store().delete("Service", "default", "udp")
         olab.wait_realized(timeout=30)
+
+
+VIP_TR1, VIP_TR2 = "10.96.7.3", "10.96.7.4"
+
+
+def test_trace_to_a_service_shows_the_hop_and_agrees_with_a_probe(
+        olab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flowctl trace --to NS/NAME`: the ServiceLB step, the group, the bucket taken and
+    the endpoint it DNATs to, then the endpoint's node and pod. With one endpoint (on the
+    other node) the trace and a real request must name the same pod; with two, the
+    trace must end at the pod of the endpoint it reports."""
+    from flowcni.ctl.flowctl import main as flowctl
+    from flowcni.ctl.trace import Tracer
+
+    from tests.support.svc import replies
+    ips = {p.name: p.ip for p in olab.pods()}
+    put_service(olab, "tr1", VIP_TR1, "[{port: 80, protocol: TCP}]")
+    put_slice(olab, "tr1", [ips["u2"]], 80, "TCP")
+    put_service(olab, "tr2", VIP_TR2, "[{name: web, port: 8080, targetPort: 80}]", "app: u")
+    olab.wait_realized(timeout=30)
+    try:
+        tracer = Tracer(olab)
+        v = tracer.trace("default/client1", "default/tr1")
+        assert v.delivered and v.pod == "default/u2" and v.node == "node2", v.detail
+        assert v.service["endpoint"] == f"{ips['u2']}:80", v.service
+        assert v.service["service"] == "default/tr1" and v.service["group"]
+        assert any("select group" in s.story for s in v.steps if s.table == "ServiceLB")
+        assert {s.node for s in v.steps} == {"node1", "node2"}
+        assert replies(olab, "default/client1", [f"{VIP_TR1}:80"]) == {
+            f"{VIP_TR1}:80": "u2 ping"}
+        # two endpoints: the datapath hashes, the trace resumes with a stand-in hash
+        v = Tracer(olab).trace("default/client1", "default/tr2:web")
+        ep = v.service["endpoint"]
+        assert ep in (f"{ips['u1']}:80", f"{ips['u2']}:80"), v.service
+        owner = "u1" if ep.startswith(ips["u1"] + ":") else "u2"
+        assert v.delivered and v.pod == f"default/{owner}", (v.detail, ep)
+        assert v.service["dp_hash"] and len(v.service["buckets"]) == 1
+        # the same by ClusterIP and port, and on the command line
+        assert Tracer(olab).trace("default/client1", VIP_TR2, dport=8080).service["endpoint"] == ep
+        monkeypatch.setenv("FLOWCNI_LAB_DIR", olab.base)
+        monkeypatch.setenv("FLOWCNI_LAB_PREFIX", olab.prefix)
+        assert flowctl(["trace", "--from", "default/client1", "--to", "default/tr1"]) == 0
+        out = capsys.readouterr().out
+        assert f"Service default/tr1 {VIP_TR1}:80/TCP: group" in out, out
+        assert f"endpoint {ips['u2']}:80" in out and "delivered to pod default/u2" in out, out
+        assert flowctl(["trace", "--from", "default/client1", "--to", "default/tr1:99"]) != 0
+        assert "has no port '99'" in capsys.readouterr().err
+    finally:
+        for kind, name in (("EndpointSlice", "tr1-1"), ("Service", "tr1"), ("Service", "tr2")):
+            olab.store().delete(kind, "default", name)
+        olab.wait_realized(timeout=30)
