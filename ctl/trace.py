@@ -288,16 +288,18 @@ class Tracer:
                      ) -> tuple[TraceResult, list[Step], str]:
         """Resume a trace that stopped at a select group's hash recirculation, with the
         stand-in hash; (the resumed result, its steps, the flow DNATed to the endpoint)."""
-        m = _HASH_RECIRC.search(r.datapath_actions)
         steps: list[Step] = []
         h = None
-        if m:
+        for _ in range(3):  # a chained group may hash twice (top group, then sub-group)
+            m = _HASH_RECIRC.search(r.datapath_actions)
+            if not m:
+                break
             h = stand_in_hash(flow)
             r2 = v.trace(f"{flow},recirc_id={m[1]},dp_hash={h:#x},ct_state=new|trk,"
                          f"ct_zone={CT_ZONE}")
             r2.groups = r.groups + r2.groups
             r2.nat_dst = r.nat_dst or r2.nat_dst
-            r, steps = r2, r2.steps
+            r, steps = r2, steps + r2.steps
         if r.nat_dst:
             ip, _, port = r.nat_dst.partition(":")
             self._hop = {"node": v.name, "endpoint": r.nat_dst,

@@ -116,6 +116,11 @@ def test_endpoints_beyond_one_group_are_chained(olab: Lab) -> None:
     assert all(sum(per_group[s]) > 0 for s in subs)
     hit = [n for s in subs for n in per_group[s] if n > 0]
     assert len(hit) > 150, len(hit)  # ~300 connections over 2,000 endpoints: mostly distinct
+    # flowctl trace follows both levels: the top group's bucket, then the sub-group's
+    from flowcni.ctl.trace import Tracer
+    hop = Tracer(olab).trace("default/client1", "default/big").service
+    assert hop["endpoint"] in eps and hop["group"] == top_id, hop
+    assert len(hop["buckets"]) == 2, hop
 
 
 SYNS = r"""
