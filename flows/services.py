@@ -257,11 +257,6 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
     return gid
 
 
-def _dnat(ip: str, port: int) -> tuple[CT]:
-    """A bucket: DNAT to the endpoint, commit, on to policy (EgressRule)."""
-    return (CT.dnat(ip, port, "EgressRule"),)
-
-
 _LB_TEMPLATES: dict[tuple[int, str], tuple[Pipeline, Flow]] = {}
 
 
@@ -298,14 +293,14 @@ def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner:
     """
     sizes = split_sizes(len(ep))
     if len(sizes) == 1:
-        return [Group.make(gid, [_dnat(ip, port) for ip, port in ep],
-                           owner=owner, table="ServiceLB", pipeline=pipeline)]
+        return [Group.dnat_select(gid, ep, ct_table="EgressRule", owner=owner,
+                                  table="ServiceLB", pipeline=pipeline)]
     if len(sub_gids) != len(sizes):
         raise ValueError(f"group {gid}: {len(sizes)} sub-groups needed, {len(sub_gids)} given")
     out, start = [], 0
     for sub, size in zip(sub_gids, sizes, strict=True):
-        out.append(Group.make(sub, [_dnat(ip, port) for ip, port in ep[start:start + size]],
-                              owner=owner, table="ServiceLB", pipeline=pipeline))
+        out.append(Group.dnat_select(sub, ep[start:start + size], ct_table="EgressRule",
+                                     owner=owner, table="ServiceLB", pipeline=pipeline))
         start += size
     out.append(Group.make(gid, [(GroupAction(sub),) for sub in sub_gids], owner=owner,
                           table="ServiceLB", pipeline=pipeline, weights=sizes))
