@@ -30,11 +30,13 @@ def flush_args(s: StaleUDP, zone: int = CT_ZONE) -> list[str]:
 
     Both tuples: the original one (ClusterIP and port) alone would also drop
     the clients of the endpoints that remain, the reply one alone would also
-    drop direct connections to the endpoint's pod IP.
+    drop direct connections to the endpoint's pod IP. When none remains, the
+    original one alone.
     """
-    return [f"zone={zone}",
-            f"ct_nw_dst={s.cluster_ip},ct_nw_proto=17,ct_tp_dst={s.port}",
-            f"ct_nw_src={s.endpoint},ct_nw_proto=17,ct_tp_src={s.endpoint_port}"]
+    orig = [f"zone={zone}", f"ct_nw_dst={s.cluster_ip},ct_nw_proto=17,ct_tp_dst={s.port}"]
+    if not s.endpoint:  # no endpoint left: every entry of the ClusterIP and port
+        return orig
+    return [*orig, f"ct_nw_src={s.endpoint},ct_nw_proto=17,ct_tp_src={s.endpoint_port}"]
 
 
 def flush_stale(vswitchd: Caller, stale: Iterable[StaleUDP]) -> int:
@@ -47,5 +49,5 @@ def flush_stale(vswitchd: Caller, stale: Iterable[StaleUDP]) -> int:
             done += 1
         except Exception as e:  # UnixctlError, or OVS refusing the tuple
             LOG.warning("conntrack of %s:%d -> %s:%d not flushed: %s", s.cluster_ip, s.port,
-                        s.endpoint, s.endpoint_port, e)
+                        s.endpoint or "*", s.endpoint_port, e)
     return done

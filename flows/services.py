@@ -603,12 +603,13 @@ class ServiceProxy:
 @dataclass(frozen=True)
 class StaleUDP:
     """The conntrack entries of connections to cluster_ip:port that were DNATed to
-    endpoint:endpoint_port."""
+    endpoint:endpoint_port; endpoint "" (and port 0): every entry of that ClusterIP
+    and port (it has no endpoint left: one flush instead of one per endpoint)."""
 
     cluster_ip: str
     port: int
-    endpoint: str
-    endpoint_port: int
+    endpoint: str = ""
+    endpoint_port: int = 0
 
 
 def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int],
@@ -650,6 +651,11 @@ def stale_udp(old: tuple[list[Flow], list[Group]],
     if not before:
         return []
     after = udp_endpoints(new)
-    return [StaleUDP(vip, port, ip, n)
-            for (vip, port), eps in sorted(before.items())
-            for ip, n in sorted(eps - after.get((vip, port), set()))]
+    out = []
+    for (vip, port), eps in sorted(before.items()):
+        left = after.get((vip, port), set())
+        if not left:
+            out.append(StaleUDP(vip, port))
+        else:
+            out += [StaleUDP(vip, port, ip, n) for ip, n in sorted(eps - left)]
+    return out

@@ -183,6 +183,13 @@ def test_removed_udp_endpoint_conntrack_is_flushed(olab: Lab) -> None:
         time.sleep(1)
         tail = got[-5:]
         assert tail and all(g == other for g in tail), got[mark:]
+        # The Service goes: its last endpoint's entries go too (one flush for the
+        # ClusterIP and port), so the still-running pod stops answering this client.
+        olab.store().delete("EndpointSlice", "default", "udp-1")
+        olab.store().delete("Service", "default", "udp")
+        olab.wait_realized(timeout=30)
+        mark = len(got)
+        assert eventually(lambda: got[mark:][-5:] == ["-"] * 5, timeout=20), got[mark:]
     finally:
         p.kill()
         p.wait()
