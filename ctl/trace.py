@@ -224,8 +224,11 @@ class Tracer:
         """The Services as the first node's agent programs them (every agent has all)."""
         if not hasattr(self, "_services"):
             first = self.view(next(iter(self.agents)))
-            self._services: list[dict[str, Any]] = first.agent.call("services").get(
-                "services", [])
+            try:
+                self._services: list[dict[str, Any]] = first.agent.call("services").get(
+                    "services", [])
+            except RuntimeError:  # an agent without the verb: no Services to resolve
+                self._services = []
         return self._services
 
     def find_service(self, dst: str) -> ServiceTarget | None:
