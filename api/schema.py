@@ -206,10 +206,16 @@ class TraceResult(_Record):
     output_name: str
     tunnel: bool = False
     tunnel_dst: str = ""
+    # [group id, bucket] of each select group the packet went through, and the
+    # first DNAT a bucket applied ("IP:PORT"): a Service's chosen endpoint
+    groups: list[list[int]] = field(default_factory=list)
+    nat_dst: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TraceResult:
         return cls(node=d["node"], steps=[TraceStep.from_dict(s) for s in d["steps"]],
                    datapath_actions=d["datapath_actions"], output_port=d["output_port"],
                    output_name=d["output_name"], tunnel=bool(d.get("tunnel")),
-                   tunnel_dst=d.get("tunnel_dst", ""))
+                   tunnel_dst=d.get("tunnel_dst", ""),
+                   groups=[list(g) for g in d.get("groups") or []],
+                   nat_dst=d.get("nat_dst", ""))

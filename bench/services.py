@@ -7,22 +7,45 @@ gives them to the agent. Prints one JSON line per size:
 {"services", "endpoints", "compute_s", "flows", "groups", "peak_rss_mb"}:
 what one agent computes at start (ServiceProxy.load) and the peak RSS of the
 process doing it (each size runs in its own process, so the figure is its
-own). Peer figure in the same line: "kube_proxy_rules", the nftables rules
+own; it includes the generated input, about 130 MB at 10,000 Services).
+compute_cpu_s is the same build's process CPU time and loadavg_1m the
+machine's load when it ran: on a shared machine the wall time grows with the
+load, the CPU time much less. Peer figure in the same line: "kube_proxy_rules", the nftables rules
 kube-proxy's nftables mode writes for the same Services (one per Service
 port plus one per endpoint per port, as counted from its rule layout).
 
-The datapath figures the issue asks for (connections/s and throughput
-through a ClusterIP vs kube-proxy's DNAT, endpoint change latency) are not
-measured here yet.
+Then, in one two-node lab (geneve, flowcni proxy; --no-lab skips it), one
+client pod ``c`` on node1 and endpoints ``e`` (node2) and ``e2`` (node1):
+
+* ``{"path": "clusterip", "flowcni_conn_per_s", "kube_proxy_nft_conn_per_s",
+  "ratio"}``: sequential TCP connections (connect, one request, its answer,
+  close) per second from ``c`` to ``e`` through a ClusterIP flowcni programs,
+  and through another ClusterIP that only node1's nftables knows, DNATed the
+  way kube-proxy's nftables mode does (tests.support.svc.kube_proxy_rules:
+  the packet leaves OVS through the gateway, the node DNATs it and routes it
+  back). Runs alternate between the two, --repeat times; medians.
+* ``{"path": "clusterip_throughput", "flowcni_gbps", "pod_ip_gbps", "ratio"}``:
+  iperf3 (one TCP stream) from ``c`` to ``e`` through the ClusterIP and to
+  ``e``'s pod IP, alternating; medians.
+* ``{"endpoint_change_p50_ms", "endpoint_change_p99_ms", "changes"}``: a
+  UDP Service's one endpoint is swapped (``e`` out, ``e2`` in, and back) by
+  writing its EndpointSlice to the store; the time until a prober in ``c``
+  (a new socket, so a new connection, every 2 ms) is answered by the new one.
+
+--prefix names the lab (netns names and /run dir): give each concurrent run
+its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -50,22 +73,178 @@ def measure(services: int, endpoints: int) -> dict[str, Any]:
 
     svcs, pods = generate(services, endpoints)
     proxy = ServiceProxy()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     flows, groups, problems = proxy.load(svcs, pods)
-    compute = time.perf_counter() - t
+    compute, cpu = time.perf_counter() - t, time.process_time() - c
     assert not problems, problems[:3]
     n_groups = sum(len(v) for v in groups.values())
     n_ports = sum(len(s["spec"]["ports"]) for s in svcs)
     return {"services": services, "endpoints": endpoints, "compute_s": round(compute, 3),
+            "compute_cpu_s": round(cpu, 3), "loadavg_1m": round(os.getloadavg()[0], 2),
             "flows": sum(len(v) for v in flows.values()), "groups": n_groups,
             "buckets": sum(len(g.buckets) for v in groups.values() for g in v),
             "kube_proxy_rules": n_ports * (1 + endpoints),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+# -- lab figures -----------------------------------------------------------------------
+
+VIP_FLOWCNI, VIP_NFT, VIP_UDP = "10.96.9.1", "10.96.9.2", "10.96.9.3"
+IPERF_PORT = 5201
+
+CONNECT = r"""
+import socket, sys, time
+ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+n, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.create_connection((ip, port), timeout=5)
+    s.sendall(b"ping"); s.recv(100); s.close(); n += 1
+print(n / seconds)
+"""
+
+PROBER = r"""
+import socket, sys, time
+last = None
+while True:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05)
+    try:
+        s.sendto(b"x", (sys.argv[1], 53)); who = s.recv(100).split()[0].decode()
+    except OSError:
+        who = None
+    s.close()
+    if who and who != last:
+        print(time.time(), who, flush=True); last = who
+    time.sleep(0.002)
+"""
+
+
+def put(lab: Any, kind: str, name: str, body: dict[str, Any]) -> None:
+    lab.store().put(kind, "default", name, {"namespace": "default", "name": name, **body})
+
+
+def put_slice(lab: Any, service: str, ips: list[str], ports: list[tuple[int, str]]) -> None:
+    put(lab, "EndpointSlice", f"{service}-1", {
+        "addressType": "IPv4", "labels": {"kubernetes.io/service-name": service},
+        "ports": [{"name": f"p{n}", "port": n, "protocol": proto} for n, proto in ports],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]})
+
+
+def put_service(lab: Any, name: str, vip: str, ports: list[tuple[int, str]]) -> None:
+    put(lab, "Service", name, {"spec": {"clusterIP": vip, "ports": [
+        {"name": f"p{n}", "port": n, "targetPort": n, "protocol": proto}
+        for n, proto in ports]}})
+
+
+def in_pod(lab: Any, pod: str, argv: list[str], timeout: float = 120) -> str:
+    p = subprocess.run(lab.exec_argv(f"default/{pod}", argv), capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} in {pod}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+    return p.stdout
+
+
+def iperf_gbps(lab: Any, ip: str, seconds: int) -> float:
+    out = json.loads(in_pod(lab, "c", ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t",
+                                       str(seconds), "-J"], timeout=seconds + 60))
+    return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def lab_figures(prefix: str, repeat: int, seconds: int, changes: int) -> list[dict[str, Any]]:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from flowcni.lab.lab import Lab
+
+    from tests.support.svc import DNat, install_kube_proxy_rules, start_server
+
+    lab = Lab(base=f"/run/flowcni-{prefix}", prefix=f"{prefix}-")
+    lab.down()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        lab.up(nodes=2, encap="geneve")
+        lab.pod_add("c", "node1")
+        lab.pod_add("e", "node2")
+        lab.pod_add("e2", "node1")
+        ips = {p.name: p.ip for p in lab.pods()}
+        for n in ("e", "e2"):
+            procs.append(start_server(lab.exec_argv(f"default/{n}", []), n, "80,53u"))
+        procs.append(subprocess.Popen(lab.exec_argv("default/e", [
+            "iperf3", "-s", "-p", str(IPERF_PORT)]), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, text=True))
+        put_service(lab, "bench", VIP_FLOWCNI, [(80, "TCP"), (IPERF_PORT, "TCP")])
+        put_slice(lab, "bench", [ips["e"]], [(80, "TCP"), (IPERF_PORT, "TCP")])
+        put_service(lab, "churn", VIP_UDP, [(53, "UDP")])
+        put_slice(lab, "churn", [ips["e"]], [(53, "UDP")])
+        lab.wait_realized(timeout=60)
+        install_kube_proxy_rules(lab, "node1", "benchkp",
+                                 [DNat(VIP_NFT, 80, "tcp", ips["e"], 80)])
+        time.sleep(1)
+        conn: dict[str, list[float]] = {"flowcni": [], "nft": []}
+        tput: dict[str, list[float]] = {"flowcni": [], "pod_ip": []}
+        for i in range(repeat):
+            order = [("flowcni", VIP_FLOWCNI), ("nft", VIP_NFT)]
+            for what, vip in order[i % 2:] + order[:i % 2]:
+                conn[what].append(float(in_pod(lab, "c", [sys.executable, "-c", CONNECT, vip,
+                                                          "80", str(seconds)])))
+            torder = [("flowcni", VIP_FLOWCNI), ("pod_ip", ips["e"])]
+            for what, ip in torder[i % 2:] + torder[:i % 2]:
+                tput[what].append(iperf_gbps(lab, ip, seconds))
+        print(json.dumps({"conn_runs": conn, "gbps_runs": tput}), file=sys.stderr)
+        fc, kp = statistics.median(conn["flowcni"]), statistics.median(conn["nft"])
+        ft, pt = statistics.median(tput["flowcni"]), statistics.median(tput["pod_ip"])
+        out: list[dict[str, Any]] = [
+            {"path": "clusterip", "flowcni_conn_per_s": round(fc, 1),
+             "kube_proxy_nft_conn_per_s": round(kp, 1), "ratio": round(fc / kp, 3)},
+            {"path": "clusterip_throughput", "flowcni_gbps": round(ft, 3),
+             "pod_ip_gbps": round(pt, 3), "ratio": round(ft / pt, 3)}]
+        # endpoint change -> seen by a prober
+        prober = subprocess.Popen(lab.exec_argv("default/c", [sys.executable, "-c", PROBER,
+                                                              VIP_UDP]),
+                                  stdout=subprocess.PIPE, text=True)
+        procs.append(prober)
+        seen: list[tuple[float, str]] = []
+
+        def read() -> None:
+            for ln in prober.stdout or []:
+                t, who = ln.split()
+                seen.append((float(t), who))
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lat: list[float] = []
+        for i in range(changes):
+            want = "e2" if i % 2 == 0 else "e"
+            t0 = time.time()
+            put_slice(lab, "churn", [ips[want]], [(53, "UDP")])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                hit = [t for t, who in seen if who == want and t >= t0]
+                if hit:
+                    lat.append((hit[0] - t0) * 1000)
+                    break
+                time.sleep(0.005)
+            time.sleep(0.2)
+        lat.sort()
+        if lat:
+            out.append({"endpoint_change_p50_ms": round(statistics.median(lat), 1),
+                        "endpoint_change_p99_ms": round(
+                            lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+                        "changes": changes, "seen": len(lat)})
+        return out
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        lab.down()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--one", nargs=2, type=int, metavar=("SERVICES", "ENDPOINTS"))
+    ap.add_argument("--no-lab", action="store_true", help="builder figures only")
+    ap.add_argument("--prefix", default="fcbs", help="lab prefix (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--time", type=int, default=3, help="seconds per run")
+    ap.add_argument("--changes", type=int, default=40, help="endpoint changes to time")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(measure(*a.one)))
@@ -74,6 +253,9 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--one", str(s), str(e)],
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip(), flush=True)
+    if not a.no_lab:
+        for line in lab_figures(a.prefix, a.repeat, a.time, a.changes):
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

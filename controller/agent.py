@@ -44,6 +44,7 @@ from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.podrecords import PodRecords
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.reject import Rejecter
+from flowcni.controller.svcconntrack import flush_stale
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
@@ -239,6 +240,8 @@ class Agent:
                         if a.datapath_guard == "on" else None)
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes")
                          if a.proxy == "flowcni" else None)
+        # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
+        self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self.applied_revision = 0
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
@@ -340,6 +343,8 @@ class Agent:
             self.flows.set_owners(owners, groups)
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
+        if self.services is not None and self.services.stale:
+            flush_stale(self._vswitchd, self.services.take_stale())
         if owners:
             # policy decides only new connections: only their cached flows can be wrong
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)],

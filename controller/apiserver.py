@@ -253,7 +253,8 @@ class AgentAPI:
         res = TraceResult(node, parsed.steps, parsed.datapath_actions, parsed.output_port,
                           self.port_name(parsed.output_port)
                           if parsed.output_port is not None else "",
-                          parsed.tunnel, tun)
+                          parsed.tunnel, tun, [list(g) for g in parsed.groups],
+                          parsed.nat_dst)
         return res.to_dict()
 
     def v_traceflow(self, req: Request) -> dict[str, Any]:

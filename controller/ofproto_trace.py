@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from flowcni.api.schema import TraceStep
 
 _GOTO_RE = re.compile(r"goto_table:(\d+)")
+_GROUP_RE = re.compile(r"^\s*group:(\d+)$")
+_BUCKET_RE = re.compile(r"^\s*-> using bucket (\d+)")
+_NAT_RE = re.compile(r"nat\(dst=([\d.]+(?::\d+)?)\)")
 _STEP_RE = re.compile(r"^\s*(\d+)\. (.*?)(?:, priority (\d+))?(?:, cookie (0x[0-9a-f]+))?$")
 
 
@@ -29,6 +32,8 @@ class Parsed:
     datapath_actions: str = ""
     output_port: int | None = None
     tunnel: bool = False
+    groups: list[tuple[int, int]] = field(default_factory=list)  # (group id, bucket taken)
+    nat_dst: str = ""  # the first nat(dst=...) a ct() in the trace applied
 
 
 def parse(out: str, bridge: str, names: dict[int, str], node: str = "") -> Parsed:
@@ -38,7 +43,16 @@ def parse(out: str, bridge: str, names: dict[int, str], node: str = "") -> Parse
     r = Parsed()
     cur: TraceStep | None = None
     inside = False
+    group = 0
     for line in out.splitlines():
+        # Groups and the bucket OVS took, wherever they appear (inside a table's
+        # actions, or where a dp_hash recirculation resumed the group).
+        if gm := _GROUP_RE.match(line):
+            group = int(gm[1])
+        elif bm := _BUCKET_RE.match(line):
+            r.groups.append((group, int(bm[1])))
+        if not r.nat_dst and (nm := _NAT_RE.search(line)):
+            r.nat_dst = nm[1]
         if line.startswith("bridge("):
             inside = line.startswith(f'bridge("{bridge}")')
             cur = None  # a new pipeline: nothing below belongs to the last step

@@ -313,10 +313,26 @@ def show_trace(agents: list[NodeAgent], src: str, dst: str, proto: str = "tcp",
                 node = s.node
                 print(f"# {node}")
             print(f"  {s.story}")
+        if v.service:
+            print(f"  {service_line(v.service)}")
         word = {"delivered": "DELIVERED", "left-node": "LEAVES THE NODE",
                 "dropped": "DROPPED", "nowhere": "NOWHERE"}[v.outcome]
         print(f"verdict: {word}: {v.detail}")
     return 0 if v.delivered else 3
+
+
+def service_line(hop: dict[str, Any]) -> str:
+    """The Service hop of a trace in words: which bucket took the packet, and why that one."""
+    head = (f"Service {hop['service']} {hop['cluster_ip']}:{hop['port']}/"
+            f"{hop['protocol'].upper()}" if "service" in hop else "Service")
+    if "endpoint" not in hop:
+        return f"{head}: no endpoint took the packet (endpoints: {len(hop.get('endpoints', []))})"
+    how = (f"dp_hash {hop['dp_hash']} (the tracer's stand-in: the datapath hashes the real "
+           "packet, so a real connection may take another bucket)" if hop.get("dp_hash")
+           else "picked by OVS from the packet's fields")
+    n = len(hop.get("endpoints", []))
+    return (f"{head}: group {hop['group']}, bucket {'/'.join(map(str, hop['buckets']))} by "
+            f"{how} -> endpoint {hop['endpoint']}" + (f" (one of {n})" if n else ""))
 
 
 # -- apply, call, probe ------------------------------------------------------------------
@@ -486,8 +502,10 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
               "(exit 3 when it does not get there)")
     tr.add_argument("--from", dest="src", required=True, metavar="NS/POD",
                     help="source pod (namespace defaults to 'default')")
-    tr.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP",
-                    help="destination pod or IP address")
+    tr.add_argument("--to", dest="dst", required=True, metavar="NS/NAME[:PORT]|IP",
+                    help="destination: a Service (NS/NAME, optionally :PORT, a number or a "
+                    "port name; a Service wins over a pod of the same name), a pod, or an IP "
+                    "address (a ClusterIP is traced through its Service)")
     tr.add_argument("--proto", default="tcp", choices=PROTOS,
                     help="protocol (default: %(default)s)")
     tr.add_argument("--dport", type=int, metavar="PORT",

@@ -15,8 +15,10 @@ node, a lab and a cluster.
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ from flowcni.api.schema import TraceResult
 from flowcni.api.schema import TraceStep as Step
 from flowcni.ctl.providers import NodeAgent
 from flowcni.flows.fields import VIRTUAL_ROUTER_MAC
+from flowcni.flows.model import CT_ZONE
 
 SRC_PORT = 40000
 PROTOS = ("tcp", "udp", "icmp", "sctp")
@@ -56,6 +59,9 @@ class Verdict:
     policies: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     outcome: str = DELIVERED
+    # The Service hop, when the packet met one: service, cluster_ip, port, protocol,
+    # group, bucket, endpoint, endpoints, dp_hash (see Tracer._service_hop)
+    service: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +116,9 @@ def story(step: Step) -> str:
         return f"{step.table}: dropped by {who}"
     if step.table == "SpoofGuard":
         return f"{step.table}: {who} ok"
+    group = next((a.split(":", 1)[1] for a in acts if a.startswith("group:")), None)
+    if group is not None:
+        return f"{step.table}: {who} -> select group {group}"
     if any(a.startswith("ct(") for a in acts):
         return f"{step.table}: conntrack ({', '.join(a for a in acts if a.startswith('ct('))})"
     if step.owner.startswith("rule:"):
@@ -140,6 +149,46 @@ def packet(src: dict[str, Any], dst_ip: str, gw: dict[str, Any], pod_cidr: str, 
     return f
 
 
+# A select group of few buckets makes the datapath hash the packet and
+# recirculate; ofproto/trace stops there, since only the datapath knows the hash.
+_HASH_RECIRC = re.compile(r"hash\(.*\),recirc\((0x[0-9a-f]+)\)$")
+
+
+_FIVE_TUPLE = {"nw_src", "nw_dst", *(f"{p}_{d}" for p in PORT_PROTOS for d in ("src", "dst"))}
+
+
+def stand_in_hash(flow: str) -> int:
+    """The dp_hash the tracer resumes with: derived from the packet's addresses and
+    ports, so one packet always takes the same bucket in the trace. It is not the
+    datapath's own hash (OVS does not expose it), so a real connection with the same
+    5-tuple may take another bucket."""
+    keep = sorted(kv for kv in flow.split(",") if kv.split("=")[0] in _FIVE_TUPLE)
+    return zlib.crc32(",".join(keep).encode()) & 0xFFFFFFFF
+
+
+def _rewrite(flow: str, ip: str, port: int | None) -> str:
+    """`flow` with its destination DNATed to ip (and port)."""
+    out = []
+    for kv in flow.split(","):
+        k = kv.split("=", 1)[0]
+        if k == "nw_dst":
+            kv = f"nw_dst={ip}"
+        elif port is not None and k in ("tcp_dst", "udp_dst", "sctp_dst"):
+            kv = f"{k}={port}"
+        out.append(kv)
+    return ",".join(out)
+
+
+@dataclass
+class ServiceTarget:
+    key: str
+    cluster_ip: str
+    port: int
+    protocol: str
+    endpoints: list[str]
+    group: int | None
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     ns, _, name = ref.rpartition("/")
     return ns or "default", name
@@ -149,6 +198,7 @@ class Tracer:
     def __init__(self, nodes: Nodes) -> None:
         self.agents = {a.name: a for a in nodes.agents()}
         self.views: dict[str, NodeView] = {}
+        self._hop: dict[str, Any] = {}
 
     def view(self, node: str) -> NodeView:
         if node not in self.views:
@@ -170,21 +220,107 @@ class Tracer:
         except ValueError:
             return str(self.find_pod(dst)[1]["ip"])
 
+    def services(self) -> list[dict[str, Any]]:
+        """The Services as the first node's agent programs them (every agent has all)."""
+        if not hasattr(self, "_services"):
+            first = self.view(next(iter(self.agents)))
+            try:
+                self._services: list[dict[str, Any]] = first.agent.call("services").get(
+                    "services", [])
+            except RuntimeError:  # an agent without the verb: no Services to resolve
+                self._services = []
+        return self._services
+
+    def find_service(self, dst: str) -> ServiceTarget | None:
+        """`dst` as a Service, "NS/NAME[:PORT]" (PORT: a number or a port name; default:
+        the first port), or a ClusterIP; None when no Service has that name or address.
+        A Service wins over a pod of the same name."""
+        ref, colon, want = dst.partition(":")
+        try:
+            ip = str(ipaddress.ip_address(ref))
+        except ValueError:
+            ip = ""
+        if ip and colon:
+            raise TraceError(f"--to {dst}: give a ClusterIP's port with --dport")
+        ns, name = split_ref(ref)
+        svc = next((s for s in self.services()
+                    if (s["clusterIP"] == ip if ip else s["service"] == f"{ns}/{name}")), None)
+        if svc is None:
+            if colon:
+                raise TraceError(f"--to {dst}: no Service {ns}/{name}")
+            return None
+        if svc["clusterIP"] is None:
+            raise TraceError(f"--to {dst}: Service {svc['service']} is headless (no ClusterIP "
+                             "to trace; trace to one of its pods)")
+        ports = svc["ports"]
+        port = (next((p for p in ports if str(p["port"]) == want or p["name"] == want), None)
+                if want else ports[0] if ports else None)
+        if port is None:
+            have = ", ".join(f"{p['port']}/{p['protocol']}" + (f" ({p['name']})" if p["name"]
+                                                                else "") for p in ports)
+            raise TraceError(f"--to {dst}: Service {svc['service']} has no port {want!r} "
+                             f"(ports: {have})")
+        return ServiceTarget(svc["service"], svc["clusterIP"], port["port"],
+                             port["protocol"].lower(), port["endpoints"], port.get("group"))
+
     def trace(self, src_ref: str, dst: str, proto: str = "tcp",
               dport: int | None = None) -> Verdict:
+        svc = self.find_service(dst)
+        if svc is not None and not (svc.cluster_ip == dst and dport is not None):
+            proto, dport = svc.protocol, svc.port
+        elif svc is not None:  # a ClusterIP and --dport: that port of the Service, if any
+            try:
+                svc = self.find_service(f"{svc.key}:{dport}")
+            except TraceError:
+                svc = None  # no such port: traced as a plain address
         check_request(proto, dport)
         v, src = self.find_pod(src_ref)
-        dst_ip = self.resolve(dst)
+        dst_ip = svc.cluster_ip if svc else self.resolve(dst)
         flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
                                                      v.status["pod_cidr"], proto, dport)
+        self._hop = {}
         steps, verdict = self._follow(v, flow, dst_ip)
         verdict.steps = steps
+        if self._hop or svc is not None:
+            verdict.service = {**({"service": svc.key, "cluster_ip": svc.cluster_ip,
+                                   "port": svc.port, "protocol": svc.protocol,
+                                   "endpoints": svc.endpoints} if svc else {}), **self._hop}
         return verdict
+
+    def _service_hop(self, v: NodeView, flow: str, r: TraceResult
+                     ) -> tuple[TraceResult, list[Step], str]:
+        """Resume a trace that stopped at a select group's hash recirculation, with the
+        stand-in hash; (the resumed result, its steps, the flow DNATed to the endpoint)."""
+        steps: list[Step] = []
+        h = None
+        for _ in range(3):  # a chained group may hash twice (top group, then sub-group)
+            m = _HASH_RECIRC.search(r.datapath_actions)
+            if not m:
+                break
+            h = stand_in_hash(flow)
+            r2 = v.trace(f"{flow},recirc_id={m[1]},dp_hash={h:#x},ct_state=new|trk,"
+                         f"ct_zone={CT_ZONE}")
+            r2.groups = r.groups + r2.groups
+            r2.nat_dst = r.nat_dst or r2.nat_dst
+            r, steps = r2, steps + r2.steps
+        if r.nat_dst:
+            ip, _, port = r.nat_dst.partition(":")
+            self._hop = {"node": v.name, "endpoint": r.nat_dst,
+                         "group": r.groups[0][0] if r.groups else None,
+                         "buckets": [b for _, b in r.groups],
+                         "dp_hash": None if h is None else f"{h:#x}"}
+            flow = _rewrite(flow, ip, int(port) if port else None)
+        return r, steps, flow
 
     def _follow(self, v: NodeView, flow: str, dst_ip: str, hops: int = 0
                 ) -> tuple[list[Step], Verdict]:
         r = v.trace(flow)
         steps = r.steps
+        if hops == 0:
+            r, more_steps, flow = self._service_hop(v, flow, r)
+            steps = steps + more_steps
+            if self._hop:
+                dst_ip = self._hop["endpoint"].partition(":")[0]
         for s in steps:
             s.story = story(s)
         last = steps[-1] if steps else Step(v.name, "?", -1, story="no steps")
@@ -265,7 +401,10 @@ class Tracer:
         """
         modelled = self.trace(src_ref, dst, proto, dport)
         v, src = self.find_pod(src_ref)
-        dst_ip = self.resolve(dst)
+        svc = self.find_service(dst)
+        if svc is not None and dport is None:
+            proto, dport = svc.protocol, svc.port
+        dst_ip = svc.cluster_ip if svc else self.resolve(dst)
         dst_mac = first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"])
         dscp = secrets.randbelow(62) + 1
         agents = self.agents

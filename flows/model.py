@@ -158,7 +158,14 @@ def _canon_value(name: str, value: MatchValue) -> MatchValue:
 
 
 class Action:
-    """An OpenFlow action; subclasses render both ways."""
+    """An OpenFlow action; subclasses render both ways.
+
+    Slotted (subclasses pass slots=True): a Service proxy holds one ct() per
+    endpoint per port, 200,000 at 10,000 Services, and a per-instance
+    __dict__ was most of each one's size.
+    """
+
+    __slots__ = ()
 
     def ofctl(self, pipeline: Pipeline) -> str:
         raise NotImplementedError
@@ -167,7 +174,7 @@ class Action:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Output(Action):
     port: int | str  # an ofport, or "IN_PORT"
 
@@ -179,7 +186,7 @@ class Output(Action):
         return parser.OFPActionOutput(port, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Controller(Action):
     """Send a copy to the agent (packet-in); live traceflow's observation points."""
 
@@ -190,7 +197,7 @@ class Controller(Action):
         return parser.OFPActionOutput(ofp.OFPP_CONTROLLER, 0xFFFF)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutputReg(Action):
     field: RegField
 
@@ -204,7 +211,7 @@ class OutputReg(Action):
             src=self.field.reg, max_len=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetField(Action):
     field: str
     value: str | int
@@ -222,7 +229,7 @@ class SetField(Action):
         return parser.OFPActionSetField(**{self.field: self.value})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Load(Action):
     field: RegField
     value: int
@@ -246,7 +253,7 @@ def _move_end(f: str | RegField) -> tuple[str, int, int, str]:
     return f, 0, _FIELD_BITS[f], f"{_NXM[f]}[]"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Move(Action):
     src: str | RegField
     dst: str | RegField
@@ -265,7 +272,7 @@ class Move(Action):
                                       src_ofs=s_ofs, dst_ofs=d_ofs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conjunction(Action):
     """Clause `clause` (1-based, as ovs-ofctl writes it) of `n_clauses` of conjunction `id`."""
 
@@ -288,17 +295,14 @@ class Conjunction(Action):
 
 
 def _valid_nat_dst(nat: str) -> bool:
-    """'IPv4:PORT'? Checked by hand, not with ipaddress: a Service proxy builds one
-    per endpoint per port (200,000 at 10,000 Services), and ipaddress costs
-    most of that build."""
+    """'IPv4:PORT'? Through plain_ipv4's C round trip, not ipaddress or a
+    per-octet check in Python: a Service proxy builds one per endpoint per
+    port (200,000 at 10,000 Services), and those checks were most of that build."""
     ip, _, port = nat.rpartition(":")
-    octets = ip.split(".")
-    return (len(octets) == 4
-            and all(o.isdigit() and len(o) <= 3 and int(o) < 256 for o in octets)
-            and port.isdigit() and 0 < int(port) < 65536)
+    return port.isdigit() and 0 < int(port) < 65536 and plain_ipv4(ip)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CT(Action):
     """ct(): track in CT_ZONE, and either recirculate to `table` or commit.
 
@@ -321,6 +325,26 @@ class CT(Action):
             raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
         if self.nat and not (self.commit and _valid_nat_dst(self.nat)):
             raise ValueError(f"ct nat(dst={self.nat}): needs commit and IP:PORT")
+
+    @classmethod
+    def dnat(cls, ip: str, port: int, table: str) -> CT:
+        """ct(commit, table=table, nat(dst=ip:port)), checking only ip and port.
+
+        A Service proxy makes one per endpoint per port (200,000 at 10,000
+        Services); the generic path re-parses the "IP:PORT" text it was just
+        given. `table` is checked where the action is used (Flow/Group.make).
+        """
+        if (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+                or not plain_ipv4(ip)):
+            raise ValueError(f"ct nat(dst={ip}:{port}): needs an IPv4 address and a port")
+        obj = object.__new__(cls)
+        s = _CT_SLOTS  # the slots' own setters: what the frozen __init__ does, minus its overhead
+        s[0](obj, True)
+        s[1](obj, table)
+        s[2](obj, CT_ZONE)
+        s[3](obj, None)
+        s[4](obj, f"{ip}:{port}")
+        return obj
 
     def ofctl(self, pipeline: Pipeline) -> str:
         parts = (["commit"] if self.commit else []) + (
@@ -350,6 +374,9 @@ class CT(Action):
             alg=0, actions=inner)
 
 
+_CT_SLOTS = [CT.__dict__[n].__set__ for n in ("commit", "table", "zone", "mark", "nat")]
+
+
 def _padded(action: Any) -> Any:
     """An os-ken NX action whose body is zero-padded to a multiple of 8 bytes.
 
@@ -368,7 +395,7 @@ def _padded(action: Any) -> Any:
     return action
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GroupAction(Action):
     """Hand the packet to an OpenFlow group (a Service port's select group)."""
 
@@ -381,7 +408,7 @@ class GroupAction(Action):
         return parser.OFPActionGroup(self.group_id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DecTTL(Action):
     def ofctl(self, pipeline: Pipeline) -> str:
         return "dec_ttl"
@@ -469,6 +496,32 @@ class Flow:
                    template.match, tuple(actions), goto, template.feature,
                    template.owner if owner is None else owner)
 
+    @classmethod
+    def with_values(cls, template: Flow, values: dict[str, MatchValue],
+                    actions: tuple[Action, ...] | list[Action] = (), goto: str | None = None,
+                    *, owner: str, pipeline: Pipeline = DEFAULT) -> Flow:
+        """`template` (from `make`) with the values of some of its match fields replaced.
+
+        A Service proxy makes 20,000 flows of a handful of shapes (ClusterIP
+        and port per protocol); the field names, prerequisites and order were
+        checked once in `make`, so only the new values are checked here.
+        """
+        left = dict(values)
+        match = []
+        for name, old in template.match:
+            if name in left:
+                v = left.pop(name)
+                if isinstance(old, int) and (isinstance(v, bool) or not isinstance(v, int)
+                                             or not 0 <= v <= 0xFFFF):
+                    raise ValueError(f"{template.table}: {name}={v!r} is not a 16-bit number")
+                match.append((name, _canon_value(name, v)))
+            else:
+                match.append((name, old))
+        if left:
+            raise ValueError(f"{template.table}: template does not match on {sorted(left)}")
+        f = cls.with_match(template, actions, goto, owner=owner, pipeline=pipeline)
+        return cls(f.table, f.priority, tuple(match), f.actions, f.goto, f.feature, f.owner)
+
     # -- rendering ---------------------------------------------------------
 
     def match_text(self) -> str:
@@ -541,26 +594,60 @@ class Group:
     owner: str
     table: str
     feature: ck.Feature = ck.Feature.SERVICE
+    # One weight per bucket (None: all 1). A chained Service group's top
+    # buckets weigh as many endpoints as the sub-group each leads to.
+    weights: tuple[int, ...] | None = None
 
     @classmethod
-    def make(cls, group_id: int, buckets: list[list[Action]], *, owner: str, table: str,
-             pipeline: Pipeline = DEFAULT) -> Group:
+    def make(cls, group_id: int, buckets: list[list[Action]] | list[tuple[Action, ...]], *,
+             owner: str, table: str, pipeline: Pipeline = DEFAULT,
+             weights: list[int] | None = None) -> Group:
         if not 0 < group_id <= MAX_GROUP_ID:
             raise ValueError(f"group id {group_id} out of range")
         t = pipeline.table(table)
+        seen: set[int] = set()  # bucket actions repeat (shared ct() objects): check each once
         for b in buckets:
             for a in b:
+                if id(a) in seen:
+                    continue
+                seen.add(id(a))
                 if isinstance(a, CT) and a.table is not None and a.table not in t.next:
                     raise ValueError(f"group {group_id}: bucket may not recirculate to "
                                      f"{a.table} from {table}")
-        return cls(group_id, tuple(tuple(b) for b in buckets), owner, table)
+                if isinstance(a, GroupAction) and a.group_id == group_id:
+                    raise ValueError(f"group {group_id}: a bucket leads back to itself")
+        if weights is not None and (len(weights) != len(buckets)
+                                    or not all(0 < w <= 0xFFFF for w in weights)):
+            raise ValueError(f"group {group_id}: needs one weight (1-65535) per bucket")
+        return cls(group_id, tuple(b if type(b) is tuple else tuple(b) for b in buckets),
+                   owner, table, weights=None if weights is None else tuple(weights))
+
+    @classmethod
+    def dnat_select(cls, group_id: int, endpoints: list[tuple[str, int]], *, ct_table: str,
+                    owner: str, table: str, pipeline: Pipeline = DEFAULT) -> Group:
+        """A select group with one bucket per endpoint, ct(commit, table=ct_table,
+        nat(dst=endpoint)) each: the bucket shape is checked once, not per bucket
+        (200,000 buckets at 10,000 Services), and each endpoint by CT.dnat."""
+        if not 0 < group_id <= MAX_GROUP_ID:
+            raise ValueError(f"group id {group_id} out of range")
+        if ct_table not in pipeline.table(table).next:
+            raise ValueError(f"group {group_id}: bucket may not recirculate to {ct_table} "
+                             f"from {table}")
+        dnat = CT.dnat
+        return cls(group_id, tuple((dnat(ip, port, ct_table),) for ip, port in endpoints),
+                   owner, table)
+
+    def weight(self, i: int) -> int:
+        return 1 if self.weights is None else self.weights[i]
 
     def ofctl(self, pipeline: Pipeline = DEFAULT) -> str:
-        bks = "".join(f",bucket=actions={','.join(a.ofctl(pipeline) for a in b)}"
-                      for b in self.buckets)
+        bks = "".join(f",bucket={'' if self.weights is None else f'weight:{self.weights[i]},'}"
+                      f"actions={','.join(a.ofctl(pipeline) for a in b)}"
+                      for i, b in enumerate(self.buckets))
         return f"group_id={self.group_id},type=select{bks}"
 
     def osken_buckets(self, parser: Any, ofp: Any, pipeline: Pipeline) -> list[Any]:
-        return [parser.OFPBucket(weight=1, watch_port=ofp.OFPP_ANY, watch_group=ofp.OFPG_ANY,
+        return [parser.OFPBucket(weight=self.weight(i), watch_port=ofp.OFPP_ANY,
+                                 watch_group=ofp.OFPG_ANY,
                                  actions=[a.osken(parser, ofp, pipeline) for a in b])
-                for b in self.buckets]
+                for i, b in enumerate(self.buckets)]

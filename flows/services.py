@@ -20,10 +20,11 @@ gateway too.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import gc
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from flowcni.flows.model import (
     Group,
     GroupAction,
     SetField,
+    plain_ipv4,
 )
 from flowcni.flows.node import Gateway
 from flowcni.flows.policy import PodInfo, pod_from_body
@@ -78,10 +80,14 @@ PROXY_MODES = ("flowcni", "kube-proxy")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 PRIO_SERVICE = 200
 # A group goes to OVS in one OpenFlow message (at most 65535 bytes: a 16-byte
-# header and 72 bytes per bucket of ct(commit, table, zone, nat(dst))). More
-# endpoints need chained or split groups, which this proxy does not do yet:
-# it programs the first MAX_BUCKETS and reports the rest.
+# header and 72 bytes per bucket of ct(commit, table, zone, nat(dst))). A port
+# with more endpoints is split across sub-groups of at most MAX_BUCKETS each,
+# under a top group whose buckets lead to them (group chaining, which OVS
+# supports), each weighted by its sub-group's size, so every endpoint still
+# gets an equal share. Beyond MAX_BUCKETS sub-groups (826,281 endpoints on one
+# port) the rest is reported and left out.
 MAX_BUCKETS = (0xFFFF - 16) // 72
+MAX_ENDPOINTS = MAX_BUCKETS * MAX_BUCKETS
 
 
 class ServiceError(ValueError):
@@ -148,7 +154,8 @@ def parse_service(namespace: str, name: str, spec: Any) -> Service:
                            "allocate Service IPs; Kubernetes always sets it)")
     else:
         try:
-            cluster_ip = str(ipaddress.IPv4Address(cip))
+            cluster_ip = cip if isinstance(cip, str) and plain_ipv4(cip) else str(
+                ipaddress.IPv4Address(cip))
         except ValueError as e:
             raise ServiceError(f"spec.clusterIP: {cip!r} is not an IPv4 address") from e
     raw_ports = spec.get("ports")
@@ -250,32 +257,101 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
     return gid
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _dnat(ip: str, port: int) -> CT:
-    """A bucket's action (shared: an endpoint of several Services is built once)."""
-    return CT(commit=True, table="EgressRule", nat=f"{ip}:{port}")
+_LB_TEMPLATES: dict[tuple[int, str], tuple[Pipeline, Flow]] = {}
+
+
+def _lb_template(protocol: str, pipeline: Pipeline) -> Flow:
+    """The ServiceLB flow's shape for one protocol, validated once by Flow.make;
+    each Service port's flow only fills in its address and port (Flow.with_values)."""
+    key = (id(pipeline), protocol)
+    hit = _LB_TEMPLATES.get(key)
+    if hit is None or hit[0] is not pipeline:
+        hit = _LB_TEMPLATES[key] = (pipeline, Flow.make(
+            "ServiceLB", PRIO_SERVICE, {"ipv4_dst": "0.0.0.0", f"{protocol.lower()}_dst": 1},
+            [GroupAction(1)], feature=Feature.SERVICE, owner="", pipeline=pipeline))
+    return hit[1]
+
+
+def split_sizes(n: int) -> list[int]:
+    """Sizes of the sub-groups n endpoints are split into (one group when they fit).
+
+    As equal as they can be (they differ by at most one), so a top bucket's
+    weight, its sub-group's size, stays within one endpoint of the others.
+    """
+    if n <= MAX_BUCKETS:
+        return [n]
+    k = min(-(-n // MAX_BUCKETS), MAX_BUCKETS)
+    n = min(n, MAX_ENDPOINTS)
+    return [n // k + (j < n % k) for j in range(k)]
+
+
+def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner: str,
+                pipeline: Pipeline = DEFAULT) -> list[Group]:
+    """One Service port's select group(s): `gid` holds every endpoint, or, when
+    they do not fit in one group, leads to the sub-groups `sub_gids` (one per
+    split_sizes entry, put first: a group must exist before one leads to it).
+    """
+    sizes = split_sizes(len(ep))
+    if len(sizes) == 1:
+        return [Group.dnat_select(gid, ep, ct_table="EgressRule", owner=owner,
+                                  table="ServiceLB", pipeline=pipeline)]
+    if len(sub_gids) != len(sizes):
+        raise ValueError(f"group {gid}: {len(sizes)} sub-groups needed, {len(sub_gids)} given")
+    out, start = [], 0
+    for sub, size in zip(sub_gids, sizes, strict=True):
+        out.append(Group.dnat_select(sub, ep[start:start + size], ct_table="EgressRule",
+                                     owner=owner, table="ServiceLB", pipeline=pipeline))
+        start += size
+    out.append(Group.make(gid, [(GroupAction(sub),) for sub in sub_gids], owner=owner,
+                          table="ServiceLB", pipeline=pipeline, weights=sizes))
+    return out
 
 
 def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int],
-                  pipeline: Pipeline = DEFAULT) -> tuple[list[Flow], list[Group]]:
-    """The ServiceLB flow and select group of each port of `svc` (eps/gids: per port)."""
+                  pipeline: Pipeline = DEFAULT,
+                  sub_gids: list[list[int]] | None = None) -> tuple[list[Flow], list[Group]]:
+    """The ServiceLB flow and select group(s) of each port of `svc`.
+
+    eps, gids (and sub_gids, for ports whose endpoints need more than one
+    group): per port.
+    """
     flows: list[Flow] = []
     groups: list[Group] = []
     if svc.cluster_ip is None:
         return flows, groups
-    kw = dict(feature=Feature.SERVICE, owner=svc.owner, pipeline=pipeline)
-    for sp, ep, gid in zip(svc.ports, eps, gids, strict=True):
-        match: dict[str, Any] = {"ipv4_dst": svc.cluster_ip,
-                                 f"{sp.protocol.lower()}_dst": sp.port}
+    owner = svc.owner
+    for i, (sp, ep, gid) in enumerate(zip(svc.ports, eps, gids, strict=True)):
+        values: dict[str, Any] = {"ipv4_dst": svc.cluster_ip,
+                                  f"{sp.protocol.lower()}_dst": sp.port}
+        tmpl = _lb_template(sp.protocol, pipeline)
         if not ep:
             # No endpoint: the agent answers (TCP RST, ICMP port unreachable) as
             # kube-proxy does, instead of letting the client time out (controller.reject).
-            flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, [Controller()], **kw))
+            flows.append(Flow.with_values(tmpl, values, [Controller()], owner=owner,
+                                          pipeline=pipeline))
             continue
-        groups.append(Group.make(gid, [[_dnat(ip, port)] for ip, port in ep],
-                                 owner=svc.owner, table="ServiceLB", pipeline=pipeline))
-        flows.append(Flow.make("ServiceLB", PRIO_SERVICE, match, [GroupAction(gid)], **kw))
+        groups += port_groups(gid, sub_gids[i] if sub_gids else [], ep, owner, pipeline)
+        flows.append(Flow.with_values(tmpl, values, [GroupAction(gid)], owner=owner,
+                                      pipeline=pipeline))
     return flows, groups
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a build runs.
+
+    A build makes hundreds of thousands of small acyclic objects (200,000
+    bucket actions at 10,000 Services), and each allocation burst set off
+    collections that rescanned everything already built: half the build's
+    CPU time. Nothing made here forms a cycle, so nothing is lost by waiting.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class ServiceProxy:
@@ -303,39 +379,83 @@ class ServiceProxy:
         # (namespace, label, value) -> pod keys: a selector's candidates without a scan
         self.by_label: dict[tuple[str, str, str], set[str]] = {}
         self.built: dict[str, tuple[list[Flow], list[Group]]] = {}
+        # service key -> (what its flows and groups are computed from, them): a
+        # change that leaves a Service's inputs as they were costs no rebuild.
+        self._inputs: dict[str, tuple[int, tuple[list[Flow], list[Group]]]] = {}
+        self.sub_gids: dict[str, dict[tuple[int, int], int]] = {}  # key -> (port, j) -> gid
+        self.stale: list[StaleUDP] = []  # drained by take_stale
+
+    def _gid(self, pk: str, have: dict[Any, int], slot: Any) -> int:
+        if slot not in have:
+            have[slot] = group_id_for(pk, self.gids)
+            self.gids[have[slot]] = pk
+        return have[slot]
 
     def _build(self, key: str) -> tuple[list[Flow], list[Group]]:
         svc = self.services.get(key)
         mine = self.svc_gids.setdefault(key, {})
+        subs = self.sub_gids.setdefault(key, {})
         for i in [i for i in mine if svc is None or i >= len(svc.ports)]:
             del self.gids[mine.pop(i)]
         if svc is None:
-            del self.svc_gids[key]
+            for g in subs.values():
+                del self.gids[g]
+            del self.svc_gids[key], self.sub_gids[key]
+            self._inputs.pop(key, None)
             return [], []
-        gids = []
-        for i in range(len(svc.ports)):
-            if i not in mine:
-                pk = f"{key}/{i}"
-                mine[i] = group_id_for(pk, self.gids)
-                self.gids[mine[i]] = pk
-            gids.append(mine[i])
-        eps = [self.endpoints(svc, sp) for sp in svc.ports]
-        for sp, ep in zip(svc.ports, eps, strict=True):
-            if len(ep) > MAX_BUCKETS:
+        gids = [self._gid(f"{key}/{i}", mine, i) for i in range(len(svc.ports))]
+        eps = self.port_endpoints(svc)
+        sub_gids: list[list[int]] = []
+        for i, (sp, ep) in enumerate(zip(svc.ports, eps, strict=True)):
+            n_sub = len(split_sizes(len(ep)))
+            n_sub = 0 if n_sub == 1 else n_sub
+            sub_gids.append([self._gid(f"{key}/{i}/{j}", subs, (i, j)) for j in range(n_sub)])
+            if len(ep) > MAX_ENDPOINTS:
                 self.warnings.append(f"service {key} port {sp.port}/{sp.protocol}: {len(ep)} "
-                                     f"endpoints, only the first {MAX_BUCKETS} programmed "
-                                     "(one group per port)")
-        eps = [ep[:MAX_BUCKETS] for ep in eps]
-        return service_flows(svc, eps, gids, self.pipeline)
+                                     f"endpoints, only the first {MAX_ENDPOINTS} programmed")
+        for slot in [s for s in subs if s[0] >= len(sub_gids) or s[1] >= len(sub_gids[s[0]])]:
+            del self.gids[subs.pop(slot)]
+        # A content hash, not the inputs themselves: holding every Service's
+        # endpoint lists would cost more than the flows (a 64-bit hash; a
+        # collision, 2**-64 per change, would only skip one rebuild).
+        digest = hash((svc, tuple(map(tuple, eps)), tuple(gids),
+                       tuple(map(tuple, sub_gids))))
+        cached = self._inputs.get(key)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        out = service_flows(svc, eps, gids, self.pipeline, sub_gids)
+        self._inputs[key] = (digest, out)
+        return out
 
-    def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
+    def port_endpoints(self, svc: Service) -> list[list[tuple[str, int]]]:
+        """Each port's (IP, port) endpoints, in one pass over the selected pods."""
         if self.use_slices or svc.selector is None:
-            return slice_endpoints(svc, sp, self.slices.values())
+            return [slice_endpoints(svc, sp, self.slices.values()) for sp in svc.ports]
         in_ns = self.by_ns.get(svc.namespace, {})
         if not svc.selector:
-            return endpoints(svc, sp, in_ns.values())
-        sets = [self.by_label.get((svc.namespace, k, v), set()) for k, v in svc.selector]
-        return endpoints(svc, sp, (in_ns[k] for k in min(sets, key=len)))
+            pods: Iterable[PodInfo] = in_ns.values()
+        else:
+            # Pods carrying every selector label: the index's sets, smallest first.
+            sets = sorted((self.by_label.get((svc.namespace, k, v), set())
+                           for k, v in svc.selector), key=len)
+            keys = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
+            pods = (in_ns[k] for k in keys)
+        outs: list[set[tuple[str, int]]] = [set() for _ in svc.ports]
+        for p in pods:
+            if not p.ip:
+                continue
+            for sp, out in zip(svc.ports, outs, strict=True):
+                if isinstance(sp.target, int):
+                    out.add((p.ip, sp.target))
+                    continue
+                for name, n, proto in p.ports:
+                    if name == sp.target and proto == sp.protocol:
+                        out.add((p.ip, n))
+                        break
+        return [sorted(o) for o in outs]
+
+    def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
+        return self.port_endpoints(svc)[svc.ports.index(sp)]
 
     def _set_pod(self, key: str, pod: PodInfo | None) -> PodInfo | None:
         """Put (or with None remove) a pod, keeping the per-namespace index; the old one."""
@@ -358,23 +478,42 @@ class ServiceProxy:
 
     def _recompute(self, keys: Iterable[str]) -> tuple[dict[str, list[Flow]],
                                                         dict[str, list[Group]]]:
+        with _gc_paused():
+            return self._recompute_all(keys)
+
+    def _recompute_all(self, keys: Iterable[str]) -> tuple[dict[str, list[Flow]],
+                                                            dict[str, list[Group]]]:
         flows: dict[str, list[Flow]] = {}
         groups: dict[str, list[Group]] = {}
         for key in sorted(set(keys)):
             new = self._build(key)
-            if self.built.get(key, ([], [])) == new:
+            old = self.built.get(key, ([], []))
+            if old is new or old == new:
                 continue
             if new == ([], []):
                 self.built.pop(key, None)
             else:
                 self.built[key] = new
+            self.stale += stale_udp(old, new)
             flows[service_owner(key)], groups[service_owner(key)] = new
         return flows, groups
+
+    def take_stale(self) -> list[StaleUDP]:
+        """UDP endpoints removed since the last call: their conntrack entries must go
+        once the new groups are installed (controller.svcconntrack)."""
+        out, self.stale = self.stale, []
+        return out
 
     def load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
              slices: Iterable[dict[str, Any]] = ()
              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]], list[str]]:
         """Initial state: (flows by owner, groups by owner, problems)."""
+        with _gc_paused():
+            return self._load(services, pods, slices)
+
+    def _load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
+              slices: Iterable[dict[str, Any]]
+              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]], list[str]]:
         problems: list[str] = []
         for sl in slices:
             self.slices[f"{sl.get('namespace')}/{sl.get('name')}"] = sl
@@ -442,6 +581,81 @@ class ServiceProxy:
             for i, sp in enumerate(svc.ports):
                 ports.append({"name": sp.name, "protocol": sp.protocol, "port": sp.port,
                               "endpoints": [f"{ip}:{n}" for ip, n in self.endpoints(svc, sp)],
-                              "group": by_key.get(f"{key}/{i}")})
+                              "group": by_key.get(f"{key}/{i}"),
+                              "subgroups": sorted(g for (pi, _), g in
+                                                  self.sub_gids.get(key, {}).items()
+                                                  if pi == i)})
             out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports})
         return out
+
+
+# -- stale UDP conntrack -------------------------------------------------------------------
+#
+# A UDP "connection" never ends: a client that keeps one source port keeps
+# its conntrack entry, DNATed to the endpoint it first got, for as long as it
+# sends (the entry's timeout restarts with every datagram). When that endpoint
+# goes away the entry must go too, or the client keeps sending to nobody; the
+# next datagram then misses conntrack, is new, and picks a remaining endpoint.
+# TCP entries are left alone: a connection to a gone endpoint fails on its
+# own, and those to remaining endpoints must not be disturbed.
+
+
+@dataclass(frozen=True)
+class StaleUDP:
+    """The conntrack entries of connections to cluster_ip:port that were DNATed to
+    endpoint:endpoint_port; endpoint "" (and port 0): every entry of that ClusterIP
+    and port (it has no endpoint left: one flush instead of one per endpoint)."""
+
+    cluster_ip: str
+    port: int
+    endpoint: str = ""
+    endpoint_port: int = 0
+
+
+def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int],
+                                                                  set[tuple[str, int]]]:
+    """(ClusterIP, UDP port) -> the endpoints its group (and sub-groups) DNAT to."""
+    flows, groups = built
+    by_id = {g.group_id: g for g in groups}
+
+    def reach(gid: int, seen: set[int]) -> set[tuple[str, int]]:
+        out: set[tuple[str, int]] = set()
+        if gid in seen or gid not in by_id:
+            return out
+        seen.add(gid)
+        for bucket in by_id[gid].buckets:
+            for a in bucket:
+                if isinstance(a, CT) and a.nat:
+                    ip, _, port = a.nat.rpartition(":")
+                    out.add((ip, int(port)))
+                elif isinstance(a, GroupAction):
+                    out |= reach(a.group_id, seen)
+        return out
+
+    eps: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for f in flows:
+        m = dict(f.match)
+        if "udp_dst" not in m:
+            continue
+        key = (str(m["ipv4_dst"]), int(m["udp_dst"]))  # type: ignore[arg-type]
+        for a in f.actions:
+            if isinstance(a, GroupAction):
+                eps.setdefault(key, set()).update(reach(a.group_id, set()))
+    return eps
+
+
+def stale_udp(old: tuple[list[Flow], list[Group]],
+              new: tuple[list[Flow], list[Group]]) -> list[StaleUDP]:
+    """Endpoints a Service's UDP ports had in `old` and no longer have in `new`."""
+    before = udp_endpoints(old)
+    if not before:
+        return []
+    after = udp_endpoints(new)
+    out = []
+    for (vip, port), eps in sorted(before.items()):
+        left = after.get((vip, port), set())
+        if not left:
+            out.append(StaleUDP(vip, port))
+        else:
+            out += [StaleUDP(vip, port, ip, n) for ip, n in sorted(eps - left)]
+    return out

@@ -133,6 +133,9 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         show_flows([a for a in lab.agents() if a.name == "node2"], SimpleNamespace(
             stale=False, table=None, pod=None, policy=None, service="default/web", json=False,
             no_stats=True))
+        step("flowctl trace --from client --to default/web (the Service: group, bucket, endpoint)")
+        good &= ok(show_trace(lab.agents(), "client", "default/web") == 0,
+                   "the trace reaches an endpoint pod through the Service")
         step("NetworkPolicy: web pods accept only client, on TCP 8080")
         print(POLICY)
         for kind, ns, name, body in load(POLICY):

@@ -228,3 +228,69 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
             check_traces(plab, got, i)
     finally:
         plab.reset()
+
+
+# -- Service variants: the same cells through a ClusterIP per pod ---------------------------
+#
+# Policy applies to the endpoint pod after the Service's DNAT (the real source
+# pod, the real destination port), so probing every pod through a ClusterIP
+# that leads only to it must give the pod-IP matrix cell for cell. The
+# Services are named svc-<pod> (a Service named like a pod would win in
+# `flowctl trace --to`), have no selector, and their EndpointSlices follow
+# the pods' current IPs (a case may re-create a pod).
+
+SERVICE_CASES = ["default-deny-ingress", "default-deny-egress", "allow-from-namespace",
+                 "named-ports-resolve-per-pod", "udp-only", "egress-and-ingress-on-the-same-pair",
+                 "pod-recreated-with-new-ip"]
+SVC_PORTS = [("t80", 80, "TCP"), ("t81", 81, "TCP"), ("u53", 53, "UDP")]
+
+
+def pod_services(pl: PolicyLab) -> dict[str, str]:
+    """A ClusterIP Service per pod (name -> ClusterIP), endpoints synced."""
+    vips = {}
+    for i, name in enumerate(PODS):
+        ns, vip = PODS[name][0], f"10.96.201.{i + 1}"
+        pl.lab.store().put("Service", ns, f"svc-{name}", {
+            "namespace": ns, "name": f"svc-{name}", "spec": {"clusterIP": vip, "ports": [
+                {"name": n, "port": p, "protocol": proto} for n, p, proto in SVC_PORTS]}})
+        vips[name] = vip
+    sync_slices(pl)
+    return vips
+
+
+def sync_slices(pl: PolicyLab) -> None:
+    for name in PODS:
+        ns, sl = PODS[name][0], f"svc-{name}-1"
+        pl.lab.store().put("EndpointSlice", ns, sl, {
+            "namespace": ns, "name": sl, "addressType": "IPv4",
+            "labels": {"kubernetes.io/service-name": f"svc-{name}"},
+            "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in SVC_PORTS],
+            "endpoints": [{"addresses": [pl.lab.pod(pl.ref(name)).ip],
+                           "conditions": {"ready": True}}]})
+    pl.lab.wait_realized()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["name"] in SERVICE_CASES],
+                         ids=[c["name"] for c in CASES if c["name"] in SERVICE_CASES])
+def test_policy_case_through_services(plab: PolicyLab, case: dict[str, Any]) -> None:
+    plab.reset()
+    store = plab.lab.store()
+    try:
+        vips = pod_services(plab)
+        for i, step in enumerate(case["steps"]):
+            if "expect" not in step:
+                run_step(plab, step)
+                sync_slices(plab)
+                continue
+            want = {s: {d: v for d, v in row.items() if d != "ext"}
+                    for s, row in expected(step["expect"]).items()}
+            got = matrix(plab.lab, [plab.ref(n) for n in PODS], vips)
+            got = {s.split("/")[1]: row for s, row in got.items()}
+            diff = differing(want, got)
+            assert not diff, f"step {i} (through ClusterIPs):\n" + "\n".join(diff)
+    finally:
+        for name in PODS:
+            ns = PODS[name][0]
+            store.delete("EndpointSlice", ns, f"svc-{name}-1")
+            store.delete("Service", ns, f"svc-{name}")
+        plab.reset()

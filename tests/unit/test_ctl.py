@@ -162,6 +162,8 @@ class CannedAgent:
             return {"pods": self.pods}
         if verb == "policy":
             return {"rules": [], "isolation": {}}
+        if verb == "services":
+            return {"proxy": "flowcni", "services": []}
         if verb == "trace":
             dst = args["flow"].split("nw_dst=")[1].split(",")[0]
             return self.traces[dst].to_dict()

@@ -186,10 +186,12 @@ def test_slice_changes_touch_their_service() -> None:
     assert groups == {"service:d/web": []}
 
 
-def test_too_many_endpoints_are_capped_and_reported() -> None:
-    """A port's group must fit one OpenFlow message: the biggest group serialises, and
-    endpoints beyond it are reported, not silently dropped."""
-    from flowcni.flows.services import MAX_BUCKETS
+def test_many_endpoints_split_across_chained_groups() -> None:
+    """More endpoints than one group message holds: sub-groups that each fit one
+    OpenFlow message, under a top group weighted by their sizes, so every endpoint
+    keeps a 1/n share; each endpoint is in exactly one sub-group; fewer endpoints
+    later give the sub-group ids back."""
+    from flowcni.flows.services import MAX_BUCKETS, split_sizes
     from flowcni.flows.tables import DEFAULT
     from os_ken.ofproto import ofproto_v1_3 as ofp
     from os_ken.ofproto import ofproto_v1_3_parser as parser
@@ -197,15 +199,98 @@ def test_too_many_endpoints_are_capped_and_reported() -> None:
     class DP:
         ofproto, ofproto_parser = ofp, parser
 
+    n = 2 * MAX_BUCKETS + 7
     p = ServiceProxy()
     pods = [pod(f"p{i}", f"10.244.{i // 250}.{i % 250 + 2}", {"app": "web"}, [("http", 80)])
-            for i in range(MAX_BUCKETS + 5)]
-    _, groups, problems = p.load([svc()], pods)
-    g = max(groups["service:d/web"], key=lambda g: len(g.buckets))
-    assert len(g.buckets) == MAX_BUCKETS
-    assert any(f"{MAX_BUCKETS + 5} endpoints, only the first {MAX_BUCKETS}" in x
-               for x in problems)
-    m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=1,
-                           buckets=g.osken_buckets(parser, ofp, DEFAULT))
-    m.serialize()
-    assert len(m.buf) <= 0xFFFF
+            for i in range(n)]
+    flows, groups, problems = p.load([svc()], pods)
+    assert not problems
+    gs = {g.group_id: g for g in groups["service:d/web"]}
+    lb = next(f for f in flows["service:d/web"] if ("tcp_dst", 80) in f.match)
+    top = gs[next(a.group_id for a in lb.actions if isinstance(a, GroupAction))]
+    subs = [gs[b[0].group_id] for b in top.buckets]
+    assert len(subs) == 3 and top.weights == tuple(len(s.buckets) for s in subs)
+    assert sorted(top.weights) == sorted(split_sizes(n)) and sum(top.weights) == n
+    assert max(top.weights) - min(top.weights) <= 1
+    nats = [b[0].nat for s in subs for b in s.buckets]
+    assert len(nats) == len(set(nats)) == n
+    # sub-groups come before the top group that leads to them
+    order = [g.group_id for g in groups["service:d/web"]]
+    assert all(order.index(s.group_id) < order.index(top.group_id) for s in subs)
+    for g in [*subs, top]:
+        m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=1,
+                               buckets=g.osken_buckets(parser, ofp, DEFAULT))
+        m.serialize()
+        assert len(m.buf) <= 0xFFFF
+    assert "weight:" in top.ofctl() and "group:" in top.ofctl()
+    assert p.describe()[0]["ports"][0]["subgroups"] == sorted(s.group_id for s in subs)
+    # down to one group: the sub-group ids are released
+    gone = [Change("Pod", "d", f"p{i}", "delete", None) for i in range(MAX_BUCKETS + 10, n)]
+    _, groups, _ = p.apply(gone)
+    gs = {g.group_id: g for g in groups["service:d/web"]}
+    assert gs[top.group_id].weights == tuple(split_sizes(MAX_BUCKETS + 10))
+    assert len(gs[top.group_id].buckets) == 2
+    assert p.describe()[0]["ports"][0]["subgroups"] == sorted(s.group_id for s in subs[:2])
+    assert set(p.gids) == {g.group_id for g in groups["service:d/web"]}
+
+
+def test_fast_paths_still_validate() -> None:
+    """The validated-once shortcuts (CT.dnat, Flow.with_values) refuse what the
+    generic paths refuse, and give what the generic paths give."""
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import Flow
+
+    assert CT.dnat("10.0.0.1", 80, "EgressRule") == CT(commit=True, table="EgressRule",
+                                                       nat="10.0.0.1:80")
+    for ip, port in (("10.0.0.256", 80), ("10.0.0.1", 0), ("10.0.0.1", 70000),
+                     ("010.0.0.1", 80), ("10.0.0.1", True)):
+        with pytest.raises(ValueError):
+            CT.dnat(ip, port, "EgressRule")  # type: ignore[arg-type]
+    t = Flow.make("ServiceLB", 200, {"ipv4_dst": "0.0.0.0", "tcp_dst": 1}, [GroupAction(1)],
+                  feature=Feature.SERVICE, owner="")
+    f = Flow.with_values(t, {"ipv4_dst": "10.96.0.1", "tcp_dst": 80}, [GroupAction(7)],
+                         owner="o")
+    assert f == Flow.make("ServiceLB", 200, {"ipv4_dst": "10.96.0.1", "tcp_dst": 80},
+                          [GroupAction(7)], feature=Feature.SERVICE, owner="o")
+    for bad in ({"tcp_dst": 70000}, {"ipv4_dst": "10.96.0.1/8"}, {"udp_dst": 53},
+                {"tcp_dst": "80"}):
+        with pytest.raises(ValueError):
+            Flow.with_values(t, bad, [GroupAction(7)], owner="o")
+
+
+def test_unchanged_inputs_are_not_rebuilt() -> None:
+    """A change that leaves a Service's endpoints as they were reports nothing and
+    reuses the built objects (the per-Service content hash)."""
+    p = ServiceProxy()
+    p.load([svc()], [pod("a", "10.244.1.2", {"app": "web"}, [("http", 80)])])
+    before = p.built["d/web"]
+    flows, groups, _ = p.apply([Change("Pod", "d", "a", "put", pod(
+        "a", "10.244.1.2", {"app": "web", "extra": "x"}, [("http", 80)]))])
+    assert flows == {} and groups == {} and p.built["d/web"] is before
+    flows, _, _ = p.apply([Change("Pod", "d", "b", "put", pod(
+        "b", "10.244.1.3", {"app": "web"}, [("http", 80)]))])
+    assert list(flows) == ["service:d/web"] and p.built["d/web"] is not before
+
+
+def test_removed_udp_endpoints_are_reported_once_for_flushing() -> None:
+    """Only UDP ports' removed endpoints; each once (take_stale drains); the flush names
+    the ClusterIP side and the endpoint side of the entries, in the pods' zone."""
+    from flowcni.controller.svcconntrack import flush_args
+    from flowcni.flows.services import StaleUDP
+
+    spec = {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                      {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}
+    p = ServiceProxy()
+    p.load([svc(spec)], [pod("a", "10.244.1.2", {"app": "web"}),
+                         pod("b", "10.244.1.3", {"app": "web"})])
+    assert p.take_stale() == []
+    p.apply([Change("Pod", "d", "a", "delete", None)])
+    gone = StaleUDP("10.96.0.10", 53, "10.244.1.2", 5353)
+    assert p.take_stale() == [gone] and p.take_stale() == []
+    p.apply([Change("Service", "d", "web", "delete", None)])
+    assert p.take_stale() == [StaleUDP("10.96.0.10", 53)]  # none left: one flush for all
+    assert flush_args(StaleUDP("10.96.0.10", 53)) == [
+        "zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53"]
+    assert flush_args(gone) == ["zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53",
+                                "ct_nw_src=10.244.1.2,ct_nw_proto=17,ct_tp_src=5353"]
