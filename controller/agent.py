@@ -43,6 +43,7 @@ from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.podrecords import PodRecords
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.reject import Rejecter
+from flowcni.controller.tenants import Tenants
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
@@ -226,11 +227,15 @@ class Agent:
                                                              PIPELINE))
         os.makedirs(a.state_dir, exist_ok=True)
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
+        self.tenants = Tenants(a.node, cfg.cluster_cidr, cfg.encap, a.state_dir, self.flows,
+                               self.tun_ofport)
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
                                tx_offload=pod_tx_offload(cfg.encap, dptype),
                                records=(PodRecords(self.store, a.node)
-                                        if isinstance(self.store, Store) else None))
+                                        if isinstance(self.store, Store) else None),
+                               tenants=self.tenants)
+        self.tenants.pods = lambda: list(self.pods.attachments.values())
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
@@ -272,6 +277,8 @@ class Agent:
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
         self.peers.set_nodes(store.objects("Node"))
+        self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
+                          store.objects("Node"))
         owners, problems = self.policy.load(store.objects("Namespace"), store.objects("Pod"),
                                             store.objects("NetworkPolicy"))
         for p in problems:
@@ -323,6 +330,7 @@ class Agent:
         for c in batch:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
+        self.tenants.apply(batch)
         owners, problems = self.policy.apply(batch)
         groups: dict[str, Any] = {}
         if self.services is not None:
@@ -460,11 +468,13 @@ class Agent:
                 kind, _, rest = owner.partition(":")
                 obj = {"node": "node", "gateway": "gateway", "tunnel": "tunnel port",
                        "conntrack": "conntrack",
-                       GATEWAY_CT_OWNER: "connections from the gateway"}.get(owner) or {
+                       GATEWAY_CT_OWNER: "connections from the gateway",
+                       "tenants": "tenant networks (shared)"}.get(owner) or {
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
                     "policy-match": "policy match (shared)",
-                    "service": f"service {rest}"}.get(kind, owner)
+                    "service": f"service {rest}",
+                    "tenant": f"tenant network {rest}"}.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 
@@ -486,6 +496,7 @@ class Agent:
             "pod_keys_in_flight": self.pods.keys_in_flight(),
             "flows": self.flows.flow_count(),
             "groups": len(self.flows.desired_groups()), "proxy": self.args.proxy,
+            "tenants": len(self.tenants.nets),
             "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }

@@ -36,7 +36,7 @@ from flowcni.ctl.providers import (
 )
 from flowcni.ctl.services import service_rows
 from flowcni.ctl.trace import PROTOS, Tracer
-from flowcni.datastore.store import StoreError
+from flowcni.datastore.store import Store, StoreError
 from flowcni.flows.tables import DEFAULT as PIPELINE
 
 TABLES = list(PIPELINE.ids)
@@ -353,7 +353,6 @@ def _store_path(a: argparse.Namespace) -> str:
 def cmd_apply(a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
     from flowcni.datastore.manifests import ManifestError, load
-    from flowcni.datastore.store import Store
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
             objs = load(f.read(), identity_only=a.cmd == "delete")
@@ -363,6 +362,9 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise CLIError(f"no embedded store at {path}")
     store = Store(path)
+    if a.cmd == "apply":  # refused updates refuse the whole file, before any write
+        objs = [(k, ns, n, _tenant_update(store, n, b) if k == "TenantNetwork" else b)
+                for k, ns, n, b in objs]
     for kind, ns, name, body in objs:
         ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
         if a.cmd == "apply":
@@ -371,6 +373,18 @@ def cmd_apply(a: argparse.Namespace) -> int:
         else:
             print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
     return 0
+
+
+def _tenant_update(store: Store, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A TenantNetwork keeps its creation time; its immutable fields stay as they are."""
+    import datetime
+
+    from flowcni.datastore.tenantconv import TenantError, for_update
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return for_update(store.get("TenantNetwork", "", name), body, now)
+    except TenantError as e:
+        raise CLIError(f"TenantNetwork {name}: {e}") from e
 
 
 def cmd_call(a: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ _OFCTL_MATCH = {
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
     "ct_state": "ct_state", "ct_mark": "ct_mark", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
+    "tunnel_id": "tun_id",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -58,7 +59,7 @@ _NXM = {
     "in_port": "NXM_OF_IN_PORT",
 }
 # set_field targets that are not match fields of any table.
-_SET_ONLY = {"tun_ipv4_dst": "tun_dst"}
+_SET_ONLY = {"tun_ipv4_dst": "tun_dst", "tunnel_id": "tun_id"}
 _FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
                "arp_spa": 32, "arp_tpa": 32, "arp_sha": 48, "arp_tha": 48, "arp_op": 16}
 

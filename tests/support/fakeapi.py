@@ -78,6 +78,7 @@ RESOURCES = {r.plural: r for r in (
     Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True),
     Resource("services", "Service", "v1", True),
     Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
+    Resource("tenantnetworks", "TenantNetwork", "flowcni.io/v1alpha1", False),
 )}
 BY_KIND = {r.kind: r for r in RESOURCES.values()}
 

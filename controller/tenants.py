@@ -1,0 +1,207 @@
+"""Tenant networks on this node: the resolution, their flows, their address pools.
+
+The agent keeps TenantNetworks, Namespaces and Nodes as the datastore lists
+and watches them, resolves them (datastore.tenantconv.resolve: the same
+answer on every node), and then:
+- programs each usable tenant's node-wide flows (flows/tenant.py) and the
+  flows all tenants share, only while at least one tenant is usable;
+- answers PodManager's question "which network does a pod of namespace N
+  join": the default one, a tenant (with its per-node slice, its gateway and
+  an IPAM of its own), or an error naming why the tenant cannot take pods
+  (routed mode, a conflict, no slice for this node). A pod never silently
+  joins the default network when its namespace belongs to a tenant.
+
+Relabelling a namespace into or out of a tenant applies to pods created
+afterwards. A running pod keeps the network, address and flows it started
+with (its address belongs to that network's range, and changing it under a
+running process would break its connections); `flowctl tenants` lists such
+pods under "stale" so the user can restart them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowcni.cni.ipam import IPAM
+from flowcni.controller.flowsync import FlowSync
+from flowcni.datastore.store import Change
+from flowcni.datastore.tenantconv import Resolution, Tenant, resolve
+from flowcni.flows.model import Flow
+from flowcni.flows.tenant import (
+    TENANT_BASE_OWNER,
+    TenantNet,
+    base_flows,
+    tenant_flows,
+    tenant_owner,
+)
+
+LOG = logging.getLogger(__name__)
+KINDS = ("TenantNetwork", "Namespace", "Node")
+_SAFE = re.compile(r"[^a-z0-9.-]")
+
+
+class TenantRefused(Exception):
+    """A pod's namespace belongs to a tenant that cannot take pods on this node."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new pod of a tenant goes on this node."""
+
+    net: TenantNet
+    cidr: str      # this node's slice
+    gateway: str   # its first address (answered by the tenant's ARP responder)
+    ipam: IPAM
+
+
+class Tenants:
+    def __init__(self, me: str, cluster_cidr: str, encap: str, state_dir: str,
+                 flows: FlowSync, tun_ofport: int | None) -> None:
+        self.me, self.cluster_cidr, self.encap = me, cluster_cidr, encap
+        self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
+        self.resolution = Resolution({}, {})
+        self.nets: dict[str, TenantNet] = {}
+        self._ipams: dict[tuple[str, str], IPAM] = {}
+        self._lock = threading.RLock()
+        self._reported: dict[str, tuple[str, ...]] = {}
+        self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
+
+    # -- datastore ---------------------------------------------------------------------
+
+    def load(self, tenants: list[dict[str, Any]], namespaces: list[dict[str, Any]],
+             nodes: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
+                            "Namespace": {b["name"]: b for b in namespaces},
+                            "Node": {b["name"]: b for b in nodes}}
+            self._recompute()
+
+    def apply(self, batch: list[Change]) -> None:
+        touched = False
+        with self._lock:
+            for c in batch:
+                if c.kind not in KINDS:
+                    continue
+                touched = True
+                if c.op == "put" and c.body is not None:
+                    self.objects[c.kind][c.name] = c.body
+                else:
+                    self.objects[c.kind].pop(c.name, None)
+            if touched:
+                self._recompute()
+
+    def _recompute(self) -> None:
+        res = resolve(self.objects["TenantNetwork"].values(),
+                      self.objects["Namespace"].values(), self.objects["Node"].values(),
+                      self.cluster_cidr, self.encap)
+        ips = {n["name"]: n.get("nodeIP", "") for n in self.objects["Node"].values()}
+        nets = {}
+        for t in res.tenants.values():
+            self._report(t)
+            if t.ok and t.spec is not None:
+                nets[t.name] = TenantNet(t.name, t.vni, tuple(
+                    (n, ips.get(n, ""), s) for n, s in sorted(t.slices.items())
+                    if ips.get(n)))
+        changes: dict[str, list[Flow]] = {}
+        pipeline = self.flows.pipeline
+        for name in set(self.nets) - set(nets):
+            changes[tenant_owner(name)] = []
+        for name, net in nets.items():
+            if self.nets.get(name) != net:
+                changes[tenant_owner(name)] = tenant_flows(net, self.me, self.tun_ofport,
+                                                           pipeline)
+        if bool(nets) != bool(self.nets):
+            changes[TENANT_BASE_OWNER] = base_flows(self.tun_ofport, pipeline) if nets else []
+        self.resolution, self.nets = res, nets
+        if changes:
+            self.flows.set_owners(changes)
+
+    def _report(self, t: Tenant) -> None:
+        """One log line per new set of conditions of a tenant (each names its field)."""
+        msgs = tuple(f"{c.type}: {c.message}" for c in t.conditions
+                     if not (c.type == "Ready" and c.status))
+        if self._reported.get(t.name) != msgs:
+            self._reported[t.name] = msgs
+            for m in msgs:
+                LOG.error("TenantNetwork %s: %s", t.name, m)
+            if not msgs:
+                LOG.info("TenantNetwork %s: VNI %d, zone %d, slice here %s, namespaces %s",
+                         t.name, t.vni, t.zone, t.slices.get(self.me, "-"), t.namespaces)
+
+    # -- pods --------------------------------------------------------------------------
+
+    def placement(self, namespace: str) -> Placement | None:
+        """None: the default network. TenantRefused (naming why) if the tenant can't."""
+        with self._lock:
+            t = self.resolution.of_namespace(namespace)
+            if t is None:
+                return None
+            if not t.ok:
+                why = "; ".join(c.message for c in t.conditions if not c.status
+                                or c.type != "Ready")
+                raise TenantRefused(f"namespace {namespace} belongs to TenantNetwork {t.name}, "
+                                    f"which cannot take pods: {why}")
+            cidr = t.slices.get(self.me)
+            if cidr is None:
+                raise TenantRefused(f"TenantNetwork {t.name}: no slice of spec.subnets for "
+                                    f"node {self.me} (spec.subnets too small for its nodes)")
+            return Placement(self.nets[t.name], cidr, t.gateway(self.me),
+                             self.ipam(t.name, cidr))
+
+    def ipam(self, name: str, cidr: str) -> IPAM:
+        with self._lock:
+            ip = self._ipams.get((name, cidr))
+            if ip is None:
+                fname = f"ipam-tenant-{_SAFE.sub('_', name)}-{cidr.replace('/', '_')}.json"
+                path = os.path.join(self.state_dir, fname)
+                ip = self._ipams[(name, cidr)] = IPAM(cidr, path)
+            return ip
+
+    def release(self, key: str) -> None:
+        """Give back `key`'s lease, whichever tenant pool holds it (none: a no-op)."""
+        with self._lock:
+            pools = list(self._ipams.values())
+        for p in pools:
+            p.release(key)
+
+    def restore(self, leases: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+        """Re-learn leases of running tenant pods ((tenant, slice) -> {key: ip})."""
+        rejected: list[str] = []
+        for (name, cidr), kv in leases.items():
+            pool = self.ipam(name, cidr)
+            rejected += pool.restore(kv)
+            pool.gc(set(kv))
+        return rejected
+
+    # -- inspection --------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            res = self.resolution
+            pods = list(self.pods())
+        out = []
+        for t in sorted(res.tenants.values(), key=lambda t: t.name):
+            mine = [p for p in pods if getattr(p, "tenant", "") == t.name]
+            stale = [f"{p.namespace}/{p.name}" for p in pods
+                     if (getattr(p, "tenant", "") or None) != (res.by_namespace.get(p.namespace))
+                     and t.name in (getattr(p, "tenant", ""), res.by_namespace.get(p.namespace))]
+            out.append({
+                "name": t.name, "ok": t.ok, "vni": t.vni or None, "zone": t.zone or None,
+                "subnets": list(t.spec.subnets) if t.spec else [],
+                "namespaces": t.namespaces, "slices": t.slices,
+                "node_slice": t.slices.get(self.me), "gateway": t.gateway(self.me),
+                "router_mac": self.nets[t.name].router_mac if t.name in self.nets else None,
+                "masquerade": bool(t.spec and t.spec.masquerade),
+                "connect_to": list(t.spec.connect_to) if t.spec else [],
+                "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
+                         for p in mine],
+                "stale_pods": stale,
+                "conditions": [c.as_dict() for c in t.conditions]})
+        return out

@@ -1,0 +1,146 @@
+"""TenantNetwork validation, resolution (VNIs, slices, conditions) and tenant flows: pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flowcni.datastore import tenantconv as tc
+from flowcni.datastore.manifests import ManifestError, load
+from flowcni.flows.model import Flow
+from flowcni.flows.pod import LocalPod
+from flowcni.flows.tables import DEFAULT
+from flowcni.flows.tenant import TenantNet, base_flows, tenant_flows, tenant_pod_flows
+
+NODES = [{"name": "node1", "nodeIP": "192.168.50.11", "podCIDR": "10.244.1.0/24"},
+         {"name": "node2", "nodeIP": "192.168.50.12", "podCIDR": "10.244.2.0/24"}]
+CLUSTER = "10.244.0.0/16"
+
+
+def body(name: str, created: str = "", **spec: Any) -> dict[str, Any]:
+    spec.setdefault("namespaceSelector", {"matchLabels": {"tenant": name}})
+    spec.setdefault("subnets", ["10.50.0.0/16"])
+    return {"name": name, "spec": spec, "created": created}
+
+
+def ns(name: str, **labels: str) -> dict[str, Any]:
+    return {"name": name, "labels": labels}
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"subnets": ["10.50.0.0/16"]}, "spec.namespaceSelector"),
+    ({"namespaceSelector": {}, "subnets": ["10.50.0.0/16"]}, "spec.namespaceSelector"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}}, "spec.subnets"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}, "subnets": ["10.50.0.1/16"]},
+     "spec.subnets[0]"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}, "subnets": ["10.50.0.0/16"],
+      "vni": 70000}, "spec.vni"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}, "subnets": ["10.50.0.0/28"]},
+     "spec.subnets[0]"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}, "subnets": ["10.50.0.0/16"],
+      "egress": {"masquerade": "yes"}}, "spec.egress.masquerade"),
+    ({"namespaceSelector": {"matchLabels": {"a": "b"}}, "subnets": ["10.50.0.0/16"],
+      "colour": 1}, "spec.colour"),
+])
+def test_bad_spec_names_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(tc.TenantError) as e:
+        tc.parse_tenant("t", spec)
+    assert str(e.value).startswith(field + ":")
+
+
+def test_manifest_and_immutable_update() -> None:
+    objs = load("""
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: blue}
+spec:
+  namespaceSelector: {matchLabels: {tenant: blue}}
+  subnets: [10.50.0.0/16]
+""")
+    assert [(k, n, b["name"]) for k, n, _, b in objs] == [("TenantNetwork", "", "blue")]
+    with pytest.raises(ManifestError, match="spec.vni"):
+        load("apiVersion: flowcni.io/v1alpha1\nkind: TenantNetwork\nmetadata: {name: x}\n"
+             "spec: {namespaceSelector: {matchLabels: {a: b}}, subnets: [10.1.0.0/16], "
+             "vni: 0}\n")
+    old = tc.for_update(None, objs[0][3], "2026-01-01T00:00:00Z")
+    assert old["created"] == "2026-01-01T00:00:00Z"
+    same = tc.for_update(old, {**objs[0][3]}, "later")
+    assert same["created"] == old["created"]
+    changed = {**objs[0][3], "spec": {**objs[0][3]["spec"], "subnets": ["10.60.0.0/16"]}}
+    with pytest.raises(tc.TenantError, match="^spec.subnets: immutable"):
+        tc.for_update(old, changed, "later")
+
+
+def test_resolve_slices_vnis_and_namespaces() -> None:
+    r = tc.resolve([body("blue"), body("red", vni=300)],
+                   [ns("b1", tenant="blue"), ns("r1", tenant="red"), ns("plain")],
+                   NODES, CLUSTER)
+    blue, red = r.tenants["blue"], r.tenants["red"]
+    assert blue.ok and red.ok
+    assert red.vni == 300 and blue.vni == tc.auto_vni("blue")
+    assert blue.slices == red.slices == {"node1": "10.50.1.0/24", "node2": "10.50.2.0/24"}
+    assert blue.gateway("node1") == "10.50.1.1"
+    assert r.by_namespace == {"b1": "blue", "r1": "red"}
+    # the same input gives the same answer (every agent computes it)
+    again = tc.resolve([body("red", vni=300), body("blue")],
+                       [ns("b1", tenant="blue"), ns("r1", tenant="red")], NODES, CLUSTER)
+    assert again.tenants["blue"].vni == blue.vni
+
+
+def test_conflicts_are_conditions_and_others_keep_working() -> None:
+    r = tc.resolve([
+        body("old", "1", vni=500),
+        body("dup", "2", vni=500, namespaceSelector={"matchLabels": {"t": "dup"}}),
+        body("grab", "3", namespaceSelector={"matchLabels": {"tenant": "old"}},
+             subnets=["10.60.0.0/16"]),
+        body("under", "4", subnets=["192.168.50.0/24"], nodeSubnetSize=28),
+        body("tiny", "5", subnets=["10.70.0.0/24"], nodeSubnetSize=25),
+    ], [ns("o", tenant="old"), ns("d", t="dup")], NODES, CLUSTER)
+    t = r.tenants
+    assert t["old"].ok and t["old"].namespaces == ["o"]
+
+    def cond(name: str, typ: str) -> str:
+        return next(c.message for c in t[name].conditions if c.type == typ)
+    assert not t["dup"].ok and cond("dup", "VNIConflict").startswith("spec.vni: 500")
+    assert t["grab"].ok and cond("grab", "NamespaceConflict").startswith(
+        "spec.namespaceSelector: namespace o")
+    assert not t["under"].ok and "192.168.50.11" in cond("under", "SubnetOverlap")
+    assert t["tiny"].ok and t["tiny"].slices == {"node1": "10.70.0.128/25"}
+    assert "node2" in cond("tiny", "SubnetTooSmall")
+    # a namespace of an unusable tenant is still its (its pods fail, never join the default)
+    assert r.by_namespace["d"] == "dup"
+
+
+def test_routed_mode_refuses_tenants() -> None:
+    r = tc.resolve([body("blue")], [], NODES, CLUSTER, encap="none")
+    assert not r.tenants["blue"].ok
+    assert r.tenants["blue"].conditions[0].reason == "EncapRequired"
+
+
+def _texts(flows: list[Flow]) -> list[str]:
+    return [f.ofctl(DEFAULT, names=True) for f in flows]
+
+
+def test_tenant_flows_match_the_tenant_and_key_the_tunnel() -> None:
+    t = TenantNet("blue", 0x1234, (("node1", "192.168.50.11", "10.50.1.0/24"),
+                                   ("node2", "192.168.50.12", "10.50.2.0/24")))
+    fl = _texts(tenant_flows(t, "node1", 7))
+    assert any("tun_id=4660" in f and "in_port=7" in f and "Classifier" in f for f in fl)
+    out = [f for f in fl if "nw_dst=10.50.2.0/24" in f]
+    assert len(out) == 1 and "set_field:4660->tun_id" in out[0]
+    assert "reg4=0x11234/0x1ffff" in out[0]
+    assert not any("10.50.1.0/24" in f for f in fl)  # own slice: pods' own flows
+    assert any("ct(table=" in f and "zone=4660" in f for f in fl)
+    assert any("ct(commit,zone=4660)" in f for f in fl)
+    pod = _texts(tenant_pod_flows(LocalPod("c/eth0", 9, "10.50.1.2", "02:00:00:00:00:09"), t))
+    assert len(pod) == 5
+    assert any("L3Forwarding" in f and "reg4=0x11234/0x1ffff" in f and "nw_dst=10.50.1.2" in f
+               for f in pod)
+    base = _texts(base_flows(7))
+    # unknown tunnel keys are dropped; key 0 is the default network as before
+    assert any("priority=204,in_port=7,actions=drop" in f for f in base)
+    assert any("priority=205,in_port=7,tun_id=0" in f for f in base)
+    # every tenant flow sits above the default network's flows of its table
+    assert all(f.priority > 210 for f in tenant_flows(t, "node1", 7) + base_flows(None)
+               if f.table in ("L3Forwarding", "ARPResponder", "EgressRule", "IngressRule",
+                              "ConntrackZone", "ConntrackCommit"))
