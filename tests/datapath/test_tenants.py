@@ -1,0 +1,208 @@
+"""Tenant networks on a 3-node lab: two tenants with the same subnet, real packets.
+
+blue and red both use 10.50.0.0/16, so their first pods on a node get the
+same address: blue/a and red/a are both 10.50.1.2 on node1, blue/b and red/b
+both 10.50.2.2 on node2. Every server answers with its own name, so a probe
+shows which pod it reached, not only that something answered. A deny is
+always shown next to an allowed probe from the same source, run at the same
+time. The underlay capture shows each tenant's VNI in the Geneve header.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from flowcni.ctl.client import AgentClient
+from flowcni.datastore.manifests import load
+from flowcni.datastore.tenantconv import for_update
+from flowcni.lab import netns
+from flowcni.lab.lab import Lab
+
+from tests.datapath.conftest import make_lab
+from tests.support.probe import ping
+
+BLUE_VNI, RED_VNI = 101, 202
+
+MANIFEST = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: blue, labels: {tenant: blue}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: red, labels: {tenant: red}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: blue}
+spec:
+  namespaceSelector: {matchLabels: {tenant: blue}}
+  subnets: [10.50.0.0/16]
+  vni: 101
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: red}
+spec:
+  namespaceSelector: {matchLabels: {tenant: red}}
+  subnets: [10.50.0.0/16]
+  vni: 202
+"""
+
+# pod ref -> node; order matters: the first pod of a tenant on a node gets .2
+PODS = [("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"), ("red/b", "node2"),
+        ("red/c", "node3"), ("red/d", "node1"), ("default/d", "node1"),
+        ("default/e", "node2")]
+
+SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1].encode()
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.sendall(name); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53))
+    while True:
+        d, a = s.recvfrom(100); s.sendto(name, a)
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+PROBER = r"""
+import json, socket, subprocess, sys, threading
+targets = json.loads(sys.argv[1]); out = {}
+def probe(ip, kind):
+    try:
+        if kind == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.sendto(b"who", (ip, 53)); out[f"{ip}/{kind}"] = s.recvfrom(100)[0].decode()
+        elif kind == "tcp":
+            s = socket.create_connection((ip, 80), timeout=3)
+            out[f"{ip}/{kind}"] = s.recv(100).decode(); s.close()
+        else:
+            p = subprocess.run(["ping", "-n", "-c", "1", "-W", "3", ip], capture_output=True)
+            out[f"{ip}/{kind}"] = "icmp" if p.returncode == 0 else None
+    except OSError:
+        out[f"{ip}/{kind}"] = None
+ts = [threading.Thread(target=probe, args=(ip, k)) for ip in targets for k in ("tcp", "udp", "icmp")]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def probe_all(lab: Lab, plan: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
+    """From each source pod, TCP, UDP and ICMP to each IP, all at the same time."""
+    procs = {src: subprocess.Popen(lab.exec_argv(src, [sys.executable, "-c", PROBER,
+                                                       json.dumps(ips)]),
+                                   stdout=subprocess.PIPE, text=True)
+             for src, ips in plan.items()}
+    return {src: json.loads(p.communicate(timeout=60)[0]) for src, p in procs.items()}
+
+
+def reached(res: dict[str, str | None], ip: str) -> tuple[str | None, str | None, str | None]:
+    return res[f"{ip}/tcp"], res[f"{ip}/udp"], res[f"{ip}/icmp"]
+
+
+@pytest.fixture(scope="module")
+def tlab() -> Iterator[Lab]:
+    lab = make_lab("tn")
+    lab.down()
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        lab.up(nodes=3, encap="geneve")
+        store = lab.store()
+        for kind, ns, name, body in load(MANIFEST):
+            if kind == "TenantNetwork":
+                body = for_update(store.get(kind, ns, name), body, name)
+            store.put(kind, ns, name, body)
+        lab.wait_realized()
+        for ref, node in PODS:
+            ns, name = ref.split("/")
+            lab.pod_add(name, node, namespace=ns)
+        for ref, _ in PODS:
+            p = subprocess.Popen(lab.exec_argv(ref, [sys.executable, "-c", SERVER, ref]),
+                                 stdout=subprocess.PIPE, text=True)
+            servers.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        lab.wait_realized()
+        yield lab
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait()
+        lab.down()
+
+
+def test_same_subnet_same_addresses(tlab: Lab) -> None:
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/a"] == ip["red/a"] == "10.50.1.2"
+    assert ip["blue/b"] == ip["red/b"] == "10.50.2.2"
+    assert ip["red/c"] == "10.50.3.2" and ip["red/d"] == "10.50.1.3"
+    assert ip["default/d"].startswith("10.244.1.")
+
+
+def test_each_tenant_reaches_its_own_and_not_the_other(tlab: Lab) -> None:
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    res = probe_all(tlab, {
+        "blue/a": ["10.50.2.2", "10.50.3.2", "10.50.1.3", ip["default/d"], ip["default/e"]],
+        "red/a": ["10.50.2.2", "10.50.3.2", "10.50.1.3"],
+        "blue/b": ["10.50.1.2"],
+        "red/b": ["10.50.1.2"],
+        "default/d": [ip["default/e"]],
+    })
+    # the same address answers as each source's own tenant's pod (cross-node)
+    assert reached(res["blue/a"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+    assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+    assert reached(res["blue/b"], "10.50.1.2") == ("blue/a", "blue/a", "icmp")
+    assert reached(res["red/b"], "10.50.1.2") == ("red/a", "red/a", "icmp")
+    # red's other pods (same node as blue/a, and on a node blue has none on)
+    assert reached(res["red/a"], "10.50.1.3") == ("red/d", "red/d", "icmp")
+    assert reached(res["red/a"], "10.50.3.2") == ("red/c", "red/c", "icmp")
+    # ... are out of blue's reach, at the same moment as blue's allowed probes above
+    assert reached(res["blue/a"], "10.50.1.3") == (None, None, None)
+    assert reached(res["blue/a"], "10.50.3.2") == (None, None, None)
+    # so is the default network, which keeps working for its own pods
+    assert reached(res["blue/a"], ip["default/d"]) == (None, None, None)
+    assert reached(res["blue/a"], ip["default/e"]) == (None, None, None)
+    assert reached(res["default/d"], ip["default/e"]) == ("default/e", "default/e", "icmp")
+
+
+def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
+    """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
+    cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [
+        "tcpdump", "-n", "-l", "-vv", "-i", "br0", "-c", "4", "udp port 6081"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cap.stderr is not None
+    for line in cap.stderr:
+        if "listening on" in line:
+            break
+    try:
+        assert ping(lab, src, dst_ip, count=3, timeout=2)
+        out, _ = cap.communicate(timeout=10)
+    finally:
+        cap.kill()
+        cap.wait()
+    return {w.rstrip(",") for line in out.splitlines() if "vni" in line
+            for w in [line.split("vni", 1)[1].split()[0]]}
+
+
+def test_underlay_carries_each_tenants_vni(tlab: Lab) -> None:
+    assert _geneve_vnis(tlab, "blue/a", "10.50.2.2") == {hex(BLUE_VNI)}
+    assert _geneve_vnis(tlab, "red/a", "10.50.2.2") == {hex(RED_VNI)}
+
+
+def test_agent_reports_tenants(tlab: Lab) -> None:
+    t = {x["name"]: x for x in AgentClient(tlab.node("node1").api_socket).call(
+        "tenants")["tenants"]}
+    assert t["blue"]["ok"] and t["blue"]["vni"] == BLUE_VNI and t["blue"]["zone"] == BLUE_VNI
+    assert t["blue"]["node_slice"] == "10.50.1.0/24"
+    assert {p["name"] for p in t["red"]["pods"]} == {"a", "d"}
+    assert t["red"]["namespaces"] == ["red"]
