@@ -24,7 +24,7 @@ from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.keylocks import KeyLocks
 from flowcni.controller.ofapp import OFError
 from flowcni.controller.podrecords import LABELS_ARG, LabelError, PodRecords, parse_labels
-from flowcni.controller.tenants import Placement, TenantRefused, Tenants
+from flowcni.controller.tenants import EGRESS_KEY, Placement, TenantRefused, Tenants
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
@@ -190,10 +190,12 @@ class PodManager:
             rejected += self.tenants.restore(by_tenant)
         for k in rejected:
             LOG.error("lease conflict for %s; its port keeps running without a lease", k)
-        stale = set(self.ipam.leases()) - {k for k, a in found.items() if not a.tenant}
+        keep = {k for k, a in found.items() if not a.tenant} | {
+            k for k in self.ipam.leases() if k.startswith(EGRESS_KEY)}
+        stale = set(self.ipam.leases()) - keep
         for k in stale:
             LOG.warning("releasing lease %s: no port carries it", k)
-        self.ipam.gc({k for k, a in found.items() if not a.tenant})
+        self.ipam.gc(keep)
         self.attachments = found
         for a in found.values():
             self.flows.set_owner(pod_owner(a.key), a.flows(self.gw, self.flows.pipeline))

@@ -28,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flowcni.cni.ipam import IPAM
+from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
 from flowcni.datastore.store import Change
 from flowcni.datastore.tenantconv import Resolution, Tenant, resolve
 from flowcni.flows.model import Flow
+from flowcni.flows.node import Gateway
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
@@ -42,6 +43,10 @@ from flowcni.flows.tenant import (
 )
 
 LOG = logging.getLogger(__name__)
+# Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
+# (no port backs them) and out of every CNI GC (their network is none of the runtime's).
+EGRESS_KEY = "tenant-egress:"
+EGRESS_NETWORK = "flowcni-tenant-egress"
 KINDS = ("TenantNetwork", "Namespace", "Node")
 _SAFE = re.compile(r"[^a-z0-9.-]")
 
@@ -62,9 +67,11 @@ class Placement:
 
 class Tenants:
     def __init__(self, me: str, cluster_cidr: str, encap: str, state_dir: str,
-                 flows: FlowSync, tun_ofport: int | None) -> None:
+                 flows: FlowSync, tun_ofport: int | None, gateway: Gateway | None = None,
+                 node_ipam: IPAM | None = None) -> None:
         self.me, self.cluster_cidr, self.encap = me, cluster_cidr, encap
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
+        self.gateway, self.node_ipam = gateway, node_ipam
         self.objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
@@ -106,9 +113,14 @@ class Tenants:
         for t in res.tenants.values():
             self._report(t)
             if t.ok and t.spec is not None:
+                masq = t.spec.masquerade and self.egress_ip(t.name)
                 nets[t.name] = TenantNet(t.name, t.vni, tuple(
                     (n, ips.get(n, ""), s) for n, s in sorted(t.slices.items())
-                    if ips.get(n)))
+                    if ips.get(n)), masq or "",
+                    (self.cluster_cidr, *t.spec.subnets) if masq else ())
+        for name in {t.name for t in res.tenants.values()} | set(self.nets):
+            if name not in nets or not nets[name].egress_ip:
+                self._release_egress(name)
         changes: dict[str, list[Flow]] = {}
         pipeline = self.flows.pipeline
         for name in set(self.nets) - set(nets):
@@ -116,7 +128,7 @@ class Tenants:
         for name, net in nets.items():
             if self.nets.get(name) != net:
                 changes[tenant_owner(name)] = tenant_flows(net, self.me, self.tun_ofport,
-                                                           pipeline)
+                                                           pipeline, self.gateway)
         if bool(nets) != bool(self.nets):
             changes[TENANT_BASE_OWNER] = base_flows(self.tun_ofport, pipeline) if nets else []
         self.resolution, self.nets = res, nets
@@ -134,6 +146,26 @@ class Tenants:
             if not msgs:
                 LOG.info("TenantNetwork %s: VNI %d, zone %d, slice here %s, namespaces %s",
                          t.name, t.vni, t.zone, t.slices.get(self.me, "-"), t.namespaces)
+
+    # -- egress ------------------------------------------------------------------------
+
+    def egress_ip(self, name: str) -> str:
+        """This node's egress address of a masquerading tenant: leased from the node's
+        own pod CIDR, so the node's stack routes and masquerades it like a pod's, and
+        its replies come back to this bridge. "" (logged) when the CIDR is full."""
+        if self.node_ipam is None or self.gateway is None:
+            return ""
+        try:
+            return str(self.node_ipam.allocate(EGRESS_KEY + name, {"network": EGRESS_NETWORK,
+                                                                   "tenant": name}))
+        except IPAMError as e:
+            LOG.error("TenantNetwork %s: spec.egress.masquerade: no egress address on this "
+                      "node: %s", name, e.msg)
+            return ""
+
+    def _release_egress(self, name: str) -> None:
+        if self.node_ipam is not None:
+            self.node_ipam.release(EGRESS_KEY + name)
 
     # -- pods --------------------------------------------------------------------------
 
@@ -198,6 +230,7 @@ class Tenants:
                 "namespaces": t.namespaces, "slices": t.slices,
                 "node_slice": t.slices.get(self.me), "gateway": t.gateway(self.me),
                 "router_mac": self.nets[t.name].router_mac if t.name in self.nets else None,
+                "egress_ip": self.nets[t.name].egress_ip if t.name in self.nets else None,
                 "masquerade": bool(t.spec and t.spec.masquerade),
                 "connect_to": list(t.spec.connect_to) if t.spec else [],
                 "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}

@@ -24,6 +24,7 @@ from flowcni.api.schema import TraceResult
 from flowcni.api.schema import TraceStep as Step
 from flowcni.ctl.providers import NodeAgent
 from flowcni.flows.fields import VIRTUAL_ROUTER_MAC
+from flowcni.flows.tenant import TenantNet
 
 SRC_PORT = 40000
 PROTOS = ("tcp", "udp", "icmp", "sctp")
@@ -56,6 +57,8 @@ class Verdict:
     policies: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     outcome: str = DELIVERED
+    tenant: str = ""  # the tenant network of the source pod ("" = the default network)
+    vni: int = 0      # its VNI: the tunnel key of every cross-node hop
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +120,16 @@ def story(step: Step) -> str:
     if step.owner.startswith("node:"):
         tun = next((a.split(":")[1].split("->")[0] for a in acts if "->tun_dst" in a), "")
         return f"{step.table}: remote node {step.owner[5:]} via tunnel to {tun}"
+    if step.owner.startswith("tenant:") and any("->tun_dst" in a for a in acts):
+        tun = next(a.split(":")[1].split("->")[0] for a in acts if "->tun_dst" in a)
+        vni = next((str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
+                    if "->tun_id" in a), "?")
+        return (f"{step.table}: tenant {step.owner[7:]}: remote slice via tunnel to {tun}, "
+                f"VNI {vni}")
+    if step.owner.startswith("tenant:") and step.table == "Classifier":
+        vni = next((str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
+                    if "REG4[0..15]" in a), "?")
+        return f"{step.table}: tunnel key (VNI) {vni}: tenant {step.owner[7:]}"
     return f"{step.table}: {who} -> {', '.join(acts)}"
 
 
@@ -149,6 +162,16 @@ class Tracer:
     def __init__(self, nodes: Nodes) -> None:
         self.agents = {a.name: a for a in nodes.agents()}
         self.views: dict[str, NodeView] = {}
+        self.tenant, self.vni = "", 0  # of the pod being traced
+
+    def _tenant_slices(self) -> dict[str, str]:
+        """node -> slice of the traced pod's tenant, as the source's agent resolves it."""
+        for n in self.agents:
+            for t in self.agents[n].call("tenants").get("tenants", []):
+                if t["name"] == self.tenant:
+                    return dict(t.get("slices") or {})
+            break
+        return {}
 
     def view(self, node: str) -> NodeView:
         if node not in self.views:
@@ -174,11 +197,20 @@ class Tracer:
               dport: int | None = None) -> Verdict:
         check_request(proto, dport)
         v, src = self.find_pod(src_ref)
+        self.tenant = str(src.get("tenant") or "")
+        self.vni = int(src.get("tenant_vni") or 0)
         dst_ip = self.resolve(dst)
-        flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
-                                                     v.status["pod_cidr"], proto, dport)
+        if self.tenant:
+            # a tenant pod's ARP gets its tenant's router MAC for every address
+            router = TenantNet(self.tenant, self.vni, ()).router_mac
+            flow = f"in_port={src['ofport']}," + packet(
+                src, dst_ip, {"ip": "", "mac": router}, "0.0.0.0/32", proto, dport)
+        else:
+            flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
+                                                         v.status["pod_cidr"], proto, dport)
         steps, verdict = self._follow(v, flow, dst_ip)
         verdict.steps = steps
+        verdict.tenant, verdict.vni = self.tenant, self.vni
         return verdict
 
     def _follow(self, v: NodeView, flow: str, dst_ip: str, hops: int = 0
@@ -217,9 +249,12 @@ class Tracer:
         or a cluster-CIDR address in no node's pod CIDR ("" otherwise)."""
         owner = self._destination_node(dst_ip)
         if owner is not None:
-            if any(p["ip"] == dst_ip for p in owner.pods.values()) or \
-                    dst_ip == owner.status["gateway"]["ip"]:
+            if any(p["ip"] == dst_ip and (p.get("tenant") or "") == self.tenant
+                   for p in owner.pods.values()) or dst_ip == owner.status["gateway"]["ip"]:
                 return ""
+            if self.tenant:
+                return (f"nowhere, {dst_ip} is in {owner.name}'s slice of tenant network "
+                        f"{self.tenant} but no pod of it has that address")
             return (f"nowhere, {dst_ip} is in {owner.name}'s pod CIDR "
                     f"{owner.status['pod_cidr']} but no pod has it")
         cluster = next(iter(self.views.values())).status.get("cluster_cidr")
@@ -327,6 +362,12 @@ class Tracer:
         }
 
     def _destination_node(self, ip: str) -> NodeView | None:
+        if self.tenant:
+            for node, cidr in self._tenant_slices().items():
+                if node in self.agents and \
+                        ipaddress.ip_address(ip) in ipaddress.ip_network(cidr):
+                    return self.view(node)
+            return None
         for n in self.agents:
             v = self.view(n)
             cidr = v.status.get("pod_cidr")
@@ -343,7 +384,7 @@ class Tracer:
                         or k.endswith(("_src", "_dst")) and k.split("_")[0] in PORT_PROTOS)
         if tunnel:
             port = dst.status.get("tunnel_ofport")
-            head = (f"in_port={port},tun_id=0,tun_src={src.status['node_ip']},"
+            head = (f"in_port={port},tun_id={self.vni},tun_src={src.status['node_ip']},"
                     f"tun_dst={dst.status['node_ip']},{proto},"
                     f"dl_src={src.status['gateway']['mac']},dl_dst={VIRTUAL_ROUTER_MAC}")
         else:  # routed: the destination node's stack hands it to its gateway

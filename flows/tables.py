@@ -92,7 +92,8 @@ PIPELINE: tuple[Table, ...] = (
 # these tables, and on the tunnel key to Classifier; kept apart from the table
 # list so the default network's declarations read as they are.
 TENANT_MATCHES: dict[str, tuple[str, ...]] = {
-    "Classifier": ("reg4", "tunnel_id"), "ARPResponder": ("reg4",), "ConntrackZone": ("reg4",),
+    "Classifier": ("reg4", "tunnel_id"), "ARPResponder": ("reg4",),
+    "ConntrackZone": ("reg4", "reg0", "ipv4_dst"),
     "ConntrackState": ("reg4",), "EgressRule": ("reg4",), "L3Forwarding": ("reg4",),
     "IngressRule": ("reg4",), "ConntrackCommit": ("reg4",),
 }

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.model import CT, Flow, Load, Move, SetField
-from flowcni.flows.node import _arp_reply
+from flowcni.flows.node import Gateway, _arp_reply
 from flowcni.flows.pod import LocalPod
 from flowcni.flows.tables import DEFAULT, Pipeline
 
@@ -37,6 +37,9 @@ TENANT_BASE_OWNER = "tenants"
 # Above every default-network flow of the tables they share (max 210 there).
 PRIO_TENANT = 230        # a tenant's own flows (its pods, slices, ARP, zone, commit)
 PRIO_TENANT_SKIP = 225   # any tenant packet skips a table's default-network flows
+PRIO_EGRESS_NOT = 226    # masquerading tenant: never out to the cluster or its own subnets
+PRIO_EGRESS_NEW = 222    # masquerading tenant: new connections out, SNAT in its zone
+PRIO_EGRESS_EST = 221    # ... and their later packets (NATed by ConntrackZone's ct(nat))
 PRIO_TENANT_DROP = 220   # any tenant packet no flow of its tenant took: dropped
 PRIO_TUN_DEFAULT = 205   # tunnel key 0: the default network, as before
 PRIO_TUN_UNKNOWN = 204   # any other key (a tenant this node does not know): dropped
@@ -49,6 +52,10 @@ class TenantNet:
     name: str
     vni: int
     slices: tuple[tuple[str, str, str], ...]  # (node, node IP, slice CIDR), this node's too
+    # Masquerade: this node's egress address for the tenant (one of its default pod
+    # CIDR's, leased from the node's IPAM), the ranges it must never reach that way.
+    egress_ip: str = ""
+    no_egress: tuple[str, ...] = ()
 
     @property
     def router_mac(self) -> str:
@@ -100,9 +107,37 @@ def base_flows(tun_ofport: int | None, pipeline: Pipeline = DEFAULT) -> list[Flo
     return flows
 
 
+def egress_flows(t: TenantNet, gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """Masquerade: a tenant's new connections out of the cluster are SNATed, in the
+    tenant's conntrack zone, to its egress address on this node, then handed to the
+    node's stack (which masquerades that pod-CIDR address like any pod's). Replies come
+    back from the gateway to the egress address: that is what names their tenant, and
+    the zone's NAT entry their pod, whatever address other tenants' pods share."""
+    kw = dict(feature=Feature.TENANT, owner=t.owner, pipeline=pipeline)
+    tid = _id(t)
+    ip = {"eth_type": 0x0800}
+    to_gw = [SetField("eth_src", t.router_mac), SetField("eth_dst", gw.mac),
+             Load(F.OUT_PORT, gw.ofport)]
+    flows = [Flow.make("L3Forwarding", PRIO_EGRESS_NOT, {**tid, "ipv4_dst": cidr}, **kw)
+             for cidr in t.no_egress]
+    flows += [
+        Flow.make("L3Forwarding", PRIO_EGRESS_NEW, {**ip, **tid, "ct_state": "+new+trk"},
+                  [*to_gw, CT(commit=True, zone=t.vni, snat=t.egress_ip, table="L3DecTTL")],
+                  **kw),
+        Flow.make("L3Forwarding", PRIO_EGRESS_EST, {**ip, **tid, "ct_state": "-new+trk"},
+                  to_gw, goto="L3DecTTL", **kw),
+        Flow.make("ConntrackZone", PRIO_TENANT,
+                  {"reg0": F.SOURCE.value(F.FROM_GATEWAY), "ipv4_dst": t.egress_ip},
+                  [Load(F.TENANT, t.vni), Load(F.IN_TENANT, 1),
+                   CT(table="ConntrackState", zone=t.vni, nat="")], **kw),
+    ]
+    return flows
+
+
 def tenant_flows(t: TenantNet, me: str, tun_ofport: int | None,
-                 pipeline: Pipeline = DEFAULT) -> list[Flow]:
-    """One tenant's node-wide flows: tunnel key in, ARP, zone, commit, remote slices out."""
+                 pipeline: Pipeline = DEFAULT, gw: Gateway | None = None) -> list[Flow]:
+    """One tenant's node-wide flows: tunnel key in, ARP, zone, commit, remote slices out
+    (and egress, for a masquerading tenant with an egress address here)."""
     kw = dict(feature=Feature.TENANT, owner=t.owner, pipeline=pipeline)
     tid = _id(t)
     ip = {"eth_type": 0x0800}
@@ -116,6 +151,8 @@ def tenant_flows(t: TenantNet, me: str, tun_ofport: int | None,
         Flow.make("ConntrackCommit", PRIO_TENANT, {**ip, **tid, "ct_state": "+new+trk"},
                   [CT(commit=True, zone=t.vni)], goto="Output", **kw),
     ]
+    if t.egress_ip and gw is not None:
+        flows += egress_flows(t, gw, pipeline)
     if tun_ofport is None:
         return flows
     flows.append(Flow.make(

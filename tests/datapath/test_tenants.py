@@ -16,11 +16,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from flowcni.ctl import flowctl
 from flowcni.ctl.client import AgentClient
+from flowcni.ctl.trace import Tracer
 from flowcni.datastore.manifests import load
 from flowcni.datastore.tenantconv import for_update
 from flowcni.lab import netns
-from flowcni.lab.lab import Lab
+from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
 from tests.support.probe import ping
@@ -43,6 +45,7 @@ spec:
   namespaceSelector: {matchLabels: {tenant: blue}}
   subnets: [10.50.0.0/16]
   vni: 101
+  egress: {masquerade: true}
 ---
 apiVersion: flowcni.io/v1alpha1
 kind: TenantNetwork
@@ -51,6 +54,7 @@ spec:
   namespaceSelector: {matchLabels: {tenant: red}}
   subnets: [10.50.0.0/16]
   vni: 202
+  egress: {masquerade: true}
 """
 
 # pod ref -> node; order matters: the first pod of a tenant on a node gets .2
@@ -92,7 +96,8 @@ def probe(ip, kind):
             out[f"{ip}/{kind}"] = "icmp" if p.returncode == 0 else None
     except OSError:
         out[f"{ip}/{kind}"] = None
-ts = [threading.Thread(target=probe, args=(ip, k)) for ip in targets for k in ("tcp", "udp", "icmp")]
+ts = [threading.Thread(target=probe, args=(ip, k))
+      for ip in targets for k in ("tcp", "udp", "icmp")]
 [t.start() for t in ts]; [t.join() for t in ts]
 print(json.dumps(out))
 """
@@ -175,6 +180,52 @@ def test_each_tenant_reaches_its_own_and_not_the_other(tlab: Lab) -> None:
     assert reached(res["default/d"], ip["default/e"]) == ("default/e", "default/e", "icmp")
 
 
+EXT_SERVER = r"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(64)
+print("ready", flush=True)
+while True:
+    c, a = s.accept(); c.sendall(f"{a[0]}:{a[1]}".encode()); c.close()
+"""
+
+EXT_CLIENT = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 41000)); s.settimeout(5)
+try:
+    s.connect((sys.argv[1], 8080)); print(s.recv(100).decode())
+except OSError as e:
+    print(f"failed: {e}")
+"""
+
+
+def test_masquerade_with_identical_sources(tlab: Lab) -> None:
+    """blue/a and red/a (both 10.50.1.2, both from port 41000) reach the external host
+    at the same time; each gets its own answer, from the node's address."""
+    ext = subprocess.Popen(netns.exec_argv(tlab.external_ns, [sys.executable, "-c",
+                                                              EXT_SERVER]),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert ext.stdout is not None and ext.stdout.readline().strip() == "ready"
+        procs = {ref: subprocess.Popen(tlab.exec_argv(ref, [sys.executable, "-c", EXT_CLIENT,
+                                                            EXTERNAL_IP]),
+                                       stdout=subprocess.PIPE, text=True)
+                 for ref in ("blue/a", "red/a", "default/d")}
+        seen = {ref: p.communicate(timeout=30)[0].strip() for ref, p in procs.items()}
+    finally:
+        ext.kill()
+        ext.wait()
+    node_ip = tlab.node("node1").node_ip
+    for ref, answer in seen.items():
+        assert answer.startswith(f"{node_ip}:"), (ref, answer)
+    # three connections, three distinct translated source ports
+    assert len(set(seen.values())) == 3, seen
+    egress = {t["name"]: t["egress_ip"] for t in AgentClient(
+        tlab.node("node1").api_socket).call("tenants")["tenants"]}
+    assert egress["blue"] != egress["red"] and egress["blue"].startswith("10.244.1.")
+
+
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
     """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
     cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [
@@ -197,6 +248,39 @@ def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
 def test_underlay_carries_each_tenants_vni(tlab: Lab) -> None:
     assert _geneve_vnis(tlab, "blue/a", "10.50.2.2") == {hex(BLUE_VNI)}
     assert _geneve_vnis(tlab, "red/a", "10.50.2.2") == {hex(RED_VNI)}
+
+
+def test_trace_follows_the_tenant(tlab: Lab) -> None:
+    """The trace goes to the tenant's pod behind the shared address, with its VNI."""
+    v = Tracer(tlab).trace("blue/a", "10.50.2.2", "tcp", 80)
+    assert v.delivered and v.pod == "blue/b" and v.node == "node2"
+    assert (v.tenant, v.vni) == ("blue", BLUE_VNI)
+    assert any(f"VNI {BLUE_VNI}" in s.story for s in v.steps)
+    assert any(s.node == "node2" and f"VNI) {BLUE_VNI}: tenant blue" in s.story
+               for s in v.steps)
+    v = Tracer(tlab).trace("red/a", "10.50.2.2", "udp", 53)
+    assert v.delivered and v.pod == "red/b" and v.vni == RED_VNI
+    # blue has no pod at red/d's address on node1: the trace ends in blue's drop
+    v = Tracer(tlab).trace("blue/a", "10.50.1.3", "tcp", 80)
+    assert not v.delivered and v.table == "L3Forwarding" and v.owner == "tenant:blue"
+    assert "no pod of it has that address" in v.detail
+
+
+def test_flowctl_tenants_and_flows(tlab: Lab, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWCNI_LAB_DIR", tlab.base)
+    monkeypatch.setenv("FLOWCNI_LAB_PREFIX", tlab.prefix)
+    assert flowctl.main(["tenants", "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "blue" in out and "101" in out and "10.50.1.0/24" in out
+    assert flowctl.main(["flows", "--tenant", "red", "--node", "node1", "--json",
+                         "--no-stats"]) == 0
+    rows = json.loads(capsys.readouterr().out)[0]["flows"]
+    owners = {r["owner"] for r in rows}
+    assert "tenant:red" in owners and len([o for o in owners if o.startswith("pod:")]) == 2
+    assert any("tun_id=0xca" in r["match"] or "tun_id=202" in r["match"] for r in rows)
+    assert flowctl.main(["flows", "--tenant", "nope", "--node", "node1"]) == 1
+    assert "--tenant nope" in capsys.readouterr().err
 
 
 def test_agent_reports_tenants(tlab: Lab) -> None:
