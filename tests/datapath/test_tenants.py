@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +26,7 @@ from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
-from tests.support.probe import ping
+from tests.support.probe import Capture, ping
 
 BLUE_VNI, RED_VNI = 101, 202
 
@@ -290,3 +291,45 @@ def test_agent_reports_tenants(tlab: Lab) -> None:
     assert t["blue"]["node_slice"] == "10.50.1.0/24"
     assert {p["name"] for p in t["red"]["pods"]} == {"a", "d"}
     assert t["red"]["namespaces"] == ["red"]
+
+
+SENDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        s.sendto(b"tenant-check", (sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        pass
+    time.sleep(0.02)
+"""
+
+
+def test_agent_restarts_keep_tenants_apart(tlab: Lab) -> None:
+    """Both nodes' agents restart while blue/a and red/a stream UDP to 10.50.2.2 (blue
+    to port 9998, red to 9999): captures on blue/b and red/b see only their own
+    tenant's stream, throughout, and each sees its own (the control)."""
+    caps = {(ref, port): Capture(tlab, ref, f"udp dst port {port}")
+            for ref in ("blue/b", "red/b") for port in (9998, 9999)}
+    senders = [subprocess.Popen(tlab.exec_argv(ref, [sys.executable, "-c", SENDER,
+                                                     "10.50.2.2", port, "25"]))
+               for ref, port in (("blue/a", "9998"), ("red/a", "9999"))]
+    try:
+        time.sleep(1)
+        for node in ("node2", "node1"):
+            tlab.restart_agent(node)
+        time.sleep(2)
+        # after the restarts, each stream still arrives where it belongs
+        late = {k: Capture(tlab, k[0], f"udp dst port {k[1]}")
+                for k in (("blue/b", 9998), ("red/b", 9999))}
+        time.sleep(1)
+        after = {k: len(c.count()) for k, c in late.items()}
+    finally:
+        for p in senders:
+            p.kill()
+            p.wait()
+    seen = {k: len(c.count()) for k, c in caps.items()}
+    assert seen[("blue/b", 9999)] == 0 and seen[("red/b", 9998)] == 0, seen
+    assert seen[("blue/b", 9998)] > 0 and seen[("red/b", 9999)] > 0, seen
+    assert all(n > 0 for n in after.values()), after

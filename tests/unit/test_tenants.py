@@ -144,3 +144,52 @@ def test_tenant_flows_match_the_tenant_and_key_the_tunnel() -> None:
     assert all(f.priority > 210 for f in tenant_flows(t, "node1", 7) + base_flows(None)
                if f.table in ("L3Forwarding", "ARPResponder", "EgressRule", "IngressRule",
                               "ConntrackZone", "ConntrackCommit"))
+
+
+# -- the agent's side (controller/tenants.py), with a FlowSync and no switch ---------------
+
+def _tenants(tmp_path: Any, encap: str = "geneve") -> Any:
+    from flowcni.cni.ipam import IPAM
+    from flowcni.controller.flowsync import FlowSync
+    from flowcni.controller.tenants import Tenants
+    from flowcni.flows.node import Gateway
+    fs = FlowSync(DEFAULT, lambda: 1)
+    gw = Gateway("10.244.1.1", "02:00:00:00:00:01", 2, "10.244.1.0/24", "192.168.50.11")
+    ipam = IPAM("10.244.1.0/24", None)
+    return Tenants("node1", CLUSTER, encap, str(tmp_path), fs, 7, gw, ipam), fs, ipam
+
+
+def test_no_tenant_no_flows_then_flows_and_pools(tmp_path: Any) -> None:
+    from flowcni.controller.tenants import TenantRefused
+    t, fs, ipam = _tenants(tmp_path)
+    t.load([], [ns("b1", tenant="blue")], NODES)
+    assert fs.flow_count() == 0 and t.placement("b1") is None
+    t.load([body("blue", egress={"masquerade": True})], [ns("b1", tenant="blue")], NODES)
+    assert fs.flow_count() > 0
+    p = t.placement("b1")
+    assert p is not None and p.cidr == "10.50.1.0/24" and p.gateway == "10.50.1.1"
+    assert str(p.ipam.allocate("c1/eth0")) == "10.50.1.2"
+    egress = t.nets["blue"].egress_ip
+    assert egress.startswith("10.244.1.") and str(ipam.lease("tenant-egress:blue")) == egress
+    assert t.placement("other") is None
+    # the tenant goes: its flows, the shared ones and its egress lease go too
+    t.load([], [ns("b1", tenant="blue")], NODES)
+    assert fs.flow_count() == 0 and ipam.lease("tenant-egress:blue") is None
+    with pytest.raises(TenantRefused, match="EncapRequired|encap is none"):
+        t2, fs2, _ = _tenants(tmp_path / "x", encap="none")
+        (tmp_path / "x").mkdir()
+        t2.load([body("blue")], [ns("b1", tenant="blue")], NODES)
+        assert fs2.flow_count() == 0
+        t2.placement("b1")
+
+
+def test_relabelled_namespace_reports_running_pods(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+    t, _, _ = _tenants(tmp_path)
+    t.load([body("blue")], [ns("b1", tenant="blue")], NODES)
+    t.pods = lambda: [SimpleNamespace(namespace="b1", name="p", ip="10.50.1.2", tenant="blue")]
+    assert t.describe()[0]["stale_pods"] == []
+    t.load([body("blue")], [ns("b1")], NODES)  # label removed: new pods go to the default
+    assert t.placement("b1") is None
+    d = t.describe()[0]
+    assert d["stale_pods"] == ["b1/p"] and d["pods"][0]["name"] == "p"
