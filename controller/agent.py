@@ -423,7 +423,8 @@ class Agent:
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
-                self.realized_revision, self._service_counts))
+                self.realized_revision, self._service_counts),
+                metrics.TenantCollector(self.tenants.metric_rows))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected

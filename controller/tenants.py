@@ -214,6 +214,18 @@ class Tenants:
 
     # -- inspection --------------------------------------------------------------------
 
+    def metric_rows(self) -> list[tuple[str, int, bool, int, int]]:
+        """(tenant, VNI, usable, local pods, flows) for the metrics endpoint."""
+        with self._lock:
+            tenants = list(self.resolution.tenants.values())
+        pods = list(self.pods())
+        rows = []
+        for t in sorted(tenants, key=lambda t: t.name):
+            keys = [f"pod:{p.key}" for p in pods if getattr(p, "tenant", "") == t.name]
+            n_flows = len(self.flows.flows_of([tenant_owner(t.name), *keys]))
+            rows.append((t.name, t.vni, t.ok, len(keys), n_flows))
+        return rows
+
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             res = self.resolution

@@ -291,6 +291,13 @@ def test_agent_reports_tenants(tlab: Lab) -> None:
     assert t["blue"]["node_slice"] == "10.50.1.0/24"
     assert {p["name"] for p in t["red"]["pods"]} == {"a", "d"}
     assert t["red"]["namespaces"] == ["red"]
+    out = subprocess.run(netns.exec_argv(tlab.node("node1").netns, [
+        "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+        "'http://127.0.0.1:9153/metrics', timeout=5).read().decode())"]),
+        capture_output=True, text=True, check=True).stdout
+    assert 'flowcni_tenant_pods{tenant="red",vni="202"} 2.0' in out
+    assert 'flowcni_tenant_pods{tenant="blue",vni="101"} 1.0' in out
+    assert 'flowcni_tenant_ready{tenant="blue",vni="101"} 1.0' in out
 
 
 SENDER = r"""
