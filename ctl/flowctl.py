@@ -121,16 +121,21 @@ def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
 
 def cmd_tenants(a: argparse.Namespace) -> int:
     """Tenant networks as each node resolves them: VNI, zone, slice, pods, conditions."""
+    return show_tenants(_agents(a), a.tenant, a.json)
+
+
+def show_tenants(agents: list[NodeAgent], tenant: str | None = None,
+                 as_json: bool = False) -> int:
     rows: list[dict[str, Any]] = []
-    for n in _agents(a):
+    for n in agents:
         r = n.call("tenants")
         for t in r["tenants"]:
-            if a.tenant and t["name"] != a.tenant:
+            if tenant and t["name"] != tenant:
                 continue
             rows.append({"node": n.name, **t})
-    if a.tenant and not rows:
-        raise CLIError(f"no TenantNetwork {a.tenant}")
-    if a.json:
+    if tenant and not rows:
+        raise CLIError(f"no TenantNetwork {tenant}")
+    if as_json:
         print(json.dumps(rows, indent=1))
         return 0
     print_table([{

@@ -126,10 +126,12 @@ def story(step: Step) -> str:
                     if "->tun_id" in a), "?")
         return (f"{step.table}: tenant {step.owner[7:]}: remote slice via tunnel to {tun}, "
                 f"VNI {vni}")
-    if step.owner.startswith("tenant:") and step.table == "Classifier":
-        vni = next((str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
-                    if "REG4[0..15]" in a), "?")
-        return f"{step.table}: tunnel key (VNI) {vni}: tenant {step.owner[7:]}"
+    if step.table == "Classifier" and any("REG4[0..15]" in a for a in acts):
+        vni = next(str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
+                   if "REG4[0..15]" in a)
+        if step.owner.startswith("tenant:"):
+            return f"{step.table}: tunnel key (VNI) {vni}: tenant {step.owner[7:]}"
+        return f"{step.table}: {who}: on the tenant network with VNI {vni}"
     return f"{step.table}: {who} -> {', '.join(acts)}"
 
 
