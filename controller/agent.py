@@ -236,6 +236,7 @@ class Agent:
                                         if isinstance(self.store, Store) else None),
                                tenants=self.tenants)
         self.tenants.pods = lambda: list(self.pods.attachments.values())
+        self.pods.on_change = self.tenants.pods_changed
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)

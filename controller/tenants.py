@@ -25,7 +25,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flowcni.cni.ipam import IPAM, IPAMError
@@ -34,10 +34,13 @@ from flowcni.datastore.store import Change
 from flowcni.datastore.tenantconv import Resolution, Tenant, resolve
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway
+from flowcni.flows.pod import LocalPod
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
     base_flows,
+    connect_owner,
+    connect_pod_flows,
     tenant_flows,
     tenant_owner,
 )
@@ -78,6 +81,7 @@ class Tenants:
         self._ipams: dict[tuple[str, str], IPAM] = {}
         self._lock = threading.RLock()
         self._reported: dict[str, tuple[str, ...]] = {}
+        self._connect: dict[str, list[Flow]] = {}
         self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
 
     # -- datastore ---------------------------------------------------------------------
@@ -121,6 +125,11 @@ class Tenants:
         for name in {t.name for t in res.tenants.values()} | set(self.nets):
             if name not in nets or not nets[name].egress_ip:
                 self._release_egress(name)
+        for name, net in list(nets.items()):
+            peers = tuple((p, nets[p].vni, nets[p].slices)
+                          for p in sorted(res.tenants[name].connected) if p in nets)
+            if peers:
+                nets[name] = replace(net, peers=peers)
         changes: dict[str, list[Flow]] = {}
         pipeline = self.flows.pipeline
         for name in set(self.nets) - set(nets):
@@ -132,8 +141,33 @@ class Tenants:
         if bool(nets) != bool(self.nets):
             changes[TENANT_BASE_OWNER] = base_flows(self.tun_ofport, pipeline) if nets else []
         self.resolution, self.nets = res, nets
+        changes.update(self._connect_changes())
         if changes:
             self.flows.set_owners(changes)
+
+    def _connect_changes(self) -> dict[str, list[Flow]]:
+        """connectTo's flows towards the local pods of connected tenants (by tenant)."""
+        local: dict[str, list[tuple[LocalPod, TenantNet]]] = {}
+        for a in self.pods():
+            t = self.nets.get(getattr(a, "tenant", ""))
+            if t is not None:
+                local.setdefault(t.name, []).append((a.local_pod(), t))
+        want = {}
+        for name, net in self.nets.items():
+            pods = [p for peer, _, _ in net.peers for p in local.get(peer, [])]
+            if pods:
+                want[connect_owner(name)] = connect_pod_flows(net, pods, self.flows.pipeline)
+        changes: dict[str, list[Flow]] = {o: [] for o in set(self._connect) - set(want)}
+        changes.update({o: f for o, f in want.items() if self._connect.get(o) != f})
+        self._connect = want
+        return changes
+
+    def pods_changed(self) -> None:
+        """A local pod came or went: connected tenants' flows towards it follow."""
+        with self._lock:
+            changes = self._connect_changes()
+            if changes:
+                self.flows.set_owners(changes)
 
     def _report(self, t: Tenant) -> None:
         """One log line per new set of conditions of a tenant (each names its field)."""
@@ -245,6 +279,7 @@ class Tenants:
                 "egress_ip": self.nets[t.name].egress_ip if t.name in self.nets else None,
                 "masquerade": bool(t.spec and t.spec.masquerade),
                 "connect_to": list(t.spec.connect_to) if t.spec else [],
+                "connected": list(t.connected),
                 "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
                          for p in mine],
                 "stale_pods": stale,

@@ -256,6 +256,7 @@ class Tenant:
     slices: dict[str, str] = field(default_factory=dict)  # node -> slice CIDR
     conditions: list[Condition] = field(default_factory=list)
     ok: bool = False
+    connected: list[str] = field(default_factory=list)  # tenants it may reach (and back)
 
     @property
     def zone(self) -> int:
@@ -264,11 +265,6 @@ class Tenant:
     def gateway(self, node: str) -> str:
         s = self.slices.get(node)
         return str(IPv4Network(s).network_address + 1) if s else ""
-
-    def connected(self, other: str, tenants: dict[str, Tenant]) -> bool:
-        t = tenants.get(other)
-        return bool(self.spec and t and t.ok and t.spec and other in self.spec.connect_to
-                    and self.name in t.spec.connect_to)
 
 
 @dataclass
@@ -377,6 +373,27 @@ def resolve(bodies: Iterable[dict[str, Any]], namespaces: Iterable[dict[str, Any
         if t.ok:
             t.conditions.insert(0, Condition("Ready", True, "Resolved",
                                              f"VNI {t.vni}, zone {t.zone}"))
+    for t in tenants.values():
+        if not (t.ok and t.spec):
+            continue
+        for i, other in enumerate(t.spec.connect_to):
+            o = tenants.get(other)
+            why = ""
+            if o is None or o.spec is None:
+                why = f"no usable TenantNetwork {other}"
+            elif not o.ok:
+                why = f"TenantNetwork {other} is not usable"
+            elif t.name not in o.spec.connect_to:
+                why = f"TenantNetwork {other} does not list {t.name} in its spec.connectTo"
+            elif any(IPv4Network(a).overlaps(IPv4Network(b))
+                     for a in t.spec.subnets for b in o.spec.subnets):
+                why = (f"the subnets of {t.name} and {other} overlap: an address would "
+                       "name two pods")
+            if why:
+                t.conditions.append(Condition("ConnectRefused", True, "NotConnected",
+                                              f"spec.connectTo[{i}]: {why}"))
+            else:
+                t.connected.append(other)
     # Unusable tenants keep their namespaces: their pods must fail to start with the
     # reason, not quietly join the default network.
     by_ns = {ns: t.name for t in tenants.values() for ns in t.namespaces}

@@ -36,6 +36,7 @@ from flowcni.flows.tables import DEFAULT, Pipeline
 TENANT_BASE_OWNER = "tenants"
 # Above every default-network flow of the tables they share (max 210 there).
 PRIO_TENANT = 230        # a tenant's own flows (its pods, slices, ARP, zone, commit)
+PRIO_CONNECT = 228       # connectTo: a connected tenant's pods and slices (own ones first)
 PRIO_TENANT_SKIP = 225   # any tenant packet skips a table's default-network flows
 PRIO_EGRESS_NOT = 226    # masquerading tenant: never out to the cluster or its own subnets
 PRIO_EGRESS_NEW = 222    # masquerading tenant: new connections out, SNAT in its zone
@@ -56,6 +57,8 @@ class TenantNet:
     # CIDR's, leased from the node's IPAM), the ranges it must never reach that way.
     egress_ip: str = ""
     no_egress: tuple[str, ...] = ()
+    # connectTo, agreed by both: (name, VNI, slices) of each tenant this one may reach.
+    peers: tuple[tuple[str, int, tuple[tuple[str, str, str], ...]], ...] = ()
 
     @property
     def router_mac(self) -> str:
@@ -155,6 +158,20 @@ def tenant_flows(t: TenantNet, me: str, tun_ofport: int | None,
         flows += egress_flows(t, gw, pipeline)
     if tun_ofport is None:
         return flows
+    for name, vni, slices in t.peers:
+        # A connected tenant's remote slices: into the tunnel with ITS key, so the far
+        # node delivers (and its pods answer) in that tenant; its local pods: see
+        # connect_pod_flows.
+        peer_mac = TenantNet(name, vni, ()).router_mac
+        for node, node_ip, cidr in slices:
+            if node == me:
+                continue
+            flows.append(Flow.make(
+                "L3Forwarding", PRIO_CONNECT, {**tid, "ipv4_dst": cidr},
+                [SetField("eth_src", peer_mac), SetField("eth_dst", F.VIRTUAL_ROUTER_MAC),
+                 SetField("tun_ipv4_dst", node_ip), SetField("tunnel_id", vni),
+                 Load(F.OUT_PORT, tun_ofport)],
+                goto="L3DecTTL", **kw))
     flows.append(Flow.make(
         "Classifier", PRIO_TENANT, {"in_port": tun_ofport, "tunnel_id": t.vni},
         [Load(F.SOURCE, F.FROM_TUNNEL), Load(F.TENANT, t.vni), Load(F.IN_TENANT, 1)],
@@ -169,6 +186,26 @@ def tenant_flows(t: TenantNet, me: str, tun_ofport: int | None,
              Load(F.OUT_PORT, tun_ofport)],
             goto="L3DecTTL", **kw))
     return flows
+
+
+def connect_owner(name: str) -> str:
+    return f"tenant-connect:{name}"
+
+
+def connect_pod_flows(t: TenantNet, pods: list[tuple[LocalPod, TenantNet]],
+                      pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """Tenant t reaching the local pods of the tenants it is connected with: one flow
+    per such pod, matching t's id, delivering as the pod's own tenant would.
+
+    The connection is committed in the pod's tenant's zone too (it is already tracked
+    in t's): the pod's answers are looked up in its own zone, where a SYN-ACK or an
+    echo reply with no request on record would be invalid.
+    """
+    kw = dict(feature=Feature.TENANT, owner=connect_owner(t.name), pipeline=pipeline)
+    return [Flow.make("L3Forwarding", PRIO_CONNECT, {**_id(t), "ipv4_dst": p.ip},
+                      [SetField("eth_src", pt.router_mac), SetField("eth_dst", p.mac),
+                       CT(commit=True, zone=pt.vni, table="L3DecTTL")], **kw)
+            for p, pt in pods]
 
 
 def tenant_pod_flows(pod: LocalPod, t: TenantNet, pipeline: Pipeline = DEFAULT) -> list[Flow]:

@@ -47,6 +47,7 @@ spec:
   subnets: [10.50.0.0/16]
   vni: 101
   egress: {masquerade: true}
+  connectTo: [green]
 ---
 apiVersion: flowcni.io/v1alpha1
 kind: TenantNetwork
@@ -56,12 +57,37 @@ spec:
   subnets: [10.50.0.0/16]
   vni: 202
   egress: {masquerade: true}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: green, labels: {tenant: green}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: yellow, labels: {tenant: yellow}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: green}
+spec:
+  namespaceSelector: {matchLabels: {tenant: green}}
+  subnets: [10.60.0.0/16]
+  connectTo: [blue]
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: yellow}
+spec:
+  namespaceSelector: {matchLabels: {tenant: yellow}}
+  subnets: [10.70.0.0/16]
+  connectTo: [blue]
 """
 
 # pod ref -> node; order matters: the first pod of a tenant on a node gets .2
 PODS = [("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"), ("red/b", "node2"),
         ("red/c", "node3"), ("red/d", "node1"), ("default/d", "node1"),
-        ("default/e", "node2")]
+        ("default/e", "node2"), ("green/g", "node1"), ("green/h", "node2"),
+        ("yellow/y", "node1")]
 
 SERVER = r"""
 import socket, sys, threading
@@ -225,6 +251,33 @@ def test_masquerade_with_identical_sources(tlab: Lab) -> None:
     egress = {t["name"]: t["egress_ip"] for t in AgentClient(
         tlab.node("node1").api_socket).call("tenants")["tenants"]}
     assert egress["blue"] != egress["red"] and egress["blue"].startswith("10.244.1.")
+
+
+def test_connect_to_opens_exactly_the_agreed_pair(tlab: Lab) -> None:
+    """blue and green list each other: they reach each other's pods (same node and across,
+    both ways). yellow lists blue, blue does not list yellow: nothing between them. red
+    lists nobody: green is out of its reach. All probes at once."""
+    res = probe_all(tlab, {
+        "blue/a": ["10.60.1.2", "10.60.2.2", "10.70.1.2"],
+        "green/h": ["10.50.1.2", "10.50.2.2"],
+        "yellow/y": ["10.50.1.2", "10.50.2.2"],
+        "red/a": ["10.60.1.2", "10.60.2.2"],
+    })
+    assert reached(res["blue/a"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+    assert reached(res["blue/a"], "10.60.2.2") == ("green/h", "green/h", "icmp")
+    # 10.50.1.2 is blue/a and red/a: green, connected to blue only, reaches blue's
+    assert reached(res["green/h"], "10.50.1.2") == ("blue/a", "blue/a", "icmp")
+    assert reached(res["green/h"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+    assert reached(res["blue/a"], "10.70.1.2") == (None, None, None)
+    assert reached(res["yellow/y"], "10.50.1.2") == (None, None, None)
+    assert reached(res["yellow/y"], "10.50.2.2") == (None, None, None)
+    assert reached(res["red/a"], "10.60.1.2") == (None, None, None)
+    assert reached(res["red/a"], "10.60.2.2") == (None, None, None)
+    t = {x["name"]: x for x in AgentClient(tlab.node("node1").api_socket).call(
+        "tenants")["tenants"]}
+    assert t["blue"]["connected"] == ["green"] and t["yellow"]["connected"] == []
+    assert any(c["type"] == "ConnectRefused" and c["message"].startswith("spec.connectTo[0]")
+               for c in t["yellow"]["conditions"])
 
 
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:

@@ -187,9 +187,46 @@ def test_relabelled_namespace_reports_running_pods(tmp_path: Any) -> None:
     from types import SimpleNamespace
     t, _, _ = _tenants(tmp_path)
     t.load([body("blue")], [ns("b1", tenant="blue")], NODES)
-    t.pods = lambda: [SimpleNamespace(namespace="b1", name="p", ip="10.50.1.2", tenant="blue")]
+    t.pods = lambda: [SimpleNamespace(namespace="b1", name="p", ip="10.50.1.2", tenant="blue",
+                                      local_pod=lambda: LocalPod("c/eth0", 5, "10.50.1.2",
+                                                                 "02:00:00:00:00:05"))]
     assert t.describe()[0]["stale_pods"] == []
     t.load([body("blue")], [ns("b1")], NODES)  # label removed: new pods go to the default
     assert t.placement("b1") is None
     d = t.describe()[0]
     assert d["stale_pods"] == ["b1/p"] and d["pods"][0]["name"] == "p"
+
+
+def test_connect_to_needs_both_sides_and_no_overlap() -> None:
+    r = tc.resolve([
+        body("blue", connectTo=["green", "red"]),
+        body("green", subnets=["10.60.0.0/16"], connectTo=["blue"]),
+        body("red", connectTo=["blue"]),                          # overlaps blue
+        body("yellow", subnets=["10.70.0.0/16"], connectTo=["blue"]),  # blue does not agree
+    ], [], NODES, CLUSTER)
+    t = r.tenants
+    assert t["blue"].connected == ["green"] and t["green"].connected == ["blue"]
+    assert t["red"].connected == [] and t["yellow"].connected == []
+    msg = {c.message for c in t["yellow"].conditions if c.type == "ConnectRefused"}
+    assert msg == {"spec.connectTo[0]: TenantNetwork blue does not list yellow in its "
+                   "spec.connectTo"}
+    assert any("overlap" in c.message for c in t["red"].conditions)
+
+
+def test_connect_flows_use_the_peers_key(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+    t, fs, _ = _tenants(tmp_path)
+    t.load([body("blue", connectTo=["green"]),
+            body("green", subnets=["10.60.0.0/16"], connectTo=["blue"])], [], NODES)
+    blue = fs.flows_of(["tenant:blue"])
+    out = [f for f in blue if dict(f.match).get("ipv4_dst") == "10.60.2.0/24"]
+    assert len(out) == 1 and f"set_field:{t.nets['green'].vni}->tun_id" in out[0].ofctl()
+    assert fs.flows_of(["tenant-connect:blue"]) == []
+    t.pods = lambda: [SimpleNamespace(tenant="green", local_pod=lambda: LocalPod(
+        "g/eth0", 9, "10.60.1.2", "02:00:00:00:00:09"))]
+    t.pods_changed()
+    [f] = fs.flows_of(["tenant-connect:blue"])
+    assert dict(f.match)["ipv4_dst"] == "10.60.1.2"
+    t.pods = lambda: []
+    t.pods_changed()
+    assert fs.flows_of(["tenant-connect:blue"]) == []
