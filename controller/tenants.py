@@ -31,7 +31,16 @@ from typing import Any
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
 from flowcni.datastore.store import Change
-from flowcni.datastore.tenantconv import Resolution, Tenant, resolve
+from flowcni.datastore.tenantconv import (
+    Condition,
+    Resolution,
+    Tenant,
+    TenantError,
+    TenantSpec,
+    check_update,
+    from_body,
+    resolve,
+)
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
@@ -82,6 +91,7 @@ class Tenants:
         self._lock = threading.RLock()
         self._reported: dict[str, tuple[str, ...]] = {}
         self._connect: dict[str, list[Flow]] = {}
+        self._accepted: dict[str, TenantSpec] = {}  # immutable fields as first accepted
         self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
 
     # -- datastore ---------------------------------------------------------------------
@@ -108,10 +118,45 @@ class Tenants:
             if touched:
                 self._recompute()
 
+    def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+        """The TenantNetworks to resolve, with immutable fields as this agent first
+        accepted them: a change that got past the API (a store written by hand) would
+        renumber running pods, so it is reported (naming the field) and not applied."""
+        bodies, refused = [], {}
+        for name, b in self.objects["TenantNetwork"].items():
+            spec = b.get("spec") if isinstance(b.get("spec"), dict) else None
+            try:
+                new = from_body(b)
+            except TenantError:
+                bodies.append(b)
+                continue
+            old = self._accepted.get(name)
+            if old is None or spec is None:
+                self._accepted[name] = new
+                bodies.append(b)
+                continue
+            try:
+                check_update(old, new)
+                bodies.append(b)
+            except TenantError as e:
+                refused[name] = [str(e)]
+                kept = {**spec, "subnets": list(old.subnets),
+                        "nodeSubnetSize": old.node_subnet_size}
+                kept.pop("vni", None)
+                if old.vni is not None:
+                    kept["vni"] = old.vni
+                bodies.append({**b, "spec": kept})
+        for name in set(self._accepted) - set(self.objects["TenantNetwork"]):
+            del self._accepted[name]
+        return bodies, refused
+
     def _recompute(self) -> None:
-        res = resolve(self.objects["TenantNetwork"].values(),
-                      self.objects["Namespace"].values(), self.objects["Node"].values(),
-                      self.cluster_cidr, self.encap)
+        bodies, refused = self._kept_immutable()
+        res = resolve(bodies, self.objects["Namespace"].values(),
+                      self.objects["Node"].values(), self.cluster_cidr, self.encap)
+        for name, msgs in refused.items():
+            res.tenants[name].conditions += [
+                Condition("ImmutableFieldChanged", True, "ChangeRefused", m) for m in msgs]
         ips = {n["name"]: n.get("nodeIP", "") for n in self.objects["Node"].values()}
         nets = {}
         for t in res.tenants.values():

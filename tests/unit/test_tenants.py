@@ -230,3 +230,20 @@ def test_connect_flows_use_the_peers_key(tmp_path: Any) -> None:
     t.pods = lambda: []
     t.pods_changed()
     assert fs.flows_of(["tenant-connect:blue"]) == []
+
+
+def test_immutable_change_behind_the_apis_back_is_refused(tmp_path: Any) -> None:
+    t, fs, _ = _tenants(tmp_path)
+    t.load([body("blue", vni=300)], [ns("b1", tenant="blue")], NODES)
+    before = fs.flows_of(["tenant:blue"])
+    t.load([body("blue", vni=301, subnets=["10.51.0.0/16"])], [ns("b1", tenant="blue")],
+           NODES)
+    d = t.describe()[0]
+    assert d["vni"] == 300 and d["subnets"] == ["10.50.0.0/16"] and d["ok"]
+    msgs = [c["message"] for c in d["conditions"] if c["type"] == "ImmutableFieldChanged"]
+    assert len(msgs) == 1 and msgs[0].startswith("spec.subnets: immutable")
+    assert fs.flows_of(["tenant:blue"]) == before  # nothing running is cut off
+    # a mutable field still applies
+    t.load([body("blue", vni=300, egress={"masquerade": True})], [ns("b1", tenant="blue")],
+           NODES)
+    assert t.describe()[0]["masquerade"] and t.nets["blue"].egress_ip
