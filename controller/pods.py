@@ -497,4 +497,7 @@ class PodManager:
         self.drain()
         removed += self.ipam.gc(valid | set(self.attachments),
                                 lambda meta: meta.get("network", "") in (network, ""))
+        if self.tenants is not None:
+            removed += self.tenants.gc(valid | set(self.attachments),
+                                       lambda meta: meta.get("network", "") in (network, ""))
         return removed

@@ -273,6 +273,11 @@ class Tenants:
                 fname = f"ipam-tenant-{_SAFE.sub('_', name)}-{cidr.replace('/', '_')}.json"
                 path = os.path.join(self.state_dir, fname)
                 ip = self._ipams[(name, cidr)] = IPAM(cidr, path)
+                # leases a checkpoint kept for pods no port backs any more (their DEL
+                # never came, or came while this pool was not loaded)
+                for k in ip.gc({a.key for a in self.pods()}):
+                    LOG.warning("TenantNetwork %s: releasing lease %s: no port carries it",
+                                name, k)
             return ip
 
     def release(self, key: str) -> None:
@@ -281,6 +286,12 @@ class Tenants:
             pools = list(self._ipams.values())
         for p in pools:
             p.release(key)
+
+    def gc(self, valid: set[str], owned: Callable[[dict[str, Any]], bool]) -> list[str]:
+        """CNI GC of the tenant pools: leases not in `valid` that `owned` accepts."""
+        with self._lock:
+            pools = list(self._ipams.values())
+        return [k for p in pools for k in p.gc(valid, owned)]
 
     def restore(self, leases: dict[tuple[str, str], dict[str, str]]) -> list[str]:
         """Re-learn leases of running tenant pods ((tenant, slice) -> {key: ip})."""

@@ -247,3 +247,18 @@ def test_immutable_change_behind_the_apis_back_is_refused(tmp_path: Any) -> None
     t.load([body("blue", vni=300, egress={"masquerade": True})], [ns("b1", tenant="blue")],
            NODES)
     assert t.describe()[0]["masquerade"] and t.nets["blue"].egress_ip
+
+
+def test_tenant_pool_forgets_leases_no_port_carries(tmp_path: Any) -> None:
+    """A restarted agent's tenant pool drops checkpointed leases of pods that are gone."""
+    t, _, _ = _tenants(tmp_path)
+    t.load([body("blue")], [ns("b1", tenant="blue")], NODES)
+    p = t.placement("b1")
+    assert p is not None
+    p.ipam.allocate("gone/eth0")
+    p.ipam.allocate("kept/eth0")
+    t2, _, _ = _tenants(tmp_path)
+    t2.load([body("blue")], [ns("b1", tenant="blue")], NODES)
+    assert t2.restore({("blue", "10.50.1.0/24"): {"kept/eth0": "10.50.1.3"}}) == []
+    p2 = t2.placement("b1")
+    assert p2 is not None and set(p2.ipam.leases()) == {"kept/eth0"}
