@@ -278,10 +278,14 @@ class Agent:
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
         self.peers.set_nodes(store.objects("Node"))
+        pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
-                          store.objects("Node"))
-        owners, problems = self.policy.load(store.objects("Namespace"), store.objects("Pod"),
-                                            store.objects("NetworkPolicy"))
+                          store.objects("Node"), pods, policies)
+        # pods and policies of tenant namespaces are their tenant's (controller/tenants.py)
+        owners, problems = self.policy.load(
+            store.objects("Namespace"),
+            [p for p in pods if not self.tenants.in_tenant(p["namespace"])],
+            [p for p in policies if not self.tenants.in_tenant(p["namespace"])])
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
@@ -331,8 +335,10 @@ class Agent:
         for c in batch:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
-        self.tenants.apply(batch)
-        owners, problems = self.policy.apply(batch)
+        tenant_policy = self.tenants.apply(batch)
+        owners, problems = self.policy.apply(
+            [c for c in batch if c.kind not in ("Pod", "NetworkPolicy")
+             or not self.tenants.in_tenant(c.namespace)])
         groups: dict[str, Any] = {}
         if self.services is not None:
             sflows, groups, sproblems = self.services.apply(batch)
@@ -345,10 +351,10 @@ class Agent:
             self.flows.set_owners(owners, groups)
         if not self.flows.wait_installed(self.stop_event):
             return  # stopping: this batch never reached OVS
-        if owners:
+        if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
-            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)],
-                                new_only=True)
+            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),
+                                           *tenant_policy], new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
 

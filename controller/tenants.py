@@ -53,6 +53,7 @@ from flowcni.flows.tenant import (
     tenant_flows,
     tenant_owner,
 )
+from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
 
 LOG = logging.getLogger(__name__)
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
@@ -60,6 +61,7 @@ LOG = logging.getLogger(__name__)
 EGRESS_KEY = "tenant-egress:"
 EGRESS_NETWORK = "flowcni-tenant-egress"
 KINDS = ("TenantNetwork", "Namespace", "Node")
+POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
 _SAFE = re.compile(r"[^a-z0-9.-]")
 
 
@@ -84,7 +86,9 @@ class Tenants:
         self.me, self.cluster_cidr, self.encap = me, cluster_cidr, encap
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
         self.gateway, self.node_ipam = gateway, node_ipam
-        self.objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in KINDS}
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {
+            k: {} for k in (*KINDS, *POLICY_KINDS)}
+        self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
         self._ipams: dict[tuple[str, str], IPAM] = {}
@@ -97,26 +101,80 @@ class Tenants:
     # -- datastore ---------------------------------------------------------------------
 
     def load(self, tenants: list[dict[str, Any]], namespaces: list[dict[str, Any]],
-             nodes: list[dict[str, Any]]) -> None:
+             nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
+             policies: list[dict[str, Any]] | None = None) -> list[Flow]:
+        """The initial lists; returns the policy flows it changed (for the datapath guard)."""
         with self._lock:
             self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
                             "Namespace": {b["name"]: b for b in namespaces},
-                            "Node": {b["name"]: b for b in nodes}}
+                            "Node": {b["name"]: b for b in nodes},
+                            "Pod": {f"{b['namespace']}/{b['name']}": b for b in pods or []},
+                            "NetworkPolicy": {f"{b['namespace']}/{b['name']}": b
+                                              for b in policies or []}}
             self._recompute()
+            return self._recompute_policy(set(self.nets))
 
-    def apply(self, batch: list[Change]) -> None:
+    def apply(self, batch: list[Change]) -> list[Flow]:
+        """Watched changes; returns the policy flows it changed (for the datapath guard)."""
         touched = False
+        namespaces: set[str] = set()
         with self._lock:
             for c in batch:
-                if c.kind not in KINDS:
-                    continue
-                touched = True
-                if c.op == "put" and c.body is not None:
-                    self.objects[c.kind][c.name] = c.body
+                if c.kind in POLICY_KINDS:
+                    key = f"{c.namespace}/{c.name}"
+                    namespaces.add(c.namespace)
+                elif c.kind in KINDS:
+                    key = c.name
+                    touched = True
                 else:
-                    self.objects[c.kind].pop(c.name, None)
+                    continue
+                if c.op == "put" and c.body is not None:
+                    self.objects[c.kind][key] = c.body
+                else:
+                    self.objects[c.kind].pop(key, None)
+            before = dict(self.resolution.by_namespace)
             if touched:
                 self._recompute()
+                return self._recompute_policy(set(self.nets) | set(self._policy))
+            names = {n for ns in namespaces for n in (before.get(ns),
+                                                     self.resolution.by_namespace.get(ns)) if n}
+            return self._recompute_policy(names) if names else []
+
+    def in_tenant(self, namespace: str) -> bool:
+        """Whether pods and policies of `namespace` belong to a tenant network (not to the
+        default network's policy engine)."""
+        with self._lock:
+            return namespace in self.resolution.by_namespace
+
+    def _recompute_policy(self, names: set[str]) -> list[Flow]:
+        """Rebuild the NetworkPolicy flows of these tenants from their own objects."""
+        changes: dict[str, list[Flow]] = {}
+        changed: list[Flow] = []
+        for name in sorted(names):
+            net = self.nets.get(name)
+            flows: list[Flow] = []
+            t = self.resolution.tenants.get(name)
+            if net is not None and t is not None:
+                mine = set(t.namespaces)
+                flows, problems = tenant_policy_flows(
+                    net, self.me,
+                    [b for n, b in self.objects["Namespace"].items() if n in mine],
+                    [b for b in self.objects["Pod"].values() if b.get("namespace") in mine],
+                    [b for b in self.objects["NetworkPolicy"].values()
+                     if b.get("namespace") in mine], self.flows.pipeline)
+                for p in problems:
+                    LOG.error("TenantNetwork %s: skipping %s", name, p)
+            old = self._policy.get(name, [])
+            if old != flows:
+                changes[policy_owner(name)] = flows
+                changed += old + flows
+                if flows:
+                    self._policy[name] = flows
+                else:
+                    self._policy.pop(name, None)
+        if changes:
+            self.flows.set_owners(changes)
+        return changed
 
     def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
         """The TenantNetworks to resolve, with immutable fields as this agent first

@@ -94,8 +94,9 @@ PIPELINE: tuple[Table, ...] = (
 TENANT_MATCHES: dict[str, tuple[str, ...]] = {
     "Classifier": ("reg4", "tunnel_id"), "ARPResponder": ("reg4",),
     "ConntrackZone": ("reg4", "reg0", "ipv4_dst"),
-    "ConntrackState": ("reg4",), "EgressRule": ("reg4",), "L3Forwarding": ("reg4",),
-    "IngressRule": ("reg4",), "ConntrackCommit": ("reg4",),
+    "ConntrackState": ("reg4",), "ServiceLB": ("reg4",), "EgressRule": ("reg4",),
+    "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
+    "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
 }
 PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ())),
                        t.next, t.miss) for t in PIPELINE)

@@ -37,7 +37,10 @@ TENANT_BASE_OWNER = "tenants"
 # Above every default-network flow of the tables they share (max 210 there).
 PRIO_TENANT = 230        # a tenant's own flows (its pods, slices, ARP, zone, commit)
 PRIO_CONNECT = 228       # connectTo: a connected tenant's pods and slices (own ones first)
-PRIO_TENANT_SKIP = 225   # any tenant packet skips a table's default-network flows
+# Policy tables: a tenant's own rules are lifted to their default priority + 1000
+# (flows/tenantpolicy.py); below them, above every default-network flow, a tenant
+# packet that met none of its rules goes on.
+PRIO_FALLTHROUGH = 1000
 PRIO_EGRESS_NOT = 226    # masquerading tenant: never out to the cluster or its own subnets
 PRIO_EGRESS_NEW = 222    # masquerading tenant: new connections out, SNAT in its zone
 PRIO_EGRESS_EST = 221    # ... and their later packets (NATed by ConntrackZone's ct(nat))
@@ -90,12 +93,20 @@ def base_flows(tun_ofport: int | None, pipeline: Pipeline = DEFAULT) -> list[Flo
     kw = dict(feature=Feature.TENANT, owner=TENANT_BASE_OWNER, pipeline=pipeline)
     ip = {"eth_type": 0x0800}
     flows = [
-        # New connections skip ServiceLB and NetworkPolicy (not inside tenants yet).
-        Flow.make("ConntrackState", PRIO_TENANT_SKIP - 40, {**ip, **_in_tenant()},
+        # New connections skip the default network's Services (not inside tenants yet),
+        # and meet only their own tenant's NetworkPolicy flows (flows/tenantpolicy.py,
+        # above these): what none of those took goes on as the table's miss would.
+        Flow.make("ServiceLB", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
+                  goto="EgressRule", **kw),
+        Flow.make("EgressRule", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
+                  goto="EgressDefault", **kw),
+        Flow.make("EgressDefault", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
                   goto="L3Forwarding", **kw),
-        Flow.make("EgressRule", PRIO_TENANT_SKIP, {**ip, **_in_tenant()},
-                  goto="L3Forwarding", **kw),
-        Flow.make("IngressRule", PRIO_TENANT_SKIP, {**ip, **_in_tenant()},
+        Flow.make("IngressRule", PRIO_FALLTHROUGH + 1,
+                  {**ip, **_in_tenant(), "ct_state": "-new+trk"}, goto="ConntrackCommit", **kw),
+        Flow.make("IngressRule", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
+                  goto="IngressDefault", **kw),
+        Flow.make("IngressDefault", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
                   goto="ConntrackCommit", **kw),
         # What its tenant's flows did not route goes nowhere (not to the default network).
         Flow.make("L3Forwarding", PRIO_TENANT_DROP, _in_tenant(), **kw),

@@ -87,7 +87,7 @@ spec:
 PODS = [("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"), ("red/b", "node2"),
         ("red/c", "node3"), ("red/d", "node1"), ("default/d", "node1"),
         ("default/e", "node2"), ("green/g", "node1"), ("green/h", "node2"),
-        ("yellow/y", "node1")]
+        ("yellow/y", "node1"), ("blue/c", "node3")]
 
 SERVER = r"""
 import socket, sys, threading
@@ -195,12 +195,13 @@ def test_each_tenant_reaches_its_own_and_not_the_other(tlab: Lab) -> None:
     assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
     assert reached(res["blue/b"], "10.50.1.2") == ("blue/a", "blue/a", "icmp")
     assert reached(res["red/b"], "10.50.1.2") == ("red/a", "red/a", "icmp")
-    # red's other pods (same node as blue/a, and on a node blue has none on)
-    assert reached(res["red/a"], "10.50.1.3") == ("red/d", "red/d", "icmp")
+    # node3: 10.50.3.2 is red/c and blue/c, each answering its own tenant
     assert reached(res["red/a"], "10.50.3.2") == ("red/c", "red/c", "icmp")
-    # ... are out of blue's reach, at the same moment as blue's allowed probes above
+    assert reached(res["blue/a"], "10.50.3.2") == ("blue/c", "blue/c", "icmp")
+    # red/d (same node as blue/a) is out of blue's reach, at the same moment as blue's
+    # allowed probes above
+    assert reached(res["red/a"], "10.50.1.3") == ("red/d", "red/d", "icmp")
     assert reached(res["blue/a"], "10.50.1.3") == (None, None, None)
-    assert reached(res["blue/a"], "10.50.3.2") == (None, None, None)
     # so is the default network, which keeps working for its own pods
     assert reached(res["blue/a"], ip["default/d"]) == (None, None, None)
     assert reached(res["blue/a"], ip["default/e"]) == (None, None, None)
@@ -278,6 +279,43 @@ def test_connect_to_opens_exactly_the_agreed_pair(tlab: Lab) -> None:
     assert t["blue"]["connected"] == ["green"] and t["yellow"]["connected"] == []
     assert any(c["type"] == "ConnectRefused" and c["message"].startswith("spec.connectTo[0]")
                for c in t["yellow"]["conditions"])
+
+
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-a, namespace: blue}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.50.1.2/32}}]
+"""
+
+
+def test_network_policy_inside_a_tenant(tlab: Lab) -> None:
+    """blue's pods accept only 10.50.1.2 (blue/a), an ipBlock in blue's address space:
+    blue/c (10.50.3.2) is denied at blue/b while blue/a gets through, and red, whose
+    pods have exactly those addresses, is not touched by blue's policy."""
+    store = tlab.store()
+    [(kind, ns, name, body)] = load(POLICY)
+    store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        res = probe_all(tlab, {"blue/a": ["10.50.2.2"], "blue/c": ["10.50.2.2"],
+                               "red/c": ["10.50.2.2"], "red/a": ["10.50.2.2"]})
+        assert reached(res["blue/a"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+        assert reached(res["blue/c"], "10.50.2.2") == (None, None, None)
+        assert reached(res["red/c"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+        assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+        v = Tracer(tlab).trace("blue/c", "blue/b", "tcp", 80)
+        assert not v.delivered and v.table == "IngressDefault"
+        assert v.owner == "tenant-policy:blue"
+    finally:
+        store.delete(kind, ns, name)
+        tlab.wait_realized()
+    res = probe_all(tlab, {"blue/c": ["10.50.2.2"]})
+    assert reached(res["blue/c"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
 
 
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:

@@ -262,3 +262,30 @@ def test_tenant_pool_forgets_leases_no_port_carries(tmp_path: Any) -> None:
     assert t2.restore({("blue", "10.50.1.0/24"): {"kept/eth0": "10.50.1.3"}}) == []
     p2 = t2.placement("b1")
     assert p2 is not None and set(p2.ipam.leases()) == {"kept/eth0"}
+
+
+def test_policy_inside_a_tenant_is_lifted_into_it() -> None:
+    from flowcni.flows.model import Conjunction
+    from flowcni.flows.tenant import PRIO_FALLTHROUGH
+    from flowcni.flows.tenantpolicy import tenant_policy_flows
+    t = TenantNet("blue", 0x65, ())
+    pods = [{"namespace": "b1", "name": n, "ip": ip, "node": "node1", "labels": {"app": n}}
+            for n, ip in (("x", "10.50.1.2"), ("y", "10.50.1.3"), ("z", "10.50.1.4"))]
+    pol = {"namespace": "b1", "name": "p", "spec": {
+        "podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "y"}}},
+                              {"ipBlock": {"cidr": "10.50.1.4/32"}}],
+                     "ports": [{"port": 80}, {"port": 81}]}]}}
+    flows, problems = tenant_policy_flows(t, "node1", [ns("b1")], pods, [pol])
+    assert problems == [] and flows
+    for f in flows:
+        m = dict(f.match)
+        assert m["reg4"] == (0x10065, 0x1FFFF) and f.priority > PRIO_FALLTHROUGH
+        assert f.owner == "tenant-policy:blue"
+        if "conj_id" in m:
+            assert m["conj_id"] >> 16 == 0x65
+        for a in f.actions:
+            if isinstance(a, Conjunction):
+                assert a.id >> 16 == 0x65
+    assert any(f.table == "IngressDefault" and dict(f.match).get("ipv4_dst") == "10.50.1.2"
+               for f in flows)
