@@ -303,7 +303,8 @@ class Tracer:
         modelled = self.trace(src_ref, dst, proto, dport)
         v, src = self.find_pod(src_ref)
         dst_ip = self.resolve(dst)
-        dst_mac = first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"])
+        dst_mac = (TenantNet(self.tenant, self.vni, ()).router_mac if self.tenant
+                   else first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"]))
         dscp = secrets.randbelow(62) + 1
         agents = self.agents
         # Leaving through the gateway is a hop, not the end, only when the

@@ -350,6 +350,8 @@ def test_trace_follows_the_tenant(tlab: Lab) -> None:
     assert any(f"VNI {BLUE_VNI}" in s.story for s in v.steps)
     assert any(s.node == "node2" and f"VNI) {BLUE_VNI}: tenant blue" in s.story
                for s in v.steps)
+    live = Tracer(tlab).live("blue/a", "10.50.2.2", "tcp", 80)
+    assert live["delivered"] and live["output"] == "pod blue/b" and live["matches_trace"]
     v = Tracer(tlab).trace("red/a", "10.50.2.2", "udp", 53)
     assert v.delivered and v.pod == "red/b" and v.vni == RED_VNI
     # blue has no pod at red/d's address on node1: the trace ends in blue's drop
