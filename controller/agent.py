@@ -63,6 +63,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger("flowcni.agent")
+# Namespaced kinds whose objects in a tenant's namespace belong to that tenant, not to
+# the default network's policy engine and Service proxy.
+TENANT_SCOPED = ("Pod", "NetworkPolicy", "Service", "EndpointSlice")
 GATEWAY_IF = "flowcni-gw0"
 
 
@@ -281,17 +284,19 @@ class Agent:
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
                           store.objects("Node"), pods, policies)
-        # pods and policies of tenant namespaces are their tenant's (controller/tenants.py)
-        owners, problems = self.policy.load(
-            store.objects("Namespace"),
-            [p for p in pods if not self.tenants.in_tenant(p["namespace"])],
-            [p for p in policies if not self.tenants.in_tenant(p["namespace"])])
+        # pods, policies and Services of tenant namespaces are their tenant's
+        # (controller/tenants.py): the default network's engines never see them
+        def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [o for o in objs if not self.tenants.in_tenant(o["namespace"])]
+
+        owners, problems = self.policy.load(store.objects("Namespace"), mine(pods),
+                                            mine(policies))
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
         if self.services is not None:
             sflows, sgroups, problems = self.services.load(
-                store.objects("Service"), store.objects("Pod"), store.objects("EndpointSlice"))
+                mine(store.objects("Service")), mine(pods), mine(store.objects("EndpointSlice")))
             for p in problems:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
@@ -336,12 +341,12 @@ class Agent:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
         tenant_policy = self.tenants.apply(batch)
-        owners, problems = self.policy.apply(
-            [c for c in batch if c.kind not in ("Pod", "NetworkPolicy")
-             or not self.tenants.in_tenant(c.namespace)])
+        default = [c for c in batch if c.kind not in TENANT_SCOPED
+                   or not self.tenants.in_tenant(c.namespace)]
+        owners, problems = self.policy.apply(default)
         groups: dict[str, Any] = {}
         if self.services is not None:
-            sflows, groups, sproblems = self.services.apply(batch)
+            sflows, groups, sproblems = self.services.apply(default)
             owners.update(sflows)
             problems += sproblems
         for p in problems:

@@ -318,6 +318,44 @@ def test_network_policy_inside_a_tenant(tlab: Lab) -> None:
     assert reached(res["blue/c"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
 
 
+SERVICES = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: blue}
+spec:
+  clusterIP: 10.96.0.90
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.91
+  selector: {app: web}
+  ports: [{port: 80}]
+"""
+
+
+def test_default_proxy_leaves_tenant_services_alone(tlab: Lab) -> None:
+    """Services inside tenants are not done: the default network's proxy must not
+    program a tenant namespace's Service (its endpoints are tenant addresses); the
+    default namespace's is programmed as before (the control)."""
+    store = tlab.store()
+    objs = load(SERVICES)
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        got = {s["service"] for s in AgentClient(tlab.node("node1").api_socket).call(
+            "services")["services"]}
+        assert "default/web" in got and "blue/web" not in got
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
     """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
     cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [
