@@ -289,3 +289,41 @@ def test_policy_inside_a_tenant_is_lifted_into_it() -> None:
                 assert a.id >> 16 == 0x65
     assert any(f.table == "IngressDefault" and dict(f.match).get("ipv4_dst") == "10.50.1.2"
                for f in flows)
+
+
+TN_YAML = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: b1, labels: {tenant: blue}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: blue}
+spec:
+  namespaceSelector: {matchLabels: {tenant: blue}}
+  subnets: [SUBNET]
+"""
+
+
+def test_flowctl_apply_tenant_network(tmp_path: Any, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    """apply -f records the creation time once; an immutable change refuses the whole
+    file (the Namespace in it is not written either) and names the field."""
+    from flowcni.ctl import flowctl
+    from flowcni.datastore.store import Store
+    db = str(tmp_path / "store.db")
+    store = Store(db)
+    f = tmp_path / "tn.yaml"
+    f.write_text(TN_YAML.replace("SUBNET", "10.50.0.0/16"))
+    assert flowctl.main(["apply", "-f", str(f), "--datastore", f"sqlite:{db}"]) == 0
+    first = store.get("TenantNetwork", "", "blue")
+    assert first is not None and first["created"] and first["spec"]["subnets"] == [
+        "10.50.0.0/16"]
+    assert flowctl.main(["apply", "-f", str(f), "--datastore", f"sqlite:{db}"]) == 0
+    assert store.get("TenantNetwork", "", "blue")["created"] == first["created"]  # type: ignore[index]
+    rev = store.revision()
+    f.write_text(TN_YAML.replace("SUBNET", "10.60.0.0/16"))
+    capsys.readouterr()
+    assert flowctl.main(["apply", "-f", str(f), "--datastore", f"sqlite:{db}"]) == 1
+    assert "TenantNetwork blue: spec.subnets: immutable" in capsys.readouterr().err
+    assert store.revision() == rev
