@@ -208,14 +208,17 @@ def connect_pod_flows(t: TenantNet, pods: list[tuple[LocalPod, TenantNet]],
     """Tenant t reaching the local pods of the tenants it is connected with: one flow
     per such pod, matching t's id, delivering as the pod's own tenant would.
 
-    The connection is committed in the pod's tenant's zone too (it is already tracked
-    in t's): the pod's answers are looked up in its own zone, where a SYN-ACK or an
-    echo reply with no request on record would be invalid.
+    From here on the packet is the pod's tenant's, as if it had come through the
+    tunnel under that tenant's key: committed in t's zone (t's egress rules passed,
+    and the answers must find it there), then the tenant id switched and the packet
+    tracked in the pod's tenant's zone, so that tenant's ingress rules decide (a new
+    connection there until its own commit) and the pod's answers are not invalid.
     """
     kw = dict(feature=Feature.TENANT, owner=connect_owner(t.name), pipeline=pipeline)
     return [Flow.make("L3Forwarding", PRIO_CONNECT, {**_id(t), "ipv4_dst": p.ip},
                       [SetField("eth_src", pt.router_mac), SetField("eth_dst", p.mac),
-                       CT(commit=True, zone=pt.vni, table="L3DecTTL")], **kw)
+                       CT(commit=True, zone=t.vni), Load(F.TENANT, pt.vni),
+                       CT(zone=pt.vni, table="L3DecTTL")], **kw)
             for p, pt in pods]
 
 

@@ -293,6 +293,39 @@ spec:
 """
 
 
+GREEN_POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-blue-b, namespace: green}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.50.2.2/32}}]
+"""
+
+
+def test_connect_to_meets_the_destination_tenants_policy(tlab: Lab) -> None:
+    """green admits only 10.50.2.2 (blue/b): from blue, blue/b gets to green/h (same
+    node) and green/g (across), blue/a to neither, all probes at once."""
+    store = tlab.store()
+    [(kind, ns, name, body)] = load(GREEN_POLICY)
+    store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        res = probe_all(tlab, {"blue/a": ["10.60.1.2", "10.60.2.2"],
+                               "blue/b": ["10.60.1.2", "10.60.2.2"]})
+        assert reached(res["blue/b"], "10.60.2.2") == ("green/h", "green/h", "icmp")
+        assert reached(res["blue/b"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+        assert reached(res["blue/a"], "10.60.1.2") == (None, None, None)
+        assert reached(res["blue/a"], "10.60.2.2") == (None, None, None)
+    finally:
+        store.delete(kind, ns, name)
+        tlab.wait_realized()
+    res = probe_all(tlab, {"blue/a": ["10.60.1.2"]})
+    assert reached(res["blue/a"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+
+
 def test_network_policy_inside_a_tenant(tlab: Lab) -> None:
     """blue's pods accept only 10.50.1.2 (blue/a), an ipBlock in blue's address space:
     blue/c (10.50.3.2) is denied at blue/b while blue/a gets through, and red, whose
