@@ -39,6 +39,8 @@ VERBS: dict[str, str] = {
                 "packets per bucket",
     "trace": "ofproto/trace of a flow on the agent's bridge, as structured steps; args: flow",
     "traceflow": "live trace: args: step (arm|inject|collect|disarm), dscp, ...",
+    "tenants": "tenant networks as resolved here: VNI, zone, subnets, this node's slice, "
+               "namespaces, pods, conditions",
 }
 
 # Error codes: what went wrong, in a word a script can test.

@@ -45,6 +45,7 @@ from flowcni.controller.podrecords import PodRecords
 from flowcni.controller.pods import CNIFailure, PodManager
 from flowcni.controller.reject import Rejecter
 from flowcni.controller.svcconntrack import flush_stale
+from flowcni.controller.tenants import Tenants
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
@@ -64,6 +65,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger("flowcni.agent")
+# Namespaced kinds whose objects in a tenant's namespace belong to that tenant, not to
+# the default network's policy engine and Service proxy.
+TENANT_SCOPED = ("Pod", "NetworkPolicy", "Service", "EndpointSlice")
 GATEWAY_IF = "flowcni-gw0"
 
 
@@ -228,11 +232,16 @@ class Agent:
                                                              PIPELINE))
         os.makedirs(a.state_dir, exist_ok=True)
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
+        self.tenants = Tenants(a.node, cfg.cluster_cidr, cfg.encap, a.state_dir, self.flows,
+                               self.tun_ofport, self.gateway, self.ipam)
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
                                tx_offload=pod_tx_offload(cfg.encap, dptype),
                                records=(PodRecords(self.store, a.node)
-                                        if isinstance(self.store, Store) else None))
+                                        if isinstance(self.store, Store) else None),
+                               tenants=self.tenants)
+        self.tenants.pods = lambda: list(self.pods.attachments.values())
+        self.pods.on_change = self.tenants.pods_changed
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
@@ -279,14 +288,22 @@ class Agent:
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
         self.peers.set_nodes(store.objects("Node"))
-        owners, problems = self.policy.load(store.objects("Namespace"), store.objects("Pod"),
-                                            store.objects("NetworkPolicy"))
+        pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
+        self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
+                          store.objects("Node"), pods, policies)
+        # pods, policies and Services of tenant namespaces are their tenant's
+        # (controller/tenants.py): the default network's engines never see them
+        def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [o for o in objs if not self.tenants.in_tenant(o["namespace"])]
+
+        owners, problems = self.policy.load(store.objects("Namespace"), mine(pods),
+                                            mine(policies))
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
         if self.services is not None:
             sflows, sgroups, problems = self.services.load(
-                store.objects("Service"), store.objects("Pod"), store.objects("EndpointSlice"))
+                mine(store.objects("Service")), mine(pods), mine(store.objects("EndpointSlice")))
             for p in problems:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
@@ -330,10 +347,13 @@ class Agent:
         for c in batch:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
-        owners, problems = self.policy.apply(batch)
+        tenant_policy = self.tenants.apply(batch)
+        default = [c for c in batch if c.kind not in TENANT_SCOPED
+                   or not self.tenants.in_tenant(c.namespace)]
+        owners, problems = self.policy.apply(default)
         groups: dict[str, Any] = {}
         if self.services is not None:
-            sflows, groups, sproblems = self.services.apply(batch)
+            sflows, groups, sproblems = self.services.apply(default)
             owners.update(sflows)
             problems += sproblems
         for p in problems:
@@ -345,10 +365,10 @@ class Agent:
             return  # stopping: this batch never reached OVS
         if self.services is not None and self.services.stale:
             flush_stale(self._vswitchd, self.services.take_stale())
-        if owners:
+        if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
-            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl)],
-                                new_only=True)
+            self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),
+                                           *tenant_policy], new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
 
@@ -426,7 +446,8 @@ class Agent:
                 lambda: metrics.flows_per_table(self.flows.desired_flows()),
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
-                self.realized_revision, self._service_counts))
+                self.realized_revision, self._service_counts),
+                metrics.TenantCollector(self.tenants.metric_rows))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
@@ -474,11 +495,13 @@ class Agent:
                 kind, _, rest = owner.partition(":")
                 obj = {"node": "node", "gateway": "gateway", "tunnel": "tunnel port",
                        "conntrack": "conntrack",
-                       GATEWAY_CT_OWNER: "connections from the gateway"}.get(owner) or {
+                       GATEWAY_CT_OWNER: "connections from the gateway",
+                       "tenants": "tenant networks (shared)"}.get(owner) or {
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
                     "policy-match": "policy match (shared)",
-                    "service": f"service {rest}"}.get(kind, owner)
+                    "service": f"service {rest}",
+                    "tenant": f"tenant network {rest}"}.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 
@@ -501,6 +524,7 @@ class Agent:
             "heap_trims": self.heap.trims,
             "flows": self.flows.flow_count(),
             "groups": len(self.flows.desired_groups()), "proxy": self.args.proxy,
+            "tenants": len(self.tenants.nets),
             "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
         }

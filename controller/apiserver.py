@@ -193,6 +193,10 @@ class AgentAPI:
         return {"proxy": self.agent.args.proxy, "services": svc.describe() if svc else [],
                 "packets": {str(g): n for g, n in packets.items()}}
 
+    def v_tenants(self, req: Request) -> dict[str, Any]:
+        return {"node": self.agent.args.node, "encap": self.agent.cluster.encap,
+                "tenants": self.agent.tenants.describe()}
+
     def v_stale(self, req: Request) -> dict[str, Any]:
         try:
             missing, unexpected = self.agent.flows.drift()

@@ -80,12 +80,36 @@ class StateCollector(Collector):
                                     value=n_groups)
 
 
+class TenantCollector(Collector):
+    """Per tenant network, at scrape time: its local pods and flows, and whether it is usable.
+
+    `rows` gives (tenant, VNI, usable, local pods, flows) tuples (controller.tenants)."""
+
+    def __init__(self, rows: Callable[[], list[tuple[str, int, bool, int, int]]]) -> None:
+        self.rows = rows
+
+    def collect(self) -> Any:
+        up = GaugeMetricFamily("flowcni_tenant_ready", "1 if the tenant network is usable",
+                               labels=["tenant", "vni"])
+        pods = GaugeMetricFamily("flowcni_tenant_pods", "Pods of the tenant network on this "
+                                 "node", labels=["tenant", "vni"])
+        flows = GaugeMetricFamily("flowcni_tenant_flows", "Flows of the tenant network and its "
+                                  "pods on this node", labels=["tenant", "vni"])
+        for name, vni, ok, n_pods, n_flows in self.rows():
+            up.add_metric([name, str(vni)], 1 if ok else 0)
+            pods.add_metric([name, str(vni)], n_pods)
+            flows.add_metric([name, str(vni)], n_flows)
+        yield from (up, pods, flows)
+
+
 def flows_per_table(flows: list[Any]) -> dict[str, int]:
     return dict(Tally(f.table for f in flows))
 
 
-def serve(address: str, collector: StateCollector) -> None:
+def serve(address: str, collector: StateCollector, *more: Collector) -> None:
     """Start the /metrics HTTP server (a daemon thread of prometheus_client)."""
     REGISTRY.register(collector)
+    for c in more:
+        REGISTRY.register(c)
     host, _, port = address.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)

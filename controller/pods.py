@@ -24,8 +24,12 @@ from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.keylocks import KeyLocks
 from flowcni.controller.ofapp import OFError
 from flowcni.controller.podrecords import LABELS_ARG, LabelError, PodRecords, parse_labels
+from flowcni.controller.tenants import EGRESS_KEY, Placement, TenantRefused, Tenants
+from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod, pod_flows, pod_owner
+from flowcni.flows.tables import Pipeline
+from flowcni.flows.tenant import TenantNet, tenant_pod_flows
 from flowcni.ovsdb.bridge import OVSDB, OVSDBError
 from ovsdbapp.exceptions import TimeoutException
 
@@ -63,6 +67,10 @@ class Attachment:
     network: str = ""  # the CNI network name (conf "name"): GC is per network
     host_mac: str = ""
     default_route: bool = True
+    # Tenant networks (controller/tenants.py): "" on the default network.
+    tenant: str = ""
+    tenant_vni: str = ""
+    tenant_cidr: str = ""  # the tenant's slice on this node
 
     def external_ids(self) -> dict[str, str]:
         d = asdict(self)
@@ -86,6 +94,14 @@ class Attachment:
 
     def local_pod(self) -> LocalPod:
         return LocalPod(self.key, self.ofport, self.ip, self.mac)
+
+    def flows(self, gw: Gateway, pipeline: Pipeline) -> list[Flow]:
+        """The pod's flows: the default network's, or its tenant's (id and VNI recorded
+        with the port, so a restarted agent rebuilds them before it hears of tenants)."""
+        if self.tenant:
+            return tenant_pod_flows(self.local_pod(),
+                                    TenantNet(self.tenant, int(self.tenant_vni), ()), pipeline)
+        return pod_flows(self.local_pod(), gw, pipeline)
 
 
 @dataclass(frozen=True)
@@ -128,11 +144,13 @@ def attachment_key(container_id: str, ifname: str) -> str:
 class PodManager:
     def __init__(self, ovsdb: OVSDB, bridge: str, ipam: IPAM, flows: FlowSync,
                  gateway: Gateway, mtu: int, ready: Callable[[float], bool],
-                 tx_offload: bool = True, records: PodRecords | None = None) -> None:
+                 tx_offload: bool = True, records: PodRecords | None = None,
+                 tenants: Tenants | None = None) -> None:
         self.ovsdb, self.bridge, self.ipam, self.flows = ovsdb, bridge, ipam, flows
         self.gw, self.mtu, self._ready = gateway, mtu, ready
         self.tx_offload = tx_offload
         self.records = records  # embedded store only: the agent plays kubelet
+        self.tenants = tenants
         self.prefixlen = ipaddress.ip_network(gateway.pod_cidr).prefixlen
         self._lock = threading.Lock()
         self._key_locks = KeyLocks()
@@ -163,17 +181,24 @@ class PodManager:
                 self._teardown(a.key, a.host_if)
                 continue
             found[a.key] = a
-        rejected = self.ipam.restore({k: a.ip for k, a in found.items()})
+        rejected = self.ipam.restore({k: a.ip for k, a in found.items() if not a.tenant})
+        if self.tenants is not None:
+            by_tenant: dict[tuple[str, str], dict[str, str]] = {}
+            for k, a in found.items():
+                if a.tenant:
+                    by_tenant.setdefault((a.tenant, a.tenant_cidr), {})[k] = a.ip
+            rejected += self.tenants.restore(by_tenant)
         for k in rejected:
             LOG.error("lease conflict for %s; its port keeps running without a lease", k)
-        stale = set(self.ipam.leases()) - set(found)
+        keep = {k for k, a in found.items() if not a.tenant} | {
+            k for k in self.ipam.leases() if k.startswith(EGRESS_KEY)}
+        stale = set(self.ipam.leases()) - keep
         for k in stale:
             LOG.warning("releasing lease %s: no port carries it", k)
-        self.ipam.gc(set(found))
+        self.ipam.gc(keep)
         self.attachments = found
         for a in found.values():
-            self.flows.set_owner(pod_owner(a.key), pod_flows(a.local_pod(), self.gw,
-                                                             self.flows.pipeline))
+            self.flows.set_owner(pod_owner(a.key), a.flows(self.gw, self.flows.pipeline))
 
     # -- CNI commands --------------------------------------------------------------
 
@@ -183,11 +208,14 @@ class PodManager:
         host: dict[str, Any] = {"name": a.host_if}
         if a.host_mac:
             host["mac"] = a.host_mac
+        plen, gw = self.prefixlen, self.gw.ip
+        if a.tenant:
+            net = ipaddress.ip_network(a.tenant_cidr)
+            plen, gw = net.prefixlen, str(net.network_address + 1)
         return {
             "interfaces": [host, {"name": a.ifname, "mac": a.mac, "sandbox": a.netns}],
-            "ips": [{"address": f"{a.ip}/{self.prefixlen}", "gateway": self.gw.ip,
-                     "interface": 1}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": self.gw.ip}] if a.default_route else [],
+            "ips": [{"address": f"{a.ip}/{plen}", "gateway": gw, "interface": 1}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": gw}] if a.default_route else [],
             "dns": {},
         }
 
@@ -253,17 +281,23 @@ class PodManager:
                              else not podif.has_default_route(netns))
             undo: list[Callable[[], Any]] = []
             lap = Laps()
+            place = self._placement(ns)
+            ipam = place.ipam if place else self.ipam
+            plen = (ipaddress.ip_network(place.cidr).prefixlen if place else self.prefixlen)
             try:
                 meta = {"namespace": ns, "name": name, "network": network}
+                if place:
+                    meta["tenant"] = place.net.name
                 try:
-                    ip = str(self.ipam.allocate_exact(key, want.ip, meta) if want.ip
-                             else self.ipam.allocate(key, meta))
+                    ip = str(ipam.allocate_exact(key, want.ip, meta) if want.ip
+                             else ipam.allocate(key, meta))
                 except IPAMError as e:
                     raise CNIFailure(e.code, e.msg) from e
-                undo.append(lambda: self.ipam.release(key))
+                undo.append(lambda: ipam.release(key))
                 lap("ipam")
                 try:
-                    pif = podif.create(cid, netns, ifname, ip, self.prefixlen, self.gw.ip, mtu,
+                    pif = podif.create(cid, netns, ifname, ip, plen,
+                                       place.gateway if place else self.gw.ip, mtu,
                                        self.tx_offload, default_route, want.mac)
                 except podif.PodIfError as e:
                     raise CNIFailure(e.code, str(e)) from e
@@ -273,7 +307,9 @@ class PodManager:
                 undo.append(lambda: podif.delete(host))
                 lap("veth")
                 a = Attachment(key, cid, ifname, netns, ns, name, ip, pif.mac, host, 0,
-                               network, pif.host_mac, default_route)
+                               network, pif.host_mac, default_route,
+                               *((place.net.name, str(place.net.vni), place.cidr) if place
+                                 else ()))
                 try:
                     ofport = self.ovsdb.add_port(self.bridge, host, a.external_ids())
                 except Exception as e:
@@ -289,8 +325,7 @@ class PodManager:
                 a = Attachment(**{**asdict(a), "ofport": ofport})
                 lap("ovsdb")
                 try:
-                    self.flows.set_owner(pod_owner(key), pod_flows(
-                        a.local_pod(), self.gw, self.flows.pipeline))
+                    self.flows.set_owner(pod_owner(key), a.flows(self.gw, self.flows.pipeline))
                 except (OFError, ValueError) as e:
                     raise CNIFailure(spec.ERR_IO_FAILURE,
                                      f"installing flows for {ns}/{name}: {e}") from e
@@ -315,6 +350,15 @@ class PodManager:
         LOG.info("ADD %s/%s %s -> %s port %d (%s)", ns, name, key, ip, ofport, lap)
         self.on_change()
         return self.result(a)
+
+    def _placement(self, namespace: str) -> Placement | None:
+        """The tenant network a new pod of `namespace` joins (None: the default one)."""
+        if self.tenants is None:
+            return None
+        try:
+            return self.tenants.placement(namespace)
+        except TenantRefused as e:
+            raise CNIFailure(spec.ERR_INVALID_NETWORK_CONFIG, str(e)) from e
 
     def _repeat(self, a: Attachment, netns: str, want: Wanted) -> Attachment:
         """A repeated ADD: the same attachment again, or an error if it asks for another."""
@@ -357,6 +401,8 @@ class PodManager:
             try:
                 podif.delete(host)
                 self.ipam.release(key)
+                if self.tenants is not None:
+                    self.tenants.release(key)
             except Exception:
                 LOG.exception("finishing teardown of %s", key)
             finally:
@@ -451,4 +497,7 @@ class PodManager:
         self.drain()
         removed += self.ipam.gc(valid | set(self.attachments),
                                 lambda meta: meta.get("network", "") in (network, ""))
+        if self.tenants is not None:
+            removed += self.tenants.gc(valid | set(self.attachments),
+                                       lambda meta: meta.get("network", "") in (network, ""))
         return removed

@@ -36,7 +36,7 @@ from flowcni.ctl.providers import (
 )
 from flowcni.ctl.services import service_rows
 from flowcni.ctl.trace import PROTOS, Tracer
-from flowcni.datastore.store import StoreError
+from flowcni.datastore.store import Store, StoreError
 from flowcni.flows.tables import DEFAULT as PIPELINE
 
 TABLES = list(PIPELINE.ids)
@@ -111,6 +111,55 @@ def _pod_owners(n: NodeAgent, ref: str) -> set[str]:
     return set()
 
 
+def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
+    """A tenant network's own flows and its pods' on node `n` (empty: no such tenant)."""
+    if not any(t["name"] == name for t in n.call("tenants")["tenants"]):
+        return set()
+    return {f"tenant:{name}"} | {f"pod:{p['key']}" for p in n.call("pods")["pods"]
+                                 if p.get("tenant") == name}
+
+
+def cmd_tenants(a: argparse.Namespace) -> int:
+    """Tenant networks as each node resolves them: VNI, zone, slice, pods, conditions."""
+    return show_tenants(_agents(a), a.tenant, a.json)
+
+
+def show_tenants(agents: list[NodeAgent], tenant: str | None = None,
+                 as_json: bool = False) -> int:
+    rows: list[dict[str, Any]] = []
+    for n in agents:
+        r = n.call("tenants")
+        for t in r["tenants"]:
+            if tenant and t["name"] != tenant:
+                continue
+            rows.append({"node": n.name, **t})
+    if tenant and not rows:
+        raise CLIError(f"no TenantNetwork {tenant}")
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print_table([{
+        "node": r["node"], "tenant": r["name"], "vni": r["vni"] or "-",
+        "zone": r["zone"] or "-", "subnets": ",".join(r["subnets"]) or "-",
+        "namespaces": ",".join(r["namespaces"]) or "-", "slice": r["node_slice"] or "-",
+        "pods": len(r["pods"]),
+        "status": "ok" if r["ok"] else "refused",
+    } for r in rows], ["node", "tenant", "vni", "zone", "subnets", "namespaces", "slice",
+                       "pods", "status"])
+    seen: set[tuple[str, str, str]] = set()
+    for r in rows:  # conditions are the same on every node: say each once
+        for c in r["conditions"]:
+            key = (r["name"], c["type"], c["message"])
+            if key in seen or (c["type"] == "Ready" and c["status"] == "True"):
+                continue
+            seen.add(key)
+            print(f"{r['name']}: {c['type']} ({c['reason']}): {c['message']}")
+        for p in r.get("stale_pods") or []:
+            print(f"{r['name']}: pod {p} on {r['node']} runs on the network its namespace "
+                  "had when it started; restart it to move it")
+    return 0
+
+
 def cmd_flows(a: argparse.Namespace) -> int:
     """A node's flows as OVS holds them, with table names and owners; or the drift."""
     return show_flows(_agents(a), a)
@@ -119,7 +168,7 @@ def cmd_flows(a: argparse.Namespace) -> int:
 def show_flows(agents: list[NodeAgent], a: Any) -> int:
     """`a` carries the options of `flows` (table, pod, policy, stale, json, no_stats)."""
     out: list[dict[str, Any]] = []
-    pod_found = False
+    pod_found = tenant_found = False
     for n in agents:
         if a.stale:
             st = n.call("stale")
@@ -136,6 +185,10 @@ def show_flows(agents: list[NodeAgent], a: Any) -> int:
             rows = [r for r in rows if r.owner in wanted]
         if a.service:
             rows = [r for r in rows if r.owner == f"service:{a.service}"]
+        if getattr(a, "tenant", None):
+            wanted = _tenant_owners(n, a.tenant)
+            tenant_found |= bool(wanted)
+            rows = [r for r in rows if r.owner in wanted]
         if a.policy:
             rules = [r for r in n.call("policy")["rules"]
                      if r["rule"].startswith(a.policy + "/")]
@@ -148,6 +201,9 @@ def show_flows(agents: list[NodeAgent], a: Any) -> int:
             print(f"# {n.name}: {len(rows)} flows")
             for r in rows:
                 print(r.text(stats=not a.no_stats))
+    if getattr(a, "tenant", None) and not tenant_found:
+        raise CLIError(f"--tenant {a.tenant}: no TenantNetwork of that name on "
+                       f"{', '.join(x['node'] for x in out) or 'any node'}")
     if a.pod and not pod_found:
         raise CLIError(f"--pod {a.pod}: no such pod on "
                        f"{', '.join(x['node'] for x in out) or 'any node'}")
@@ -317,7 +373,8 @@ def show_trace(agents: list[NodeAgent], src: str, dst: str, proto: str = "tcp",
             print(f"  {service_line(v.service)}")
         word = {"delivered": "DELIVERED", "left-node": "LEAVES THE NODE",
                 "dropped": "DROPPED", "nowhere": "NOWHERE"}[v.outcome]
-        print(f"verdict: {word}: {v.detail}")
+        net = f" (tenant network {v.tenant}, VNI {v.vni})" if v.tenant else ""
+        print(f"verdict: {word}: {v.detail}{net}")
     return 0 if v.delivered else 3
 
 
@@ -369,7 +426,6 @@ def _store_path(a: argparse.Namespace) -> str:
 def cmd_apply(a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
     from flowcni.datastore.manifests import ManifestError, load
-    from flowcni.datastore.store import Store
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
             objs = load(f.read(), identity_only=a.cmd == "delete")
@@ -379,6 +435,9 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise CLIError(f"no embedded store at {path}")
     store = Store(path)
+    if a.cmd == "apply":  # refused updates refuse the whole file, before any write
+        objs = [(k, ns, n, _tenant_update(store, n, b) if k == "TenantNetwork" else b)
+                for k, ns, n, b in objs]
     for kind, ns, name, body in objs:
         ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
         if a.cmd == "apply":
@@ -387,6 +446,18 @@ def cmd_apply(a: argparse.Namespace) -> int:
         else:
             print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
     return 0
+
+
+def _tenant_update(store: Store, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A TenantNetwork keeps its creation time; its immutable fields stay as they are."""
+    import datetime
+
+    from flowcni.datastore.tenantconv import TenantError, for_update
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return for_update(store.get("TenantNetwork", "", name), body, now)
+    except TenantError as e:
+        raise CLIError(f"TenantNetwork {name}: {e}") from e
 
 
 def cmd_call(a: argparse.Namespace) -> int:
@@ -480,6 +551,8 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
                     help="only the flows this policy's rules use")
     fl.add_argument("--service", metavar="NS/NAME",
                     help="only this Service's flows (its groups: flowctl services)")
+    fl.add_argument("--tenant", metavar="NAME",
+                    help="only this tenant network's flows and its pods' flows")
     fl.add_argument("--json", action="store_true", help="machine-readable (see README)")
     fl.add_argument("--stale", action="store_true",
                     help="what OVS holds that the agent does not want, and the reverse; "
@@ -498,6 +571,10 @@ def build_parser(extra: dict[str, Callable[..., dict[str, Handler]]] | None = No
     sv.add_argument("service", nargs="?", metavar="NS/NAME", help="only this Service "
                     "(default: all)")
     sv.add_argument("--json", action="store_true")
+    tn = verb("tenants", cmd_tenants, "tenant networks as each node resolves them: VNI, "
+              "conntrack zone, subnets, namespaces, this node's slice, pods, conditions")
+    tn.add_argument("tenant", nargs="?", metavar="NAME", help="only this tenant network")
+    tn.add_argument("--json", action="store_true")
     tr = verb("trace", cmd_trace, "trace a packet from a pod through every node it crosses "
               "(exit 3 when it does not get there)")
     tr.add_argument("--from", dest="src", required=True, metavar="NS/POD",

@@ -27,6 +27,7 @@ from flowcni.api.schema import TraceStep as Step
 from flowcni.ctl.providers import NodeAgent
 from flowcni.flows.fields import VIRTUAL_ROUTER_MAC
 from flowcni.flows.model import CT_ZONE
+from flowcni.flows.tenant import TenantNet
 
 SRC_PORT = 40000
 PROTOS = ("tcp", "udp", "icmp", "sctp")
@@ -62,6 +63,8 @@ class Verdict:
     # The Service hop, when the packet met one: service, cluster_ip, port, protocol,
     # group, bucket, endpoint, endpoints, dp_hash (see Tracer._service_hop)
     service: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ""  # the tenant network of the source pod ("" = the default network)
+    vni: int = 0      # its VNI: the tunnel key of every cross-node hop
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +129,18 @@ def story(step: Step) -> str:
     if step.owner.startswith("node:"):
         tun = next((a.split(":")[1].split("->")[0] for a in acts if "->tun_dst" in a), "")
         return f"{step.table}: remote node {step.owner[5:]} via tunnel to {tun}"
+    if step.owner.startswith("tenant:") and any("->tun_dst" in a for a in acts):
+        tun = next(a.split(":")[1].split("->")[0] for a in acts if "->tun_dst" in a)
+        vni = next((str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
+                    if "->tun_id" in a), "?")
+        return (f"{step.table}: tenant {step.owner[7:]}: remote slice via tunnel to {tun}, "
+                f"VNI {vni}")
+    if step.table == "Classifier" and any("REG4[0..15]" in a for a in acts):
+        vni = next(str(int(a.split(":")[1].split("->")[0], 0)) for a in acts
+                   if "REG4[0..15]" in a)
+        if step.owner.startswith("tenant:"):
+            return f"{step.table}: tunnel key (VNI) {vni}: tenant {step.owner[7:]}"
+        return f"{step.table}: {who}: on the tenant network with VNI {vni}"
     return f"{step.table}: {who} -> {', '.join(acts)}"
 
 
@@ -199,6 +214,16 @@ class Tracer:
         self.agents = {a.name: a for a in nodes.agents()}
         self.views: dict[str, NodeView] = {}
         self._hop: dict[str, Any] = {}
+        self.tenant, self.vni = "", 0  # of the pod being traced
+
+    def _tenant_slices(self) -> dict[str, str]:
+        """node -> slice of the traced pod's tenant, as the source's agent resolves it."""
+        for n in self.agents:
+            for t in self.agents[n].call("tenants").get("tenants", []):
+                if t["name"] == self.tenant:
+                    return dict(t.get("slices") or {})
+            break
+        return {}
 
     def view(self, node: str) -> NodeView:
         if node not in self.views:
@@ -275,12 +300,21 @@ class Tracer:
                 svc = None  # no such port: traced as a plain address
         check_request(proto, dport)
         v, src = self.find_pod(src_ref)
+        self.tenant = str(src.get("tenant") or "")
+        self.vni = int(src.get("tenant_vni") or 0)
         dst_ip = svc.cluster_ip if svc else self.resolve(dst)
-        flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
-                                                     v.status["pod_cidr"], proto, dport)
+        if self.tenant:
+            # a tenant pod's ARP gets its tenant's router MAC for every address
+            router = TenantNet(self.tenant, self.vni, ()).router_mac
+            flow = f"in_port={src['ofport']}," + packet(
+                src, dst_ip, {"ip": "", "mac": router}, "0.0.0.0/32", proto, dport)
+        else:
+            flow = f"in_port={src['ofport']}," + packet(src, dst_ip, v.status["gateway"],
+                                                         v.status["pod_cidr"], proto, dport)
         self._hop = {}
         steps, verdict = self._follow(v, flow, dst_ip)
         verdict.steps = steps
+        verdict.tenant, verdict.vni = self.tenant, self.vni
         if self._hop or svc is not None:
             verdict.service = {**({"service": svc.key, "cluster_ip": svc.cluster_ip,
                                    "port": svc.port, "protocol": svc.protocol,
@@ -353,9 +387,12 @@ class Tracer:
         or a cluster-CIDR address in no node's pod CIDR ("" otherwise)."""
         owner = self._destination_node(dst_ip)
         if owner is not None:
-            if any(p["ip"] == dst_ip for p in owner.pods.values()) or \
-                    dst_ip == owner.status["gateway"]["ip"]:
+            if any(p["ip"] == dst_ip and (p.get("tenant") or "") == self.tenant
+                   for p in owner.pods.values()) or dst_ip == owner.status["gateway"]["ip"]:
                 return ""
+            if self.tenant:
+                return (f"nowhere, {dst_ip} is in {owner.name}'s slice of tenant network "
+                        f"{self.tenant} but no pod of it has that address")
             return (f"nowhere, {dst_ip} is in {owner.name}'s pod CIDR "
                     f"{owner.status['pod_cidr']} but no pod has it")
         cluster = next(iter(self.views.values())).status.get("cluster_cidr")
@@ -405,7 +442,8 @@ class Tracer:
         if svc is not None and dport is None:
             proto, dport = svc.protocol, svc.port
         dst_ip = svc.cluster_ip if svc else self.resolve(dst)
-        dst_mac = first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"])
+        dst_mac = (TenantNet(self.tenant, self.vni, ()).router_mac if self.tenant
+                   else first_hop_mac(dst_ip, v.status["gateway"], v.status["pod_cidr"]))
         dscp = secrets.randbelow(62) + 1
         agents = self.agents
         # Leaving through the gateway is a hop, not the end, only when the
@@ -466,6 +504,12 @@ class Tracer:
         }
 
     def _destination_node(self, ip: str) -> NodeView | None:
+        if self.tenant:
+            for node, cidr in self._tenant_slices().items():
+                if node in self.agents and \
+                        ipaddress.ip_address(ip) in ipaddress.ip_network(cidr):
+                    return self.view(node)
+            return None
         for n in self.agents:
             v = self.view(n)
             cidr = v.status.get("pod_cidr")
@@ -482,7 +526,7 @@ class Tracer:
                         or k.endswith(("_src", "_dst")) and k.split("_")[0] in PORT_PROTOS)
         if tunnel:
             port = dst.status.get("tunnel_ofport")
-            head = (f"in_port={port},tun_id=0,tun_src={src.status['node_ip']},"
+            head = (f"in_port={port},tun_id={self.vni},tun_src={src.status['node_ip']},"
                     f"tun_dst={dst.status['node_ip']},{proto},"
                     f"dl_src={src.status['gateway']['mac']},dl_dst={VIRTUAL_ROUTER_MAC}")
         else:  # routed: the destination node's stack hands it to its gateway

@@ -27,6 +27,7 @@ subset of the same events, so there is none.
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import json
 import logging
@@ -57,7 +58,8 @@ from urllib3.exceptions import HTTPError
 
 LOG = logging.getLogger(__name__)
 
-KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice")
+KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice",
+         "TenantNetwork")
 
 # kind -> (API class, list function covering all namespaces)
 LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
@@ -67,7 +69,15 @@ LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
     "NetworkPolicy": (client.NetworkingV1Api, "list_network_policy_for_all_namespaces"),
     "Service": (client.CoreV1Api, "list_service_for_all_namespaces"),
     "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
+    "TenantNetwork": (client.CustomObjectsApi, "list_cluster_custom_object"),
 }
+# Custom resources: the arguments their generic list function needs.
+LIST_ARGS: dict[str, dict[str, str]] = {
+    "TenantNetwork": {"group": "flowcni.io", "version": "v1alpha1", "plural": "tenantnetworks"},
+}
+# Kinds whose CRD may not be installed: a 404 lists them as empty (and is retried
+# slowly), so a cluster without flowcni's CRDs still gets a working agent.
+OPTIONAL_KINDS = ("TenantNetwork",)
 
 
 # -- the cache and its change log -------------------------------------------------------
@@ -254,7 +264,9 @@ class Informer:
                  timeouts: Timeouts, page_size: int = 500) -> None:
         cls, fn = LIST_FUNCTIONS[kind]
         self.kind, self.cache, self.stop, self.timeouts = kind, cache, stop, timeouts
-        self.list_fn: Callable[..., Any] = getattr(cls(api), fn)
+        fn_ = getattr(cls(api), fn)
+        self.list_fn: Callable[..., Any] = (
+            functools.partial(fn_, **LIST_ARGS[kind]) if kind in LIST_ARGS else fn_)
         self.page_size = page_size
         self.synced = threading.Event()
         self.resource_version: str | None = None
@@ -286,7 +298,12 @@ class Informer:
                 self.resource_version = None
                 gone = True
                 delay = backoff.next() if gone_before else 0.0  # twice in a row: slow down
-            except (ApiException, HTTPError, OSError, ValueError, WatchError) as e:
+            except ApiException as e:
+                if e.status == 404 and self.kind in OPTIONAL_KINDS:
+                    delay = self._absent()
+                else:
+                    delay = self._failed(e, backoff)
+            except (HTTPError, OSError, ValueError, WatchError) as e:
                 delay = self._failed(e, backoff)
             except Exception as e:  # a bug must not end the informer for good
                 LOG.exception("%s informer", self.kind)
@@ -294,6 +311,16 @@ class Informer:
             gone_before = gone
             if delay:
                 self.stop.wait(delay)
+
+    def _absent(self, retry: float = 60.0) -> float:
+        """An optional kind whose CRD is not installed: none exist (listed, empty)."""
+        if not self.synced.is_set():
+            LOG.info("%s: not served by the API server (CRD not installed); none, "
+                     "looking again every %.0fs", self.kind, retry)
+        self.cache.replace(self.kind, {})
+        self.resource_version = None
+        self.synced.set()
+        return retry
 
     def _failed(self, e: Exception, backoff: Backoff) -> float:
         self.stats["errors"] += 1

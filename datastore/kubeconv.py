@@ -212,9 +212,18 @@ def endpoint_slice(raw: Any) -> Body:
             "ports": copy.deepcopy(_list(where, raw, "ports")), "addressType": address_type}
 
 
+def tenant_network(raw: Any) -> Body:
+    """{"name", "spec", "created"}: validated (datastore.tenantconv names the field)."""
+    from flowcni.datastore.tenantconv import TenantError, kube_body
+    try:
+        return kube_body(raw)
+    except TenantError as e:
+        raise Malformed(str(e)) from e
+
+
 CONVERTERS: dict[str, Callable[[Any], Body]] = {
     "Node": node, "Namespace": namespace, "Pod": pod, "NetworkPolicy": network_policy,
-    "Service": service, "EndpointSlice": endpoint_slice,
+    "Service": service, "EndpointSlice": endpoint_slice, "TenantNetwork": tenant_network,
 }
 
 

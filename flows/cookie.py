@@ -36,6 +36,7 @@ class Feature(enum.IntEnum):
     TUNNEL = 4    # one remote node
     POLICY = 5    # one policy rule
     SERVICE = 6   # one service
+    TENANT = 12   # tenant networks (flows/tenant.py)
 
 
 def owner_id(owner: str) -> int:

@@ -58,3 +58,10 @@ VIRTUAL_ROUTER_MAC = "aa:bb:cc:dd:ee:ff"
 # the node's conntrack undoes the rewrite, even when the reply's destination
 # is a pod this bridge (or the tunnel) could reach directly.
 CT_MARK_FROM_GATEWAY = 0x1
+
+# Tenant networks (flows/tenant.py): the tenant a packet belongs to, loaded by
+# Classifier (from the pod's port, or from the tunnel key) and matched by every
+# table that looks at addresses; 0 on the default network. IN_TENANT is one bit
+# for "any tenant", so the tables that tenants skip need one flow, not one per tenant.
+TENANT = RegField("reg4", 0, 15)
+IN_TENANT = RegField("reg4", 16, 16)

@@ -9,6 +9,7 @@ match); `Flow.key` is exactly that, and the diff works on it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import socket
@@ -46,6 +47,7 @@ _OFCTL_MATCH = {
     "sctp_src": "tp_src", "sctp_dst": "tp_dst",
     "icmpv4_type": "icmp_type", "icmpv4_code": "icmp_code",
     "ct_state": "ct_state", "ct_mark": "ct_mark", "conj_id": "conj_id", "ip_dscp": "ip_dscp",
+    "tunnel_id": "tun_id",
 }
 _FIELD_ORDER = {f: i for i, f in enumerate(_OFCTL_MATCH)}
 
@@ -58,7 +60,7 @@ _NXM = {
     "in_port": "NXM_OF_IN_PORT",
 }
 # set_field targets that are not match fields of any table.
-_SET_ONLY = {"tun_ipv4_dst": "tun_dst"}
+_SET_ONLY = {"tun_ipv4_dst": "tun_dst", "tunnel_id": "tun_id"}
 _FIELD_BITS = {"eth_src": 48, "eth_dst": 48, "ipv4_src": 32, "ipv4_dst": 32,
                "arp_spa": 32, "arp_tpa": 32, "arp_sha": 48, "arp_tha": 48, "arp_op": 16}
 
@@ -68,6 +70,7 @@ CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "tr
             "snat": 0x40, "dnat": 0x80}
 CT_ZONE = 0xFFF0  # the one conntrack zone pod traffic is tracked in
 NX_NAT_F_DST = 1 << 1  # nat(dst=...): OVS's flag, which os-ken does not name
+NX_NAT_F_SRC = 1 << 0  # nat(src=...)
 
 
 def ct_state_bits(spec: str) -> tuple[int, int]:
@@ -319,8 +322,13 @@ class CT(Action):
     zone: int = CT_ZONE
     mark: int | None = None
     nat: str | None = None
+    snat: str | None = None  # with commit: SNAT a new connection to this IPv4 address
 
     def __post_init__(self) -> None:
+        if self.snat is not None and not (self.commit and self.nat is None
+                                          and plain_ipv4(self.snat)):
+            raise ValueError(f"ct nat(src={self.snat}): needs commit, an IPv4 address and "
+                             "no other nat")
         if self.mark is not None and not (self.commit and 0 < self.mark < (1 << 32)):
             raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
         if self.nat and not (self.commit and _valid_nat_dst(self.nat)):
@@ -338,12 +346,10 @@ class CT(Action):
                 or not plain_ipv4(ip)):
             raise ValueError(f"ct nat(dst={ip}:{port}): needs an IPv4 address and a port")
         obj = object.__new__(cls)
-        s = _CT_SLOTS  # the slots' own setters: what the frozen __init__ does, minus its overhead
-        s[0](obj, True)
-        s[1](obj, table)
-        s[2](obj, CT_ZONE)
-        s[3](obj, None)
-        s[4](obj, f"{ip}:{port}")
+        # the slots' own setters: what the frozen __init__ does, minus its overhead
+        for setter, value in zip(_CT_SLOTS, (True, table, CT_ZONE, None, f"{ip}:{port}", None),
+                                 strict=True):
+            setter(obj, value)
         return obj
 
     def ofctl(self, pipeline: Pipeline) -> str:
@@ -353,6 +359,8 @@ class CT(Action):
             parts.append(f"exec(set_field:{_fmt_int(self.mark)}->ct_mark)")
         if self.nat is not None:
             parts.append(f"nat(dst={self.nat})" if self.nat else "nat")
+        if self.snat is not None:
+            parts.append(f"nat(src={self.snat})")
         return f"ct({','.join(parts)})"
 
     def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
@@ -366,6 +374,9 @@ class CT(Action):
             inner.append(_padded(parser.NXActionNAT(
                 flags=NX_NAT_F_DST, range_ipv4_min=ip, range_ipv4_max=ip,
                 range_proto_min=int(port), range_proto_max=int(port))))
+        if self.snat:
+            inner.append(_padded(parser.NXActionNAT(
+                flags=NX_NAT_F_SRC, range_ipv4_min=self.snat, range_ipv4_max=self.snat)))
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
             zone_ofs_nbits=self.zone,
@@ -374,7 +385,8 @@ class CT(Action):
             alg=0, actions=inner)
 
 
-_CT_SLOTS = [CT.__dict__[n].__set__ for n in ("commit", "table", "zone", "mark", "nat")]
+# every field, in declaration order: CT.dnat sets each one (a new field cannot be missed)
+_CT_SLOTS = [CT.__dict__[f.name].__set__ for f in dataclasses.fields(CT)]
 
 
 def _padded(action: Any) -> Any:

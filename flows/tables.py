@@ -88,6 +88,20 @@ PIPELINE: tuple[Table, ...] = (
 )
 
 
+# Tenant networks (flows/tenant.py) add matches on the tenant register (reg4) to
+# these tables, and on the tunnel key to Classifier; kept apart from the table
+# list so the default network's declarations read as they are.
+TENANT_MATCHES: dict[str, tuple[str, ...]] = {
+    "Classifier": ("reg4", "tunnel_id"), "ARPResponder": ("reg4",),
+    "ConntrackZone": ("reg4", "reg0", "ipv4_dst"),
+    "ConntrackState": ("reg4",), "ServiceLB": ("reg4",), "EgressRule": ("reg4",),
+    "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
+    "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
+}
+PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ())),
+                       t.next, t.miss) for t in PIPELINE)
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """The declared tables with their numbers."""

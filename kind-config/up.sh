@@ -31,6 +31,7 @@ kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 echo "== deploying flowcni"
 existed=$(kc -n flowcni-system get daemonset flowcni-agent -o name 2>/dev/null || true)
+kc apply -f "$here/tenantnetwork-crd.yaml"  # optional: agents run without it
 sed "s#image: flowcni:dev#image: $IMAGE#" "$here/flowcni.yaml" | kc apply -f -
 if [ -n "$existed" ]; then
     kc -n flowcni-system rollout restart daemonset/flowcni-agent  # run the image just loaded

@@ -1,5 +1,5 @@
-"""The lab demo: two nodes, pods, real traffic, a Service, a NetworkPolicy, a trace, the flow
-tables."""
+"""The lab demo: two nodes, pods, real traffic, a Service, a NetworkPolicy, a trace, two
+tenant networks with overlapping addresses, the flow tables."""
 
 from __future__ import annotations
 
@@ -33,6 +33,31 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 8080}]
 """
+TENANTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: blue, labels: {tenant: blue}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: red, labels: {tenant: red}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: blue}
+spec:
+  namespaceSelector: {matchLabels: {tenant: blue}}
+  subnets: [10.50.0.0/16]
+  vni: 101
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: red}
+spec:
+  namespaceSelector: {matchLabels: {tenant: red}}
+  subnets: [10.50.0.0/16]
+  vni: 202
+"""
 SERVICE_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],80),timeout=5);"
                 "c.sendall(b'x'*int(sys.argv[2]));c.close()")
 
@@ -65,6 +90,24 @@ def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
     return int(out.strip() or 0)
 
 
+def _tcp_to(lab: Lab, src: str, ip: str, nbytes: int, sinks: list[str]) -> dict[str, int]:
+    """Send nbytes from src to ip:8080; what each of `sinks` received."""
+    procs = {d: subprocess.Popen(lab.exec_argv(d, [sys.executable, "-c", TCP_SINK]),
+                                 stdout=subprocess.PIPE, text=True) for d in sinks}
+    time.sleep(0.5)
+    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", TCP_SEND, ip, str(nbytes)]),
+                   capture_output=True)
+    got = {}
+    for d, sink in procs.items():
+        try:
+            out, _ = sink.communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            out, _ = sink.communicate()
+        got[d] = int(out.strip() or 0)
+    return got
+
+
 def _tcp_service(lab: Lab, src: str, vip: str, nbytes: int, endpoints: list[str]
                  ) -> dict[str, int]:
     """Send nbytes from src to vip:80; what each endpoint's sink received."""
@@ -90,6 +133,7 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         show_policy,
         show_services,
         show_status,
+        show_tenants,
         show_trace,
     )
     from flowcni.datastore.manifests import load
@@ -155,6 +199,30 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
                                                "dev", "eth0"]), check=True)
         good &= ok(not _ping(lab, "other", pods["web-1"].ip, "-I", "10.244.1.250"),
                    "forged packets dropped by SpoofGuard")
+        step("tenant networks: blue and red, both 10.50.0.0/16, VNIs 101 and 202")
+        print(TENANTS)
+        for kind, ns, name, body in load(TENANTS):
+            if kind == "TenantNetwork":
+                body = {**body, "created": name}  # what flowctl apply records
+            store.put(kind, ns, name, body)
+        lab.wait_realized()
+        for ref, node in (("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"),
+                          ("red/b", "node2")):
+            ns, name = ref.split("/")
+            p = lab.pod_add(name, node, namespace=ns)
+            print(f"  {ref} on {node}: {p.ip}")
+        step("flowctl tenants")
+        show_tenants(lab.agents())
+        got = _tcp_to(lab, "blue/a", "10.50.2.2", 100_000, ["blue/b", "red/b"])
+        good &= ok(got == {"blue/b": 100_000, "red/b": 0},
+                   f"blue/a -> 10.50.2.2:8080 reached blue/b, not red/b: {got}")
+        got = _tcp_to(lab, "red/a", "10.50.2.2", 100_000, ["blue/b", "red/b"])
+        good &= ok(got == {"blue/b": 0, "red/b": 100_000},
+                   f"red/a -> 10.50.2.2:8080 reached red/b, not blue/b: {got}")
+        good &= ok(not _ping(lab, "blue/a", pods["web-1"].ip),
+                   "blue/a -> web-1 (default network) dropped")
+        step("flowctl trace --from blue/a --to 10.50.2.2 (tenant and VNI at each hop)")
+        show_trace(lab.agents(), "blue/a", "10.50.2.2", "tcp", 8080)
         step("flowctl flows --node node1 (table names, owners from the cookies)")
         show_flows([a for a in lab.agents() if a.name == "node1"], SimpleNamespace(
             table=None, pod=None, policy=None, service=None, stale=False, json=False,

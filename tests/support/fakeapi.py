@@ -78,6 +78,7 @@ RESOURCES = {r.plural: r for r in (
     Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True),
     Resource("services", "Service", "v1", True),
     Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
+    Resource("tenantnetworks", "TenantNetwork", "flowcni.io/v1alpha1", False),
 )}
 BY_KIND = {r.kind: r for r in RESOURCES.values()}
 
@@ -134,6 +135,8 @@ class FakeAPI:
         self.gone_mode = gone_mode
         self.bookmark_interval = bookmark_interval
         self.max_watch_seconds = 1800
+        # Plurals the server does not serve (a CRD not installed): 404, as a real one.
+        self.absent: set[str] = set()
 
     # -- writes ----------------------------------------------------------------------
 
@@ -427,6 +430,9 @@ class Handler(BaseHTTPRequestHandler):
             if m:
                 return self._exec(m["ns"], m["name"], parse_qs(url.query))
             res, ns, name = route(url.path)
+            if res.plural in api.absent:
+                raise ApiError(404, "NotFound", "the server could not find the requested "
+                               f"resource ({url.path})")
             if name is not None:
                 obj = api.get(res.plural, name, ns)
                 if obj is None:
@@ -786,6 +792,11 @@ def node_obj(name: str, ip: str | None, pod_cidr: str | None,
     spec = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {}
     return {"metadata": {"name": name, "labels": labels or {}}, "spec": spec,
             "status": {"addresses": addrs}}
+
+
+def tenant_network_obj(name: str, spec: dict[str, Any],
+                       created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": created}, "spec": spec}
 
 
 def namespace_obj(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:

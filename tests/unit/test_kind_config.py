@@ -30,7 +30,8 @@ SCRIPTS = ["up.sh", "down.sh", "ovs-start.sh", "agent-start.sh", "cni-shim.sh"]
 RBAC_NAMES = {"Node": ("", "nodes"), "Namespace": ("", "namespaces"), "Pod": ("", "pods"),
               "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
               "Service": ("", "services"),
-              "EndpointSlice": ("discovery.k8s.io", "endpointslices")}
+              "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
+              "TenantNetwork": ("flowcni.io", "tenantnetworks")}
 K8S_VERSIONS = ["1.29", "latest"]  # the oldest we claim, and the newest bundled schemas
 
 
@@ -305,3 +306,19 @@ def test_cni_shim_runs_the_plugin_in_the_agents_mount_namespace(tmp_path: Path) 
                "FLOWCNI_PLUGIN": launcher}, stdin='{"cniVersion": "1.0.0"}')
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1.0.0" in json.loads(p.stdout)["supportedVersions"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_tenant_network_crd_validates_and_matches_the_informer(version: str) -> None:
+    from flowcni.datastore.kube import LIST_ARGS
+    crd = yaml.safe_load((KIND_DIR / "tenantnetwork-crd.yaml").read_text())
+    args = LIST_ARGS["TenantNetwork"]
+    assert crd["spec"]["group"] == args["group"] == RBAC_NAMES["TenantNetwork"][0]
+    assert crd["spec"]["names"]["plural"] == args["plural"] == RBAC_NAMES["TenantNetwork"][1]
+    assert [v["name"] for v in crd["spec"]["versions"]] == [args["version"]]
+    assert crd["spec"]["scope"] == "Cluster"
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pyproject test extra)")
+    if version == "latest":
+        version = kv.latest_version()
+    kv.validate(crd, version, strict=True)

@@ -39,6 +39,7 @@ from tests.support.fakeapi import (
     pod_obj,
     policy_obj,
     service_obj,
+    tenant_network_obj,
     write_kubeconfig,
 )
 
@@ -116,9 +117,15 @@ def seed(srv: FakeAPIServer) -> None:
                                                     "ports": [{"port": 80}]}))
     srv.put("endpointslices", endpoint_slice_obj("web", "api-x1", "api", ["10.244.1.5"],
                                                  [{"name": "http", "port": 8080}]))
+    srv.put("tenantnetworks", tenant_network_obj("blue", TENANT_SPEC))
 
+
+TENANT_SPEC = {"namespaceSelector": {"matchLabels": {"tenant": "blue"}},
+               "subnets": ["10.50.0.0/16"]}
 
 EXPECTED: dict[str, list[dict[str, Any]]] = {
+    "TenantNetwork": [{"name": "blue", "labels": {}, "spec": TENANT_SPEC,
+                       "created": "2026-01-01T00:00:00Z"}],
     "Namespace": [{"name": "web", "labels": {"kubernetes.io/metadata.name": "web",
                                             "team": "a"}}],
     "Node": [{"name": "node1", "nodeIP": "192.168.77.1", "podCIDR": "10.244.1.0/24"}],
@@ -150,7 +157,8 @@ def test_initial_sync_of_every_kind(server: FakeAPIServer,
         assert seen.wait(kind, 1) == [("put", want[0]["name"], want[0])]
     for path in ("/api/v1/nodes", "/api/v1/namespaces", "/api/v1/pods", "/api/v1/services",
                  "/apis/networking.k8s.io/v1/networkpolicies",
-                 "/apis/discovery.k8s.io/v1/endpointslices"):
+                 "/apis/discovery.k8s.io/v1/endpointslices",
+                 "/apis/flowcni.io/v1alpha1/tenantnetworks"):
         reqs = server.requests(path)
         assert reqs[0]["query"].get("watch") is None, "lists first"
         watch = eventually(functools.partial(_watches, server, path))[0]
@@ -170,6 +178,8 @@ def _objects(kind: str, version: int) -> tuple[str, dict[str, Any]]:
         "Service": ("services", service_obj("web", "s9", {"ports": [{"port": 80 + version}]})),
         "EndpointSlice": ("endpointslices", endpoint_slice_obj(
             "web", "s9-a", "s9", [f"10.244.9.{version + 2}"], [{"port": 80}])),
+        "TenantNetwork": ("tenantnetworks", tenant_network_obj("t9", {
+            **TENANT_SPEC, "egress": {"masquerade": bool(version % 2)}})),
     }[kind]
 
 
@@ -672,3 +682,29 @@ def test_host_network_pods_are_not_pod_network_pods(
     bad["spec"]["hostNetwork"] = "yes"
     with pytest.raises(Malformed, match="^Pod web/x: spec.hostNetwork is not a boolean"):
         kubeconv.pod(bad)
+
+
+def test_tenant_networks_without_their_crd_are_none(server: FakeAPIServer,
+                                                    open_ds: Callable[..., KubeDatastore]
+                                                    ) -> None:
+    """A cluster without flowcni's CRD: TenantNetworks list as empty (404), the agent
+    does not wait for them forever, and everything else flows as before."""
+    server.absent.add("tenantnetworks")
+    seed(server)
+    ds = open_ds()
+    assert ds.objects("TenantNetwork", timeout=5) == []
+    assert ds.objects("Node") == EXPECTED["Node"]
+    assert ds.status()["TenantNetwork"]["synced"]
+
+
+def test_invalid_tenant_network_reaches_the_agent(server: FakeAPIServer,
+                                                   open_ds: Callable[..., KubeDatastore]
+                                                   ) -> None:
+    """An invalid spec is not dropped: resolution turns it into a condition."""
+    server.put("tenantnetworks", tenant_network_obj("bad", {"subnets": ["10.1.0.0/16"]}))
+    ds = open_ds()
+    bodies = ds.objects("TenantNetwork", timeout=5)
+    assert [b["name"] for b in bodies] == ["bad"]
+    from flowcni.datastore.tenantconv import resolve
+    t = resolve(bodies, [], [], "10.244.0.0/16").tenants["bad"]
+    assert not t.ok and t.conditions[0].message.startswith("spec.namespaceSelector")

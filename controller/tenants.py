@@ -1,0 +1,401 @@
+"""Tenant networks on this node: the resolution, their flows, their address pools.
+
+The agent keeps TenantNetworks, Namespaces and Nodes as the datastore lists
+and watches them, resolves them (datastore.tenantconv.resolve: the same
+answer on every node), and then:
+- programs each usable tenant's node-wide flows (flows/tenant.py) and the
+  flows all tenants share, only while at least one tenant is usable;
+- answers PodManager's question "which network does a pod of namespace N
+  join": the default one, a tenant (with its per-node slice, its gateway and
+  an IPAM of its own), or an error naming why the tenant cannot take pods
+  (routed mode, a conflict, no slice for this node). A pod never silently
+  joins the default network when its namespace belongs to a tenant.
+
+Relabelling a namespace into or out of a tenant applies to pods created
+afterwards. A running pod keeps the network, address and flows it started
+with (its address belongs to that network's range, and changing it under a
+running process would break its connections); `flowctl tenants` lists such
+pods under "stale" so the user can restart them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flowcni.cni.ipam import IPAM, IPAMError
+from flowcni.controller.flowsync import FlowSync
+from flowcni.datastore.store import Change
+from flowcni.datastore.tenantconv import (
+    Condition,
+    Resolution,
+    Tenant,
+    TenantError,
+    TenantSpec,
+    check_update,
+    from_body,
+    resolve,
+)
+from flowcni.flows.model import Flow
+from flowcni.flows.node import Gateway
+from flowcni.flows.pod import LocalPod
+from flowcni.flows.tenant import (
+    TENANT_BASE_OWNER,
+    TenantNet,
+    base_flows,
+    connect_owner,
+    connect_pod_flows,
+    tenant_flows,
+    tenant_owner,
+)
+from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
+
+LOG = logging.getLogger(__name__)
+# Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
+# (no port backs them) and out of every CNI GC (their network is none of the runtime's).
+EGRESS_KEY = "tenant-egress:"
+EGRESS_NETWORK = "flowcni-tenant-egress"
+KINDS = ("TenantNetwork", "Namespace", "Node")
+POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
+_SAFE = re.compile(r"[^a-z0-9.-]")
+
+
+class TenantRefused(Exception):
+    """A pod's namespace belongs to a tenant that cannot take pods on this node."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new pod of a tenant goes on this node."""
+
+    net: TenantNet
+    cidr: str      # this node's slice
+    gateway: str   # its first address (answered by the tenant's ARP responder)
+    ipam: IPAM
+
+
+class Tenants:
+    def __init__(self, me: str, cluster_cidr: str, encap: str, state_dir: str,
+                 flows: FlowSync, tun_ofport: int | None, gateway: Gateway | None = None,
+                 node_ipam: IPAM | None = None) -> None:
+        self.me, self.cluster_cidr, self.encap = me, cluster_cidr, encap
+        self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
+        self.gateway, self.node_ipam = gateway, node_ipam
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {
+            k: {} for k in (*KINDS, *POLICY_KINDS)}
+        self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
+        self.resolution = Resolution({}, {})
+        self.nets: dict[str, TenantNet] = {}
+        self._ipams: dict[tuple[str, str], IPAM] = {}
+        self._lock = threading.RLock()
+        self._reported: dict[str, tuple[str, ...]] = {}
+        self._connect: dict[str, list[Flow]] = {}
+        self._accepted: dict[str, TenantSpec] = {}  # immutable fields as first accepted
+        self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
+
+    # -- datastore ---------------------------------------------------------------------
+
+    def load(self, tenants: list[dict[str, Any]], namespaces: list[dict[str, Any]],
+             nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
+             policies: list[dict[str, Any]] | None = None) -> list[Flow]:
+        """The initial lists; returns the policy flows it changed (for the datapath guard)."""
+        with self._lock:
+            self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
+                            "Namespace": {b["name"]: b for b in namespaces},
+                            "Node": {b["name"]: b for b in nodes},
+                            "Pod": {f"{b['namespace']}/{b['name']}": b for b in pods or []},
+                            "NetworkPolicy": {f"{b['namespace']}/{b['name']}": b
+                                              for b in policies or []}}
+            self._recompute()
+            return self._recompute_policy(set(self.nets))
+
+    def apply(self, batch: list[Change]) -> list[Flow]:
+        """Watched changes; returns the policy flows it changed (for the datapath guard)."""
+        touched = False
+        namespaces: set[str] = set()
+        with self._lock:
+            for c in batch:
+                if c.kind in POLICY_KINDS:
+                    key = f"{c.namespace}/{c.name}"
+                    namespaces.add(c.namespace)
+                elif c.kind in KINDS:
+                    key = c.name
+                    touched = True
+                else:
+                    continue
+                if c.op == "put" and c.body is not None:
+                    self.objects[c.kind][key] = c.body
+                else:
+                    self.objects[c.kind].pop(key, None)
+            before = dict(self.resolution.by_namespace)
+            if touched:
+                self._recompute()
+                return self._recompute_policy(set(self.nets) | set(self._policy))
+            names = {n for ns in namespaces for n in (before.get(ns),
+                                                     self.resolution.by_namespace.get(ns)) if n}
+            return self._recompute_policy(names) if names else []
+
+    def in_tenant(self, namespace: str) -> bool:
+        """Whether pods and policies of `namespace` belong to a tenant network (not to the
+        default network's policy engine)."""
+        with self._lock:
+            return namespace in self.resolution.by_namespace
+
+    def _recompute_policy(self, names: set[str]) -> list[Flow]:
+        """Rebuild the NetworkPolicy flows of these tenants from their own objects."""
+        changes: dict[str, list[Flow]] = {}
+        changed: list[Flow] = []
+        for name in sorted(names):
+            net = self.nets.get(name)
+            flows: list[Flow] = []
+            t = self.resolution.tenants.get(name)
+            if net is not None and t is not None:
+                mine = set(t.namespaces)
+                flows, problems = tenant_policy_flows(
+                    net, self.me,
+                    [b for n, b in self.objects["Namespace"].items() if n in mine],
+                    [b for b in self.objects["Pod"].values() if b.get("namespace") in mine],
+                    [b for b in self.objects["NetworkPolicy"].values()
+                     if b.get("namespace") in mine], self.flows.pipeline)
+                for p in problems:
+                    LOG.error("TenantNetwork %s: skipping %s", name, p)
+            old = self._policy.get(name, [])
+            if old != flows:
+                changes[policy_owner(name)] = flows
+                changed += old + flows
+                if flows:
+                    self._policy[name] = flows
+                else:
+                    self._policy.pop(name, None)
+        if changes:
+            self.flows.set_owners(changes)
+        return changed
+
+    def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+        """The TenantNetworks to resolve, with immutable fields as this agent first
+        accepted them: a change that got past the API (a store written by hand) would
+        renumber running pods, so it is reported (naming the field) and not applied."""
+        bodies, refused = [], {}
+        for name, b in self.objects["TenantNetwork"].items():
+            spec = b.get("spec") if isinstance(b.get("spec"), dict) else None
+            try:
+                new = from_body(b)
+            except TenantError:
+                bodies.append(b)
+                continue
+            old = self._accepted.get(name)
+            if old is None or spec is None:
+                self._accepted[name] = new
+                bodies.append(b)
+                continue
+            try:
+                check_update(old, new)
+                bodies.append(b)
+            except TenantError as e:
+                refused[name] = [str(e)]
+                kept = {**spec, "subnets": list(old.subnets),
+                        "nodeSubnetSize": old.node_subnet_size}
+                kept.pop("vni", None)
+                if old.vni is not None:
+                    kept["vni"] = old.vni
+                bodies.append({**b, "spec": kept})
+        for name in set(self._accepted) - set(self.objects["TenantNetwork"]):
+            del self._accepted[name]
+        return bodies, refused
+
+    def _recompute(self) -> None:
+        bodies, refused = self._kept_immutable()
+        res = resolve(bodies, self.objects["Namespace"].values(),
+                      self.objects["Node"].values(), self.cluster_cidr, self.encap)
+        for name, msgs in refused.items():
+            res.tenants[name].conditions += [
+                Condition("ImmutableFieldChanged", True, "ChangeRefused", m) for m in msgs]
+        ips = {n["name"]: n.get("nodeIP", "") for n in self.objects["Node"].values()}
+        nets = {}
+        for t in res.tenants.values():
+            self._report(t)
+            if t.ok and t.spec is not None:
+                masq = t.spec.masquerade and self.egress_ip(t.name)
+                nets[t.name] = TenantNet(t.name, t.vni, tuple(
+                    (n, ips.get(n, ""), s) for n, s in sorted(t.slices.items())
+                    if ips.get(n)), masq or "",
+                    (self.cluster_cidr, *t.spec.subnets) if masq else ())
+        for name in {t.name for t in res.tenants.values()} | set(self.nets):
+            if name not in nets or not nets[name].egress_ip:
+                self._release_egress(name)
+        for name, net in list(nets.items()):
+            peers = tuple((p, nets[p].vni, nets[p].slices)
+                          for p in sorted(res.tenants[name].connected) if p in nets)
+            if peers:
+                nets[name] = replace(net, peers=peers)
+        changes: dict[str, list[Flow]] = {}
+        pipeline = self.flows.pipeline
+        for name in set(self.nets) - set(nets):
+            changes[tenant_owner(name)] = []
+        for name, net in nets.items():
+            if self.nets.get(name) != net:
+                changes[tenant_owner(name)] = tenant_flows(net, self.me, self.tun_ofport,
+                                                           pipeline, self.gateway)
+        if bool(nets) != bool(self.nets):
+            changes[TENANT_BASE_OWNER] = base_flows(self.tun_ofport, pipeline) if nets else []
+        self.resolution, self.nets = res, nets
+        changes.update(self._connect_changes())
+        if changes:
+            self.flows.set_owners(changes)
+
+    def _connect_changes(self) -> dict[str, list[Flow]]:
+        """connectTo's flows towards the local pods of connected tenants (by tenant)."""
+        local: dict[str, list[tuple[LocalPod, TenantNet]]] = {}
+        for a in self.pods():
+            t = self.nets.get(getattr(a, "tenant", ""))
+            if t is not None:
+                local.setdefault(t.name, []).append((a.local_pod(), t))
+        want = {}
+        for name, net in self.nets.items():
+            pods = [p for peer, _, _ in net.peers for p in local.get(peer, [])]
+            if pods:
+                want[connect_owner(name)] = connect_pod_flows(net, pods, self.flows.pipeline)
+        changes: dict[str, list[Flow]] = {o: [] for o in set(self._connect) - set(want)}
+        changes.update({o: f for o, f in want.items() if self._connect.get(o) != f})
+        self._connect = want
+        return changes
+
+    def pods_changed(self) -> None:
+        """A local pod came or went: connected tenants' flows towards it follow."""
+        with self._lock:
+            changes = self._connect_changes()
+            if changes:
+                self.flows.set_owners(changes)
+
+    def _report(self, t: Tenant) -> None:
+        """One log line per new set of conditions of a tenant (each names its field)."""
+        msgs = tuple(f"{c.type}: {c.message}" for c in t.conditions
+                     if not (c.type == "Ready" and c.status))
+        if self._reported.get(t.name) != msgs:
+            self._reported[t.name] = msgs
+            for m in msgs:
+                LOG.error("TenantNetwork %s: %s", t.name, m)
+            if not msgs:
+                LOG.info("TenantNetwork %s: VNI %d, zone %d, slice here %s, namespaces %s",
+                         t.name, t.vni, t.zone, t.slices.get(self.me, "-"), t.namespaces)
+
+    # -- egress ------------------------------------------------------------------------
+
+    def egress_ip(self, name: str) -> str:
+        """This node's egress address of a masquerading tenant: leased from the node's
+        own pod CIDR, so the node's stack routes and masquerades it like a pod's, and
+        its replies come back to this bridge. "" (logged) when the CIDR is full."""
+        if self.node_ipam is None or self.gateway is None:
+            return ""
+        try:
+            return str(self.node_ipam.allocate(EGRESS_KEY + name, {"network": EGRESS_NETWORK,
+                                                                   "tenant": name}))
+        except IPAMError as e:
+            LOG.error("TenantNetwork %s: spec.egress.masquerade: no egress address on this "
+                      "node: %s", name, e.msg)
+            return ""
+
+    def _release_egress(self, name: str) -> None:
+        if self.node_ipam is not None:
+            self.node_ipam.release(EGRESS_KEY + name)
+
+    # -- pods --------------------------------------------------------------------------
+
+    def placement(self, namespace: str) -> Placement | None:
+        """None: the default network. TenantRefused (naming why) if the tenant can't."""
+        with self._lock:
+            t = self.resolution.of_namespace(namespace)
+            if t is None:
+                return None
+            if not t.ok:
+                why = "; ".join(c.message for c in t.conditions if not c.status
+                                or c.type != "Ready")
+                raise TenantRefused(f"namespace {namespace} belongs to TenantNetwork {t.name}, "
+                                    f"which cannot take pods: {why}")
+            cidr = t.slices.get(self.me)
+            if cidr is None:
+                raise TenantRefused(f"TenantNetwork {t.name}: no slice of spec.subnets for "
+                                    f"node {self.me} (spec.subnets too small for its nodes)")
+            return Placement(self.nets[t.name], cidr, t.gateway(self.me),
+                             self.ipam(t.name, cidr))
+
+    def ipam(self, name: str, cidr: str) -> IPAM:
+        with self._lock:
+            ip = self._ipams.get((name, cidr))
+            if ip is None:
+                fname = f"ipam-tenant-{_SAFE.sub('_', name)}-{cidr.replace('/', '_')}.json"
+                path = os.path.join(self.state_dir, fname)
+                ip = self._ipams[(name, cidr)] = IPAM(cidr, path)
+                # leases a checkpoint kept for pods no port backs any more (their DEL
+                # never came, or came while this pool was not loaded)
+                for k in ip.gc({a.key for a in self.pods()}):
+                    LOG.warning("TenantNetwork %s: releasing lease %s: no port carries it",
+                                name, k)
+            return ip
+
+    def release(self, key: str) -> None:
+        """Give back `key`'s lease, whichever tenant pool holds it (none: a no-op)."""
+        with self._lock:
+            pools = list(self._ipams.values())
+        for p in pools:
+            p.release(key)
+
+    def gc(self, valid: set[str], owned: Callable[[dict[str, Any]], bool]) -> list[str]:
+        """CNI GC of the tenant pools: leases not in `valid` that `owned` accepts."""
+        with self._lock:
+            pools = list(self._ipams.values())
+        return [k for p in pools for k in p.gc(valid, owned)]
+
+    def restore(self, leases: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+        """Re-learn leases of running tenant pods ((tenant, slice) -> {key: ip})."""
+        rejected: list[str] = []
+        for (name, cidr), kv in leases.items():
+            pool = self.ipam(name, cidr)
+            rejected += pool.restore(kv)
+            pool.gc(set(kv))
+        return rejected
+
+    # -- inspection --------------------------------------------------------------------
+
+    def metric_rows(self) -> list[tuple[str, int, bool, int, int]]:
+        """(tenant, VNI, usable, local pods, flows) for the metrics endpoint."""
+        with self._lock:
+            tenants = list(self.resolution.tenants.values())
+        pods = list(self.pods())
+        rows = []
+        for t in sorted(tenants, key=lambda t: t.name):
+            keys = [f"pod:{p.key}" for p in pods if getattr(p, "tenant", "") == t.name]
+            n_flows = len(self.flows.flows_of([tenant_owner(t.name), *keys]))
+            rows.append((t.name, t.vni, t.ok, len(keys), n_flows))
+        return rows
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            res = self.resolution
+            pods = list(self.pods())
+        out = []
+        for t in sorted(res.tenants.values(), key=lambda t: t.name):
+            mine = [p for p in pods if getattr(p, "tenant", "") == t.name]
+            stale = [f"{p.namespace}/{p.name}" for p in pods
+                     if (getattr(p, "tenant", "") or None) != (res.by_namespace.get(p.namespace))
+                     and t.name in (getattr(p, "tenant", ""), res.by_namespace.get(p.namespace))]
+            out.append({
+                "name": t.name, "ok": t.ok, "vni": t.vni or None, "zone": t.zone or None,
+                "subnets": list(t.spec.subnets) if t.spec else [],
+                "namespaces": t.namespaces, "slices": t.slices,
+                "node_slice": t.slices.get(self.me), "gateway": t.gateway(self.me),
+                "router_mac": self.nets[t.name].router_mac if t.name in self.nets else None,
+                "egress_ip": self.nets[t.name].egress_ip if t.name in self.nets else None,
+                "masquerade": bool(t.spec and t.spec.masquerade),
+                "connect_to": list(t.spec.connect_to) if t.spec else [],
+                "connected": list(t.connected),
+                "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
+                         for p in mine],
+                "stale_pods": stale,
+                "conditions": [c.as_dict() for c in t.conditions]})
+        return out

@@ -1,0 +1,506 @@
+"""Tenant networks on a 3-node lab: two tenants with the same subnet, real packets.
+
+blue and red both use 10.50.0.0/16, so their first pods on a node get the
+same address: blue/a and red/a are both 10.50.1.2 on node1, blue/b and red/b
+both 10.50.2.2 on node2. Every server answers with its own name, so a probe
+shows which pod it reached, not only that something answered. A deny is
+always shown next to an allowed probe from the same source, run at the same
+time. The underlay capture shows each tenant's VNI in the Geneve header.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from flowcni.ctl import flowctl
+from flowcni.ctl.client import AgentClient
+from flowcni.ctl.trace import Tracer
+from flowcni.datastore.manifests import load
+from flowcni.datastore.tenantconv import for_update
+from flowcni.lab import netns
+from flowcni.lab.lab import EXTERNAL_IP, Lab
+
+from tests.datapath.conftest import make_lab
+from tests.support.probe import Capture, ping
+
+BLUE_VNI, RED_VNI = 101, 202
+
+MANIFEST = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: blue, labels: {tenant: blue}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: red, labels: {tenant: red}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: blue}
+spec:
+  namespaceSelector: {matchLabels: {tenant: blue}}
+  subnets: [10.50.0.0/16]
+  vni: 101
+  egress: {masquerade: true}
+  connectTo: [green]
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: red}
+spec:
+  namespaceSelector: {matchLabels: {tenant: red}}
+  subnets: [10.50.0.0/16]
+  vni: 202
+  egress: {masquerade: true}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: green, labels: {tenant: green}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: yellow, labels: {tenant: yellow}}
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: green}
+spec:
+  namespaceSelector: {matchLabels: {tenant: green}}
+  subnets: [10.60.0.0/16]
+  connectTo: [blue]
+---
+apiVersion: flowcni.io/v1alpha1
+kind: TenantNetwork
+metadata: {name: yellow}
+spec:
+  namespaceSelector: {matchLabels: {tenant: yellow}}
+  subnets: [10.70.0.0/16]
+  connectTo: [blue]
+"""
+
+# pod ref -> node; order matters: the first pod of a tenant on a node gets .2
+PODS = [("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"), ("red/b", "node2"),
+        ("red/c", "node3"), ("red/d", "node1"), ("default/d", "node1"),
+        ("default/e", "node2"), ("green/g", "node1"), ("green/h", "node2"),
+        ("yellow/y", "node1"), ("blue/c", "node3")]
+
+SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1].encode()
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.sendall(name); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53))
+    while True:
+        d, a = s.recvfrom(100); s.sendto(name, a)
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+PROBER = r"""
+import json, socket, subprocess, sys, threading
+targets = json.loads(sys.argv[1]); out = {}
+def probe(ip, kind):
+    try:
+        if kind == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.sendto(b"who", (ip, 53)); out[f"{ip}/{kind}"] = s.recvfrom(100)[0].decode()
+        elif kind == "tcp":
+            s = socket.create_connection((ip, 80), timeout=3)
+            out[f"{ip}/{kind}"] = s.recv(100).decode(); s.close()
+        else:
+            p = subprocess.run(["ping", "-n", "-c", "1", "-W", "3", ip], capture_output=True)
+            out[f"{ip}/{kind}"] = "icmp" if p.returncode == 0 else None
+    except OSError:
+        out[f"{ip}/{kind}"] = None
+ts = [threading.Thread(target=probe, args=(ip, k))
+      for ip in targets for k in ("tcp", "udp", "icmp")]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def probe_all(lab: Lab, plan: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
+    """From each source pod, TCP, UDP and ICMP to each IP, all at the same time."""
+    procs = {src: subprocess.Popen(lab.exec_argv(src, [sys.executable, "-c", PROBER,
+                                                       json.dumps(ips)]),
+                                   stdout=subprocess.PIPE, text=True)
+             for src, ips in plan.items()}
+    return {src: json.loads(p.communicate(timeout=60)[0]) for src, p in procs.items()}
+
+
+def reached(res: dict[str, str | None], ip: str) -> tuple[str | None, str | None, str | None]:
+    return res[f"{ip}/tcp"], res[f"{ip}/udp"], res[f"{ip}/icmp"]
+
+
+@pytest.fixture(scope="module")
+def tlab() -> Iterator[Lab]:
+    lab = make_lab("tn")
+    lab.down()
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        lab.up(nodes=3, encap="geneve")
+        store = lab.store()
+        for kind, ns, name, body in load(MANIFEST):
+            if kind == "TenantNetwork":
+                body = for_update(store.get(kind, ns, name), body, name)
+            store.put(kind, ns, name, body)
+        lab.wait_realized()
+        for ref, node in PODS:
+            ns, name = ref.split("/")
+            lab.pod_add(name, node, namespace=ns)
+        for ref, _ in PODS:
+            p = subprocess.Popen(lab.exec_argv(ref, [sys.executable, "-c", SERVER, ref]),
+                                 stdout=subprocess.PIPE, text=True)
+            servers.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        lab.wait_realized()
+        yield lab
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait()
+        lab.down()
+
+
+def test_same_subnet_same_addresses(tlab: Lab) -> None:
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/a"] == ip["red/a"] == "10.50.1.2"
+    assert ip["blue/b"] == ip["red/b"] == "10.50.2.2"
+    assert ip["red/c"] == "10.50.3.2" and ip["red/d"] == "10.50.1.3"
+    assert ip["default/d"].startswith("10.244.1.")
+
+
+def test_each_tenant_reaches_its_own_and_not_the_other(tlab: Lab) -> None:
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    res = probe_all(tlab, {
+        "blue/a": ["10.50.2.2", "10.50.3.2", "10.50.1.3", ip["default/d"], ip["default/e"]],
+        "red/a": ["10.50.2.2", "10.50.3.2", "10.50.1.3"],
+        "blue/b": ["10.50.1.2"],
+        "red/b": ["10.50.1.2"],
+        "default/d": [ip["default/e"]],
+    })
+    # the same address answers as each source's own tenant's pod (cross-node)
+    assert reached(res["blue/a"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+    assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+    assert reached(res["blue/b"], "10.50.1.2") == ("blue/a", "blue/a", "icmp")
+    assert reached(res["red/b"], "10.50.1.2") == ("red/a", "red/a", "icmp")
+    # node3: 10.50.3.2 is red/c and blue/c, each answering its own tenant
+    assert reached(res["red/a"], "10.50.3.2") == ("red/c", "red/c", "icmp")
+    assert reached(res["blue/a"], "10.50.3.2") == ("blue/c", "blue/c", "icmp")
+    # red/d (same node as blue/a) is out of blue's reach, at the same moment as blue's
+    # allowed probes above
+    assert reached(res["red/a"], "10.50.1.3") == ("red/d", "red/d", "icmp")
+    assert reached(res["blue/a"], "10.50.1.3") == (None, None, None)
+    # so is the default network, which keeps working for its own pods
+    assert reached(res["blue/a"], ip["default/d"]) == (None, None, None)
+    assert reached(res["blue/a"], ip["default/e"]) == (None, None, None)
+    assert reached(res["default/d"], ip["default/e"]) == ("default/e", "default/e", "icmp")
+
+
+EXT_SERVER = r"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(64)
+print("ready", flush=True)
+while True:
+    c, a = s.accept(); c.sendall(f"{a[0]}:{a[1]}".encode()); c.close()
+"""
+
+EXT_CLIENT = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 41000)); s.settimeout(5)
+try:
+    s.connect((sys.argv[1], 8080)); print(s.recv(100).decode())
+except OSError as e:
+    print(f"failed: {e}")
+"""
+
+
+def test_masquerade_with_identical_sources(tlab: Lab) -> None:
+    """blue/a and red/a (both 10.50.1.2, both from port 41000) reach the external host
+    at the same time; each gets its own answer, from the node's address."""
+    ext = subprocess.Popen(netns.exec_argv(tlab.external_ns, [sys.executable, "-c",
+                                                              EXT_SERVER]),
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert ext.stdout is not None and ext.stdout.readline().strip() == "ready"
+        procs = {ref: subprocess.Popen(tlab.exec_argv(ref, [sys.executable, "-c", EXT_CLIENT,
+                                                            EXTERNAL_IP]),
+                                       stdout=subprocess.PIPE, text=True)
+                 for ref in ("blue/a", "red/a", "default/d")}
+        seen = {ref: p.communicate(timeout=30)[0].strip() for ref, p in procs.items()}
+    finally:
+        ext.kill()
+        ext.wait()
+    node_ip = tlab.node("node1").node_ip
+    for ref, answer in seen.items():
+        assert answer.startswith(f"{node_ip}:"), (ref, answer)
+    # three connections, three distinct translated source ports
+    assert len(set(seen.values())) == 3, seen
+    egress = {t["name"]: t["egress_ip"] for t in AgentClient(
+        tlab.node("node1").api_socket).call("tenants")["tenants"]}
+    assert egress["blue"] != egress["red"] and egress["blue"].startswith("10.244.1.")
+
+
+def test_connect_to_opens_exactly_the_agreed_pair(tlab: Lab) -> None:
+    """blue and green list each other: they reach each other's pods (same node and across,
+    both ways). yellow lists blue, blue does not list yellow: nothing between them. red
+    lists nobody: green is out of its reach. All probes at once."""
+    res = probe_all(tlab, {
+        "blue/a": ["10.60.1.2", "10.60.2.2", "10.70.1.2"],
+        "green/h": ["10.50.1.2", "10.50.2.2"],
+        "yellow/y": ["10.50.1.2", "10.50.2.2"],
+        "red/a": ["10.60.1.2", "10.60.2.2"],
+    })
+    assert reached(res["blue/a"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+    assert reached(res["blue/a"], "10.60.2.2") == ("green/h", "green/h", "icmp")
+    # 10.50.1.2 is blue/a and red/a: green, connected to blue only, reaches blue's
+    assert reached(res["green/h"], "10.50.1.2") == ("blue/a", "blue/a", "icmp")
+    assert reached(res["green/h"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+    assert reached(res["blue/a"], "10.70.1.2") == (None, None, None)
+    assert reached(res["yellow/y"], "10.50.1.2") == (None, None, None)
+    assert reached(res["yellow/y"], "10.50.2.2") == (None, None, None)
+    assert reached(res["red/a"], "10.60.1.2") == (None, None, None)
+    assert reached(res["red/a"], "10.60.2.2") == (None, None, None)
+    t = {x["name"]: x for x in AgentClient(tlab.node("node1").api_socket).call(
+        "tenants")["tenants"]}
+    assert t["blue"]["connected"] == ["green"] and t["yellow"]["connected"] == []
+    assert any(c["type"] == "ConnectRefused" and c["message"].startswith("spec.connectTo[0]")
+               for c in t["yellow"]["conditions"])
+
+
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-a, namespace: blue}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.50.1.2/32}}]
+"""
+
+
+GREEN_POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-blue-b, namespace: green}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.50.2.2/32}}]
+"""
+
+
+def test_connect_to_meets_the_destination_tenants_policy(tlab: Lab) -> None:
+    """green admits only 10.50.2.2 (blue/b): from blue, blue/b gets to green/h (same
+    node) and green/g (across), blue/a to neither, all probes at once."""
+    store = tlab.store()
+    [(kind, ns, name, body)] = load(GREEN_POLICY)
+    store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        res = probe_all(tlab, {"blue/a": ["10.60.1.2", "10.60.2.2"],
+                               "blue/b": ["10.60.1.2", "10.60.2.2"]})
+        assert reached(res["blue/b"], "10.60.2.2") == ("green/h", "green/h", "icmp")
+        assert reached(res["blue/b"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+        assert reached(res["blue/a"], "10.60.1.2") == (None, None, None)
+        assert reached(res["blue/a"], "10.60.2.2") == (None, None, None)
+    finally:
+        store.delete(kind, ns, name)
+        tlab.wait_realized()
+    res = probe_all(tlab, {"blue/a": ["10.60.1.2"]})
+    assert reached(res["blue/a"], "10.60.1.2") == ("green/g", "green/g", "icmp")
+
+
+def test_network_policy_inside_a_tenant(tlab: Lab) -> None:
+    """blue's pods accept only 10.50.1.2 (blue/a), an ipBlock in blue's address space:
+    blue/c (10.50.3.2) is denied at blue/b while blue/a gets through, and red, whose
+    pods have exactly those addresses, is not touched by blue's policy."""
+    store = tlab.store()
+    [(kind, ns, name, body)] = load(POLICY)
+    store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        res = probe_all(tlab, {"blue/a": ["10.50.2.2"], "blue/c": ["10.50.2.2"],
+                               "red/c": ["10.50.2.2"], "red/a": ["10.50.2.2"]})
+        assert reached(res["blue/a"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+        assert reached(res["blue/c"], "10.50.2.2") == (None, None, None)
+        assert reached(res["red/c"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+        assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
+        v = Tracer(tlab).trace("blue/c", "blue/b", "tcp", 80)
+        assert not v.delivered and v.table == "IngressDefault"
+        assert v.owner == "tenant-policy:blue"
+    finally:
+        store.delete(kind, ns, name)
+        tlab.wait_realized()
+    res = probe_all(tlab, {"blue/c": ["10.50.2.2"]})
+    assert reached(res["blue/c"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
+
+
+SERVICES = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: blue}
+spec:
+  clusterIP: 10.96.0.90
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.91
+  selector: {app: web}
+  ports: [{port: 80}]
+"""
+
+
+def test_default_proxy_leaves_tenant_services_alone(tlab: Lab) -> None:
+    """Services inside tenants are not done: the default network's proxy must not
+    program a tenant namespace's Service (its endpoints are tenant addresses); the
+    default namespace's is programmed as before (the control)."""
+    store = tlab.store()
+    objs = load(SERVICES)
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        got = {s["service"] for s in AgentClient(tlab.node("node1").api_socket).call(
+            "services")["services"]}
+        assert "default/web" in got and "blue/web" not in got
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
+def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
+    """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
+    cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [
+        "tcpdump", "-n", "-l", "-vv", "-i", "br0", "-c", "4", "udp port 6081"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cap.stderr is not None
+    for line in cap.stderr:
+        if "listening on" in line:
+            break
+    try:
+        assert ping(lab, src, dst_ip, count=3, timeout=2)
+        out, _ = cap.communicate(timeout=10)
+    finally:
+        cap.kill()
+        cap.wait()
+    return {w.rstrip(",") for line in out.splitlines() if "vni" in line
+            for w in [line.split("vni", 1)[1].split()[0]]}
+
+
+def test_underlay_carries_each_tenants_vni(tlab: Lab) -> None:
+    assert _geneve_vnis(tlab, "blue/a", "10.50.2.2") == {hex(BLUE_VNI)}
+    assert _geneve_vnis(tlab, "red/a", "10.50.2.2") == {hex(RED_VNI)}
+
+
+def test_trace_follows_the_tenant(tlab: Lab) -> None:
+    """The trace goes to the tenant's pod behind the shared address, with its VNI."""
+    v = Tracer(tlab).trace("blue/a", "10.50.2.2", "tcp", 80)
+    assert v.delivered and v.pod == "blue/b" and v.node == "node2"
+    assert (v.tenant, v.vni) == ("blue", BLUE_VNI)
+    assert any(f"VNI {BLUE_VNI}" in s.story for s in v.steps)
+    assert any(s.node == "node2" and f"VNI) {BLUE_VNI}: tenant blue" in s.story
+               for s in v.steps)
+    live = Tracer(tlab).live("blue/a", "10.50.2.2", "tcp", 80)
+    assert live["delivered"] and live["output"] == "pod blue/b" and live["matches_trace"]
+    v = Tracer(tlab).trace("red/a", "10.50.2.2", "udp", 53)
+    assert v.delivered and v.pod == "red/b" and v.vni == RED_VNI
+    # blue has no pod at red/d's address on node1: the trace ends in blue's drop
+    v = Tracer(tlab).trace("blue/a", "10.50.1.3", "tcp", 80)
+    assert not v.delivered and v.table == "L3Forwarding" and v.owner == "tenant:blue"
+    assert "no pod of it has that address" in v.detail
+
+
+def test_flowctl_tenants_and_flows(tlab: Lab, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWCNI_LAB_DIR", tlab.base)
+    monkeypatch.setenv("FLOWCNI_LAB_PREFIX", tlab.prefix)
+    assert flowctl.main(["tenants", "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "blue" in out and "101" in out and "10.50.1.0/24" in out
+    assert flowctl.main(["flows", "--tenant", "red", "--node", "node1", "--json",
+                         "--no-stats"]) == 0
+    rows = json.loads(capsys.readouterr().out)[0]["flows"]
+    owners = {r["owner"] for r in rows}
+    assert "tenant:red" in owners and len([o for o in owners if o.startswith("pod:")]) == 2
+    assert any("tun_id=0xca" in r["match"] or "tun_id=202" in r["match"] for r in rows)
+    assert flowctl.main(["flows", "--tenant", "nope", "--node", "node1"]) == 1
+    assert "--tenant nope" in capsys.readouterr().err
+
+
+def test_agent_reports_tenants(tlab: Lab) -> None:
+    t = {x["name"]: x for x in AgentClient(tlab.node("node1").api_socket).call(
+        "tenants")["tenants"]}
+    assert t["blue"]["ok"] and t["blue"]["vni"] == BLUE_VNI and t["blue"]["zone"] == BLUE_VNI
+    assert t["blue"]["node_slice"] == "10.50.1.0/24"
+    assert {p["name"] for p in t["red"]["pods"]} == {"a", "d"}
+    assert t["red"]["namespaces"] == ["red"]
+    out = subprocess.run(netns.exec_argv(tlab.node("node1").netns, [
+        "python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+        "'http://127.0.0.1:9153/metrics', timeout=5).read().decode())"]),
+        capture_output=True, text=True, check=True).stdout
+    assert 'flowcni_tenant_pods{tenant="red",vni="202"} 2.0' in out
+    assert 'flowcni_tenant_pods{tenant="blue",vni="101"} 1.0' in out
+    assert 'flowcni_tenant_ready{tenant="blue",vni="101"} 1.0' in out
+
+
+SENDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        s.sendto(b"tenant-check", (sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        pass
+    time.sleep(0.02)
+"""
+
+
+def test_agent_restarts_keep_tenants_apart(tlab: Lab) -> None:
+    """Both nodes' agents restart while blue/a and red/a stream UDP to 10.50.2.2 (blue
+    to port 9998, red to 9999): captures on blue/b and red/b see only their own
+    tenant's stream, throughout, and each sees its own (the control)."""
+    caps = {(ref, port): Capture(tlab, ref, f"udp dst port {port}")
+            for ref in ("blue/b", "red/b") for port in (9998, 9999)}
+    senders = [subprocess.Popen(tlab.exec_argv(ref, [sys.executable, "-c", SENDER,
+                                                     "10.50.2.2", port, "25"]))
+               for ref, port in (("blue/a", "9998"), ("red/a", "9999"))]
+    try:
+        time.sleep(1)
+        for node in ("node2", "node1"):
+            tlab.restart_agent(node)
+        time.sleep(2)
+        # after the restarts, each stream still arrives where it belongs
+        late = {k: Capture(tlab, k[0], f"udp dst port {k[1]}")
+                for k in (("blue/b", 9998), ("red/b", 9999))}
+        time.sleep(1)
+        after = {k: len(c.count()) for k, c in late.items()}
+    finally:
+        for p in senders:
+            p.kill()
+            p.wait()
+    seen = {k: len(c.count()) for k, c in caps.items()}
+    assert seen[("blue/b", 9999)] == 0 and seen[("red/b", 9998)] == 0, seen
+    assert seen[("blue/b", 9998)] > 0 and seen[("red/b", 9999)] > 0, seen
+    assert all(n > 0 for n in after.values()), after
