@@ -39,6 +39,14 @@ from flowcni.flows.model import (
     SetField,
 )
 from flowcni.flows.node import Gateway
+from flowcni.flows.nodeport import (
+    Exposure,
+    HostEntry,
+    entry_flows,
+    host_entries,
+    is_local,
+    parse_exposure,
+)
 from flowcni.flows.policy import PodInfo, pod_from_body
 from flowcni.flows.tables import DEFAULT, Pipeline
 
@@ -103,6 +111,7 @@ class Service:
     cluster_ip: str | None          # None: headless (nothing to program)
     ports: tuple[ServicePort, ...]
     selector: tuple[tuple[str, str], ...] | None  # None: endpoints are managed by hand
+    exposure: Exposure = Exposure()  # node ports, external IPs, policies (flows.nodeport)
 
     @property
     def key(self) -> str:
@@ -127,8 +136,9 @@ def _port_number(v: Any, field: str) -> int:
     return v
 
 
-def parse_service(namespace: str, name: str, spec: Any) -> Service:
-    """A Service's spec, checked: every refusal names the field it is about."""
+def parse_service(namespace: str, name: str, spec: Any, status: Any = None) -> Service:
+    """A Service's spec (and status, for LoadBalancer IPs), checked: every refusal
+    names the field it is about."""
     if not isinstance(spec, dict):
         raise ServiceError("spec: must be a mapping")
     fams = spec.get("ipFamilies")
@@ -176,7 +186,11 @@ def parse_service(namespace: str, name: str, spec: Any) -> Service:
                             or not all(isinstance(k, str) for k in sel)):
         raise ServiceError("spec.selector: must be a map of strings")
     selector = None if sel is None else tuple(sorted((k, str(v)) for k, v in sel.items()))
-    return Service(namespace, name, cluster_ip, tuple(ports), selector)
+    try:
+        exposure = parse_exposure(spec, status, raw_ports or [])
+    except ValueError as e:
+        raise ServiceError(str(e)) from e
+    return Service(namespace, name, cluster_ip, tuple(ports), selector, exposure)
 
 
 def endpoints(svc: Service, sp: ServicePort, pods: Iterable[PodInfo]) -> list[tuple[str, int]]:
@@ -286,12 +300,17 @@ class ServiceProxy:
     touches its own flows and groups and nothing else.
     """
 
-    def __init__(self, pipeline: Pipeline = DEFAULT, slices: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline = DEFAULT, slices: bool = False,
+                 local_cidr: str | None = None) -> None:
         """slices: endpoints come from EndpointSlices (the Kubernetes datastore, where
         the EndpointSlice controller writes them); otherwise from the pods each
         Service selects (the embedded store, where the agent plays that
-        controller). A Service without a selector always uses slices."""
+        controller). A Service without a selector always uses slices.
+        local_cidr: this node's pod CIDR (endpoints in it are local, for the
+        Local traffic policies)."""
         self.pipeline = pipeline
+        self.local_cidr = ipaddress.IPv4Network(local_cidr) if local_cidr else None
+        self.extra_gids: dict[str, dict[str, int]] = {}  # service key -> group name -> gid
         self.use_slices = slices
         self.services: dict[str, Service] = {}
         self.pods: dict[str, PodInfo] = {}
@@ -311,6 +330,8 @@ class ServiceProxy:
             del self.gids[mine.pop(i)]
         if svc is None:
             del self.svc_gids[key]
+            for gid in self.extra_gids.pop(key, {}).values():
+                del self.gids[gid]
             return [], []
         gids = []
         for i in range(len(svc.ports)):
@@ -326,7 +347,45 @@ class ServiceProxy:
                                      f"endpoints, only the first {MAX_BUCKETS} programmed "
                                      "(one group per port)")
         eps = [ep[:MAX_BUCKETS] for ep in eps]
-        return service_flows(svc, eps, gids, self.pipeline)
+        return self._build_exposed(key, svc, eps, gids)
+
+    def _extra_gid(self, key: str, name: str, keep: set[str]) -> int:
+        mine = self.extra_gids.setdefault(key, {})
+        keep.add(name)
+        if name not in mine:
+            mine[name] = group_id_for(f"{key}/{name}", self.gids)
+            self.gids[mine[name]] = f"{key}/{name}"
+        return mine[name]
+
+    def _build_exposed(self, key: str, svc: Service, eps: list[list[tuple[str, int]]],
+                       gids: list[int]) -> tuple[list[Flow], list[Group]]:
+        """The ClusterIP's flows and groups (this node's endpoints only with
+        internalTrafficPolicy Local), plus node ports and external IPs (flows.nodeport)."""
+        ex = svc.exposure
+        local = [[e for e in ep if is_local(e[0], self.local_cidr)] for ep in eps]
+        main = local if ex.internal_local else eps
+        flows, groups = service_flows(svc, main, gids, self.pipeline)
+        if ex.internal_local:  # no local endpoint: drop, as kube-proxy does
+            flows = [Flow.with_match(f, [], pipeline=self.pipeline)
+                     if any(isinstance(a, Controller) for a in f.actions) else f for f in flows]
+        keep: set[str] = set()
+        if svc.cluster_ip is not None and (ex.entry_ips or any(
+                n is not None for n in ex.node_ports)):
+            ext = local if ex.external_local else eps
+            targets: list[tuple[int | None, bool]] = []
+            for i, (ep, m) in enumerate(zip(ext, main, strict=True)):
+                gid = gids[i]
+                if ep != m:
+                    gid = self._extra_gid(key, f"{i}/ext", keep)
+                    if ep:
+                        groups.append(Group.make(gid, [[_dnat(ip, port)] for ip, port in ep],
+                                                 owner=svc.owner, table="ServiceLB",
+                                                 pipeline=self.pipeline))
+                targets.append((gid, bool(ep)))
+            flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
+        for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
+            del self.gids[self.extra_gids[key].pop(name)]
+        return flows, groups
 
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
         if self.use_slices or svc.selector is None:
@@ -394,7 +453,8 @@ class ServiceProxy:
     def _put_service(self, b: dict[str, Any], problems: list[str]) -> None:
         key = f"{b.get('namespace')}/{b.get('name')}"
         try:
-            self.services[key] = parse_service(b["namespace"], b["name"], b.get("spec"))
+            self.services[key] = parse_service(b["namespace"], b["name"], b.get("spec"),
+                                               b.get("status"))
         except (ServiceError, KeyError) as e:
             self.services.pop(key, None)
             problems.append(f"service {key}: {e}")
@@ -445,3 +505,17 @@ class ServiceProxy:
                               "group": by_key.get(f"{key}/{i}")})
             out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports})
         return out
+
+    def host_view(self) -> tuple[list[HostEntry], list[str]]:
+        """What the node's own stack needs (controller.hostnet): the node ports and
+        external IPs to steer into br-int, and the addresses to route to the gateway
+        (every ClusterIP, for host-network clients, and every external IP)."""
+        entries: list[HostEntry] = []
+        ips: set[str] = set()
+        for svc in self.services.values():
+            if svc.cluster_ip is None:
+                continue
+            ips.add(svc.cluster_ip)
+            ips.update(svc.exposure.entry_ips)
+            entries += host_entries(svc.exposure, svc.ports)
+        return sorted(set(entries), key=lambda e: (e.ip, e.protocol, e.port)), sorted(ips)
