@@ -58,3 +58,13 @@ VIRTUAL_ROUTER_MAC = "aa:bb:cc:dd:ee:ff"
 # the node's conntrack undoes the rewrite, even when the reply's destination
 # is a pod this bridge (or the tunnel) could reach directly.
 CT_MARK_FROM_GATEWAY = 0x1
+
+# A reply of a hairpin connection (a pod that reached itself through a
+# Service): set where its SNAT is undone, so Output sends it back out of the
+# port it came in by (OpenFlow drops output to the in_port otherwise). A high
+# bit, clear of SOURCE and of fields other features may add next to it.
+HAIRPIN_REPLY = RegField("reg0", 31, 31)
+
+# Conntrack zone of the hairpin SNAT: apart from the main zone (flows.model.CT_ZONE),
+# which already holds the connection's DNAT to the endpoint.
+SNAT_ZONE = 0xFFF1

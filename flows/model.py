@@ -67,6 +67,7 @@ MatchValue = int | str | tuple[int, int]
 CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20,
             "snat": 0x40, "dnat": 0x80}
 CT_ZONE = 0xFFF0  # the one conntrack zone pod traffic is tracked in
+NX_NAT_F_SRC = 1 << 0  # nat(src=...)
 NX_NAT_F_DST = 1 << 1  # nat(dst=...): OVS's flag, which os-ken does not name
 
 
@@ -315,8 +316,13 @@ class CT(Action):
     zone: int = CT_ZONE
     mark: int | None = None
     nat: str | None = None
+    snat: str | None = None  # "IP" (with commit): SNAT a new connection to that address
 
     def __post_init__(self) -> None:
+        if self.snat is not None and not (self.commit and self.nat is None
+                                          and plain_ipv4(self.snat)):
+            raise ValueError(f"ct nat(src={self.snat}): needs commit, an IPv4 address "
+                             "and no other nat")
         if self.mark is not None and not (self.commit and 0 < self.mark < (1 << 32)):
             raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
         if self.nat and not (self.commit and _valid_nat_dst(self.nat)):
@@ -329,6 +335,8 @@ class CT(Action):
             parts.append(f"exec(set_field:{_fmt_int(self.mark)}->ct_mark)")
         if self.nat is not None:
             parts.append(f"nat(dst={self.nat})" if self.nat else "nat")
+        if self.snat is not None:
+            parts.append(f"nat(src={self.snat})")
         return f"ct({','.join(parts)})"
 
     def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
@@ -342,6 +350,9 @@ class CT(Action):
             inner.append(_padded(parser.NXActionNAT(
                 flags=NX_NAT_F_DST, range_ipv4_min=ip, range_ipv4_max=ip,
                 range_proto_min=int(port), range_proto_max=int(port))))
+        if self.snat:
+            inner.append(_padded(parser.NXActionNAT(
+                flags=NX_NAT_F_SRC, range_ipv4_min=self.snat, range_ipv4_max=self.snat)))
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
             zone_ofs_nbits=self.zone,
@@ -435,8 +446,9 @@ class Flow:
                 if proto is not None and m.setdefault("ip_proto", proto) != proto:
                     raise ValueError(f"{table}: {name} needs ip_proto {proto}")
             m[name] = _canon_value(name, m[name])
-        if goto is not None and goto not in t.next:
-            raise ValueError(f"{table} may not go to {goto} (allowed: {t.next})")
+        if goto is not None and (goto not in t.next or goto == table):
+            raise ValueError(f"{table} may not go to {goto} (allowed: {t.next}; a table "
+                             "names itself only for ct() recirculation)")
         n_conj = 0
         for a in actions:
             if isinstance(a, CT) and a.table is not None and a.table not in t.next:

@@ -29,6 +29,7 @@ from typing import Any
 
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
+from flowcni.flows.hairpin import HAIRPIN_OWNER, hairpin_flows
 from flowcni.flows.model import (
     CT,
     MAX_GROUP_ID,
@@ -311,6 +312,9 @@ class ServiceProxy:
         self.pipeline = pipeline
         self.local_cidr = ipaddress.IPv4Network(local_cidr) if local_cidr else None
         self.extra_gids: dict[str, dict[str, int]] = {}  # service key -> group name -> gid
+        # service key -> its endpoints on this node (hairpin flows, flows.hairpin)
+        self.local_ips: dict[str, frozenset[str]] = {}
+        self.hairpin_ips: frozenset[str] = frozenset()
         self.use_slices = slices
         self.services: dict[str, Service] = {}
         self.pods: dict[str, PodInfo] = {}
@@ -330,6 +334,7 @@ class ServiceProxy:
             del self.gids[mine.pop(i)]
         if svc is None:
             del self.svc_gids[key]
+            self.local_ips.pop(key, None)
             for gid in self.extra_gids.pop(key, {}).values():
                 del self.gids[gid]
             return [], []
@@ -363,6 +368,7 @@ class ServiceProxy:
         internalTrafficPolicy Local), plus node ports and external IPs (flows.nodeport)."""
         ex = svc.exposure
         local = [[e for e in ep if is_local(e[0], self.local_cidr)] for ep in eps]
+        self.local_ips[key] = frozenset(ip for ep in local for ip, _ in ep)
         main = local if ex.internal_local else eps
         flows, groups = service_flows(svc, main, gids, self.pipeline)
         if ex.internal_local:  # no local endpoint: drop, as kube-proxy does
@@ -428,6 +434,10 @@ class ServiceProxy:
             else:
                 self.built[key] = new
             flows[service_owner(key)], groups[service_owner(key)] = new
+        hairpin = frozenset().union(*self.local_ips.values())
+        if hairpin != self.hairpin_ips:
+            self.hairpin_ips = hairpin
+            flows[HAIRPIN_OWNER] = hairpin_flows(hairpin, self.pipeline) if hairpin else []
         return flows, groups
 
     def load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],

@@ -54,8 +54,9 @@ PIPELINE: tuple[Table, ...] = (
     _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
-    _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules)",
-       [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
+    _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules); "
+       "a reply to the hairpin address has its SNAT undone first, then comes back here",
+       ["ipv4_dst"], ["ConntrackZone", "ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
        ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
     _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
@@ -84,7 +85,9 @@ PIPELINE: tuple[Table, ...] = (
     _t("ConntrackCommit", "commit new connections that got this far (marking those that "
        "entered from the gateway)",
        ["ct_state", "reg0"], ["Output"], miss="Output"),
-    _t("Output", "output to the port in the output register", [], [], miss=""),
+    _t("Output", "output to the port in the output register; hairpin (a pod reaching "
+       "itself through a Service): SNAT to the hairpin address and back out of its port",
+       ["ipv4_src", "ipv4_dst", "reg0"], [], miss=""),
 )
 
 
@@ -105,7 +108,9 @@ class Pipeline:
             for n in (*t.next, *([t.miss] if t.miss not in ("drop", "") else [])):
                 if n not in ids:
                     raise ValueError(f"table {t.name} goes to undeclared table {n}")
-                if ids[n] <= ids[t.name]:
+                # A table may name itself: a ct() recirculation back into it after
+                # a NAT that no flow of its would match again (hairpin un-SNAT).
+                if ids[n] < ids[t.name]:
                     raise ValueError(f"table {t.name} goes backwards to {n}")
         return cls(tables, ids)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from flowcni.datastore.manifests import load
+from flowcni.flows.nodeport import HAIRPIN_IP
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
 
@@ -49,8 +50,8 @@ print("ready", flush=True)
 threading.Event().wait()
 """
 
-VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB = (
-    "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5")
+VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP = (
+    "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6")
 EXT_IP, LB_IP = "203.0.113.10", "203.0.113.11"
 EXT_SRC = EXTERNAL_UNDERLAY_IP  # the external host connects to the node IPs from it
 
@@ -111,6 +112,16 @@ spec:
 status:
   loadBalancer:
     ingress: [{{ip: {LB_IP}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hp, namespace: default}}
+spec:
+  clusterIP: {VIP_HP}
+  selector: {{w: "1"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80}}
+  - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
 """
 
 
@@ -225,3 +236,16 @@ def test_node_to_clusterip(nlab: Lab) -> None:
                   [f"{VIP_NP}:8080", f"{VIP_NP}:53u", f"{VIP_NPL}:8080"])
     assert got == {f"{VIP_NP}:8080": f"web2 {gw1}", f"{VIP_NP}:53u": f"web2 {gw1}",
                    f"{VIP_NPL}:8080": f"web1 {gw1}"}
+
+
+def test_hairpin(nlab: Lab) -> None:
+    """A pod reaching a Service whose only endpoint is itself, TCP and UDP: it sees the
+    connection come from the hairpin address, and the replies reach it from the
+    ClusterIP; another pod's connection to the same Service keeps its own source."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    for _ in range(2):  # later connections reuse the SNAT zone's flows
+        got = replies(nlab, "default/web1", [f"{VIP_HP}:8080", f"{VIP_HP}:53u"])
+        assert got == {f"{VIP_HP}:8080": f"web1 {HAIRPIN_IP}",
+                       f"{VIP_HP}:53u": f"web1 {HAIRPIN_IP}"}
+    assert replies(nlab, "default/client1", [f"{VIP_HP}:8080"]) == {
+        f"{VIP_HP}:8080": f"web1 {ip['client1']}"}

@@ -129,3 +129,31 @@ def test_proxy_rules_text() -> None:
     assert f"udp dport 30081 dnat to {NODEPORT_VIP}" in text
     assert "ip daddr 203.0.113.1 tcp dport 80 meta mark set meta mark | 0x20000" in text
     assert "fib daddr type local ip daddr != 127.0.0.0/8 jump nodeports" in text
+
+
+def test_hairpin_flows_follow_local_endpoints() -> None:
+    from flowcni.flows.hairpin import HAIRPIN_OWNER
+    from flowcni.flows.nodeport import HAIRPIN_IP
+    sp = ServiceProxy(local_cidr="10.244.1.0/24")
+    flows, _, _ = sp.load([{"namespace": "d", "name": "web", "spec": BASE}],
+                          [pod("a", "10.244.1.5"), pod("b", "10.244.2.5")])
+    text = [f.ofctl(names=True) for f in flows[HAIRPIN_OWNER]]
+    assert any("nw_src=10.244.1.5,nw_dst=10.244.1.5" in t and
+               f"ct(commit,zone=65521,nat(src={HAIRPIN_IP})),IN_PORT" in t for t in text), text
+    assert not any("10.244.2.5" in t for t in text)  # remote endpoints need none
+    assert any(f"nw_dst={HAIRPIN_IP}" in t and "ct(table=3,zone=65521,nat)" in t
+               for t in text), text
+
+    class C:
+        kind, namespace, name, op, body = "Service", "d", "web", "delete", None
+    flows, _, _ = sp.apply([C()])
+    assert flows[HAIRPIN_OWNER] == []
+
+
+def test_a_goto_to_the_same_table_is_refused() -> None:
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import CT, Flow
+    with pytest.raises(ValueError, match="may not go to ConntrackZone"):
+        Flow.make("ConntrackZone", 1, goto="ConntrackZone", feature=Feature.BASE, owner="x")
+    with pytest.raises(ValueError, match="nat"):
+        CT(commit=False, snat="169.254.0.253")
