@@ -68,3 +68,9 @@ HAIRPIN_REPLY = RegField("reg0", 31, 31)
 # Conntrack zone of the hairpin SNAT: apart from the main zone (flows.model.CT_ZONE),
 # which already holds the connection's DNAT to the endpoint.
 SNAT_ZONE = 0xFFF1
+
+# sessionAffinity ClientIP: the endpoint a client was given, loaded by the flow
+# learned in SessionAffinity and matched in AffinityDNAT (flows.affinity).
+AFFINITY_IP = RegField("reg6", 0, 31)
+AFFINITY_PORT = RegField("reg7", 0, 15)
+AFFINITY_HIT = RegField("reg7", 16, 16)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcni.flows import fields as F
+from flowcni.flows.affinity import with_affinity
 from flowcni.flows.cookie import Feature
 from flowcni.flows.hairpin import HAIRPIN_OWNER, hairpin_flows
 from flowcni.flows.model import (
@@ -391,6 +392,8 @@ class ServiceProxy:
             flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
         for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
             del self.gids[self.extra_gids[key].pop(name)]
+        if ex.affinity_timeout is not None:
+            flows, groups = with_affinity(flows, groups, ex.affinity_timeout, self.pipeline)
         return flows, groups
 
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:

@@ -61,7 +61,14 @@ PIPELINE: tuple[Table, ...] = (
        ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
     _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
        "buckets DNAT to one endpoint (committed) and continue in EgressRule",
-       ["ipv4_dst", *PORTS], ["EgressRule"], miss="EgressRule"),
+       ["ipv4_dst", *PORTS], ["SessionAffinity", "AffinityDNAT", "EgressRule"],
+       miss="EgressRule"),
+    _t("SessionAffinity", "sessionAffinity ClientIP: flows learned per client, Service "
+       "address and port, loading the endpoint it was given (resubmitted to from ServiceLB)",
+       [], []),
+    _t("AffinityDNAT", "sessionAffinity ClientIP: a client's learned endpoint, DNATed to; a "
+       "new client goes to the select group, whose bucket learns its choice",
+       ["ipv4_dst", "reg6", "reg7", *PORTS], ["EgressRule"]),
     _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
        miss="EgressDefault"),
@@ -89,6 +96,10 @@ PIPELINE: tuple[Table, ...] = (
        "itself through a Service): SNAT to the hairpin address and back out of its port",
        ["ipv4_src", "ipv4_dst", "reg0"], [], miss=""),
 )
+
+
+# Tables holding flows OVS learns (learn()): not desired flows, so the drift check skips them.
+LEARNED = frozenset({"SessionAffinity"})
 
 
 @dataclass(frozen=True)

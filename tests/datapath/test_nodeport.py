@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 from flowcni.datastore.manifests import load
 from flowcni.flows.nodeport import HAIRPIN_IP
+from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
 
@@ -50,8 +51,9 @@ print("ready", flush=True)
 threading.Event().wait()
 """
 
-VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP = (
-    "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6")
+VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
+    "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
+AFFINITY_TIMEOUT = 120
 EXT_IP, LB_IP = "203.0.113.10", "203.0.113.11"
 EXT_SRC = EXTERNAL_UNDERLAY_IP  # the external host connects to the node IPs from it
 
@@ -119,6 +121,18 @@ metadata: {{name: hp, namespace: default}}
 spec:
   clusterIP: {VIP_HP}
   selector: {{w: "1"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80}}
+  - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: aff, namespace: default}}
+spec:
+  clusterIP: {VIP_AFF}
+  selector: {{app: web}}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {AFFINITY_TIMEOUT}}}}}
   ports:
   - {{name: http, port: 8080, targetPort: 80}}
   - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
@@ -249,3 +263,24 @@ def test_hairpin(nlab: Lab) -> None:
                        f"{VIP_HP}:53u": f"web1 {HAIRPIN_IP}"}
     assert replies(nlab, "default/client1", [f"{VIP_HP}:8080"]) == {
         f"{VIP_HP}:8080": f"web1 {ip['client1']}"}
+
+
+def test_session_affinity_client_ip(nlab: Lab) -> None:
+    """sessionAffinity ClientIP: ten TCP connections and ten UDP sockets of one client all
+    land on the endpoint its first one got (two endpoints: 1 in 512 by chance), and
+    node1 holds the flows it learned for that client, with the Service's timeout."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    first = replies(nlab, "default/client1", [f"{VIP_AFF}:8080"])[f"{VIP_AFF}:8080"]
+    assert first in (f"web1 {ip['client1']}", f"web2 {ip['client1']}"), first
+    for _ in range(9):
+        assert replies(nlab, "default/client1", [f"{VIP_AFF}:8080"]) == {
+            f"{VIP_AFF}:8080": first}
+    udp = {replies(nlab, "default/client1", [f"{VIP_AFF}:53u"])[f"{VIP_AFF}:53u"]
+           for _ in range(10)}
+    assert len(udp) == 1 and next(iter(udp)).startswith("web"), udp
+    table = nlab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                         f"table={DEFAULT.id('SessionAffinity')}")
+    learned = [ln for ln in table.splitlines()
+               if f"nw_src={ip['client1']}" in ln and f"nw_dst={VIP_AFF}" in ln]
+    assert len(learned) == 2, table  # one per port (TCP and UDP)
+    assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned

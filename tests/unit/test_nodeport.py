@@ -11,6 +11,7 @@ from flowcni.datastore.manifests import ManifestError, load
 from flowcni.flows.model import Controller, GroupAction
 from flowcni.flows.nodeport import NODEPORT_VIP, HostEntry
 from flowcni.flows.services import ServiceError, ServiceProxy, parse_service
+from flowcni.flows.tables import DEFAULT
 
 BASE = {"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}
@@ -141,8 +142,8 @@ def test_hairpin_flows_follow_local_endpoints() -> None:
     assert any("nw_src=10.244.1.5,nw_dst=10.244.1.5" in t and
                f"ct(commit,zone=65521,nat(src={HAIRPIN_IP})),IN_PORT" in t for t in text), text
     assert not any("10.244.2.5" in t for t in text)  # remote endpoints need none
-    assert any(f"nw_dst={HAIRPIN_IP}" in t and "ct(table=3,zone=65521,nat)" in t
-               for t in text), text
+    unsnat = f"ct(table={DEFAULT.id('ConntrackZone')},zone=65521,nat)"
+    assert any(f"nw_dst={HAIRPIN_IP}" in t and unsnat in t for t in text), text
 
     class C:
         kind, namespace, name, op, body = "Service", "d", "web", "delete", None
@@ -157,3 +158,18 @@ def test_a_goto_to_the_same_table_is_refused() -> None:
         Flow.make("ConntrackZone", 1, goto="ConntrackZone", feature=Feature.BASE, owner="x")
     with pytest.raises(ValueError, match="nat"):
         CT(commit=False, snat="169.254.0.253")
+
+
+def test_affinity_resubmits_learns_in_a_flow_and_keeps_cluster_fronts_apart() -> None:
+    spec = {**BASE, "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}
+    _, flows, groups = proxy(spec)
+    text = [f.ofctl(names=True) for f in flows]
+    lb = [t for t in text if t.startswith("table=ServiceLB")]
+    assert len(lb) == 2 and all("resubmit(," in t and "goto_table:AffinityDNAT" in t
+                                for t in lb), lb
+    hits = [t for t in text if "priority=210" in t and "AffinityDNAT" in t]
+    # one per endpoint per front (ClusterIP and node port share the group, not the flows)
+    assert len(hits) == 4 and all("learn(" in t and "idle_timeout=30" in t for t in hits), hits
+    (g,) = groups
+    assert "resubmit(," in g.ofctl() and "learn(" not in g.ofctl()
