@@ -513,10 +513,19 @@ class ServiceProxy:
         for key, svc in sorted(self.services.items()):
             ports = []
             for i, sp in enumerate(svc.ports):
+                ex = svc.exposure
                 ports.append({"name": sp.name, "protocol": sp.protocol, "port": sp.port,
                               "endpoints": [f"{ip}:{n}" for ip, n in self.endpoints(svc, sp)],
-                              "group": by_key.get(f"{key}/{i}")})
-            out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports})
+                              "group": by_key.get(f"{key}/{i}"),
+                              "nodePort": ex.node_ports[i] if ex.node_ports else None,
+                              "externalGroup": self.extra_gids.get(key, {}).get(f"{i}/ext")})
+            ex = svc.exposure
+            out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports,
+                        "type": ex.type, "externalIPs": list(ex.external_ips),
+                        "loadBalancerIPs": list(ex.lb_ips),
+                        "externalTrafficPolicy": "Local" if ex.external_local else "Cluster",
+                        "internalTrafficPolicy": "Local" if ex.internal_local else "Cluster",
+                        "sessionAffinityTimeout": ex.affinity_timeout})
         return out
 
     def host_view(self) -> tuple[list[HostEntry], list[str]]:

@@ -13,6 +13,7 @@ reset it and connected UDP sockets never see it, so it shows as an error.
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -284,3 +285,25 @@ def test_session_affinity_client_ip(nlab: Lab) -> None:
                if f"nw_src={ip['client1']}" in ln and f"nw_dst={VIP_AFF}" in ln]
     assert len(learned) == 2, table  # one per port (TCP and UDP)
     assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
+
+
+def test_flowctl_services_shows_node_ports_policies_and_affinity(
+        nlab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flowctl services` on node1: node ports, external and LoadBalancer IPs, traffic
+    policies (with the Local group apart from the ClusterIP's) and the affinity timeout."""
+    from flowcni.ctl.flowctl import main as flowctl
+    monkeypatch.setenv("FLOWCNI_LAB_DIR", nlab.base)
+    monkeypatch.setenv("FLOWCNI_LAB_PREFIX", nlab.prefix)
+    assert flowctl(["services", "--node", "node1", "--json"]) == 0
+    rows = {(r["service"], r["port"]): r for r in json.loads(capsys.readouterr().out)}
+    etl = rows[("default/etl", "8080/TCP")]
+    assert (etl["type"], etl["nodePort"], etl["trafficPolicy"]) == (
+        "NodePort", 30082, "ext=Local,int=Cluster")
+    assert etl["externalGroup"] not in (None, etl["group"]) and len(etl["endpoints"]) == 2
+    assert rows[("default/np", "53/UDP")]["external"] == [EXT_IP]
+    assert rows[("default/lb", "8080/TCP")]["external"] == [LB_IP]
+    assert rows[("default/itl", "8080/TCP")]["trafficPolicy"] == "ext=Cluster,int=Local"
+    assert rows[("default/aff", "8080/TCP")]["affinity"] == AFFINITY_TIMEOUT
+    assert flowctl(["services", "default/etl", "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "NODEPORT" in out and "30082" in out and "ext=Local,int=Cluster" in out, out
