@@ -241,6 +241,8 @@ class Agent:
                                       local_cidr=pod_cidr)
                          if a.proxy == "flowcni" else None)
         self._host_view: Any = None
+        if self.services is None:
+            self._clear_host_proxy()
         self.applied_revision = 0
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
@@ -325,6 +327,16 @@ class Agent:
             self._host_view = view
         except (HostNetError, NetlinkError, OSError) as e:
             LOG.error("service proxy: node rules or routes not applied: %s", e)
+
+    def _clear_host_proxy(self) -> None:
+        """kube-proxy mode: remove what an earlier run in flowcni mode left in the node
+        (its node-port DNAT would shadow kube-proxy's rules)."""
+        try:
+            hostnet.nft(hostnet.proxy_rules([], NODEPORT_VIP))
+            hostnet.nft("delete table ip flowcni-proxy\n")
+            hostnet.sync_proxy_routes([], GATEWAY_IF)
+        except (HostNetError, NetlinkError, OSError) as e:
+            LOG.warning("service proxy: leftovers of flowcni mode not removed: %s", e)
 
     def datastore_health(self, stall: float = 1.0) -> dict[str, Any]:
         """Reachable unless the last read failed or took, or the current one takes,

@@ -191,7 +191,7 @@ def sync_proxy_routes(ips: list[str], device: str = GATEWAY_IF) -> tuple[int, in
             raise HostNetError(f"proxy routes: device {device} missing")
         for ip in have - want:
             try:
-                ipr.route("del", dst=f"{ip}/32", proto=PROXY_RT_PROTO)
+                ipr.route("del", dst=f"{ip}/32", proto=PROXY_RT_PROTO, scope=253)
             except NetlinkError as e:
                 if e.code != errno.ESRCH:
                     raise

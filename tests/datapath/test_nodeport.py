@@ -307,3 +307,24 @@ def test_flowctl_services_shows_node_ports_policies_and_affinity(
     assert flowctl(["services", "default/etl", "--node", "node1"]) == 0
     out = capsys.readouterr().out
     assert "NODEPORT" in out and "30082" in out and "ext=Local,int=Cluster" in out, out
+
+
+def test_deleted_service_leaves_no_node_rules_or_routes(nlab: Lab) -> None:
+    """Deleting a Service takes its node port out of the node's nftables table and its
+    ClusterIP and LoadBalancer IP routes off the gateway, while another Service's
+    stay (runs last: it removes the lb Service)."""
+    def node1(*argv: str) -> str:
+        return subprocess.run(netns.exec_argv(nlab.node("node1").netns, list(argv)),
+                              capture_output=True, text=True, check=True).stdout
+    before = node1("ip", "route", "show", "proto", "192")
+    assert VIP_LB in before and LB_IP in before and VIP_NP in before, before
+    assert "dport 30083" in node1("nft", "list", "table", "ip", "flowcni-proxy")
+    store = nlab.store()
+    for kind, ns, name, _ in load(SERVICES, identity_only=True):
+        if name == "lb":
+            store.delete(kind, ns, name)
+    nlab.wait_realized(timeout=30)
+    after = node1("ip", "route", "show", "proto", "192")
+    assert VIP_LB not in after and LB_IP not in after and VIP_NP in after, after
+    rules = node1("nft", "list", "table", "ip", "flowcni-proxy")
+    assert "dport 30083" not in rules and "dport 30081" in rules, rules

@@ -173,3 +173,14 @@ def test_affinity_resubmits_learns_in_a_flow_and_keeps_cluster_fronts_apart() ->
     assert len(hits) == 4 and all("learn(" in t and "idle_timeout=30" in t for t in hits), hits
     (g,) = groups
     assert "resubmit(," in g.ofctl() and "learn(" not in g.ofctl()
+
+
+def test_kubernetes_service_keeps_its_load_balancer_status() -> None:
+    from flowcni.datastore import kubeconv
+    raw = {"metadata": {"namespace": "d", "name": "web"},
+           "spec": {**BASE, "type": "LoadBalancer"},
+           "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}}
+    body = kubeconv.service(raw)
+    assert body["status"] == {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}
+    svc = parse_service("d", "web", body["spec"], body["status"])
+    assert svc.exposure.lb_ips == ("198.51.100.9",)
