@@ -35,6 +35,7 @@ kube-proxy does.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,12 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) 
 
 
 def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:
-    return cidr is not None and ipaddress.IPv4Address(ip) in cidr
+    """Whether endpoint `ip` (an IPv4 address already checked) is in this node's pod
+    CIDR. Called per endpoint per build: integer arithmetic, not ipaddress objects."""
+    if cidr is None:
+        return False
+    return (int.from_bytes(socket.inet_aton(ip), "big") & int(cidr.netmask)) \
+        == int(cidr.network_address)
 
 
 def entry_flows(owner: str, exposure: Exposure, ports: Sequence[Any],
