@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -308,6 +310,27 @@ def test_flowctl_services_shows_node_ports_policies_and_affinity(
     out = capsys.readouterr().out
     assert "NODEPORT" in out and "30082" in out and "ext=Local,int=Cluster" in out, out
 
+
+def test_agent_restart_keeps_node_ports_and_routes(nlab: Lab) -> None:
+    """SIGKILL node1's agent: while it is down and after it is back, the external host
+    still reaches node1's node ports and node1's stack its ClusterIPs; the node's rules
+    and routes after the restart are the ones before it."""
+    def node1(*argv: str) -> str:
+        return subprocess.run(netns.exec_argv(nlab.node("node1").netns, list(argv)),
+                              capture_output=True, text=True, check=True).stdout
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    want = {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30080": f"web1 {gw1}"}
+    rules, routes = node1("nft", "list", "table", "ip", "flowcni-proxy"), node1(
+        "ip", "route", "show", "proto", "192")
+    node = nlab.node("node1")
+    os.kill(node.agent_pid, signal.SIGKILL)
+    assert request(netns.exec_argv(nlab.external_ns, []), list(want)) == want
+    nlab.restart_agent("node1")
+    assert request(netns.exec_argv(nlab.external_ns, []), list(want)) == want
+    assert request(node_argv(nlab, "node1"), [f"{VIP_NP}:8080"]) == {
+        f"{VIP_NP}:8080": f"web2 {gw1}"}
+    assert node1("nft", "list", "table", "ip", "flowcni-proxy") == rules
+    assert node1("ip", "route", "show", "proto", "192") == routes
 
 def test_deleted_service_leaves_no_node_rules_or_routes(nlab: Lab) -> None:
     """Deleting a Service takes its node port out of the node's nftables table and its
