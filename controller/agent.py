@@ -51,6 +51,7 @@ from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreE
 from flowcni.flows import cookie as ck
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
+from flowcni.flows.nodeport import NODEPORT_VIP
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
     GATEWAY_CT_OWNER,
@@ -247,10 +248,14 @@ class Agent:
         self.policy = PolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
-        self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes")
+        self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
+                                      local_cidr=pod_cidr)
                          if a.proxy == "flowcni" else None)
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
+        self._host_view: Any = None
+        if self.services is None:
+            self._clear_host_proxy()
         self.applied_revision = 0
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
@@ -307,6 +312,7 @@ class Agent:
             for p in problems:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
+            self._sync_host_proxy()
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
                          name="store-watch", daemon=True).start()
@@ -328,6 +334,33 @@ class Agent:
             self._ds_last_read_s = time.monotonic() - t0
             self._ds_probe_since = None
             self.stop_event.wait(period)
+
+    def _sync_host_proxy(self) -> None:
+        """The node's side of node ports, external IPs and host-to-Service traffic
+        (flows.nodeport): its nftables table and its routes to the gateway. A
+        failure is logged; the OVS side stays programmed."""
+        if self.services is None:
+            return
+        entries, ips = self.services.host_view()
+        view = (entries, [NODEPORT_VIP, *ips])
+        if view == self._host_view:
+            return
+        try:
+            hostnet.nft(hostnet.proxy_rules(entries, NODEPORT_VIP))
+            hostnet.sync_proxy_routes(view[1], GATEWAY_IF)
+            self._host_view = view
+        except (HostNetError, NetlinkError, OSError) as e:
+            LOG.error("service proxy: node rules or routes not applied: %s", e)
+
+    def _clear_host_proxy(self) -> None:
+        """kube-proxy mode: remove what an earlier run in flowcni mode left in the node
+        (its node-port DNAT would shadow kube-proxy's rules)."""
+        try:
+            hostnet.nft(hostnet.proxy_rules([], NODEPORT_VIP))
+            hostnet.nft("delete table ip flowcni-proxy\n")
+            hostnet.sync_proxy_routes([], GATEWAY_IF)
+        except (HostNetError, NetlinkError, OSError) as e:
+            LOG.warning("service proxy: leftovers of flowcni mode not removed: %s", e)
 
     def datastore_health(self, stall: float = 1.0) -> dict[str, Any]:
         """Reachable unless the last read failed or took, or the current one takes,
@@ -356,6 +389,8 @@ class Agent:
             sflows, groups, sproblems = self.services.apply(default)
             owners.update(sflows)
             problems += sproblems
+            if sflows or groups:
+                self._sync_host_proxy()
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []

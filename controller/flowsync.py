@@ -27,7 +27,7 @@ from flowcni.controller.ofapp import OFError, Switch
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import Key, diff, index
 from flowcni.flows.model import Flow, Group
-from flowcni.flows.tables import Pipeline
+from flowcni.flows.tables import LEARNED, Pipeline
 
 LOG = logging.getLogger(__name__)
 
@@ -310,9 +310,12 @@ class FlowSync:
             # with this round's cookie in the same table.
             suspect = []
             counted = 0
+            learned = {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
             for tid in sorted(set(self.pipeline.ids.values())):
                 have_n = sw.flow_count(tid)
                 counted += have_n
+                if tid in learned:  # OVS adds and expires these itself (learn())
+                    continue
                 want_n = len(by_table.get(tid, ()))
                 if not have_n == want_n == sw.flow_count(tid, cookie, mask):
                     suspect.append(tid)
@@ -332,7 +335,10 @@ class FlowSync:
         parser = sw.parser
         want = {(self.pipeline.id(f.table), f.priority,
                  match_key(f.osken_match(parser))): f for f in flows}
-        have = {(s.table_id, s.priority, match_key(s.match)): s for s in stats}
+        learned = {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
+        have = {(s.table_id, s.priority, match_key(s.match)): s for s in stats
+                if s.table_id not in learned}
+        want = {k: f for k, f in want.items() if k[0] not in learned}
         missing = [f for k, f in want.items()
                    if k not in have or have[k].cookie != f.cookie(rnd)]
         unexpected = [s for k, s in have.items()

@@ -15,6 +15,7 @@ import subprocess
 
 from flowcni.cni.podif import HOST_IF_PREFIX
 from flowcni.cni.rtnl import Rtnl
+from flowcni.flows.nodeport import HostEntry
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -143,3 +144,61 @@ def uplink_of(node_ip: str) -> tuple[str, int]:
                 link = ipr.get_links(a["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), int(link.get_attr("IFLA_MTU"))
     raise HostNetError(f"no interface holds the node IP {node_ip}")
+
+
+# -- flowcni's Service proxy: steering Service traffic into br-int (flows.nodeport) ---------
+
+PROXY_RT_PROTO = 192  # routes of Service addresses to the gateway (apart from peers' routes)
+PROXY_MARK = 0x20000  # packet mark: masquerade to the gateway address (ext. policy Cluster)
+
+
+def proxy_rules(entries: list[HostEntry], nodeport_vip: str) -> str:
+    """The `ip flowcni-proxy` table: node ports DNATed to the NodePort VIP (routed
+    into br-int), Cluster-policy entries marked and masqueraded towards the gateway.
+
+    Node ports match any local address but loopback (`fib daddr type local`),
+    in prerouting (from outside) and output (the node's own clients).
+    """
+    mark = f"meta mark set meta mark | {PROXY_MARK:#x}"
+    nodeports, externals = [], []
+    for e in entries:
+        m = f"{mark} " if e.masquerade else ""
+        if e.ip:
+            if e.masquerade:
+                externals.append(f"    ip daddr {e.ip} {e.protocol} dport {e.port} {mark}")
+        else:
+            nodeports.append(f"    {e.protocol} dport {e.port} {m}dnat to {nodeport_vip}")
+    local = "fib daddr type local ip daddr != 127.0.0.0/8"
+    body = (f"  chain nodeports {{\n{chr(10).join(nodeports)}\n  }}\n"
+            f"  chain externals {{\n{chr(10).join(externals)}\n  }}\n"
+            f"  chain pre {{ type nat hook prerouting priority dstnat; {local} jump nodeports; "
+            "jump externals; }\n"
+            f"  chain out {{ type nat hook output priority -100; {local} jump nodeports; "
+            "jump externals; }\n"
+            f"  chain post {{ type nat hook postrouting priority srcnat; oifname \"{GATEWAY_IF}\" "
+            f"meta mark & {PROXY_MARK:#x} == {PROXY_MARK:#x} masquerade; }}")
+    return _replace_table("ip", "flowcni-proxy", body)
+
+
+def sync_proxy_routes(ips: list[str], device: str = GATEWAY_IF) -> tuple[int, int]:
+    """Make the /32 routes to `device` of protocol PROXY_RT_PROTO exactly `ips`.
+
+    Only the difference is sent (a cluster may have thousands of ClusterIPs).
+    Returns (added, removed).
+    """
+    want = set(ips)
+    with IPRoute() as ipr:
+        have = {r.get_attr("RTA_DST") for r in ipr.get_routes(family=2, proto=PROXY_RT_PROTO)}
+        idx = ipr.link_lookup(ifname=device)
+        if not idx:
+            raise HostNetError(f"proxy routes: device {device} missing")
+        for ip in have - want:
+            try:
+                ipr.route("del", dst=f"{ip}/32", proto=PROXY_RT_PROTO, scope=253)
+            except NetlinkError as e:
+                if e.code != errno.ESRCH:
+                    raise
+        for ip in want - have:
+            ipr.route("replace", dst=f"{ip}/32", oif=idx[0], proto=PROXY_RT_PROTO,
+                      scope=253)  # link: on the gateway's wire (OVS answers ARP)
+    return len(want - have), len(have - want)

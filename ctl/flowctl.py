@@ -320,8 +320,13 @@ def show_services(agents: list[NodeAgent], service: str | None = None,
         print(json.dumps(rows, indent=1))
     else:
         print_table([{**r, "endpoints": ",".join(r["endpoints"]) or "-",
-                      "packets": ",".join(map(str, r["packets"])) or "-"} for r in rows],
-                    ["node", "service", "clusterIP", "port", "endpoints", "group", "packets"])
+                      "packets": ",".join(map(str, r["packets"])) or "-",
+                      "nodePort": r.get("nodePort") or "-",
+                      "external": ",".join(r.get("external") or []) or "-",
+                      "affinity": f"{r['affinity']}s" if r.get("affinity") else "-"}
+                     for r in rows],
+                    ["node", "service", "type", "clusterIP", "port", "nodePort", "external",
+                     "trafficPolicy", "affinity", "endpoints", "group", "packets"])
     return 0
 
 

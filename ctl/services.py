@@ -27,5 +27,17 @@ def service_rows(agents: list[NodeAgent], service: str | None = None) -> list[di
                              "port": f"{p['port']}/{p['protocol']}",
                              "endpoints": p["endpoints"], "group": p["group"],
                              "packets": (packets.get(str(p["group"]), [])
-                                         if p["endpoints"] else [])})
+                                         if p["endpoints"] else []),
+                             **_exposure(s, p)})
     return rows
+
+
+def _exposure(s: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+    """What flows.nodeport adds to a row: node port, external addresses, policies,
+    affinity (absent from an older agent's answer: shown as unset)."""
+    return {"type": s.get("type", "ClusterIP"), "nodePort": p.get("nodePort"),
+            "external": [*s.get("externalIPs", []), *s.get("loadBalancerIPs", [])],
+            "trafficPolicy": f"ext={s.get('externalTrafficPolicy', 'Cluster')},"
+                             f"int={s.get('internalTrafficPolicy', 'Cluster')}",
+            "affinity": s.get("sessionAffinityTimeout"),
+            "externalGroup": p.get("externalGroup")}

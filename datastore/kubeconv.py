@@ -193,10 +193,15 @@ def network_policy(raw: Any) -> Body:
 
 
 def service(raw: Any) -> Body:
-    """{"namespace", "name", "spec"}: what the Service proxy programs (flows.services)."""
+    """{"namespace", "name", "spec", "status"}: what the Service proxy programs
+    (flows.services; the status for LoadBalancer ingress IPs)."""
     key = object_key("Service", raw)
     spec = _dict(ref("Service", key), raw, "spec")
-    return {"namespace": key[0], "name": key[1], "spec": copy.deepcopy(spec)}
+    body: Body = {"namespace": key[0], "name": key[1], "spec": copy.deepcopy(spec)}
+    status = raw.get("status")
+    if isinstance(status, dict) and status.get("loadBalancer"):
+        body["status"] = {"loadBalancer": copy.deepcopy(status["loadBalancer"])}
+    return body
 
 
 def endpoint_slice(raw: Any) -> Body:

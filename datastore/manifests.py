@@ -96,12 +96,15 @@ def to_object(doc: Any, index: int = 0,
     spec = doc.get("spec")
     if kind == "Service":
         try:
-            parse_service(ns, name, spec)
+            parse_service(ns, name, spec, doc.get("status"))
         except ServiceError as e:
             raise ManifestError(f"{where}: {e}") from e
         assert isinstance(spec, dict)
         validate_labels(where, "spec.selector", spec.get("selector"))
-        return kind, ns, name, {"namespace": ns, "name": name, "labels": labels, "spec": spec}
+        body = {"namespace": ns, "name": name, "labels": labels, "spec": spec}
+        if isinstance(doc.get("status"), dict):  # LoadBalancer ingress IPs
+            body["status"] = doc["status"]
+        return kind, ns, name, body
     try:
         parse_policy(ns, name, spec)
     except PolicyError as e:

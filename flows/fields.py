@@ -65,3 +65,19 @@ CT_MARK_FROM_GATEWAY = 0x1
 # for "any tenant", so the tables that tenants skip need one flow, not one per tenant.
 TENANT = RegField("reg4", 0, 15)
 IN_TENANT = RegField("reg4", 16, 16)
+
+# A reply of a hairpin connection (a pod that reached itself through a
+# Service): set where its SNAT is undone, so Output sends it back out of the
+# port it came in by (OpenFlow drops output to the in_port otherwise). A high
+# bit, clear of SOURCE and of fields other features may add next to it.
+HAIRPIN_REPLY = RegField("reg0", 31, 31)
+
+# Conntrack zone of the hairpin SNAT: apart from the main zone (flows.model.CT_ZONE),
+# which already holds the connection's DNAT to the endpoint.
+SNAT_ZONE = 0xFFF1
+
+# sessionAffinity ClientIP: the endpoint a client was given, loaded by the flow
+# learned in SessionAffinity and matched in AffinityDNAT (flows.affinity).
+AFFINITY_IP = RegField("reg6", 0, 31)
+AFFINITY_PORT = RegField("reg7", 0, 15)
+AFFINITY_HIT = RegField("reg7", 16, 16)

@@ -39,6 +39,7 @@ _PREREQ: dict[str, tuple[int, int | None]] = {
 # os-ken (OXM) field name -> ovs-ofctl match name, in the order ofctl prints them.
 _OFCTL_MATCH = {
     "reg0": "reg0", "reg1": "reg1", "reg2": "reg2", "reg3": "reg3", "reg4": "reg4",
+    "reg6": "reg6", "reg7": "reg7",
     "in_port": "in_port", "eth_src": "dl_src", "eth_dst": "dl_dst",
     "ipv4_src": "nw_src", "ipv4_dst": "nw_dst",
     "arp_op": "arp_op", "arp_spa": "arp_spa", "arp_tpa": "arp_tpa",
@@ -69,8 +70,8 @@ MatchValue = int | str | tuple[int, int]
 CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20,
             "snat": 0x40, "dnat": 0x80}
 CT_ZONE = 0xFFF0  # the one conntrack zone pod traffic is tracked in
-NX_NAT_F_DST = 1 << 1  # nat(dst=...): OVS's flag, which os-ken does not name
 NX_NAT_F_SRC = 1 << 0  # nat(src=...)
+NX_NAT_F_DST = 1 << 1  # nat(dst=...): OVS's flag, which os-ken does not name
 
 
 def ct_state_bits(spec: str) -> tuple[int, int]:
@@ -407,6 +408,77 @@ def _padded(action: Any) -> Any:
     return action
 
 
+@dataclass(frozen=True)
+class Resubmit(Action):
+    """resubmit(,table): run `table`'s matching flow's actions, then carry on here.
+
+    For a table whose flows are learned (they can only load registers, never
+    go on), the caller continues the pipeline itself afterwards."""
+
+    table: str
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        return f"resubmit(,{pipeline.id(self.table)})"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        return parser.NXActionResubmitTable(table_id=pipeline.id(self.table))
+
+
+# learn() field names: ours -> (os-ken's NXM name for learn specs, ovs-ofctl name, bits)
+_LEARN_FIELDS = {
+    "ipv4_src": ("ipv4_src_nxm", "NXM_OF_IP_SRC", 32),
+    "ipv4_dst": ("ipv4_dst_nxm", "NXM_OF_IP_DST", 32),
+    "tcp_dst": ("tcp_dst_nxm", "NXM_OF_TCP_DST", 16),
+    "udp_dst": ("udp_dst_nxm", "NXM_OF_UDP_DST", 16),
+    "sctp_dst": ("sctp_dst", "OXM_OF_SCTP_DST", 16),
+}
+
+
+@dataclass(frozen=True)
+class Learn(Action):
+    """learn(): add to `table` a flow matching this packet's `copy` fields (IPv4,
+    protocol `ip_proto`) whose actions load constants into registers.
+
+    Learned flows carry cookie 0 and idle_timeout: they are not desired flows
+    (the drift check skips their table, see tables.LEARNED) and a new round
+    (agent restart) deletes them, as it deletes every other round's flows.
+    """
+
+    table: str
+    idle_timeout: int
+    ip_proto: int
+    copy: tuple[str, ...]
+    loads: tuple[tuple[RegField, int], ...]
+    priority: int = 100
+
+    def __post_init__(self) -> None:
+        for f in self.copy:
+            if f not in _LEARN_FIELDS:
+                raise ValueError(f"learn: cannot copy {f}")
+        for reg, v in self.loads:
+            reg.value(v)
+        if not 0 < self.idle_timeout <= 0xFFFF:
+            raise ValueError(f"learn: idle_timeout {self.idle_timeout} out of range")
+
+    def ofctl(self, pipeline: Pipeline) -> str:
+        parts = [f"table={pipeline.id(self.table)}", f"idle_timeout={self.idle_timeout}",
+                 f"priority={self.priority}", "eth_type=0x800", f"nw_proto={self.ip_proto}"]
+        parts += [f"{_LEARN_FIELDS[f][1]}[]" for f in self.copy]
+        parts += [f"load:{_fmt_int(v)}->{r.ofctl()}" for r, v in self.loads]
+        return f"learn({','.join(parts)})"
+
+    def osken(self, parser: Any, ofp: Any, pipeline: Pipeline) -> Any:
+        specs = [parser.NXFlowSpecMatch(src=ETH_IP, dst=("eth_type_nxm", 0), n_bits=16),
+                 parser.NXFlowSpecMatch(src=self.ip_proto, dst=("ip_proto_nxm", 0), n_bits=8)]
+        for f in self.copy:
+            name, _, bits = _LEARN_FIELDS[f]
+            specs.append(parser.NXFlowSpecMatch(src=(name, 0), dst=(name, 0), n_bits=bits))
+        for r, v in self.loads:
+            specs.append(parser.NXFlowSpecLoad(src=v, dst=(r.reg, r.start), n_bits=r.n_bits))
+        return parser.NXActionLearn(table_id=pipeline.id(self.table), specs=specs,
+                                    idle_timeout=self.idle_timeout, priority=self.priority)
+
+
 @dataclass(frozen=True, slots=True)
 class GroupAction(Action):
     """Hand the packet to an OpenFlow group (a Service port's select group)."""
@@ -474,12 +546,15 @@ class Flow:
                 if proto is not None and m.setdefault("ip_proto", proto) != proto:
                     raise ValueError(f"{table}: {name} needs ip_proto {proto}")
             m[name] = _canon_value(name, m[name])
-        if goto is not None and goto not in t.next:
-            raise ValueError(f"{table} may not go to {goto} (allowed: {t.next})")
+        if goto is not None and (goto not in t.next or goto == table):
+            raise ValueError(f"{table} may not go to {goto} (allowed: {t.next}; a table "
+                             "names itself only for ct() recirculation)")
         n_conj = 0
         for a in actions:
             if isinstance(a, CT) and a.table is not None and a.table not in t.next:
                 raise ValueError(f"{table} may not recirculate to {a.table}")
+            if isinstance(a, Resubmit) and (a.table not in t.next or a.table == table):
+                raise ValueError(f"{table} may not resubmit to {a.table}")
             n_conj += isinstance(a, Conjunction)
         if n_conj and n_conj != len(actions):
             raise ValueError(f"{table}: conjunction actions cannot mix with others")
@@ -628,6 +703,9 @@ class Group:
                                      f"{a.table} from {table}")
                 if isinstance(a, GroupAction) and a.group_id == group_id:
                     raise ValueError(f"group {group_id}: a bucket leads back to itself")
+                if isinstance(a, Resubmit) and a.table not in (*t.next, table):
+                    raise ValueError(f"group {group_id}: bucket may not resubmit to "
+                                     f"{a.table} from {table}")
         if weights is not None and (len(weights) != len(buckets)
                                     or not all(0 < w <= 0xFFFF for w in weights)):
             raise ValueError(f"group {group_id}: needs one weight (1-65535) per bucket")

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcni.flows import fields as F
+from flowcni.flows.affinity import with_affinity
 from flowcni.flows.cookie import Feature
+from flowcni.flows.hairpin import HAIRPIN_OWNER, hairpin_flows
 from flowcni.flows.model import (
     CT,
     MAX_GROUP_ID,
@@ -41,6 +43,14 @@ from flowcni.flows.model import (
     plain_ipv4,
 )
 from flowcni.flows.node import Gateway
+from flowcni.flows.nodeport import (
+    Exposure,
+    HostEntry,
+    entry_flows,
+    host_entries,
+    is_local,
+    parse_exposure,
+)
 from flowcni.flows.policy import PodInfo, pod_from_body
 from flowcni.flows.tables import DEFAULT, Pipeline
 
@@ -109,6 +119,7 @@ class Service:
     cluster_ip: str | None          # None: headless (nothing to program)
     ports: tuple[ServicePort, ...]
     selector: tuple[tuple[str, str], ...] | None  # None: endpoints are managed by hand
+    exposure: Exposure = Exposure()  # node ports, external IPs, policies (flows.nodeport)
 
     @property
     def key(self) -> str:
@@ -133,8 +144,9 @@ def _port_number(v: Any, field: str) -> int:
     return v
 
 
-def parse_service(namespace: str, name: str, spec: Any) -> Service:
-    """A Service's spec, checked: every refusal names the field it is about."""
+def parse_service(namespace: str, name: str, spec: Any, status: Any = None) -> Service:
+    """A Service's spec (and status, for LoadBalancer IPs), checked: every refusal
+    names the field it is about."""
     if not isinstance(spec, dict):
         raise ServiceError("spec: must be a mapping")
     fams = spec.get("ipFamilies")
@@ -183,7 +195,11 @@ def parse_service(namespace: str, name: str, spec: Any) -> Service:
                             or not all(isinstance(k, str) for k in sel)):
         raise ServiceError("spec.selector: must be a map of strings")
     selector = None if sel is None else tuple(sorted((k, str(v)) for k, v in sel.items()))
-    return Service(namespace, name, cluster_ip, tuple(ports), selector)
+    try:
+        exposure = parse_exposure(spec, status, raw_ports or [])
+    except ValueError as e:
+        raise ServiceError(str(e)) from e
+    return Service(namespace, name, cluster_ip, tuple(ports), selector, exposure)
 
 
 def endpoints(svc: Service, sp: ServicePort, pods: Iterable[PodInfo]) -> list[tuple[str, int]]:
@@ -362,12 +378,20 @@ class ServiceProxy:
     touches its own flows and groups and nothing else.
     """
 
-    def __init__(self, pipeline: Pipeline = DEFAULT, slices: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline = DEFAULT, slices: bool = False,
+                 local_cidr: str | None = None) -> None:
         """slices: endpoints come from EndpointSlices (the Kubernetes datastore, where
         the EndpointSlice controller writes them); otherwise from the pods each
         Service selects (the embedded store, where the agent plays that
-        controller). A Service without a selector always uses slices."""
+        controller). A Service without a selector always uses slices.
+        local_cidr: this node's pod CIDR (endpoints in it are local, for the
+        Local traffic policies)."""
         self.pipeline = pipeline
+        self.local_cidr = ipaddress.IPv4Network(local_cidr) if local_cidr else None
+        self.extra_gids: dict[str, dict[str, int]] = {}  # service key -> group name -> gid
+        # service key -> its endpoints on this node (hairpin flows, flows.hairpin)
+        self.local_ips: dict[str, frozenset[str]] = {}
+        self.hairpin_ips: frozenset[str] = frozenset()
         self.use_slices = slices
         self.services: dict[str, Service] = {}
         self.pods: dict[str, PodInfo] = {}
@@ -402,6 +426,9 @@ class ServiceProxy:
                 del self.gids[g]
             del self.svc_gids[key], self.sub_gids[key]
             self._inputs.pop(key, None)
+            self.local_ips.pop(key, None)
+            for gid in self.extra_gids.pop(key, {}).values():
+                del self.gids[gid]
             return [], []
         gids = [self._gid(f"{key}/{i}", mine, i) for i in range(len(svc.ports))]
         eps = self.port_endpoints(svc)
@@ -423,9 +450,55 @@ class ServiceProxy:
         cached = self._inputs.get(key)
         if cached is not None and cached[0] == digest:
             return cached[1]
-        out = service_flows(svc, eps, gids, self.pipeline, sub_gids)
+        out = self._build_exposed(key, svc, eps, gids, sub_gids)
         self._inputs[key] = (digest, out)
         return out
+
+    def _extra_gid(self, key: str, name: str, keep: set[str]) -> int:
+        mine = self.extra_gids.setdefault(key, {})
+        keep.add(name)
+        if name not in mine:
+            mine[name] = group_id_for(f"{key}/{name}", self.gids)
+            self.gids[mine[name]] = f"{key}/{name}"
+        return mine[name]
+
+    def _build_exposed(self, key: str, svc: Service, eps: list[list[tuple[str, int]]],
+                       gids: list[int], sub_gids: list[list[int]]
+                       ) -> tuple[list[Flow], list[Group]]:
+        """The ClusterIP's flows and groups (this node's endpoints only with
+        internalTrafficPolicy Local), plus node ports and external IPs (flows.nodeport).
+
+        Only the cluster-wide endpoint lists are split across chained groups
+        (sub_gids); one node's own endpoints are capped at one group's worth."""
+        ex = svc.exposure
+        local = [[e for e in ep if is_local(e[0], self.local_cidr)][:MAX_BUCKETS] for ep in eps]
+        self.local_ips[key] = frozenset(ip for ep in local for ip, _ in ep)
+        main = local if ex.internal_local else eps
+        flows, groups = service_flows(svc, main, gids, self.pipeline,
+                                      None if ex.internal_local else sub_gids)
+        if ex.internal_local:  # no local endpoint: drop, as kube-proxy does
+            flows = [Flow.with_match(f, [], pipeline=self.pipeline)
+                     if any(isinstance(a, Controller) for a in f.actions) else f for f in flows]
+        keep: set[str] = set()
+        if svc.cluster_ip is not None and (ex.entry_ips or any(
+                n is not None for n in ex.node_ports)):
+            ext = local if ex.external_local else eps
+            targets: list[tuple[int | None, bool]] = []
+            for i, (ep, m) in enumerate(zip(ext, main, strict=True)):
+                gid = gids[i]
+                if ep != m:
+                    gid = self._extra_gid(key, f"{i}/ext", keep)
+                    if ep:
+                        groups.append(Group.dnat_select(gid, ep, ct_table="EgressRule",
+                                                        owner=svc.owner, table="ServiceLB",
+                                                        pipeline=self.pipeline))
+                targets.append((gid, bool(ep)))
+            flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
+        for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
+            del self.gids[self.extra_gids[key].pop(name)]
+        if ex.affinity_timeout is not None:
+            flows, groups = with_affinity(flows, groups, ex.affinity_timeout, self.pipeline)
+        return flows, groups
 
     def port_endpoints(self, svc: Service) -> list[list[tuple[str, int]]]:
         """Each port's (IP, port) endpoints, in one pass over the selected pods."""
@@ -496,6 +569,10 @@ class ServiceProxy:
                 self.built[key] = new
             self.stale += stale_udp(old, new)
             flows[service_owner(key)], groups[service_owner(key)] = new
+        hairpin = frozenset().union(*self.local_ips.values())
+        if hairpin != self.hairpin_ips:
+            self.hairpin_ips = hairpin
+            flows[HAIRPIN_OWNER] = hairpin_flows(hairpin, self.pipeline) if hairpin else []
         return flows, groups
 
     def take_stale(self) -> list[StaleUDP]:
@@ -533,7 +610,8 @@ class ServiceProxy:
     def _put_service(self, b: dict[str, Any], problems: list[str]) -> None:
         key = f"{b.get('namespace')}/{b.get('name')}"
         try:
-            self.services[key] = parse_service(b["namespace"], b["name"], b.get("spec"))
+            self.services[key] = parse_service(b["namespace"], b["name"], b.get("spec"),
+                                               b.get("status"))
         except (ServiceError, KeyError) as e:
             self.services.pop(key, None)
             problems.append(f"service {key}: {e}")
@@ -579,14 +657,38 @@ class ServiceProxy:
         for key, svc in sorted(self.services.items()):
             ports = []
             for i, sp in enumerate(svc.ports):
+                ex = svc.exposure
                 ports.append({"name": sp.name, "protocol": sp.protocol, "port": sp.port,
                               "endpoints": [f"{ip}:{n}" for ip, n in self.endpoints(svc, sp)],
                               "group": by_key.get(f"{key}/{i}"),
                               "subgroups": sorted(g for (pi, _), g in
                                                   self.sub_gids.get(key, {}).items()
-                                                  if pi == i)})
-            out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports})
+                                                  if pi == i),
+                              "nodePort": ex.node_ports[i] if ex.node_ports else None,
+                              "externalGroup": self.extra_gids.get(key, {}).get(f"{i}/ext")})
+            ex = svc.exposure
+            out.append({"service": key, "clusterIP": svc.cluster_ip, "ports": ports,
+                        "type": ex.type, "externalIPs": list(ex.external_ips),
+                        "loadBalancerIPs": list(ex.lb_ips),
+                        "externalTrafficPolicy": "Local" if ex.external_local else "Cluster",
+                        "internalTrafficPolicy": "Local" if ex.internal_local else "Cluster",
+                        "sessionAffinityTimeout": ex.affinity_timeout})
         return out
+
+
+    def host_view(self) -> tuple[list[HostEntry], list[str]]:
+        """What the node's own stack needs (controller.hostnet): the node ports and
+        external IPs to steer into br-int, and the addresses to route to the gateway
+        (every ClusterIP, for host-network clients, and every external IP)."""
+        entries: list[HostEntry] = []
+        ips: set[str] = set()
+        for svc in self.services.values():
+            if svc.cluster_ip is None:
+                continue
+            ips.add(svc.cluster_ip)
+            ips.update(svc.exposure.entry_ips)
+            entries += host_entries(svc.exposure, svc.ports)
+        return sorted(set(entries), key=lambda e: (e.ip, e.protocol, e.port)), sorted(ips)
 
 
 # -- stale UDP conntrack -------------------------------------------------------------------
@@ -641,6 +743,9 @@ def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int]
         for a in f.actions:
             if isinstance(a, GroupAction):
                 eps.setdefault(key, set()).update(reach(a.group_id, set()))
+            elif isinstance(a, CT) and a.nat:  # sessionAffinity: the DNAT is in the flow
+                ip, _, port = a.nat.rpartition(":")
+                eps.setdefault(key, set()).add((ip, int(port)))
     return eps
 
 

@@ -54,13 +54,21 @@ PIPELINE: tuple[Table, ...] = (
     _t("ARPResponder", "answers every ARP request: gateway IP with the gateway MAC, "
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
-    _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules)",
-       [], ["ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
+    _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules); "
+       "a reply to the hairpin address has its SNAT undone first, then comes back here",
+       ["ipv4_dst"], ["ConntrackZone", "ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
        ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
     _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
        "buckets DNAT to one endpoint (committed) and continue in EgressRule",
-       ["ipv4_dst", *PORTS], ["EgressRule"], miss="EgressRule"),
+       ["ipv4_dst", *PORTS], ["SessionAffinity", "AffinityDNAT", "EgressRule"],
+       miss="EgressRule"),
+    _t("SessionAffinity", "sessionAffinity ClientIP: flows learned per client, Service "
+       "address and port, loading the endpoint it was given (resubmitted to from ServiceLB)",
+       [], []),
+    _t("AffinityDNAT", "sessionAffinity ClientIP: a client's learned endpoint, DNATed to; a "
+       "new client goes to the select group, whose bucket learns its choice",
+       ["ipv4_dst", "reg6", "reg7", *PORTS], ["EgressRule"]),
     _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
        miss="EgressDefault"),
@@ -84,7 +92,9 @@ PIPELINE: tuple[Table, ...] = (
     _t("ConntrackCommit", "commit new connections that got this far (marking those that "
        "entered from the gateway)",
        ["ct_state", "reg0"], ["Output"], miss="Output"),
-    _t("Output", "output to the port in the output register", [], [], miss=""),
+    _t("Output", "output to the port in the output register; hairpin (a pod reaching "
+       "itself through a Service): SNAT to the hairpin address and back out of its port",
+       ["ipv4_src", "ipv4_dst", "reg0"], [], miss=""),
 )
 
 
@@ -100,6 +110,9 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
 }
 PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ())),
                        t.next, t.miss) for t in PIPELINE)
+
+# Tables holding flows OVS learns (learn()): not desired flows, so the drift check skips them.
+LEARNED = frozenset({"SessionAffinity"})
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,9 @@ class Pipeline:
             for n in (*t.next, *([t.miss] if t.miss not in ("drop", "") else [])):
                 if n not in ids:
                     raise ValueError(f"table {t.name} goes to undeclared table {n}")
-                if ids[n] <= ids[t.name]:
+                # A table may name itself: a ct() recirculation back into it after
+                # a NAT that no flow of its would match again (hairpin un-SNAT).
+                if ids[n] < ids[t.name]:
                     raise ValueError(f"table {t.name} goes backwards to {n}")
         return cls(tables, ids)
 

@@ -8,9 +8,12 @@ import sys
 import time
 from types import SimpleNamespace
 
+from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
-TCP_SINK = ("import socket;s=socket.socket();s.bind(('0.0.0.0',8080));s.listen(1);"
+# SO_REUSEADDR: the sink of an earlier step may still hold the port in LAST_ACK.
+TCP_SINK = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+            "s.bind(('0.0.0.0',8080));s.listen(1);"
             "c,_=s.accept();n=0\nwhile (b:=c.recv(65536)): n+=len(b)\nprint(n)")
 TCP_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],8080),timeout=5);"
             "c.sendall(b'x'*int(sys.argv[2]));c.close()")
@@ -29,9 +32,10 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
+  type: NodePort
   clusterIP: 10.96.0.80
   selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080}]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
 """
 TENANTS = """
 apiVersion: v1
@@ -58,8 +62,8 @@ spec:
   subnets: [10.50.0.0/16]
   vni: 202
 """
-SERVICE_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],80),timeout=5);"
-                "c.sendall(b'x'*int(sys.argv[2]));c.close()")
+SERVICE_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[3])),"
+                "timeout=5);c.sendall(b'x'*int(sys.argv[2]));c.close()")
 
 
 def step(title: str) -> None:
@@ -108,14 +112,18 @@ def _tcp_to(lab: Lab, src: str, ip: str, nbytes: int, sinks: list[str]) -> dict[
     return got
 
 
-def _tcp_service(lab: Lab, src: str, vip: str, nbytes: int, endpoints: list[str]
-                 ) -> dict[str, int]:
-    """Send nbytes from src to vip:80; what each endpoint's sink received."""
+def _tcp_service(lab: Lab, src: str, vip: str, nbytes: int, endpoints: list[str],
+                 port: int = 80) -> dict[str, int]:
+    """Send nbytes from src (a pod, or the external host's namespace) to vip:port; what
+    each endpoint's sink received."""
     sinks = {d: subprocess.Popen(lab.exec_argv(d, [sys.executable, "-c", TCP_SINK]),
                                  stdout=subprocess.PIPE, text=True) for d in endpoints}
     time.sleep(0.5)
-    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", SERVICE_SEND, vip, str(nbytes)]),
-                   capture_output=True)
+    send = [sys.executable, "-c", SERVICE_SEND, vip, str(nbytes), str(port)]
+    sent = subprocess.run(netns.exec_argv(src, send) if src == lab.external_ns
+                          else lab.exec_argv(src, send), capture_output=True, text=True)
+    if sent.returncode:
+        print(f"  sender: {sent.stderr.strip().splitlines()[-1:]}", flush=True)
     got = {}
     for d, sink in sinks.items():
         try:
@@ -162,7 +170,8 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         step("TCP: client (node2) sends 10 MB to web-1 (node1) port 8080")
         good &= ok(_tcp(lab, "client", "web-1", 10_000_000) == 10_000_000,
                    "web-1 received 10000000 bytes")
-        step("Service: ClusterIP 10.96.0.80:80 -> the app=web pods' 8080 (a select group in OVS)")
+        step("Service: ClusterIP 10.96.0.80:80 and node port 30080 -> the app=web pods' 8080 "
+             "(a select group in OVS)")
         print(SERVICE)
         store = lab.store()
         for kind, ns, name, body in load(SERVICE):
@@ -171,6 +180,14 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         got = _tcp_service(lab, "client", "10.96.0.80", 100_000, ["web-1", "web-2"])
         good &= ok(sorted(got.values()) == [0, 100_000],
                    f"client -> 10.96.0.80:80 reached one endpoint: {got}")
+        n1 = lab.node("node1").node_ip
+        step(f"NodePort: the external host sends to node1's address {n1}:30080 "
+             "(steered into OVS by the node's nftables, masqueraded to node1's gateway)")
+        # One segment: bigger bursts from the underlay lose their first try (the node
+        # drops userspace-TSO packets larger than the gateway's MTU, see README).
+        got = _tcp_service(lab, lab.external_ns, n1, 1000, ["web-1", "web-2"], port=30080)
+        good &= ok(sorted(got.values()) == [0, 1000],
+                   f"external -> {n1}:30080 reached one endpoint: {got}")
         step("flowctl services (endpoints per node, packets per group bucket)")
         show_services(lab.agents())
         step("flowctl flows --node node2 --service default/web")

@@ -18,6 +18,7 @@ from flowcni.flows.services import (
     parse_service,
     slice_endpoints,
 )
+from flowcni.flows.tables import DEFAULT
 
 SPEC = {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
         "ports": [{"name": "http", "port": 80, "targetPort": "http"},
@@ -96,9 +97,10 @@ def test_one_group_per_port_with_a_bucket_per_endpoint() -> None:
     gs = groups["service:d/web"]
     assert len(gs) == 2 and len(flows["service:d/web"]) == 2
     http = next(g for g in gs if len(g.buckets) == 2 and "8080" in g.ofctl())
+    egress = DEFAULT.id("EgressRule")
     assert http.ofctl().endswith(
-        "bucket=actions=ct(commit,table=6,zone=65520,nat(dst=10.244.1.2:8080))"
-        ",bucket=actions=ct(commit,table=6,zone=65520,nat(dst=10.244.2.2:80))")
+        f"bucket=actions=ct(commit,table={egress},zone=65520,nat(dst=10.244.1.2:8080))"
+        f",bucket=actions=ct(commit,table={egress},zone=65520,nat(dst=10.244.2.2:80))")
     lb = [f for f in flows["service:d/web"] if f.match_text().startswith("tcp")][0]
     assert lb.match_text() == "tcp,nw_dst=10.96.0.10,tp_dst=80"
     assert lb.actions == (GroupAction(http.group_id),)

@@ -1,0 +1,212 @@
+"""Services reached from outside the pod network: NodePorts, external IPs, LoadBalancer
+IPs, their traffic policies, and the node's own connections to Services.
+
+How such traffic enters OVS (decided here, carried out by controller.hostnet):
+the node's network stack keeps its addresses (ARP, kubelet, SSH stay the
+kernel's), and a small nftables table in the node's namespace steers only
+Service traffic into br-int through the gateway port:
+
+- NodePort: a connection to any local address of the node (except loopback)
+  on a node port is DNATed to NODEPORT_VIP, keeping the port; a route sends
+  NODEPORT_VIP out of flowcni-gw0, where OVS's ARP responder answers for it.
+  ServiceLB then matches (NODEPORT_VIP, protocol, node port). This is the
+  approach Antrea's proxyAll takes; it works the same on the kernel and
+  userspace datapaths and needs no change to the uplink.
+- External IPs and LoadBalancer ingress IPs: routed to flowcni-gw0 as they
+  are (no DNAT in the node); ServiceLB matches (IP, protocol, port) like a
+  ClusterIP, so pods reach them too.
+- ClusterIPs from the node itself (host-network processes): routed to
+  flowcni-gw0, so they enter br-int from the gateway address.
+
+Replies: every connection that entered from the gateway carries the
+from-gateway conntrack mark (flows.services.gateway_reply_flows), so its
+replies go back to the gateway, where the node's conntrack undoes its own
+DNAT and masquerade.
+
+externalTrafficPolicy Cluster: the node masquerades the connection to the
+gateway address (as kube-proxy masquerades to the node), so an endpoint on
+another node replies to this node. Local: no masquerade (the client's
+address reaches the endpoint) and only this node's endpoints are used.
+internalTrafficPolicy Local: the ClusterIP uses only this node's endpoints.
+With a Local policy and no local endpoint the traffic is dropped, as
+kube-proxy does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowcni.flows.cookie import Feature
+from flowcni.flows.model import Action, Controller, Flow, GroupAction
+from flowcni.flows.tables import DEFAULT, Pipeline
+
+# Link-local addresses the node never has: where the node's DNAT sends NodePort
+# connections, and (hairpin) the source a pod sees when it reaches itself.
+NODEPORT_VIP = "169.254.0.252"
+HAIRPIN_IP = "169.254.0.253"
+NODE_PORT_RANGE = (1, 65535)
+
+PRIO_ENTRY = 200
+
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+POLICIES = ("Cluster", "Local")
+MAX_AFFINITY_TIMEOUT = 86400
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """How a Service is reached beyond its ClusterIP, and its traffic policies."""
+
+    type: str = "ClusterIP"
+    node_ports: tuple[int | None, ...] = ()   # per Service port (None: none)
+    external_ips: tuple[str, ...] = ()        # spec.externalIPs
+    lb_ips: tuple[str, ...] = ()              # status.loadBalancer.ingress[].ip
+    external_local: bool = False              # externalTrafficPolicy: Local
+    internal_local: bool = False              # internalTrafficPolicy: Local
+    affinity_timeout: int | None = None       # sessionAffinity: ClientIP (seconds)
+
+    @property
+    def entry_ips(self) -> tuple[str, ...]:
+        """Addresses outside the pod network that lead to this Service's ports."""
+        return tuple(dict.fromkeys((*self.external_ips, *self.lb_ips)))
+
+
+def _ipv4(v: Any, field: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{field}: {v!r} is not an IPv4 address") from e
+
+
+def _policy(spec: dict[str, Any], field: str) -> bool:
+    v = spec.get(field, "Cluster")
+    if v is None:
+        v = "Cluster"
+    if v not in POLICIES:
+        raise ValueError(f"spec.{field}: {v!r} (supported: Cluster, Local)")
+    return v == "Local"
+
+
+def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) -> Exposure:
+    """The NodePort / external / policy / affinity fields of a Service, checked.
+
+    Raises ValueError naming the field. `raw_ports` is spec.ports (already
+    checked to be mappings by the caller).
+    """
+    stype = spec.get("type", "ClusterIP")
+    node_ports: list[int | None] = []
+    for i, p in enumerate(raw_ports):
+        np = p.get("nodePort") if isinstance(p, dict) else None
+        if np is None or stype not in ("NodePort", "LoadBalancer"):
+            node_ports.append(None)
+            continue
+        if isinstance(np, bool) or not isinstance(np, int) \
+                or not NODE_PORT_RANGE[0] <= np <= NODE_PORT_RANGE[1]:
+            raise ValueError(f"spec.ports[{i}].nodePort: {np!r} is not a port number (1-65535)")
+        node_ports.append(np)
+    if stype in ("NodePort", "LoadBalancer") and raw_ports and all(
+            n is None for n in node_ports):
+        raise ValueError(f"spec.ports[0].nodePort: required for type {stype} (the embedded "
+                         "datastore does not allocate node ports; Kubernetes always sets it)")
+    seen: set[tuple[str, int]] = set()
+    for i, (p, n) in enumerate(zip(raw_ports, node_ports, strict=True)):
+        if n is None:
+            continue
+        k = (str(p.get("protocol", "TCP")), n)
+        if k in seen:
+            raise ValueError(f"spec.ports[{i}].nodePort: {n}/{k[0]} used twice")
+        seen.add(k)
+    ext = spec.get("externalIPs") or []
+    if not isinstance(ext, list):
+        raise ValueError("spec.externalIPs: must be a list of IPv4 addresses")
+    external = tuple(_ipv4(a, f"spec.externalIPs[{i}]") for i, a in enumerate(ext))
+    lb: list[str] = []
+    if stype == "LoadBalancer" and isinstance(status, dict):
+        ingress = (status.get("loadBalancer") or {}).get("ingress") or []
+        if not isinstance(ingress, list):
+            raise ValueError("status.loadBalancer.ingress: must be a list")
+        for i, ing in enumerate(ingress):
+            if isinstance(ing, dict) and ing.get("ip"):
+                lb.append(_ipv4(ing["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    ext_local = _policy(spec, "externalTrafficPolicy")
+    if ext_local and stype not in ("NodePort", "LoadBalancer"):
+        raise ValueError("spec.externalTrafficPolicy: Local needs type NodePort or LoadBalancer")
+    int_local = _policy(spec, "internalTrafficPolicy")
+    aff = spec.get("sessionAffinity", "None") or "None"
+    if aff not in ("None", "ClientIP"):
+        raise ValueError(f"spec.sessionAffinity: {aff!r} (supported: None, ClientIP)")
+    timeout = None
+    if aff == "ClientIP":
+        cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+        timeout = cfg.get("timeoutSeconds", 10800) if isinstance(cfg, dict) else None
+        if isinstance(timeout, bool) or not isinstance(timeout, int) \
+                or not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
+            raise ValueError("spec.sessionAffinityConfig.clientIP.timeoutSeconds: "
+                             f"{timeout!r} (1-{MAX_AFFINITY_TIMEOUT})")
+    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout)
+
+
+def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:
+    """Whether endpoint `ip` (an IPv4 address already checked) is in this node's pod
+    CIDR. Called per endpoint per build: integer arithmetic, not ipaddress objects."""
+    if cidr is None:
+        return False
+    return (int.from_bytes(socket.inet_aton(ip), "big") & int(cidr.netmask)) \
+        == int(cidr.network_address)
+
+
+def entry_flows(owner: str, exposure: Exposure, ports: Sequence[Any],
+                groups: Sequence[tuple[int | None, bool]],
+                pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """ServiceLB flows for the node ports and external/LoadBalancer IPs of one Service.
+
+    `ports`: the Service's ports (protocol, port); `groups`: per port, the
+    group external traffic uses (over every ready endpoint, or this node's
+    only with externalTrafficPolicy Local) and whether it has any bucket.
+    """
+    kw = dict(feature=Feature.SERVICE, owner=owner, pipeline=pipeline)
+    flows = []
+    for sp, np, (gid, has) in zip(ports, exposure.node_ports, groups, strict=True):
+        proto = f"{sp.protocol.lower()}_dst"
+        targets = [(NODEPORT_VIP, np)] if np is not None else []
+        targets += [(ip, sp.port) for ip in exposure.entry_ips]
+        # Cluster policy, no endpoint at all: answer like a ClusterIP without
+        # endpoints; Local policy, no local endpoint: drop, as kube-proxy does.
+        acts: list[Action] = ([GroupAction(gid)] if gid is not None and has
+                              else [] if exposure.external_local else [Controller()])
+        for ip, port in targets:
+            flows.append(Flow.make("ServiceLB", PRIO_ENTRY, {"ipv4_dst": ip, proto: port},
+                                   acts, **kw))
+    return flows
+
+
+# -- the node's side (text for controller.hostnet; no I/O here) ---------------------------------
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One way into a Service the node's nftables must steer into br-int.
+
+    node_port: DNAT (to NODEPORT_VIP) connections to a local address on `port`;
+    otherwise `ip`:`port` is an external/LoadBalancer IP (routed, not DNATed).
+    masquerade: externalTrafficPolicy Cluster.
+    """
+
+    protocol: str   # tcp / udp / sctp
+    port: int
+    masquerade: bool
+    ip: str = ""    # "" for a node port
+
+
+def host_entries(exposure: Exposure, ports: Sequence[Any]) -> list[HostEntry]:
+    out = []
+    for sp, np in zip(ports, exposure.node_ports, strict=True):
+        proto = sp.protocol.lower()
+        if np is not None:
+            out.append(HostEntry(proto, np, not exposure.external_local))
+        out += [HostEntry(proto, sp.port, not exposure.external_local, ip)
+                for ip in exposure.entry_ips]
+    return out

@@ -1,0 +1,353 @@
+"""flowcni's own proxy beyond ClusterIPs, with real packets: NodePorts (from the external
+host, another node and the node itself), externalTrafficPolicy and
+internalTrafficPolicy Local, external and LoadBalancer IPs, and the node's own
+connections to ClusterIPs.
+
+The endpoint servers answer with their name and the source address they saw,
+so a test tells which endpoint answered and whether the client's address was
+kept (Local) or masqueraded to the entry node's gateway (Cluster). A reply
+that skipped the node's un-NAT would come from the wrong address: TCP clients
+reset it and connected UDP sockets never see it, so it shows as an error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from flowcni.datastore.manifests import load
+from flowcni.flows.nodeport import HAIRPIN_IP
+from flowcni.flows.tables import DEFAULT
+from flowcni.lab import netns
+from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
+
+from tests.datapath.conftest import running_lab
+from tests.support.svc import replies, request
+
+# Answers each TCP connection and UDP datagram with "<name> <source address it saw>".
+WHO = r"""
+import socket, sys, threading
+name = sys.argv[1]
+def tcp(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        c, a = s.accept()
+        try:
+            c.recv(100); c.sendall(f"{name} {a[0]}".encode())
+        except OSError:
+            pass
+        c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+    while True:
+        d, a = s.recvfrom(2000); s.sendto(f"{name} {a[0]}".encode(), a)
+threading.Thread(target=tcp, args=(80,), daemon=True).start()
+threading.Thread(target=udp, args=(53,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
+    "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
+AFFINITY_TIMEOUT = 120
+EXT_IP, LB_IP = "203.0.113.10", "203.0.113.11"
+EXT_SRC = EXTERNAL_UNDERLAY_IP  # the external host connects to the node IPs from it
+
+SERVICES = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: np, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_NP}
+  externalIPs: [{EXT_IP}]
+  selector: {{w: "2"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30081}}
+  - {{name: dns, port: 53, targetPort: 53, nodePort: 30081, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: npl, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_NPL}
+  selector: {{w: "1"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30080}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: etl, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_ETL}
+  externalTrafficPolicy: Local
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30082}}
+  - {{name: dns, port: 53, targetPort: 53, nodePort: 30082, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: itl, namespace: default}}
+spec:
+  clusterIP: {VIP_ITL}
+  internalTrafficPolicy: Local
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {VIP_LB}
+  selector: {{w: "2"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30083}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hp, namespace: default}}
+spec:
+  clusterIP: {VIP_HP}
+  selector: {{w: "1"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80}}
+  - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: aff, namespace: default}}
+spec:
+  clusterIP: {VIP_AFF}
+  selector: {{app: web}}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {AFFINITY_TIMEOUT}}}}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80}}
+  - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
+"""
+
+
+def gateway_ip(lab: Lab, node: str) -> str:
+    return str(next(ipaddress.ip_network(lab.node(node).pod_cidr).hosts()))
+
+
+def node_argv(lab: Lab, node: str) -> list[str]:
+    return netns.exec_argv(lab.node(node).netns, [])
+
+
+@pytest.fixture(scope="module")
+def nlab() -> Iterator[Lab]:
+    with running_lab("np", nodes=2, encap="geneve") as lab:
+        lab.pod_add("client1", "node1", labels={"role": "client"})
+        lab.pod_add("client2", "node2", labels={"role": "client"})
+        lab.pod_add("web1", "node1", labels={"app": "web", "w": "1"})
+        lab.pod_add("web2", "node2", labels={"app": "web", "w": "2"})
+        servers: list[subprocess.Popen[str]] = []
+        try:
+            for n in ("web1", "web2"):
+                p = subprocess.Popen([*lab.exec_argv(f"default/{n}", []), sys.executable, "-c",
+                                      WHO, n], stdout=subprocess.PIPE, text=True)
+                servers.append(p)
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            store = lab.store()
+            for kind, ns, name, body in load(SERVICES):
+                store.put(kind, ns, name, body)
+            lab.wait_realized(timeout=30)
+            # The "internet" routes the external and LoadBalancer IPs to node1.
+            n1 = lab.node("node1").node_ip
+            for ip in (EXT_IP, LB_IP):
+                subprocess.run(["ip", "-n", lab.external_ns, "route", "replace", ip, "via", n1],
+                               check=True)
+            yield lab
+        finally:
+            for s in servers:
+                s.kill()
+                s.wait()
+
+
+def test_nodeport_from_the_external_host(nlab: Lab) -> None:
+    """externalTrafficPolicy Cluster: node1's and node2's node ports reach the endpoint on
+    either node, TCP and UDP; the endpoint sees the entry node's gateway address
+    (masqueraded, so a remote endpoint replies to the entry node)."""
+    n1, n2 = nlab.node("node1").node_ip, nlab.node("node2").node_ip
+    gw1, gw2 = gateway_ip(nlab, "node1"), gateway_ip(nlab, "node2")
+    got = request(netns.exec_argv(nlab.external_ns, []),
+                  [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080", f"{n2}:30080",
+                   f"{n2}:30081"])
+    assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
+                   f"{n1}:30080": f"web1 {gw1}", f"{n2}:30080": f"web1 {gw2}",
+                   f"{n2}:30081": f"web2 {gw2}"}
+
+
+def test_nodeport_from_another_node_and_from_the_node_itself(nlab: Lab) -> None:
+    """node2's own stack to node1's node port, and node1's own stack to its node ports."""
+    n1 = nlab.node("node1").node_ip
+    gw1 = gateway_ip(nlab, "node1")
+    got = request(node_argv(nlab, "node2"), [f"{n1}:30081", f"{n1}:30080"])
+    assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30080": f"web1 {gw1}"}
+    got = request(node_argv(nlab, "node1"), [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080"])
+    assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
+                   f"{n1}:30080": f"web1 {gw1}"}
+
+
+def test_external_traffic_policy_local(nlab: Lab) -> None:
+    """Local: each node's node port only ever reaches its own endpoint, and the endpoint
+    sees the external host's own address (no masquerade). Several connections each, so
+    a Cluster group (two buckets) would show the other endpoint."""
+    n1, n2 = nlab.node("node1").node_ip, nlab.node("node2").node_ip
+    targets = [f"{n1}:30082", f"{n2}:30082", f"{n1}:30082u", f"{n2}:30082u"]
+    for _ in range(4):
+        got = request(netns.exec_argv(nlab.external_ns, []), targets)
+        assert got == {f"{n1}:30082": f"web1 {EXT_SRC}", f"{n2}:30082": f"web2 {EXT_SRC}",
+                       f"{n1}:30082u": f"web1 {EXT_SRC}",
+                       f"{n2}:30082u": f"web2 {EXT_SRC}"}
+
+
+def test_internal_traffic_policy_local(nlab: Lab) -> None:
+    """internalTrafficPolicy Local: a pod's ClusterIP connections stay on its node, while
+    the same selector through a Cluster Service (etl's ClusterIP) spreads over both."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    seen = set()
+    for _ in range(6):
+        assert replies(nlab, "default/client1", [f"{VIP_ITL}:8080"]) == {
+            f"{VIP_ITL}:8080": f"web1 {ip['client1']}"}
+        assert replies(nlab, "default/client2", [f"{VIP_ITL}:8080"]) == {
+            f"{VIP_ITL}:8080": f"web2 {ip['client2']}"}
+        seen.add(replies(nlab, "default/client1", [f"{VIP_ETL}:8080"])[f"{VIP_ETL}:8080"])
+    assert seen <= {f"web1 {ip['client1']}", f"web2 {ip['client1']}"}, seen
+
+
+def test_external_and_load_balancer_ips(nlab: Lab) -> None:
+    """An external IP and a LoadBalancer ingress IP, routed to node1 by the external host,
+    reach the endpoint on node2 (masqueraded); a pod reaches the external IP too."""
+    gw1 = gateway_ip(nlab, "node1")
+    ip = {p.name: p.ip for p in nlab.pods()}
+    got = request(netns.exec_argv(nlab.external_ns, []),
+                  [f"{EXT_IP}:8080", f"{EXT_IP}:53u", f"{LB_IP}:8080"])
+    assert got == {f"{EXT_IP}:8080": f"web2 {gw1}", f"{EXT_IP}:53u": f"web2 {gw1}",
+                   f"{LB_IP}:8080": f"web2 {gw1}"}
+    assert replies(nlab, "default/client1", [f"{EXT_IP}:8080"]) == {
+        f"{EXT_IP}:8080": f"web2 {ip['client1']}"}
+
+
+def test_node_to_clusterip(nlab: Lab) -> None:
+    """The node's own stack (host-network clients) to ClusterIPs whose endpoint is on
+    another node and on this node, TCP and UDP; it connects from its gateway address."""
+    gw1 = gateway_ip(nlab, "node1")
+    got = request(node_argv(nlab, "node1"),
+                  [f"{VIP_NP}:8080", f"{VIP_NP}:53u", f"{VIP_NPL}:8080"])
+    assert got == {f"{VIP_NP}:8080": f"web2 {gw1}", f"{VIP_NP}:53u": f"web2 {gw1}",
+                   f"{VIP_NPL}:8080": f"web1 {gw1}"}
+
+
+def test_hairpin(nlab: Lab) -> None:
+    """A pod reaching a Service whose only endpoint is itself, TCP and UDP: it sees the
+    connection come from the hairpin address, and the replies reach it from the
+    ClusterIP; another pod's connection to the same Service keeps its own source."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    for _ in range(2):  # later connections reuse the SNAT zone's flows
+        got = replies(nlab, "default/web1", [f"{VIP_HP}:8080", f"{VIP_HP}:53u"])
+        assert got == {f"{VIP_HP}:8080": f"web1 {HAIRPIN_IP}",
+                       f"{VIP_HP}:53u": f"web1 {HAIRPIN_IP}"}
+    assert replies(nlab, "default/client1", [f"{VIP_HP}:8080"]) == {
+        f"{VIP_HP}:8080": f"web1 {ip['client1']}"}
+
+
+def test_session_affinity_client_ip(nlab: Lab) -> None:
+    """sessionAffinity ClientIP: ten TCP connections and ten UDP sockets of one client all
+    land on the endpoint its first one got (two endpoints: 1 in 512 by chance), and
+    node1 holds the flows it learned for that client, with the Service's timeout."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    first = replies(nlab, "default/client1", [f"{VIP_AFF}:8080"])[f"{VIP_AFF}:8080"]
+    assert first in (f"web1 {ip['client1']}", f"web2 {ip['client1']}"), first
+    for _ in range(9):
+        assert replies(nlab, "default/client1", [f"{VIP_AFF}:8080"]) == {
+            f"{VIP_AFF}:8080": first}
+    udp = {replies(nlab, "default/client1", [f"{VIP_AFF}:53u"])[f"{VIP_AFF}:53u"]
+           for _ in range(10)}
+    assert len(udp) == 1 and next(iter(udp)).startswith("web"), udp
+    table = nlab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                         f"table={DEFAULT.id('SessionAffinity')}")
+    learned = [ln for ln in table.splitlines()
+               if f"nw_src={ip['client1']}" in ln and f"nw_dst={VIP_AFF}" in ln]
+    assert len(learned) == 2, table  # one per port (TCP and UDP)
+    assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
+
+
+def test_flowctl_services_shows_node_ports_policies_and_affinity(
+        nlab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flowctl services` on node1: node ports, external and LoadBalancer IPs, traffic
+    policies (with the Local group apart from the ClusterIP's) and the affinity timeout."""
+    from flowcni.ctl.flowctl import main as flowctl
+    monkeypatch.setenv("FLOWCNI_LAB_DIR", nlab.base)
+    monkeypatch.setenv("FLOWCNI_LAB_PREFIX", nlab.prefix)
+    assert flowctl(["services", "--node", "node1", "--json"]) == 0
+    rows = {(r["service"], r["port"]): r for r in json.loads(capsys.readouterr().out)}
+    etl = rows[("default/etl", "8080/TCP")]
+    assert (etl["type"], etl["nodePort"], etl["trafficPolicy"]) == (
+        "NodePort", 30082, "ext=Local,int=Cluster")
+    assert etl["externalGroup"] not in (None, etl["group"]) and len(etl["endpoints"]) == 2
+    assert rows[("default/np", "53/UDP")]["external"] == [EXT_IP]
+    assert rows[("default/lb", "8080/TCP")]["external"] == [LB_IP]
+    assert rows[("default/itl", "8080/TCP")]["trafficPolicy"] == "ext=Cluster,int=Local"
+    assert rows[("default/aff", "8080/TCP")]["affinity"] == AFFINITY_TIMEOUT
+    assert flowctl(["services", "default/etl", "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "NODEPORT" in out and "30082" in out and "ext=Local,int=Cluster" in out, out
+
+
+def test_agent_restart_keeps_node_ports_and_routes(nlab: Lab) -> None:
+    """SIGKILL node1's agent: while it is down and after it is back, the external host
+    still reaches node1's node ports and node1's stack its ClusterIPs; the node's rules
+    and routes after the restart are the ones before it."""
+    def node1(*argv: str) -> str:
+        return subprocess.run(netns.exec_argv(nlab.node("node1").netns, list(argv)),
+                              capture_output=True, text=True, check=True).stdout
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    want = {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30080": f"web1 {gw1}"}
+    rules, routes = node1("nft", "list", "table", "ip", "flowcni-proxy"), node1(
+        "ip", "route", "show", "proto", "192")
+    node = nlab.node("node1")
+    os.kill(node.agent_pid, signal.SIGKILL)
+    assert request(netns.exec_argv(nlab.external_ns, []), list(want)) == want
+    nlab.restart_agent("node1")
+    assert request(netns.exec_argv(nlab.external_ns, []), list(want)) == want
+    assert request(node_argv(nlab, "node1"), [f"{VIP_NP}:8080"]) == {
+        f"{VIP_NP}:8080": f"web2 {gw1}"}
+    assert node1("nft", "list", "table", "ip", "flowcni-proxy") == rules
+    assert node1("ip", "route", "show", "proto", "192") == routes
+
+def test_deleted_service_leaves_no_node_rules_or_routes(nlab: Lab) -> None:
+    """Deleting a Service takes its node port out of the node's nftables table and its
+    ClusterIP and LoadBalancer IP routes off the gateway, while another Service's
+    stay (runs last: it removes the lb Service)."""
+    def node1(*argv: str) -> str:
+        return subprocess.run(netns.exec_argv(nlab.node("node1").netns, list(argv)),
+                              capture_output=True, text=True, check=True).stdout
+    before = node1("ip", "route", "show", "proto", "192")
+    assert VIP_LB in before and LB_IP in before and VIP_NP in before, before
+    assert "dport 30083" in node1("nft", "list", "table", "ip", "flowcni-proxy")
+    store = nlab.store()
+    for kind, ns, name, _ in load(SERVICES, identity_only=True):
+        if name == "lb":
+            store.delete(kind, ns, name)
+    nlab.wait_realized(timeout=30)
+    after = node1("ip", "route", "show", "proto", "192")
+    assert VIP_LB not in after and LB_IP not in after and VIP_NP in after, after
+    rules = node1("nft", "list", "table", "ip", "flowcni-proxy")
+    assert "dport 30083" not in rules and "dport 30081" in rules, rules
