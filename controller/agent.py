@@ -46,6 +46,8 @@ from flowcni.controller.reject import Rejecter
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
+from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
+from flowcni.flows.clusterpolicy import ClusterPolicyEngine
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.policy import PolicyEngine
@@ -234,6 +236,7 @@ class Agent:
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
+        self.cluster_policy = ClusterPolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes")
@@ -277,6 +280,12 @@ class Agent:
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
+        cowners, problems = self.cluster_policy.load(
+            store.objects("Namespace"), store.objects("Pod"), store.objects("Node"),
+            {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
+        for p in problems:
+            LOG.error("skipping %s", p)
+        self.flows.set_owners(cowners)
         if self.services is not None:
             sflows, sgroups, problems = self.services.load(
                 store.objects("Service"), store.objects("Pod"), store.objects("EndpointSlice"))
@@ -324,6 +333,9 @@ class Agent:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
         self.peers.apply(batch)
         owners, problems = self.policy.apply(batch)
+        cowners, cproblems = self.cluster_policy.apply(batch)
+        owners.update(cowners)
+        problems += cproblems
         groups: dict[str, Any] = {}
         if self.services is not None:
             sflows, groups, sproblems = self.services.apply(batch)
@@ -453,6 +465,7 @@ class Agent:
         """Owner id (as in cookies) -> owner key and the object it stands for."""
         pods = {f"pod:{a.key}": f"pod {a.namespace}/{a.name}"
                 for a in self.pods.attachments.values()}
+        crules = self.cluster_policy.rule_descriptions()
         out = {}
         for owner in self.flows.owners():
             obj = pods.get(owner)
@@ -464,7 +477,9 @@ class Agent:
                     "node": f"remote node {rest}", "rule": f"policy rule {rest}",
                     "isolation": f"pod {rest} (isolated)",
                     "policy-match": "policy match (shared)",
-                    "service": f"service {rest}"}.get(kind, owner)
+                    "service": f"service {rest}",
+                    "cluster-rule": crules.get(owner, f"cluster policy {rest}"),
+                    }.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 

@@ -40,7 +40,7 @@ from flowcni.flows.model import (
 )
 from flowcni.flows.node import Gateway
 from flowcni.flows.policy import PodInfo, pod_from_body
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, EGRESS_POLICY, Pipeline
 
 GATEWAY_CT_OWNER = "gateway-conntrack"
 
@@ -253,7 +253,7 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
 @functools.lru_cache(maxsize=1 << 16)
 def _dnat(ip: str, port: int) -> CT:
     """A bucket's action (shared: an endpoint of several Services is built once)."""
-    return CT(commit=True, table="EgressRule", nat=f"{ip}:{port}")
+    return CT(commit=True, table=EGRESS_POLICY, nat=f"{ip}:{port}")
 
 
 def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int],
