@@ -413,6 +413,7 @@ class ClusterPolicyEngine:
         self.owners: dict[str, set[str]] = {}                   # policy key -> owners
         self._conj: dict[tuple[str, int], int] = {}              # (rule owner, i) -> id
         self._next_conj = CONJ_BASE
+        self._templates: dict[tuple[str, str, Any], Flow] = {}
 
     # -- selection ----------------------------------------------------------------
 
@@ -538,26 +539,40 @@ class ClusterPolicyEngine:
             goto = "IngressRule" if ingress else "EgressRule"
         else:  # accept (and Pass in the Baseline tier: on to the default, allow)
             goto = "ConntrackCommit" if ingress else "L3Forwarding"
+        tmpl = self._template
         for i, (subs, peers, ports) in enumerate(self._groups(pol, rule, subjects)):
             if not subs or not peers or (ports is not None and not ports):
                 continue
             cid = self._conj_id(owner, i)
-            dims: list[list[dict[str, Any]]] = [
-                [{sel_f: ip} for ip in sorted(subs)],
-                [{peer_f: a[:-3] if a.endswith("/32") else a} for a in sorted(peers)]]
+            dims: list[list[Flow]] = [
+                [tmpl(table, sel_f, ip) for ip in sorted(subs)],
+                [tmpl(table, peer_f, a[:-3] if a.endswith("/32") else a)
+                 for a in sorted(peers)]]
             if ports is not None:
-                dims.append([port_match(pm) for pm in sorted(ports, key=str)])
+                dims.append([tmpl(table, "port", pm) for pm in sorted(ports, key=str)])
             for k, dim in enumerate(dims, 1):
-                for m in dim:
-                    t = Flow.make(table, prio, m, [Conjunction(cid, k, len(dims))], **kw)
+                act = Conjunction(cid, k, len(dims))
+                for t in dim:
                     templates.setdefault(t.match, t)
-                    clauses.setdefault(t.match, []).append(Conjunction(cid, k, len(dims)))
+                    clauses.setdefault(t.match, []).append(act)
             conj_flows.append(Flow.make(table, prio, {"conj_id": cid, "eth_type": 0x0800},
                                         goto=goto, **kw))
         flows = [Flow.with_match(templates[m], sorted(set(acts), key=lambda a: (a.id, a.clause)),
-                                 pipeline=self.pipeline)
+                                 priority=prio, owner=owner, pipeline=self.pipeline)
                  for m, acts in clauses.items()]
         return flows + conj_flows
+
+    def _template(self, table: str, field: str, value: Any) -> Flow:
+        """A validated flow on one clause match, made once per distinct match: the
+        same pod addresses recur in many rules, and validating each copy was most
+        of the engine's time."""
+        key = (table, field, value)
+        t = self._templates.get(key)
+        if t is None:
+            m = port_match(value) if field == "port" else {field: value}
+            t = self._templates[key] = Flow.make(table, 0, m, feature=Feature.POLICY,
+                                                 owner="", pipeline=self.pipeline)
+        return t
 
     def conntrack_flows(self) -> list[Flow]:
         """Established connections skip the Admin ingress tier, as they skip IngressRule."""
