@@ -414,14 +414,24 @@ class ClusterPolicyEngine:
         self._conj: dict[tuple[str, int], int] = {}              # (rule owner, i) -> id
         self._next_conj = CONJ_BASE
         self._templates: dict[tuple[str, str, Any], Flow] = {}
+        self._pods_by_ns: dict[str, list[PodInfo]] | None = None
 
     # -- selection ----------------------------------------------------------------
 
     def _ns_pods(self, ns_sel: Selector, pod_sel: Selector | None) -> list[PodInfo]:
-        nss = {n for n, labels in self.namespaces.items() if ns_sel.matches(labels)}
-        return sorted((p for p in self.pods.values() if p.ip and p.namespace in nss
-                       and (pod_sel is None or pod_sel.matches(p.labels))),
-                      key=lambda p: p.key)
+        by_ns = self._by_ns()
+        return [p for n, labels in self.namespaces.items() if ns_sel.matches(labels)
+                for p in by_ns.get(n, ()) if pod_sel is None or pod_sel.matches(p.labels)]
+
+    def _by_ns(self) -> dict[str, list[PodInfo]]:
+        """Pods with an address by namespace; rebuilt after a pod change, not per rule."""
+        if self._pods_by_ns is None:
+            idx: dict[str, list[PodInfo]] = defaultdict(list)
+            for p in self.pods.values():
+                if p.ip:
+                    idx[p.namespace].append(p)
+            self._pods_by_ns = idx
+        return self._pods_by_ns
 
     def subjects(self, pol: ClusterPolicy) -> list[PodInfo]:
         return [p for p in self._ns_pods(pol.subject_ns, pol.subject_pods) if p.node == self.node]
@@ -545,9 +555,8 @@ class ClusterPolicyEngine:
                 continue
             cid = self._conj_id(owner, i)
             dims: list[list[Flow]] = [
-                [tmpl(table, sel_f, ip) for ip in sorted(subs)],
-                [tmpl(table, peer_f, a[:-3] if a.endswith("/32") else a)
-                 for a in sorted(peers)]]
+                [tmpl(table, sel_f, ip) for ip in subs],
+                [tmpl(table, peer_f, a[:-3] if a.endswith("/32") else a) for a in peers]]
             if ports is not None:
                 dims.append([tmpl(table, "port", pm) for pm in sorted(ports, key=str)])
             for k, dim in enumerate(dims, 1):
@@ -557,7 +566,8 @@ class ClusterPolicyEngine:
                     clauses.setdefault(t.match, []).append(act)
             conj_flows.append(Flow.make(table, prio, {"conj_id": cid, "eth_type": 0x0800},
                                         goto=goto, **kw))
-        flows = [Flow.with_match(templates[m], sorted(set(acts), key=lambda a: (a.id, a.clause)),
+        flows = [Flow.with_match(templates[m], acts if len(acts) == 1 else sorted(
+                     set(acts), key=lambda a: (a.id, a.clause)),
                                  priority=prio, owner=owner, pipeline=self.pipeline)
                  for m, acts in clauses.items()]
         return flows + conj_flows
@@ -631,6 +641,7 @@ class ClusterPolicyEngine:
              ) -> tuple[dict[str, list[Flow]], list[str]]:
         """Initial state (policies by kind); returns (flows by owner, problems)."""
         problems: list[str] = []
+        self._pods_by_ns = None
         for n in namespaces:
             self.namespaces[n["name"]] = dict(n.get("labels") or {})
         for b in nodes:
@@ -661,6 +672,7 @@ class ClusterPolicyEngine:
         pods: list[PodInfo] = []
         for c in changes:
             if c.kind == "Pod":
+                self._pods_by_ns = None
                 key = f"{c.namespace}/{c.name}"
                 old = self.pods.pop(key, None)
                 if old:
