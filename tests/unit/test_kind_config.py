@@ -30,7 +30,11 @@ SCRIPTS = ["up.sh", "down.sh", "ovs-start.sh", "agent-start.sh", "cni-shim.sh"]
 RBAC_NAMES = {"Node": ("", "nodes"), "Namespace": ("", "namespaces"), "Pod": ("", "pods"),
               "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
               "Service": ("", "services"),
-              "EndpointSlice": ("discovery.k8s.io", "endpointslices")}
+              "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
+              "AdminNetworkPolicy": ("policy.networking.k8s.io", "adminnetworkpolicies"),
+              "BaselineAdminNetworkPolicy": ("policy.networking.k8s.io",
+                                             "baselineadminnetworkpolicies"),
+              "ClusterNetworkPolicy": ("policy.networking.k8s.io", "clusternetworkpolicies")}
 K8S_VERSIONS = ["1.29", "latest"]  # the oldest we claim, and the newest bundled schemas
 
 
