@@ -428,6 +428,7 @@ class Agent:
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
                 self.realized_revision, self._service_counts))
+            metrics.REGISTRY.register(metrics.ClusterPolicyCollector(self.cluster_policy.per_tier))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected

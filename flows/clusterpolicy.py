@@ -744,6 +744,16 @@ class ClusterPolicyEngine:
                         "api_version": API_VERSIONS[pol.kind], "rules": rules})
         return out
 
+    def per_tier(self) -> dict[str, dict[str, int]]:
+        """Policies, rules and flows per tier (metrics)."""
+        out = {t: {"policies": 0, "rules": 0, "flows": 0} for t in TIERS}
+        for key, pol in list(self.policies.items()):
+            c = out[pol.tier]
+            c["policies"] += 1
+            c["rules"] += len(pol.rules)
+            c["flows"] += sum(r.flows for r in self.realized.get(key, []))
+        return out
+
     def rule_descriptions(self) -> dict[str, str]:
         """Rule owner -> its words, for traces."""
         return {rule_owner(p, r): describe_rule(p, r)

@@ -13,6 +13,7 @@ for every drop a cluster policy makes.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -208,5 +209,42 @@ def test_cluster_policy_case(clab: ClusterPolicyLab, case: dict[str, Any],
         if version == "v1alpha2":  # the tables are equal; trace one of them
             wrong = check_traces(clab, got)
             assert not wrong, "\n".join(wrong)
+    finally:
+        clab.reset()
+
+
+def test_flowctl_policy_shows_tier_priority_rules_and_packets(
+        clab: ClusterPolicyLab, capsys: pytest.CaptureFixture[str]) -> None:
+    """`flowctl policy` lists cluster policies in evaluation order with tier, priority and,
+    per rule and node, flows and the packets its conjunctions matched; `flowctl trace` of a
+    dropped packet names tier, priority, policy and rule."""
+    from flowcni.ctl.flowctl import show_policy
+    case = next(c for c in CASES if c["name"] == "admin-pass-hands-to-networkpolicy")
+    clab.reset()
+    store = clab.lab.store()
+    try:
+        for text in (case["np"], manifests(case, "v1alpha2")):
+            for kind, ns, name, body in load(text):
+                store.put(kind, ns, name, body)
+        clab.lab.wait_realized()
+        got = clab.observed()
+        assert got["api"]["web"] == set() and got["tool"]["web"] == set(PROBES), got
+        show_policy(clab.lab.agents(), as_json=True)
+        rows = [r for r in json.loads(capsys.readouterr().out) if "tier" in r]
+        node1 = [r for r in rows if r["node"] == "node1"]
+        assert [(r["policy"], r["priority"], r["rule"], r["action"]) for r in node1] == [
+            ("ClusterNetworkPolicy/pass-dev", 5, "ingress[0]", "pass"),
+            ("ClusterNetworkPolicy/deny-everyone", 20, "ingress[0]", "deny")]
+        # web (node1) was probed from dev (passed: 3 probes) and from api/client (denied)
+        assert all(r["flows"] > 0 and r["packets"] > 0 for r in node1), node1
+        assert node1[0]["of_priority"] > node1[1]["of_priority"]
+        v = Tracer(clab.lab).trace(clab.ref("api"), clab.ref("web"), "tcp", 80)
+        assert not v.delivered and v.table == "AdminIngress"
+        assert v.policies == ["Admin tier, priority 20, ClusterNetworkPolicy deny-everyone, "
+                              "ingress rule 0"], v.policies
+        assert "denied by Admin tier, priority 20" in v.detail, v.detail
+        v = Tracer(clab.lab).trace(clab.ref("tool"), clab.ref("web"), "tcp", 80)
+        assert v.delivered and any("passed to NetworkPolicy" in (s.story or "")
+                                   for s in v.steps), [s.story for s in v.steps]
     finally:
         clab.reset()

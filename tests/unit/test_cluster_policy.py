@@ -267,3 +267,15 @@ def test_cases_yaml_is_valid() -> None:
                             for d in c["cnp"].split("---\n")))
     with pytest.raises(PolicyError):
         parse_cluster_policy("NetworkPolicy", "x", {})
+
+
+def test_metrics_per_tier() -> None:
+    from flowcni.controller.metrics import ClusterPolicyCollector
+    base = cnp("base", 1000, [DENY_B_TCP], tier="Baseline")
+    e, owners, _ = engine([cnp("p", 10, [DENY_B_TCP]), cnp("q", 20, [DENY_B_TCP]), base])
+    got = {(m.name, s.labels["tier"]): s.value
+           for m in ClusterPolicyCollector(e.per_tier).collect() for s in m.samples}
+    assert got[("flowcni_cluster_policy_policies", "Admin")] == 2
+    assert got[("flowcni_cluster_policy_policies", "Baseline")] == 1
+    assert got[("flowcni_cluster_policy_flows", "Baseline")] == len(
+        owners["cluster-rule:ClusterNetworkPolicy/base/ingress/0"]) == 3 + 4 + 2 + 1
