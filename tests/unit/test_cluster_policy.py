@@ -279,3 +279,34 @@ def test_metrics_per_tier() -> None:
     assert got[("flowcni_cluster_policy_policies", "Baseline")] == 1
     assert got[("flowcni_cluster_policy_flows", "Baseline")] == len(
         owners["cluster-rule:ClusterNetworkPolicy/base/ingress/0"]) == 3 + 4 + 2 + 1
+
+
+def test_flowctl_apply_takes_both_versions_and_refuses_bad_ones(tmp_path: Any) -> None:
+    """`flowctl apply -f` writes both versions to the store; a bad object fails the whole
+    file, exit 1, with the field named, and nothing is written."""
+    import os
+    import subprocess
+    import sys
+
+    from flowcni.datastore.store import Store
+    path = tmp_path / "store.db"
+    store = Store(str(path))
+
+    def flowctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "FLOWCNI_LAB_DIR"}
+        return subprocess.run([sys.executable, "-m", "flowcni.ctl.flowctl", *args,
+                               "--datastore", f"sqlite:{path}", "-f", "-"], input=stdin,
+                              capture_output=True, text=True, env=env)
+
+    p = flowctl("apply", stdin=V1 + "---\n" + V2)
+    assert p.returncode == 0, p.stderr
+    assert "adminnetworkpolicy/tenants applied" in p.stdout
+    assert "clusternetworkpolicy/tenants applied" in p.stdout
+    assert [o["name"] for o in store.objects("ClusterNetworkPolicy")] == ["tenants"]
+    p = flowctl("apply", stdin=edit(V2, "name: tenants", "name: other") + "---\n"
+                + edit(V1, "priority: 10", "priority: 2000").replace("name: tenants",
+                                                                      "name: other"))
+    assert p.returncode == 1 and "spec.priority" in p.stderr, p.stderr
+    assert len(store.objects("ClusterNetworkPolicy")) == 1  # all or nothing
+    p = flowctl("delete", stdin=V2)
+    assert p.returncode == 0 and "clusternetworkpolicy/tenants deleted" in p.stdout
