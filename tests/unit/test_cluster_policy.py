@@ -310,3 +310,13 @@ def test_flowctl_apply_takes_both_versions_and_refuses_bad_ones(tmp_path: Any) -
     assert len(store.objects("ClusterNetworkPolicy")) == 1  # all or nothing
     p = flowctl("delete", stdin=V2)
     assert p.returncode == 0 and "clusternetworkpolicy/tenants deleted" in p.stdout
+
+
+def test_sctp_and_protocol_without_port() -> None:
+    rule = {"action": "Deny", "from": [{"namespaces": {}}],
+            "protocols": [{"sctp": {"destinationPort": {"number": 9}}}, {"udp": {}}]}
+    _, owners, problems = engine([cnp("s", 1, [rule])], n_local=1, n_peers=1)
+    assert not problems
+    text = " ".join(str(f.match) for f in owners["cluster-rule:ClusterNetworkPolicy/s/ingress/0"])
+    assert "('ip_proto', 132)" in text and "('sctp_dst', 9)" in text
+    assert "('ip_proto', 17)" in text and "udp_dst" not in text  # every UDP port
