@@ -320,3 +320,21 @@ def test_sctp_and_protocol_without_port() -> None:
     text = " ".join(str(f.match) for f in owners["cluster-rule:ClusterNetworkPolicy/s/ingress/0"])
     assert "('ip_proto', 132)" in text and "('sctp_dst', 9)" in text
     assert "('ip_proto', 17)" in text and "udp_dst" not in text  # every UDP port
+
+
+def test_trace_stories_name_tier_priority_policy_and_rule() -> None:
+    from flowcni.ctl.trace import Step, story
+    who = "Admin tier, priority 10, ClusterNetworkPolicy deny-tenant-crossing, egress rule 0"
+    own = "cluster-rule:ClusterNetworkPolicy/deny-tenant-crossing/egress/0"
+    assert story(Step("n", "AdminEgress", 6, owner=own, object=who, actions=[])) == \
+        f"AdminEgress: denied by {who}"
+    assert story(Step("n", "AdminEgress", 6, owner=own, object=who,
+                      actions=["goto_table:EgressRule"])) == \
+        f"AdminEgress: passed to NetworkPolicy by {who}"
+    assert story(Step("n", "BaselineIngress", 16, owner=own, object=who,
+                      actions=["goto_table:ConntrackCommit"])) == \
+        f"BaselineIngress: accepted by {who}"
+    e, _, _ = engine([cnp("deny-tenant-crossing", 10, [DENY_B_TCP])])
+    assert e.rule_descriptions() == {
+        "cluster-rule:ClusterNetworkPolicy/deny-tenant-crossing/ingress/0":
+            "Admin tier, priority 10, ClusterNetworkPolicy deny-tenant-crossing, ingress rule 0"}
