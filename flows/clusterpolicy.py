@@ -566,10 +566,9 @@ class ClusterPolicyEngine:
                     clauses.setdefault(t.match, []).append(act)
             conj_flows.append(Flow.make(table, prio, {"conj_id": cid, "eth_type": 0x0800},
                                         goto=goto, **kw))
-        flows = [Flow.with_match(templates[m], acts if len(acts) == 1 else sorted(
-                     set(acts), key=lambda a: (a.id, a.clause)),
-                                 priority=prio, owner=owner, pipeline=self.pipeline)
-                 for m, acts in clauses.items()]
+        flows = Flow.clauses(((templates[m], acts if len(acts) == 1 else sorted(
+            set(acts), key=lambda a: (a.id, a.clause))) for m, acts in clauses.items()),
+                             priority=prio, owner=owner)
         return flows + conj_flows
 
     def _template(self, table: str, field: str, value: Any) -> Flow:

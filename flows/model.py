@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -468,6 +469,25 @@ class Flow:
         return cls(template.table, template.priority if priority is None else priority,
                    template.match, tuple(actions), goto, template.feature,
                    template.owner if owner is None else owner)
+
+    @classmethod
+    def clauses(cls, items: Iterable[tuple[Flow, Sequence[Action]]], *, priority: int,
+                owner: str) -> list[Flow]:
+        """Conjunctive clause flows on already validated matches (templates from `make`),
+        all at one priority and owner.
+
+        The check `with_match` makes for such a flow (conjunction actions only, going
+        nowhere) made per item; a cluster policy rule has thousands of clause flows,
+        and looking the table up for each was half of building them.
+        """
+        if not 0 <= priority <= 0xFFFF:
+            raise ValueError(f"priority {priority} out of range")
+        out = []
+        for t, acts in items:
+            if not acts or not all(isinstance(a, Conjunction) for a in acts):
+                raise ValueError(f"{t.table}: a clause flow carries conjunction actions only")
+            out.append(cls(t.table, priority, t.match, tuple(acts), None, t.feature, owner))
+        return out
 
     # -- rendering ---------------------------------------------------------
 

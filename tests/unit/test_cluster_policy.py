@@ -338,3 +338,15 @@ def test_trace_stories_name_tier_priority_policy_and_rule() -> None:
     assert e.rule_descriptions() == {
         "cluster-rule:ClusterNetworkPolicy/deny-tenant-crossing/ingress/0":
             "Admin tier, priority 10, ClusterNetworkPolicy deny-tenant-crossing, ingress rule 0"}
+
+
+def test_clause_flows_carry_conjunctions_only() -> None:
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import Flow, Output
+    t = Flow.make("AdminEgress", 0, {"ipv4_src": "10.0.0.1"}, feature=Feature.POLICY, owner="")
+    (f,) = Flow.clauses([(t, [Conjunction(7, 1, 2)])], priority=500, owner="o")
+    assert (f.table, f.priority, f.owner, f.goto) == ("AdminEgress", 500, "o", None)
+    with pytest.raises(ValueError, match="conjunction actions only"):
+        Flow.clauses([(t, [Output("IN_PORT")])], priority=500, owner="o")
+    with pytest.raises(ValueError, match="out of range"):
+        Flow.clauses([(t, [Conjunction(7, 1, 2)])], priority=70000, owner="o")
