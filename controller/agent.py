@@ -49,6 +49,8 @@ from flowcni.controller.tenants import Tenants
 from flowcni.datastore.base import Datastore, open_datastore
 from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreError
 from flowcni.flows import cookie as ck
+from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
+from flowcni.flows.clusterpolicy import ClusterPolicyEngine
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.nodeport import NODEPORT_VIP
@@ -246,6 +248,7 @@ class Agent:
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
+        self.cluster_policy = ClusterPolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
@@ -306,6 +309,12 @@ class Agent:
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
+        cowners, problems = self.cluster_policy.load(
+            store.objects("Namespace"), mine(pods), store.objects("Node"),
+            {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
+        for p in problems:
+            LOG.error("skipping %s", p)
+        self.flows.set_owners(cowners)
         if self.services is not None:
             sflows, sgroups, problems = self.services.load(
                 mine(store.objects("Service")), mine(pods), mine(store.objects("EndpointSlice")))
@@ -384,6 +393,9 @@ class Agent:
         default = [c for c in batch if c.kind not in TENANT_SCOPED
                    or not self.tenants.in_tenant(c.namespace)]
         owners, problems = self.policy.apply(default)
+        cowners, cproblems = self.cluster_policy.apply(default)
+        owners.update(cowners)
+        problems += cproblems
         groups: dict[str, Any] = {}
         if self.services is not None:
             sflows, groups, sproblems = self.services.apply(default)
@@ -483,6 +495,7 @@ class Agent:
                 lambda: self.flows.stats["bundle_errors"],
                 self.realized_revision, self._service_counts),
                 metrics.TenantCollector(self.tenants.metric_rows))
+            metrics.REGISTRY.register(metrics.ClusterPolicyCollector(self.cluster_policy.per_tier))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
@@ -523,6 +536,7 @@ class Agent:
         """Owner id (as in cookies) -> owner key and the object it stands for."""
         pods = {f"pod:{a.key}": f"pod {a.namespace}/{a.name}"
                 for a in self.pods.attachments.values()}
+        crules = self.cluster_policy.rule_descriptions()
         out = {}
         for owner in self.flows.owners():
             obj = pods.get(owner)
@@ -536,7 +550,9 @@ class Agent:
                     "isolation": f"pod {rest} (isolated)",
                     "policy-match": "policy match (shared)",
                     "service": f"service {rest}",
-                    "tenant": f"tenant network {rest}"}.get(kind, owner)
+                    "tenant": f"tenant network {rest}",
+                    "cluster-rule": crules.get(owner, f"cluster policy {rest}"),
+                    }.get(kind, owner)
             out[f"{ck.owner_id(owner):#x}"] = {"owner": owner, "object": obj}
         return out
 

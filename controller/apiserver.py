@@ -232,7 +232,12 @@ class AgentAPI:
         rules = self.agent.policy.describe()
         for r in rules:
             r["packets"] = packets.get(r["conj_id"], 0) if r["conj_id"] else None
-        return {"rules": rules, "isolation": self.agent.policy.isolation_report()}
+        cluster = self.agent.cluster_policy.describe()
+        for pol in cluster:
+            for cr in pol["rules"]:
+                cr["packets"] = sum(packets.get(c, 0) for c in cr["conj_ids"])
+        return {"rules": rules, "isolation": self.agent.policy.isolation_report(),
+                "cluster": cluster}
 
     def v_trace(self, req: Request) -> dict[str, Any]:
         flow = api.arg(req, "flow", str)

@@ -102,6 +102,24 @@ class TenantCollector(Collector):
         yield from (up, pods, flows)
 
 
+class ClusterPolicyCollector(Collector):
+    """Scrape-time gauges per cluster policy tier (Admin, Baseline) from the engine:
+    policies, rules and the flows their rules hold on this node."""
+
+    def __init__(self, per_tier: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self.per_tier = per_tier
+
+    def collect(self) -> Any:
+        fams = {k: GaugeMetricFamily(f"flowcni_cluster_policy_{k}", doc, labels=["tier"])
+                for k, doc in (("policies", "Cluster policies, by tier"),
+                               ("rules", "Rules of cluster policies, by tier"),
+                               ("flows", "Flows of cluster policy rules on this node, by tier"))}
+        for tier, counts in sorted(self.per_tier().items()):
+            for k, fam in fams.items():
+                fam.add_metric([tier], counts.get(k, 0))
+        yield from fams.values()
+
+
 def flows_per_table(flows: list[Any]) -> dict[str, int]:
     return dict(Tally(f.table for f in flows))
 

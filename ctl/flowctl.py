@@ -281,6 +281,26 @@ def policy_rows(node: str, rep: dict[str, Any], only: str | None) -> list[dict[s
     return rows
 
 
+def cluster_policy_rows(node: str, rep: dict[str, Any], only: str | None
+                        ) -> list[dict[str, Any]]:
+    """Cluster policies in evaluation order (tier, priority, then the tie-break by name
+    and kind the agent uses), one row per rule as realized on the node."""
+    rows = []
+    for pol in rep.get("cluster", []):
+        ref = f"{pol['kind']}/{pol['name']}"
+        if only and only not in (ref, pol["name"]):
+            continue
+        for r in pol["rules"]:
+            rows.append({"node": node, "order": pol["order"], "tier": pol["tier"],
+                         "priority": pol["priority"], "policy": ref,
+                         "rule": f"{r['direction']}[{r['index']}]"
+                         + (f" {r['name']}" if r["name"] else ""),
+                         "action": r["action"], "pods": r["subjects"], "flows": r["flows"],
+                         "of_priority": r["of_priority"] if r["of_priority"] is not None
+                         else "-", "packets": r.get("packets", "-"), "detail": r})
+    return rows
+
+
 def cmd_policy(a: argparse.Namespace) -> int:
     """Each rule as realized on each node, and the pods each policy isolates."""
     return show_policy(_agents(a), a.policy, a.json)
@@ -288,15 +308,23 @@ def cmd_policy(a: argparse.Namespace) -> int:
 
 def show_policy(agents: list[NodeAgent], policy: str | None = None,
                 as_json: bool = False) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
+    crows: list[dict[str, Any]] = []
     for n in agents:
-        rows += policy_rows(n.name, n.call("policy"), policy)
-    if policy and not rows:
+        rep = n.call("policy")
+        rows += policy_rows(n.name, rep, policy)
+        crows += cluster_policy_rows(n.name, rep, policy)
+    if policy and not rows and not crows:
         raise CLIError(f"policy {policy}: not realized on any node (no such policy, or it "
                        "selects no pod there)")
     if as_json:
-        print(json.dumps(rows, indent=1))
-    else:
+        print(json.dumps(rows + crows, indent=1))
+        return 0
+    if crows:
+        print("cluster policies (Admin tier, then NetworkPolicy, then Baseline tier):")
+        print_table(crows, ["node", "order", "tier", "priority", "policy", "rule", "action",
+                            "pods", "flows", "of_priority", "packets"])
+    if rows or not crows:
         print_table(rows, ["node", "policy", "rule", "pods", "peers", "ports", "flows",
                            "packets"])
         for r in rows:
@@ -640,7 +668,10 @@ def _install_cni(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `flowctl flows | head` ends quietly
+    if argv is None:
+        # the command itself (not a caller passing argv, such as a test or the lab, whose
+        # own sockets must keep raising BrokenPipeError): `flowctl flows | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         rc: int = a.func(a)
         return rc

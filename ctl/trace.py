@@ -115,6 +115,11 @@ def story(step: Step) -> str:
         return f"{step.table}: no rule for this packet, on to {acts[0].split(':')[1]}"
     if step.no_match:
         return f"{step.table}: no flow matched, dropped"
+    if step.owner.startswith("cluster-rule:"):
+        verb = "denied" if not acts or acts == ["drop"] else (
+            "passed to NetworkPolicy" if step.table == "AdminEgress" and "EgressRule" in acts[-1]
+            or step.table == "AdminIngress" and "IngressRule" in acts[-1] else "accepted")
+        return f"{step.table}: {verb} by {who}"
     if not acts or acts == ["drop"]:
         return f"{step.table}: dropped by {who}"
     if step.table == "SpoofGuard":
@@ -360,7 +365,8 @@ class Tracer:
         last = steps[-1] if steps else Step(v.name, "?", -1, story="no steps")
         if r.output_port is None or r.datapath_actions in ("", "drop"):
             pols = self._isolating(v, last)
-            detail = last.story + (f" (pod isolated by {', '.join(pols)})" if pols else "")
+            iso = pols if last.owner.startswith("isolation:") else []
+            detail = last.story + (f" (pod isolated by {', '.join(iso)})" if iso else "")
             nowhere = "" if pols else self._no_destination(dst_ip)
             if nowhere:
                 return steps, Verdict(False, v.name, last.table, f"{detail}: {nowhere}",
@@ -535,6 +541,8 @@ class Tracer:
         return f"{head},{rest},nw_ttl=63"
 
     def _isolating(self, v: NodeView, last: Step) -> list[str]:
+        if last.owner.startswith("cluster-rule:"):  # tier, priority, policy and rule
+            return [last.object or last.owner]
         if not last.owner.startswith("isolation:"):
             return []
         pod = last.owner.split(":", 1)[1]

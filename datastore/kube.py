@@ -58,8 +58,28 @@ from urllib3.exceptions import HTTPError
 
 LOG = logging.getLogger(__name__)
 
+# Custom resources of policy.networking.k8s.io: (kind, version, plural). Their CRDs
+# are optional: a cluster without them has none of these objects (see Informer).
+CLUSTER_POLICY_RESOURCES = (
+    ("AdminNetworkPolicy", "v1alpha1", "adminnetworkpolicies"),
+    ("BaselineAdminNetworkPolicy", "v1alpha1", "baselineadminnetworkpolicies"),
+    ("ClusterNetworkPolicy", "v1alpha2", "clusternetworkpolicies"),
+)
 KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice",
-         "TenantNetwork")
+         "TenantNetwork", *(k for k, _, _ in CLUSTER_POLICY_RESOURCES))
+
+
+def _custom_list(version: str, plural: str) -> Callable[[client.ApiClient], Any]:
+    """An API class whose `list` lists a cluster-scoped custom resource (and watches it,
+    with watch=True), taking the same keywords as the typed list functions."""
+    class CustomList:
+        def __init__(self, api: client.ApiClient) -> None:
+            self._api = client.CustomObjectsApi(api)
+
+        def list(self, **kw: Any) -> Any:
+            return self._api.list_cluster_custom_object(
+                "policy.networking.k8s.io", version, plural, **kw)
+    return CustomList
 
 # kind -> (API class, list function covering all namespaces)
 LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
@@ -70,14 +90,15 @@ LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
     "Service": (client.CoreV1Api, "list_service_for_all_namespaces"),
     "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
     "TenantNetwork": (client.CustomObjectsApi, "list_cluster_custom_object"),
+    **{k: (_custom_list(v, p), "list") for k, v, p in CLUSTER_POLICY_RESOURCES},
 }
 # Custom resources: the arguments their generic list function needs.
 LIST_ARGS: dict[str, dict[str, str]] = {
     "TenantNetwork": {"group": "flowcni.io", "version": "v1alpha1", "plural": "tenantnetworks"},
 }
-# Kinds whose CRD may not be installed: a 404 lists them as empty (and is retried
-# slowly), so a cluster without flowcni's CRDs still gets a working agent.
-OPTIONAL_KINDS = ("TenantNetwork",)
+# Kinds whose CRD may not be installed (flowcni's own, the upstream policy ones): a 404
+# lists them as empty (and is retried), so a cluster without them still gets a working agent.
+OPTIONAL_KINDS = frozenset({"TenantNetwork", *(k for k, _, _ in CLUSTER_POLICY_RESOURCES)})
 
 
 # -- the cache and its change log -------------------------------------------------------
@@ -300,7 +321,7 @@ class Informer:
                 delay = backoff.next() if gone_before else 0.0  # twice in a row: slow down
             except ApiException as e:
                 if e.status == 404 and self.kind in OPTIONAL_KINDS:
-                    delay = self._absent()
+                    delay = self._absent(backoff)
                 else:
                     delay = self._failed(e, backoff)
             except (HTTPError, OSError, ValueError, WatchError) as e:
@@ -312,15 +333,17 @@ class Informer:
             if delay:
                 self.stop.wait(delay)
 
-    def _absent(self, retry: float = 60.0) -> float:
-        """An optional kind whose CRD is not installed: none exist (listed, empty)."""
+    def _absent(self, backoff: Backoff) -> float:
+        """The resource is not served (its CRD is not installed): there are none of
+        these objects, which is a complete answer, so the kind counts as listed (an
+        agent must not wait for it); ask again later, for a CRD installed afterwards."""
         if not self.synced.is_set():
-            LOG.info("%s: not served by the API server (CRD not installed); none, "
-                     "looking again every %.0fs", self.kind, retry)
+            LOG.info("%s: not served by the API server (CRD not installed?): none", self.kind)
         self.cache.replace(self.kind, {})
         self.resource_version = None
+        self.last_error = "resource not served (404)"
         self.synced.set()
-        return retry
+        return max(backoff.next(), 1.0)
 
     def _failed(self, e: Exception, backoff: Backoff) -> float:
         self.stats["errors"] += 1

@@ -107,7 +107,9 @@ def node(raw: Any) -> Body:
         ipaddress.ip_address(ip)
     except ValueError as e:
         raise Malformed(f"{where}: {e}") from e
-    return {"name": key[1], "nodeIP": ip, "podCIDR": cidr}
+    # labels (when it has any): egress `nodes` peers of cluster policies select by them
+    labels = _labels(where, raw["metadata"])
+    return {"name": key[1], "nodeIP": ip, "podCIDR": cidr, **({"labels": labels} if labels else {})}
 
 
 def namespace(raw: Any) -> Body:
@@ -226,9 +228,27 @@ def tenant_network(raw: Any) -> Body:
         raise Malformed(str(e)) from e
 
 
+def cluster_policy(kind: str) -> Callable[[Any], Body]:
+    """{"name", "labels", "spec"} of a cluster-scoped policy.networking.k8s.io object
+    (AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy): the spec
+    verbatim, parsed and validated by flows.clusterpolicy, which logs and skips a bad one."""
+    def convert(raw: Any) -> Body:
+        key = object_key(kind, raw)
+        where = ref(kind, key)
+        if key[0]:
+            raise Malformed(f"{where}: has a namespace; {kind} is cluster-scoped")
+        return {"name": key[1], "labels": _labels(where, raw["metadata"]),
+                "spec": copy.deepcopy(_dict(where, raw, "spec"))}
+    return convert
+
+
+CLUSTER_POLICY_KINDS = ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy",
+                        "ClusterNetworkPolicy")
+
 CONVERTERS: dict[str, Callable[[Any], Body]] = {
     "Node": node, "Namespace": namespace, "Pod": pod, "NetworkPolicy": network_policy,
     "Service": service, "EndpointSlice": endpoint_slice, "TenantNetwork": tenant_network,
+    **{k: cluster_policy(k) for k in CLUSTER_POLICY_KINDS},
 }
 
 

@@ -12,12 +12,15 @@ from typing import Any
 
 import yaml
 from flowcni.datastore import tenantconv
+from flowcni.flows.clusterpolicy import API_VERSIONS as CLUSTER_POLICY_KINDS
+from flowcni.flows.clusterpolicy import parse_cluster_policy
 from flowcni.flows.policy import PolicyError, parse_policy
 from flowcni.flows.services import ServiceError, parse_service
 
 # kind -> apiVersion we accept
 SUPPORTED = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1", "Service": "v1",
-             tenantconv.KIND: tenantconv.API_VERSION}
+             tenantconv.KIND: tenantconv.API_VERSION,
+             **CLUSTER_POLICY_KINDS}
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_NAME_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -87,6 +90,16 @@ def to_object(doc: Any, index: int = 0,
             except tenantconv.TenantError as e:
                 raise ManifestError(f"{where}: {e}") from e
         return kind, "", name, {"name": name, "labels": labels, "spec": doc.get("spec")}
+    if kind in CLUSTER_POLICY_KINDS:  # cluster-scoped, both API versions
+        if meta.get("namespace"):
+            raise _fail(where, "metadata.namespace", f"{kind} is cluster-scoped")
+        if identity_only:
+            return kind, "", name, {}
+        try:
+            parse_cluster_policy(kind, name, doc.get("spec"))
+        except PolicyError as e:
+            raise ManifestError(f"{where}: {e}") from e
+        return kind, "", name, {"name": name, "labels": labels, "spec": doc["spec"]}
     ns = meta.get("namespace") or "default"
     if not isinstance(ns, str) or not NAME_RE.match(ns):
         raise _fail(where, "metadata.namespace", f"{ns!r} is not a DNS-1123 label")

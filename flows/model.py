@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import ipaddress
 import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -608,6 +609,25 @@ class Flow:
             raise ValueError(f"{template.table}: template does not match on {sorted(left)}")
         f = cls.with_match(template, actions, goto, owner=owner, pipeline=pipeline)
         return cls(f.table, f.priority, tuple(match), f.actions, f.goto, f.feature, f.owner)
+
+    @classmethod
+    def clauses(cls, items: Iterable[tuple[Flow, Sequence[Action]]], *, priority: int,
+                owner: str) -> list[Flow]:
+        """Conjunctive clause flows on already validated matches (templates from `make`),
+        all at one priority and owner.
+
+        The check `with_match` makes for such a flow (conjunction actions only, going
+        nowhere) made per item; a cluster policy rule has thousands of clause flows,
+        and looking the table up for each was half of building them.
+        """
+        if not 0 <= priority <= 0xFFFF:
+            raise ValueError(f"priority {priority} out of range")
+        out = []
+        for t, acts in items:
+            if not acts or not all(isinstance(a, Conjunction) for a in acts):
+                raise ValueError(f"{t.table}: a clause flow carries conjunction actions only")
+            out.append(cls(t.table, priority, t.match, tuple(acts), None, t.feature, owner))
+        return out
 
     # -- rendering ---------------------------------------------------------
 

@@ -20,7 +20,7 @@ from flowcni.flows.model import (
     OutputReg,
     SetField,
 )
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, INGRESS_POLICY, Pipeline
 
 NODE_OWNER = "node"
 GATEWAY_OWNER = "gateway"
@@ -107,7 +107,7 @@ def node_flows(gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[Flow]:
         Flow.make("SpoofGuard", PRIO_HIGH, {"in_port": gw.ofport, "eth_type": 0x0806},
                   goto="ARPResponder", **gwf),
         Flow.make("L2ForwardingCalc", PRIO_NORMAL, {"eth_dst": gw.mac},
-                  [Load(F.OUT_PORT, gw.ofport)], goto="IngressRule", **gwf),
+                  [Load(F.OUT_PORT, gw.ofport)], goto=INGRESS_POLICY, **gwf),
     ]
     # Traffic between a pod and its own node is always allowed (Kubernetes
     # NetworkPolicy semantics: kubelet probes). The node's stack talks to its

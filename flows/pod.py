@@ -12,7 +12,7 @@ from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.model import Flow, Load, SetField
 from flowcni.flows.node import PRIO_HIGH, PRIO_NORMAL, Gateway
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, INGRESS_POLICY, Pipeline
 
 
 @dataclass(frozen=True)
@@ -49,5 +49,5 @@ def pod_flows(pod: LocalPod, gw: Gateway, pipeline: Pipeline = DEFAULT) -> list[
                   [SetField("eth_src", gw.mac), SetField("eth_dst", pod.mac)],
                   goto="L3DecTTL", **kw),
         Flow.make("L2ForwardingCalc", PRIO_NORMAL, {"eth_dst": pod.mac},
-                  [Load(F.OUT_PORT, port)], goto="IngressRule", **kw),
+                  [Load(F.OUT_PORT, port)], goto=INGRESS_POLICY, **kw),
     ]

@@ -52,7 +52,7 @@ from flowcni.flows.nodeport import (
     parse_exposure,
 )
 from flowcni.flows.policy import PodInfo, pod_from_body
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, EGRESS_POLICY, Pipeline
 
 GATEWAY_CT_OWNER = "gateway-conntrack"
 
@@ -309,13 +309,13 @@ def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner:
     """
     sizes = split_sizes(len(ep))
     if len(sizes) == 1:
-        return [Group.dnat_select(gid, ep, ct_table="EgressRule", owner=owner,
+        return [Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY, owner=owner,
                                   table="ServiceLB", pipeline=pipeline)]
     if len(sub_gids) != len(sizes):
         raise ValueError(f"group {gid}: {len(sizes)} sub-groups needed, {len(sub_gids)} given")
     out, start = [], 0
     for sub, size in zip(sub_gids, sizes, strict=True):
-        out.append(Group.dnat_select(sub, ep[start:start + size], ct_table="EgressRule",
+        out.append(Group.dnat_select(sub, ep[start:start + size], ct_table=EGRESS_POLICY,
                                      owner=owner, table="ServiceLB", pipeline=pipeline))
         start += size
     out.append(Group.make(gid, [(GroupAction(sub),) for sub in sub_gids], owner=owner,
@@ -489,7 +489,7 @@ class ServiceProxy:
                 if ep != m:
                     gid = self._extra_gid(key, f"{i}/ext", keep)
                     if ep:
-                        groups.append(Group.dnat_select(gid, ep, ct_table="EgressRule",
+                        groups.append(Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY,
                                                         owner=svc.owner, table="ServiceLB",
                                                         pipeline=self.pipeline))
                 targets.append((gid, bool(ep)))

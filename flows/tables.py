@@ -45,6 +45,12 @@ def _t(name: str, doc: str, fields: Iterable[str], next_: Iterable[str] = (),
 
 PORTS = ["tcp_dst", "udp_dst", "sctp_dst"]
 
+# Where policy evaluation starts for a new connection, per direction: the
+# Admin tier of cluster policies (flows/clusterpolicy.py), which passes to
+# NetworkPolicy (EgressRule / IngressRule), which falls to the Baseline tier.
+EGRESS_POLICY = "AdminEgress"
+INGRESS_POLICY = "AdminIngress"
+
 PIPELINE: tuple[Table, ...] = (
     _t("Classifier", "in_port -> source mark (pod, gateway, tunnel)",
        ["in_port"], ["SpoofGuard", "ConntrackZone"]),
@@ -60,20 +66,27 @@ PIPELINE: tuple[Table, ...] = (
     _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
        ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
     _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
-       "buckets DNAT to one endpoint (committed) and continue in EgressRule",
-       ["ipv4_dst", *PORTS], ["SessionAffinity", "AffinityDNAT", "EgressRule"],
-       miss="EgressRule"),
+       "buckets DNAT to one endpoint (committed) and continue in AdminEgress",
+       ["ipv4_dst", *PORTS], ["SessionAffinity", "AffinityDNAT", EGRESS_POLICY],
+       miss=EGRESS_POLICY),
     _t("SessionAffinity", "sessionAffinity ClientIP: flows learned per client, Service "
        "address and port, loading the endpoint it was given (resubmitted to from ServiceLB)",
        [], []),
     _t("AffinityDNAT", "sessionAffinity ClientIP: a client's learned endpoint, DNATed to; a "
        "new client goes to the select group, whose bucket learns its choice",
-       ["ipv4_dst", "reg6", "reg7", *PORTS], ["EgressRule"]),
+       ["ipv4_dst", "reg6", "reg7", *PORTS], [EGRESS_POLICY]),
+    _t("AdminEgress", "cluster policies of the Admin tier, egress of local pods, by priority "
+       "(Accept: past every tier; Deny: drop; Pass: on to NetworkPolicy)",
+       ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressRule", "L3Forwarding"],
+       miss="EgressRule"),
     _t("EgressRule", "NetworkPolicy egress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", *PORTS], ["EgressDefault", "L3Forwarding"],
        miss="EgressDefault"),
     _t("EgressDefault", "egress-isolated pods: what no rule allowed is dropped",
-       ["ipv4_src"], ["L3Forwarding"], miss="L3Forwarding"),
+       ["ipv4_src"], ["L3Forwarding"], miss="BaselineEgress"),
+    _t("BaselineEgress", "cluster policies of the Baseline tier, egress of local pods no "
+       "NetworkPolicy isolates", ["ipv4_src", "ipv4_dst", "conj_id", *PORTS],
+       ["L3Forwarding"], miss="L3Forwarding"),
     _t("L3Forwarding", "replies of connections that entered from the gateway: back to the "
        "gateway; local pod IP: rewrite MACs; remote pod CIDR: tunnel to its node; "
        "everything else: switch on dst MAC",
@@ -83,12 +96,19 @@ PIPELINE: tuple[Table, ...] = (
        ["reg0"], ["L2ForwardingCalc"], miss="L2ForwardingCalc"),
     _t("L2ForwardingCalc", "dst MAC -> output port register (virtual router MAC: "
        "already chosen by L3Forwarding)",
-       ["eth_dst"], ["IngressRule"]),
+       ["eth_dst"], [INGRESS_POLICY]),
+    _t("AdminIngress", "cluster policies of the Admin tier, ingress of local pods, by priority "
+       "(established connections skip it)",
+       ["ipv4_src", "ipv4_dst", "conj_id", "ct_state", *PORTS], ["IngressRule", "ConntrackCommit"],
+       miss="IngressRule"),
     _t("IngressRule", "NetworkPolicy ingress rules of local pods (conjunctive matches)",
        ["ipv4_src", "ipv4_dst", "conj_id", "ct_state", "reg0", *PORTS],
        ["IngressDefault", "ConntrackCommit"], miss="IngressDefault"),
     _t("IngressDefault", "ingress-isolated pods: what no rule allowed is dropped",
-       ["ipv4_dst"], ["ConntrackCommit"], miss="ConntrackCommit"),
+       ["ipv4_dst"], ["ConntrackCommit"], miss="BaselineIngress"),
+    _t("BaselineIngress", "cluster policies of the Baseline tier, ingress of local pods no "
+       "NetworkPolicy isolates", ["ipv4_src", "ipv4_dst", "conj_id", *PORTS],
+       ["ConntrackCommit"], miss="ConntrackCommit"),
     _t("ConntrackCommit", "commit new connections that got this far (marking those that "
        "entered from the gateway)",
        ["ct_state", "reg0"], ["Output"], miss="Output"),
@@ -104,7 +124,8 @@ PIPELINE: tuple[Table, ...] = (
 TENANT_MATCHES: dict[str, tuple[str, ...]] = {
     "Classifier": ("reg4", "tunnel_id"), "ARPResponder": ("reg4",),
     "ConntrackZone": ("reg4", "reg0", "ipv4_dst"),
-    "ConntrackState": ("reg4",), "ServiceLB": ("reg4",), "EgressRule": ("reg4",),
+    "ConntrackState": ("reg4",), "ServiceLB": ("reg4",), "AdminEgress": ("reg4",),
+    "EgressRule": ("reg4",), "AdminIngress": ("reg4",),
     "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
     "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
 }

@@ -31,7 +31,7 @@ from flowcni.flows.cookie import Feature
 from flowcni.flows.model import CT, Flow, Load, Move, SetField
 from flowcni.flows.node import Gateway, _arp_reply
 from flowcni.flows.pod import LocalPod
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, EGRESS_POLICY, INGRESS_POLICY, Pipeline
 
 TENANT_BASE_OWNER = "tenants"
 # Above every default-network flow of the tables they share (max 210 there).
@@ -41,6 +41,11 @@ PRIO_CONNECT = 228       # connectTo: a connected tenant's pods and slices (own 
 # (flows/tenantpolicy.py); below them, above every default-network flow, a tenant
 # packet that met none of its rules goes on.
 PRIO_FALLTHROUGH = 1000
+# The cluster policy tiers (flows/clusterpolicy.py) select pods by address, which
+# tenants may share with the default network: tenant packets skip the Admin tier
+# above every cluster rule (and never reach the Baseline tier: the Default tables'
+# fall-through flows go past it).
+PRIO_TIER_SKIP = 65100
 PRIO_EGRESS_NOT = 226    # masquerading tenant: never out to the cluster or its own subnets
 PRIO_EGRESS_NEW = 222    # masquerading tenant: new connections out, SNAT in its zone
 PRIO_EGRESS_EST = 221    # ... and their later packets (NATed by ConntrackZone's ct(nat))
@@ -97,7 +102,11 @@ def base_flows(tun_ofport: int | None, pipeline: Pipeline = DEFAULT) -> list[Flo
         # and meet only their own tenant's NetworkPolicy flows (flows/tenantpolicy.py,
         # above these): what none of those took goes on as the table's miss would.
         Flow.make("ServiceLB", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
+                  goto=EGRESS_POLICY, **kw),
+        Flow.make(EGRESS_POLICY, PRIO_TIER_SKIP, {**ip, **_in_tenant()},
                   goto="EgressRule", **kw),
+        Flow.make(INGRESS_POLICY, PRIO_TIER_SKIP, {**ip, **_in_tenant()},
+                  goto="IngressRule", **kw),
         Flow.make("EgressRule", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
                   goto="EgressDefault", **kw),
         Flow.make("EgressDefault", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
@@ -240,6 +249,6 @@ def tenant_pod_flows(pod: LocalPod, t: TenantNet, pipeline: Pipeline = DEFAULT) 
                   [SetField("eth_src", t.router_mac), SetField("eth_dst", pod.mac)],
                   goto="L3DecTTL", **kw),
         Flow.make("L2ForwardingCalc", 100, {"eth_dst": pod.mac},
-                  [Load(F.OUT_PORT, port)], goto="IngressRule", **kw),
+                  [Load(F.OUT_PORT, port)], goto=INGRESS_POLICY, **kw),
     ]
 

@@ -18,7 +18,7 @@ from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.model import Flow, Load, SetField
 from flowcni.flows.node import Gateway
-from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tables import DEFAULT, INGRESS_POLICY, Pipeline
 
 TUNNEL_PORT = "flowcni-tun0"
 TUNNEL_OWNER = "tunnel"
@@ -69,7 +69,7 @@ def tunnel_flows(tun_ofport: int, gw: Gateway, pipeline: Pipeline = DEFAULT) -> 
         # Only L3Forwarding's remote flows send to the virtual MAC with the port chosen.
         Flow.make("L3Forwarding", PRIO_VMAC_DROP, {"eth_dst": F.VIRTUAL_ROUTER_MAC}, **kw),
         Flow.make("L2ForwardingCalc", 200, {"eth_dst": F.VIRTUAL_ROUTER_MAC},
-                  goto="IngressRule", **kw),
+                  goto=INGRESS_POLICY, **kw),
     ]
 
 

@@ -29,6 +29,16 @@ echo "== building $IMAGE"
 docker build -t "$IMAGE" -f "$here/Dockerfile" "$repo"
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
+# The upstream cluster policy CRDs (policy.networking.k8s.io: AdminNetworkPolicy and
+# BaselineAdminNetworkPolicy v1alpha1, ClusterNetworkPolicy v1alpha2), referenced, not
+# copied: set NETPOL_API_CRDS to your release's install manifest(s), or to "" to skip
+# (the agent treats CRDs that are not installed as "no such policies").
+NETPOL_API_CRDS=${NETPOL_API_CRDS-https://raw.githubusercontent.com/kubernetes-sigs/network-policy-api/main/config/crd/standard/policy.networking.k8s.io_adminnetworkpolicies.yaml https://raw.githubusercontent.com/kubernetes-sigs/network-policy-api/main/config/crd/standard/policy.networking.k8s.io_baselineadminnetworkpolicies.yaml https://raw.githubusercontent.com/kubernetes-sigs/network-policy-api/main/config/crd/standard/policy.networking.k8s.io_clusternetworkpolicies.yaml}
+for crd in $NETPOL_API_CRDS; do
+    echo "== cluster policy CRD $crd"
+    kc apply -f "$crd"
+done
+
 echo "== deploying flowcni"
 existed=$(kc -n flowcni-system get daemonset flowcni-agent -o name 2>/dev/null || true)
 kc apply -f "$here/tenantnetwork-crd.yaml"  # optional: agents run without it

@@ -79,6 +79,12 @@ RESOURCES = {r.plural: r for r in (
     Resource("services", "Service", "v1", True),
     Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
     Resource("tenantnetworks", "TenantNetwork", "flowcni.io/v1alpha1", False),
+    Resource("adminnetworkpolicies", "AdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1",
+             False),
+    Resource("baselineadminnetworkpolicies", "BaselineAdminNetworkPolicy",
+             "policy.networking.k8s.io/v1alpha1", False),
+    Resource("clusternetworkpolicies", "ClusterNetworkPolicy",
+             "policy.networking.k8s.io/v1alpha2", False),
 )}
 BY_KIND = {r.kind: r for r in RESOURCES.values()}
 

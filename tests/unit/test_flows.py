@@ -71,7 +71,7 @@ def test_pod_flows_golden() -> None:
         "actions=set_field:02:00:00:00:00:01->eth_src,set_field:0a:58:0a:f4:01:05->eth_dst,"
         "goto_table:L3DecTTL",
         "table=L2ForwardingCalc,priority=100,dl_dst=0a:58:0a:f4:01:05,"
-        "actions=load:0x3->NXM_NX_REG1[0..31],goto_table:IngressRule",
+        "actions=load:0x3->NXM_NX_REG1[0..31],goto_table:AdminIngress",
     ]
 
 
@@ -123,10 +123,10 @@ def test_diff_adds_changed_and_deletes_gone() -> None:
 
 def test_index_rejects_conflicting_owners() -> None:
     f1 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
-                   [SetField("eth_dst", "0a:00:00:00:00:02")], goto="IngressRule",
+                   [SetField("eth_dst", "0a:00:00:00:00:02")], goto="AdminIngress",
                    feature=ck.Feature.POD, owner="pod:a")
     f2 = Flow.make("L2ForwardingCalc", 100, {"eth_dst": "0a:00:00:00:00:01"},
-                   goto="IngressRule", feature=ck.Feature.POD, owner="pod:b")
+                   goto="AdminIngress", feature=ck.Feature.POD, owner="pod:b")
     with pytest.raises(ValueError, match="two flows claim"):
         index([f1, f2])
 
@@ -221,7 +221,7 @@ def test_group_with_nat_serialises_to_whole_words() -> None:
     class DP:
         ofproto, ofproto_parser = ofp, parser
 
-    g = Group.make(5, [[CT(commit=True, table="EgressRule", nat="10.244.1.3:80")]] * 3,
+    g = Group.make(5, [[CT(commit=True, table="AdminEgress", nat="10.244.1.3:80")]] * 3,
                    owner="service:d/s", table="ServiceLB")
     m = parser.OFPGroupMod(DP(), command=0x8000, type_=ofp.OFPGT_SELECT, group_id=5,
                            buckets=g.osken_buckets(parser, ofp, DEFAULT))

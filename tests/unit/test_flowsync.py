@@ -80,7 +80,7 @@ def test_dead_switch_defers_and_stop_ends_the_wait() -> None:
 
 
 def group(gid: int, n: int, owner: str = "service:d/s") -> Group:
-    return Group.make(gid, [[CT(commit=True, table="EgressRule", nat=f"10.244.1.{i + 2}:80")]
+    return Group.make(gid, [[CT(commit=True, table="AdminEgress", nat=f"10.244.1.{i + 2}:80")]
                             for i in range(n)], owner=owner, table="ServiceLB")
 
 

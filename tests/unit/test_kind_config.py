@@ -31,7 +31,12 @@ RBAC_NAMES = {"Node": ("", "nodes"), "Namespace": ("", "namespaces"), "Pod": (""
               "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
               "Service": ("", "services"),
               "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
-              "TenantNetwork": ("flowcni.io", "tenantnetworks")}
+              "TenantNetwork": ("flowcni.io", "tenantnetworks"),
+
+              "AdminNetworkPolicy": ("policy.networking.k8s.io", "adminnetworkpolicies"),
+              "BaselineAdminNetworkPolicy": ("policy.networking.k8s.io",
+                                             "baselineadminnetworkpolicies"),
+              "ClusterNetworkPolicy": ("policy.networking.k8s.io", "clusternetworkpolicies")}
 K8S_VERSIONS = ["1.29", "latest"]  # the oldest we claim, and the newest bundled schemas
 
 

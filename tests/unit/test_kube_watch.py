@@ -708,3 +708,41 @@ def test_invalid_tenant_network_reaches_the_agent(server: FakeAPIServer,
     from flowcni.datastore.tenantconv import resolve
     t = resolve(bodies, [], [], "10.244.0.0/16").tenants["bad"]
     assert not t.ok and t.conditions[0].message.startswith("spec.namespaceSelector")
+ANP_SPEC = {"priority": 10, "subject": {"namespaces": {}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+
+
+def test_cluster_policies_are_listed_and_watched(server: FakeAPIServer,
+                                                 open_ds: Callable[..., KubeDatastore]) -> None:
+    """The upstream CRDs (both versions) flow through like built-in kinds; one that is
+    not a valid object is skipped and logged, the others still arrive."""
+    server.put("adminnetworkpolicies", {"metadata": {"name": "a"}, "spec": ANP_SPEC})
+    kinds = ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy")
+    ds = open_ds(kinds=kinds)
+    assert ds.wait_synced(timeout=10)
+    assert [o["name"] for o in ds.objects("AdminNetworkPolicy")] == ["a"]
+    assert ds.objects("AdminNetworkPolicy")[0]["spec"] == ANP_SPEC
+    col = Collector(ds, ds.revision())
+    server.put("clusternetworkpolicies", {"metadata": {"name": "c"}, "spec": {
+        **ANP_SPEC, "tier": "Baseline"}})
+    server.put("baselineadminnetworkpolicies", {"metadata": {"name": "default"}})  # no spec
+    eventually(lambda: col.of("ClusterNetworkPolicy"), what="the v1alpha2 object")
+    body = col.of("ClusterNetworkPolicy")[0][2]
+    assert body is not None and body["spec"]["tier"] == "Baseline"
+    server.delete("adminnetworkpolicies", "a")
+    eventually(lambda: ("delete", "a", None) in col.of("AdminNetworkPolicy"), what="delete")
+    assert not ds.objects("BaselineAdminNetworkPolicy")
+    col.stop.set()
+
+
+def test_cluster_policy_crds_not_installed_mean_none(
+        server: FakeAPIServer, open_ds: Callable[..., KubeDatastore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the CRDs (404) the kinds count as listed and empty: the agent starts."""
+    from tests.support import fakeapi
+    monkeypatch.delitem(fakeapi.RESOURCES, "clusternetworkpolicies")
+    server.put("namespaces", namespace_obj("web"))
+    ds = open_ds(kinds=("Namespace", "ClusterNetworkPolicy"))
+    assert ds.wait_synced(timeout=10)
+    assert ds.objects("ClusterNetworkPolicy", timeout=1) == []
+    assert [o["name"] for o in ds.objects("Namespace")] == ["web"]

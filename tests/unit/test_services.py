@@ -18,7 +18,7 @@ from flowcni.flows.services import (
     parse_service,
     slice_endpoints,
 )
-from flowcni.flows.tables import DEFAULT
+from flowcni.flows.tables import DEFAULT, EGRESS_POLICY
 
 SPEC = {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
         "ports": [{"name": "http", "port": 80, "targetPort": "http"},
@@ -97,7 +97,7 @@ def test_one_group_per_port_with_a_bucket_per_endpoint() -> None:
     gs = groups["service:d/web"]
     assert len(gs) == 2 and len(flows["service:d/web"]) == 2
     http = next(g for g in gs if len(g.buckets) == 2 and "8080" in g.ofctl())
-    egress = DEFAULT.id("EgressRule")
+    egress = DEFAULT.id(EGRESS_POLICY)
     assert http.ofctl().endswith(
         f"bucket=actions=ct(commit,table={egress},zone=65520,nat(dst=10.244.1.2:8080))"
         f",bucket=actions=ct(commit,table={egress},zone=65520,nat(dst=10.244.2.2:80))")
