@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flowcni.controller.ofapp import OFError, Switch
+from flowcni.controller.ofwire import Encoder
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import Key, diff, index
 from flowcni.flows.model import Flow, Group
@@ -93,6 +94,9 @@ class FlowSync:
 
     def __init__(self, pipeline: Pipeline, new_round: Callable[[], int]) -> None:
         self.pipeline = pipeline
+        # FlowMods are encoded straight to bytes (os-ken's objects were most of
+        # a 100k-flow full sync's time); groups and deletes by cookie stay os-ken.
+        self._enc = Encoder(pipeline)
         self._new_round = new_round
         self._lock = threading.RLock()  # one writer at a time
         # owner -> its flows. A tuple, not a dict per owner: most owners (each
@@ -231,9 +235,10 @@ class FlowSync:
         # Groups before the flows that use them; flows gone before their groups.
         # Generators, as in full_sync: a datastore list applied as one change
         # (100k flows) must not hold 100k os-ken FlowMods at once.
+        enc, rnd = self._enc, self.round
         msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in gputs),
-                               (flow_delete(sw, f, self.pipeline) for f in dels),
-                               (flow_add(sw, f, self.round, self.pipeline) for f in adds),
+                               (enc.flow_delete(f) for f in dels),
+                               (enc.flow_add(f, rnd) for f in adds),
                                (group_delete(sw, i) for i in gdels))
         self._bundle(sw, msgs)
         for f in dels:
@@ -263,11 +268,11 @@ class FlowSync:
             flows = self.desired_flows()
             groups = {g.group_id: g for g in self.desired_groups()}
             present = {d.group_id for d in sw.group_desc()}
-            # A generator: each FlowMod is built, serialized and dropped in turn.
+            # A generator: each FlowMod is encoded, sent and dropped in turn.
             # Groups nobody wants any more (a Service deleted while the agent was
             # away) go last, after the old rounds' flows that may still point at them.
             msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in groups.values()),
-                                   (flow_add(sw, f, rnd, self.pipeline) for f in flows),
+                                   (self._enc.flow_add(f, rnd) for f in flows),
                                    other_rounds_deletes(sw, rnd),
                                    (group_delete(sw, i) for i in sorted(present - set(groups))))
             self._bundle(sw, msgs)
@@ -381,7 +386,7 @@ class FlowSync:
             msgs = [p.OFPFlowMod(sw.dp, table_id=s.table_id, command=o.OFPFC_DELETE_STRICT,
                                  priority=s.priority, out_port=o.OFPP_ANY,
                                  out_group=o.OFPG_ANY, match=s.match) for s in unexpected]
-            msgs += [flow_add(sw, f, self.round, self.pipeline) for f in missing]
+            msgs += [self._enc.flow_add(f, self.round) for f in missing]
             # Re-checked like flows: only groups still desired as they were found.
             gmissing = [g for g in gmissing if self._installed_groups.get(g.group_id) == g]
             wanted = {g.group_id for g in self.desired_groups()}
