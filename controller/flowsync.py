@@ -27,7 +27,7 @@ from flowcni.controller.ofapp import OFError, Switch
 from flowcni.controller.ofwire import Encoder
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import Key, diff, index
-from flowcni.flows.model import Flow, Group
+from flowcni.flows.model import Flow, Group, Match
 from flowcni.flows.tables import Pipeline
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ def other_rounds_deletes(sw: Switch, round_: int) -> list[Any]:
     return out
 
 
+def _flows(held: Flow | tuple[Flow, ...]) -> tuple[Flow, ...]:
+    """An owner's flows as held in FlowSync._desired (a lone flow is held bare)."""
+    return held if isinstance(held, tuple) else (held,)
+
+
 class FlowSync:
     """The desired flow set and the one writer that applies it."""
 
@@ -99,12 +104,17 @@ class FlowSync:
         self._enc = Encoder(pipeline)
         self._new_round = new_round
         self._lock = threading.RLock()  # one writer at a time
-        # owner -> its flows. A tuple, not a dict per owner: most owners (each
-        # shared policy match) have one flow, and 100k one-entry dicts cost 20 MB.
-        self._desired: dict[str, tuple[Flow, ...]] = {}
+        # The one canonical map: owner -> its flows. Most owners (each shared
+        # policy match) have one flow, held as the Flow itself; a 1-tuple each
+        # cost 8 MB at 100k flows, a dict each 20 MB. Once synced, OVS holds
+        # exactly this set (a change is in OVS before set_owners returns, or
+        # `pending`), so there is no second "installed" copy (it was 11 MB).
+        self._desired: dict[str, Flow | tuple[Flow, ...]] = {}
         self._count = 0  # flows in _desired, kept in step (status asks it often)
-        self._owner_index: dict[Key, str] = {}
-        self._installed: dict[Key, Flow] = {}
+        # (table, priority) -> match -> owner: who holds each OpenFlow identity.
+        # Split so the keys are the flows' own match tuples, not a new
+        # (table, priority, match) tuple per flow (6 MB at 100k flows).
+        self._owner_index: dict[tuple[str, int], dict[Match, str]] = {}
         self._groups: dict[str, dict[int, Group]] = {}  # owner -> group id -> group
         self._installed_groups: dict[int, Group] = {}
         self.switch: Switch | None = None
@@ -118,7 +128,7 @@ class FlowSync:
 
     def desired_flows(self) -> list[Flow]:
         with self._lock:
-            return [f for fl in self._desired.values() for f in fl]
+            return [f for fl in self._desired.values() for f in _flows(fl)]
 
     def flow_count(self) -> int:
         """How many flows are desired: a counter, since status polls it (summing over
@@ -128,7 +138,7 @@ class FlowSync:
     def flows_of(self, owners: Iterable[str]) -> list[Flow]:
         """The desired flows of these owners now (what a change is about to replace)."""
         with self._lock:
-            return [f for o in owners for f in self._desired.get(o, ())]
+            return [f for o in owners for f in _flows(self._desired.get(o, ()))]
 
     def desired_groups(self) -> list[Group]:
         with self._lock:
@@ -136,7 +146,7 @@ class FlowSync:
 
     def owners(self) -> dict[str, int]:
         with self._lock:
-            return {o: len(f) for o, f in self._desired.items()}
+            return {o: len(_flows(f)) for o, f in self._desired.items()}
 
     def set_owner(self, owner: str, flows: Iterable[Flow]) -> None:
         """Make OVS hold exactly `flows` for `owner`; raises OFError if OVS refused."""
@@ -155,8 +165,8 @@ class FlowSync:
         gnews = {o: {g.group_id: g for g in gl} for o, gl in (groups or {}).items()}
         with self._lock:
             for o, new in news.items():
-                for k, f in new.items():
-                    holder = self._owner_index.get(k)
+                for f in new.values():
+                    holder = self._holder(f)
                     if holder not in (None, o) and holder not in news:
                         raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {o} "
                                          f"already belongs to {holder}")
@@ -165,7 +175,7 @@ class FlowSync:
                     gholder = next((h for h, gs in self._groups.items() if gid in gs), None)
                     if gholder not in (None, o) and gholder not in gnews:
                         raise ValueError(f"group {gid} of {o} already belongs to {gholder}")
-            olds = {o: index(self._desired.get(o, ())) for o in news}
+            olds = {o: index(_flows(self._desired.get(o, ()))) for o in news}
             golds = {o: self._groups.get(o, {}) for o in gnews}
             self._replace(news)
             self._replace_groups(gnews)
@@ -205,18 +215,33 @@ class FlowSync:
                 self._installed_cv.wait(0.2)
             return not self._pending
 
+    def _holder(self, f: Flow) -> str | None:
+        """The owner whose desired set has a flow of `f`'s OpenFlow identity."""
+        by_match = self._owner_index.get((f.table, f.priority))
+        return None if by_match is None else by_match.get(f.match)
+
+    def _is_desired(self, f: Flow) -> bool:
+        holder = self._holder(f)
+        return holder is not None and f in _flows(self._desired.get(holder, ()))
+
     def _replace(self, sets: dict[str, dict[Key, Flow]]) -> None:
         """Swap owners' desired sets, keeping the flow -> owner index in step."""
+        idx = self._owner_index
         for o, new in sets.items():
-            old = self._desired.pop(o, ())
+            old = _flows(self._desired.pop(o, ()))
             self._count -= len(old)
             for f in old:
-                self._owner_index.pop(f.key, None)
+                by_match = idx.get((f.table, f.priority))
+                if by_match is not None and by_match.get(f.match) == o:
+                    del by_match[f.match]
+                    if not by_match:
+                        del idx[(f.table, f.priority)]
             if new:
-                self._desired[o] = tuple(new.values())
-                self._count += len(new)
-                for k in new:
-                    self._owner_index[k] = o
+                fl = tuple(new.values())
+                self._desired[o] = fl[0] if len(fl) == 1 else fl
+                self._count += len(fl)
+                for f in fl:
+                    idx.setdefault((f.table, f.priority), {})[f.match] = o
 
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
@@ -241,10 +266,6 @@ class FlowSync:
                                (enc.flow_add(f, rnd) for f in adds),
                                (group_delete(sw, i) for i in gdels))
         self._bundle(sw, msgs)
-        for f in dels:
-            self._installed.pop(f.key, None)
-        for f in adds:
-            self._installed[f.key] = f
         for i in gdels:
             self._installed_groups.pop(i, None)
         for g in gputs:
@@ -277,7 +298,6 @@ class FlowSync:
                                    (group_delete(sw, i) for i in sorted(present - set(groups))))
             self._bundle(sw, msgs)
             self.round = rnd
-            self._installed = {f.key: f for f in flows}
             self._installed_groups = groups
             self.stats["full_syncs"] += 1
             self.stats["last_full_sync_s"] = time.perf_counter() - t0
@@ -374,7 +394,7 @@ class FlowSync:
             if sw is None:
                 return 0, 0
             p, o = sw.parser, sw.ofp
-            missing = [f for f in missing if self._installed.get(f.key) == f]
+            missing = [f for f in missing if self._is_desired(f)]
             # Flows of another round (or cookie 0: added by hand) are never wanted;
             # one of this round is unwanted only if it is still not desired now.
             ours = [s for s in unexpected if ck.round_of(s.cookie) == self.round]
