@@ -333,15 +333,15 @@ class FlowSync:
             # did, and each change then cost a 50k-flow dump). What counts
             # cannot see: a desired flow deleted by hand and another added
             # with this round's cookie in the same table.
-            suspect = []
-            counted = 0
-            for tid in sorted(set(self.pipeline.ids.values())):
-                have_n = sw.flow_count(tid)
-                counted += have_n
-                want_n = len(by_table.get(tid, ()))
-                if not have_n == want_n == sw.flow_count(tid, cookie, mask):
-                    suspect.append(tid)
-            undeclared = counted != sw.flow_count(sw.ofp.OFPTT_ALL)
+            # All counts in one round trip (Switch.flow_counts): the lock is held
+            # for one exchange, not one per count.
+            tids = sorted(set(self.pipeline.ids.values()))
+            counts = sw.flow_counts([q for tid in tids for q in ((tid, 0, 0),
+                                                                 (tid, cookie, mask))]
+                                    + [(sw.ofp.OFPTT_ALL, 0, 0)])
+            suspect = [tid for i, tid in enumerate(tids)
+                       if not counts[2 * i] == len(by_table.get(tid, ())) == counts[2 * i + 1]]
+            undeclared = sum(counts[0:-1:2]) != counts[-1]
         if undeclared:  # flows in tables the pipeline does not declare
             return self._compare(sw, flows, sw.flow_stats(), rnd)
         missing: list[Flow] = []

@@ -29,6 +29,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -230,6 +231,42 @@ class Switch:
                                               cookie, cookie_mask, parser.OFPMatch())
         replies = self.request(req, timeout, multipart=True)
         return int(replies[0].body.flow_count)
+
+    def flow_counts(self, queries: list[tuple[int, int, int]],
+                    timeout: float = 10.0) -> list[int]:
+        """`flow_count` of each (table_id, cookie, cookie_mask), in one round trip.
+
+        Every request goes out before any reply is awaited. The drift check
+        counts each table twice under the flow writer's lock, and asking one
+        at a time held that lock for some 50 round trips through the event
+        thread, which a change arriving meanwhile waited out.
+        """
+        ofp, parser = self.ofp, self.parser
+        pend: list[tuple[int, _Pending]] = []
+        try:
+            for table_id, cookie, cookie_mask in queries:
+                req = parser.OFPAggregateStatsRequest(self.dp, 0, table_id, ofp.OFPP_ANY,
+                                                      ofp.OFPG_ANY, cookie, cookie_mask,
+                                                      parser.OFPMatch())
+                req.set_xid(self._xid())
+                p = _Pending(multipart=True)
+                with self._lock:
+                    self._pending[req.xid] = p
+                pend.append((req.xid, p))
+                self.send(req)
+            deadline = time.monotonic() + timeout
+            out = []
+            for _, p in pend:
+                if not p.event.wait(max(0.0, deadline - time.monotonic())):
+                    raise OFError(f"no reply to {len(pend)} aggregate requests within {timeout}s")
+                if p.error is not None:
+                    raise OFError(describe_error(p.error))
+                out.append(int(p.replies[0].body.flow_count))
+            return out
+        finally:
+            with self._lock:
+                for xid, _ in pend:
+                    self._pending.pop(xid, None)
 
     def flow_stats(self, table_id: int | None = None, timeout: float = 30.0) -> list[Any]:
         ofp, parser = self.ofp, self.parser
