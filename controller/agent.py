@@ -71,6 +71,7 @@ LOG = logging.getLogger("flowcni.agent")
 # Namespaced kinds whose objects in a tenant's namespace belong to that tenant, not to
 # the default network's policy engine and Service proxy.
 TENANT_SCOPED = ("Pod", "NetworkPolicy", "Service", "EndpointSlice")
+_TRIM_AFTER = 200  # changes in one batch after which freed heap goes back to the OS
 GATEWAY_IF = "flowcni-gw0"
 
 
@@ -322,6 +323,7 @@ class Agent:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
             self._sync_host_proxy()
+        self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
                          name="store-watch", daemon=True).start()
@@ -418,6 +420,8 @@ class Agent:
                                            *tenant_policy], new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
         self.applied_revision = batch[-1].rev
+        if len(batch) >= _TRIM_AFTER:
+            self.heap.trim_now()
 
     def guard_datapath(self, trigger: str, changed: list[Flow] | None,
                        new_only: bool = False) -> CheckResult | None:

@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flowcni.controller.ofapp import OFError, Switch
+from flowcni.controller.ofwire import Encoder
 from flowcni.flows import cookie as ck
 from flowcni.flows.diff import Key, diff, index
-from flowcni.flows.model import Flow, Group
+from flowcni.flows.model import Flow, Group, Match
 from flowcni.flows.tables import LEARNED, Pipeline
 
 LOG = logging.getLogger(__name__)
@@ -88,19 +89,32 @@ def other_rounds_deletes(sw: Switch, round_: int) -> list[Any]:
     return out
 
 
+def _flows(held: Flow | tuple[Flow, ...]) -> tuple[Flow, ...]:
+    """An owner's flows as held in FlowSync._desired (a lone flow is held bare)."""
+    return held if isinstance(held, tuple) else (held,)
+
+
 class FlowSync:
     """The desired flow set and the one writer that applies it."""
 
     def __init__(self, pipeline: Pipeline, new_round: Callable[[], int]) -> None:
         self.pipeline = pipeline
+        # FlowMods are encoded straight to bytes (os-ken's objects were most of
+        # a 100k-flow full sync's time); groups and deletes by cookie stay os-ken.
+        self._enc = Encoder(pipeline)
         self._new_round = new_round
         self._lock = threading.RLock()  # one writer at a time
-        # owner -> its flows. A tuple, not a dict per owner: most owners (each
-        # shared policy match) have one flow, and 100k one-entry dicts cost 20 MB.
-        self._desired: dict[str, tuple[Flow, ...]] = {}
+        # The one canonical map: owner -> its flows. Most owners (each shared
+        # policy match) have one flow, held as the Flow itself; a 1-tuple each
+        # cost 8 MB at 100k flows, a dict each 20 MB. Once synced, OVS holds
+        # exactly this set (a change is in OVS before set_owners returns, or
+        # `pending`), so there is no second "installed" copy (it was 11 MB).
+        self._desired: dict[str, Flow | tuple[Flow, ...]] = {}
         self._count = 0  # flows in _desired, kept in step (status asks it often)
-        self._owner_index: dict[Key, str] = {}
-        self._installed: dict[Key, Flow] = {}
+        # (table, priority) -> match -> owner: who holds each OpenFlow identity.
+        # Split so the keys are the flows' own match tuples, not a new
+        # (table, priority, match) tuple per flow (6 MB at 100k flows).
+        self._owner_index: dict[tuple[str, int], dict[Match, str]] = {}
         self._groups: dict[str, dict[int, Group]] = {}  # owner -> group id -> group
         self._installed_groups: dict[int, Group] = {}
         self.switch: Switch | None = None
@@ -114,7 +128,7 @@ class FlowSync:
 
     def desired_flows(self) -> list[Flow]:
         with self._lock:
-            return [f for fl in self._desired.values() for f in fl]
+            return [f for fl in self._desired.values() for f in _flows(fl)]
 
     def flow_count(self) -> int:
         """How many flows are desired: a counter, since status polls it (summing over
@@ -124,7 +138,7 @@ class FlowSync:
     def flows_of(self, owners: Iterable[str]) -> list[Flow]:
         """The desired flows of these owners now (what a change is about to replace)."""
         with self._lock:
-            return [f for o in owners for f in self._desired.get(o, ())]
+            return [f for o in owners for f in _flows(self._desired.get(o, ()))]
 
     def desired_groups(self) -> list[Group]:
         with self._lock:
@@ -132,7 +146,7 @@ class FlowSync:
 
     def owners(self) -> dict[str, int]:
         with self._lock:
-            return {o: len(f) for o, f in self._desired.items()}
+            return {o: len(_flows(f)) for o, f in self._desired.items()}
 
     def set_owner(self, owner: str, flows: Iterable[Flow]) -> None:
         """Make OVS hold exactly `flows` for `owner`; raises OFError if OVS refused."""
@@ -151,8 +165,8 @@ class FlowSync:
         gnews = {o: {g.group_id: g for g in gl} for o, gl in (groups or {}).items()}
         with self._lock:
             for o, new in news.items():
-                for k, f in new.items():
-                    holder = self._owner_index.get(k)
+                for f in new.values():
+                    holder = self._holder(f)
                     if holder not in (None, o) and holder not in news:
                         raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of {o} "
                                          f"already belongs to {holder}")
@@ -161,7 +175,7 @@ class FlowSync:
                     gholder = next((h for h, gs in self._groups.items() if gid in gs), None)
                     if gholder not in (None, o) and gholder not in gnews:
                         raise ValueError(f"group {gid} of {o} already belongs to {gholder}")
-            olds = {o: index(self._desired.get(o, ())) for o in news}
+            olds = {o: index(_flows(self._desired.get(o, ()))) for o in news}
             golds = {o: self._groups.get(o, {}) for o in gnews}
             self._replace(news)
             self._replace_groups(gnews)
@@ -201,18 +215,33 @@ class FlowSync:
                 self._installed_cv.wait(0.2)
             return not self._pending
 
+    def _holder(self, f: Flow) -> str | None:
+        """The owner whose desired set has a flow of `f`'s OpenFlow identity."""
+        by_match = self._owner_index.get((f.table, f.priority))
+        return None if by_match is None else by_match.get(f.match)
+
+    def _is_desired(self, f: Flow) -> bool:
+        holder = self._holder(f)
+        return holder is not None and f in _flows(self._desired.get(holder, ()))
+
     def _replace(self, sets: dict[str, dict[Key, Flow]]) -> None:
         """Swap owners' desired sets, keeping the flow -> owner index in step."""
+        idx = self._owner_index
         for o, new in sets.items():
-            old = self._desired.pop(o, ())
+            old = _flows(self._desired.pop(o, ()))
             self._count -= len(old)
             for f in old:
-                self._owner_index.pop(f.key, None)
+                by_match = idx.get((f.table, f.priority))
+                if by_match is not None and by_match.get(f.match) == o:
+                    del by_match[f.match]
+                    if not by_match:
+                        del idx[(f.table, f.priority)]
             if new:
-                self._desired[o] = tuple(new.values())
-                self._count += len(new)
-                for k in new:
-                    self._owner_index[k] = o
+                fl = tuple(new.values())
+                self._desired[o] = fl[0] if len(fl) == 1 else fl
+                self._count += len(fl)
+                for f in fl:
+                    idx.setdefault((f.table, f.priority), {})[f.match] = o
 
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
@@ -231,15 +260,12 @@ class FlowSync:
         # Groups before the flows that use them; flows gone before their groups.
         # Generators, as in full_sync: a datastore list applied as one change
         # (100k flows) must not hold 100k os-ken FlowMods at once.
+        enc, rnd = self._enc, self.round
         msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in gputs),
-                               (flow_delete(sw, f, self.pipeline) for f in dels),
-                               (flow_add(sw, f, self.round, self.pipeline) for f in adds),
+                               (enc.flow_delete(f) for f in dels),
+                               (enc.flow_add(f, rnd) for f in adds),
                                (group_delete(sw, i) for i in gdels))
         self._bundle(sw, msgs)
-        for f in dels:
-            self._installed.pop(f.key, None)
-        for f in adds:
-            self._installed[f.key] = f
         for i in gdels:
             self._installed_groups.pop(i, None)
         for g in gputs:
@@ -263,16 +289,15 @@ class FlowSync:
             flows = self.desired_flows()
             groups = {g.group_id: g for g in self.desired_groups()}
             present = {d.group_id for d in sw.group_desc()}
-            # A generator: each FlowMod is built, serialized and dropped in turn.
+            # A generator: each FlowMod is encoded, sent and dropped in turn.
             # Groups nobody wants any more (a Service deleted while the agent was
             # away) go last, after the old rounds' flows that may still point at them.
             msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in groups.values()),
-                                   (flow_add(sw, f, rnd, self.pipeline) for f in flows),
+                                   (self._enc.flow_add(f, rnd) for f in flows),
                                    other_rounds_deletes(sw, rnd),
                                    (group_delete(sw, i) for i in sorted(present - set(groups))))
             self._bundle(sw, msgs)
             self.round = rnd
-            self._installed = {f.key: f for f in flows}
             self._installed_groups = groups
             self.stats["full_syncs"] += 1
             self.stats["last_full_sync_s"] = time.perf_counter() - t0
@@ -308,18 +333,17 @@ class FlowSync:
             # did, and each change then cost a 50k-flow dump). What counts
             # cannot see: a desired flow deleted by hand and another added
             # with this round's cookie in the same table.
-            suspect = []
-            counted = 0
+            # All counts in one round trip (Switch.flow_counts): the lock is held
+            # for one exchange, not one per count. Tables of learned flows (learn())
+            # are counted for `undeclared` only: OVS adds and expires those itself.
+            tids = sorted(set(self.pipeline.ids.values()))
             learned = {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
-            for tid in sorted(set(self.pipeline.ids.values())):
-                have_n = sw.flow_count(tid)
-                counted += have_n
-                if tid in learned:  # OVS adds and expires these itself (learn())
-                    continue
-                want_n = len(by_table.get(tid, ()))
-                if not have_n == want_n == sw.flow_count(tid, cookie, mask):
-                    suspect.append(tid)
-            undeclared = counted != sw.flow_count(sw.ofp.OFPTT_ALL)
+            counts = sw.flow_counts([q for tid in tids for q in ((tid, 0, 0),
+                                                                 (tid, cookie, mask))]
+                                    + [(sw.ofp.OFPTT_ALL, 0, 0)])
+            suspect = [tid for i, tid in enumerate(tids) if tid not in learned
+                       and not counts[2 * i] == len(by_table.get(tid, ())) == counts[2 * i + 1]]
+            undeclared = sum(counts[0:-1:2]) != counts[-1]
         if undeclared:  # flows in tables the pipeline does not declare
             return self._compare(sw, flows, sw.flow_stats(), rnd)
         missing: list[Flow] = []
@@ -375,7 +399,7 @@ class FlowSync:
             if sw is None:
                 return 0, 0
             p, o = sw.parser, sw.ofp
-            missing = [f for f in missing if self._installed.get(f.key) == f]
+            missing = [f for f in missing if self._is_desired(f)]
             # Flows of another round (or cookie 0: added by hand) are never wanted;
             # one of this round is unwanted only if it is still not desired now.
             ours = [s for s in unexpected if ck.round_of(s.cookie) == self.round]
@@ -387,7 +411,7 @@ class FlowSync:
             msgs = [p.OFPFlowMod(sw.dp, table_id=s.table_id, command=o.OFPFC_DELETE_STRICT,
                                  priority=s.priority, out_port=o.OFPP_ANY,
                                  out_group=o.OFPG_ANY, match=s.match) for s in unexpected]
-            msgs += [flow_add(sw, f, self.round, self.pipeline) for f in missing]
+            msgs += [self._enc.flow_add(f, self.round) for f in missing]
             # Re-checked like flows: only groups still desired as they were found.
             gmissing = [g for g in gmissing if self._installed_groups.get(g.group_id) == g]
             wanted = {g.group_id for g in self.desired_groups()}

@@ -63,6 +63,13 @@ class HeapTrimmer:
         self.trims += 1
         return True
 
+    def trim_now(self) -> None:
+        """Trim at once: after a big allocation wave (the initial list, a large watch
+        batch), whose freed intermediate objects would otherwise stay resident."""
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
+
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             try:

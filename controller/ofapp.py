@@ -29,11 +29,13 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 os.environ.setdefault("OSKEN_HUB_TYPE", "native")
 
+from flowcni.controller import ofwire  # noqa: E402
 from os_ken import cfg  # noqa: E402
 from os_ken.base import app_manager  # noqa: E402
 from os_ken.controller import ofp_event  # noqa: E402
@@ -48,6 +50,7 @@ from os_ken.lib import hub  # noqa: E402
 from os_ken.ofproto import ofproto_v1_3  # noqa: E402
 
 LOG = logging.getLogger(__name__)
+_SEND_CHUNK = 1 << 16  # bytes of bundled messages per socket write
 
 
 class OFError(RuntimeError):
@@ -128,6 +131,13 @@ class Switch:
             raise OFError("connection to the switch is closing")
         return int(msg.xid)
 
+    def _send_bytes(self, buf: bytes) -> None:
+        """Queue already encoded messages (their xids set) for the switch."""
+        if not self.alive:
+            raise OFError("not connected to the switch")
+        if not self.dp.send(buf):
+            raise OFError("connection to the switch is closing")
+
     def request(self, msg: Any, timeout: float = 10.0, multipart: bool = False) -> list[Any]:
         msg.set_xid(self._xid())
         p = _Pending(multipart)
@@ -156,7 +166,8 @@ class Switch:
 
         `msgs` may be a generator: each message is serialized as it is sent
         and dropped, so a full sync of 100,000 flows never holds 100,000
-        os-ken message objects at once.
+        messages at once. A message is an os-ken message or the bytes of one
+        (controller.ofwire; its xid is set here).
         """
         it = iter(msgs)
         first = next(it, None)
@@ -169,9 +180,28 @@ class Switch:
                                              flags, []), timeout)
         xids: list[int] = []
         try:
+            # Bundle-adds go out in chunks of about _SEND_CHUNK bytes: one
+            # send-queue entry and one socket write per chunk instead of per
+            # message (100,000 of them in a full sync).
+            chunk: list[bytes] = []
+            size = 0
             for m in itertools.chain((first,), it):
-                add = parser.ONFBundleAddMsg(self.dp, bid, flags, m, [])
-                xids.append(self.send(add))
+                xid = self._xid()
+                if isinstance(m, bytes):
+                    data = ofwire.bundle_add(bid, flags, xid, m)
+                else:
+                    add = parser.ONFBundleAddMsg(self.dp, bid, flags, m, [])
+                    add.set_xid(xid)
+                    add.serialize()
+                    data = bytes(add.buf)
+                xids.append(xid)
+                chunk.append(data)
+                size += len(data)
+                if size >= _SEND_CHUNK:
+                    self._send_bytes(b"".join(chunk))
+                    chunk, size = [], 0
+            if chunk:
+                self._send_bytes(b"".join(chunk))
             self.barrier(timeout)
             errs = self._claim_errors(xids)
             if errs:
@@ -213,6 +243,42 @@ class Switch:
                                               cookie, cookie_mask, parser.OFPMatch())
         replies = self.request(req, timeout, multipart=True)
         return int(replies[0].body.flow_count)
+
+    def flow_counts(self, queries: list[tuple[int, int, int]],
+                    timeout: float = 10.0) -> list[int]:
+        """`flow_count` of each (table_id, cookie, cookie_mask), in one round trip.
+
+        Every request goes out before any reply is awaited. The drift check
+        counts each table twice under the flow writer's lock, and asking one
+        at a time held that lock for some 50 round trips through the event
+        thread, which a change arriving meanwhile waited out.
+        """
+        ofp, parser = self.ofp, self.parser
+        pend: list[tuple[int, _Pending]] = []
+        try:
+            for table_id, cookie, cookie_mask in queries:
+                req = parser.OFPAggregateStatsRequest(self.dp, 0, table_id, ofp.OFPP_ANY,
+                                                      ofp.OFPG_ANY, cookie, cookie_mask,
+                                                      parser.OFPMatch())
+                req.set_xid(self._xid())
+                p = _Pending(multipart=True)
+                with self._lock:
+                    self._pending[req.xid] = p
+                pend.append((req.xid, p))
+                self.send(req)
+            deadline = time.monotonic() + timeout
+            out = []
+            for _, p in pend:
+                if not p.event.wait(max(0.0, deadline - time.monotonic())):
+                    raise OFError(f"no reply to {len(pend)} aggregate requests within {timeout}s")
+                if p.error is not None:
+                    raise OFError(describe_error(p.error))
+                out.append(int(p.replies[0].body.flow_count))
+            return out
+        finally:
+            with self._lock:
+                for xid, _ in pend:
+                    self._pending.pop(xid, None)
 
     def flow_stats(self, table_id: int | None = None, timeout: float = 30.0) -> list[Any]:
         ofp, parser = self.ofp, self.parser

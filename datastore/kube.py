@@ -80,6 +80,10 @@ def _custom_list(version: str, plural: str) -> Callable[[client.ApiClient], Any]
             return self._api.list_cluster_custom_object(
                 "policy.networking.k8s.io", version, plural, **kw)
     return CustomList
+# A watch batch is taken once no change followed it for WATCH_SETTLE_S, or
+# WATCH_SETTLE_MAX_S after it began (see KubeDatastore._settled).
+WATCH_SETTLE_S = 0.01
+WATCH_SETTLE_MAX_S = 0.2
 
 # kind -> (API class, list function covering all namespaces)
 LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
@@ -595,12 +599,33 @@ class KubeDatastore:
             if not batch:
                 self.cache.wait_newer(rev, max(interval, 0.25))
                 continue
+            batch = self._settled(rev, batch, stop)
             try:
                 callback(copy.deepcopy(batch))
                 rev = batch[-1].rev
             except Exception:
                 LOG.exception("applying API changes after revision %d; retrying", rev)
                 stop.wait(1.0)
+
+    def _settled(self, rev: int, batch: list[Change], stop: threading.Event,
+                 quiet: float = WATCH_SETTLE_S, most: float = WATCH_SETTLE_MAX_S) -> list[Change]:
+        """`batch`, grown by the changes that follow it closely (a burst), then taken.
+
+        Watch events arrive one line at a time, so a burst of 1,000 pod
+        changes reached the callback as dozens of small batches, each a whole
+        policy pass, bundle and datapath check (13.8 s against the embedded
+        store's 4.3 s for the same burst, which polls). Waiting until no
+        change came for `quiet` seconds (at most `most` in all) costs a lone
+        change `quiet` and lets a burst be applied in a few passes.
+        """
+        deadline = time.monotonic() + most
+        last = batch[-1].rev
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.cache.wait_newer(last, min(quiet, left)):
+                break
+            last = self.cache.revision()
+        return self.cache.since(rev) if last != batch[-1].rev else batch
 
     # nodes -------------------------------------------------------------------------------
 

@@ -488,7 +488,9 @@ def _addr(a: str) -> str:
 class _TouchIndex:
     """Which rules can a pod touch: policies and their pod peers, arranged for lookup.
 
-    Kept until a policy or a namespace changes (pods come and go far more often).
+    Kept until a namespace changes (pods come and go far more often), and
+    updated in place when a policy changes: rebuilding it for 1,000 policies
+    took 0.3 s, paid by the first pod change after every policy change.
     """
 
     def __init__(self, world: World) -> None:
@@ -498,16 +500,32 @@ class _TouchIndex:
         self.cross: list[tuple[str, Peer]] = []   # (rule key, peer with namespaceSelector)
         self.cross_in: dict[str, list[tuple[str, Peer]]] = {}  # namespace -> cross peers there
         for pol in world.policies.values():
-            self.by_ns[pol.namespace].append(pol)
-            for r in pol.rules:
-                if r.peers is None:
-                    if r.ports and any(isinstance(s.port, str) for s in r.ports):
-                        self.named_port_rules.add(r.key)
-                    continue
-                self.same_ns[r.key] = [pe for pe in r.peers
-                                       if not pe.is_ipblock and pe.namespaces is None]
-                self.cross += [(r.key, pe) for pe in r.peers
-                               if not pe.is_ipblock and pe.namespaces is not None]
+            self.add_policy(pol)
+
+    def add_policy(self, pol: Policy) -> None:
+        self.by_ns[pol.namespace].append(pol)
+        for r in pol.rules:
+            if r.peers is None:
+                if r.ports and any(isinstance(s.port, str) for s in r.ports):
+                    self.named_port_rules.add(r.key)
+                continue
+            self.same_ns[r.key] = [pe for pe in r.peers
+                                   if not pe.is_ipblock and pe.namespaces is None]
+            cross = [(r.key, pe) for pe in r.peers
+                     if not pe.is_ipblock and pe.namespaces is not None]
+            if cross:
+                self.cross += cross
+                self.cross_in.clear()  # worked out again per namespace, when asked
+
+    def remove_policy(self, pol: Policy) -> None:
+        self.by_ns[pol.namespace] = [p for p in self.by_ns[pol.namespace] if p is not pol]
+        keys = {r.key for r in pol.rules}
+        self.named_port_rules -= keys
+        for k in keys:
+            self.same_ns.pop(k, None)
+        if any(k in keys for k, _ in self.cross):
+            self.cross = [(k, pe) for k, pe in self.cross if k not in keys]
+            self.cross_in.clear()
 
 
 class PolicyEngine:
@@ -660,6 +678,16 @@ class PolicyEngine:
                 before[key] = dict(c) if c else None
 
         for rk in rules:
+            ns, name, _d, _i = rk.split("/")
+            pol = self.world.policies.get(f"{ns}/{name}")
+            rule = next((r for r in pol.rules if r.key == rk), None) if pol else None
+            new = realize(rule, pol, self.world, self.node) if rule and pol else []
+            if new == self.subrules.get(rk, []):
+                # Same conjunctions, same ids: the same clauses and rule flows. Most
+                # rules a relabel burst touches end up here (their address sets
+                # did not change), and taking their clauses out and back in was
+                # most of the burst's time.
+                continue
             old_rule_flows = self._rule_flows(rk)
             for i, s in enumerate(self.subrules.get(rk, [])):
                 cid = self._conj_id(rk, i)
@@ -668,10 +696,6 @@ class PolicyEngine:
                     c = self.contrib.get(key)
                     if c is not None:
                         c.pop(cid, None)
-            ns, name, _d, _i = rk.split("/")
-            pol = self.world.policies.get(f"{ns}/{name}")
-            rule = next((r for r in pol.rules if r.key == rk), None) if pol else None
-            new = realize(rule, pol, self.world, self.node) if rule and pol else []
             if new:
                 self.subrules[rk] = new
             else:
@@ -802,10 +826,12 @@ class PolicyEngine:
                 rules.update(r.key for pol in self.world.policies.values() for r in pol.rules
                              if r.peers and any(p.namespaces is not None for p in r.peers))
             elif c.kind == "NetworkPolicy":
-                self._touch_index = None
+                idx = self._touch_index
                 key = f"{c.namespace}/{c.name}"
                 oldp = self.world.del_policy(key)
                 if oldp:
+                    if idx is not None:
+                        idx.remove_policy(oldp)
                     rules.update(r.key for r in oldp.rules)
                     iso_pods.update(p.key for p in self.world.selected(oldp))
                 if c.op == "put" and c.body:
@@ -815,6 +841,8 @@ class PolicyEngine:
                         problems.append(f"networkpolicy {key}: {e}")
                         continue
                     self.world.put_policy(newp)
+                    if idx is not None:
+                        idx.add_policy(newp)
                     rules.update(r.key for r in newp.rules)
                     iso_pods.update(p.key for p in self.world.selected(newp))
         if pods_changed:

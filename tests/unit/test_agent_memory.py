@@ -65,6 +65,13 @@ class _FakeDatapath:
             self.switch.on_reply(reply)
         return True
 
+    def send(self, buf: bytes) -> bool:
+        """Bundle adds the switch sends already encoded (controller.ofwire): each refused."""
+        from tests.support import ofdecode
+        for xid, _bid, _inner in ofdecode.bundle_adds(buf):
+            self.switch.on_error(SimpleNamespace(xid=xid, flags=0))
+        return True
+
 
 def test_switch_keeps_no_unclaimed_errors() -> None:
     from flowcni.controller.ofapp import MAX_UNCLAIMED_ERRORS, OFError, Switch

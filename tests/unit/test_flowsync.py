@@ -12,6 +12,8 @@ from flowcni.flows.model import CT, Flow, Group, GroupAction
 from flowcni.flows.tables import DEFAULT
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser
 
+from tests.support import ofdecode
+
 
 class RecordingSwitch:
     """Enough of ofapp.Switch for FlowSync: builds real os-ken messages, keeps bundles."""
@@ -25,7 +27,8 @@ class RecordingSwitch:
         self.group_ids: list[int] = []  # what group_desc reports as on the bridge
 
     def bundle(self, msgs: list[Any]) -> None:
-        self.bundles.append(list(msgs))
+        # FlowMods come encoded (controller.ofwire): kept decoded, as os-ken objects.
+        self.bundles.append([ofdecode.as_message(m) for m in msgs])
 
     def group_desc(self) -> list[Any]:
         return [ofproto_v1_3_parser.OFPGroupDescStats(ofproto_v1_3.OFPGT_SELECT, i, [])

@@ -746,3 +746,26 @@ def test_cluster_policy_crds_not_installed_mean_none(
     assert ds.wait_synced(timeout=10)
     assert ds.objects("ClusterNetworkPolicy", timeout=1) == []
     assert [o["name"] for o in ds.objects("Namespace")] == ["web"]
+def test_watch_takes_a_burst_whole(server: FakeAPIServer,
+                                   open_ds: Callable[..., KubeDatastore]) -> None:
+    """Changes arriving one by one in a burst are applied as one batch, not one each."""
+    ds = open_ds(kinds=["Node"])
+    ds.objects("Node")
+    rev = ds.revision()
+    ds.cache.put("Pod", ("a", "p0"), {"v": 0})
+
+    def trickle() -> None:
+        for i in range(1, 21):
+            time.sleep(0.005)
+            ds.cache.put("Pod", ("a", f"p{i}"), {"v": i})
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    # A generous quiet time: the test is about coalescing, not about timing.
+    got = ds._settled(rev, ds.cache.since(rev), threading.Event(), quiet=1.0, most=60.0)
+    t.join()
+    assert [c.name for c in got] == [f"p{i}" for i in range(21)]
+    # A lone change is taken as it is once nothing follows it.
+    ds.cache.put("Pod", ("a", "q"), {"v": 0})
+    lone = ds.cache.since(got[-1].rev)
+    assert ds._settled(got[-1].rev, lone, threading.Event(), quiet=0.01) == lone

@@ -262,3 +262,23 @@ def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
         Change(2, "put", "Namespace", "", "ns4", {"name": "ns4", "labels": {"team": "t9"}})])
     got = eng._rules_touching_pods(changed)
     assert "ns1/late/ingress/0" in got and got == _touching_by_brute_force(eng, changed)
+    # Policy changes update the kept index in place (no rebuild): a replaced policy
+    # with other peers, a deleted one, a new one with a named port and no peers.
+    idx = eng._touch_index
+    assert idx is not None
+    eng.apply([
+        Change(3, "put", "NetworkPolicy", "ns1", "np1", {
+            "namespace": "ns1", "name": "np1", "spec": {"podSelector": {}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"tier": "web"}}},
+                          {"namespaceSelector": {"matchLabels": {"team": "t0"}}}]}]}}),
+        Change(4, "delete", "NetworkPolicy", "ns2", "np2", None),
+        Change(5, "delete", "NetworkPolicy", "ns1", "late", None),
+        Change(6, "put", "NetworkPolicy", "ns3", "named", {
+            "namespace": "ns3", "name": "named", "spec": {"podSelector": {}, "ingress": [
+                {"ports": [{"port": "dns"}]}]}})])
+    assert eng._touch_index is idx
+    for sample in (changed, [pod_from_body(b) for b in rnd.sample(pods, 30)]):
+        got = eng._rules_touching_pods(sample)
+        assert got == _touching_by_brute_force(eng, sample)
+    assert "ns3/named/ingress/0" in got and "ns1/late/ingress/0" not in got
+    assert not any(k.startswith("ns2/np2/") for k in got)
