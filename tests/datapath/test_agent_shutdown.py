@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
+from flowcni.datastore.kube import KINDS
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
@@ -112,7 +113,8 @@ def test_sigterm_while_starting_as_pid1(klab: Lab, tmp_path: os.PathLike[str]) -
         os.path.join(d, "agent.log"))
     try:
         pid = pid1_of(outer)
-        wait_for(lambda: ctl.watch_count() >= base + 6, 60, "the starting agent's six watches")
+        wait_for(lambda: ctl.watch_count() >= base + len(KINDS), 60,
+                 "the starting agent's watches (one per kind)")
         rc, took = stop_and_time(outer, pid)
         with open(os.path.join(d, "agent.log")) as f:
             log = f.read()
@@ -139,7 +141,7 @@ def test_sigterm_running_agent_as_pid1(klab: Lab) -> None:
     try:
         pid = pid1_of(outer)
         klab.wait_ready(node, timeout=120)
-        wait_for(lambda: ctl.watch_count() == 6, 30, "six watches")
+        wait_for(lambda: ctl.watch_count() == len(KINDS), 30, "one watch per kind")
         rc, took = stop_and_time(outer, pid)
         assert rc is not None, f"agent still running {EXIT_DEADLINE:g}s after SIGTERM"
         wait_for(lambda: ctl.watch_count() == 0, 30, "the watches closed")
