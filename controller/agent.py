@@ -255,6 +255,10 @@ class Agent:
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
                                       local_cidr=pod_cidr)
                          if a.proxy == "flowcni" else None)
+        if self.services is not None:  # Services inside tenants: a proxy per tenant
+            default_proxy = self.services
+            self.tenants.enable_services(a.datastore == "kubernetes",
+                                         lambda: default_proxy.gids)
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self._host_view: Any = None
@@ -299,7 +303,9 @@ class Agent:
         self.peers.set_nodes(store.objects("Node"))
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
-                          store.objects("Node"), pods, policies)
+                          store.objects("Node"), pods, policies,
+                          *((store.objects("Service"), store.objects("EndpointSlice"))
+                            if self.services is not None else ()))
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -414,6 +420,8 @@ class Agent:
             return  # stopping: this batch never reached OVS
         if self.services is not None and self.services.stale:
             flush_stale(self._vswitchd, self.services.take_stale())
+        for zone, entry in self.tenants.take_stale():
+            flush_stale(self._vswitchd, [entry], zone)
         if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),

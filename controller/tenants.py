@@ -41,9 +41,10 @@ from flowcni.datastore.tenantconv import (
     from_body,
     resolve,
 )
-from flowcni.flows.model import Flow
+from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
+from flowcni.flows.services import ServiceProxy, StaleUDP
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
@@ -54,6 +55,7 @@ from flowcni.flows.tenant import (
     tenant_owner,
 )
 from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
+from flowcni.flows.tenantservices import lift_services, tenant_service_body
 
 LOG = logging.getLogger(__name__)
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
@@ -62,6 +64,7 @@ EGRESS_KEY = "tenant-egress:"
 EGRESS_NETWORK = "flowcni-tenant-egress"
 KINDS = ("TenantNetwork", "Namespace", "Node")
 POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
+SERVICE_KINDS = ("Service", "EndpointSlice")  # likewise; for the tenants' Service proxies
 _SAFE = re.compile(r"[^a-z0-9.-]")
 
 
@@ -87,7 +90,7 @@ class Tenants:
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
         self.gateway, self.node_ipam = gateway, node_ipam
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
-            k: {} for k in (*KINDS, *POLICY_KINDS)}
+            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS)}
         self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
@@ -97,12 +100,22 @@ class Tenants:
         self._connect: dict[str, list[Flow]] = {}
         self._accepted: dict[str, TenantSpec] = {}  # immutable fields as first accepted
         self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
+        # Services inside tenants (flows/tenantservices.py): one ServiceProxy per tenant,
+        # only with flowcni's proxy (enable_services); None: off (kube-proxy mode).
+        self._svc_slices: bool | None = None
+        self._default_gids: Callable[[], dict[int, str]] = dict
+        self._proxies: dict[str, ServiceProxy] = {}
+        self._svc_owned: set[str] = set()  # owners of the tenant Service flows installed
+        self._svc_dropped: dict[str, tuple[str, ...]] = {}  # Service key -> fields logged
+        self.stale: list[tuple[int, StaleUDP]] = []  # (zone, entry): drained by take_stale
 
     # -- datastore ---------------------------------------------------------------------
 
     def load(self, tenants: list[dict[str, Any]], namespaces: list[dict[str, Any]],
              nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
-             policies: list[dict[str, Any]] | None = None) -> list[Flow]:
+             policies: list[dict[str, Any]] | None = None,
+             services: list[dict[str, Any]] | None = None,
+             slices: list[dict[str, Any]] | None = None) -> list[Flow]:
         """The initial lists; returns the policy flows it changed (for the datapath guard)."""
         with self._lock:
             self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
@@ -110,9 +123,15 @@ class Tenants:
                             "Node": {b["name"]: b for b in nodes},
                             "Pod": {f"{b['namespace']}/{b['name']}": b for b in pods or []},
                             "NetworkPolicy": {f"{b['namespace']}/{b['name']}": b
-                                              for b in policies or []}}
+                                              for b in policies or []},
+                            "Service": {f"{b['namespace']}/{b['name']}": b
+                                        for b in services or []},
+                            "EndpointSlice": {f"{b['namespace']}/{b['name']}": b
+                                              for b in slices or []}}
             self._recompute()
-            return self._recompute_policy(set(self.nets))
+            changed = self._recompute_policy(set(self.nets))
+            self._rebuild_services()
+            return changed
 
     def apply(self, batch: list[Change]) -> list[Flow]:
         """Watched changes; returns the policy flows it changed (for the datapath guard)."""
@@ -120,7 +139,9 @@ class Tenants:
         namespaces: set[str] = set()
         with self._lock:
             for c in batch:
-                if c.kind in POLICY_KINDS:
+                if c.kind in SERVICE_KINDS:
+                    key = f"{c.namespace}/{c.name}"
+                elif c.kind in POLICY_KINDS:
                     key = f"{c.namespace}/{c.name}"
                     namespaces.add(c.namespace)
                 elif c.kind in KINDS:
@@ -135,7 +156,10 @@ class Tenants:
             before = dict(self.resolution.by_namespace)
             if touched:
                 self._recompute()
-                return self._recompute_policy(set(self.nets) | set(self._policy))
+                changed = self._recompute_policy(set(self.nets) | set(self._policy))
+                self._rebuild_services()
+                return changed
+            self._apply_services(batch)
             names = {n for ns in namespaces for n in (before.get(ns),
                                                      self.resolution.by_namespace.get(ns)) if n}
             return self._recompute_policy(names) if names else []
@@ -175,6 +199,112 @@ class Tenants:
         if changes:
             self.flows.set_owners(changes)
         return changed
+
+    # -- Services inside tenants (flows/tenantservices.py) ------------------------------
+
+    def enable_services(self, slices: bool,
+                        taken: Callable[[], dict[int, str]] = dict) -> None:
+        """Program tenant Services (flowcni's proxy mode). slices: endpoints from
+        EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
+        default proxy's group ids, kept clear of when the tenants' proxies are built."""
+        self._svc_slices, self._default_gids = slices, taken
+
+    def _service_body(self, b: dict[str, Any]) -> dict[str, Any]:
+        """A tenant Service's body for its proxy; what it loses is logged once per change."""
+        key = f"{b.get('namespace')}/{b.get('name')}"
+        new, dropped = tenant_service_body(b)
+        if tuple(dropped) != self._svc_dropped.get(key, ()):
+            self._svc_dropped[key] = tuple(dropped)
+            if dropped:
+                LOG.warning("service %s (tenant %s): %s not supported inside a tenant "
+                            "network: programmed as a ClusterIP only", key,
+                            self.resolution.by_namespace.get(str(b.get("namespace"))),
+                            ", ".join(dropped))
+        return new
+
+    def _rebuild_services(self) -> None:
+        """Every tenant's Service proxy anew, from its own namespaces' objects (after the
+        resolution may have moved namespaces, slices or tenants); installs the difference."""
+        if self._svc_slices is None:
+            return
+        taken = dict(self._default_gids())  # one table of taken group ids for all tenants
+        flows: dict[str, list[Flow]] = {}
+        groups: dict[str, list[Group]] = {}
+        proxies: dict[str, ServiceProxy] = {}
+        for name, net in sorted(self.nets.items()):
+            t = self.resolution.tenants.get(name)
+            if t is None:
+                continue
+            mine = set(t.namespaces)
+            p = ServiceProxy(self.flows.pipeline, slices=self._svc_slices,
+                             local_cidr=t.slices.get(self.me))
+            p.gids = taken
+            f, g, problems = p.load(
+                [self._service_body(b) for b in self.objects["Service"].values()
+                 if b.get("namespace") in mine],
+                [b for b in self.objects["Pod"].values() if b.get("namespace") in mine],
+                [b for b in self.objects["EndpointSlice"].values()
+                 if b.get("namespace") in mine])
+            for msg in problems:
+                LOG.error("TenantNetwork %s: skipping %s", name, msg)
+            p.take_stale()  # a fresh proxy has no earlier endpoints to compare with
+            lf, lg = lift_services(net, f, g, self.flows.pipeline)
+            flows.update(lf)
+            groups.update(lg)
+            proxies[name] = p
+        self._proxies = proxies
+        for o in self._svc_owned - set(flows):
+            flows[o], groups[o] = [], []
+        self._svc_owned = {o for o, fl in flows.items() if fl}
+        if flows:
+            self.flows.set_owners(flows, groups)
+
+    def _apply_services(self, batch: list[Change]) -> None:
+        """Pods, Services and EndpointSlices of tenant namespaces: to their tenant's proxy."""
+        if self._svc_slices is None:
+            return
+        by_tenant: dict[str, list[Change]] = {}
+        for c in batch:
+            if c.kind not in ("Pod", *SERVICE_KINDS):
+                continue
+            name = self.resolution.by_namespace.get(c.namespace)
+            if name is None or name not in self._proxies:
+                continue
+            if c.kind == "Service" and c.body is not None:
+                c = replace(c, body=self._service_body(c.body))
+            by_tenant.setdefault(name, []).append(c)
+        flows: dict[str, list[Flow]] = {}
+        groups: dict[str, list[Group]] = {}
+        for name, changes in sorted(by_tenant.items()):
+            p, net = self._proxies[name], self.nets[name]
+            f, g, problems = p.apply(changes)
+            for msg in problems:
+                LOG.error("TenantNetwork %s: skipping %s", name, msg)
+            self.stale += [(net.vni, s) for s in p.take_stale()]
+            lf, lg = lift_services(net, f, g, self.flows.pipeline)
+            flows.update(lf)
+            groups.update(lg)
+        for o, fl in flows.items():
+            groups.setdefault(o, [])
+            if fl:
+                self._svc_owned.add(o)
+            else:
+                self._svc_owned.discard(o)
+        if flows:
+            self.flows.set_owners(flows, groups)
+
+    def take_stale(self) -> list[tuple[int, StaleUDP]]:
+        """UDP entries of tenant Services' removed endpoints, with the zone they are in
+        (controller.svcconntrack flushes them once the new groups are installed)."""
+        with self._lock:
+            out, self.stale = self.stale, []
+            return out
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        """Each tenant Service as flows.services.ServiceProxy.describe, plus its tenant."""
+        with self._lock:
+            return [{**s, "tenant": name, "vni": self.nets[name].vni}
+                    for name, p in sorted(self._proxies.items()) for s in p.describe()]
 
     def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
         """The TenantNetworks to resolve, with immutable fields as this agent first

@@ -1,0 +1,125 @@
+"""Services inside a tenant network: the default proxy's flows, lifted into the tenant.
+
+Each tenant gets a ServiceProxy of its own (controller/tenants.py) that sees
+only the tenant's namespaces: its Services, their EndpointSlices and its
+pods. So a Service's endpoints are always the tenant's own pods, and two
+tenants may use the same ClusterIP and the same endpoint addresses. Its
+output is then lifted into the tenant, as NetworkPolicy is
+(flows/tenantpolicy.py):
+
+- every ServiceLB flow gains the tenant id (reg4) and moves up by LIFT,
+  above the tenant fall-through (flows/tenant.py PRIO_FALLTHROUGH), so a
+  tenant's new connection meets its own tenant's Services and nothing else,
+  and a default-network packet (no tenant id) never meets them;
+- every group bucket's ct() commits (and NATs) in the tenant's conntrack zone
+  (= VNI) instead of the default network's, so the same 5-tuple in two
+  tenants is two connections, and a reply is un-DNATed by the lookup that
+  the tenant's ConntrackZone flow already does in that zone.
+
+Group ids stay the proxy's (derived from "namespace/name/port": a namespace
+belongs to one network only, and the tenants' proxies share one table of
+taken ids with each other and the default proxy's ids when they were built).
+
+Only ClusterIPs are lifted. What the node's own stack would have to carry
+(node ports, external and load-balancer IPs) has no tenant to come from, and
+sessionAffinity and hairpin would need tenant-aware learned and Output flows:
+tenant_service_body drops those fields (naming them, for the log) and the
+proxy's hairpin flows are not lifted.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+from flowcni.flows.cookie import Feature
+from flowcni.flows.hairpin import HAIRPIN_OWNER
+from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group
+from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tenant import PRIO_FALLTHROUGH, TenantNet, _id
+
+LIFT = 1000
+# Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
+LIFTED_TABLES = frozenset({"ServiceLB"})
+# Spec fields a tenant Service does not get, each named in the log line when dropped.
+UNSUPPORTED = ("externalIPs", "sessionAffinity", "sessionAffinityConfig",
+               "externalTrafficPolicy", "loadBalancerIP")
+
+
+def service_owner(key: str) -> str:
+    """The owner of a tenant Service's flows ("namespace/name": a namespace is in one
+    network only, so the key names the tenant too)."""
+    return f"tenant-service:{key}"
+
+
+def tenant_service_body(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A tenant Service's body as its tenant's proxy gets it, and the fields dropped.
+
+    type NodePort / LoadBalancer becomes ClusterIP (their node ports would enter
+    from the node's stack, which belongs to no tenant); external and load
+    balancer addresses, sessionAffinity and the external traffic policy go.
+    The caller's body is not changed."""
+    spec = body.get("spec")
+    if not isinstance(spec, dict):
+        return body, []
+    dropped = [f"spec.{k}" for k in UNSUPPORTED if spec.get(k) not in (None, [], "", "None")]
+    if spec.get("type") in ("NodePort", "LoadBalancer"):
+        dropped.insert(0, f"spec.type={spec['type']}")
+    if not dropped and not body.get("status"):
+        return body, []
+    new = copy.deepcopy(body)
+    nspec = new["spec"]
+    for k in UNSUPPORTED:
+        nspec.pop(k, None)
+    if nspec.get("type") in ("NodePort", "LoadBalancer"):
+        nspec["type"] = "ClusterIP"
+    for p in nspec.get("ports") or []:
+        if isinstance(p, dict):
+            p.pop("nodePort", None)
+    new.pop("status", None)
+    return new, dropped
+
+
+def _in_zone(a: Action, zone: int) -> Action:
+    return replace(a, zone=zone) if isinstance(a, CT) and a.zone == CT_ZONE else a
+
+
+def lift_flow(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
+    """A default proxy's ServiceLB flow as the same flow of tenant t."""
+    if f.table not in LIFTED_TABLES:
+        raise ValueError(f"{f.table}: only {sorted(LIFTED_TABLES)} flows are lifted "
+                         "into a tenant")
+    m: dict[str, Any] = dict(f.match)
+    if "reg4" in m:
+        raise ValueError(f"{f.table}: Service flow already matches reg4")
+    m.update(_id(t))
+    prio = f.priority + LIFT
+    if prio <= PRIO_FALLTHROUGH:
+        raise ValueError(f"{f.table}: lifted priority {prio} is not above the tenant "
+                         f"fall-through ({PRIO_FALLTHROUGH})")
+    return Flow.make(f.table, prio, m, [_in_zone(a, t.vni) for a in f.actions], f.goto,
+                     feature=Feature.SERVICE, owner=service_owner(f.owner.split(":", 1)[1]),
+                     pipeline=pipeline)
+
+
+def lift_group(g: Group, t: TenantNet) -> Group:
+    """A Service group whose buckets commit (and NAT) in the tenant's zone."""
+    return replace(g, buckets=tuple(tuple(_in_zone(a, t.vni) for a in b) for b in g.buckets),
+                   owner=service_owner(g.owner.split(":", 1)[1]))
+
+
+def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
+                  groups: dict[str, list[Group]], pipeline: Pipeline = DEFAULT
+                  ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
+    """A tenant proxy's changed owners (flows.services.ServiceProxy.load/apply) lifted:
+    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out."""
+    out_f: dict[str, list[Flow]] = {}
+    out_g: dict[str, list[Group]] = {}
+    for owner, fl in flows.items():
+        if owner == HAIRPIN_OWNER:
+            continue
+        key = service_owner(owner.split(":", 1)[1])
+        out_f[key] = [lift_flow(f, t, pipeline) for f in fl]
+        out_g[key] = [lift_group(g, t) for g in groups.get(owner, [])]
+    return out_f, out_g
