@@ -255,10 +255,6 @@ class Agent:
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
                                       local_cidr=pod_cidr)
                          if a.proxy == "flowcni" else None)
-        if self.services is not None:  # Services inside tenants: a proxy per tenant
-            default_proxy = self.services
-            self.tenants.enable_services(a.datastore == "kubernetes",
-                                         lambda: default_proxy.gids)
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self._host_view: Any = None
@@ -329,6 +325,11 @@ class Agent:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
             self._sync_host_proxy()
+            # Services inside tenants: a proxy per tenant, built now, so that its group
+            # ids keep clear of the default proxy's (controller/tenants.py)
+            default_proxy = self.services
+            self.tenants.enable_services(self.args.datastore == "kubernetes",
+                                         lambda: default_proxy.gids)
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),

@@ -44,7 +44,7 @@ from flowcni.datastore.tenantconv import (
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
-from flowcni.flows.services import ServiceProxy, StaleUDP
+from flowcni.flows.services import ServiceError, ServiceProxy, StaleUDP, parse_service
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
@@ -55,12 +55,21 @@ from flowcni.flows.tenant import (
     tenant_owner,
 )
 from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
-from flowcni.flows.tenantservices import lift_services, tenant_service_body
+from flowcni.flows.tenantservices import (
+    DNS_SERVICE,
+    dns_flows,
+    dns_owner,
+    lift_services,
+    tenant_service_body,
+)
 
 LOG = logging.getLogger(__name__)
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
 # (no port backs them) and out of every CNI GC (their network is none of the runtime's).
 EGRESS_KEY = "tenant-egress:"
+# A tenant's cluster-DNS address on this node (flows/tenantservices.py dns_flows): a lease
+# of the same kind, under its own key (tenant names have no colon).
+DNS_KEY = EGRESS_KEY + "dns:"
 EGRESS_NETWORK = "flowcni-tenant-egress"
 KINDS = ("TenantNetwork", "Namespace", "Node")
 POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
@@ -108,6 +117,8 @@ class Tenants:
         self._svc_owned: set[str] = set()  # owners of the tenant Service flows installed
         self._svc_dropped: dict[str, tuple[str, ...]] = {}  # Service key -> fields logged
         self.stale: list[tuple[int, StaleUDP]] = []  # (zone, entry): drained by take_stale
+        self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
+        self.dns_addresses: dict[str, str] = {}  # tenant -> its DNS address on this node
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -160,6 +171,9 @@ class Tenants:
                 self._rebuild_services()
                 return changed
             self._apply_services(batch)
+            if any(c.kind == "Service" and f"{c.namespace}/{c.name}" == DNS_SERVICE
+                   for c in batch):
+                self._sync_dns()
             names = {n for ns in namespaces for n in (before.get(ns),
                                                      self.resolution.by_namespace.get(ns)) if n}
             return self._recompute_policy(names) if names else []
@@ -206,8 +220,11 @@ class Tenants:
                         taken: Callable[[], dict[int, str]] = dict) -> None:
         """Program tenant Services (flowcni's proxy mode). slices: endpoints from
         EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
-        default proxy's group ids, kept clear of when the tenants' proxies are built."""
-        self._svc_slices, self._default_gids = slices, taken
+        default proxy's group ids, kept clear of when the tenants' proxies are built.
+        Builds them at once from what load() kept."""
+        with self._lock:
+            self._svc_slices, self._default_gids = slices, taken
+            self._rebuild_services()
 
     def _service_body(self, b: dict[str, Any]) -> dict[str, Any]:
         """A tenant Service's body for its proxy; what it loses is logged once per change."""
@@ -227,7 +244,11 @@ class Tenants:
         resolution may have moved namespaces, slices or tenants); installs the difference."""
         if self._svc_slices is None:
             return
-        taken = dict(self._default_gids())  # one table of taken group ids for all tenants
+        # One table of taken group ids for all tenants' proxies. The default proxy's are
+        # marked as not theirs: a namespace that moved into a tenant may still have its
+        # Services in the default proxy (the relabel gap), under the same key, and its
+        # tenant Services must not reuse those groups.
+        taken = {g: f"default-network:{k}" for g, k in self._default_gids().items()}
         flows: dict[str, list[Flow]] = {}
         groups: dict[str, list[Group]] = {}
         proxies: dict[str, ServiceProxy] = {}
@@ -258,6 +279,57 @@ class Tenants:
         self._svc_owned = {o for o, fl in flows.items() if fl}
         if flows:
             self.flows.set_owners(flows, groups)
+        self._sync_dns()
+
+    def _dns_service(self) -> tuple[str, list[tuple[str, int]]] | None:
+        """The cluster DNS Service's ClusterIP and ports, when the default network has it."""
+        ns = DNS_SERVICE.split("/", 1)[0]
+        b = self.objects["Service"].get(DNS_SERVICE)
+        if b is None or ns in self.resolution.by_namespace:
+            return None
+        try:
+            svc = parse_service(ns, DNS_SERVICE.split("/", 1)[1], b.get("spec"))
+        except ServiceError:
+            return None  # the default proxy reports it
+        if svc.cluster_ip is None:
+            return None
+        return svc.cluster_ip, [(p.protocol, p.port) for p in svc.ports]
+
+    def _sync_dns(self) -> None:
+        """Every usable tenant's way to the cluster DNS Service (flows/tenantservices.py),
+        each under an address of its own on this node; none while there is no such
+        Service (its addresses are then given back)."""
+        dns = self._dns_service() if self._svc_slices is not None else None
+        want: dict[str, list[Flow]] = {}
+        for name, net in sorted(self.nets.items()):
+            if dns is None:
+                break
+            addr = self._dns_address(name)
+            if addr:
+                want[name] = dns_flows(net, addr, dns[0], dns[1], self.flows.pipeline)
+        for name in set(self.dns_addresses) - set(want):
+            self.dns_addresses.pop(name, None)
+            if self.node_ipam is not None:
+                self.node_ipam.release(DNS_KEY + name)
+        changes: dict[str, list[Flow]] = {dns_owner(n): [] for n in set(self._dns) - set(want)}
+        changes.update({dns_owner(n): f for n, f in want.items() if self._dns.get(n) != f})
+        self._dns = {n: f for n, f in want.items() if f}
+        if changes:
+            self.flows.set_owners(changes)
+
+    def _dns_address(self, name: str) -> str:
+        """Tenant `name`'s cluster-DNS address on this node ("" when none can be had)."""
+        if self.node_ipam is None:
+            return ""
+        if name not in self.dns_addresses:
+            try:
+                self.dns_addresses[name] = str(self.node_ipam.allocate(
+                    DNS_KEY + name, {"network": EGRESS_NETWORK, "tenant": name}))
+            except IPAMError as e:
+                LOG.error("TenantNetwork %s: no address on this node for cluster DNS (%s): "
+                          "%s", name, DNS_SERVICE, e.msg)
+                return ""
+        return self.dns_addresses[name]
 
     def _apply_services(self, batch: list[Change]) -> None:
         """Pods, Services and EndpointSlices of tenant namespaces: to their tenant's proxy."""

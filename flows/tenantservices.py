@@ -33,11 +33,12 @@ import copy
 from dataclasses import replace
 from typing import Any
 
+from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.hairpin import HAIRPIN_OWNER
-from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group
+from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, Load
 from flowcni.flows.tables import DEFAULT, Pipeline
-from flowcni.flows.tenant import PRIO_FALLTHROUGH, TenantNet, _id
+from flowcni.flows.tenant import PRIO_FALLTHROUGH, PRIO_TENANT, TenantNet, _id
 
 LIFT = 1000
 # Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
@@ -123,3 +124,61 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
         out_f[key] = [lift_flow(f, t, pipeline) for f in fl]
         out_g[key] = [lift_group(g, t) for g in groups.get(owner, [])]
     return out_f, out_g
+
+
+# -- cluster DNS from every tenant: the one deliberate exception ----------------------------
+#
+# The default network's DNS Service (DNS_SERVICE) is reachable from every tenant's pods,
+# at its own ClusterIP and ports, answered by the default network's DNS endpoints. Its
+# endpoints' addresses may be any tenant's too, and the tenant pod's address may be a
+# default pod's, so the query leaves its tenant under an address of the default network:
+#
+# - ServiceLB (a new query): SNAT in the tenant's zone to the tenant's DNS address on
+#   this node (one per tenant per node, leased from the node's own pod CIDR), the tenant
+#   id cleared, and back into ServiceLB, where the default Service flow DNATs it in the
+#   default zone, as any default pod's query. The default network carries it from there
+#   (tunnel key 0), and the answer comes back to this node, to that address.
+# - ConntrackZone (an answer, to the tenant's DNS address, on the default network):
+#   un-DNAT in the default zone, the tenant id loaded, and back into ConntrackZone,
+#   where the tenant's own zone flow un-SNATs it to the pod (flows/tenant.py).
+# - ConntrackState (a later packet of the query, already SNATed by the tenant's zone
+#   lookup, so its source is the tenant's DNS address): the tenant id cleared, and the
+#   default zone's DNAT applied, as for any established default connection.
+#
+# A tenant's own Service on the same ClusterIP and port wins (tenant Services sit
+# above these): the tenant's address space is its own.
+
+DNS_SERVICE = "kube-system/kube-dns"
+PRIO_DNS = PRIO_FALLTHROUGH + 100       # ServiceLB: above the fall-through, below lifted
+PRIO_DNS_STATE = PRIO_TENANT            # ConntrackState: above every default flow there
+PRIO_DNS_REPLY = PRIO_TENANT + 1        # ConntrackZone: above the tenant zone flows
+
+
+def dns_owner(name: str) -> str:
+    return f"tenant-dns:{name}"
+
+
+def dns_flows(t: TenantNet, address: str, cluster_ip: str,
+              ports: list[tuple[str, int]], pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """Tenant t's pods reaching the cluster DNS Service at cluster_ip on `ports`
+    ((protocol, port)), under `address`, t's DNS address on this node; pure."""
+    kw = dict(feature=Feature.TENANT, owner=dns_owner(t.name), pipeline=pipeline)
+    tid = _id(t)
+    leave = [Load(F.TENANT, 0), Load(F.IN_TENANT, 0)]
+    flows = [Flow.make("ServiceLB", PRIO_DNS,
+                       {**tid, "ipv4_dst": cluster_ip, f"{proto.lower()}_dst": port},
+                       [*leave, CT(commit=True, zone=t.vni, snat=address, table="ServiceLB")],
+                       **kw)
+             for proto, port in sorted(set(ports))]
+    if not flows:
+        return []
+    flows += [
+        Flow.make("ConntrackState", PRIO_DNS_STATE,
+                  {"eth_type": 0x0800, **tid, "ipv4_src": address, "ct_state": "-new-inv+trk"},
+                  [*leave, CT(zone=CT_ZONE, nat="", table="ConntrackState")], **kw),
+        Flow.make("ConntrackZone", PRIO_DNS_REPLY,
+                  {"reg4": F.IN_TENANT.value(0), "ipv4_dst": address},
+                  [Load(F.TENANT, t.vni), Load(F.IN_TENANT, 1),
+                   CT(zone=CT_ZONE, nat="", table="ConntrackZone")], **kw),
+    ]
+    return flows

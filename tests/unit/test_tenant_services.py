@@ -208,7 +208,9 @@ def test_group_ids_kept_clear_of_the_default_proxy(tmp_path: Any) -> None:
     from flowcni.flows.services import group_id_for
     t, fs = _tenants(tmp_path, services=False)
     want = group_id_for("b1/web/0", {})
-    t.enable_services(False, lambda: {want: "elsewhere/x/0"})  # the default proxy holds it
+    # the default proxy holds that id, even under the same key (a namespace relabelled into
+    # a tenant keeps its Services there): the tenant's group must not reuse it
+    t.enable_services(False, lambda: {want: "b1/web/0"})
     _load(t)
     ids = [g.group_id for g in fs.desired_groups() if g.owner == "tenant-service:b1/web"]
     assert ids and want not in ids
@@ -231,3 +233,63 @@ def test_flowctl_services_shows_the_tenant(capsys: pytest.CaptureFixture[str]) -
     assert "blue (VNI 101)" in out and "TENANT" in out.splitlines()[0]
     line = next(x for x in out.splitlines() if "default/web" in x)
     assert "blue" not in line
+
+
+# -- cluster DNS from every tenant ---------------------------------------------------------
+
+DNS = {"namespace": "kube-system", "name": "kube-dns", "spec": {
+    "clusterIP": "10.96.0.10", "selector": {"k8s-app": "kube-dns"},
+    "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+              {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}
+
+
+def test_cluster_dns_reaches_every_tenant_under_its_own_address(tmp_path: Any) -> None:
+    from flowcni.controller.tenants import DNS_KEY
+    t, fs = _tenants(tmp_path)
+    _load(t, extra_svcs=[DNS])
+    addrs = dict(t.dns_addresses)
+    assert set(addrs) == {"blue", "red"} and addrs["blue"] != addrs["red"]
+    assert all(a.startswith("10.244.1.") for a in addrs.values())  # the node's pod CIDR
+    assert str(t.node_ipam.lease(DNS_KEY + "blue")) == addrs["blue"]
+    for name, vni in (("blue", 101), ("red", 202)):
+        text = _ofctl(fs, f"tenant-dns:{name}")
+        reg = f"reg4={hex(0x10000 | vni)}/0x1ffff"
+        lb = [x for x in text if x.startswith("table=ServiceLB")]
+        # one per DNS port: the tenant's query, SNATed in its zone to its address, leaves
+        # the tenant (reg4 cleared) and meets the default Service flow again
+        assert len(lb) == 2 and all(reg in x and "nw_dst=10.96.0.10" in x and "tp_dst=53" in x
+                                    for x in lb)
+        assert all(f"ct(commit,table={DEFAULT.id('ServiceLB')},zone={vni},"
+                   f"nat(src={addrs[name]}))" in x for x in lb)
+        assert all("load:0x0->NXM_NX_REG4[16..16]" in x for x in lb)
+        # answers to its address: un-DNAT in the default zone, into the tenant, again
+        (rz,) = [x for x in text if x.startswith("table=ConntrackZone")]
+        assert f"nw_dst={addrs[name]}" in rz and "reg4=0x0/0x10000" in rz
+        assert f"load:{hex(vni)}->NXM_NX_REG4[0..15]" in rz and "zone=65520" in rz
+        # later packets (already SNATed by the tenant zone): DNATed in the default zone
+        (st,) = [x for x in text if x.startswith("table=ConntrackState")]
+        assert reg in st and f"nw_src={addrs[name]}" in st and "zone=65520,nat" in st
+        assert "ct_state=-new-inv+trk" in st
+    # a tenant's own Service on the same address wins: lifted flows sit above
+    from flowcni.flows.tenantservices import PRIO_DNS
+    assert all(f.priority > PRIO_DNS for f in fs.flows_of(["tenant-service:b1/web"]))
+    assert all(f.priority > PRIO_FALLTHROUGH for f in fs.flows_of(["tenant-dns:blue"])
+               if f.table == "ServiceLB")
+    # the DNS Service goes: the flows and the addresses go too
+    t.apply([Change(9, "delete", "Service", "kube-system", "kube-dns", None)])
+    assert not any(o.startswith("tenant-dns:") for o in fs.owners())
+    assert t.dns_addresses == {} and t.node_ipam.lease(DNS_KEY + "blue") is None
+    t.apply([Change(10, "put", "Service", "kube-system", "kube-dns", DNS)])
+    assert {o for o in fs.owners() if o.startswith("tenant-dns:")} == {
+        "tenant-dns:blue", "tenant-dns:red"}
+    # a tenant goes: its DNS flows and address go
+    t.apply([Change(11, "delete", "TenantNetwork", "", "red", None)])
+    assert "tenant-dns:red" not in fs.owners() and set(t.dns_addresses) == {"blue"}
+
+
+def test_no_cluster_dns_exception_for_a_tenant_owned_kube_system(tmp_path: Any) -> None:
+    t, fs = _tenants(tmp_path)
+    t.load([tn("blue", 101)], [ns("kube-system", tenant="blue")], NODES, [], [], [DNS], [])
+    assert not any(o.startswith("tenant-dns:") for o in fs.owners())
+    # ... it is then an ordinary Service of that tenant
+    assert fs.flows_of(["tenant-service:kube-system/kube-dns"])
