@@ -41,10 +41,17 @@ from flowcni.datastore.tenantconv import (
     from_body,
     resolve,
 )
+from flowcni.flows.hairpin import HAIRPIN_OWNER
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
-from flowcni.flows.services import ServiceError, ServiceProxy, StaleUDP, parse_service
+from flowcni.flows.services import (
+    ServiceError,
+    ServiceProxy,
+    StaleUDP,
+    group_id_for,
+    parse_service,
+)
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
@@ -115,6 +122,9 @@ class Tenants:
         self._default_gids: Callable[[], dict[int, str]] = dict
         self._proxies: dict[str, ServiceProxy] = {}
         self._svc_owned: set[str] = set()  # owners of the tenant Service flows installed
+        self._taken: dict[int, str] = {}  # group ids: the tenants' proxies' and their copies'
+        # connectTo: Service key -> (peer, group id) -> the peer's copy's group id
+        self._peer_gids: dict[str, dict[tuple[str, int], int]] = {}
         self._svc_dropped: dict[str, tuple[str, ...]] = {}  # Service key -> fields logged
         self.stale: list[tuple[int, StaleUDP]] = []  # (zone, entry): drained by take_stale
         self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
@@ -249,6 +259,7 @@ class Tenants:
         # Services in the default proxy (the relabel gap), under the same key, and its
         # tenant Services must not reuse those groups.
         taken = {g: f"default-network:{k}" for g, k in self._default_gids().items()}
+        self._taken, self._peer_gids = taken, {}
         flows: dict[str, list[Flow]] = {}
         groups: dict[str, list[Group]] = {}
         proxies: dict[str, ServiceProxy] = {}
@@ -269,7 +280,7 @@ class Tenants:
             for msg in problems:
                 LOG.error("TenantNetwork %s: skipping %s", name, msg)
             p.take_stale()  # a fresh proxy has no earlier endpoints to compare with
-            lf, lg = lift_services(net, f, g, self.flows.pipeline)
+            lf, lg = self._lift(net, f, g)
             flows.update(lf)
             groups.update(lg)
             proxies[name] = p
@@ -331,6 +342,33 @@ class Tenants:
                 return ""
         return self.dns_addresses[name]
 
+    def _lift(self, net: TenantNet, flows: dict[str, list[Flow]],
+              groups: dict[str, list[Group]]
+              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
+        """A tenant proxy's changed owners lifted into the tenant, with a copy for each
+        connected tenant (connectTo), whose group ids are kept here and given back when
+        a copy no longer needs them."""
+        used: set[tuple[str, tuple[str, int]]] = set()
+
+        def gid_of(key: str, peer: str, gid: int) -> int:
+            mine = self._peer_gids.setdefault(key, {})
+            used.add((key, (peer, gid)))
+            if (peer, gid) not in mine:
+                name = f"{key}/{gid}@{peer}"
+                mine[(peer, gid)] = group_id_for(name, self._taken)
+                self._taken[mine[(peer, gid)]] = name
+            return mine[(peer, gid)]
+
+        peers = tuple(self.nets[p] for p, _, _ in net.peers if p in self.nets)
+        out = lift_services(net, flows, groups, self.flows.pipeline, peers, gid_of)
+        for key in {o.split(":", 1)[1] for o in flows if o != HAIRPIN_OWNER}:
+            mine = self._peer_gids.get(key, {})
+            for slot in [s for s in mine if (key, s) not in used]:
+                del self._taken[mine.pop(slot)]
+            if not mine:
+                self._peer_gids.pop(key, None)
+        return out
+
     def _apply_services(self, batch: list[Change]) -> None:
         """Pods, Services and EndpointSlices of tenant namespaces: to their tenant's proxy."""
         if self._svc_slices is None:
@@ -353,7 +391,7 @@ class Tenants:
             for msg in problems:
                 LOG.error("TenantNetwork %s: skipping %s", name, msg)
             self.stale += [(net.vni, s) for s in p.take_stale()]
-            lf, lg = lift_services(net, f, g, self.flows.pipeline)
+            lf, lg = self._lift(net, f, g)
             flows.update(lf)
             groups.update(lg)
         for o, fl in flows.items():
@@ -375,7 +413,8 @@ class Tenants:
     def describe_services(self) -> list[dict[str, Any]]:
         """Each tenant Service as flows.services.ServiceProxy.describe, plus its tenant."""
         with self._lock:
-            return [{**s, "tenant": name, "vni": self.nets[name].vni}
+            return [{**s, "tenant": name, "vni": self.nets[name].vni,
+                     "connected": [p for p, _, _ in self.nets[name].peers]}
                     for name, p in sorted(self._proxies.items()) for s in p.describe()]
 
     def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:

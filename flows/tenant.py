@@ -222,12 +222,15 @@ def connect_pod_flows(t: TenantNet, pods: list[tuple[LocalPod, TenantNet]],
     and the answers must find it there), then the tenant id switched and the packet
     tracked in the pod's tenant's zone, so that tenant's ingress rules decide (a new
     connection there until its own commit) and the pod's answers are not invalid.
+    The lookup in the pod's tenant's zone also NATs: an answer of a Service endpoint
+    to a connected tenant's client (flows/tenantservices.py, peers) is un-DNATed there,
+    back to the Service's address; for anything else it changes nothing.
     """
     kw = dict(feature=Feature.TENANT, owner=connect_owner(t.name), pipeline=pipeline)
     return [Flow.make("L3Forwarding", PRIO_CONNECT, {**_id(t), "ipv4_dst": p.ip},
                       [SetField("eth_src", pt.router_mac), SetField("eth_dst", p.mac),
                        CT(commit=True, zone=t.vni), Load(F.TENANT, pt.vni),
-                       CT(zone=pt.vni, table="L3DecTTL")], **kw)
+                       CT(zone=pt.vni, nat="", table="L3DecTTL")], **kw)
             for p, pt in pods]
 
 

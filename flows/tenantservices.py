@@ -30,13 +30,14 @@ proxy's hairpin flows are not lifted.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.hairpin import HAIRPIN_OWNER
-from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, Load
+from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Load
 from flowcni.flows.tables import DEFAULT, Pipeline
 from flowcni.flows.tenant import PRIO_FALLTHROUGH, PRIO_TENANT, TenantNet, _id
 
@@ -110,19 +111,62 @@ def lift_group(g: Group, t: TenantNet) -> Group:
                    owner=service_owner(g.owner.split(":", 1)[1]))
 
 
+def peer_owner(key: str, peer: str) -> str:
+    """The owner of a tenant Service's flows for a connected tenant (connectTo)."""
+    return f"tenant-service:{key}@{peer}"
+
+
+def _for_peer(a: Action, x: TenantNet, gid_of: Callable[[int], int]) -> Action:
+    return GroupAction(gid_of(a.group_id)) if isinstance(a, GroupAction) else _in_zone(a, x.vni)
+
+
+def lift_for_peer(f: Flow, x: TenantNet, key: str, gid_of: Callable[[int], int],
+                  pipeline: Pipeline = DEFAULT) -> Flow:
+    """A tenant Service's ServiceLB flow as connected tenant x's pods reach it: x's id,
+    one below the tenant's own Services (x's own Service on the same address and port
+    wins), its groups' copies committing in x's zone (gid_of: original -> copy)."""
+    own = lift_flow(f, x, pipeline)
+    return Flow.make(f.table, own.priority - 1, dict(own.match),
+                     [_for_peer(a, x, gid_of) for a in f.actions], f.goto,
+                     feature=Feature.SERVICE, owner=peer_owner(key, x.name), pipeline=pipeline)
+
+
 def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
-                  groups: dict[str, list[Group]], pipeline: Pipeline = DEFAULT
+                  groups: dict[str, list[Group]], pipeline: Pipeline = DEFAULT,
+                  peers: tuple[TenantNet, ...] = (),
+                  gid_of: Callable[[str, str, int], int] | None = None
                   ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
     """A tenant proxy's changed owners (flows.services.ServiceProxy.load/apply) lifted:
-    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out."""
+    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out.
+
+    peers: the tenants connected with t (connectTo, agreed by both): each gets its own
+    copy of every Service (owner tenant-service:KEY@PEER), matching its id, whose groups
+    commit in its zone: from there on the connection is the peer's own, reaching t's
+    endpoint as any of t's pods (flows/tenant.py connect flows). gid_of(key, peer,
+    group id) gives the copy's group id."""
     out_f: dict[str, list[Flow]] = {}
     out_g: dict[str, list[Group]] = {}
     for owner, fl in flows.items():
         if owner == HAIRPIN_OWNER:
             continue
-        key = service_owner(owner.split(":", 1)[1])
-        out_f[key] = [lift_flow(f, t, pipeline) for f in fl]
-        out_g[key] = [lift_group(g, t) for g in groups.get(owner, [])]
+        key = owner.split(":", 1)[1]
+        out_f[service_owner(key)] = [lift_flow(f, t, pipeline) for f in fl]
+        out_g[service_owner(key)] = [lift_group(g, t) for g in groups.get(owner, [])]
+        for x in peers:
+            if gid_of is None:
+                raise ValueError("lift_services: peers need gid_of")
+
+            def copy_gid(gid: int, _x: TenantNet = x, _k: str = key) -> int:
+                assert gid_of is not None
+                return gid_of(_k, _x.name, gid)
+
+            out_f[peer_owner(key, x.name)] = [lift_for_peer(f, x, key, copy_gid, pipeline)
+                                               for f in fl]
+            out_g[peer_owner(key, x.name)] = [
+                replace(g, group_id=copy_gid(g.group_id), owner=peer_owner(key, x.name),
+                        buckets=tuple(tuple(_for_peer(a, x, copy_gid) for a in b)
+                                      for b in g.buckets))
+                for g in groups.get(owner, [])]
     return out_f, out_g
 
 

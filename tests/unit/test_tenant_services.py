@@ -293,3 +293,35 @@ def test_no_cluster_dns_exception_for_a_tenant_owned_kube_system(tmp_path: Any) 
     assert not any(o.startswith("tenant-dns:") for o in fs.owners())
     # ... it is then an ordinary Service of that tenant
     assert fs.flows_of(["tenant-service:kube-system/kube-dns"])
+
+
+def test_connected_tenant_gets_a_copy_in_its_own_zone(tmp_path: Any) -> None:
+    """green and blue are connected (both list each other): green's pods reach blue's
+    Service through a copy matching green's id, one below green's own Services, whose
+    groups commit in green's zone; red (not connected) gets none."""
+    t, fs = _tenants(tmp_path)
+    blue = tn("blue", 101)
+    blue["spec"]["connectTo"] = ["green"]
+    green = {"name": "green", "created": "green", "spec": {
+        "namespaceSelector": {"matchLabels": {"tenant": "green"}},
+        "subnets": ["10.60.0.0/16"], "vni": 303, "connectTo": ["blue"]}}
+    t.load([blue, tn("red", 202), green],
+           [ns("b1", tenant="blue"), ns("r1", tenant="red"), ns("g1", tenant="green")], NODES,
+           [pod("b1", "w", "10.50.1.5")], [], [svc("b1")], [])
+    own, copy = fs.flows_of(["tenant-service:b1/web"]), fs.flows_of(["tenant-service:b1/web@green"])
+    assert len(own) == len(copy) == 2
+    assert all(dict(f.match)["reg4"] == (0x1012F, 0x1FFFF) for f in copy)
+    assert {f.priority for f in copy} == {f.priority - 1 for f in own}
+    g_own = {g.group_id for g in fs.desired_groups() if g.owner == "tenant-service:b1/web"}
+    g_copy = [g for g in fs.desired_groups() if g.owner == "tenant-service:b1/web@green"]
+    assert len(g_copy) == 2 and not g_own & {g.group_id for g in g_copy}
+    assert all("zone=303" in g.ofctl(DEFAULT) and "nat(dst=10.50.1.5:" in g.ofctl(DEFAULT)
+               for g in g_copy)
+    assert {a.group_id for f in copy for a in f.actions if isinstance(a, GroupAction)} == {
+        g.group_id for g in g_copy}
+    assert not any("@red" in o for o in fs.owners())
+    # the Service goes: the copy and its group ids go too
+    t.apply([Change(5, "delete", "Service", "b1", "web", None)])
+    assert fs.flows_of(["tenant-service:b1/web@green"]) == []
+    assert not [g for g in fs.desired_groups() if g.owner.startswith("tenant-service:")]
+    assert not any("@green" in k for k in t._taken.values())
