@@ -300,8 +300,7 @@ class Agent:
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
                           store.objects("Node"), pods, policies,
-                          *((store.objects("Service"), store.objects("EndpointSlice"))
-                            if self.services is not None else ()))
+                          store.objects("Service"), store.objects("EndpointSlice"))
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:

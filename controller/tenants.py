@@ -20,6 +20,7 @@ pods under "stale" so the user can restart them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -63,7 +64,9 @@ from flowcni.flows.tenant import (
 )
 from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
 from flowcni.flows.tenantservices import (
+    DEFAULT_SERVICES_OWNER,
     DNS_SERVICE,
+    default_clusterip_flows,
     dns_flows,
     dns_owner,
     lift_services,
@@ -128,6 +131,7 @@ class Tenants:
         self._svc_dropped: dict[str, tuple[str, ...]] = {}  # Service key -> fields logged
         self.stale: list[tuple[int, StaleUDP]] = []  # (zone, entry): drained by take_stale
         self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
+        self._guarded: list[Flow] = []  # the default ClusterIPs' drops for tenants
         self.dns_addresses: dict[str, str] = {}  # tenant -> its DNS address on this node
 
     # -- datastore ---------------------------------------------------------------------
@@ -152,6 +156,7 @@ class Tenants:
             self._recompute()
             changed = self._recompute_policy(set(self.nets))
             self._rebuild_services()
+            self._sync_default_guard()
             return changed
 
     def apply(self, batch: list[Change]) -> list[Flow]:
@@ -179,11 +184,15 @@ class Tenants:
                 self._recompute()
                 changed = self._recompute_policy(set(self.nets) | set(self._policy))
                 self._rebuild_services()
+                self._sync_default_guard()
                 return changed
             self._apply_services(batch)
             if any(c.kind == "Service" and f"{c.namespace}/{c.name}" == DNS_SERVICE
                    for c in batch):
                 self._sync_dns()
+            if any(c.kind == "Service" and c.namespace not in self.resolution.by_namespace
+                   for c in batch):
+                self._sync_default_guard()
             names = {n for ns in namespaces for n in (before.get(ns),
                                                      self.resolution.by_namespace.get(ns)) if n}
             return self._recompute_policy(names) if names else []
@@ -291,6 +300,25 @@ class Tenants:
         if flows:
             self.flows.set_owners(flows, groups)
         self._sync_dns()
+
+    def _sync_default_guard(self) -> None:
+        """Tenants never reach a default-network ClusterIP by routing (a masquerading
+        tenant's egress would, through the node): one drop each, while tenants exist."""
+        ips = []
+        if self.nets:
+            for b in self.objects["Service"].values():
+                spec = b.get("spec")
+                cip = spec.get("clusterIP") if isinstance(spec, dict) else None
+                if (b.get("namespace") not in self.resolution.by_namespace
+                        and isinstance(cip, str) and cip not in ("", "None")):
+                    try:
+                        ips.append(str(ipaddress.IPv4Address(cip)))
+                    except ValueError:
+                        continue  # the default proxy reports it
+        flows = default_clusterip_flows(ips, self.flows.pipeline)
+        if flows != self._guarded:
+            self._guarded = flows
+            self.flows.set_owners({DEFAULT_SERVICES_OWNER: flows})
 
     def _dns_service(self) -> tuple[str, list[tuple[str, int]]] | None:
         """The cluster DNS Service's ClusterIP and ports, when the default network has it."""

@@ -39,7 +39,14 @@ from flowcni.flows.cookie import Feature
 from flowcni.flows.hairpin import HAIRPIN_OWNER
 from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Load
 from flowcni.flows.tables import DEFAULT, Pipeline
-from flowcni.flows.tenant import PRIO_FALLTHROUGH, PRIO_TENANT, TenantNet, _id
+from flowcni.flows.tenant import (
+    PRIO_EGRESS_NOT,
+    PRIO_FALLTHROUGH,
+    PRIO_TENANT,
+    TenantNet,
+    _id,
+    _in_tenant,
+)
 
 LIFT = 1000
 # Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
@@ -226,3 +233,22 @@ def dns_flows(t: TenantNet, address: str, cluster_ip: str,
                    CT(zone=CT_ZONE, nat="", table="ConntrackZone")], **kw),
     ]
     return flows
+
+
+# -- the default network's ClusterIPs are no tenant's egress destination -------------------
+#
+# A masquerading tenant's new connections to addresses outside the cluster leave through
+# the node (flows/tenant.py egress_flows). The node routes every ClusterIP back into the
+# bridge (flowcni's proxy, for host-network clients; kube-proxy DNATs them itself), so
+# without these a masquerading tenant would reach every default-network Service that way.
+
+DEFAULT_SERVICES_OWNER = "tenant-no-default-services"
+
+
+def default_clusterip_flows(cluster_ips: list[str], pipeline: Pipeline = DEFAULT
+                            ) -> list[Flow]:
+    """One drop per default-network ClusterIP for every tenant packet routed to it (the
+    cluster DNS exception never gets here: its packets leave the tenant in ServiceLB)."""
+    kw = dict(feature=Feature.TENANT, owner=DEFAULT_SERVICES_OWNER, pipeline=pipeline)
+    return [Flow.make("L3Forwarding", PRIO_EGRESS_NOT, {**_in_tenant(), "ipv4_dst": ip}, **kw)
+            for ip in sorted(set(cluster_ips))]

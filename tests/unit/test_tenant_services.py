@@ -325,3 +325,19 @@ def test_connected_tenant_gets_a_copy_in_its_own_zone(tmp_path: Any) -> None:
     assert fs.flows_of(["tenant-service:b1/web@green"]) == []
     assert not [g for g in fs.desired_groups() if g.owner.startswith("tenant-service:")]
     assert not any("@green" in k for k in t._taken.values())
+
+
+def test_default_clusterips_are_no_tenant_destination(tmp_path: Any) -> None:
+    """A masquerading tenant would otherwise reach default ClusterIPs through the node."""
+    from flowcni.flows.tenantservices import DEFAULT_SERVICES_OWNER
+    t, fs = _tenants(tmp_path, services=False)  # kube-proxy mode: the guard holds too
+    _load(t, extra_svcs=[DNS, svc("default", ip="10.96.7.7")])
+    text = _ofctl(fs, DEFAULT_SERVICES_OWNER)
+    assert sorted(x.split("nw_dst=")[1].split(",")[0] for x in text) == [
+        "10.96.0.10", "10.96.7.7"]  # the tenants' own 10.96.5.5 is not one of them
+    assert all("table=L3Forwarding" in x and "reg4=0x10000/0x10000" in x
+               and x.endswith("actions=drop") for x in text)
+    t.apply([Change(3, "delete", "Service", "default", "web", None)])
+    assert len(_ofctl(fs, DEFAULT_SERVICES_OWNER)) == 1
+    t.load([], [ns("default")], NODES, [], [], [DNS], [])  # no tenant: no flows at all
+    assert fs.flow_count() == 0
