@@ -135,7 +135,7 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
 # zone's DNAT of its later packets, told apart by the tenant's DNS address as source).
 TENANT_DNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ServiceLB": ((), ("ServiceLB",)),
-    "ConntrackState": (("ipv4_src",), ("ConntrackState",)),
+    "ConntrackState": (("ipv4_src", "ipv4_dst"), ("ConntrackState",)),
 }
 PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ()))
                        | frozenset(TENANT_DNS.get(t.name, ((), ()))[0]),

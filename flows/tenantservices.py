@@ -193,8 +193,10 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
 #   un-DNAT in the default zone, the tenant id loaded, and back into ConntrackZone,
 #   where the tenant's own zone flow un-SNATs it to the pod (flows/tenant.py).
 # - ConntrackState (a later packet of the query, already SNATed by the tenant's zone
-#   lookup, so its source is the tenant's DNS address): the tenant id cleared, and the
-#   default zone's DNAT applied, as for any established default connection.
+#   lookup, so its source is the tenant's DNS address, and its destination still the
+#   DNS ClusterIP): the tenant id cleared, and the default zone's DNAT applied, as for
+#   any established default connection. Both addresses are matched: a tenant whose
+#   subnets overlap the default pod CIDR may have a pod at the DNS address.
 #
 # A tenant's own Service on the same ClusterIP and port wins (tenant Services sit
 # above these): the tenant's address space is its own.
@@ -225,7 +227,8 @@ def dns_flows(t: TenantNet, address: str, cluster_ip: str,
         return []
     flows += [
         Flow.make("ConntrackState", PRIO_DNS_STATE,
-                  {"eth_type": 0x0800, **tid, "ipv4_src": address, "ct_state": "-new-inv+trk"},
+                  {"eth_type": 0x0800, **tid, "ipv4_src": address, "ipv4_dst": cluster_ip,
+                   "ct_state": "-new-inv+trk"},
                   [*leave, CT(zone=CT_ZONE, nat="", table="ConntrackState")], **kw),
         Flow.make("ConntrackZone", PRIO_DNS_REPLY,
                   {"reg4": F.IN_TENANT.value(0), "ipv4_dst": address},

@@ -269,6 +269,7 @@ def test_cluster_dns_reaches_every_tenant_under_its_own_address(tmp_path: Any) -
         # later packets (already SNATed by the tenant zone): DNATed in the default zone
         (st,) = [x for x in text if x.startswith("table=ConntrackState")]
         assert reg in st and f"nw_src={addrs[name]}" in st and "zone=65520,nat" in st
+        assert "nw_dst=10.96.0.10" in st
         assert "ct_state=-new-inv+trk" in st
     # a tenant's own Service on the same address wins: lifted flows sit above
     from flowcni.flows.tenantservices import PRIO_DNS
