@@ -418,7 +418,9 @@ class Tenants:
             f, g, problems = p.apply(changes)
             for msg in problems:
                 LOG.error("TenantNetwork %s: skipping %s", name, msg)
-            self.stale += [(net.vni, s) for s in p.take_stale()]
+            # in the tenant's zone, and in each connected tenant's (its copies commit there)
+            zones = (net.vni, *(self.nets[q].vni for q, _, _ in net.peers if q in self.nets))
+            self.stale += [(z, s) for s in p.take_stale() for z in zones]
             lf, lg = self._lift(net, f, g)
             flows.update(lf)
             groups.update(lg)
