@@ -299,7 +299,8 @@ class Agent:
         self.peers.set_nodes(store.objects("Node"))
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
-                          store.objects("Node"), pods, policies)
+                          store.objects("Node"), pods, policies,
+                          store.objects("Service"), store.objects("EndpointSlice"))
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -323,6 +324,11 @@ class Agent:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
             self._sync_host_proxy()
+            # Services inside tenants: a proxy per tenant, built now, so that its group
+            # ids keep clear of the default proxy's (controller/tenants.py)
+            default_proxy = self.services
+            self.tenants.enable_services(self.args.datastore == "kubernetes",
+                                         lambda: default_proxy.gids)
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
@@ -414,6 +420,8 @@ class Agent:
             return  # stopping: this batch never reached OVS
         if self.services is not None and self.services.stale:
             flush_stale(self._vswitchd, self.services.take_stale())
+        for zone, entry in self.tenants.take_stale():
+            flush_stale(self._vswitchd, [entry], zone)
         if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),

@@ -190,7 +190,9 @@ class AgentAPI:
             packets = self._switch().group_packets() if svc else {}
         except OFError as e:
             raise APIError(api.UNAVAILABLE, f"group stats: {e}") from e
-        return {"proxy": self.agent.args.proxy, "services": svc.describe() if svc else [],
+        return {"proxy": self.agent.args.proxy,
+                "services": [*svc.describe(), *self.agent.tenants.describe_services()]
+                if svc else [],
                 "packets": {str(g): n for g, n in packets.items()}}
 
     def v_tenants(self, req: Request) -> dict[str, Any]:

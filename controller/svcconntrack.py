@@ -39,13 +39,14 @@ def flush_args(s: StaleUDP, zone: int = CT_ZONE) -> list[str]:
     return [*orig, f"ct_nw_src={s.endpoint},ct_nw_proto=17,ct_tp_src={s.endpoint_port}"]
 
 
-def flush_stale(vswitchd: Caller, stale: Iterable[StaleUDP]) -> int:
+def flush_stale(vswitchd: Caller, stale: Iterable[StaleUDP], zone: int = CT_ZONE) -> int:
     """Flush each stale endpoint's entries; how many flushes OVS accepted. A failure is
-    logged and costs only that endpoint (its clients then wait for the entry to expire)."""
+    logged and costs only that endpoint (its clients then wait for the entry to expire).
+    zone: a tenant's (its VNI) for a tenant Service's entries."""
     done = 0
     for s in stale:
         try:
-            vswitchd.call("dpctl/flush-conntrack", *flush_args(s))
+            vswitchd.call("dpctl/flush-conntrack", *flush_args(s, zone))
             done += 1
         except Exception as e:  # UnixctlError, or OVS refusing the tuple
             LOG.warning("conntrack of %s:%d -> %s:%d not flushed: %s", s.cluster_ip, s.port,

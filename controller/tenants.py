@@ -20,6 +20,7 @@ pods under "stale" so the user can restart them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -41,9 +42,17 @@ from flowcni.datastore.tenantconv import (
     from_body,
     resolve,
 )
-from flowcni.flows.model import Flow
+from flowcni.flows.hairpin import HAIRPIN_OWNER
+from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
+from flowcni.flows.services import (
+    ServiceError,
+    ServiceProxy,
+    StaleUDP,
+    group_id_for,
+    parse_service,
+)
 from flowcni.flows.tenant import (
     TENANT_BASE_OWNER,
     TenantNet,
@@ -54,14 +63,27 @@ from flowcni.flows.tenant import (
     tenant_owner,
 )
 from flowcni.flows.tenantpolicy import policy_owner, tenant_policy_flows
+from flowcni.flows.tenantservices import (
+    DEFAULT_SERVICES_OWNER,
+    DNS_SERVICE,
+    default_clusterip_flows,
+    dns_flows,
+    dns_owner,
+    lift_services,
+    tenant_service_body,
+)
 
 LOG = logging.getLogger(__name__)
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
 # (no port backs them) and out of every CNI GC (their network is none of the runtime's).
 EGRESS_KEY = "tenant-egress:"
+# A tenant's cluster-DNS address on this node (flows/tenantservices.py dns_flows): a lease
+# of the same kind, under its own key (tenant names have no colon).
+DNS_KEY = EGRESS_KEY + "dns:"
 EGRESS_NETWORK = "flowcni-tenant-egress"
 KINDS = ("TenantNetwork", "Namespace", "Node")
 POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
+SERVICE_KINDS = ("Service", "EndpointSlice")  # likewise; for the tenants' Service proxies
 _SAFE = re.compile(r"[^a-z0-9.-]")
 
 
@@ -87,7 +109,7 @@ class Tenants:
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
         self.gateway, self.node_ipam = gateway, node_ipam
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
-            k: {} for k in (*KINDS, *POLICY_KINDS)}
+            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS)}
         self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
@@ -97,12 +119,28 @@ class Tenants:
         self._connect: dict[str, list[Flow]] = {}
         self._accepted: dict[str, TenantSpec] = {}  # immutable fields as first accepted
         self.pods: Callable[[], list[Any]] = lambda: []  # the node's attachments
+        # Services inside tenants (flows/tenantservices.py): one ServiceProxy per tenant,
+        # only with flowcni's proxy (enable_services); None: off (kube-proxy mode).
+        self._svc_slices: bool | None = None
+        self._default_gids: Callable[[], dict[int, str]] = dict
+        self._proxies: dict[str, ServiceProxy] = {}
+        self._svc_owned: set[str] = set()  # owners of the tenant Service flows installed
+        self._taken: dict[int, str] = {}  # group ids: the tenants' proxies' and their copies'
+        # connectTo: Service key -> (peer, group id) -> the peer's copy's group id
+        self._peer_gids: dict[str, dict[tuple[str, int], int]] = {}
+        self._svc_dropped: dict[str, tuple[str, ...]] = {}  # Service key -> fields logged
+        self.stale: list[tuple[int, StaleUDP]] = []  # (zone, entry): drained by take_stale
+        self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
+        self._guarded: list[Flow] = []  # the default ClusterIPs' drops for tenants
+        self.dns_addresses: dict[str, str] = {}  # tenant -> its DNS address on this node
 
     # -- datastore ---------------------------------------------------------------------
 
     def load(self, tenants: list[dict[str, Any]], namespaces: list[dict[str, Any]],
              nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
-             policies: list[dict[str, Any]] | None = None) -> list[Flow]:
+             policies: list[dict[str, Any]] | None = None,
+             services: list[dict[str, Any]] | None = None,
+             slices: list[dict[str, Any]] | None = None) -> list[Flow]:
         """The initial lists; returns the policy flows it changed (for the datapath guard)."""
         with self._lock:
             self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
@@ -110,9 +148,16 @@ class Tenants:
                             "Node": {b["name"]: b for b in nodes},
                             "Pod": {f"{b['namespace']}/{b['name']}": b for b in pods or []},
                             "NetworkPolicy": {f"{b['namespace']}/{b['name']}": b
-                                              for b in policies or []}}
+                                              for b in policies or []},
+                            "Service": {f"{b['namespace']}/{b['name']}": b
+                                        for b in services or []},
+                            "EndpointSlice": {f"{b['namespace']}/{b['name']}": b
+                                              for b in slices or []}}
             self._recompute()
-            return self._recompute_policy(set(self.nets))
+            changed = self._recompute_policy(set(self.nets))
+            self._rebuild_services()
+            self._sync_default_guard()
+            return changed
 
     def apply(self, batch: list[Change]) -> list[Flow]:
         """Watched changes; returns the policy flows it changed (for the datapath guard)."""
@@ -120,7 +165,9 @@ class Tenants:
         namespaces: set[str] = set()
         with self._lock:
             for c in batch:
-                if c.kind in POLICY_KINDS:
+                if c.kind in SERVICE_KINDS:
+                    key = f"{c.namespace}/{c.name}"
+                elif c.kind in POLICY_KINDS:
                     key = f"{c.namespace}/{c.name}"
                     namespaces.add(c.namespace)
                 elif c.kind in KINDS:
@@ -135,7 +182,17 @@ class Tenants:
             before = dict(self.resolution.by_namespace)
             if touched:
                 self._recompute()
-                return self._recompute_policy(set(self.nets) | set(self._policy))
+                changed = self._recompute_policy(set(self.nets) | set(self._policy))
+                self._rebuild_services()
+                self._sync_default_guard()
+                return changed
+            self._apply_services(batch)
+            if any(c.kind == "Service" and f"{c.namespace}/{c.name}" == DNS_SERVICE
+                   for c in batch):
+                self._sync_dns()
+            if any(c.kind == "Service" and c.namespace not in self.resolution.by_namespace
+                   for c in batch):
+                self._sync_default_guard()
             names = {n for ns in namespaces for n in (before.get(ns),
                                                      self.resolution.by_namespace.get(ns)) if n}
             return self._recompute_policy(names) if names else []
@@ -175,6 +232,220 @@ class Tenants:
         if changes:
             self.flows.set_owners(changes)
         return changed
+
+    # -- Services inside tenants (flows/tenantservices.py) ------------------------------
+
+    def enable_services(self, slices: bool,
+                        taken: Callable[[], dict[int, str]] = dict) -> None:
+        """Program tenant Services (flowcni's proxy mode). slices: endpoints from
+        EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
+        default proxy's group ids, kept clear of when the tenants' proxies are built.
+        Builds them at once from what load() kept."""
+        with self._lock:
+            self._svc_slices, self._default_gids = slices, taken
+            self._rebuild_services()
+
+    def _service_body(self, b: dict[str, Any]) -> dict[str, Any]:
+        """A tenant Service's body for its proxy; what it loses is logged once per change."""
+        key = f"{b.get('namespace')}/{b.get('name')}"
+        new, dropped = tenant_service_body(b)
+        if tuple(dropped) != self._svc_dropped.get(key, ()):
+            self._svc_dropped[key] = tuple(dropped)
+            if dropped:
+                LOG.warning("service %s (tenant %s): %s not supported inside a tenant "
+                            "network: programmed as a ClusterIP only", key,
+                            self.resolution.by_namespace.get(str(b.get("namespace"))),
+                            ", ".join(dropped))
+        return new
+
+    def _rebuild_services(self) -> None:
+        """Every tenant's Service proxy anew, from its own namespaces' objects (after the
+        resolution may have moved namespaces, slices or tenants); installs the difference."""
+        if self._svc_slices is None:
+            return
+        # One table of taken group ids for all tenants' proxies. The default proxy's are
+        # marked as not theirs: a namespace that moved into a tenant may still have its
+        # Services in the default proxy (the relabel gap), under the same key, and its
+        # tenant Services must not reuse those groups.
+        taken = {g: f"default-network:{k}" for g, k in self._default_gids().items()}
+        self._taken, self._peer_gids = taken, {}
+        flows: dict[str, list[Flow]] = {}
+        groups: dict[str, list[Group]] = {}
+        proxies: dict[str, ServiceProxy] = {}
+        for name, net in sorted(self.nets.items()):
+            t = self.resolution.tenants.get(name)
+            if t is None:
+                continue
+            mine = set(t.namespaces)
+            p = ServiceProxy(self.flows.pipeline, slices=self._svc_slices,
+                             local_cidr=t.slices.get(self.me))
+            p.gids = taken
+            f, g, problems = p.load(
+                [self._service_body(b) for b in self.objects["Service"].values()
+                 if b.get("namespace") in mine],
+                [b for b in self.objects["Pod"].values() if b.get("namespace") in mine],
+                [b for b in self.objects["EndpointSlice"].values()
+                 if b.get("namespace") in mine])
+            for msg in problems:
+                LOG.error("TenantNetwork %s: skipping %s", name, msg)
+            p.take_stale()  # a fresh proxy has no earlier endpoints to compare with
+            lf, lg = self._lift(net, f, g)
+            flows.update(lf)
+            groups.update(lg)
+            proxies[name] = p
+        self._proxies = proxies
+        for o in self._svc_owned - set(flows):
+            flows[o], groups[o] = [], []
+        self._svc_owned = {o for o, fl in flows.items() if fl}
+        if flows:
+            self.flows.set_owners(flows, groups)
+        self._sync_dns()
+
+    def _sync_default_guard(self) -> None:
+        """Tenants never reach a default-network ClusterIP by routing (a masquerading
+        tenant's egress would, through the node): one drop each, while tenants exist."""
+        ips = []
+        if self.nets:
+            for b in self.objects["Service"].values():
+                spec = b.get("spec")
+                cip = spec.get("clusterIP") if isinstance(spec, dict) else None
+                if (b.get("namespace") not in self.resolution.by_namespace
+                        and isinstance(cip, str) and cip not in ("", "None")):
+                    try:
+                        ips.append(str(ipaddress.IPv4Address(cip)))
+                    except ValueError:
+                        continue  # the default proxy reports it
+        flows = default_clusterip_flows(ips, self.flows.pipeline)
+        if flows != self._guarded:
+            self._guarded = flows
+            self.flows.set_owners({DEFAULT_SERVICES_OWNER: flows})
+
+    def _dns_service(self) -> tuple[str, list[tuple[str, int]]] | None:
+        """The cluster DNS Service's ClusterIP and ports, when the default network has it."""
+        ns = DNS_SERVICE.split("/", 1)[0]
+        b = self.objects["Service"].get(DNS_SERVICE)
+        if b is None or ns in self.resolution.by_namespace:
+            return None
+        try:
+            svc = parse_service(ns, DNS_SERVICE.split("/", 1)[1], b.get("spec"))
+        except ServiceError:
+            return None  # the default proxy reports it
+        if svc.cluster_ip is None:
+            return None
+        return svc.cluster_ip, [(p.protocol, p.port) for p in svc.ports]
+
+    def _sync_dns(self) -> None:
+        """Every usable tenant's way to the cluster DNS Service (flows/tenantservices.py),
+        each under an address of its own on this node; none while there is no such
+        Service (its addresses are then given back)."""
+        dns = self._dns_service() if self._svc_slices is not None else None
+        want: dict[str, list[Flow]] = {}
+        for name, net in sorted(self.nets.items()):
+            if dns is None:
+                break
+            addr = self._dns_address(name)
+            if addr:
+                want[name] = dns_flows(net, addr, dns[0], dns[1], self.flows.pipeline)
+        for name in set(self.dns_addresses) - set(want):
+            self.dns_addresses.pop(name, None)
+            if self.node_ipam is not None:
+                self.node_ipam.release(DNS_KEY + name)
+        changes: dict[str, list[Flow]] = {dns_owner(n): [] for n in set(self._dns) - set(want)}
+        changes.update({dns_owner(n): f for n, f in want.items() if self._dns.get(n) != f})
+        self._dns = {n: f for n, f in want.items() if f}
+        if changes:
+            self.flows.set_owners(changes)
+
+    def _dns_address(self, name: str) -> str:
+        """Tenant `name`'s cluster-DNS address on this node ("" when none can be had)."""
+        if self.node_ipam is None:
+            return ""
+        if name not in self.dns_addresses:
+            try:
+                self.dns_addresses[name] = str(self.node_ipam.allocate(
+                    DNS_KEY + name, {"network": EGRESS_NETWORK, "tenant": name}))
+            except IPAMError as e:
+                LOG.error("TenantNetwork %s: no address on this node for cluster DNS (%s): "
+                          "%s", name, DNS_SERVICE, e.msg)
+                return ""
+        return self.dns_addresses[name]
+
+    def _lift(self, net: TenantNet, flows: dict[str, list[Flow]],
+              groups: dict[str, list[Group]]
+              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
+        """A tenant proxy's changed owners lifted into the tenant, with a copy for each
+        connected tenant (connectTo), whose group ids are kept here and given back when
+        a copy no longer needs them."""
+        used: set[tuple[str, tuple[str, int]]] = set()
+
+        def gid_of(key: str, peer: str, gid: int) -> int:
+            mine = self._peer_gids.setdefault(key, {})
+            used.add((key, (peer, gid)))
+            if (peer, gid) not in mine:
+                name = f"{key}/{gid}@{peer}"
+                mine[(peer, gid)] = group_id_for(name, self._taken)
+                self._taken[mine[(peer, gid)]] = name
+            return mine[(peer, gid)]
+
+        peers = tuple(self.nets[p] for p, _, _ in net.peers if p in self.nets)
+        out = lift_services(net, flows, groups, self.flows.pipeline, peers, gid_of)
+        for key in {o.split(":", 1)[1] for o in flows if o != HAIRPIN_OWNER}:
+            mine = self._peer_gids.get(key, {})
+            for slot in [s for s in mine if (key, s) not in used]:
+                del self._taken[mine.pop(slot)]
+            if not mine:
+                self._peer_gids.pop(key, None)
+        return out
+
+    def _apply_services(self, batch: list[Change]) -> None:
+        """Pods, Services and EndpointSlices of tenant namespaces: to their tenant's proxy."""
+        if self._svc_slices is None:
+            return
+        by_tenant: dict[str, list[Change]] = {}
+        for c in batch:
+            if c.kind not in ("Pod", *SERVICE_KINDS):
+                continue
+            name = self.resolution.by_namespace.get(c.namespace)
+            if name is None or name not in self._proxies:
+                continue
+            if c.kind == "Service" and c.body is not None:
+                c = replace(c, body=self._service_body(c.body))
+            by_tenant.setdefault(name, []).append(c)
+        flows: dict[str, list[Flow]] = {}
+        groups: dict[str, list[Group]] = {}
+        for name, changes in sorted(by_tenant.items()):
+            p, net = self._proxies[name], self.nets[name]
+            f, g, problems = p.apply(changes)
+            for msg in problems:
+                LOG.error("TenantNetwork %s: skipping %s", name, msg)
+            # in the tenant's zone, and in each connected tenant's (its copies commit there)
+            zones = (net.vni, *(self.nets[q].vni for q, _, _ in net.peers if q in self.nets))
+            self.stale += [(z, s) for s in p.take_stale() for z in zones]
+            lf, lg = self._lift(net, f, g)
+            flows.update(lf)
+            groups.update(lg)
+        for o, fl in flows.items():
+            groups.setdefault(o, [])
+            if fl:
+                self._svc_owned.add(o)
+            else:
+                self._svc_owned.discard(o)
+        if flows:
+            self.flows.set_owners(flows, groups)
+
+    def take_stale(self) -> list[tuple[int, StaleUDP]]:
+        """UDP entries of tenant Services' removed endpoints, with the zone they are in
+        (controller.svcconntrack flushes them once the new groups are installed)."""
+        with self._lock:
+            out, self.stale = self.stale, []
+            return out
+
+    def describe_services(self) -> list[dict[str, Any]]:
+        """Each tenant Service as flows.services.ServiceProxy.describe, plus its tenant."""
+        with self._lock:
+            return [{**s, "tenant": name, "vni": self.nets[name].vni,
+                     "connected": [p for p, _, _ in self.nets[name].peers]}
+                    for name, p in sorted(self._proxies.items()) for s in p.describe()]
 
     def _kept_immutable(self) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
         """The TenantNetworks to resolve, with immutable fields as this agent first

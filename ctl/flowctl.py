@@ -112,11 +112,14 @@ def _pod_owners(n: NodeAgent, ref: str) -> set[str]:
 
 
 def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
-    """A tenant network's own flows and its pods' on node `n` (empty: no such tenant)."""
+    """A tenant network's own flows, its pods' and its Services' on node `n` (empty: no
+    such tenant)."""
     if not any(t["name"] == name for t in n.call("tenants")["tenants"]):
         return set()
-    return {f"tenant:{name}"} | {f"pod:{p['key']}" for p in n.call("pods")["pods"]
-                                 if p.get("tenant") == name}
+    services = {f"tenant-service:{s['service']}" for s in n.call("services")["services"]
+                if s.get("tenant") == name}
+    return {f"tenant:{name}"} | services | {f"pod:{p['key']}" for p in n.call("pods")["pods"]
+                                            if p.get("tenant") == name}
 
 
 def cmd_tenants(a: argparse.Namespace) -> int:
@@ -351,10 +354,12 @@ def show_services(agents: list[NodeAgent], service: str | None = None,
                       "packets": ",".join(map(str, r["packets"])) or "-",
                       "nodePort": r.get("nodePort") or "-",
                       "external": ",".join(r.get("external") or []) or "-",
-                      "affinity": f"{r['affinity']}s" if r.get("affinity") else "-"}
+                      "affinity": f"{r['affinity']}s" if r.get("affinity") else "-",
+                      "tenant": (f"{r['tenant']} (VNI {r['vni']})" if r.get("tenant")
+                                 else "-")}
                      for r in rows],
-                    ["node", "service", "type", "clusterIP", "port", "nodePort", "external",
-                     "trafficPolicy", "affinity", "endpoints", "group", "packets"])
+                    ["node", "tenant", "service", "type", "clusterIP", "port", "nodePort",
+                     "external", "trafficPolicy", "affinity", "endpoints", "group", "packets"])
     return 0
 
 

@@ -13,7 +13,8 @@ from flowcni.ctl.providers import NodeAgent
 
 
 def service_rows(agents: list[NodeAgent], service: str | None = None) -> list[dict[str, Any]]:
-    """One row per node, Service and port: ClusterIP, endpoints, group, packets per bucket."""
+    """One row per node, Service and port: ClusterIP, endpoints, group, packets per bucket,
+    and the tenant network a tenant Service belongs to (None: the default network)."""
     rows = []
     for n in agents:
         reply = n.call("services")
@@ -23,7 +24,8 @@ def service_rows(agents: list[NodeAgent], service: str | None = None) -> list[di
                 continue
             for p in s["ports"]:
                 rows.append({"node": n.name, "proxy": reply["proxy"],
-                             "service": s["service"], "clusterIP": s["clusterIP"],
+                             "service": s["service"], "tenant": s.get("tenant"),
+                             "vni": s.get("vni"), "clusterIP": s["clusterIP"],
                              "port": f"{p['port']}/{p['protocol']}",
                              "endpoints": p["endpoints"], "group": p["group"],
                              "packets": (packets.get(str(p["group"]), [])

@@ -129,8 +129,18 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
     "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
     "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
 }
-PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ())),
-                       t.next, t.miss) for t in PIPELINE)
+# Cluster DNS from inside tenants (flows/tenantservices.py dns_flows): a tenant's DNS
+# query is SNATed in its zone and handed to the default network, which recirculates it
+# into the same table (ServiceLB: the default Service flow; ConntrackState: the default
+# zone's DNAT of its later packets, told apart by the tenant's DNS address as source).
+TENANT_DNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ServiceLB": ((), ("ServiceLB",)),
+    "ConntrackState": (("ipv4_src", "ipv4_dst"), ("ConntrackState",)),
+}
+PIPELINE = tuple(Table(t.name, t.doc, t.fields | frozenset(TENANT_MATCHES.get(t.name, ()))
+                       | frozenset(TENANT_DNS.get(t.name, ((), ()))[0]),
+                       t.next + tuple(n for n in TENANT_DNS.get(t.name, ((), ()))[1]
+                                      if n not in t.next), t.miss) for t in PIPELINE)
 
 # Tables holding flows OVS learns (learn()): not desired flows, so the drift check skips them.
 LEARNED = frozenset({"SessionAffinity"})

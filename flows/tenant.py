@@ -4,8 +4,9 @@ A tenant's packets carry its id (TENANT, = its VNI) and the IN_TENANT bit
 from Classifier on: a tenant pod's port loads them, and so does a tunnel
 packet whose key is the tenant's VNI. Every later table that would look at
 addresses either matches the id (ARP, conntrack, L3 forwarding, commit) or is
-skipped by one IN_TENANT flow (Services, NetworkPolicy: not inside tenants
-yet), above every default-network flow of that table. So:
+skipped by one IN_TENANT flow above every default-network flow of that table,
+below the tenant's own lifted flows there (Services: flows/tenantservices.py;
+NetworkPolicy: flows/tenantpolicy.py). So:
 
 - the same IP in two tenants, or in a tenant and the default network, never
   meets the other's flows: L3Forwarding's tenant flows match (id, address),
@@ -98,9 +99,10 @@ def base_flows(tun_ofport: int | None, pipeline: Pipeline = DEFAULT) -> list[Flo
     kw = dict(feature=Feature.TENANT, owner=TENANT_BASE_OWNER, pipeline=pipeline)
     ip = {"eth_type": 0x0800}
     flows = [
-        # New connections skip the default network's Services (not inside tenants yet),
-        # and meet only their own tenant's NetworkPolicy flows (flows/tenantpolicy.py,
-        # above these): what none of those took goes on as the table's miss would.
+        # New connections skip the default network's Services and policies, and meet
+        # only their own tenant's Services and NetworkPolicy flows (flows/tenantservices.py,
+        # flows/tenantpolicy.py, above these): what none of those took goes on as the
+        # table's miss would.
         Flow.make("ServiceLB", PRIO_FALLTHROUGH, {**ip, **_in_tenant()},
                   goto=EGRESS_POLICY, **kw),
         Flow.make(EGRESS_POLICY, PRIO_TIER_SKIP, {**ip, **_in_tenant()},
@@ -222,12 +224,15 @@ def connect_pod_flows(t: TenantNet, pods: list[tuple[LocalPod, TenantNet]],
     and the answers must find it there), then the tenant id switched and the packet
     tracked in the pod's tenant's zone, so that tenant's ingress rules decide (a new
     connection there until its own commit) and the pod's answers are not invalid.
+    The lookup in the pod's tenant's zone also NATs: an answer of a Service endpoint
+    to a connected tenant's client (flows/tenantservices.py, peers) is un-DNATed there,
+    back to the Service's address; for anything else it changes nothing.
     """
     kw = dict(feature=Feature.TENANT, owner=connect_owner(t.name), pipeline=pipeline)
     return [Flow.make("L3Forwarding", PRIO_CONNECT, {**_id(t), "ipv4_dst": p.ip},
                       [SetField("eth_src", pt.router_mac), SetField("eth_dst", p.mac),
                        CT(commit=True, zone=t.vni), Load(F.TENANT, pt.vni),
-                       CT(zone=pt.vni, table="L3DecTTL")], **kw)
+                       CT(zone=pt.vni, nat="", table="L3DecTTL")], **kw)
             for p, pt in pods]
 
 

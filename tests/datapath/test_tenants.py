@@ -357,32 +357,129 @@ kind: Service
 metadata: {name: web, namespace: blue}
 spec:
   clusterIP: 10.96.0.90
-  selector: {app: web}
-  ports: [{port: 80}]
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: red}
+spec:
+  clusterIP: 10.96.0.90
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: only, namespace: red}
+spec:
+  clusterIP: 10.96.0.92
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
   clusterIP: 10.96.0.91
-  selector: {app: web}
-  ports: [{port: 80}]
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
 """
+TENANT_VIP, RED_ONLY_VIP, DEFAULT_VIP, DNS_VIP = (
+    "10.96.0.90", "10.96.0.92", "10.96.0.91", "10.96.0.10")
 
 
-def test_default_proxy_leaves_tenant_services_alone(tlab: Lab) -> None:
-    """Services inside tenants are not done: the default network's proxy must not
-    program a tenant namespace's Service (its endpoints are tenant addresses); the
-    default namespace's is programmed as before (the control)."""
+def _slice(ns: str, service: str, ip: str) -> tuple[str, str, str, dict[str, object]]:
+    """The selector-less Service's EndpointSlice: one endpoint, both ports."""
+    return ("EndpointSlice", ns, f"{service}-1", {
+        "namespace": ns, "name": f"{service}-1", "addressType": "IPv4",
+        "labels": {"kubernetes.io/service-name": service},
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                  {"name": "dns", "port": 53, "protocol": "UDP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]})
+
+
+def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """blue and red each have a Service at 10.96.0.90 whose one endpoint is 10.50.2.2
+    (blue/b and red/b, on node2): each tenant's clients reach their own endpoint, by
+    name, from node1 and node3; red's other Service is out of blue's reach, and so is
+    the default network's; the default network does not see tenant Services; green
+    (connected with blue) reaches blue's, yellow (one-sided) does not; every tenant
+    reaches the cluster DNS Service (kube-system/kube-dns, a default pod). All probes
+    run at the same time, so every deny has concurrent allowed probes next to it."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
     store = tlab.store()
-    objs = load(SERVICES)
+    objs = [*load(SERVICES), _slice("blue", "web", ip["blue/b"]),
+            _slice("red", "web", ip["red/b"]), _slice("red", "only", ip["red/b"]),
+            _slice("default", "web", ip["default/e"]),
+            _slice("kube-system", "kube-dns", ip["default/e"])]
     for kind, ns, name, body in objs:
-        store.put(kind, ns, name, body)
+        store.put(kind, ns, name, body)  # type: ignore[arg-type]
     try:
         tlab.wait_realized()
-        got = {s["service"] for s in AgentClient(tlab.node("node1").api_socket).call(
-            "services")["services"]}
-        assert "default/web" in got and "blue/web" not in got
+        res = probe_all(tlab, {
+            "blue/a": [TENANT_VIP, RED_ONLY_VIP, DEFAULT_VIP, DNS_VIP],
+            "red/a": [TENANT_VIP, RED_ONLY_VIP, DNS_VIP],
+            "blue/c": [TENANT_VIP],
+            "red/c": [TENANT_VIP],
+            "green/g": [TENANT_VIP, DNS_VIP],
+            "green/h": [TENANT_VIP],
+            "yellow/y": [TENANT_VIP, DNS_VIP],
+            "default/d": [TENANT_VIP, DEFAULT_VIP],
+        })
+        tcp_udp = {src: {dst: reached(r, dst)[:2] for dst in
+                         {k.rsplit("/", 1)[0] for k in r}} for src, r in res.items()}
+        # the same ClusterIP and endpoint address: each tenant's own endpoint answers
+        assert tcp_udp["blue/a"][TENANT_VIP] == ("blue/b", "blue/b"), tcp_udp
+        assert tcp_udp["red/a"][TENANT_VIP] == ("red/b", "red/b"), tcp_udp
+        assert tcp_udp["blue/c"][TENANT_VIP] == ("blue/b", "blue/b"), tcp_udp
+        assert tcp_udp["red/c"][TENANT_VIP] == ("red/b", "red/b"), tcp_udp
+        # red's other Service: red reaches it, blue does not (concurrently)
+        assert tcp_udp["red/a"][RED_ONLY_VIP] == ("red/b", "red/b"), tcp_udp
+        assert tcp_udp["blue/a"][RED_ONLY_VIP] == (None, None), tcp_udp
+        # the default network's Service: out of a (masquerading) tenant's reach, while a
+        # default pod reaches it; and the default network does not see tenant Services
+        assert tcp_udp["default/d"][DEFAULT_VIP] == ("default/e", "default/e"), tcp_udp
+        assert tcp_udp["blue/a"][DEFAULT_VIP] == (None, None), tcp_udp
+        assert tcp_udp["default/d"][TENANT_VIP] == (None, None), tcp_udp
+        # connectTo: green reaches blue's Service across nodes and on the endpoint's node
+        assert tcp_udp["green/g"][TENANT_VIP] == ("blue/b", "blue/b"), tcp_udp
+        assert tcp_udp["green/h"][TENANT_VIP] == ("blue/b", "blue/b"), tcp_udp
+        assert tcp_udp["yellow/y"][TENANT_VIP] == (None, None), tcp_udp
+        # cluster DNS, the one exception: every tenant reaches the default network's
+        for src in ("blue/a", "red/a", "green/g", "yellow/y"):
+            assert tcp_udp[src][DNS_VIP] == ("default/e", "default/e"), (src, tcp_udp)
+
+        # what OVS holds on node1: the two tenants' ServiceLB flows, told apart by reg4
+        node1 = tlab.node("node1")
+        lb = [ln for ln in node1.ovs.ofctl("dump-flows", "br-int", "--no-stats").splitlines()
+              if f"nw_dst={TENANT_VIP}" in ln and "tp_dst=80" in ln]
+        vnis = {t["name"]: t["vni"] for t in AgentClient(node1.api_socket).call(
+            "tenants")["tenants"]}
+        # blue's and red's own, and blue's copy for green (connected); none for yellow
+        assert sorted(ln.split("reg4=")[1].split(",")[0] for ln in lb) == sorted(
+            f"{0x10000 | vnis[n]:#x}/0x1ffff" for n in ("blue", "red", "green")), lb
+        groups = node1.ovs.ofctl("dump-groups", "br-int")
+        rows = AgentClient(node1.api_socket).call("services")["services"]
+        by = {(s["service"], s.get("tenant")): s for s in rows}
+        assert ("blue/web", "blue") in by and ("red/web", "red") in by
+        assert ("default/web", None) in by and ("blue/web", None) not in by
+        for (svc, tenant), vni in ((("blue/web", "blue"), BLUE_VNI),
+                                   (("red/web", "red"), RED_VNI)):
+            gid = by[(svc, tenant)]["ports"][0]["group"]
+            (g,) = [ln for ln in groups.splitlines() if f"group_id={gid}," in ln]
+            assert f"zone={vni}" in g and f"nat(dst={ip['blue/b']}:80)" in g, g
+        # flowctl services names the tenant
+        monkeypatch.setenv("FLOWCNI_LAB_DIR", tlab.base)
+        monkeypatch.setenv("FLOWCNI_LAB_PREFIX", tlab.prefix)
+        capsys.readouterr()
+        assert flowctl.main(["services", "--node", "node1"]) == 0
+        out = capsys.readouterr().out
+        assert any("blue (VNI 101)" in ln and "blue/web" in ln for ln in out.splitlines())
+        assert any("red (VNI 202)" in ln and "red/web" in ln for ln in out.splitlines())
     finally:
         for kind, ns, name, _ in objs:
             store.delete(kind, ns, name)

@@ -107,7 +107,27 @@ def tenant_builder_flows() -> list[Flow]:
                                 ("n2", "192.168.80.2", "10.50.2.0/24")),
                   egress_ip="10.244.1.250", no_egress=("10.244.0.0/16",))
     return (base_flows(3) + tenant_flows(t, "n1", 3, gw=GW)
-            + tenant_pod_flows(LocalPod("beef/eth0", 6, "10.50.1.5", "0A:58:0A:32:01:05"), t))
+            + tenant_pod_flows(LocalPod("beef/eth0", 6, "10.50.1.5", "0A:58:0A:32:01:05"), t)
+            + tenant_service_builder_flows(t))
+
+
+def tenant_service_builder_flows(t: TenantNet) -> list[Flow]:
+    """Services inside a tenant (lifted, a connected tenant's copy), its cluster-DNS
+    way out (reg4 cleared, SNAT with a recirculation into the same table) and the
+    default ClusterIPs' drops."""
+    from flowcni.flows.tenantservices import default_clusterip_flows, dns_flows, lift_services
+    p = ServiceProxy(DEFAULT)
+    svc = {"namespace": "b", "name": "web", "spec": {
+        "clusterIP": "10.96.0.90", "selector": {"app": "w"},
+        "ports": [{"port": 80}, {"name": "u", "port": 53, "protocol": "UDP"}]}}
+    flows, groups, _ = p.load([svc], [{"namespace": "b", "name": "w", "ip": "10.50.1.5",
+                                       "node": "n1", "labels": {"app": "w"}}])
+    lf, _ = lift_services(t, flows, groups, DEFAULT, (TenantNet("green", 303, ()),),
+                          lambda key, peer, gid: gid + 1)
+    out = [f for fl in lf.values() for f in fl]
+    assert len(out) == 4
+    return (out + dns_flows(t, "10.244.1.251", "10.96.0.10", [("UDP", 53), ("TCP", 53)])
+            + default_clusterip_flows(["10.96.0.10"]))
 
 
 def cluster_policy_flows() -> list[Flow]:

@@ -1,0 +1,257 @@
+"""Services inside a tenant network: the default proxy's flows, lifted into the tenant.
+
+Each tenant gets a ServiceProxy of its own (controller/tenants.py) that sees
+only the tenant's namespaces: its Services, their EndpointSlices and its
+pods. So a Service's endpoints are always the tenant's own pods, and two
+tenants may use the same ClusterIP and the same endpoint addresses. Its
+output is then lifted into the tenant, as NetworkPolicy is
+(flows/tenantpolicy.py):
+
+- every ServiceLB flow gains the tenant id (reg4) and moves up by LIFT,
+  above the tenant fall-through (flows/tenant.py PRIO_FALLTHROUGH), so a
+  tenant's new connection meets its own tenant's Services and nothing else,
+  and a default-network packet (no tenant id) never meets them;
+- every group bucket's ct() commits (and NATs) in the tenant's conntrack zone
+  (= VNI) instead of the default network's, so the same 5-tuple in two
+  tenants is two connections, and a reply is un-DNATed by the lookup that
+  the tenant's ConntrackZone flow already does in that zone.
+
+Group ids stay the proxy's (derived from "namespace/name/port": a namespace
+belongs to one network only, and the tenants' proxies share one table of
+taken ids with each other and the default proxy's ids when they were built).
+
+Only ClusterIPs are lifted. What the node's own stack would have to carry
+(node ports, external and load-balancer IPs) has no tenant to come from, and
+sessionAffinity and hairpin would need tenant-aware learned and Output flows:
+tenant_service_body drops those fields (naming them, for the log) and the
+proxy's hairpin flows are not lifted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from flowcni.flows import fields as F
+from flowcni.flows.cookie import Feature
+from flowcni.flows.hairpin import HAIRPIN_OWNER
+from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Load
+from flowcni.flows.tables import DEFAULT, Pipeline
+from flowcni.flows.tenant import (
+    PRIO_EGRESS_NOT,
+    PRIO_FALLTHROUGH,
+    PRIO_TENANT,
+    TenantNet,
+    _id,
+    _in_tenant,
+)
+
+LIFT = 1000
+# Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
+LIFTED_TABLES = frozenset({"ServiceLB"})
+# Spec fields a tenant Service does not get, each named in the log line when dropped.
+UNSUPPORTED = ("externalIPs", "sessionAffinity", "sessionAffinityConfig",
+               "externalTrafficPolicy", "loadBalancerIP")
+
+
+def service_owner(key: str) -> str:
+    """The owner of a tenant Service's flows ("namespace/name": a namespace is in one
+    network only, so the key names the tenant too)."""
+    return f"tenant-service:{key}"
+
+
+def tenant_service_body(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A tenant Service's body as its tenant's proxy gets it, and the fields dropped.
+
+    type NodePort / LoadBalancer becomes ClusterIP (their node ports would enter
+    from the node's stack, which belongs to no tenant); external and load
+    balancer addresses, sessionAffinity and the external traffic policy go.
+    The caller's body is not changed."""
+    spec = body.get("spec")
+    if not isinstance(spec, dict):
+        return body, []
+    dropped = [f"spec.{k}" for k in UNSUPPORTED if spec.get(k) not in (None, [], "", "None")]
+    if spec.get("type") in ("NodePort", "LoadBalancer"):
+        dropped.insert(0, f"spec.type={spec['type']}")
+    if not dropped and not body.get("status"):
+        return body, []
+    new = copy.deepcopy(body)
+    nspec = new["spec"]
+    for k in UNSUPPORTED:
+        nspec.pop(k, None)
+    if nspec.get("type") in ("NodePort", "LoadBalancer"):
+        nspec["type"] = "ClusterIP"
+    for p in nspec.get("ports") or []:
+        if isinstance(p, dict):
+            p.pop("nodePort", None)
+    new.pop("status", None)
+    return new, dropped
+
+
+def _in_zone(a: Action, zone: int) -> Action:
+    return replace(a, zone=zone) if isinstance(a, CT) and a.zone == CT_ZONE else a
+
+
+def lift_flow(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
+    """A default proxy's ServiceLB flow as the same flow of tenant t."""
+    if f.table not in LIFTED_TABLES:
+        raise ValueError(f"{f.table}: only {sorted(LIFTED_TABLES)} flows are lifted "
+                         "into a tenant")
+    m: dict[str, Any] = dict(f.match)
+    if "reg4" in m:
+        raise ValueError(f"{f.table}: Service flow already matches reg4")
+    m.update(_id(t))
+    prio = f.priority + LIFT
+    if prio <= PRIO_FALLTHROUGH:
+        raise ValueError(f"{f.table}: lifted priority {prio} is not above the tenant "
+                         f"fall-through ({PRIO_FALLTHROUGH})")
+    return Flow.make(f.table, prio, m, [_in_zone(a, t.vni) for a in f.actions], f.goto,
+                     feature=Feature.SERVICE, owner=service_owner(f.owner.split(":", 1)[1]),
+                     pipeline=pipeline)
+
+
+def lift_group(g: Group, t: TenantNet) -> Group:
+    """A Service group whose buckets commit (and NAT) in the tenant's zone."""
+    return replace(g, buckets=tuple(tuple(_in_zone(a, t.vni) for a in b) for b in g.buckets),
+                   owner=service_owner(g.owner.split(":", 1)[1]))
+
+
+def peer_owner(key: str, peer: str) -> str:
+    """The owner of a tenant Service's flows for a connected tenant (connectTo)."""
+    return f"tenant-service:{key}@{peer}"
+
+
+def _for_peer(a: Action, x: TenantNet, gid_of: Callable[[int], int]) -> Action:
+    return GroupAction(gid_of(a.group_id)) if isinstance(a, GroupAction) else _in_zone(a, x.vni)
+
+
+def lift_for_peer(f: Flow, x: TenantNet, key: str, gid_of: Callable[[int], int],
+                  pipeline: Pipeline = DEFAULT) -> Flow:
+    """A tenant Service's ServiceLB flow as connected tenant x's pods reach it: x's id,
+    one below the tenant's own Services (x's own Service on the same address and port
+    wins), its groups' copies committing in x's zone (gid_of: original -> copy)."""
+    own = lift_flow(f, x, pipeline)
+    return Flow.make(f.table, own.priority - 1, dict(own.match),
+                     [_for_peer(a, x, gid_of) for a in f.actions], f.goto,
+                     feature=Feature.SERVICE, owner=peer_owner(key, x.name), pipeline=pipeline)
+
+
+def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
+                  groups: dict[str, list[Group]], pipeline: Pipeline = DEFAULT,
+                  peers: tuple[TenantNet, ...] = (),
+                  gid_of: Callable[[str, str, int], int] | None = None
+                  ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
+    """A tenant proxy's changed owners (flows.services.ServiceProxy.load/apply) lifted:
+    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out.
+
+    peers: the tenants connected with t (connectTo, agreed by both): each gets its own
+    copy of every Service (owner tenant-service:KEY@PEER), matching its id, whose groups
+    commit in its zone: from there on the connection is the peer's own, reaching t's
+    endpoint as any of t's pods (flows/tenant.py connect flows). gid_of(key, peer,
+    group id) gives the copy's group id."""
+    out_f: dict[str, list[Flow]] = {}
+    out_g: dict[str, list[Group]] = {}
+    for owner, fl in flows.items():
+        if owner == HAIRPIN_OWNER:
+            continue
+        key = owner.split(":", 1)[1]
+        out_f[service_owner(key)] = [lift_flow(f, t, pipeline) for f in fl]
+        out_g[service_owner(key)] = [lift_group(g, t) for g in groups.get(owner, [])]
+        for x in peers:
+            if gid_of is None:
+                raise ValueError("lift_services: peers need gid_of")
+
+            def copy_gid(gid: int, _x: TenantNet = x, _k: str = key) -> int:
+                assert gid_of is not None
+                return gid_of(_k, _x.name, gid)
+
+            out_f[peer_owner(key, x.name)] = [lift_for_peer(f, x, key, copy_gid, pipeline)
+                                               for f in fl]
+            out_g[peer_owner(key, x.name)] = [
+                replace(g, group_id=copy_gid(g.group_id), owner=peer_owner(key, x.name),
+                        buckets=tuple(tuple(_for_peer(a, x, copy_gid) for a in b)
+                                      for b in g.buckets))
+                for g in groups.get(owner, [])]
+    return out_f, out_g
+
+
+# -- cluster DNS from every tenant: the one deliberate exception ----------------------------
+#
+# The default network's DNS Service (DNS_SERVICE) is reachable from every tenant's pods,
+# at its own ClusterIP and ports, answered by the default network's DNS endpoints. Its
+# endpoints' addresses may be any tenant's too, and the tenant pod's address may be a
+# default pod's, so the query leaves its tenant under an address of the default network:
+#
+# - ServiceLB (a new query): SNAT in the tenant's zone to the tenant's DNS address on
+#   this node (one per tenant per node, leased from the node's own pod CIDR), the tenant
+#   id cleared, and back into ServiceLB, where the default Service flow DNATs it in the
+#   default zone, as any default pod's query. The default network carries it from there
+#   (tunnel key 0), and the answer comes back to this node, to that address.
+# - ConntrackZone (an answer, to the tenant's DNS address, on the default network):
+#   un-DNAT in the default zone, the tenant id loaded, and back into ConntrackZone,
+#   where the tenant's own zone flow un-SNATs it to the pod (flows/tenant.py).
+# - ConntrackState (a later packet of the query, already SNATed by the tenant's zone
+#   lookup, so its source is the tenant's DNS address, and its destination still the
+#   DNS ClusterIP): the tenant id cleared, and the default zone's DNAT applied, as for
+#   any established default connection. Both addresses are matched: a tenant whose
+#   subnets overlap the default pod CIDR may have a pod at the DNS address.
+#
+# A tenant's own Service on the same ClusterIP and port wins (tenant Services sit
+# above these): the tenant's address space is its own.
+
+DNS_SERVICE = "kube-system/kube-dns"
+PRIO_DNS = PRIO_FALLTHROUGH + 100       # ServiceLB: above the fall-through, below lifted
+PRIO_DNS_STATE = PRIO_TENANT            # ConntrackState: above every default flow there
+PRIO_DNS_REPLY = PRIO_TENANT + 1        # ConntrackZone: above the tenant zone flows
+
+
+def dns_owner(name: str) -> str:
+    return f"tenant-dns:{name}"
+
+
+def dns_flows(t: TenantNet, address: str, cluster_ip: str,
+              ports: list[tuple[str, int]], pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """Tenant t's pods reaching the cluster DNS Service at cluster_ip on `ports`
+    ((protocol, port)), under `address`, t's DNS address on this node; pure."""
+    kw = dict(feature=Feature.TENANT, owner=dns_owner(t.name), pipeline=pipeline)
+    tid = _id(t)
+    leave = [Load(F.TENANT, 0), Load(F.IN_TENANT, 0)]
+    flows = [Flow.make("ServiceLB", PRIO_DNS,
+                       {**tid, "ipv4_dst": cluster_ip, f"{proto.lower()}_dst": port},
+                       [*leave, CT(commit=True, zone=t.vni, snat=address, table="ServiceLB")],
+                       **kw)
+             for proto, port in sorted(set(ports))]
+    if not flows:
+        return []
+    flows += [
+        Flow.make("ConntrackState", PRIO_DNS_STATE,
+                  {"eth_type": 0x0800, **tid, "ipv4_src": address, "ipv4_dst": cluster_ip,
+                   "ct_state": "-new-inv+trk"},
+                  [*leave, CT(zone=CT_ZONE, nat="", table="ConntrackState")], **kw),
+        Flow.make("ConntrackZone", PRIO_DNS_REPLY,
+                  {"reg4": F.IN_TENANT.value(0), "ipv4_dst": address},
+                  [Load(F.TENANT, t.vni), Load(F.IN_TENANT, 1),
+                   CT(zone=CT_ZONE, nat="", table="ConntrackZone")], **kw),
+    ]
+    return flows
+
+
+# -- the default network's ClusterIPs are no tenant's egress destination -------------------
+#
+# A masquerading tenant's new connections to addresses outside the cluster leave through
+# the node (flows/tenant.py egress_flows). The node routes every ClusterIP back into the
+# bridge (flowcni's proxy, for host-network clients; kube-proxy DNATs them itself), so
+# without these a masquerading tenant would reach every default-network Service that way.
+
+DEFAULT_SERVICES_OWNER = "tenant-no-default-services"
+
+
+def default_clusterip_flows(cluster_ips: list[str], pipeline: Pipeline = DEFAULT
+                            ) -> list[Flow]:
+    """One drop per default-network ClusterIP for every tenant packet routed to it (the
+    cluster DNS exception never gets here: its packets leave the tenant in ServiceLB)."""
+    kw = dict(feature=Feature.TENANT, owner=DEFAULT_SERVICES_OWNER, pipeline=pipeline)
+    return [Flow.make("L3Forwarding", PRIO_EGRESS_NOT, {**_in_tenant(), "ipv4_dst": ip}, **kw)
+            for ip in sorted(set(cluster_ips))]
