@@ -53,7 +53,7 @@ from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import ClusterPolicyEngine
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
-from flowcni.flows.nodeport import NODEPORT_VIP
+from flowcni.flows.nodeport import NODE_PORT_RANGE, NODEPORT_VIP
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
     GATEWAY_CT_OWNER,
@@ -252,8 +252,13 @@ class Agent:
         self.cluster_policy = ClusterPolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
+        # The node-port range is checked here only for the embedded store, whose
+        # API side is flowctl; a Kubernetes API server has checked its own range.
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
-                                      local_cidr=pod_cidr)
+                                      local_cidr=pod_cidr,
+                                      node_port_range=(NODE_PORT_RANGE
+                                                       if a.datastore == "kubernetes"
+                                                       else cfg.node_ports))
                          if a.proxy == "flowcni" else None)
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))

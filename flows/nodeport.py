@@ -91,11 +91,16 @@ def _policy(spec: dict[str, Any], field: str) -> bool:
     return v == "Local"
 
 
-def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) -> Exposure:
+def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
+                   node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                   require_node_ports: bool = True) -> Exposure:
     """The NodePort / external / policy / affinity fields of a Service, checked.
 
     Raises ValueError naming the field. `raw_ports` is spec.ports (already
-    checked to be mappings by the caller).
+    checked to be mappings by the caller). `node_port_range` is the cluster's
+    (the embedded store's API side checks it; a Kubernetes API server has done
+    so already). `require_node_ports=False` lets `flowctl apply` validate a
+    Service before it allocates the missing node ports.
     """
     stype = spec.get("type", "ClusterIP")
     node_ports: list[int | None] = []
@@ -107,8 +112,12 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) 
         if isinstance(np, bool) or not isinstance(np, int) \
                 or not NODE_PORT_RANGE[0] <= np <= NODE_PORT_RANGE[1]:
             raise ValueError(f"spec.ports[{i}].nodePort: {np!r} is not a port number (1-65535)")
+        lo, hi = node_port_range
+        if not lo <= np <= hi:
+            raise ValueError(f"spec.ports[{i}].nodePort: {np} is outside the node-port range "
+                             f"{lo}-{hi}")
         node_ports.append(np)
-    if stype in ("NodePort", "LoadBalancer") and raw_ports and all(
+    if require_node_ports and stype in ("NodePort", "LoadBalancer") and raw_ports and all(
             n is None for n in node_ports):
         raise ValueError(f"spec.ports[0].nodePort: required for type {stype} (the embedded "
                          "datastore does not allocate node ports; Kubernetes always sets it)")
