@@ -289,6 +289,35 @@ def test_session_affinity_client_ip(nlab: Lab) -> None:
     assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
 
 
+def _learned(lab: Lab, client_ip: str) -> list[str]:
+    table = lab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                        f"table={DEFAULT.id('SessionAffinity')}")
+    return [ln for ln in table.splitlines()
+            if f"nw_src={client_ip}" in ln and f"nw_dst={VIP_AFF}" in ln]
+
+
+def test_session_affinity_survives_an_agent_restart(nlab: Lab) -> None:
+    """One connection of client1 before node1's agent is SIGKILLed and restarted (a new
+    round), ten after it: all on the same endpoint (1 in 1024 by chance with two), and
+    the flows OVS learned before the restart are still there (cookie 0) while the
+    agent's own flows now carry the new round."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    first = replies(nlab, "default/client1", [f"{VIP_AFF}:8080"])[f"{VIP_AFF}:8080"]
+    assert first in (f"web1 {ip['client1']}", f"web2 {ip['client1']}"), first
+    before = _learned(nlab, ip["client1"])
+    assert len(before) >= 1 and all("cookie=0x0," in ln for ln in before), before
+    ovs = nlab.node("node1").ovs
+    old_round = ovs.vsctl("get", "Bridge", "br-int", "external_ids:flowcni-round")
+    nlab.restart_agent("node1")
+    assert ovs.vsctl("get", "Bridge", "br-int", "external_ids:flowcni-round") != old_round
+    after = _learned(nlab, ip["client1"])
+    assert {ln.split("actions=")[1] for ln in after} >= {
+        ln.split("actions=")[1] for ln in before}, (before, after)
+    for _ in range(10):
+        assert replies(nlab, "default/client1", [f"{VIP_AFF}:8080"]) == {
+            f"{VIP_AFF}:8080": first}
+
+
 def test_flowctl_services_shows_node_ports_policies_and_affinity(
         nlab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`flowctl services` on node1: node ports, external and LoadBalancer IPs, traffic
