@@ -37,6 +37,7 @@ from flowcni.controller.dpcache import (
     vswitchd_target,
 )
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.healthcheck import HealthChecks
 from flowcni.controller.heap import HeapTrimmer
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
@@ -263,6 +264,8 @@ class Agent:
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self._host_view: Any = None
+        # healthCheckNodePort listeners (LoadBalancer + externalTrafficPolicy Local)
+        self.health = HealthChecks() if self.services is not None else None
         if self.services is None:
             self._clear_host_proxy()
         self.applied_revision = 0
@@ -328,6 +331,7 @@ class Agent:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
             self._sync_host_proxy()
+            self._sync_health()
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
@@ -367,6 +371,13 @@ class Agent:
             self._host_view = view
         except (HostNetError, NetlinkError, OSError) as e:
             LOG.error("service proxy: node rules or routes not applied: %s", e)
+
+    def _sync_health(self) -> None:
+        """Health-check listeners and their local endpoint counts (controller/healthcheck)."""
+        if self.services is None or self.health is None:
+            return
+        for p in self.health.sync(self.services.health_checks()):
+            LOG.error("service proxy: %s", p)
 
     def _clear_host_proxy(self) -> None:
         """kube-proxy mode: remove what an earlier run in flowcni mode left in the node
@@ -410,6 +421,7 @@ class Agent:
             problems += sproblems
             if sflows or groups:
                 self._sync_host_proxy()
+                self._sync_health()
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []
@@ -533,6 +545,8 @@ class Agent:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.health is not None:
+            self.health.stop()
         self.cni.stop()
         self.api.stop()
         if self.store:

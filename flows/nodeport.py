@@ -68,6 +68,10 @@ class Exposure:
     external_local: bool = False              # externalTrafficPolicy: Local
     internal_local: bool = False              # internalTrafficPolicy: Local
     affinity_timeout: int | None = None       # sessionAffinity: ClientIP (seconds)
+    # spec.healthCheckNodePort (LoadBalancer + externalTrafficPolicy Local): where
+    # each node answers load balancers with its local endpoint count
+    # (controller/healthcheck.py)
+    health_check_node_port: int | None = None
 
     @property
     def entry_ips(self) -> tuple[str, ...]:
@@ -156,7 +160,20 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
                 or not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
             raise ValueError("spec.sessionAffinityConfig.clientIP.timeoutSeconds: "
                              f"{timeout!r} (1-{MAX_AFFINITY_TIMEOUT})")
-    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout)
+    hc = spec.get("healthCheckNodePort")
+    if hc is not None:
+        if stype != "LoadBalancer" or not ext_local:
+            raise ValueError("spec.healthCheckNodePort: only for type LoadBalancer with "
+                             "externalTrafficPolicy Local")
+        lo, hi = node_port_range
+        if isinstance(hc, bool) or not isinstance(hc, int) or not lo <= hc <= hi:
+            raise ValueError(f"spec.healthCheckNodePort: {hc!r} is outside the node-port "
+                             f"range {lo}-{hi}")
+        if hc in node_ports:
+            raise ValueError(f"spec.healthCheckNodePort: {hc} is also a nodePort of this "
+                             "Service")
+    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout,
+                    hc)
 
 
 def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:

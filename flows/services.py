@@ -684,6 +684,14 @@ class ServiceProxy:
         return out
 
 
+    def health_checks(self) -> dict[int, tuple[str, int]]:
+        """healthCheckNodePort -> (Service key, its endpoints on this node), for each
+        LoadBalancer Service with externalTrafficPolicy Local that has one: what a
+        load balancer asks each node (controller/healthcheck.py)."""
+        return {svc.exposure.health_check_node_port: (key, len(self.local_ips.get(key, ())))
+                for key, svc in self.services.items()
+                if svc.exposure.health_check_node_port is not None}
+
     def host_view(self) -> tuple[list[HostEntry], list[str]]:
         """What the node's own stack needs (controller.hostnet): the node ports and
         external IPs to steer into br-int, and the addresses to route to the gateway

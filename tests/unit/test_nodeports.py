@@ -158,3 +158,33 @@ def test_flowctl_apply_allocates_checks_the_range_and_re_applies_stably(
     assert "Service d/web: spec.ports[0].nodePort: 30080 is outside the node-port range " \
         "31000-31009" in err, err
     assert store.revision() == rev and store.get("Service", "d", "web") == body
+
+
+def test_health_check_node_port_is_allocated_for_load_balancer_local_only() -> None:
+    lb = svc("lb", {"port": 80}, stype="LoadBalancer")
+    lb[3]["spec"]["externalTrafficPolicy"] = "Local"
+    cluster = svc("lbc", {"port": 80}, stype="LoadBalancer")
+    out = assign([lb, cluster], [svc("x", {"port": 80, "nodePort": 30001})[3]], RANGE)
+    assert node_ports(out[0]) == [30000] and out[0][3]["spec"]["healthCheckNodePort"] == 30002
+    assert node_ports(out[1]) == [30003] and "healthCheckNodePort" not in out[1][3]["spec"]
+    again = assign([svc("new", {"port": 80}), lb], stored(*out), RANGE)
+    assert again[1][3]["spec"]["healthCheckNodePort"] == 30002 and node_ports(again[1]) == [
+        30000]
+    lb2 = svc("lb2", {"port": 80, "nodePort": 31000}, stype="LoadBalancer")
+    lb2[3]["spec"].update(externalTrafficPolicy="Local", healthCheckNodePort=30002)
+    with pytest.raises(NodePortError, match=r"Service d/lb2: spec.healthCheckNodePort: 30002 "
+                       "is already used by Service d/lb"):
+        assign([lb2], stored(*out), RANGE)
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"healthCheckNodePort": 30500}, "only for type LoadBalancer with externalTrafficPolicy"),
+    ({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 80},
+     "80 is outside the node-port range 30000-32767"),
+    ({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30080},
+     "30080 is also a nodePort of this Service"),
+])
+def test_bad_health_check_node_port_is_refused_by_name(patch: dict[str, Any], msg: str) -> None:
+    spec = {**svc("web", {"port": 80, "nodePort": 30080})[3]["spec"], **patch}
+    with pytest.raises(ServiceError, match=f"spec.healthCheckNodePort: {msg}"):
+        parse_service("d", "web", spec, node_port_range=RANGE)
