@@ -34,6 +34,7 @@ from tests.support.svc import (
 
 VIP_LOCAL, VIP_REMOTE, VIP_HAIRPIN = "10.96.0.10", "10.96.0.11", "10.96.0.12"
 VIP_HAIRPIN2 = "10.96.0.13"  # the endpoint is client2, on node2
+CLUSTER_CIDR = "10.244.0.0/16"  # the lab's default
 TABLE = "kube-proxy-test"
 SCTP_PORT = 9999
 
@@ -67,19 +68,20 @@ def klab() -> Iterator[Lab]:
             ]
             for node in ("node1", "node2"):
                 nip = lab.node(node).node_ip
-                node_ports = [
+                node_ports = [DNat(nip, port, proto, ip[ep], target, masquerade=masq,
+                                   node_port=True) for port, proto, ep, target, masq in [
                     # NodePorts (externalTrafficPolicy Cluster: masqueraded): ep1, ep2.
-                    DNat(nip, 30080, "tcp", ip["ep1"], 80, masquerade=True),
-                    DNat(nip, 30080, "udp", ip["ep1"], 53, masquerade=True),
-                    DNat(nip, 30081, "tcp", ip["ep2"], 80, masquerade=True),
-                    DNat(nip, 30081, "udp", ip["ep2"], 53, masquerade=True),
+                    (30080, "tcp", "ep1", 80, True),
+                    (30080, "udp", "ep1", 53, True),
+                    (30081, "tcp", "ep2", 80, True),
+                    (30081, "udp", "ep2", 53, True),
                     # externalTrafficPolicy Local: this node's endpoint, client kept.
-                    DNat(nip, 30082, "tcp", ip["ep1" if node == "node1" else "ep2"], 80),
+                    (30082, "tcp", "ep1" if node == "node1" else "ep2", 80, False),
                     # A node port whose endpoint is the client pod itself (hairpin).
-                    DNat(nip, 30090, "tcp", ip["client"], 80, masquerade=True),
-                    DNat(nip, 30090, "udp", ip["client"], 53, masquerade=True),
-                ]
-                install_kube_proxy_rules(lab, node, TABLE, common + node_ports)
+                    (30090, "tcp", "client", 80, True),
+                    (30090, "udp", "client", 53, True)]]
+                install_kube_proxy_rules(lab, node, TABLE, common + node_ports,
+                                         cluster_cidr=CLUSTER_CIDR)
             yield lab
         finally:
             for s in servers:
@@ -152,7 +154,8 @@ def test_nodeport_from_the_external_host(klab: Lab, node: str) -> None:
 
 
 def test_clusterip_from_the_node_itself(klab: Lab) -> None:
-    """node1's own stack through its output-hook DNAT: endpoint local and remote."""
+    """node1's own stack through its output-hook DNAT: endpoint local and remote
+    (masqueraded to the gateway address as kube-proxy does for off-cluster sources)."""
     got = request(netns.exec_argv(klab.node("node1").netns, []),
                   [f"{VIP_LOCAL}:8080", f"{VIP_REMOTE}:8080", f"{VIP_REMOTE}:53u"])
     assert got == {f"{VIP_LOCAL}:8080": "ep1 ping", f"{VIP_REMOTE}:8080": "ep2 ping",
