@@ -121,8 +121,9 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
             raise ValueError(f"spec.ports[{i}].nodePort: {np} is outside the node-port range "
                              f"{lo}-{hi}")
         node_ports.append(np)
-    if require_node_ports and stype in ("NodePort", "LoadBalancer") and raw_ports and all(
-            n is None for n in node_ports):
+    no_alloc = stype == "LoadBalancer" and spec.get("allocateLoadBalancerNodePorts") is False
+    if require_node_ports and not no_alloc and stype in ("NodePort", "LoadBalancer") \
+            and raw_ports and all(n is None for n in node_ports):
         raise ValueError(f"spec.ports[0].nodePort: required for type {stype} (the embedded "
                          "datastore does not allocate node ports; Kubernetes always sets it)")
     seen: set[tuple[str, int]] = set()

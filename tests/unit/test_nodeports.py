@@ -117,6 +117,7 @@ def test_load_balancer_without_node_ports_is_left_alone() -> None:
     o = svc("lb", {"port": 80}, stype="LoadBalancer")
     o[3]["spec"]["allocateLoadBalancerNodePorts"] = False
     assert node_ports(assign([o], [], RANGE)[0]) == [None]
+    assert parse_service("d", "lb", o[3]["spec"]).exposure.node_ports == (None,)
 
 
 SERVICE = """
