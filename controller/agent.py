@@ -37,6 +37,7 @@ from flowcni.controller.dpcache import (
     vswitchd_target,
 )
 from flowcni.controller.flowsync import FlowSync
+from flowcni.controller.healthcheck import HealthChecks
 from flowcni.controller.heap import HeapTrimmer
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
@@ -53,7 +54,7 @@ from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import ClusterPolicyEngine
 from flowcni.flows.model import Flow
 from flowcni.flows.node import Gateway, node_flows
-from flowcni.flows.nodeport import NODEPORT_VIP
+from flowcni.flows.nodeport import NODE_PORT_RANGE, NODEPORT_VIP
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
     GATEWAY_CT_OWNER,
@@ -252,12 +253,19 @@ class Agent:
         self.cluster_policy = ClusterPolicyEngine(a.node, PIPELINE)
         self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
                         if a.datapath_guard == "on" else None)
+        # The node-port range is checked here only for the embedded store, whose
+        # API side is flowctl; a Kubernetes API server has checked its own range.
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
-                                      local_cidr=pod_cidr)
+                                      local_cidr=pod_cidr,
+                                      node_port_range=(NODE_PORT_RANGE
+                                                       if a.datastore == "kubernetes"
+                                                       else cfg.node_ports))
                          if a.proxy == "flowcni" else None)
         # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self._host_view: Any = None
+        # healthCheckNodePort listeners (LoadBalancer + externalTrafficPolicy Local)
+        self.health = HealthChecks() if self.services is not None else None
         if self.services is None:
             self._clear_host_proxy()
         self.applied_revision = 0
@@ -329,6 +337,7 @@ class Agent:
             default_proxy = self.services
             self.tenants.enable_services(self.args.datastore == "kubernetes",
                                          lambda: default_proxy.gids)
+            self._sync_health()
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
         threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
@@ -368,6 +377,13 @@ class Agent:
             self._host_view = view
         except (HostNetError, NetlinkError, OSError) as e:
             LOG.error("service proxy: node rules or routes not applied: %s", e)
+
+    def _sync_health(self) -> None:
+        """Health-check listeners and their local endpoint counts (controller/healthcheck)."""
+        if self.services is None or self.health is None:
+            return
+        for p in self.health.sync(self.services.health_checks()):
+            LOG.error("service proxy: %s", p)
 
     def _clear_host_proxy(self) -> None:
         """kube-proxy mode: remove what an earlier run in flowcni mode left in the node
@@ -411,6 +427,7 @@ class Agent:
             problems += sproblems
             if sflows or groups:
                 self._sync_host_proxy()
+                self._sync_health()
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []
@@ -536,6 +553,8 @@ class Agent:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.health is not None:
+            self.health.stop()
         self.cni.stop()
         self.api.stop()
         if self.store:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from flowcni.controller.ofapp import OFError, Switch
@@ -72,20 +72,41 @@ def group_delete(sw: Switch, group_id: int) -> Any:
                          group_id=group_id, buckets=[])
 
 
-def other_rounds_deletes(sw: Switch, round_: int) -> list[Any]:
-    """Delete every flow whose round differs from `round_` in 16 messages, no dump.
+def other_rounds_deletes(sw: Switch, round_: int, tables: Collection[int] = (),
+                         learned: Collection[int] = ()) -> list[Any]:
+    """Delete every flow whose round differs from `round_`, by cookie mask, no dump.
 
     A cookie's round differs from ours iff some round bit differs; one
-    delete per bit selects the flows whose bit b is the opposite of ours.
+    delete per bit selects the flows whose bit b is the opposite of ours (16
+    messages over all tables). Flows OVS learned (in the tables `learned`,
+    see tables.LEARNED: sessionAffinity) carry cookie 0, which such a delete
+    also selects when our bit b is 1. So that a restart keeps them, the
+    deletes for those bits go table by table over `tables` minus `learned`,
+    and in a learned table select only cookies with a feature bit set (every
+    flow the agent makes has a feature; a learned flow has none).
     """
     p, o = sw.parser, sw.ofp
+    kept = sorted(set(tables) - set(learned))
     out = []
-    for b in range(ck.ROUND_BITS):
-        bit = 1 << (ck.ROUND_SHIFT + b)
-        want = 0 if round_ & (1 << b) else bit
-        out.append(p.OFPFlowMod(sw.dp, cookie=want, cookie_mask=bit, table_id=o.OFPTT_ALL,
+
+    def delete(tid: int, cookie: int, mask: int) -> None:
+        out.append(p.OFPFlowMod(sw.dp, cookie=cookie, cookie_mask=mask, table_id=tid,
                                 command=o.OFPFC_DELETE, out_port=o.OFPP_ANY,
                                 out_group=o.OFPG_ANY, match=p.OFPMatch()))
+
+    for b in range(ck.ROUND_BITS):
+        bit = 1 << (ck.ROUND_SHIFT + b)
+        if not round_ & (1 << b):
+            delete(o.OFPTT_ALL, bit, bit)  # cookie 0 never has the bit: learned flows stay
+        elif not learned:
+            delete(o.OFPTT_ALL, 0, bit)
+        else:
+            for tid in kept:
+                delete(tid, 0, bit)
+            for tid in sorted(set(learned)):
+                for f in range(ck.FEATURE_BITS):
+                    fbit = 1 << (ck.OWNER_BITS + f)
+                    delete(tid, fbit, bit | fbit)
     return out
 
 
@@ -220,6 +241,10 @@ class FlowSync:
         by_match = self._owner_index.get((f.table, f.priority))
         return None if by_match is None else by_match.get(f.match)
 
+    def _learned_tables(self) -> set[int]:
+        """Ids of the tables whose flows OVS learns (tables.LEARNED) in this pipeline."""
+        return {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
+
     def _is_desired(self, f: Flow) -> bool:
         holder = self._holder(f)
         return holder is not None and f in _flows(self._desired.get(holder, ()))
@@ -294,7 +319,8 @@ class FlowSync:
             # away) go last, after the old rounds' flows that may still point at them.
             msgs = itertools.chain((group_put(sw, g, self.pipeline) for g in groups.values()),
                                    (self._enc.flow_add(f, rnd) for f in flows),
-                                   other_rounds_deletes(sw, rnd),
+                                   other_rounds_deletes(sw, rnd, self.pipeline.ids.values(),
+                                                        self._learned_tables()),
                                    (group_delete(sw, i) for i in sorted(present - set(groups))))
             self._bundle(sw, msgs)
             self.round = rnd

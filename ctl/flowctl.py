@@ -463,16 +463,34 @@ def _store_path(a: argparse.Namespace) -> str:
 
 def cmd_apply(a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
+    from flowcni.datastore import nodeports
     from flowcni.datastore.manifests import ManifestError, load
+    from flowcni.flows.services import ServiceError, parse_service
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
-            objs = load(f.read(), identity_only=a.cmd == "delete")
-    except (OSError, ManifestError) as e:
+            text = f.read()
+    except OSError as e:
         raise CLIError(f"{a.file}: {e}") from e
     path = _store_path(a)
     if not os.path.exists(path):
         raise CLIError(f"no embedded store at {path}")
     store = Store(path)
+    try:
+        # The store is the API server here: node ports are checked against the
+        # cluster's range and missing ones allocated (datastore/nodeports.py).
+        rng = store.cluster().node_ports
+        objs = load(text, identity_only=a.cmd == "delete", node_port_range=rng,
+                    require_node_ports=False)
+        if a.cmd == "apply":
+            objs = nodeports.assign(objs, store.objects("Service"), rng)
+            for k, ns, n, b in objs:  # what is written is checked as the agents will
+                if k == "Service":
+                    try:
+                        parse_service(ns, n, b["spec"], b.get("status"), rng)
+                    except ServiceError as e:
+                        raise ManifestError(f"Service {ns}/{n}: {e}") from e
+    except (ManifestError, nodeports.NodePortError, StoreError) as e:
+        raise CLIError(f"{a.file}: {e}") from e
     if a.cmd == "apply":  # refused updates refuse the whole file, before any write
         objs = [(k, ns, n, _tenant_update(store, n, b) if k == "TenantNetwork" else b)
                 for k, ns, n, b in objs]

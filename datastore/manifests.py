@@ -14,6 +14,7 @@ import yaml
 from flowcni.datastore import tenantconv
 from flowcni.flows.clusterpolicy import API_VERSIONS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import parse_cluster_policy
+from flowcni.flows.nodeport import NODE_PORT_RANGE
 from flowcni.flows.policy import PolicyError, parse_policy
 from flowcni.flows.services import ServiceError, parse_service
 
@@ -56,11 +57,14 @@ def validate_labels(where: str, field: str, labels: Any) -> dict[str, str]:
     return out
 
 
-def to_object(doc: Any, index: int = 0,
-              identity_only: bool = False) -> tuple[str, str, str, dict[str, Any]]:
+def to_object(doc: Any, index: int = 0, identity_only: bool = False,
+              node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+              require_node_ports: bool = True) -> tuple[str, str, str, dict[str, Any]]:
     """(kind, namespace, name, body) for one manifest, validated.
 
     identity_only: for deletions, only kind, apiVersion and metadata count.
+    node_port_range, require_node_ports: for Services (see parse_exposure);
+    `flowctl apply` passes the cluster's range and allocates missing node ports.
     """
     if not isinstance(doc, dict):
         raise ManifestError(f"document {index}: not a mapping")
@@ -109,7 +113,8 @@ def to_object(doc: Any, index: int = 0,
     spec = doc.get("spec")
     if kind == "Service":
         try:
-            parse_service(ns, name, spec, doc.get("status"))
+            parse_service(ns, name, spec, doc.get("status"), node_port_range,
+                          require_node_ports)
         except ServiceError as e:
             raise ManifestError(f"{where}: {e}") from e
         assert isinstance(spec, dict)
@@ -136,8 +141,11 @@ def to_object(doc: Any, index: int = 0,
     return kind, ns, name, {"namespace": ns, "name": name, "labels": labels, "spec": spec}
 
 
-def load(text: str, identity_only: bool = False) -> list[tuple[str, str, str, dict[str, Any]]]:
+def load(text: str, identity_only: bool = False,
+         node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+         require_node_ports: bool = True) -> list[tuple[str, str, str, dict[str, Any]]]:
     """Every document of a (multi-document) YAML text; all or nothing."""
+    opts = (identity_only, node_port_range, require_node_ports)
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
@@ -147,7 +155,7 @@ def load(text: str, identity_only: bool = False) -> list[tuple[str, str, str, di
     out = []
     for i, d in enumerate(docs):
         if isinstance(d, dict) and d.get("kind") == "List":
-            out += [to_object(x, i, identity_only) for x in d.get("items") or []]
+            out += [to_object(x, i, *opts) for x in d.get("items") or []]
         else:
-            out.append(to_object(d, i, identity_only))
+            out.append(to_object(d, i, *opts))
     return out

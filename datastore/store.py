@@ -29,6 +29,7 @@ import yaml
 LOG = logging.getLogger(__name__)
 
 ENCAPS = ("geneve", "vxlan", "gre", "none")
+DEFAULT_NODE_PORT_RANGE = "30000-32767"  # Kubernetes' default
 #: A YAML file of ClusterConfig keys (the DaemonSet's ConfigMap, or a single node's file).
 CLUSTER_CONFIG_ENV = "FLOWCNI_CLUSTER_CONFIG"
 
@@ -77,6 +78,16 @@ class ClusterConfig:
     encap: str = "geneve"
     ip_masq: bool = True
     mtu: int = 0  # 0: uplink MTU minus the encapsulation's overhead
+    # Where node ports of NodePort/LoadBalancer Services may lie ("FIRST-LAST", as
+    # kube-apiserver's --service-node-port-range): the embedded store refuses others
+    # (a node port captures that port on every node address, so 22 would take SSH)
+    # and allocates missing ones from it.
+    node_port_range: str = DEFAULT_NODE_PORT_RANGE
+
+    @property
+    def node_ports(self) -> tuple[int, int]:
+        """node_port_range as (first, last); raises StoreError naming the setting."""
+        return parse_port_range(self.node_port_range, "node-port-range")
 
     def validate(self) -> ClusterConfig:
         if self.encap not in ENCAPS:
@@ -92,7 +103,20 @@ class ClusterConfig:
                              f"{self.cluster_cidr} (need {net.prefixlen + 1}..30)")
         if self.mtu and not 576 <= self.mtu <= 65535:
             raise StoreError(f"mtu {self.mtu}: out of range 576..65535")
+        parse_port_range(self.node_port_range, "node-port-range")
         return self
+
+
+def parse_port_range(text: Any, what: str) -> tuple[int, int]:
+    """"FIRST-LAST" (1 <= FIRST <= LAST <= 65535) -> (FIRST, LAST); StoreError naming `what`."""
+    parts = text.split("-") if isinstance(text, str) else []
+    try:
+        first, last = (int(x) for x in parts) if len(parts) == 2 else (0, -1)
+    except ValueError:
+        first, last = 0, -1
+    if not 1 <= first <= last <= 65535:
+        raise StoreError(f"{what} {text!r}: want FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+    return first, last
 
 
 # -- cluster settings --------------------------------------------------------------------
@@ -118,7 +142,7 @@ def load_cluster_config(path: str | None) -> ClusterConfig:
     if not isinstance(data, dict):
         raise StoreError(f"cluster config {path}: not a mapping")
     types = {"cluster_cidr": str, "node_cidr_size": int, "encap": str, "ip_masq": bool,
-             "mtu": int}
+             "mtu": int, "node_port_range": str}
     known = [f.name for f in fields(ClusterConfig)]
     for k, v in data.items():
         if k not in known:

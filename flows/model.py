@@ -441,8 +441,9 @@ class Learn(Action):
     protocol `ip_proto`) whose actions load constants into registers.
 
     Learned flows carry cookie 0 and idle_timeout: they are not desired flows
-    (the drift check skips their table, see tables.LEARNED) and a new round
-    (agent restart) deletes them, as it deletes every other round's flows.
+    (the drift check skips their table, see tables.LEARNED), and a new round
+    (agent restart) keeps them (controller.flowsync.other_rounds_deletes), so
+    a client keeps its endpoint across a restart.
     """
 
     table: str

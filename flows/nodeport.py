@@ -68,6 +68,10 @@ class Exposure:
     external_local: bool = False              # externalTrafficPolicy: Local
     internal_local: bool = False              # internalTrafficPolicy: Local
     affinity_timeout: int | None = None       # sessionAffinity: ClientIP (seconds)
+    # spec.healthCheckNodePort (LoadBalancer + externalTrafficPolicy Local): where
+    # each node answers load balancers with its local endpoint count
+    # (controller/healthcheck.py)
+    health_check_node_port: int | None = None
 
     @property
     def entry_ips(self) -> tuple[str, ...]:
@@ -91,11 +95,16 @@ def _policy(spec: dict[str, Any], field: str) -> bool:
     return v == "Local"
 
 
-def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) -> Exposure:
+def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
+                   node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                   require_node_ports: bool = True) -> Exposure:
     """The NodePort / external / policy / affinity fields of a Service, checked.
 
     Raises ValueError naming the field. `raw_ports` is spec.ports (already
-    checked to be mappings by the caller).
+    checked to be mappings by the caller). `node_port_range` is the cluster's
+    (the embedded store's API side checks it; a Kubernetes API server has done
+    so already). `require_node_ports=False` lets `flowctl apply` validate a
+    Service before it allocates the missing node ports.
     """
     stype = spec.get("type", "ClusterIP")
     node_ports: list[int | None] = []
@@ -107,9 +116,14 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) 
         if isinstance(np, bool) or not isinstance(np, int) \
                 or not NODE_PORT_RANGE[0] <= np <= NODE_PORT_RANGE[1]:
             raise ValueError(f"spec.ports[{i}].nodePort: {np!r} is not a port number (1-65535)")
+        lo, hi = node_port_range
+        if not lo <= np <= hi:
+            raise ValueError(f"spec.ports[{i}].nodePort: {np} is outside the node-port range "
+                             f"{lo}-{hi}")
         node_ports.append(np)
-    if stype in ("NodePort", "LoadBalancer") and raw_ports and all(
-            n is None for n in node_ports):
+    no_alloc = stype == "LoadBalancer" and spec.get("allocateLoadBalancerNodePorts") is False
+    if require_node_ports and not no_alloc and stype in ("NodePort", "LoadBalancer") \
+            and raw_ports and all(n is None for n in node_ports):
         raise ValueError(f"spec.ports[0].nodePort: required for type {stype} (the embedded "
                          "datastore does not allocate node ports; Kubernetes always sets it)")
     seen: set[tuple[str, int]] = set()
@@ -147,7 +161,20 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any]) 
                 or not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
             raise ValueError("spec.sessionAffinityConfig.clientIP.timeoutSeconds: "
                              f"{timeout!r} (1-{MAX_AFFINITY_TIMEOUT})")
-    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout)
+    hc = spec.get("healthCheckNodePort")
+    if hc is not None:
+        if stype != "LoadBalancer" or not ext_local:
+            raise ValueError("spec.healthCheckNodePort: only for type LoadBalancer with "
+                             "externalTrafficPolicy Local")
+        lo, hi = node_port_range
+        if isinstance(hc, bool) or not isinstance(hc, int) or not lo <= hc <= hi:
+            raise ValueError(f"spec.healthCheckNodePort: {hc!r} is outside the node-port "
+                             f"range {lo}-{hi}")
+        if hc in node_ports:
+            raise ValueError(f"spec.healthCheckNodePort: {hc} is also a nodePort of this "
+                             "Service")
+    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout,
+                    hc)
 
 
 def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:

@@ -44,6 +44,7 @@ from flowcni.flows.model import (
 )
 from flowcni.flows.node import Gateway
 from flowcni.flows.nodeport import (
+    NODE_PORT_RANGE,
     Exposure,
     HostEntry,
     entry_flows,
@@ -144,9 +145,11 @@ def _port_number(v: Any, field: str) -> int:
     return v
 
 
-def parse_service(namespace: str, name: str, spec: Any, status: Any = None) -> Service:
+def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
+                  node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                  require_node_ports: bool = True) -> Service:
     """A Service's spec (and status, for LoadBalancer IPs), checked: every refusal
-    names the field it is about."""
+    names the field it is about. The last two arguments: see parse_exposure."""
     if not isinstance(spec, dict):
         raise ServiceError("spec: must be a mapping")
     fams = spec.get("ipFamilies")
@@ -196,7 +199,8 @@ def parse_service(namespace: str, name: str, spec: Any, status: Any = None) -> S
         raise ServiceError("spec.selector: must be a map of strings")
     selector = None if sel is None else tuple(sorted((k, str(v)) for k, v in sel.items()))
     try:
-        exposure = parse_exposure(spec, status, raw_ports or [])
+        exposure = parse_exposure(spec, status, raw_ports or [], node_port_range,
+                                  require_node_ports)
     except ValueError as e:
         raise ServiceError(str(e)) from e
     return Service(namespace, name, cluster_ip, tuple(ports), selector, exposure)
@@ -379,14 +383,18 @@ class ServiceProxy:
     """
 
     def __init__(self, pipeline: Pipeline = DEFAULT, slices: bool = False,
-                 local_cidr: str | None = None) -> None:
+                 local_cidr: str | None = None,
+                 node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> None:
         """slices: endpoints come from EndpointSlices (the Kubernetes datastore, where
         the EndpointSlice controller writes them); otherwise from the pods each
         Service selects (the embedded store, where the agent plays that
         controller). A Service without a selector always uses slices.
         local_cidr: this node's pod CIDR (endpoints in it are local, for the
-        Local traffic policies)."""
+        Local traffic policies).
+        node_port_range: node ports outside it are refused (the embedded store's
+        cluster setting; a Kubernetes API server has checked its own)."""
         self.pipeline = pipeline
+        self.node_port_range = node_port_range
         self.local_cidr = ipaddress.IPv4Network(local_cidr) if local_cidr else None
         self.extra_gids: dict[str, dict[str, int]] = {}  # service key -> group name -> gid
         # service key -> its endpoints on this node (hairpin flows, flows.hairpin)
@@ -611,7 +619,7 @@ class ServiceProxy:
         key = f"{b.get('namespace')}/{b.get('name')}"
         try:
             self.services[key] = parse_service(b["namespace"], b["name"], b.get("spec"),
-                                               b.get("status"))
+                                               b.get("status"), self.node_port_range)
         except (ServiceError, KeyError) as e:
             self.services.pop(key, None)
             problems.append(f"service {key}: {e}")
@@ -675,6 +683,14 @@ class ServiceProxy:
                         "sessionAffinityTimeout": ex.affinity_timeout})
         return out
 
+
+    def health_checks(self) -> dict[int, tuple[str, int]]:
+        """healthCheckNodePort -> (Service key, its endpoints on this node), for each
+        LoadBalancer Service with externalTrafficPolicy Local that has one: what a
+        load balancer asks each node (controller/healthcheck.py)."""
+        return {svc.exposure.health_check_node_port: (key, len(self.local_ips.get(key, ())))
+                for key, svc in self.services.items()
+                if svc.exposure.health_check_node_port is not None}
 
     def host_view(self) -> tuple[list[HostEntry], list[str]]:
         """What the node's own stack needs (controller.hostnet): the node ports and

@@ -87,8 +87,8 @@ def cmd_lab(a: argparse.Namespace) -> int:
     _root()
     lab = Lab()
     if a.lab_cmd == "up":
-        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size, a.encap)
-        print(f"lab up ({a.encap}): "
+        nodes = lab.up(a.nodes, a.cluster_cidr, a.node_cidr_size, a.encap, a.proxy)
+        print(f"lab up ({a.encap}, proxy {a.proxy}): "
               f"{', '.join(f'{n.name} {n.node_ip} pods {n.pod_cidr}' for n in nodes)}")
     elif a.lab_cmd == "node":
         if a.node_cmd == "add":
@@ -142,6 +142,9 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
                     help="prefix length of each node's pod CIDR (default: %(default)s)")
     up.add_argument("--encap", default="geneve", choices=["geneve", "vxlan", "gre", "none"],
                     help="encapsulation, none = routed (default: %(default)s)")
+    up.add_argument("--proxy", default="flowcni", choices=["flowcni", "kube-proxy"],
+                    help="who implements Services: flowcni's proxy in OVS, or kube-proxy "
+                    "(node DNAT rules you write, as kube-proxy would) (default: %(default)s)")
     nd = ls.add_parser("node", help="add or remove a node of a running lab")
     nds = nd.add_subparsers(dest="node_cmd", required=True)
     nds.add_parser("add", help="one more node")

@@ -28,6 +28,7 @@ from flowcni.cni import install as cni_install
 from flowcni.ctl.client import AgentClient, AgentError
 from flowcni.ctl.providers import NodeAgent
 from flowcni.datastore.store import ClusterConfig, Store, StoreError
+from flowcni.flows.services import PROXY_MODES
 from flowcni.lab import netns
 from flowcni.lab.netns import run
 from flowcni.lab.ovs import OVS, kill_wait
@@ -275,8 +276,15 @@ class Lab:
         return f"{self.prefix}external"
 
     def up(self, nodes: int = 1, cluster_cidr: str = "10.244.0.0/16",
-           node_cidr_size: int = 24, encap: str = "geneve") -> list[Node]:
-        """Underlay, external host and N nodes; on any failure, nothing is left."""
+           node_cidr_size: int = 24, encap: str = "geneve", proxy: str = "flowcni"
+           ) -> list[Node]:
+        """Underlay, external host and N nodes; on any failure, nothing is left.
+
+        `proxy` is the agents' --proxy (flowcni, or kube-proxy: the node's own DNAT,
+        as a test or a user writes it); it is kept in the state file so nodes added
+        and agents restarted later run in the same mode."""
+        if proxy not in PROXY_MODES:
+            raise LabError(f"--proxy {proxy!r}: one of {', '.join(PROXY_MODES)}")
         if nodes < 1:
             raise LabError("--nodes must be at least 1")
         if nodes > 200:
@@ -291,6 +299,8 @@ class Lab:
         made = []
         try:
             os.makedirs(self.base, exist_ok=True)
+            with self._locked() as st:
+                st["proxy"] = proxy
             Store(self.store_path).set_cluster(cfg)
             cni_install.install(self.bin_dir)
             self._underlay_up()
@@ -425,7 +435,8 @@ class Lab:
                 "--ovsdb", node.ovs.remote, "--resync-period", "10",
                 "--cni-socket", node.socket, "--api-socket", node.api_socket,
                 "--state-dir", os.path.join(node.rundir, "agent"),
-                "--datapath-type", "netdev"]),
+                "--datapath-type", "netdev",
+                "--proxy", self._read().get("proxy", "flowcni")]),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         node.agent_pid = proc.pid

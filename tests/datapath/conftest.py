@@ -43,14 +43,14 @@ Pods = Iterable[tuple[str, str, dict[str, str]]]
 
 
 @contextmanager
-def running_lab(tag: str, nodes: int = 1, encap: str = "geneve", pods: Pods = ()
-                ) -> Iterator[Lab]:
+def running_lab(tag: str, nodes: int = 1, encap: str = "geneve", pods: Pods = (),
+                proxy: str = "flowcni") -> Iterator[Lab]:
     """A lab with pods (name, node, labels) for the block; torn down even on failure,
     and leftovers of a crashed earlier run are removed first."""
     lab = make_lab(tag)
     lab.down()
     try:
-        lab.up(nodes=nodes, encap=encap)
+        lab.up(nodes=nodes, encap=encap, proxy=proxy)
         for name, node, labels in pods:
             lab.pod_add(name, node, labels=labels)
         yield lab

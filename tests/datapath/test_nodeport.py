@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from flowcni.datastore.manifests import load
@@ -57,6 +58,7 @@ threading.Event().wait()
 VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
     "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
 AFFINITY_TIMEOUT = 120
+VIP_HC, HEALTH_PORT = "10.96.2.8", 30085
 EXT_IP, LB_IP = "203.0.113.10", "203.0.113.11"
 EXT_SRC = EXTERNAL_UNDERLAY_IP  # the external host connects to the node IPs from it
 
@@ -139,6 +141,18 @@ spec:
   ports:
   - {{name: http, port: 8080, targetPort: 80}}
   - {{name: dns, port: 53, targetPort: 53, protocol: UDP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hc, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {VIP_HC}
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {HEALTH_PORT}
+  selector: {{w: "1"}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30084}}
 """
 
 
@@ -287,6 +301,66 @@ def test_session_affinity_client_ip(nlab: Lab) -> None:
                if f"nw_src={ip['client1']}" in ln and f"nw_dst={VIP_AFF}" in ln]
     assert len(learned) == 2, table  # one per port (TCP and UDP)
     assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
+
+
+HEALTH_GET = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(json.dumps([r.status, json.loads(r.read())]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, json.loads(e.read())]))
+"""
+
+
+def test_health_check_node_port(nlab: Lab) -> None:
+    """LoadBalancer + externalTrafficPolicy Local: the external host asks each node on the
+    healthCheckNodePort; node1 (web1 is there) answers 200 with one local endpoint,
+    node2 (none) 503, as kube-proxy does; the node port itself reaches web1 from node1."""
+    def ask(node: str) -> list[Any]:
+        url = f"http://{nlab.node(node).node_ip}:{HEALTH_PORT}/healthz"
+        out = subprocess.run(netns.exec_argv(nlab.external_ns, [
+            sys.executable, "-c", HEALTH_GET, url]), capture_output=True, text=True,
+            timeout=30)
+        assert out.returncode == 0, out.stderr
+        return list(json.loads(out.stdout))
+    svc = {"namespace": "default", "name": "hc"}
+    assert ask("node1") == [200, {"service": svc, "localEndpoints": 1,
+                                  "serviceProxyHealthy": True}]
+    assert ask("node2") == [503, {"service": svc, "localEndpoints": 0,
+                                  "serviceProxyHealthy": True}]
+    n1 = nlab.node("node1").node_ip
+    assert request(netns.exec_argv(nlab.external_ns, []), [f"{n1}:30084"]) == {
+        f"{n1}:30084": f"web1 {EXT_SRC}"}
+
+
+def _learned(lab: Lab, client_ip: str) -> list[str]:
+    table = lab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                        f"table={DEFAULT.id('SessionAffinity')}")
+    return [ln for ln in table.splitlines()
+            if f"nw_src={client_ip}" in ln and f"nw_dst={VIP_AFF}" in ln]
+
+
+def test_session_affinity_survives_an_agent_restart(nlab: Lab) -> None:
+    """One connection of client1 before node1's agent is SIGKILLed and restarted (a new
+    round), ten after it: all on the same endpoint (1 in 1024 by chance with two), and
+    the flows OVS learned before the restart are still there (cookie 0) while the
+    agent's own flows now carry the new round."""
+    ip = {p.name: p.ip for p in nlab.pods()}
+    first = replies(nlab, "default/client1", [f"{VIP_AFF}:8080"])[f"{VIP_AFF}:8080"]
+    assert first in (f"web1 {ip['client1']}", f"web2 {ip['client1']}"), first
+    before = _learned(nlab, ip["client1"])
+    assert len(before) >= 1 and all("cookie=0x0," in ln for ln in before), before
+    ovs = nlab.node("node1").ovs
+    old_round = ovs.vsctl("get", "Bridge", "br-int", "external_ids:flowcni-round")
+    nlab.restart_agent("node1")
+    assert ovs.vsctl("get", "Bridge", "br-int", "external_ids:flowcni-round") != old_round
+    after = _learned(nlab, ip["client1"])
+    assert {ln.split("actions=")[1] for ln in after} >= {
+        ln.split("actions=")[1] for ln in before}, (before, after)
+    for _ in range(10):
+        assert replies(nlab, "default/client1", [f"{VIP_AFF}:8080"]) == {
+            f"{VIP_AFF}:8080": first}
 
 
 def test_flowctl_services_shows_node_ports_policies_and_affinity(

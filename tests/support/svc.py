@@ -189,14 +189,22 @@ class DNat:
     endpoint: str
     target_port: int
     masquerade: bool = False  # kube-proxy masquerades NodePort (Cluster) traffic
+    node_port: bool = False   # vip is a node address (a NodePort rule, not a ClusterIP)
 
 
-def kube_proxy_rules(table: str, rules: list[DNat]) -> str:
+def kube_proxy_rules(table: str, rules: list[DNat], cluster_cidr: str | None = None) -> str:
     """An nft script like kube-proxy's nftables mode writes: DNAT in prerouting and output,
-    hairpin (an endpoint reaching itself) and marked traffic masqueraded in postrouting."""
+    hairpin (an endpoint reaching itself) and marked traffic masqueraded in postrouting.
+
+    cluster_cidr: as kube-proxy does when it knows the cluster CIDR, traffic to a
+    ClusterIP (not a `node_port` rule) from outside that CIDR, such as the
+    node's own connections, is masqueraded too (so a remote endpoint replies to
+    this node's gateway address, not to the node's underlay address)."""
     chains, jumps = [], []
     for i, r in enumerate(rules):
         mark = "meta mark set meta mark | 0x4000; " if r.masquerade else ""
+        if cluster_cidr and not r.masquerade and not r.node_port:
+            mark = f"ip saddr != {cluster_cidr} meta mark set meta mark | 0x4000; "
         chains.append(f"  chain ep{i} {{ ip saddr {r.endpoint} meta mark set meta mark | 0x4000; "
                       f"{mark}meta l4proto {r.proto} dnat to {r.endpoint}:{r.target_port}; }}")
         jumps.append(f"ip daddr {r.vip} {r.proto} dport {r.port} goto ep{i};")
@@ -208,9 +216,10 @@ def kube_proxy_rules(table: str, rules: list[DNat]) -> str:
             "meta mark & 0x4000 == 0x4000 masquerade; }\n}\n")
 
 
-def install_kube_proxy_rules(lab: Lab, node: str, table: str, rules: list[DNat]) -> None:
+def install_kube_proxy_rules(lab: Lab, node: str, table: str, rules: list[DNat],
+                             cluster_cidr: str | None = None) -> None:
     subprocess.run(netns.exec_argv(lab.node(node).netns, ["nft", "-f", "-"]),
-                   input=kube_proxy_rules(table, rules), text=True, check=True,
+                   input=kube_proxy_rules(table, rules, cluster_cidr), text=True, check=True,
                    capture_output=True)
 
 

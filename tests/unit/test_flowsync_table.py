@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from flowcni.controller import hostnet, ofapp
-from flowcni.controller.flowsync import FlowSync, match_key
+from flowcni.controller.flowsync import FlowSync, match_key, other_rounds_deletes
 from flowcni.controller.peers import Peers
 from flowcni.datastore.store import ClusterConfig
 from flowcni.flows import cookie as ck
@@ -230,3 +230,39 @@ def test_drift_check_counts_first_and_dumps_only_a_table_that_is_off() -> None:
     # A flow in a table the pipeline does not declare: found by the total count.
     dp.table[(200, 1, ())] = 0
     assert [(u.table_id, u.cookie) for u in fs.drift()[1]] == [(200, 0)]
+
+
+def test_restart_keeps_learned_flows_and_drops_other_rounds_and_hand_added() -> None:
+    """Flows OVS learned (cookie 0, in a tables.LEARNED table: sessionAffinity) survive a
+    new round; cookie-0 flows elsewhere (added by hand) and every other round's flows in
+    every table, the learned table's own miss flow included, do not."""
+    aff, lb = DEFAULT.id("SessionAffinity"), DEFAULT.id("ServiceLB")
+    miss = Flow.make("SessionAffinity", 0, {}, [], feature=ck.Feature.SERVICE, owner="svc-miss")
+    for first, second in ((1, 2), (2, 3), (3, 4), (0x7FFF, 0x8000), (0xFFFE, 0xFFFF)):
+        fs = FlowSync(DEFAULT, lambda first=first: first)
+        fs.set_owners({"o": flows(3, "o"), "m": [miss]})
+        dp, sw = connected()
+        fs.full_sync(sw)
+        learned = (aff, 10, (("ipv4_src", "10.244.1.5"),))
+        dp.table[learned] = 0
+        dp.table[(lb, 5, (("ipv4_dst", "10.96.0.1"),))] = 0  # by hand
+        dp.table[(aff, 7, (("ipv4_src", "10.244.1.6"),))] = ck.make(
+            first, ck.Feature.SERVICE, "gone")  # a desired flow of the old round, gone now
+        fs2 = FlowSync(DEFAULT, lambda second=second: second)
+        fs2.set_owners({"o": flows(3, "o"), "m": [miss]})
+        fs2.full_sync(sw)
+        assert dp.table.get(learned) == 0, (first, second)
+        assert (lb, 5, (("ipv4_dst", "10.96.0.1"),)) not in dp.table
+        assert {ck.round_of(c) for k, c in dp.table.items() if k != learned} == {second}, \
+            (first, second, dp.table)
+        assert len(dp.table) == 3 + 1 + 1
+
+
+def test_learned_tables_change_only_the_bits_where_the_round_is_one() -> None:
+    """Without learned tables the deletes stay 16 messages over all tables."""
+    _, sw = connected()
+    assert len(other_rounds_deletes(sw, 0xFFFF)) == 16
+    tables = DEFAULT.ids.values()
+    aff = {DEFAULT.id("SessionAffinity")}
+    assert len(other_rounds_deletes(sw, 0b101, tables, aff)) == 14 + 2 * (
+        len(DEFAULT.ids) - 1 + ck.FEATURE_BITS)
