@@ -704,6 +704,12 @@ class ClusterPolicyEngine:
              nodes: list[dict[str, Any]], policies: dict[str, list[dict[str, Any]]]
              ) -> tuple[dict[str, list[Flow]], list[str]]:
         """Initial state (policies by kind); returns (flows by owner, problems)."""
+        with gc_paused():
+            return self._load(namespaces, pods, nodes, policies)
+
+    def _load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
+              nodes: list[dict[str, Any]], policies: dict[str, list[dict[str, Any]]]
+              ) -> tuple[dict[str, list[Flow]], list[str]]:
         problems: list[str] = []
         self._pods_by_ns = None
         for n in namespaces:
