@@ -704,7 +704,7 @@ class ClusterPolicyEngine:
              nodes: list[dict[str, Any]], policies: dict[str, list[dict[str, Any]]]
              ) -> tuple[dict[str, list[Flow]], list[str]]:
         """Initial state (policies by kind); returns (flows by owner, problems)."""
-        with gc_paused():
+        with gc_paused(promote=True):
             return self._load(namespaces, pods, nodes, policies)
 
     def _load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],

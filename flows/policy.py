@@ -789,7 +789,7 @@ class PolicyEngine:
              policies: list[dict[str, Any]]) -> tuple[dict[str, list[Flow]], list[str]]:
         """Initial state; returns (flows by owner, problems). The collector waits
         (gc_paused): at 10,000 pods it rescanned the build's objects for a tenth of it."""
-        with gc_paused():
+        with gc_paused(promote=True):
             return self._load(namespaces, pods, policies)
 
     def _load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
