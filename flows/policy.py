@@ -385,6 +385,20 @@ class World:
                 if direction in (pol := self.policies[k]).types
                 and pol.selector.matches(pod.labels)]
 
+    def isolated_both(self, pod: PodInfo) -> tuple[bool, bool]:
+        """(isolated for ingress, for egress) in one pass over the namespace's
+        policies: a load asks this of every pod (10,000 x 10 selector matches)."""
+        ing = egr = False
+        for k in self.policies_by_ns.get(pod.namespace, ()):
+            pol = self.policies[k]
+            if (("ingress" in pol.types and not ing) or ("egress" in pol.types and not egr)) \
+                    and pol.selector.matches(pod.labels):
+                ing = ing or "ingress" in pol.types
+                egr = egr or "egress" in pol.types
+                if ing and egr:
+                    break
+        return ing, egr
+
     def allows(self, src: PodInfo, dst: PodInfo, protocol: str, port: int) -> bool:
         """Whether policy lets a new connection src -> dst:port/protocol through.
 
@@ -742,8 +756,7 @@ class PolicyEngine:
             if p is None or p.node != self.node or not p.ip:
                 self.isolated.pop(k, None)
             else:
-                self.isolated[k] = (bool(self.world.isolated(p, "ingress")),
-                                    bool(self.world.isolated(p, "egress")))
+                self.isolated[k] = self.world.isolated_both(p)
             new_flows = self._isolation_flows(k)
             if new_flows != old_flows:
                 out[f"isolation:{k}"] = new_flows
