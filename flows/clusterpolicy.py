@@ -441,12 +441,14 @@ class ClusterPolicyEngine:
         return self._pods_by_ns
 
     def subjects(self, pol: ClusterPolicy) -> list[PodInfo]:
-        return self._select(pol.subject_ns, pol.subject_pods, True)[0]
+        """The policy's subjects on this node, as of now (not from a recompute's cache)."""
+        return [p for p in self._ns_pods(pol.subject_ns, pol.subject_pods) if p.node == self.node]
 
     def _select(self, ns_sel: Selector, pod_sel: Selector | None, local: bool
                 ) -> tuple[list[PodInfo], frozenset[str]]:
         """(pods, their IPs) a selector pair picks, on this node only or anywhere;
-        cached for one recompute, so rules sharing selectors share one set object."""
+        cached for one recompute, so rules sharing selectors share one set object.
+        Only for use inside `_recompute`, which empties the cache around itself."""
         key = (ns_sel, pod_sel, local)
         hit = self._selected.get(key)
         if hit is None:
@@ -545,7 +547,7 @@ class ClusterPolicyEngine:
     def _policy_flows(self, pol: ClusterPolicy) -> tuple[dict[str, list[Flow]],
                                                           list[_Realized]]:
         slots = self._slots(pol)
-        subjects = self.subjects(pol)
+        subjects = self._select(pol.subject_ns, pol.subject_pods, True)[0]
         out: dict[str, list[Flow]] = {}
         realized: list[_Realized] = []
         for rule in pol.rules:
