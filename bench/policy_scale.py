@@ -7,7 +7,10 @@ policy's own namespace, some by a namespace's team label, some add an
 ipBlock; one to three ports each. Every pod is placed on the measured node,
 the worst case for one node. Prints one JSON line per size:
 pods, policies, flows (what flowcni installs), per_pair_flows (what one flow
-per selected pod x peer x port would cost), compute_s, peak_rss_mb.
+per selected pod x peer x port would cost), compute_s, peak_rss_mb; the
+cluster row adds compute_cpu_s (the same span in CPU time: the wall figure
+swings with whatever else runs on a shared machine) and cluster_compute_s
+(the cluster tiers' share of compute_s).
 Each size runs in its own process so peak RSS is its own.
 """
 
@@ -124,18 +127,21 @@ def measure_cluster(pods: int, policies: int, admin: int) -> dict[str, Any]:
     nss, plist, pols = generate(pods, policies)
     cpols = generate_cluster(len(nss), admin)
     nodes = [{"name": "node1", "nodeIP": "192.168.0.1"}, {"name": "node2", "nodeIP": "192.168.0.2"}]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     owners, problems = PolicyEngine("node1").load(nss, plist, pols)
+    t1 = time.perf_counter()
     cowners, cproblems = ClusterPolicyEngine("node1").load(
         nss, plist, nodes, {"ClusterNetworkPolicy": cpols})
-    compute = time.perf_counter() - t
+    compute, cpu = time.perf_counter() - t, time.process_time() - c
+    cluster = time.perf_counter() - t1
     assert not problems and not cproblems, (problems + cproblems)[:3]
     nflows = [f for v in owners.values() for f in v]
     cflows = [f for v in cowners.values() for f in v]
     return {"pods": pods, "policies": policies, "cluster_policies": len(cpols),
             "flows": len(nflows) + len(cflows), "cluster_flows": len(cflows),
             "per_pair_flows": per_pair_of(nflows) + per_pair_of(cflows),
-            "compute_s": round(compute, 3),
+            "compute_s": round(compute, 3), "compute_cpu_s": round(cpu, 3),
+            "cluster_compute_s": round(cluster, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

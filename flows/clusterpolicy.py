@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcni.flows.cookie import Feature
-from flowcni.flows.model import Conjunction, Flow
+from flowcni.flows.model import Conjunction, Flow, gc_paused
 from flowcni.flows.policy import (
     OPERATORS,
     PROTOCOLS,
@@ -415,6 +415,13 @@ class ClusterPolicyEngine:
         self._next_conj = CONJ_BASE
         self._templates: dict[tuple[str, str, Any], Flow] = {}
         self._pods_by_ns: dict[str, list[PodInfo]] | None = None
+        # Per recompute (cleared before and after one): what a selector picks and
+        # the clause templates of an address set. 100 Admin policies reuse a
+        # few dozen selectors, and selecting and templating them per rule was a
+        # third of the build.
+        self._selected: dict[tuple[Selector, Selector | None, bool],
+                             tuple[list[PodInfo], frozenset[str]]] = {}
+        self._dims: dict[tuple[str, str, frozenset[Any]], tuple[Flow, ...]] = {}
 
     # -- selection ----------------------------------------------------------------
 
@@ -434,7 +441,22 @@ class ClusterPolicyEngine:
         return self._pods_by_ns
 
     def subjects(self, pol: ClusterPolicy) -> list[PodInfo]:
+        """The policy's subjects on this node, as of now (not from a recompute's cache)."""
         return [p for p in self._ns_pods(pol.subject_ns, pol.subject_pods) if p.node == self.node]
+
+    def _select(self, ns_sel: Selector, pod_sel: Selector | None, local: bool
+                ) -> tuple[list[PodInfo], frozenset[str]]:
+        """(pods, their IPs) a selector pair picks, on this node only or anywhere;
+        cached for one recompute, so rules sharing selectors share one set object.
+        Only for use inside `_recompute`, which empties the cache around itself."""
+        key = (ns_sel, pod_sel, local)
+        hit = self._selected.get(key)
+        if hit is None:
+            pods = self._ns_pods(ns_sel, pod_sel)
+            if local:
+                pods = [p for p in pods if p.node == self.node]
+            hit = self._selected[key] = (pods, frozenset(p.ip for p in pods))
+        return hit
 
     def _node_ips(self, sel: Selector) -> list[str]:
         return sorted(ip for name, (ip, labels) in self.nodes.items()
@@ -485,8 +507,11 @@ class ClusterPolicyEngine:
 
     def _groups(self, pol: ClusterPolicy, rule: ClusterRule, subjects: list[PodInfo]
                 ) -> list[tuple[frozenset[str], frozenset[str], frozenset[PortMatch] | None]]:
-        """(subject IPs, peer addresses, port matches or None) per conjunction."""
-        pod_peers: list[PodInfo] = []
+        """(subject IPs, peer addresses, port matches or None) per conjunction.
+
+        One conjunction unless a named port resolves differently per pod (subjects
+        on ingress, peers on egress): then one per distinct resolution."""
+        pod_sels: list[tuple[Selector, Selector | None]] = []
         addrs: set[str] = set()
         for pe in rule.peers:
             if pe.networks:
@@ -494,18 +519,24 @@ class ClusterPolicyEngine:
             elif pe.nodes is not None:
                 addrs.update(self._node_ips(pe.nodes))
             elif pe.namespaces is not None:
-                pod_peers += self._ns_pods(pe.namespaces, pe.pods)
-        sub_ips = frozenset(p.ip for p in subjects)
+                pod_sels.append((pe.namespaces, pe.pods))
+        sub_ips = self._select(pol.subject_ns, pol.subject_pods, True)[1]
+        if rule.ports is None or not any(p.name for p in rule.ports):
+            ports = None if rule.ports is None else self._resolve(rule.ports, None)
+            if not addrs and len(pod_sels) == 1:
+                peers = self._select(*pod_sels[0], False)[1]  # the cached set: its hash too
+            else:
+                peers = frozenset(addrs.union(*(self._select(*ps, False)[1]
+                                                 for ps in pod_sels)))
+            return [(sub_ips, peers, ports)]
+        assert rule.ports is not None
+        pod_peers = [p for ps in pod_sels for p in self._select(*ps, False)[0]]
         if rule.direction == "ingress":
             peers = frozenset(addrs | {p.ip for p in pod_peers})
-            if rule.ports is None:
-                return [(sub_ips, peers, None)]
             by: dict[frozenset[PortMatch], set[str]] = defaultdict(set)
             for p in subjects:
                 by[self._resolve(rule.ports, p)].add(p.ip)
             return [(frozenset(s), peers, pm) for pm, s in by.items()]
-        if rule.ports is None:
-            return [(sub_ips, frozenset(addrs | {p.ip for p in pod_peers}), None)]
         by_p: dict[frozenset[PortMatch], set[str]] = defaultdict(set)
         if addrs:
             by_p[self._resolve(rule.ports, None)].update(addrs)
@@ -516,7 +547,7 @@ class ClusterPolicyEngine:
     def _policy_flows(self, pol: ClusterPolicy) -> tuple[dict[str, list[Flow]],
                                                           list[_Realized]]:
         slots = self._slots(pol)
-        subjects = self.subjects(pol)
+        subjects = self._select(pol.subject_ns, pol.subject_pods, True)[0]
         out: dict[str, list[Flow]] = {}
         realized: list[_Realized] = []
         for rule in pol.rules:
@@ -539,37 +570,64 @@ class ClusterPolicyEngine:
                     owner: str, subjects: list[PodInfo]) -> list[Flow]:
         ingress = rule.direction == "ingress"
         sel_f, peer_f = ("ipv4_dst", "ipv4_src") if ingress else ("ipv4_src", "ipv4_dst")
-        kw = dict(feature=Feature.POLICY, owner=owner, pipeline=self.pipeline)
-        clauses: dict[tuple[Any, ...], list[Conjunction]] = {}
-        templates: dict[tuple[Any, ...], Flow] = {}
-        conj_flows: list[Flow] = []
         if rule.action == "deny":
             goto = None
         elif rule.action == "pass" and pol.tier == "Admin":
             goto = "IngressRule" if ingress else "EgressRule"
         else:  # accept (and Pass in the Baseline tier: on to the default, allow)
             goto = "ConntrackCommit" if ingress else "L3Forwarding"
-        tmpl = self._template
-        for i, (subs, peers, ports) in enumerate(self._groups(pol, rule, subjects)):
-            if not subs or not peers or (ports is not None and not ports):
-                continue
+        groups = [(i, g) for i, g in enumerate(self._groups(pol, rule, subjects))
+                  if g[0] and g[1] and (g[2] is None or g[2])]
+        # Clause matches differ across the dimensions of one conjunction (each
+        # matches its own field), so with one conjunction every clause flow
+        # carries one action; only several conjunctions can share a match.
+        items: list[tuple[Flow, tuple[Conjunction, ...]]] = []
+        shared: dict[tuple[Any, ...], tuple[Flow, list[Conjunction]]] = {}
+        conj_flows: list[Flow] = []
+        for i, (subs, peers, ports) in groups:
             cid = self._conj_id(owner, i)
-            dims: list[list[Flow]] = [
-                [tmpl(table, sel_f, ip) for ip in subs],
-                [tmpl(table, peer_f, a[:-3] if a.endswith("/32") else a) for a in peers]]
+            dims = [self._dim(table, sel_f, subs), self._dim(table, peer_f, peers)]
             if ports is not None:
-                dims.append([tmpl(table, "port", pm) for pm in sorted(ports, key=str)])
+                dims.append(self._dim(table, "port", ports))
             for k, dim in enumerate(dims, 1):
                 act = Conjunction(cid, k, len(dims))
-                for t in dim:
-                    templates.setdefault(t.match, t)
-                    clauses.setdefault(t.match, []).append(act)
+                if len(groups) == 1:
+                    acts = (act,)
+                    items += [(t, acts) for t in dim]
+                else:
+                    for t in dim:
+                        shared.setdefault(t.match, (t, []))[1].append(act)
             conj_flows.append(Flow.make(table, prio, {"conj_id": cid, "eth_type": 0x0800},
-                                        goto=goto, **kw))
-        flows = Flow.clauses(((templates[m], acts if len(acts) == 1 else sorted(
-            set(acts), key=lambda a: (a.id, a.clause))) for m, acts in clauses.items()),
-                             priority=prio, owner=owner)
-        return flows + conj_flows
+                                        goto=goto, feature=Feature.POLICY, owner=owner,
+                                        pipeline=self.pipeline))
+        items += [(t, tuple(sorted(set(acts), key=lambda a: (a.id, a.clause))))
+                  for t, acts in shared.values()]
+        return Flow.clauses(items, priority=prio, owner=owner) + conj_flows
+
+    def _dim(self, table: str, field: str, values: frozenset[Any]) -> tuple[Flow, ...]:
+        """The clause templates of one conjunction dimension, one per distinct match
+        (a /32 network and a pod address are one match); cached per recompute."""
+        key = (table, field, values)
+        hit = self._dims.get(key)
+        if hit is None:
+            if field == "port":
+                ts = [self._template(table, field, v) for v in sorted(values, key=str)]
+            else:
+                ts = self._addr_templates(table, field, [
+                    a[:-3] if a.endswith("/32") else a for a in values])
+            hit = self._dims[key] = tuple({t.match: t for t in ts}.values())
+        return hit
+
+    def _addr_templates(self, table: str, field: str, addrs: list[str]) -> list[Flow]:
+        """`_template` for many addresses: those not made yet are made from the
+        first one's flow (`Flow.with_each`), which checks each address only."""
+        tmpl = self._templates
+        new = [a for a in addrs if (table, field, a) not in tmpl]
+        if new:
+            first = self._template(table, field, new[0])
+            for a, t in zip(new[1:], Flow.with_each(first, field, new[1:]), strict=True):
+                tmpl[(table, field, a)] = t
+        return [tmpl[(table, field, a)] for a in addrs]
 
     def _template(self, table: str, field: str, value: Any) -> Flow:
         """A validated flow on one clause match, made once per distinct match: the
@@ -593,6 +651,15 @@ class ClusterPolicyEngine:
 
     def _recompute(self, keys: set[str], out: dict[str, list[Flow]],
                    problems: list[str]) -> None:
+        self._selected, self._dims = {}, {}
+        try:
+            with gc_paused():
+                self._recompute_keys(keys, out, problems)
+        finally:
+            self._selected, self._dims = {}, {}
+
+    def _recompute_keys(self, keys: set[str], out: dict[str, list[Flow]],
+                        problems: list[str]) -> None:
         for key in sorted(keys):
             old = self.owners.pop(key, set())
             self.realized.pop(key, None)
@@ -639,6 +706,12 @@ class ClusterPolicyEngine:
              nodes: list[dict[str, Any]], policies: dict[str, list[dict[str, Any]]]
              ) -> tuple[dict[str, list[Flow]], list[str]]:
         """Initial state (policies by kind); returns (flows by owner, problems)."""
+        with gc_paused(promote=True):
+            return self._load(namespaces, pods, nodes, policies)
+
+    def _load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
+              nodes: list[dict[str, Any]], policies: dict[str, list[dict[str, Any]]]
+              ) -> tuple[dict[str, list[Flow]], list[str]]:
         problems: list[str] = []
         self._pods_by_ns = None
         for n in namespaces:

@@ -9,11 +9,13 @@ match); `Flow.key` is exactly that, and the diff works on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +119,37 @@ def _osken_value(name: str, value: MatchValue) -> Any:
             return str(net.network_address)
         return (str(net.network_address), str(net.netmask))
     return value
+
+
+@contextlib.contextmanager
+def gc_paused(promote: bool = False) -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a build runs.
+
+    A build makes hundreds of thousands of small acyclic objects (200,000
+    bucket actions at 10,000 Services, 500,000 clause flows at 100 cluster
+    policies over 10,000 pods), and each allocation burst set off collections
+    that rescanned everything already built: a third to a half of the build's
+    CPU time. Nothing made here forms a cycle, so nothing is lost by waiting.
+    Nested use is fine: only the outermost one turns the collector back on.
+
+    Waiting alone leaves the whole build in the youngest generation, and the
+    first collection after it scans all of it (0.15 s at 500,000 flows).
+    `promote` (for an initial load, whose objects live as long as the agent)
+    hands everything to the oldest generation without a scan (gc.freeze then
+    gc.unfreeze, documented to do exactly that); a full collection sees it
+    later, as it sees every long-lived object. Not done for small changes, nor
+    if something else froze objects (unfreezing would undo that).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            if promote and gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+            gc.enable()
 
 
 def plain_ipv4(s: str) -> bool:
@@ -605,6 +638,22 @@ class Flow:
                    template.owner if owner is None else owner)
 
     @classmethod
+    def with_each(cls, template: Flow, name: str, values: Iterable[str]) -> list[Flow]:
+        """`template` (from `make`) once per value of its address match field `name`.
+
+        A cluster policy engine makes a template per pod address and table (50,000
+        at 10,000 pods); the field, its prerequisites and the order were checked
+        once in `make`, so only each address is checked here (as `make` would).
+        """
+        at = [i for i, (k, _) in enumerate(template.match) if k == name]
+        if len(at) != 1 or not isinstance(template.match[at[0]][1], str):
+            raise ValueError(f"{template.table}: template has no address field {name}")
+        head, tail = template.match[:at[0]], template.match[at[0] + 1:]
+        return [_new_flow(template.table, template.priority, (*head, (name, _canon_value(
+            name, v)), *tail), template.actions, template.goto, template.feature,
+            template.owner) for v in values]
+
+    @classmethod
     def with_values(cls, template: Flow, values: dict[str, MatchValue],
                     actions: tuple[Action, ...] | list[Action] = (), goto: str | None = None,
                     *, owner: str, pipeline: Pipeline = DEFAULT) -> Flow:
@@ -637,16 +686,30 @@ class Flow:
         all at one priority and owner.
 
         The check `with_match` makes for such a flow (conjunction actions only, going
-        nowhere) made per item; a cluster policy rule has thousands of clause flows,
-        and looking the table up for each was half of building them.
+        nowhere) is made once per distinct action tuple, not per item: a cluster
+        policy rule has thousands of clause flows sharing one `(conjunction(id,k/n),)`.
+        Each flow is made by `_new_flow`.
         """
         if not 0 <= priority <= 0xFFFF:
             raise ValueError(f"priority {priority} out of range")
+        checked: set[int] = set()  # ids of action tuples held by flows in `out`: stable
         out = []
+        new = object.__new__
         for t, acts in items:
-            if not acts or not all(isinstance(a, Conjunction) for a in acts):
-                raise ValueError(f"{t.table}: a clause flow carries conjunction actions only")
-            out.append(cls(t.table, priority, t.match, tuple(acts), None, t.feature, owner))
+            a = acts if type(acts) is tuple else tuple(acts)
+            if id(a) not in checked:
+                if not a or not all(isinstance(x, Conjunction) for x in a):
+                    raise ValueError(f"{t.table}: a clause flow carries conjunction actions only")
+                checked.add(id(a))
+            f = new(cls)  # _new_flow, inlined: this loop makes 500,000 flows
+            _SET_TABLE(f, t.table)
+            _SET_PRIORITY(f, priority)
+            _SET_MATCH(f, t.match)
+            _SET_ACTIONS(f, a)
+            _SET_GOTO(f, None)
+            _SET_FEATURE(f, t.feature)
+            _SET_OWNER(f, owner)
+            out.append(f)
         return out
 
     # -- rendering ---------------------------------------------------------
@@ -700,6 +763,31 @@ class Flow:
     def cookie(self, round_: int) -> int:
         return ck.make(round_, self.feature, self.owner)
 
+
+_SET_TABLE, _SET_PRIORITY, _SET_MATCH, _SET_ACTIONS, _SET_GOTO, _SET_FEATURE, _SET_OWNER = (
+    getattr(Flow, f.name).__set__ for f in dataclasses.fields(Flow))
+if [f.name for f in dataclasses.fields(Flow)] != [
+        "table", "priority", "match", "actions", "goto", "feature", "owner"]:
+    raise ImportError("Flow's fields changed: update _new_flow")
+
+
+def _new_flow(table: str, priority: int, match: Match, actions: tuple[Action, ...],
+              goto: str | None, feature: ck.Feature, owner: str) -> Flow:
+    """Flow(...) on already checked values, filled through its slots.
+
+    The frozen dataclass __init__ sets each field through object.__setattr__;
+    at 500,000 clause flows (100 cluster policies over 10,000 pods) filling the
+    slots directly halved their cost. Nothing else happens in __init__.
+    """
+    f = object.__new__(Flow)
+    _SET_TABLE(f, table)
+    _SET_PRIORITY(f, priority)
+    _SET_MATCH(f, match)
+    _SET_ACTIONS(f, actions)
+    _SET_GOTO(f, goto)
+    _SET_FEATURE(f, feature)
+    _SET_OWNER(f, owner)
+    return f
 
 MAX_GROUP_ID = 0xFFFFFF00  # OFPG_MAX
 

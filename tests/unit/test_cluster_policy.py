@@ -350,3 +350,50 @@ def test_clause_flows_carry_conjunctions_only() -> None:
         Flow.clauses([(t, [Output("IN_PORT")])], priority=500, owner="o")
     with pytest.raises(ValueError, match="out of range"):
         Flow.clauses([(t, [Conjunction(7, 1, 2)])], priority=70000, owner="o")
+
+
+def test_clause_flows_equal_constructed_ones_and_check_every_action_tuple() -> None:
+    """Flow.clauses fills slots directly: its flows must be the very flows the
+    dataclass constructor gives (equal, same hash), and a bad action tuple is
+    refused even after good ones were seen."""
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import Flow, Output
+    t = Flow.make("AdminEgress", 0, {"ipv4_src": "10.0.0.1"}, feature=Feature.POLICY, owner="")
+    u = Flow.make("AdminEgress", 0, {"ipv4_dst": "10.0.0.2"}, feature=Feature.POLICY, owner="")
+    acts = (Conjunction(7, 1, 2),)
+    got = Flow.clauses([(t, acts), (u, acts)], priority=500, owner="o")
+    want = [Flow(x.table, 500, x.match, acts, None, x.feature, "o") for x in (t, u)]
+    assert got == want and [hash(f) for f in got] == [hash(f) for f in want]
+    with pytest.raises(ValueError, match="conjunction actions only"):
+        Flow.clauses([(t, acts), (u, (Output("IN_PORT"),))], priority=500, owner="o")
+
+
+def test_with_each_gives_what_make_gives_and_checks_each_address() -> None:
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import Flow
+    kw: dict[str, Any] = dict(feature=Feature.POLICY, owner="")
+    t = Flow.make("AdminIngress", 0, {"ipv4_src": "10.0.0.1"}, **kw)
+    values = ["10.0.0.2", "172.16.0.0/16", "10.0.0.3/32"]
+    assert Flow.with_each(t, "ipv4_src", values) == [
+        Flow.make("AdminIngress", 0, {"ipv4_src": v}, **kw) for v in values]
+    with pytest.raises(ValueError, match="host bits set"):
+        Flow.with_each(t, "ipv4_src", ["10.0.0.1/24"])
+    with pytest.raises(ValueError, match="no address field ipv4_dst"):
+        Flow.with_each(t, "ipv4_dst", ["10.0.0.2"])
+
+
+def test_rules_sharing_selectors_each_get_all_their_clauses() -> None:
+    """Selected sets and clause templates are shared across rules within one
+    recompute (and dropped after it); each rule still gets its own flows, and an
+    address named twice (a /32 network and a pod) is one clause flow."""
+    p = cnp("p", 10, [DENY_B_TCP])
+    p["spec"]["egress"] = [{"action": "Deny", "to": [
+        {"namespaces": {"matchLabels": {"tenant": "b"}}}, {"networks": ["10.0.2.1/32"]}]}]
+    e, owners, problems = engine([p, cnp("q", 20, [DENY_B_TCP])], n_local=3, n_peers=4)
+    assert not problems
+    for o in ("p/ingress/0", "q/ingress/0"):
+        assert len(owners[f"cluster-rule:ClusterNetworkPolicy/{o}"]) == 3 + 4 + 2 + 1
+    flows = owners["cluster-rule:ClusterNetworkPolicy/p/egress/0"]
+    assert len(flows) == 3 + 4 + 1
+    assert len({f.match for f in flows}) == len(flows)
+    assert e._selected == {} and e._dims == {}

@@ -282,3 +282,22 @@ def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
         assert got == _touching_by_brute_force(eng, sample)
     assert "ns3/named/ingress/0" in got and "ns1/late/ingress/0" not in got
     assert not any(k.startswith("ns2/np2/") for k in got)
+
+
+def test_isolated_both_agrees_with_isolated_per_direction() -> None:
+    """The load's one-pass isolation check gives what asking per direction gives."""
+    eng = PolicyEngine("n1")
+    pods = [pod("d", f"p{i}", f"10.0.0.{i + 1}", app=f"a{i % 3}", tier=f"t{i % 2}")
+            for i in range(12)]
+    eng.load([{"name": "d", "labels": {}}], pods, [
+        pol("d", "in", {"podSelector": {"matchLabels": {"app": "a0"}}, "ingress": []}),
+        pol("d", "out", {"podSelector": {"matchLabels": {"tier": "t1"}},
+                         "policyTypes": ["Egress"]}),
+        pol("d", "both", {"podSelector": {"matchLabels": {"app": "a2", "tier": "t0"}},
+                          "policyTypes": ["Ingress", "Egress"]})])
+    seen = set()
+    for p in eng.world.pods.values():
+        want = (bool(eng.world.isolated(p, "ingress")), bool(eng.world.isolated(p, "egress")))
+        assert eng.world.isolated_both(p) == want == eng.isolated[p.key]
+        seen.add(want)
+    assert seen == {(True, False), (False, True), (True, True), (False, False)}
