@@ -268,6 +268,7 @@ class Agent:
         self._ds_error: str | None = None
         self._ds_probe_since: float | None = None
         self._ds_last_read_s = 0.0
+        self.heap = HeapTrimmer()  # before the initial list, which trims after itself
         if self.store:
             self._list_and_watch(self.store)
         else:
@@ -278,7 +279,6 @@ class Agent:
         self._syncq: queue.Queue[Any] = queue.Queue()
         self.cni = CNIServer(a.cni_socket, timed(self.dispatch, self._observe_request))
         self.api = APIServer(a.api_socket, AgentAPI(self), a.api_group)
-        self.heap = HeapTrimmer()
 
     def _observe_request(self, command: str, seconds: float, ok: bool) -> None:
         if not command.startswith("_"):
