@@ -144,8 +144,7 @@ def test_unrelated_change_touches_nothing_and_relabel_touches_little() -> None:
                                pod("d", "c3", "10.244.2.9", node="n2", app="client"))])
     changed = {k for k, v in out.items() if v}
     # one new peer: one new match flow, nothing else
-    assert changed == {"policy-match:IngressRule:200:(('eth_type', 2048), "
-                       "('ipv4_src', '10.244.2.9'))"}
+    assert changed == {"policy-match:IngressRule:200:ipv4_src=10.244.2.9"}
 
 
 def test_isolation_follows_policies_and_conntrack_stays() -> None:
@@ -404,3 +403,31 @@ def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> Non
                                       pod("d", "c9", "10.244.2.9/32", node="n2", app="client"))])
     assert problems == ["pod d/c9: ip: '10.244.2.9/32' is not an IPv4 address"]
     assert not any(out.values())
+
+
+def test_a_rules_ipblocks_are_one_peer_with_every_address() -> None:
+    p = parse_policy("d", "p", {"podSelector": {}, "ingress": [{"from": [
+        {"podSelector": {"matchLabels": {"app": "x"}}},
+        {"ipBlock": {"cidr": "192.0.2.7/32"}},
+        {"namespaceSelector": {}},
+        {"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.0/25"]}},
+        {"ipBlock": {"cidr": "192.0.2.7/32"}}]}]})
+    peers = p.rules[0].peers
+    assert peers is not None and [pe.is_ipblock for pe in peers] == [False, True, False]
+    assert peers[1].cidrs == ("192.0.2.7", "198.51.100.128/25")
+    w = World()
+    w.namespaces = {"d": {}, "e": {}}
+    src = PodInfo("e", "s", {}, "10.0.0.9", "n1")
+    dst = PodInfo("d", "t", {}, "10.0.0.8", "n1")
+    for x in (src, dst):
+        w.put_pod(x)
+    w.put_policy(p)
+    assert w.allows(src, dst, "TCP", 1)  # namespaceSelector {} still counts
+    w.put_policy(parse_policy("d", "p", {"podSelector": {}, "ingress": [{"from": [
+        {"ipBlock": {"cidr": "192.0.2.7/32"}}, {"podSelector": {"matchLabels": {"app": "x"}}},
+        {"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.0/25"]}}]}]}))
+    outside = PodInfo("e", "o", {}, "198.51.100.9", "n2")
+    inside = PodInfo("e", "i", {}, "198.51.100.200", "n2")
+    host = PodInfo("e", "h", {}, "192.0.2.7", "n2")
+    assert not w.allows(src, dst, "TCP", 1) and not w.allows(outside, dst, "TCP", 1)
+    assert w.allows(inside, dst, "TCP", 1) and w.allows(host, dst, "TCP", 1)
