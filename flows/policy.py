@@ -967,6 +967,7 @@ class PolicyEngine:
                         new = _engine_pod(c.body)
                     except (KeyError, TypeError, ValueError) as e:
                         problems.append(f"pod {key}: {e}")
+                        iso_pods.add(key)  # gone from the world: its isolation goes too
                         continue
                     self.world.put_pod(new)
                     pods_changed.append(new)

@@ -403,6 +403,11 @@ def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> Non
                                       pod("d", "c9", "10.244.2.9/32", node="n2", app="client"))])
     assert problems == ["pod d/c9: ip: '10.244.2.9/32' is not an IPv4 address"]
     assert not any(out.values())
+    # a local isolated pod updated with a bad address leaves the world: so do its flows
+    out, problems = eng.apply([Change(2, "put", "Pod", "d", "web",
+                                      pod("d", "web", "10.244.1.2.7", app="web"))])
+    assert problems and out["isolation:d/web"] == []
+    assert out["policy-match:IngressRule:200:ipv4_dst=10.244.1.2"] == []
 
 
 def test_a_rules_ipblocks_are_one_peer_with_every_address() -> None:
