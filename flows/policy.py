@@ -17,8 +17,9 @@ policy, but the userspace datapath kept megaflows translated while it was off
 deny not applied) for seconds after it came back on.
 
 The engine is incremental: a change to a pod, a namespace or a policy
-recomputes only the rules it can affect and returns only the flows whose
-content changed, keyed by owner, for one atomic bundle.
+recomputes only the rules it can affect, edits only the clause flows of the
+addresses and ports a conjunction gains or loses, and returns only the flows
+whose content changed, keyed by owner, for one atomic bundle.
 """
 
 from __future__ import annotations
