@@ -25,6 +25,7 @@ whose content changed, keyed by owner, for one atomic bundle.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -132,12 +133,23 @@ class PodInfo:
         return f"{self.namespace}/{self.name}"
 
 
+def _own(s: Any) -> Any:
+    """A string of our own (shared with equal ones), not one inside the body it came in.
+
+    An agent's initial list is 50 MB of bodies at 10,000 pods, freed once
+    loaded; a pod's name or address kept from them pins the allocator's
+    arena it sits in, and most of that memory was never given back.
+    """
+    return sys.intern(s.encode().decode()) if type(s) is str else s
+
+
 def pod_from_body(b: dict[str, Any]) -> PodInfo:
     ports = tuple((str(p.get("name", "")), int(p["containerPort"]),
                    str(p.get("protocol", "TCP")).upper())
                   for p in b.get("ports") or [] if p.get("containerPort"))
-    return PodInfo(b["namespace"], b["name"], dict(b.get("labels") or {}), b.get("ip") or "",
-                   b.get("node") or "", ports)
+    return PodInfo(_own(b["namespace"]), _own(b["name"]),
+                   {_own(k): _own(v) for k, v in (b.get("labels") or {}).items()},
+                   _own(b.get("ip") or ""), _own(b.get("node") or ""), ports)
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -164,8 +176,9 @@ def _selector(v: Any, where: str) -> Selector:
             raise PolicyError(f"{w}.values: required for {op}")
         if op in ("Exists", "DoesNotExist") and values:
             raise PolicyError(f"{w}.values: must be empty for {op}")
-        exprs.append((e["key"], op, tuple(str(x) for x in values)))
-    return Selector(tuple(sorted((str(k), str(x)) for k, x in ml.items())), tuple(exprs))
+        exprs.append((_own(e["key"]), _own(op), tuple(_own(str(x)) for x in values)))
+    return Selector(tuple(sorted((_own(str(k)), _own(str(x))) for k, x in ml.items())),
+                    tuple(exprs))
 
 
 def _ipblock(v: Any, where: str) -> tuple[str, ...]:
@@ -234,7 +247,7 @@ def _port(v: Any, where: str) -> PortSpec:
             raise PolicyError(f"{where}.endPort: needs a numeric port")
         if not isinstance(end, int) or not port <= end <= 65535:
             raise PolicyError(f"{where}.endPort: {end!r} must be >= port {port} and <= 65535")
-    return PortSpec(proto, port, end)
+    return PortSpec(_own(proto), _own(port), end)
 
 
 def _one_ipblock(peers: list[Peer]) -> tuple[Peer, ...]:
@@ -283,7 +296,7 @@ def parse_policy(namespace: str, name: str, spec: Any) -> Policy:
                                                      for j, p in enumerate(peers)]),
                 None if not ports else tuple(_port(p, f"{w}.ports[{j}]")
                                              for j, p in enumerate(ports))))
-    return Policy(namespace, name, sel, frozenset(t.lower() for t in types),
+    return Policy(_own(namespace), _own(name), sel, frozenset(t.lower() for t in types),
                   tuple(r for r in rules if r.direction in {t.lower() for t in types}))
 
 
