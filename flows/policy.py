@@ -88,7 +88,9 @@ class Peer:
 
     @property
     def is_ipblock(self) -> bool:
-        return bool(self.cidrs)
+        # Not bool(cidrs): an ipBlock whose excepts cover it has no addresses
+        # left and must allow nothing, not pass for a peer of every pod.
+        return self.pods is None and self.namespaces is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -436,3 +436,21 @@ def test_a_rules_ipblocks_are_one_peer_with_every_address() -> None:
     host = PodInfo("e", "h", {}, "192.0.2.7", "n2")
     assert not w.allows(src, dst, "TCP", 1) and not w.allows(outside, dst, "TCP", 1)
     assert w.allows(inside, dst, "TCP", 1) and w.allows(host, dst, "TCP", 1)
+
+
+def test_an_ipblock_its_excepts_cover_allows_nothing() -> None:
+    spec = {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [
+        {"ipBlock": {"cidr": "10.244.2.0/24", "except": ["10.244.2.0/24"]}}]}]}
+    w = World()
+    w.namespaces = {"d": {}}
+    web = PodInfo("d", "web", {"app": "web"}, "10.244.1.2", "n1")
+    client = PodInfo("d", "c1", {"app": "client"}, "10.244.2.2", "n2")
+    for x in (web, client):
+        w.put_pod(x)
+    w.put_policy(parse_policy("d", "p", spec))
+    assert not w.allows(client, web, "TCP", 80)
+    eng = PolicyEngine("n1")
+    owners, problems = eng.load(WORLD_NS, WORLD_PODS, [pol("d", "p", spec)])
+    assert not problems and owners["isolation:d/web"]
+    assert not [f for f in flows_of(owners) if f.table == "IngressRule"
+                and f.owner != "conntrack"]
