@@ -205,8 +205,10 @@ def test_issue14_namespace_and_pod_selector_after_churn(clab: Lab) -> None:
         clab.wait_realized()
         t5 = time.time()
         time.sleep(3.0)
-        evidence = datapath_evidence(clab, clab.pod("default/c").ip, b.ip)
+        # probes end before the evidence, whose revalidation rounds could mend a stale
+        # flow: no probe may run after a revalidation the agent did not do itself
         probes = probers.stop()
+        evidence = datapath_evidence(clab, clab.pod("default/c").ip, b.ip)
     finally:
         probers.stop()
         for s in servers:
