@@ -43,7 +43,7 @@ from flowcni.flows.policy import (
     PortMatch,
     Selector,
     _selector,
-    pod_from_body,
+    engine_pod,
     port_match,
     range_masks,
 )
@@ -720,7 +720,7 @@ class ClusterPolicyEngine:
             self._put_node(b)
         for b in pods:
             try:
-                p = pod_from_body(b)
+                p = engine_pod(b)
             except (KeyError, TypeError, ValueError) as e:
                 problems.append(f"pod {b.get('namespace')}/{b.get('name')}: {e}")
                 continue
@@ -751,7 +751,7 @@ class ClusterPolicyEngine:
                     pods.append(old)
                 if c.op == "put" and c.body:
                     try:
-                        new = pod_from_body(c.body)
+                        new = engine_pod(c.body)
                     except (KeyError, TypeError, ValueError) as e:
                         problems.append(f"pod {key}: {e}")
                         continue

@@ -612,7 +612,7 @@ class _TouchIndex:
             self.cross_in.clear()
 
 
-def _engine_pod(b: dict[str, Any]) -> PodInfo:
+def engine_pod(b: dict[str, Any]) -> PodInfo:
     """A pod as the engine takes it: its address is matched as it is written, so it
     must be an IPv4 address in canonical form (ValueError naming the field)."""
     p = pod_from_body(b)
@@ -949,7 +949,7 @@ class PolicyEngine:
         self.world.changed()
         for b in pods:
             try:
-                self.world.put_pod(_engine_pod(b))
+                self.world.put_pod(engine_pod(b))
             except (KeyError, TypeError, ValueError) as e:
                 problems.append(f"pod {b.get('namespace')}/{b.get('name')}: {e}")
         for b in policies:
@@ -980,7 +980,7 @@ class PolicyEngine:
                     pods_changed.append(old)
                 if c.op == "put" and c.body:
                     try:
-                        new = _engine_pod(c.body)
+                        new = engine_pod(c.body)
                     except (KeyError, TypeError, ValueError) as e:
                         problems.append(f"pod {key}: {e}")
                         iso_pods.add(key)  # gone from the world: its isolation goes too

@@ -397,3 +397,30 @@ def test_rules_sharing_selectors_each_get_all_their_clauses() -> None:
     assert len(flows) == 3 + 4 + 1
     assert len({f.match for f in flows}) == len(flows)
     assert e._selected == {} and e._dims == {}
+
+
+def test_a_pod_address_not_in_canonical_form_is_a_problem_not_a_crash() -> None:
+    """Both paths (load, apply) report the pod naming its field and carry on; the
+    address never reaches a flow (where it would raise out of the engine)."""
+    from flowcni.flows.clusterpolicy import ClusterPolicyEngine
+    eng = ClusterPolicyEngine("n1")
+    bad = {"namespace": "a", "name": "p", "ip": "10.0.0.01", "node": "n1", "labels": {}}
+    good = {"namespace": "a", "name": "q", "ip": "10.0.0.2", "node": "n1", "labels": {}}
+    spec = {"tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {}},
+            "ingress": [{"name": "r", "action": "Deny", "from": [{"namespaces": {}}]}]}
+    _, problems = eng.load([{"name": "a", "labels": {}}], [bad, good], [],
+                           {"ClusterNetworkPolicy": [{"name": "c", "labels": {}, "spec": spec}]})
+    assert any("a/p" in p and "ip" in p for p in problems), problems
+    assert "a/q" in eng.pods and "a/p" not in eng.pods
+
+    @dataclass
+    class C:
+        kind: str
+        namespace: str
+        name: str
+        op: str
+        body: dict[str, Any] | None
+
+    _, problems = eng.apply([C("Pod", "a", "p2", "put", {**bad, "name": "p2"})])
+    assert any("a/p2" in p and "ip" in p for p in problems), problems
