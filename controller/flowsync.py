@@ -38,22 +38,6 @@ def match_key(match: Any) -> tuple[Any, ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in match.items()))
 
 
-def flow_add(sw: Switch, flow: Flow, round_: int, pipeline: Pipeline) -> Any:
-    p, o = sw.parser, sw.ofp
-    return p.OFPFlowMod(sw.dp, cookie=flow.cookie(round_), cookie_mask=0,
-                        table_id=pipeline.id(flow.table), command=o.OFPFC_ADD,
-                        priority=flow.priority, match=flow.osken_match(p),
-                        instructions=flow.osken_instructions(p, o, pipeline))
-
-
-def flow_delete(sw: Switch, flow: Flow, pipeline: Pipeline) -> Any:
-    p, o = sw.parser, sw.ofp
-    return p.OFPFlowMod(sw.dp, table_id=pipeline.id(flow.table),
-                        command=o.OFPFC_DELETE_STRICT, priority=flow.priority,
-                        out_port=o.OFPP_ANY, out_group=o.OFPG_ANY,
-                        match=flow.osken_match(p))
-
-
 # Open vSwitch's "add, or modify if it exists" group command (an OpenFlow 1.1+
 # extension), so a restarted agent re-asserts its groups without knowing
 # which of them survived.
@@ -363,7 +347,7 @@ class FlowSync:
             # for one exchange, not one per count. Tables of learned flows (learn())
             # are counted for `undeclared` only: OVS adds and expires those itself.
             tids = sorted(set(self.pipeline.ids.values()))
-            learned = {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
+            learned = self._learned_tables()
             counts = sw.flow_counts([q for tid in tids for q in ((tid, 0, 0),
                                                                  (tid, cookie, mask))]
                                     + [(sw.ofp.OFPTT_ALL, 0, 0)])
@@ -385,7 +369,7 @@ class FlowSync:
         parser = sw.parser
         want = {(self.pipeline.id(f.table), f.priority,
                  match_key(f.osken_match(parser))): f for f in flows}
-        learned = {self.pipeline.id(n) for n in LEARNED if n in self.pipeline.ids}
+        learned = self._learned_tables()
         have = {(s.table_id, s.priority, match_key(s.match)): s for s in stats
                 if s.table_id not in learned}
         want = {k: f for k, f in want.items() if k[0] not in learned}

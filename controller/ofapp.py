@@ -229,25 +229,13 @@ class Switch:
         self.send(p.OFPPacketOut(self.dp, buffer_id=o.OFP_NO_BUFFER, in_port=in_port,
                                  actions=[p.OFPActionOutput(o.OFPP_TABLE, 0)], data=data))
 
-    def flow_count(self, table_id: int, cookie: int = 0, cookie_mask: int = 0,
-                   timeout: float = 10.0) -> int:
-        """How many flows `table_id` holds (those with `cookie` under `cookie_mask`).
-
-        One small aggregate reply. The drift check asks this per table and
-        dumps only tables whose counts are off: a 100,000-flow dump is parsed
-        into os-ken objects on the event thread, which answers nothing else
-        (echo requests included) meanwhile, and held hundreds of MB.
-        """
-        ofp, parser = self.ofp, self.parser
-        req = parser.OFPAggregateStatsRequest(self.dp, 0, table_id, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                              cookie, cookie_mask, parser.OFPMatch())
-        replies = self.request(req, timeout, multipart=True)
-        return int(replies[0].body.flow_count)
-
     def flow_counts(self, queries: list[tuple[int, int, int]],
                     timeout: float = 10.0) -> list[int]:
-        """`flow_count` of each (table_id, cookie, cookie_mask), in one round trip.
+        """How many flows each (table_id, cookie, cookie_mask) selects, in one round trip.
 
+        One small aggregate reply each: the drift check dumps only tables whose
+        counts are off (a 100,000-flow dump is parsed into os-ken objects on the
+        event thread, which answers nothing else meanwhile, and held hundreds of MB).
         Every request goes out before any reply is awaited. The drift check
         counts each table twice under the flow writer's lock, and asking one
         at a time held that lock for some 50 round trips through the event

@@ -361,14 +361,6 @@ def parse_cluster_policy(kind: str, name: str, spec: Any) -> ClusterPolicy:
     return ClusterPolicy(kind, name, str(tier), priority, sub_ns, sub_pods, tuple(rules))
 
 
-def check_singletons(kind: str, name: str) -> None:
-    """A second BaselineAdminNetworkPolicy can only differ by name: refuse it by name."""
-    if kind == "BaselineAdminNetworkPolicy" and name != BANP_NAME:
-        raise PolicyError(f"metadata.name: a BaselineAdminNetworkPolicy is a singleton "
-                          f"named {BANP_NAME!r}, not {name!r}")
-
-
-# -- the engine ---------------------------------------------------------------------------
 
 
 def prio_of(priority: int, slot: int) -> int:
@@ -439,10 +431,6 @@ class ClusterPolicyEngine:
                     idx[p.namespace].append(p)
             self._pods_by_ns = idx
         return self._pods_by_ns
-
-    def subjects(self, pol: ClusterPolicy) -> list[PodInfo]:
-        """The policy's subjects on this node, as of now (not from a recompute's cache)."""
-        return [p for p in self._ns_pods(pol.subject_ns, pol.subject_pods) if p.node == self.node]
 
     def _select(self, ns_sel: Selector, pod_sel: Selector | None, local: bool
                 ) -> tuple[list[PodInfo], frozenset[str]]:
