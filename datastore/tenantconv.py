@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from flowcni.flows.policy import OPERATORS, Selector
+
 KIND = "TenantNetwork"
 API_VERSION = "flowcni.io/v1alpha1"
 GROUP, VERSION, PLURAL = "flowcni.io", "v1alpha1", "tenantnetworks"
@@ -45,7 +47,7 @@ GROUP, VERSION, PLURAL = "flowcni.io", "v1alpha1", "tenantnetworks"
 VNI_MIN, VNI_MAX = 1, 0xFFEF
 AUTO_VNI_MIN = 0x1000  # automatic VNIs start here, explicit small ones stay free for people
 IMMUTABLE = ("subnets", "nodeSubnetSize", "vni")
-SELECTOR_OPS = ("In", "NotIn", "Exists", "DoesNotExist")
+SELECTOR_OPS = OPERATORS
 
 
 class TenantError(ValueError):
@@ -67,20 +69,8 @@ class TenantSpec:
     created: str = ""
 
     def selects(self, labels: dict[str, str]) -> bool:
-        for k, v in self.match_labels:
-            if labels.get(k) != v:
-                return False
-        for k, op, values in self.match_expressions:
-            has = k in labels
-            if op == "In" and not (has and labels[k] in values):
-                return False
-            if op == "NotIn" and has and labels[k] in values:
-                return False
-            if op == "Exists" and not has:
-                return False
-            if op == "DoesNotExist" and has:
-                return False
-        return True
+        """Whether namespaceSelector selects a namespace with these labels."""
+        return Selector(self.match_labels, self.match_expressions).matches(labels)
 
     def slice_for(self, index: int) -> str | None:
         """The index-th /nodeSubnetSize slice across the subnets, or None if there is none."""
@@ -117,7 +107,7 @@ def parse_selector(sel: Any, field_: str = "spec.namespaceSelector"
     if not isinstance(ml, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in ml.items()):
         raise _fail(f"{field_}.matchLabels", "must be a map of strings")
-    exprs = []
+    exprs: list[tuple[str, str, tuple[str, ...]]] = []
     for i, e in enumerate(sel.get("matchExpressions") or []):
         where = f"{field_}.matchExpressions[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("key"), str) or not e["key"]:
@@ -131,7 +121,7 @@ def parse_selector(sel: Any, field_: str = "spec.namespaceSelector"
             raise _fail(f"{where}.values", f"{op} needs at least one value")
         if op in ("Exists", "DoesNotExist") and values:
             raise _fail(f"{where}.values", f"{op} takes no values")
-        exprs.append((e["key"], op, tuple(sorted(values))))
+        exprs.append((e["key"], str(op), tuple(sorted(values))))
     if not ml and not exprs:
         raise _fail(field_, "empty: it would select every namespace (the default network's "
                     "too); name the namespaces' labels")
