@@ -251,8 +251,10 @@ class Agent:
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
         self.policy = PolicyEngine(a.node, PIPELINE)
         self.cluster_policy = ClusterPolicyEngine(a.node, PIPELINE)
-        self.dpguard = (DatapathGuard(Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb)))
-                        if a.datapath_guard == "on" else None)
+        # vswitchd's unixctl: the datapath guard, and the stale UDP conntrack flushes of
+        # removed Service endpoints
+        self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
+        self.dpguard = DatapathGuard(self._vswitchd) if a.datapath_guard == "on" else None
         # The node-port range is checked here only for the embedded store, whose
         # API side is flowctl; a Kubernetes API server has checked its own range.
         self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
@@ -261,8 +263,6 @@ class Agent:
                                                        if a.datastore == "kubernetes"
                                                        else cfg.node_ports))
                          if a.proxy == "flowcni" else None)
-        # stale UDP conntrack of removed Service endpoints goes through vswitchd's unixctl
-        self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self._host_view: Any = None
         # healthCheckNodePort listeners (LoadBalancer + externalTrafficPolicy Local)
         self.health = HealthChecks() if self.services is not None else None
@@ -523,8 +523,8 @@ class Agent:
                 lambda: self.flows.switch is not None,
                 lambda: self.flows.stats["bundle_errors"],
                 self.realized_revision, self._service_counts),
-                metrics.TenantCollector(self.tenants.metric_rows))
-            metrics.REGISTRY.register(metrics.ClusterPolicyCollector(self.cluster_policy.per_tier))
+                metrics.TenantCollector(self.tenants.metric_rows),
+                metrics.ClusterPolicyCollector(self.cluster_policy.per_tier))
         app = ofapp.start(self.args.of_socket, self.dpid)
         app.on_connect = self._syncq.put
         app.on_disconnect = self.flows.disconnected
