@@ -444,12 +444,8 @@ class ServiceProxy:
         return out
 
     def _extra_gid(self, key: str, name: str, keep: set[str]) -> int:
-        mine = self.extra_gids.setdefault(key, {})
         keep.add(name)
-        if name not in mine:
-            mine[name] = group_id_for(f"{key}/{name}", self.gids)
-            self.gids[mine[name]] = f"{key}/{name}"
-        return mine[name]
+        return self._gid(f"{key}/{name}", self.extra_gids.setdefault(key, {}), name)
 
     def _build_exposed(self, key: str, svc: Service, eps: list[list[tuple[str, int]]],
                        gids: list[int], sub_gids: list[list[int]]
