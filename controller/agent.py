@@ -304,30 +304,31 @@ class Agent:
         """
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
-        self.peers.set_nodes(store.objects("Node"))
+        # each kind read once: one snapshot for every engine, and one decode of each row
+        nodes, namespaces = store.objects("Node"), store.objects("Namespace")
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
-        self.tenants.load(store.objects("TenantNetwork"), store.objects("Namespace"),
-                          store.objects("Node"), pods, policies,
-                          store.objects("Service"), store.objects("EndpointSlice"))
+        services, slices = store.objects("Service"), store.objects("EndpointSlice")
+        self.peers.set_nodes(nodes)
+        self.tenants.load(store.objects("TenantNetwork"), namespaces, nodes, pods, policies,
+                          services, slices)
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return [o for o in objs if not self.tenants.in_tenant(o["namespace"])]
 
-        owners, problems = self.policy.load(store.objects("Namespace"), mine(pods),
-                                            mine(policies))
+        default_pods = mine(pods)
+        owners, problems = self.policy.load(namespaces, default_pods, mine(policies))
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
         cowners, problems = self.cluster_policy.load(
-            store.objects("Namespace"), mine(pods), store.objects("Node"),
-            {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
+            namespaces, default_pods, nodes, {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(cowners)
         if self.services is not None:
-            sflows, sgroups, problems = self.services.load(
-                mine(store.objects("Service")), mine(pods), mine(store.objects("EndpointSlice")))
+            sflows, sgroups, problems = self.services.load(mine(services), default_pods,
+                                                           mine(slices))
             for p in problems:
                 LOG.error("skipping %s", p)
             self.flows.set_owners(sflows, sgroups)
