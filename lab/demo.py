@@ -15,8 +15,8 @@ from flowcni.lab.lab import EXTERNAL_IP, Lab
 TCP_SINK = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
             "s.bind(('0.0.0.0',8080));s.listen(1);"
             "c,_=s.accept();n=0\nwhile (b:=c.recv(65536)): n+=len(b)\nprint(n)")
-TCP_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],8080),timeout=5);"
-            "c.sendall(b'x'*int(sys.argv[2]));c.close()")
+TCP_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[3])),"
+            "timeout=5);c.sendall(b'x'*int(sys.argv[2]));c.close()")
 POLICY = """
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -62,8 +62,6 @@ spec:
   subnets: [10.50.0.0/16]
   vni: 202
 """
-SERVICE_SEND = ("import socket,sys;c=socket.create_connection((sys.argv[1],int(sys.argv[3])),"
-                "timeout=5);c.sendall(b'x'*int(sys.argv[2]));c.close()")
 
 
 def step(title: str) -> None:
@@ -81,53 +79,26 @@ def _ping(lab: Lab, src: str, dst: str, *extra: str) -> bool:
 
 
 def _tcp(lab: Lab, src: str, dst: str, nbytes: int) -> int:
-    sink = subprocess.Popen(lab.exec_argv(dst, [sys.executable, "-c", TCP_SINK]),
-                            stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", TCP_SEND, lab.pod(dst).ip,
-                                       str(nbytes)]), capture_output=True)
-    try:
-        out, _ = sink.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        sink.kill()
-        out, _ = sink.communicate()
-    return int(out.strip() or 0)
+    """Send nbytes from pod src to pod dst's port 8080; what dst received."""
+    return _tcp_to(lab, src, lab.pod(dst).ip, nbytes, [dst], wait=5.0)[dst]
 
 
-def _tcp_to(lab: Lab, src: str, ip: str, nbytes: int, sinks: list[str]) -> dict[str, int]:
-    """Send nbytes from src to ip:8080; what each of `sinks` received."""
+def _tcp_to(lab: Lab, src: str, ip: str, nbytes: int, sinks: list[str], port: int = 8080,
+            wait: float = 2.0) -> dict[str, int]:
+    """Send nbytes from src (a pod, or the external host's namespace) to ip:port; what
+    each of `sinks` (pods listening on 8080) received."""
     procs = {d: subprocess.Popen(lab.exec_argv(d, [sys.executable, "-c", TCP_SINK]),
                                  stdout=subprocess.PIPE, text=True) for d in sinks}
     time.sleep(0.5)
-    subprocess.run(lab.exec_argv(src, [sys.executable, "-c", TCP_SEND, ip, str(nbytes)]),
-                   capture_output=True)
-    got = {}
-    for d, sink in procs.items():
-        try:
-            out, _ = sink.communicate(timeout=2)
-        except subprocess.TimeoutExpired:
-            sink.kill()
-            out, _ = sink.communicate()
-        got[d] = int(out.strip() or 0)
-    return got
-
-
-def _tcp_service(lab: Lab, src: str, vip: str, nbytes: int, endpoints: list[str],
-                 port: int = 80) -> dict[str, int]:
-    """Send nbytes from src (a pod, or the external host's namespace) to vip:port; what
-    each endpoint's sink received."""
-    sinks = {d: subprocess.Popen(lab.exec_argv(d, [sys.executable, "-c", TCP_SINK]),
-                                 stdout=subprocess.PIPE, text=True) for d in endpoints}
-    time.sleep(0.5)
-    send = [sys.executable, "-c", SERVICE_SEND, vip, str(nbytes), str(port)]
+    send = [sys.executable, "-c", TCP_SEND, ip, str(nbytes), str(port)]
     sent = subprocess.run(netns.exec_argv(src, send) if src == lab.external_ns
                           else lab.exec_argv(src, send), capture_output=True, text=True)
     if sent.returncode:
         print(f"  sender: {sent.stderr.strip().splitlines()[-1:]}", flush=True)
     got = {}
-    for d, sink in sinks.items():
+    for d, sink in procs.items():
         try:
-            out, _ = sink.communicate(timeout=2)
+            out, _ = sink.communicate(timeout=wait)
         except subprocess.TimeoutExpired:
             sink.kill()
             out, _ = sink.communicate()
@@ -177,7 +148,7 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
         for kind, ns, name, body in load(SERVICE):
             store.put(kind, ns, name, body)
         lab.wait_realized()
-        got = _tcp_service(lab, "client", "10.96.0.80", 100_000, ["web-1", "web-2"])
+        got = _tcp_to(lab, "client", "10.96.0.80", 100_000, ["web-1", "web-2"], port=80)
         good &= ok(sorted(got.values()) == [0, 100_000],
                    f"client -> 10.96.0.80:80 reached one endpoint: {got}")
         n1 = lab.node("node1").node_ip
@@ -185,7 +156,7 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
              "(steered into OVS by the node's nftables, masqueraded to node1's gateway)")
         # One segment: bigger bursts from the underlay lose their first try (the node
         # drops userspace-TSO packets larger than the gateway's MTU, see README).
-        got = _tcp_service(lab, lab.external_ns, n1, 1000, ["web-1", "web-2"], port=30080)
+        got = _tcp_to(lab, lab.external_ns, n1, 1000, ["web-1", "web-2"], port=30080)
         good &= ok(sorted(got.values()) == [0, 1000],
                    f"external -> {n1}:30080 reached one endpoint: {got}")
         step("flowctl services (endpoints per node, packets per group bucket)")
