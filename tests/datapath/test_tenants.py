@@ -87,7 +87,7 @@ spec:
 PODS = [("blue/a", "node1"), ("red/a", "node1"), ("blue/b", "node2"), ("red/b", "node2"),
         ("red/c", "node3"), ("red/d", "node1"), ("default/d", "node1"),
         ("default/e", "node2"), ("green/g", "node1"), ("green/h", "node2"),
-        ("yellow/y", "node1"), ("blue/c", "node3")]
+        ("yellow/y", "node1"), ("blue/c", "node3"), ("yellow/z", "node2")]
 
 SERVER = r"""
 import socket, sys, threading
@@ -261,9 +261,12 @@ def test_connect_to_opens_exactly_the_agreed_pair(tlab: Lab) -> None:
     res = probe_all(tlab, {
         "blue/a": ["10.60.1.2", "10.60.2.2", "10.70.1.2"],
         "green/h": ["10.50.1.2", "10.50.2.2"],
-        "yellow/y": ["10.50.1.2", "10.50.2.2"],
-        "red/a": ["10.60.1.2", "10.60.2.2"],
+        "yellow/y": ["10.50.1.2", "10.50.2.2", "10.70.2.2"],
+        "red/a": ["10.60.1.2", "10.60.2.2", "10.50.2.2"],
     })
+    # the controls: each source that is denied somewhere reaches its own tenant meanwhile
+    assert reached(res["yellow/y"], "10.70.2.2") == ("yellow/z", "yellow/z", "icmp")
+    assert reached(res["red/a"], "10.50.2.2") == ("red/b", "red/b", "icmp")
     assert reached(res["blue/a"], "10.60.1.2") == ("green/g", "green/g", "icmp")
     assert reached(res["blue/a"], "10.60.2.2") == ("green/h", "green/h", "icmp")
     # 10.50.1.2 is blue/a and red/a: green, connected to blue only, reaches blue's
@@ -313,8 +316,10 @@ def test_connect_to_meets_the_destination_tenants_policy(tlab: Lab) -> None:
     store.put(kind, ns, name, body)
     try:
         tlab.wait_realized()
-        res = probe_all(tlab, {"blue/a": ["10.60.1.2", "10.60.2.2"],
+        res = probe_all(tlab, {"blue/a": ["10.60.1.2", "10.60.2.2", "10.50.2.2"],
                                "blue/b": ["10.60.1.2", "10.60.2.2"]})
+        # blue/a's control: its own tenant, at the same time as its denied probes
+        assert reached(res["blue/a"], "10.50.2.2") == ("blue/b", "blue/b", "icmp")
         assert reached(res["blue/b"], "10.60.2.2") == ("green/h", "green/h", "icmp")
         assert reached(res["blue/b"], "10.60.1.2") == ("green/g", "green/g", "icmp")
         assert reached(res["blue/a"], "10.60.1.2") == (None, None, None)
