@@ -22,6 +22,7 @@ from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 from tests.datapath.conftest import running_lab
+from tests.support.probe import eventually
 from tests.support.svc import (
     DNat,
     install_kube_proxy_rules,
@@ -198,9 +199,17 @@ spec:
 
 
 def test_replies_took_the_gateway_flow(klab: Lab) -> None:
-    """The replies above came back through the from-gateway reply flow on node1."""
-    replies(klab, "default/client", [f"{VIP_REMOTE}:8080"])
-    flows = klab.node("node1").ovs.ofctl("dump-flows", "br-int")
-    line = next(ln for ln in flows.splitlines() if "ct_mark=0x1/0x1" in ln and "+rpl" in ln)
-    m = re.search(r"n_packets=(\d+)", line)
-    assert m and int(m.group(1)) > 0, line
+    """A reply of a DNATed connection comes back through the from-gateway reply flow on
+    node1: its packet count grows with this one request (earlier tests' packets aside)."""
+    def count() -> int:
+        flows = klab.node("node1").ovs.ofctl("dump-flows", "br-int")
+        line = next(ln for ln in flows.splitlines() if "ct_mark=0x1/0x1" in ln and "+rpl" in ln)
+        m = re.search(r"n_packets=(\d+)", line)
+        assert m, line
+        return int(m.group(1))
+
+    before = count()
+    got = replies(klab, "default/client", [f"{VIP_REMOTE}:8080"])
+    assert got == {f"{VIP_REMOTE}:8080": "ep2 ping"}, got
+    # datapath flow stats reach the OpenFlow rule when the revalidators pull them
+    assert eventually(lambda: count() > before, timeout=10), before
