@@ -73,6 +73,31 @@ def vswitchd_pids(nodes: list[OVS]) -> tuple[int, ...]:
     return tuple(out)
 
 
+_PMD_COUNTERS = {"packets received": "packets", "packet recirculations": "recirculations",
+                 "miss with success upcall": "upcalls", "miss with failed upcall": "failed_upcalls"}
+
+
+def datapath_counts(nodes: list[OVS]) -> dict[str, int]:
+    """Userspace datapath counters summed over `nodes` (dpif-netdev/pmd-stats-show).
+
+    Cumulative since the daemon started; take the difference over a run. Packets
+    plus recirculations is the number of datapath passes (megaflow lookups):
+    the datapath's work, which, unlike a rate, does not depend on the
+    machine's load; upcalls are the misses that went to ofproto.
+    """
+    total = dict.fromkeys(_PMD_COUNTERS.values(), 0)
+    for ovs in nodes:
+        for line in ovs.appctl("dpif-netdev/pmd-stats-show").splitlines():
+            name, _, value = line.strip().partition(":")
+            if name in _PMD_COUNTERS and value.strip().isdigit():
+                total[_PMD_COUNTERS[name]] += int(value)
+    return total
+
+
+def counts_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
+
+
 def _link_mac(ns: str, ifname: str) -> str:
     out = run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname]).stdout
     mac: str = json.loads(out)[0]["address"]

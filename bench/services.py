@@ -23,10 +23,17 @@ client pod ``c`` on node1 and endpoints ``e`` (node2) and ``e2`` (node1):
   and through another ClusterIP that only node1's nftables knows, DNATed the
   way kube-proxy's nftables mode does (tests.support.svc.kube_proxy_rules:
   the packet leaves OVS through the gateway, the node DNATs it and routes it
-  back). Runs alternate between the two, --repeat times; medians.
+  back). --conn-repeat rounds of --conn-time seconds, each round running both
+  paths back to back, the order swapped every round (F,N then N,F) so the
+  machine's changing load hits both alike; each round's figures go to stderr
+  as a JSON line. Medians, plus "ratio_per_round_median" (the paired
+  ratios' median) and "*_vswitchd_us_per_conn" (ovs-vswitchd CPU of both
+  nodes per connection: the flowcni path takes fewer datapath passes per
+  connection than the nftables one, which crosses node1's OVS twice per
+  packet; the nftables path's kernel work is not counted there).
 * ``{"path": "clusterip_throughput", "flowcni_gbps", "pod_ip_gbps", "ratio"}``:
   iperf3 (one TCP stream) from ``c`` to ``e`` through the ClusterIP and to
-  ``e``'s pod IP, alternating; medians.
+  ``e``'s pod IP, --repeat rounds interleaved the same way; medians.
 * ``{"endpoint_change_p50_ms", "endpoint_change_p99_ms", "changes"}``: a
   UDP Service's one endpoint is swapped (``e`` out, ``e2`` in, and back) by
   writing its EndpointSlice to the store; the time until a prober in ``c``
@@ -149,9 +156,101 @@ def iperf_gbps(lab: Any, ip: str, seconds: int) -> float:
     return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def lab_figures(prefix: str, repeat: int, seconds: int, changes: int) -> list[dict[str, Any]]:
+def _order(i: int, pair: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Round i's order: as given in even rounds, swapped in odd ones (A,B then B,A)."""
+    return pair if i % 2 == 0 else pair[::-1]
+
+
+def _cpu(pids: tuple[int, ...]) -> float:
+    from throughput import cpu_seconds
+
+    return float(cpu_seconds(pids))
+
+
+def conn_rounds(lab: Any, pids: tuple[int, ...], rounds: int, seconds: float,
+                nodes: list[Any]) -> dict[str, Any]:
+    """New TCP connections per second, flowcni's ClusterIP and the nftables one, interleaved.
+
+    Each round runs both paths back to back, the order swapped every round, so
+    load from the machine's other users hits both alike; a round's figures go
+    to stderr as a JSON line. The result has the medians, the median of the
+    per-round ratios and the ovs-vswitchd CPU (both nodes) per connection of
+    each path: the datapath's cost per connection, which scatters less than
+    the rate (the nftables path's kernel work is not in it: it runs in the
+    node's softirq, not in ovs-vswitchd), and the datapath passes and upcalls
+    per connection on both `nodes` (counters: the work, whatever the load).
+    """
+    from peers import counts_delta, datapath_counts
+    from throughput import log
+
+    rate: dict[str, list[float]] = {"flowcni": [], "nft": []}
+    cost: dict[str, list[float]] = {"flowcni": [], "nft": []}
+    passes: dict[str, list[float]] = {"flowcni": [], "nft": []}
+    upcalls: dict[str, list[float]] = {"flowcni": [], "nft": []}
+    ratios: list[float] = []
+    for vip in (VIP_FLOWCNI, VIP_NFT):  # warm-up, not counted: first megaflows, ARP
+        in_pod(lab, "c", [sys.executable, "-c", CONNECT, vip, "80", "0.5"])
+    load = [os.getloadavg()[0]]
+    for i in range(rounds):
+        got: dict[str, float] = {}
+        for what, vip in _order(i, [("flowcni", VIP_FLOWCNI), ("nft", VIP_NFT)]):
+            c0, d0 = _cpu(pids), datapath_counts(nodes)
+            got[what] = float(in_pod(lab, "c", [sys.executable, "-c", CONNECT, vip, "80",
+                                                str(seconds)]))
+            dc = counts_delta(d0, datapath_counts(nodes))
+            conns = max(got[what] * seconds, 1)
+            rate[what].append(got[what])
+            cost[what].append((_cpu(pids) - c0) / conns * 1e6)
+            passes[what].append((dc["packets"] + dc["recirculations"]) / conns)
+            upcalls[what].append(dc["upcalls"] / conns)
+            got[f"{what}_vswitchd_us_per_conn"] = cost[what][-1]
+            got[f"{what}_passes_per_conn"] = passes[what][-1]
+            got[f"{what}_upcalls_per_conn"] = upcalls[what][-1]
+        ratios.append(got["flowcni"] / got["nft"])
+        load.append(os.getloadavg()[0])
+        log(json.dumps({"round": i + 1, **{k: round(v, 3) for k, v in got.items()},
+                        "ratio": round(ratios[-1], 3), "loadavg_1m": round(load[-1], 2)}))
+    fc, kp = statistics.median(rate["flowcni"]), statistics.median(rate["nft"])
+    return {"path": "clusterip", "flowcni_conn_per_s": round(fc, 1),
+            "kube_proxy_nft_conn_per_s": round(kp, 1), "ratio": round(fc / kp, 3),
+            "ratio_per_round_median": round(statistics.median(ratios), 3),
+            "flowcni_vswitchd_us_per_conn": round(statistics.median(cost["flowcni"]), 1),
+            "nft_vswitchd_us_per_conn": round(statistics.median(cost["nft"]), 1),
+            "flowcni_passes_per_conn": round(statistics.median(passes["flowcni"]), 2),
+            "nft_passes_per_conn": round(statistics.median(passes["nft"]), 2),
+            "flowcni_upcalls_per_conn": round(statistics.median(upcalls["flowcni"]), 4),
+            "nft_upcalls_per_conn": round(statistics.median(upcalls["nft"]), 4),
+            "rounds": rounds, "seconds": seconds,
+            "loadavg_1m": [round(min(load), 2), round(max(load), 2)]}
+
+
+def tput_rounds(lab: Any, pod_ip: str, rounds: int, seconds: int) -> dict[str, Any]:
+    """iperf3 through the ClusterIP and to the pod IP, interleaved as conn_rounds is."""
+    from throughput import log
+
+    tput: dict[str, list[float]] = {"flowcni": [], "pod_ip": []}
+    ratios: list[float] = []
+    for i in range(rounds):
+        got: dict[str, float] = {}
+        for what, ip in _order(i, [("flowcni", VIP_FLOWCNI), ("pod_ip", pod_ip)]):
+            got[what] = iperf_gbps(lab, ip, seconds)
+            tput[what].append(got[what])
+        ratios.append(got["flowcni"] / got["pod_ip"])
+        log(json.dumps({"round": i + 1, **{f"{k}_gbps": round(v, 3) for k, v in got.items()},
+                        "ratio": round(ratios[-1], 3),
+                        "loadavg_1m": round(os.getloadavg()[0], 2)}))
+    ft, pt = statistics.median(tput["flowcni"]), statistics.median(tput["pod_ip"])
+    return {"path": "clusterip_throughput", "flowcni_gbps": round(ft, 3),
+            "pod_ip_gbps": round(pt, 3), "ratio": round(ft / pt, 3),
+            "ratio_per_round_median": round(statistics.median(ratios), 3), "rounds": rounds}
+
+
+def lab_figures(prefix: str, repeat: int, seconds: int, changes: int,
+                conn_repeat: int = 11, conn_seconds: float = 2.0) -> list[dict[str, Any]]:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from flowcni.lab.lab import Lab
+    from peers import vswitchd_pids
 
     from tests.support.svc import DNat, install_kube_proxy_rules, start_server
 
@@ -177,24 +276,10 @@ def lab_figures(prefix: str, repeat: int, seconds: int, changes: int) -> list[di
         install_kube_proxy_rules(lab, "node1", "benchkp",
                                  [DNat(VIP_NFT, 80, "tcp", ips["e"], 80)])
         time.sleep(1)
-        conn: dict[str, list[float]] = {"flowcni": [], "nft": []}
-        tput: dict[str, list[float]] = {"flowcni": [], "pod_ip": []}
-        for i in range(repeat):
-            order = [("flowcni", VIP_FLOWCNI), ("nft", VIP_NFT)]
-            for what, vip in order[i % 2:] + order[:i % 2]:
-                conn[what].append(float(in_pod(lab, "c", [sys.executable, "-c", CONNECT, vip,
-                                                          "80", str(seconds)])))
-            torder = [("flowcni", VIP_FLOWCNI), ("pod_ip", ips["e"])]
-            for what, ip in torder[i % 2:] + torder[:i % 2]:
-                tput[what].append(iperf_gbps(lab, ip, seconds))
-        print(json.dumps({"conn_runs": conn, "gbps_runs": tput}), file=sys.stderr)
-        fc, kp = statistics.median(conn["flowcni"]), statistics.median(conn["nft"])
-        ft, pt = statistics.median(tput["flowcni"]), statistics.median(tput["pod_ip"])
+        nodes = [lab.node(n).ovs for n in ("node1", "node2")]
         out: list[dict[str, Any]] = [
-            {"path": "clusterip", "flowcni_conn_per_s": round(fc, 1),
-             "kube_proxy_nft_conn_per_s": round(kp, 1), "ratio": round(fc / kp, 3)},
-            {"path": "clusterip_throughput", "flowcni_gbps": round(ft, 3),
-             "pod_ip_gbps": round(pt, 3), "ratio": round(ft / pt, 3)}]
+            conn_rounds(lab, vswitchd_pids(nodes), conn_repeat, conn_seconds, nodes),
+            tput_rounds(lab, ips["e"], repeat, seconds)]
         # endpoint change -> seen by a prober
         prober = subprocess.Popen(lab.exec_argv("default/c", [sys.executable, "-c", PROBER,
                                                               VIP_UDP]),
@@ -241,20 +326,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--one", nargs=2, type=int, metavar=("SERVICES", "ENDPOINTS"))
     ap.add_argument("--no-lab", action="store_true", help="builder figures only")
+    ap.add_argument("--lab-only", action="store_true", help="lab figures only")
     ap.add_argument("--prefix", default="fcbs", help="lab prefix (default: %(default)s)")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--time", type=int, default=3, help="seconds per run")
+    ap.add_argument("--repeat", type=int, default=5, help="throughput rounds")
+    ap.add_argument("--time", type=int, default=3, help="seconds per throughput run")
+    ap.add_argument("--conn-repeat", type=int, default=11,
+                    help="connection-rate rounds; each runs both paths, order swapped")
+    ap.add_argument("--conn-time", type=float, default=2.0,
+                    help="seconds per connection-rate run")
     ap.add_argument("--changes", type=int, default=40, help="endpoint changes to time")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(measure(*a.one)))
         return
-    for s, e in ((1_000, 10), (10_000, 10)):
+    for s, e in () if a.lab_only else ((1_000, 10), (10_000, 10)):
         out = subprocess.run([sys.executable, __file__, "--one", str(s), str(e)],
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip(), flush=True)
     if not a.no_lab:
-        for line in lab_figures(a.prefix, a.repeat, a.time, a.changes):
+        for line in lab_figures(a.prefix, a.repeat, a.time, a.changes, a.conn_repeat,
+                                a.conn_time):
             print(json.dumps(line), flush=True)
 
 
