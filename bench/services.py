@@ -54,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -150,10 +151,22 @@ def in_pod(lab: Any, pod: str, argv: list[str], timeout: float = 120) -> str:
     return p.stdout
 
 
-def iperf_gbps(lab: Any, ip: str, seconds: int) -> float:
-    out = json.loads(in_pod(lab, "c", ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t",
-                                       str(seconds), "-J"], timeout=seconds + 60))
-    return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
+def iperf_gbps(lab: Any, ip: str, seconds: int, tries: int = 3) -> float:
+    """One iperf3 run; retried when it ends without a result.
+
+    The long-lived server may still be closing the previous test ("the server
+    is busy"), which iperf3 reports in its JSON with exit status 0.
+    """
+    for attempt in range(tries):
+        out = json.loads(in_pod(lab, "c", ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t",
+                                           str(seconds), "-J"], timeout=seconds + 60))
+        got = out.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        if got is not None:
+            return float(got) / 1e9
+        print(f"iperf3 to {ip}: no result ({out.get('error')}), try {attempt + 1}/{tries}",
+              file=sys.stderr, flush=True)
+        time.sleep(1)
+    raise RuntimeError(f"iperf3 to {ip}: no result after {tries} tries")
 
 
 def _order(i: int, pair: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -246,7 +259,8 @@ def tput_rounds(lab: Any, pod_ip: str, rounds: int, seconds: int) -> dict[str, A
 
 
 def lab_figures(prefix: str, repeat: int, seconds: int, changes: int,
-                conn_repeat: int = 11, conn_seconds: float = 2.0) -> list[dict[str, Any]]:
+                conn_repeat: int = 11, conn_seconds: float = 2.0) -> Iterator[dict[str, Any]]:
+    """Yields each figure as soon as it is measured, so a later failure loses nothing."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from flowcni.lab.lab import Lab
@@ -277,9 +291,8 @@ def lab_figures(prefix: str, repeat: int, seconds: int, changes: int,
                                  [DNat(VIP_NFT, 80, "tcp", ips["e"], 80)])
         time.sleep(1)
         nodes = [lab.node(n).ovs for n in ("node1", "node2")]
-        out: list[dict[str, Any]] = [
-            conn_rounds(lab, vswitchd_pids(nodes), conn_repeat, conn_seconds, nodes),
-            tput_rounds(lab, ips["e"], repeat, seconds)]
+        yield conn_rounds(lab, vswitchd_pids(nodes), conn_repeat, conn_seconds, nodes)
+        yield tput_rounds(lab, ips["e"], repeat, seconds)
         # endpoint change -> seen by a prober
         prober = subprocess.Popen(lab.exec_argv("default/c", [sys.executable, "-c", PROBER,
                                                               VIP_UDP]),
@@ -310,11 +323,9 @@ def lab_figures(prefix: str, repeat: int, seconds: int, changes: int,
             time.sleep(0.2)
         lat.sort()
         if lat:
-            out.append({"endpoint_change_p50_ms": round(statistics.median(lat), 1),
-                        "endpoint_change_p99_ms": round(
-                            lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
-                        "changes": changes, "seen": len(lat)})
-        return out
+            yield {"endpoint_change_p50_ms": round(statistics.median(lat), 1),
+                   "endpoint_change_p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+                   "changes": changes, "seen": len(lat)}
     finally:
         for p in procs:
             p.kill()
