@@ -259,7 +259,7 @@ def tput_rounds(lab: Any, pod_ip: str, rounds: int, seconds: int) -> dict[str, A
 
 
 def lab_figures(prefix: str, repeat: int, seconds: int, changes: int,
-                conn_repeat: int = 11, conn_seconds: float = 2.0) -> Iterator[dict[str, Any]]:
+                conn_repeat: int = 12, conn_seconds: float = 2.0) -> Iterator[dict[str, Any]]:
     """Yields each figure as soon as it is measured, so a later failure loses nothing."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -339,9 +339,9 @@ def main() -> None:
     ap.add_argument("--no-lab", action="store_true", help="builder figures only")
     ap.add_argument("--lab-only", action="store_true", help="lab figures only")
     ap.add_argument("--prefix", default="fcbs", help="lab prefix (default: %(default)s)")
-    ap.add_argument("--repeat", type=int, default=5, help="throughput rounds")
+    ap.add_argument("--repeat", type=int, default=6, help="throughput rounds")
     ap.add_argument("--time", type=int, default=3, help="seconds per throughput run")
-    ap.add_argument("--conn-repeat", type=int, default=11,
+    ap.add_argument("--conn-repeat", type=int, default=12,
                     help="connection-rate rounds; each runs both paths, order swapped")
     ap.add_argument("--conn-time", type=float, default=2.0,
                     help="seconds per connection-rate run")

@@ -36,7 +36,7 @@ The lab lives in /run/flowcni-bench-<prefix> with netns names <prefix>-...;
 give your own --prefix on a shared machine. Everything is removed in finally.
 
     python3 bench/tenants.py                   # builders: 100x100 and 1000x10
-    python3 bench/tenants.py --throughput --prefix wtb [--time 5] [--repeat 7]
+    python3 bench/tenants.py --throughput --prefix wtb [--time 5] [--repeat 8]
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ def main() -> None:
     ap.add_argument("--prefix", default=os.environ.get("FLOWCNI_BENCH_PREFIX", "fcbtn"),
                     help="lab netns/run-dir prefix (default $FLOWCNI_BENCH_PREFIX or fcbtn)")
     ap.add_argument("--time", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=7,
-                    help="rounds; each runs both paths once, order swapped every round")
+    ap.add_argument("--repeat", type=int, default=8,
+                    help="rounds; each runs both paths once, the order swapped every round "
+                         "(an even count lets each path go first equally often)")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(measure(*a.one)))
