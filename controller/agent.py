@@ -308,9 +308,10 @@ class Agent:
         nodes, namespaces = store.objects("Node"), store.objects("Namespace")
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         services, slices = store.objects("Service"), store.objects("EndpointSlice")
+        cpolicies = {k: store.objects(k) for k in CLUSTER_POLICY_KINDS}
         self.peers.set_nodes(nodes)
         self.tenants.load(store.objects("TenantNetwork"), namespaces, nodes, pods, policies,
-                          services, slices)
+                          services, slices, cpolicies)
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -322,7 +323,7 @@ class Agent:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
         cowners, problems = self.cluster_policy.load(
-            namespaces, default_pods, nodes, {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
+            namespaces, default_pods, nodes, cpolicies)
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(cowners)

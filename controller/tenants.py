@@ -42,7 +42,10 @@ from flowcni.datastore.tenantconv import (
     from_body,
     resolve,
 )
+from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
+from flowcni.flows.clusterpolicy import parse_cluster_policy
 from flowcni.flows.hairpin import HAIRPIN_OWNER
+from flowcni.flows.policy import PolicyError
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
@@ -109,7 +112,7 @@ class Tenants:
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
         self.gateway, self.node_ipam = gateway, node_ipam
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
-            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS)}
+            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS, *CLUSTER_POLICY_KINDS)}
         self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
@@ -133,6 +136,9 @@ class Tenants:
         self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
         self._guarded: list[Flow] = []  # the default ClusterIPs' drops for tenants
         self.dns_addresses: dict[str, str] = {}  # tenant -> its DNS address on this node
+        # reported, not enforced: running pods left on their old network (relabel) and
+        # cluster policies whose subjects are tenant namespaces; tenant -> conditions
+        self._notices: dict[str, list[Condition]] = {}
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -140,8 +146,10 @@ class Tenants:
              nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
              policies: list[dict[str, Any]] | None = None,
              services: list[dict[str, Any]] | None = None,
-             slices: list[dict[str, Any]] | None = None) -> list[Flow]:
-        """The initial lists; returns the policy flows it changed (for the datapath guard)."""
+             slices: list[dict[str, Any]] | None = None,
+             cluster_policies: dict[str, list[dict[str, Any]]] | None = None) -> list[Flow]:
+        """The initial lists; returns the policy flows it changed (for the datapath guard).
+        cluster_policies (by kind) are only reported on (see the module's doc)."""
         with self._lock:
             self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
                             "Namespace": {b["name"]: b for b in namespaces},
@@ -152,16 +160,19 @@ class Tenants:
                             "Service": {f"{b['namespace']}/{b['name']}": b
                                         for b in services or []},
                             "EndpointSlice": {f"{b['namespace']}/{b['name']}": b
-                                              for b in slices or []}}
+                                              for b in slices or []},
+                            **{k: {b["name"]: b for b in (cluster_policies or {}).get(k, [])}
+                               for k in CLUSTER_POLICY_KINDS}}
             self._recompute()
             changed = self._recompute_policy(set(self.nets))
             self._rebuild_services()
             self._sync_default_guard()
+            self._sync_notices()
             return changed
 
     def apply(self, batch: list[Change]) -> list[Flow]:
         """Watched changes; returns the policy flows it changed (for the datapath guard)."""
-        touched = False
+        touched = notices = False
         namespaces: set[str] = set()
         with self._lock:
             for c in batch:
@@ -173,6 +184,9 @@ class Tenants:
                 elif c.kind in KINDS:
                     key = c.name
                     touched = True
+                elif c.kind in CLUSTER_POLICY_KINDS:
+                    key = c.name
+                    notices = True
                 else:
                     continue
                 if c.op == "put" and c.body is not None:
@@ -185,7 +199,10 @@ class Tenants:
                 changed = self._recompute_policy(set(self.nets) | set(self._policy))
                 self._rebuild_services()
                 self._sync_default_guard()
+                self._sync_notices()
                 return changed
+            if notices:
+                self._sync_notices()
             self._apply_services(batch)
             if any(c.kind == "Service" and f"{c.namespace}/{c.name}" == DNS_SERVICE
                    for c in batch):
@@ -542,6 +559,71 @@ class Tenants:
             changes = self._connect_changes()
             if changes:
                 self.flows.set_owners(changes)
+            self._sync_notices()
+
+    # -- reported, not enforced ----------------------------------------------------------
+
+    def _stale_pods(self, pods: list[Any]) -> list[tuple[str, str, str]]:
+        """Running pods whose namespace now belongs to another network than the one they
+        started on: (pod "ns/name", its network, its namespace's network; "" = default)."""
+        out = []
+        for p in pods:
+            was = getattr(p, "tenant", "") or ""
+            now = self.resolution.by_namespace.get(p.namespace, "")
+            if was != now:
+                out.append((f"{p.namespace}/{p.name}", was, now))
+        return sorted(out)
+
+    def _admin_subjects(self) -> dict[str, list[str]]:
+        """Tenant -> the cluster policies ("Kind/name") whose spec.subject selects one of
+        its namespaces (policies that do not parse are the cluster engine's to report)."""
+        labels = {n: dict(b.get("labels") or {}) for n, b in self.objects["Namespace"].items()}
+        out: dict[str, list[str]] = {}
+        for kind in CLUSTER_POLICY_KINDS:
+            for name, b in sorted(self.objects[kind].items()):
+                try:
+                    pol = parse_cluster_policy(kind, name, b.get("spec"))
+                except (PolicyError, KeyError, TypeError, ValueError):
+                    continue
+                hit = {t for ns, t in self.resolution.by_namespace.items()
+                       if pol.subject_ns.matches(labels.get(ns, {}))}
+                for t in hit:
+                    out.setdefault(t, []).append(f"{kind}/{name}")
+        return out
+
+    def _sync_notices(self) -> None:
+        """The PodsOnOldNetwork and AdminPolicyNotApplied conditions (module doc), each
+        logged once per change, naming the pods or the policies."""
+        notices: dict[str, list[Condition]] = {}
+        moved: dict[str, list[str]] = {}
+        for key, was, now in self._stale_pods(list(self.pods())):
+            what = (f"{key} (started on {was or 'the default network'}, its namespace is "
+                    f"now in {now or 'the default network'})")
+            for t in {was, now} - {""}:
+                moved.setdefault(t, []).append(what)
+        for t, pods in sorted(moved.items()):
+            notices.setdefault(t, []).append(Condition(
+                "PodsOnOldNetwork", True, "NamespaceMoved",
+                "spec.namespaceSelector: running pods keep the network and address they "
+                f"started with until restarted: {', '.join(pods)}"))
+        for t, pols in sorted(self._admin_subjects().items()):
+            notices.setdefault(t, []).append(Condition(
+                "AdminPolicyNotApplied", True, "TenantNotSupported",
+                f"spec.subject of {', '.join(pols)} selects namespaces of this network: the "
+                "Admin and Baseline tiers do not apply to tenant pods (use NetworkPolicy "
+                "inside the tenant)"))
+        for t in sorted(set(notices) | set(self._notices)):
+            new = notices.get(t, [])
+            if new != self._notices.get(t, []):
+                for c in new:
+                    if c not in self._notices.get(t, []):
+                        LOG.warning("TenantNetwork %s: %s: %s", t, c.type, c.message)
+        self._notices = notices
+
+    def notices(self, name: str) -> list[Condition]:
+        """The reported-only conditions of tenant `name` (see _sync_notices)."""
+        with self._lock:
+            return list(self._notices.get(name, []))
 
     def _report(self, t: Tenant) -> None:
         """One log line per new set of conditions of a tenant (each names its field)."""
@@ -649,6 +731,7 @@ class Tenants:
         with self._lock:
             res = self.resolution
             pods = list(self.pods())
+            notices = {k: list(v) for k, v in self._notices.items()}
         out = []
         for t in sorted(res.tenants.values(), key=lambda t: t.name):
             mine = [p for p in pods if getattr(p, "tenant", "") == t.name]
@@ -668,5 +751,6 @@ class Tenants:
                 "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
                          for p in mine],
                 "stale_pods": stale,
-                "conditions": [c.as_dict() for c in t.conditions]})
+                "conditions": [c.as_dict() for c in
+                               (*t.conditions, *notices.get(t.name, []))]})
         return out
