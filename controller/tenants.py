@@ -45,10 +45,10 @@ from flowcni.datastore.tenantconv import (
 from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import parse_cluster_policy
 from flowcni.flows.hairpin import HAIRPIN_OWNER
-from flowcni.flows.policy import PolicyError
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
 from flowcni.flows.pod import LocalPod
+from flowcni.flows.policy import PolicyError
 from flowcni.flows.services import (
     ServiceError,
     ServiceProxy,
