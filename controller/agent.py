@@ -246,6 +246,8 @@ class Agent:
                                         if isinstance(self.store, Store) else None),
                                tenants=self.tenants)
         self.tenants.pods = lambda: list(self.pods.attachments.values())
+        if isinstance(self.store, Store):  # allocated VNIs recorded (datastore/tenantconv.py)
+            self.tenants.vni_record = self.store
         self.pods.on_change = self.tenants.pods_changed
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)

@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
@@ -90,6 +90,17 @@ SERVICE_KINDS = ("Service", "EndpointSlice")  # likewise; for the tenants' Servi
 _SAFE = re.compile(r"[^a-z0-9.-]")
 
 
+class VNIRecord(Protocol):
+    """Where allocated VNIs are kept (datastore.store.Store; none with the Kubernetes
+    API, see datastore/tenantconv.py)."""
+
+    def vnis(self) -> dict[str, int]: ...
+
+    def record_vnis(self, want: dict[str, int]) -> dict[str, int]: ...
+
+    def forget_vni(self, name: str) -> None: ...
+
+
 class TenantRefused(Exception):
     """A pod's namespace belongs to a tenant that cannot take pods on this node."""
 
@@ -139,6 +150,8 @@ class Tenants:
         # reported, not enforced: running pods left on their old network (relabel) and
         # cluster policies whose subjects are tenant namespaces; tenant -> conditions
         self._notices: dict[str, list[Condition]] = {}
+        self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
+        self._recorded: dict[str, int] = {}  # the record as last read
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -193,6 +206,8 @@ class Tenants:
                     self.objects[c.kind][key] = c.body
                 else:
                     self.objects[c.kind].pop(key, None)
+                    if c.kind == "TenantNetwork":
+                        self._forget_vni(key)
             before = dict(self.resolution.by_namespace)
             if touched:
                 self._recompute()
@@ -496,10 +511,39 @@ class Tenants:
             del self._accepted[name]
         return bodies, refused
 
+    def _forget_vni(self, name: str) -> None:
+        if self.vni_record is not None:
+            try:
+                self.vni_record.forget_vni(name)
+            except Exception as e:  # the store unreachable: the record stays, harmless
+                LOG.error("TenantNetwork %s: VNI record not removed: %s", name, e)
+
+    def _resolve(self, bodies: list[dict[str, Any]]) -> Resolution:
+        """resolve(), with the VNIs recorded in the store given first, and the usable
+        tenants' VNIs recorded (once another agent recorded first, its answer is taken)."""
+        def run(recorded: dict[str, int]) -> Resolution:
+            return resolve(bodies, self.objects["Namespace"].values(),
+                           self.objects["Node"].values(), self.cluster_cidr, self.encap,
+                           recorded)
+        self._recorded = {}
+        if self.vni_record is None:
+            return run({})
+        try:
+            recorded = self.vni_record.vnis()
+            res = run(recorded)
+            want = {t.name: t.vni for t in res.tenants.values() if t.ok and t.vni}
+            kept = recorded
+            if any(recorded.get(n) != v for n, v in want.items()):
+                kept = self.vni_record.record_vnis(want)
+        except Exception as e:  # the store unreachable: derived VNIs, as without a record
+            LOG.error("TenantNetworks: VNI record unavailable, VNIs derived: %s", e)
+            return run({})
+        self._recorded = kept
+        return res if all(kept.get(n) == v for n, v in want.items()) else run(kept)
+
     def _recompute(self) -> None:
         bodies, refused = self._kept_immutable()
-        res = resolve(bodies, self.objects["Namespace"].values(),
-                      self.objects["Node"].values(), self.cluster_cidr, self.encap)
+        res = self._resolve(bodies)
         for name, msgs in refused.items():
             res.tenants[name].conditions += [
                 Condition("ImmutableFieldChanged", True, "ChangeRefused", m) for m in msgs]
@@ -732,6 +776,7 @@ class Tenants:
             res = self.resolution
             pods = list(self.pods())
             notices = {k: list(v) for k, v in self._notices.items()}
+            recorded = dict(self._recorded)
         out = []
         for t in sorted(res.tenants.values(), key=lambda t: t.name):
             mine = [p for p in pods if getattr(p, "tenant", "") == t.name]
@@ -740,6 +785,9 @@ class Tenants:
                      and t.name in (getattr(p, "tenant", ""), res.by_namespace.get(p.namespace))]
             out.append({
                 "name": t.name, "ok": t.ok, "vni": t.vni or None, "zone": t.zone or None,
+                "vni_source": ("spec" if t.spec and t.spec.vni is not None else
+                               "recorded" if recorded.get(t.name) == t.vni and t.vni else
+                               "derived" if t.vni else None),
                 "subnets": list(t.spec.subnets) if t.spec else [],
                 "namespaces": t.namespaces, "slices": t.slices,
                 "node_slice": t.slices.get(self.me), "gateway": t.gateway(self.me),

@@ -388,3 +388,70 @@ def test_flowctl_apply_tenant_network(tmp_path: Any, capsys: pytest.CaptureFixtu
     assert flowctl.main(["apply", "-f", str(f), "--datastore", f"sqlite:{db}"]) == 1
     assert "TenantNetwork blue: spec.subnets: immutable" in capsys.readouterr().err
     assert store.revision() == rev
+
+
+# -- VNIs: allocated oldest first, recorded in the embedded store, kept ----------------------
+
+
+def test_newer_spec_vni_never_takes_an_older_tenants_allocated_vni() -> None:
+    v = tc.auto_vni("auto")
+    r = tc.resolve([body("auto", "1"), body("late", "2", vni=v, subnets=["10.60.0.0/16"])],
+                   [], NODES, CLUSTER)
+    assert r.tenants["auto"].vni == v and r.tenants["auto"].ok
+    late = r.tenants["late"]
+    assert not late.ok and [c.message for c in late.conditions if c.type == "VNIConflict"] == [
+        f"spec.vni: {v} is already used by TenantNetwork auto"]
+
+
+def test_vni_out_of_the_16_bit_range_is_refused_naming_spec_vni() -> None:
+    r = tc.resolve([body("big", vni=0x10000), body("ok")], [], NODES, CLUSTER)
+    [c] = r.tenants["big"].conditions
+    assert (c.type, c.status, c.reason) == ("Ready", False, "VNIOutOfRange")
+    assert c.message.startswith("spec.vni: 65536: an integer 1..65519")
+    assert r.tenants["ok"].ok
+
+
+def test_recorded_vni_survives_the_deletion_of_the_tenant_it_stepped_over() -> None:
+    h = tc.auto_vni("b")
+    both = [body("x", "1", vni=h), body("b", "2", subnets=["10.60.0.0/16"])]
+    r = tc.resolve(both, [], NODES, CLUSTER)
+    assert r.tenants["b"].vni == h + 1
+    # derived only: x's deletion moves b (what the record is for)
+    assert tc.resolve(both[1:], [], NODES, CLUSTER).tenants["b"].vni == h
+    # recorded: b keeps its VNI
+    assert tc.resolve(both[1:], [], NODES, CLUSTER, recorded={"b": h + 1}).tenants["b"].vni \
+        == h + 1
+    # a record that disagrees with spec.vni is not taken
+    assert tc.resolve([body("x", "1", vni=7)], [], NODES, CLUSTER,
+                      recorded={"x": 9}).tenants["x"].vni == 7
+
+
+def test_agents_share_one_vni_record_in_the_store(tmp_path: Any) -> None:
+    from flowcni.datastore.store import Change, Store
+    store = Store(str(tmp_path / "store.db"))
+    h = tc.auto_vni("b")
+    agents = []
+    for n in ("a1", "a2"):
+        (tmp_path / n).mkdir()
+        t, _, _ = _tenants(tmp_path / n)
+        t.vni_record = store
+        agents.append(t)
+    a1, a2 = agents
+    x, b = body("x", "1", vni=h), body("b", "2", subnets=["10.60.0.0/16"])
+    a1.load([x, b], [], NODES)
+    assert store.vnis() == {"x": h, "b": h + 1}
+    assert {d["name"]: d["vni_source"] for d in a1.describe()} == {"x": "spec",
+                                                                    "b": "recorded"}
+    # another agent that starts after x is gone takes b's VNI from the record
+    a2.load([b], [], NODES)
+    assert a2.nets["b"].vni == h + 1
+    # x deleted: b keeps its VNI, x's record goes
+    a1.apply([Change(5, "delete", "TenantNetwork", "", "x", None)])
+    assert a1.nets["b"].vni == h + 1 and store.vnis() == {"b": h + 1}
+    # a newer tenant asking for b's VNI is refused, naming spec.vni
+    a1.apply([Change(6, "put", "TenantNetwork", "", "c",
+                     body("c", "3", vni=h + 1, subnets=["10.70.0.0/16"]))])
+    [c] = [c for d in a1.describe() if d["name"] == "c" for c in d["conditions"]
+           if c["type"] == "VNIConflict"]
+    assert c["message"] == f"spec.vni: {h + 1} is already used by TenantNetwork b"
+    assert "c" not in a1.nets and a1.nets["b"].vni == h + 1
