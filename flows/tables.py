@@ -128,6 +128,8 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
     "EgressRule": ("reg4",), "AdminIngress": ("reg4",),
     "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
     "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
+    # Services inside tenants (flows/tenantservices.py): sessionAffinity and hairpin
+    "AffinityDNAT": ("reg4",), "Output": ("reg4",),
 }
 # Cluster DNS from inside tenants (flows/tenantservices.py dns_flows): a tenant's DNS
 # query is SNATed in its zone and handed to the default network, which recirculates it

@@ -20,11 +20,23 @@ Group ids stay the proxy's (derived from "namespace/name/port": a namespace
 belongs to one network only, and the tenants' proxies share one table of
 taken ids with each other and the default proxy's ids when they were built).
 
-Only ClusterIPs are lifted. What the node's own stack would have to carry
-(node ports, external and load-balancer IPs) has no tenant to come from, and
-sessionAffinity and hairpin would need tenant-aware learned and Output flows:
-tenant_service_body drops those fields (naming them, for the log) and the
-proxy's hairpin flows are not lifted.
+sessionAffinity ClientIP (flows/affinity.py) is lifted too: its AffinityDNAT
+flows gain the tenant id, their DNATs the tenant's zone, and what they learn
+into SessionAffinity also matches reg4 (the tenant id), so two tenants'
+clients with the same address never share a learned endpoint.
+
+Hairpin (flows/hairpin.py: a pod reaching itself through its Service) is
+lifted as one owner per tenant (hairpin_owner): its Output flows gain the
+tenant id, and its ConntrackZone flow (the pod's answer to HAIRPIN_IP) the
+tenant id and a priority above the tenant's zone flow. The SNAT to
+HAIRPIN_IP stays in the shared hairpin zone: two networks' identical
+5-tuples there share one entry whose translation is the same (the address is
+kept and so is the port), and the answer finds its way back by its port and
+its tenant id, not by that entry.
+
+Node ports, external and load-balancer IPs are not lifted: what the node's
+own stack carries in has no tenant to come from (tenant_service_body drops
+those fields, naming them, for the log).
 """
 
 from __future__ import annotations
@@ -36,8 +48,8 @@ from typing import Any
 
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
-from flowcni.flows.hairpin import HAIRPIN_OWNER
-from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Load
+from flowcni.flows.hairpin import HAIRPIN_OWNER, PRIO_HAIRPIN
+from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Learn, Load
 from flowcni.flows.tables import DEFAULT, Pipeline
 from flowcni.flows.tenant import (
     PRIO_EGRESS_NOT,
@@ -49,11 +61,14 @@ from flowcni.flows.tenant import (
 )
 
 LIFT = 1000
-# Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
-LIFTED_TABLES = frozenset({"ServiceLB"})
+# Tables a tenant proxy's Service flows are lifted from (see the module's doc).
+LIFTED_TABLES = frozenset({"ServiceLB", "AffinityDNAT"})
 # Spec fields a tenant Service does not get, each named in the log line when dropped.
-UNSUPPORTED = ("externalIPs", "sessionAffinity", "sessionAffinityConfig",
-               "externalTrafficPolicy", "loadBalancerIP")
+UNSUPPORTED = ("externalIPs", "externalTrafficPolicy", "loadBalancerIP")
+# Hairpin, lifted: above the tenant's zone flow (ConntrackZone) and the default
+# network's hairpin flows (Output).
+PRIO_HAIRPIN_ZONE = PRIO_TENANT + 1
+PRIO_HAIRPIN_OUT = PRIO_HAIRPIN + 1
 
 
 def service_owner(key: str) -> str:
@@ -90,12 +105,30 @@ def tenant_service_body(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return new, dropped
 
 
+def hairpin_owner(name: str) -> str:
+    """The owner of tenant `name`'s hairpin flows on this node."""
+    return f"tenant-hairpin:{name}"
+
+
 def _in_zone(a: Action, zone: int) -> Action:
+    """A ct() of the default zone moved to `zone`; a learn() also keyed by the tenant
+    id (reg4), which the learned flow then matches as it was on the learning packet."""
+    if isinstance(a, Learn) and "reg4" not in a.copy:
+        return replace(a, copy=(*a.copy, "reg4"))
     return replace(a, zone=zone) if isinstance(a, CT) and a.zone == CT_ZONE else a
 
 
+def lift_hairpin(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
+    """A proxy's hairpin flow (flows/hairpin.py) as tenant t's."""
+    if f.table not in ("ConntrackZone", "Output"):
+        raise ValueError(f"{f.table}: not a hairpin table")
+    prio = PRIO_HAIRPIN_ZONE if f.table == "ConntrackZone" else PRIO_HAIRPIN_OUT
+    return Flow.make(f.table, prio, {**dict(f.match), **_id(t)}, list(f.actions), f.goto,
+                     feature=Feature.SERVICE, owner=hairpin_owner(t.name), pipeline=pipeline)
+
+
 def lift_flow(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
-    """A default proxy's ServiceLB flow as the same flow of tenant t."""
+    """A default proxy's ServiceLB (or AffinityDNAT) flow as the same flow of tenant t."""
     if f.table not in LIFTED_TABLES:
         raise ValueError(f"{f.table}: only {sorted(LIFTED_TABLES)} flows are lifted "
                          "into a tenant")
@@ -144,7 +177,8 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
                   gid_of: Callable[[str, str, int], int] | None = None
                   ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
     """A tenant proxy's changed owners (flows.services.ServiceProxy.load/apply) lifted:
-    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out.
+    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin as
+    hairpin_owner(t.name) (never copied for peers: a peer's pod is never the endpoint).
 
     peers: the tenants connected with t (connectTo, agreed by both): each gets its own
     copy of every Service (owner tenant-service:KEY@PEER), matching its id, whose groups
@@ -155,6 +189,8 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
     out_g: dict[str, list[Group]] = {}
     for owner, fl in flows.items():
         if owner == HAIRPIN_OWNER:
+            out_f[hairpin_owner(t.name)] = [lift_hairpin(f, t, pipeline) for f in fl]
+            out_g[hairpin_owner(t.name)] = []
             continue
         key = owner.split(":", 1)[1]
         out_f[service_owner(key)] = [lift_flow(f, t, pipeline) for f in fl]
