@@ -22,6 +22,7 @@ from flowcni.ctl.client import AgentClient
 from flowcni.ctl.trace import Tracer
 from flowcni.datastore.manifests import load
 from flowcni.datastore.tenantconv import for_update
+from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
@@ -485,6 +486,77 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
         out = capsys.readouterr().out
         assert any("blue (VNI 101)" in ln and "blue/web" in ln for ln in out.splitlines())
         assert any("red (VNI 202)" in ln and "red/web" in ln for ln in out.splitlines())
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
+SELF_VIP, STICKY_VIP = "10.96.0.93", "10.96.0.94"
+REPEAT = r"""
+import json, socket, sys
+out = []
+for _ in range(int(sys.argv[2])):
+    try:
+        s = socket.create_connection((sys.argv[1], 80), timeout=3)
+        out.append(s.recv(100).decode()); s.close()
+    except OSError:
+        out.append(None)
+print(json.dumps(out))
+"""
+
+
+def _svc(ns: str, name: str, vip: str, ips: list[str], **spec: object
+         ) -> list[tuple[str, str, str, dict[str, object]]]:
+    """A selector-less Service at `vip` (TCP 80, UDP 53) and its EndpointSlice."""
+    body: dict[str, object] = {"namespace": ns, "name": name, "spec": {
+        "clusterIP": vip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                    {"name": "dns", "port": 53, "protocol": "UDP"}],
+        **spec}}
+    kind, sns, sname, sl = _slice(ns, name, ips[0])
+    sl["endpoints"] = [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]
+    return [("Service", ns, name, body), (kind, sns, sname, sl)]
+
+
+def test_hairpin_and_affinity_inside_tenants(tlab: Lab) -> None:
+    """Hairpin: blue's and red's Service at 10.96.0.93 each have one endpoint, the very
+    pod that asks (blue/a and red/a: both 10.50.1.2 on node1), and each reaches itself
+    by TCP and UDP. sessionAffinity ClientIP: blue's and red's Service at 10.96.0.94
+    each have two endpoints (pods b and c of the tenant, 10.50.2.2 and 10.50.3.2 in
+    both); blue/a and red/a (one client address) each stick to one endpoint of their
+    own tenant, and node1 holds one learned flow per tenant (keyed by reg4)."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/a"] == ip["red/a"] and ip["blue/c"] == ip["red/c"]
+    store = tlab.store()
+    aff = {"sessionAffinity": "ClientIP",
+           "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}}}
+    objs = [*_svc("blue", "self", SELF_VIP, [ip["blue/a"]]),
+            *_svc("red", "self", SELF_VIP, [ip["red/a"]]),
+            *_svc("blue", "sticky", STICKY_VIP, [ip["blue/b"], ip["blue/c"]], **aff),
+            *_svc("red", "sticky", STICKY_VIP, [ip["red/b"], ip["red/c"]], **aff)]
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        procs = {src: subprocess.Popen(tlab.exec_argv(src, [sys.executable, "-c", REPEAT,
+                                                            STICKY_VIP, "8"]),
+                                       stdout=subprocess.PIPE, text=True)
+                 for src in ("blue/a", "red/a")}
+        res = probe_all(tlab, {"blue/a": [SELF_VIP], "red/a": [SELF_VIP]})
+        sticky = {src: json.loads(p.communicate(timeout=60)[0]) for src, p in procs.items()}
+        # hairpin: each pod reaches itself through its own tenant's Service
+        assert reached(res["blue/a"], SELF_VIP)[:2] == ("blue/a", "blue/a"), res
+        assert reached(res["red/a"], SELF_VIP)[:2] == ("red/a", "red/a"), res
+        # affinity: every answer from one endpoint, of the client's own tenant
+        for src, tenant in (("blue/a", "blue"), ("red/a", "red")):
+            answers = set(sticky[src])
+            assert len(answers) == 1 and answers <= {f"{tenant}/b", f"{tenant}/c"}, sticky
+        learned = [ln for ln in tlab.node("node1").ovs.ofctl(
+            "-O", "OpenFlow13", "dump-flows", "br-int",
+            f"table={DEFAULT.id('SessionAffinity')}").splitlines()
+            if f"nw_dst={STICKY_VIP}" in ln]
+        regs = {ln.split("reg4=")[1].split(",")[0] for ln in learned if "reg4=" in ln}
+        assert regs == {f"{0x10000 | BLUE_VNI:#x}", f"{0x10000 | RED_VNI:#x}"}, learned
     finally:
         for kind, ns, name, _ in objs:
             store.delete(kind, ns, name)
