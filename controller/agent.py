@@ -339,8 +339,11 @@ class Agent:
             # Services inside tenants: a proxy per tenant, built now, so that its group
             # ids keep clear of the default proxy's (controller/tenants.py)
             default_proxy = self.services
-            self.tenants.enable_services(self.args.datastore == "kubernetes",
-                                         lambda: default_proxy.gids)
+            self.tenants.enable_services(
+                self.args.datastore == "kubernetes", lambda: default_proxy.gids,
+                lambda: {(e.protocol.upper(), e.port)
+                         for e in default_proxy.host_view()[0] if not e.ip})
+            self._sync_host_proxy()  # with the tenants' node ports
             self._sync_health()
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
@@ -372,6 +375,7 @@ class Agent:
         if self.services is None:
             return
         entries, ips = self.services.host_view()
+        entries = [*entries, *self.tenants.host_entries()]  # tenant Services' node ports
         view = (entries, [NODEPORT_VIP, *ips])
         if view == self._host_view:
             return
@@ -432,6 +436,8 @@ class Agent:
             if sflows or groups:
                 self._sync_host_proxy()
                 self._sync_health()
+            elif any(c.kind in ("Service", "TenantNetwork", "Namespace") for c in batch):
+                self._sync_host_proxy()  # a tenant Service's node ports (no-op if same)
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []

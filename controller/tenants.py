@@ -47,6 +47,7 @@ from flowcni.flows.clusterpolicy import parse_cluster_policy
 from flowcni.flows.hairpin import HAIRPIN_OWNER
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
+from flowcni.flows.nodeport import HostEntry
 from flowcni.flows.pod import LocalPod
 from flowcni.flows.policy import PolicyError
 from flowcni.flows.services import (
@@ -73,6 +74,8 @@ from flowcni.flows.tenantservices import (
     dns_flows,
     dns_owner,
     lift_services,
+    nodeport_flows,
+    nodeport_owner,
     tenant_service_body,
 )
 
@@ -152,6 +155,11 @@ class Tenants:
         self._notices: dict[str, list[Condition]] = {}
         self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
         self._recorded: dict[str, int] = {}  # the record as last read
+        # node ports of tenant Services (flows/tenantservices.py nodeport_flows)
+        self._default_node_ports: Callable[[], set[tuple[str, int]]] = set
+        self._nodeports: dict[str, list[Flow]] = {}  # tenant -> its node-port flows
+        self.node_ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> "tenant/ns/name"
+        self._np_refused: set[str] = set()  # refusals logged
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -268,14 +276,64 @@ class Tenants:
     # -- Services inside tenants (flows/tenantservices.py) ------------------------------
 
     def enable_services(self, slices: bool,
-                        taken: Callable[[], dict[int, str]] = dict) -> None:
+                        taken: Callable[[], dict[int, str]] = dict,
+                        node_ports: Callable[[], set[tuple[str, int]]] = set) -> None:
         """Program tenant Services (flowcni's proxy mode). slices: endpoints from
         EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
-        default proxy's group ids, kept clear of when the tenants' proxies are built.
-        Builds them at once from what load() kept."""
+        default proxy's group ids, kept clear of when the tenants' proxies are built;
+        node_ports: the default network's node ports ((protocol, port)), which no
+        tenant Service may take. Builds them at once from what load() kept."""
         with self._lock:
             self._svc_slices, self._default_gids = slices, taken
+            self._default_node_ports = node_ports
             self._rebuild_services()
+
+    def _sync_nodeports(self) -> None:
+        """Every tenant's node ports into it (flows/tenantservices.py nodeport_flows). A
+        node port names one Service on the node: one the default network or an earlier
+        tenant (by name) already has is refused, logged once naming the field."""
+        taken = {k: "the default network" for k in self._default_node_ports()}
+        want: dict[str, list[Flow]] = {}
+        mine: dict[tuple[str, int], str] = {}
+        for name, p in sorted(self._proxies.items()):
+            t, net = self.resolution.tenants.get(name), self.nets.get(name)
+            if t is None or net is None or self.gateway is None:
+                continue
+            ports = []
+            for key, svc in sorted(p.services.items()):
+                for i, (sp, np) in enumerate(zip(svc.ports, svc.exposure.node_ports,
+                                                 strict=True)):
+                    if np is None:
+                        continue
+                    k = (sp.protocol, np)
+                    other = taken.get(k) or mine.get(k)
+                    if other is not None:
+                        msg = (f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
+                               f"{np}/{sp.protocol} is already {other}'s on this node")
+                        if msg not in self._np_refused:
+                            self._np_refused.add(msg)
+                            LOG.error("%s", msg)
+                        continue
+                    mine[k] = f"{name}/{key}"
+                    ports.append(k)
+            flows = nodeport_flows(net, t.gateway(self.me), net.router_mac, self.gateway.mac,
+                                   ports, self.flows.pipeline)
+            if flows:
+                want[name] = flows
+        changes: dict[str, list[Flow]] = {nodeport_owner(n): []
+                                          for n in set(self._nodeports) - set(want)}
+        changes.update({nodeport_owner(n): f for n, f in want.items()
+                        if self._nodeports.get(n) != f})
+        self._nodeports, self.node_ports = want, mine
+        if changes:
+            self.flows.set_owners(changes)
+
+    def host_entries(self) -> list[HostEntry]:
+        """The tenants' node ports, for the node's nftables (controller.hostnet): each
+        masqueraded (externalTrafficPolicy Cluster, the only one tenants get)."""
+        with self._lock:
+            return [HostEntry(proto.lower(), port, True)
+                    for proto, port in sorted(self.node_ports)]
 
     def _service_body(self, b: dict[str, Any]) -> dict[str, Any]:
         """A tenant Service's body for its proxy; what it loses is logged once per change."""
@@ -331,6 +389,7 @@ class Tenants:
         self._svc_owned = {o for o, fl in flows.items() if fl}
         if flows:
             self.flows.set_owners(flows, groups)
+        self._sync_nodeports()
         self._sync_dns()
 
     def _sync_default_guard(self) -> None:
@@ -464,6 +523,8 @@ class Tenants:
                 self._svc_owned.discard(o)
         if flows:
             self.flows.set_owners(flows, groups)
+        if by_tenant:
+            self._sync_nodeports()
 
     def take_stale(self) -> list[tuple[int, StaleUDP]]:
         """UDP entries of tenant Services' removed endpoints, with the zone they are in

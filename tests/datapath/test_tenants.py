@@ -563,6 +563,68 @@ def test_hairpin_and_affinity_inside_tenants(tlab: Lab) -> None:
         tlab.wait_realized()
 
 
+NP_PROBE = r"""
+import json, socket, sys, threading
+out = {}
+def probe(t):
+    ip, port, proto = t.split(":")
+    try:
+        if proto == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.sendto(b"who", (ip, int(port))); out[t] = s.recvfrom(100)[0].decode()
+        else:
+            s = socket.create_connection((ip, int(port)), timeout=3)
+            out[t] = s.recv(100).decode(); s.close()
+    except OSError:
+        out[t] = None
+ts = [threading.Thread(target=probe, args=(t,)) for t in json.loads(sys.argv[1])]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def test_node_ports_into_tenants(tlab: Lab) -> None:
+    """blue's and red's NodePort Services (30090 and 30091, TCP and UDP) each have one
+    endpoint, 10.50.2.2 in both (blue/b and red/b, node2): the lab's external host
+    reaches each tenant's own pod through node1 (across nodes, under the tenant's VNI)
+    and node2 (the endpoint's node), all at the same time; a node port no Service has
+    (30092) answers nothing meanwhile."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/b"] == ip["red/b"]
+    store = tlab.store()
+    objs = [*_svc("blue", "np", "10.96.0.95", [ip["blue/b"]], type="NodePort"),
+            *_svc("red", "np", "10.96.0.95", [ip["red/b"]], type="NodePort")]
+    for (_, _, _, body), np in ((objs[0], 30090), (objs[2], 30091)):
+        for port in body["spec"]["ports"]:  # type: ignore[index]
+            port["nodePort"] = np
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        n1, n2 = tlab.node("node1").node_ip, tlab.node("node2").node_ip
+        targets = [f"{n}:{port}:{proto}" for n in (n1, n2) for port in (30090, 30091, 30092)
+                   for proto in ("tcp", "udp")]
+        got = json.loads(subprocess.run(
+            netns.exec_argv(tlab.external_ns, [sys.executable, "-c", NP_PROBE,
+                                               json.dumps(targets)]),
+            capture_output=True, text=True, check=True, timeout=60).stdout)
+        for n in (n1, n2):
+            for proto in ("tcp", "udp"):
+                assert got[f"{n}:30090:{proto}"] == "blue/b", got
+                assert got[f"{n}:30091:{proto}"] == "red/b", got
+                assert got[f"{n}:30092:{proto}"] is None, got
+        # on node1, each tenant's connection to its endpoint is in its own zone, from
+        # its own gateway address there (the SNAT that brings the answer back)
+        ct = tlab.node("node1").ovs.appctl("dpctl/dump-conntrack", check=False)
+        for vni in (BLUE_VNI, RED_VNI):
+            assert any(f"zone={vni}" in ln and "orig=(src=10.50.1.1," in ln
+                       and f"reply=(src={ip['blue/b']}," in ln for ln in ct.splitlines()), ct
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
     """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
     cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [

@@ -190,21 +190,52 @@ def test_namespace_leaving_its_tenant_takes_its_services(tmp_path: Any) -> None:
 
 def test_unsupported_fields_are_dropped_and_named(tmp_path: Any,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    body = svc("b1", type="NodePort", externalIPs=["192.0.2.1"], sessionAffinity="ClientIP")
+    body = svc("b1", type="LoadBalancer", externalIPs=["192.0.2.1"],
+               sessionAffinity="ClientIP")
     body["spec"]["ports"][0]["nodePort"] = 30080
     new, dropped = tenant_service_body(body)
-    assert dropped == ["spec.type=NodePort", "spec.externalIPs"]
-    assert new["spec"]["type"] == "ClusterIP" and "nodePort" not in new["spec"]["ports"][0]
-    assert body["spec"]["type"] == "NodePort"  # the caller's body is left as it was
+    assert dropped == ["spec.type=LoadBalancer", "spec.externalIPs"]
+    assert new["spec"]["type"] == "NodePort" and new["spec"]["ports"][0]["nodePort"] == 30080
+    assert body["spec"]["type"] == "LoadBalancer"  # the caller's body is left as it was
     assert tenant_service_body(svc("b1")) == (svc("b1"), [])
     t, fs = _tenants(tmp_path)
     t.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
            [pod("b1", "w", "10.50.1.5")], [], [body], [])
     assert "spec.externalIPs" in caplog.text and "b1/web" in caplog.text
     texts = _ofctl(fs, "tenant-service:b1/web")
-    assert all("192.0.2.1" not in x and "30080" not in x for x in texts)
+    assert all("192.0.2.1" not in x for x in texts)
     # sessionAffinity is kept (lifted: see test_affinity_inside_a_tenant)
     assert all("goto_table:AffinityDNAT" in x for x in texts if "table=ServiceLB" in x)
+
+
+def test_node_port_into_a_tenant(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A tenant Service's node port: the lifted node-port flow (tenant id, NODEPORT_VIP,
+    its zone), the entry into the tenant under its gateway address on this node, the
+    answer's way out, and the node's nftables entry; a node port the default network
+    has is refused, naming the field."""
+    from flowcni.flows.nodeport import HostEntry
+    np_svc = svc("b1", type="NodePort")
+    np_svc["spec"]["ports"][0]["nodePort"] = 30090
+    t, fs = _tenants(tmp_path)
+    t.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+           [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    lifted = [x for x in _ofctl(fs, "tenant-service:b1/web") if "169.254.0.252" in x]
+    assert len(lifted) == 1 and "reg4=0x10065/0x1ffff" in lifted[0] and "tp_dst=30090" in lifted[0]
+    entry = _ofctl(fs, "tenant-nodeport:blue")
+    assert len(entry) == 3
+    (into,) = [x for x in entry if "table=ServiceLB" in x]
+    assert "reg4=0/0x10000" in into or "reg4=0x0/0x10000" in into, into
+    assert "tp_dst=30090" in into and "nat(src=10.50.1.1)" in into and "zone=65521" in into
+    (back,) = [x for x in entry if "table=ConntrackState" in x]
+    assert "nw_src=169.254.0.252,nw_dst=10.50.1.1" in back and "zone=65521" in back
+    assert t.host_entries() == [HostEntry("tcp", 30090, True)]
+    # the default network already has that node port: refused, logged, nothing installed
+    t2, fs2 = _tenants(tmp_path / "t2", services=False)
+    t2.enable_services(False, dict, lambda: {("TCP", 30090)})
+    t2.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+            [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    assert _ofctl(fs2, "tenant-nodeport:blue") == [] and t2.host_entries() == []
+    assert "spec.ports[0].nodePort: 30090/TCP is already the default network's" in caplog.text
 
 
 def test_affinity_inside_a_tenant_learns_per_tenant(tmp_path: Any) -> None:
