@@ -135,6 +135,8 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
 # query is SNATed in its zone and handed to the default network, which recirculates it
 # into the same table (ServiceLB: the default Service flow; ConntrackState: the default
 # zone's DNAT of its later packets, told apart by the tenant's DNS address as source).
+# Node ports into a tenant (nodeport_flows) use the same two: ServiceLB recirculates
+# into itself after the SNAT, ConntrackState matches the answer by both addresses.
 TENANT_DNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ServiceLB": ((), ("ServiceLB",)),
     "ConntrackState": (("ipv4_src", "ipv4_dst"), ("ConntrackState",)),
