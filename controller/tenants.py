@@ -153,6 +153,7 @@ class Tenants:
         # reported, not enforced: running pods left on their old network (relabel) and
         # cluster policies whose subjects are tenant namespaces; tenant -> conditions
         self._notices: dict[str, list[Condition]] = {}
+        self._admin: dict[str, list[str]] = {}  # tenant -> cluster policies selecting it
         self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
         self._recorded: dict[str, int] = {}  # the record as last read
         # node ports of tenant Services (flows/tenantservices.py nodeport_flows)
@@ -664,7 +665,7 @@ class Tenants:
             changes = self._connect_changes()
             if changes:
                 self.flows.set_owners(changes)
-            self._sync_notices()
+            self._sync_notices(policies=False)
 
     # -- reported, not enforced ----------------------------------------------------------
 
@@ -696,9 +697,12 @@ class Tenants:
                     out.setdefault(t, []).append(f"{kind}/{name}")
         return out
 
-    def _sync_notices(self) -> None:
+    def _sync_notices(self, policies: bool = True) -> None:
         """The PodsOnOldNetwork and AdminPolicyNotApplied conditions (module doc), each
-        logged once per change, naming the pods or the policies."""
+        logged once per change, naming the pods or the policies. policies=False: only
+        the pods changed (the cluster policies' subjects are not looked at again)."""
+        if policies:
+            self._admin = self._admin_subjects()
         notices: dict[str, list[Condition]] = {}
         moved: dict[str, list[str]] = {}
         for key, was, now in self._stale_pods(list(self.pods())):
@@ -711,7 +715,7 @@ class Tenants:
                 "PodsOnOldNetwork", True, "NamespaceMoved",
                 "spec.namespaceSelector: running pods keep the network and address they "
                 f"started with until restarted: {', '.join(pods)}"))
-        for t, pols in sorted(self._admin_subjects().items()):
+        for t, pols in sorted(self._admin.items()):
             notices.setdefault(t, []).append(Condition(
                 "AdminPolicyNotApplied", True, "TenantNotSupported",
                 f"spec.subject of {', '.join(pols)} selects namespaces of this network: the "
