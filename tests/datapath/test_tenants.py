@@ -698,6 +698,11 @@ def test_agent_reports_tenants(tlab: Lab) -> None:
     assert 'flowcni_tenant_pods{tenant="red",vni="202"} 2.0' in out
     assert 'flowcni_tenant_pods{tenant="blue",vni="101"} 1.0' in out
     assert 'flowcni_tenant_ready{tenant="blue",vni="101"} 1.0' in out
+    # green and yellow have no spec.vni: theirs was allocated, and recorded in the store
+    recorded = tlab.store().vnis()
+    for name in ("green", "yellow"):
+        assert t[name]["vni_source"] == "recorded" and recorded[name] == t[name]["vni"]
+    assert t["blue"]["vni_source"] == "spec"
 
 
 SENDER = r"""
@@ -740,3 +745,34 @@ def test_agent_restarts_keep_tenants_apart(tlab: Lab) -> None:
     assert seen[("blue/b", 9999)] == 0 and seen[("red/b", 9998)] == 0, seen
     assert seen[("blue/b", 9998)] > 0 and seen[("red/b", 9999)] > 0, seen
     assert all(n > 0 for n in after.values()), after
+
+
+def test_relabel_reports_running_pods(tlab: Lab) -> None:
+    """A namespace of the default network with a running pod moves into blue: the pod
+    keeps its default-network address, and node1's agent reports it by name in blue's
+    PodsOnOldNetwork condition until it is gone."""
+    store = tlab.store()
+    store.put("Namespace", "", "purple", {"name": "purple", "labels": {}})
+    pod = tlab.pod_add("p", "node1", namespace="purple")
+    client = AgentClient(tlab.node("node1").api_socket)
+
+    def moved() -> list[str]:
+        blue = next(t for t in client.call("tenants")["tenants"] if t["name"] == "blue")
+        return [c["message"] for c in blue["conditions"] if c["type"] == "PodsOnOldNetwork"]
+    try:
+        store.put("Namespace", "", "purple", {"name": "purple",
+                                              "labels": {"tenant": "blue"}})
+        deadline = time.monotonic() + 60
+        while not moved() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        [msg] = moved()
+        assert ("purple/p (started on the default network, its namespace is now in blue)"
+                in msg), msg
+        assert tlab.pod("purple/p").ip == pod.ip and pod.ip.startswith("10.244."), pod.ip
+    finally:
+        tlab.pod_del("purple/p")
+        store.delete("Namespace", "", "purple")
+    deadline = time.monotonic() + 60
+    while moved() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert moved() == []
