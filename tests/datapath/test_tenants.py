@@ -776,3 +776,32 @@ def test_relabel_reports_running_pods(tlab: Lab) -> None:
     while moved() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert moved() == []
+
+
+def test_cluster_policy_selecting_a_tenant_is_reported(tlab: Lab) -> None:
+    """An AdminNetworkPolicy whose subject selects blue's namespace does not apply to
+    blue's pods (not supported inside tenants): node1's agent says so in blue's
+    AdminPolicyNotApplied condition, naming the policy, and red has none."""
+    store = tlab.store()
+    client = AgentClient(tlab.node("node1").api_socket)
+
+    def notes() -> dict[str, list[str]]:
+        return {t["name"]: [c["message"] for c in t["conditions"]
+                            if c["type"] == "AdminPolicyNotApplied"]
+                for t in client.call("tenants")["tenants"]}
+    store.put("AdminNetworkPolicy", "", "deny-blue", {"name": "deny-blue", "spec": {
+        "priority": 5, "subject": {"namespaces": {"matchLabels": {"tenant": "blue"}}},
+        "ingress": [{"name": "d", "action": "Deny", "from": [{"namespaces": {}}]}]}})
+    try:
+        deadline = time.monotonic() + 60
+        while not notes()["blue"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        got = notes()
+        assert len(got["blue"]) == 1 and "AdminNetworkPolicy/deny-blue" in got["blue"][0], got
+        assert got["red"] == [], got
+    finally:
+        store.delete("AdminNetworkPolicy", "", "deny-blue")
+    deadline = time.monotonic() + 60
+    while notes()["blue"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert notes()["blue"] == []
