@@ -246,6 +246,8 @@ class Agent:
                                         if isinstance(self.store, Store) else None),
                                tenants=self.tenants)
         self.tenants.pods = lambda: list(self.pods.attachments.values())
+        if isinstance(self.store, Store):  # allocated VNIs recorded (datastore/tenantconv.py)
+            self.tenants.vni_record = self.store
         self.pods.on_change = self.tenants.pods_changed
         self.pods.restore()
         self.peers = Peers(a.node, cfg, self.gateway, self.tun_ofport, self.flows)
@@ -308,9 +310,10 @@ class Agent:
         nodes, namespaces = store.objects("Node"), store.objects("Namespace")
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
         services, slices = store.objects("Service"), store.objects("EndpointSlice")
+        cpolicies = {k: store.objects(k) for k in CLUSTER_POLICY_KINDS}
         self.peers.set_nodes(nodes)
         self.tenants.load(store.objects("TenantNetwork"), namespaces, nodes, pods, policies,
-                          services, slices)
+                          services, slices, cpolicies)
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
         def mine(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -322,7 +325,7 @@ class Agent:
             LOG.error("skipping %s", p)
         self.flows.set_owners(owners)
         cowners, problems = self.cluster_policy.load(
-            namespaces, default_pods, nodes, {k: store.objects(k) for k in CLUSTER_POLICY_KINDS})
+            namespaces, default_pods, nodes, cpolicies)
         for p in problems:
             LOG.error("skipping %s", p)
         self.flows.set_owners(cowners)
@@ -336,8 +339,11 @@ class Agent:
             # Services inside tenants: a proxy per tenant, built now, so that its group
             # ids keep clear of the default proxy's (controller/tenants.py)
             default_proxy = self.services
-            self.tenants.enable_services(self.args.datastore == "kubernetes",
-                                         lambda: default_proxy.gids)
+            self.tenants.enable_services(
+                self.args.datastore == "kubernetes", lambda: default_proxy.gids,
+                lambda: {(e.protocol.upper(), e.port)
+                         for e in default_proxy.host_view()[0] if not e.ip})
+            self._sync_host_proxy()  # with the tenants' node ports
             self._sync_health()
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         self.applied_revision = rev
@@ -369,6 +375,7 @@ class Agent:
         if self.services is None:
             return
         entries, ips = self.services.host_view()
+        entries = [*entries, *self.tenants.host_entries()]  # tenant Services' node ports
         view = (entries, [NODEPORT_VIP, *ips])
         if view == self._host_view:
             return
@@ -429,6 +436,8 @@ class Agent:
             if sflows or groups:
                 self._sync_host_proxy()
                 self._sync_health()
+            elif any(c.kind in ("Service", "TenantNetwork", "Namespace") for c in batch):
+                self._sync_host_proxy()  # a tenant Service's node ports (no-op if same)
         for p in problems:
             LOG.error("skipping %s", p)
         before = self.flows.flows_of(owners) if owners else []

@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from flowcni.cni.ipam import IPAM, IPAMError
 from flowcni.controller.flowsync import FlowSync
@@ -42,10 +42,14 @@ from flowcni.datastore.tenantconv import (
     from_body,
     resolve,
 )
+from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
+from flowcni.flows.clusterpolicy import parse_cluster_policy
 from flowcni.flows.hairpin import HAIRPIN_OWNER
 from flowcni.flows.model import Flow, Group
 from flowcni.flows.node import Gateway
+from flowcni.flows.nodeport import HostEntry
 from flowcni.flows.pod import LocalPod
+from flowcni.flows.policy import PolicyError
 from flowcni.flows.services import (
     ServiceError,
     ServiceProxy,
@@ -70,6 +74,8 @@ from flowcni.flows.tenantservices import (
     dns_flows,
     dns_owner,
     lift_services,
+    nodeport_flows,
+    nodeport_owner,
     tenant_service_body,
 )
 
@@ -85,6 +91,17 @@ KINDS = ("TenantNetwork", "Namespace", "Node")
 POLICY_KINDS = ("Pod", "NetworkPolicy")  # namespaced: kept by "namespace/name"
 SERVICE_KINDS = ("Service", "EndpointSlice")  # likewise; for the tenants' Service proxies
 _SAFE = re.compile(r"[^a-z0-9.-]")
+
+
+class VNIRecord(Protocol):
+    """Where allocated VNIs are kept (datastore.store.Store; none with the Kubernetes
+    API, see datastore/tenantconv.py)."""
+
+    def vnis(self) -> dict[str, int]: ...
+
+    def record_vnis(self, want: dict[str, int]) -> dict[str, int]: ...
+
+    def forget_vni(self, name: str) -> None: ...
 
 
 class TenantRefused(Exception):
@@ -109,7 +126,7 @@ class Tenants:
         self.state_dir, self.flows, self.tun_ofport = state_dir, flows, tun_ofport
         self.gateway, self.node_ipam = gateway, node_ipam
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
-            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS)}
+            k: {} for k in (*KINDS, *POLICY_KINDS, *SERVICE_KINDS, *CLUSTER_POLICY_KINDS)}
         self._policy: dict[str, list[Flow]] = {}  # tenant -> its NetworkPolicy flows
         self.resolution = Resolution({}, {})
         self.nets: dict[str, TenantNet] = {}
@@ -133,6 +150,17 @@ class Tenants:
         self._dns: dict[str, list[Flow]] = {}  # tenant -> its cluster-DNS flows installed
         self._guarded: list[Flow] = []  # the default ClusterIPs' drops for tenants
         self.dns_addresses: dict[str, str] = {}  # tenant -> its DNS address on this node
+        # reported, not enforced: running pods left on their old network (relabel) and
+        # cluster policies whose subjects are tenant namespaces; tenant -> conditions
+        self._notices: dict[str, list[Condition]] = {}
+        self._admin: dict[str, list[str]] = {}  # tenant -> cluster policies selecting it
+        self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
+        self._recorded: dict[str, int] = {}  # the record as last read
+        # node ports of tenant Services (flows/tenantservices.py nodeport_flows)
+        self._default_node_ports: Callable[[], set[tuple[str, int]]] = set
+        self._nodeports: dict[str, list[Flow]] = {}  # tenant -> its node-port flows
+        self.node_ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> "tenant/ns/name"
+        self._np_refused: set[str] = set()  # refusals logged
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -140,8 +168,10 @@ class Tenants:
              nodes: list[dict[str, Any]], pods: list[dict[str, Any]] | None = None,
              policies: list[dict[str, Any]] | None = None,
              services: list[dict[str, Any]] | None = None,
-             slices: list[dict[str, Any]] | None = None) -> list[Flow]:
-        """The initial lists; returns the policy flows it changed (for the datapath guard)."""
+             slices: list[dict[str, Any]] | None = None,
+             cluster_policies: dict[str, list[dict[str, Any]]] | None = None) -> list[Flow]:
+        """The initial lists; returns the policy flows it changed (for the datapath guard).
+        cluster_policies (by kind) are only reported on (see the module's doc)."""
         with self._lock:
             self.objects = {"TenantNetwork": {b["name"]: b for b in tenants},
                             "Namespace": {b["name"]: b for b in namespaces},
@@ -152,16 +182,19 @@ class Tenants:
                             "Service": {f"{b['namespace']}/{b['name']}": b
                                         for b in services or []},
                             "EndpointSlice": {f"{b['namespace']}/{b['name']}": b
-                                              for b in slices or []}}
+                                              for b in slices or []},
+                            **{k: {b["name"]: b for b in (cluster_policies or {}).get(k, [])}
+                               for k in CLUSTER_POLICY_KINDS}}
             self._recompute()
             changed = self._recompute_policy(set(self.nets))
             self._rebuild_services()
             self._sync_default_guard()
+            self._sync_notices()
             return changed
 
     def apply(self, batch: list[Change]) -> list[Flow]:
         """Watched changes; returns the policy flows it changed (for the datapath guard)."""
-        touched = False
+        touched = notices = False
         namespaces: set[str] = set()
         with self._lock:
             for c in batch:
@@ -173,19 +206,27 @@ class Tenants:
                 elif c.kind in KINDS:
                     key = c.name
                     touched = True
+                elif c.kind in CLUSTER_POLICY_KINDS:
+                    key = c.name
+                    notices = True
                 else:
                     continue
                 if c.op == "put" and c.body is not None:
                     self.objects[c.kind][key] = c.body
                 else:
                     self.objects[c.kind].pop(key, None)
+                    if c.kind == "TenantNetwork":
+                        self._forget_vni(key)
             before = dict(self.resolution.by_namespace)
             if touched:
                 self._recompute()
                 changed = self._recompute_policy(set(self.nets) | set(self._policy))
                 self._rebuild_services()
                 self._sync_default_guard()
+                self._sync_notices()
                 return changed
+            if notices:
+                self._sync_notices()
             self._apply_services(batch)
             if any(c.kind == "Service" and f"{c.namespace}/{c.name}" == DNS_SERVICE
                    for c in batch):
@@ -236,14 +277,64 @@ class Tenants:
     # -- Services inside tenants (flows/tenantservices.py) ------------------------------
 
     def enable_services(self, slices: bool,
-                        taken: Callable[[], dict[int, str]] = dict) -> None:
+                        taken: Callable[[], dict[int, str]] = dict,
+                        node_ports: Callable[[], set[tuple[str, int]]] = set) -> None:
         """Program tenant Services (flowcni's proxy mode). slices: endpoints from
         EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
-        default proxy's group ids, kept clear of when the tenants' proxies are built.
-        Builds them at once from what load() kept."""
+        default proxy's group ids, kept clear of when the tenants' proxies are built;
+        node_ports: the default network's node ports ((protocol, port)), which no
+        tenant Service may take. Builds them at once from what load() kept."""
         with self._lock:
             self._svc_slices, self._default_gids = slices, taken
+            self._default_node_ports = node_ports
             self._rebuild_services()
+
+    def _sync_nodeports(self) -> None:
+        """Every tenant's node ports into it (flows/tenantservices.py nodeport_flows). A
+        node port names one Service on the node: one the default network or an earlier
+        tenant (by name) already has is refused, logged once naming the field."""
+        taken = {k: "the default network" for k in self._default_node_ports()}
+        want: dict[str, list[Flow]] = {}
+        mine: dict[tuple[str, int], str] = {}
+        for name, p in sorted(self._proxies.items()):
+            t, net = self.resolution.tenants.get(name), self.nets.get(name)
+            if t is None or net is None or self.gateway is None:
+                continue
+            ports = []
+            for key, svc in sorted(p.services.items()):
+                for i, (sp, np) in enumerate(zip(svc.ports, svc.exposure.node_ports,
+                                                 strict=True)):
+                    if np is None:
+                        continue
+                    k = (sp.protocol, np)
+                    other = taken.get(k) or mine.get(k)
+                    if other is not None:
+                        msg = (f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
+                               f"{np}/{sp.protocol} is already {other}'s on this node")
+                        if msg not in self._np_refused:
+                            self._np_refused.add(msg)
+                            LOG.error("%s", msg)
+                        continue
+                    mine[k] = f"{name}/{key}"
+                    ports.append(k)
+            flows = nodeport_flows(net, t.gateway(self.me), net.router_mac, self.gateway.mac,
+                                   ports, self.flows.pipeline)
+            if flows:
+                want[name] = flows
+        changes: dict[str, list[Flow]] = {nodeport_owner(n): []
+                                          for n in set(self._nodeports) - set(want)}
+        changes.update({nodeport_owner(n): f for n, f in want.items()
+                        if self._nodeports.get(n) != f})
+        self._nodeports, self.node_ports = want, mine
+        if changes:
+            self.flows.set_owners(changes)
+
+    def host_entries(self) -> list[HostEntry]:
+        """The tenants' node ports, for the node's nftables (controller.hostnet): each
+        masqueraded (externalTrafficPolicy Cluster, the only one tenants get)."""
+        with self._lock:
+            return [HostEntry(proto.lower(), port, True)
+                    for proto, port in sorted(self.node_ports)]
 
     def _service_body(self, b: dict[str, Any]) -> dict[str, Any]:
         """A tenant Service's body for its proxy; what it loses is logged once per change."""
@@ -299,6 +390,7 @@ class Tenants:
         self._svc_owned = {o for o, fl in flows.items() if fl}
         if flows:
             self.flows.set_owners(flows, groups)
+        self._sync_nodeports()
         self._sync_dns()
 
     def _sync_default_guard(self) -> None:
@@ -432,6 +524,8 @@ class Tenants:
                 self._svc_owned.discard(o)
         if flows:
             self.flows.set_owners(flows, groups)
+        if by_tenant:
+            self._sync_nodeports()
 
     def take_stale(self) -> list[tuple[int, StaleUDP]]:
         """UDP entries of tenant Services' removed endpoints, with the zone they are in
@@ -479,10 +573,39 @@ class Tenants:
             del self._accepted[name]
         return bodies, refused
 
+    def _forget_vni(self, name: str) -> None:
+        if self.vni_record is not None:
+            try:
+                self.vni_record.forget_vni(name)
+            except Exception as e:  # the store unreachable: the record stays, harmless
+                LOG.error("TenantNetwork %s: VNI record not removed: %s", name, e)
+
+    def _resolve(self, bodies: list[dict[str, Any]]) -> Resolution:
+        """resolve(), with the VNIs recorded in the store given first, and the usable
+        tenants' VNIs recorded (once another agent recorded first, its answer is taken)."""
+        def run(recorded: dict[str, int]) -> Resolution:
+            return resolve(bodies, self.objects["Namespace"].values(),
+                           self.objects["Node"].values(), self.cluster_cidr, self.encap,
+                           recorded)
+        self._recorded = {}
+        if self.vni_record is None:
+            return run({})
+        try:
+            recorded = self.vni_record.vnis()
+            res = run(recorded)
+            want = {t.name: t.vni for t in res.tenants.values() if t.ok and t.vni}
+            kept = recorded
+            if any(recorded.get(n) != v for n, v in want.items()):
+                kept = self.vni_record.record_vnis(want)
+        except Exception as e:  # the store unreachable: derived VNIs, as without a record
+            LOG.error("TenantNetworks: VNI record unavailable, VNIs derived: %s", e)
+            return run({})
+        self._recorded = kept
+        return res if all(kept.get(n) == v for n, v in want.items()) else run(kept)
+
     def _recompute(self) -> None:
         bodies, refused = self._kept_immutable()
-        res = resolve(bodies, self.objects["Namespace"].values(),
-                      self.objects["Node"].values(), self.cluster_cidr, self.encap)
+        res = self._resolve(bodies)
         for name, msgs in refused.items():
             res.tenants[name].conditions += [
                 Condition("ImmutableFieldChanged", True, "ChangeRefused", m) for m in msgs]
@@ -542,6 +665,74 @@ class Tenants:
             changes = self._connect_changes()
             if changes:
                 self.flows.set_owners(changes)
+            self._sync_notices(policies=False)
+
+    # -- reported, not enforced ----------------------------------------------------------
+
+    def _stale_pods(self, pods: list[Any]) -> list[tuple[str, str, str]]:
+        """Running pods whose namespace now belongs to another network than the one they
+        started on: (pod "ns/name", its network, its namespace's network; "" = default)."""
+        out = []
+        for p in pods:
+            was = getattr(p, "tenant", "") or ""
+            now = self.resolution.by_namespace.get(p.namespace, "")
+            if was != now:
+                out.append((f"{p.namespace}/{p.name}", was, now))
+        return sorted(out)
+
+    def _admin_subjects(self) -> dict[str, list[str]]:
+        """Tenant -> the cluster policies ("Kind/name") whose spec.subject selects one of
+        its namespaces (policies that do not parse are the cluster engine's to report)."""
+        labels = {n: dict(b.get("labels") or {}) for n, b in self.objects["Namespace"].items()}
+        out: dict[str, list[str]] = {}
+        for kind in CLUSTER_POLICY_KINDS:
+            for name, b in sorted(self.objects[kind].items()):
+                try:
+                    pol = parse_cluster_policy(kind, name, b.get("spec"))
+                except (PolicyError, KeyError, TypeError, ValueError):
+                    continue
+                hit = {t for ns, t in self.resolution.by_namespace.items()
+                       if pol.subject_ns.matches(labels.get(ns, {}))}
+                for t in hit:
+                    out.setdefault(t, []).append(f"{kind}/{name}")
+        return out
+
+    def _sync_notices(self, policies: bool = True) -> None:
+        """The PodsOnOldNetwork and AdminPolicyNotApplied conditions (module doc), each
+        logged once per change, naming the pods or the policies. policies=False: only
+        the pods changed (the cluster policies' subjects are not looked at again)."""
+        if policies:
+            self._admin = self._admin_subjects()
+        notices: dict[str, list[Condition]] = {}
+        moved: dict[str, list[str]] = {}
+        for key, was, now in self._stale_pods(list(self.pods())):
+            what = (f"{key} (started on {was or 'the default network'}, its namespace is "
+                    f"now in {now or 'the default network'})")
+            for t in {was, now} - {""}:
+                moved.setdefault(t, []).append(what)
+        for t, pods in sorted(moved.items()):
+            notices.setdefault(t, []).append(Condition(
+                "PodsOnOldNetwork", True, "NamespaceMoved",
+                "spec.namespaceSelector: running pods keep the network and address they "
+                f"started with until restarted: {', '.join(pods)}"))
+        for t, pols in sorted(self._admin.items()):
+            notices.setdefault(t, []).append(Condition(
+                "AdminPolicyNotApplied", True, "TenantNotSupported",
+                f"spec.subject of {', '.join(pols)} selects namespaces of this network: the "
+                "Admin and Baseline tiers do not apply to tenant pods (use NetworkPolicy "
+                "inside the tenant)"))
+        for t in sorted(set(notices) | set(self._notices)):
+            new = notices.get(t, [])
+            if new != self._notices.get(t, []):
+                for c in new:
+                    if c not in self._notices.get(t, []):
+                        LOG.warning("TenantNetwork %s: %s: %s", t, c.type, c.message)
+        self._notices = notices
+
+    def notices(self, name: str) -> list[Condition]:
+        """The reported-only conditions of tenant `name` (see _sync_notices)."""
+        with self._lock:
+            return list(self._notices.get(name, []))
 
     def _report(self, t: Tenant) -> None:
         """One log line per new set of conditions of a tenant (each names its field)."""
@@ -649,6 +840,8 @@ class Tenants:
         with self._lock:
             res = self.resolution
             pods = list(self.pods())
+            notices = {k: list(v) for k, v in self._notices.items()}
+            recorded = dict(self._recorded)
         out = []
         for t in sorted(res.tenants.values(), key=lambda t: t.name):
             mine = [p for p in pods if getattr(p, "tenant", "") == t.name]
@@ -657,6 +850,9 @@ class Tenants:
                      and t.name in (getattr(p, "tenant", ""), res.by_namespace.get(p.namespace))]
             out.append({
                 "name": t.name, "ok": t.ok, "vni": t.vni or None, "zone": t.zone or None,
+                "vni_source": ("spec" if t.spec and t.spec.vni is not None else
+                               "recorded" if recorded.get(t.name) == t.vni and t.vni else
+                               "derived" if t.vni else None),
                 "subnets": list(t.spec.subnets) if t.spec else [],
                 "namespaces": t.namespaces, "slices": t.slices,
                 "node_slice": t.slices.get(self.me), "gateway": t.gateway(self.me),
@@ -668,5 +864,6 @@ class Tenants:
                 "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
                          for p in mine],
                 "stale_pods": stale,
-                "conditions": [c.as_dict() for c in t.conditions]})
+                "conditions": [c.as_dict() for c in
+                               (*t.conditions, *notices.get(t.name, []))]})
         return out

@@ -118,8 +118,8 @@ def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
         return set()
     services = {f"tenant-service:{s['service']}" for s in n.call("services")["services"]
                 if s.get("tenant") == name}
-    return {f"tenant:{name}"} | services | {f"pod:{p['key']}" for p in n.call("pods")["pods"]
-                                            if p.get("tenant") == name}
+    pods = {f"pod:{p['key']}" for p in n.call("pods")["pods"] if p.get("tenant") == name}
+    return {f"tenant:{name}", f"tenant-hairpin:{name}"} | services | pods
 
 
 def cmd_tenants(a: argparse.Namespace) -> int:

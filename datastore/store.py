@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE TABLE IF NOT EXISTS log (
   rev INTEGER PRIMARY KEY AUTOINCREMENT,
   kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, op TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenant_vni (name TEXT PRIMARY KEY, vni INTEGER NOT NULL UNIQUE);
 """
 
 
@@ -260,6 +261,31 @@ class Store:
         rows = self._db().execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
                                   (kind,)).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    # -- the tenant networks' VNIs (datastore/tenantconv.py resolve) -------------------
+
+    @_unavailable_as_error
+    def vnis(self) -> dict[str, int]:
+        """Every TenantNetwork's recorded VNI (name -> VNI)."""
+        return {str(n): int(v) for n, v in
+                self._db().execute("SELECT name, vni FROM tenant_vni").fetchall()}
+
+    @_unavailable_as_error
+    def record_vnis(self, want: dict[str, int]) -> dict[str, int]:
+        """Record each tenant's VNI unless the tenant or the VNI already has a record
+        (the first agent to record wins; the others read its answer back); returns
+        every record, in one transaction."""
+        with self._tx() as db:
+            for name, vni in sorted(want.items()):
+                db.execute("INSERT OR IGNORE INTO tenant_vni VALUES (?, ?)", (name, vni))
+            return {str(n): int(v) for n, v in
+                    db.execute("SELECT name, vni FROM tenant_vni").fetchall()}
+
+    @_unavailable_as_error
+    def forget_vni(self, name: str) -> None:
+        """A deleted TenantNetwork's record (its VNI may be given again)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM tenant_vni WHERE name=?", (name,))
 
     @_unavailable_as_error
     def revision(self) -> int:

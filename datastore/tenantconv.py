@@ -10,8 +10,21 @@ the same objects (VNIs, zones, per-node slices, conditions) with the pure
 `resolve` below, and reports it through `flowctl tenants` and its log. N
 agents writing one status would race and multiply API writes by the node
 count; a single writer needs leader election, i.e. a controller Deployment
-flowcni does not have yet. So the RBAC grants read only, and the VNI of a
-tenant without `spec.vni` is derived deterministically (see `resolve`).
+flowcni does not have yet. So the RBAC grants read only.
+
+The VNI of a tenant without `spec.vni` is allocated, and kept:
+- VNIs are handed out oldest tenant first (explicit and allocated alike), so
+  a newer tenant never moves an older one's VNI: a newer `spec.vni` that is
+  already in use is a VNIConflict naming spec.vni, whoever holds it.
+- The embedded store records every usable tenant's VNI (Store.record_vnis,
+  first writer wins, so every agent converges on one record); `resolve` gives
+  recorded VNIs first. So the VNI also survives the deletion of an older
+  tenant whose VNI an allocation had to step over, and agent restarts.
+- With the Kubernetes API there is no record (read-only RBAC, see above):
+  the allocation is a pure function of the tenants that exist, the same on
+  every agent and across restarts; only deleting an older tenant whose VNI
+  a younger one's hash collided with can move that younger one. `spec.vni`
+  pins a VNI for good.
 
 Field rules (each violation names the field):
 - spec.namespaceSelector: a label selector (matchLabels, matchExpressions
@@ -21,8 +34,11 @@ Field rules (each violation names the field):
 - spec.nodeSubnetSize: prefix length of each node's slice (default 24).
   Node i (by the index of its pod CIDR in the cluster CIDR) gets the i-th
   slice across the subnets, so every agent computes every node's slice.
-- spec.vni: optional, 1..65519 (it doubles as the tenant's id in a 16-bit
-  register and its conntrack zone; 65520.. are flowcni's own zones).
+- spec.vni: optional, 1..65519. The wire's VNI field has 24 bits, but the
+  VNI doubles as the tenant's id in a 16-bit register field (reg4[0..15])
+  and as its conntrack zone (16 bits; 65520.. are flowcni's own zones), so
+  larger values are refused (condition Ready=False, reason VNIOutOfRange,
+  naming spec.vni).
 - spec.egress.masquerade: bool (default false).
 - spec.connectTo: list of other TenantNetwork names.
 Immutable: spec.subnets, spec.nodeSubnetSize, spec.vni (a change would
@@ -33,7 +49,7 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -164,8 +180,9 @@ def parse_tenant(name: str, spec: Any, created: str = "") -> TenantSpec:
     vni = spec.get("vni")
     if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int)
                             or not VNI_MIN <= vni <= VNI_MAX):
-        raise _fail("spec.vni", f"{vni!r}: an integer {VNI_MIN}..{VNI_MAX} (it is also the "
-                    "tenant's conntrack zone)")
+        raise _fail("spec.vni", f"{vni!r}: an integer {VNI_MIN}..{VNI_MAX} (a VNI is also "
+                    "the tenant's 16-bit id and conntrack zone; 24-bit VNIs above "
+                    f"{VNI_MAX} are not accepted)")
     egress = spec.get("egress") or {}
     if not isinstance(egress, dict) or set(egress) - {"masquerade"}:
         raise _fail("spec.egress", "a mapping with only 'masquerade'")
@@ -280,14 +297,16 @@ def node_index(pod_cidr: str, cluster_cidr: str) -> int:
 
 def resolve(bodies: Iterable[dict[str, Any]], namespaces: Iterable[dict[str, Any]],
             nodes: Iterable[dict[str, Any]], cluster_cidr: str,
-            encap: str = "geneve") -> Resolution:
+            encap: str = "geneve", recorded: Mapping[str, int] | None = None) -> Resolution:
     """Every tenant's VNI, namespaces, per-node slices and conditions; pure.
 
     Tenants are taken oldest first (creation time, then name), so when two
-    conflict (the same explicit VNI, the same namespace) the older keeps it
-    and the newer gets a condition naming the field; other tenants are not
-    affected. Automatic VNIs: explicit ones are reserved first, then each
-    tenant without one takes auto_vni(name), or the next free value.
+    conflict (the same VNI, the same namespace) the older keeps it and the
+    newer gets a condition naming the field; other tenants are not affected.
+    VNIs: `recorded` ones (name -> VNI, what the store kept; a record that
+    disagrees with spec.vni is ignored) are given first; then, oldest first,
+    each tenant takes its spec.vni (VNIConflict if in use) or auto_vni(name),
+    or the next free value.
     """
     nodes = list(nodes)
     node_ips = {n["name"]: n.get("nodeIP", "") for n in nodes}
@@ -298,17 +317,25 @@ def resolve(bodies: Iterable[dict[str, Any]], namespaces: Iterable[dict[str, Any
         try:
             specs.append(from_body(b))
         except TenantError as e:
+            reason = "VNIOutOfRange" if str(e).startswith("spec.vni:") else "Invalid"
             tenants[name] = Tenant(None, name, conditions=[
-                Condition("Ready", False, "Invalid", str(e))])
+                Condition("Ready", False, reason, str(e))])
     specs.sort(key=lambda s: (s.created, s.name))
     used: dict[int, str] = {}
+    held: dict[str, int] = {}  # the recorded VNIs given
+    for s in specs:
+        v = (recorded or {}).get(s.name)
+        if v is not None and s.vni in (None, v) and VNI_MIN <= v <= VNI_MAX and v not in used:
+            used[v], held[s.name] = s.name, v
     for s in specs:
         t = tenants[s.name] = Tenant(s, s.name)
         if encap == "none":
             t.conditions.append(Condition("Ready", False, "EncapRequired",
                                           "cluster encap is none (routed mode): a tenant "
                                           "network needs an encapsulation to carry its VNI"))
-        if s.vni is not None:
+        if s.name in held:
+            t.vni = held[s.name]
+        elif s.vni is not None:
             if s.vni in used:
                 t.conditions.append(Condition("VNIConflict", True, "VNIInUse",
                                               f"spec.vni: {s.vni} is already used by "
@@ -316,19 +343,17 @@ def resolve(bodies: Iterable[dict[str, Any]], namespaces: Iterable[dict[str, Any
             else:
                 used[s.vni] = s.name
                 t.vni = s.vni
-        for ip_name, ip in node_ips.items():
-            if ip and any(IPv4Address(ip) in IPv4Network(n) for n in s.subnets):
-                t.conditions.append(Condition("SubnetOverlap", True, "OverlapsNodeAddress",
-                                              f"spec.subnets: contains node {ip_name}'s "
-                                              f"address {ip}"))
-    for s in specs:
-        t = tenants[s.name]
-        if s.vni is None:
+        else:
             v = auto_vni(s.name)
             while v in used:
                 v = AUTO_VNI_MIN if v >= VNI_MAX else v + 1
             used[v] = s.name
             t.vni = v
+        for ip_name, ip in node_ips.items():
+            if ip and any(IPv4Address(ip) in IPv4Network(n) for n in s.subnets):
+                t.conditions.append(Condition("SubnetOverlap", True, "OverlapsNodeAddress",
+                                              f"spec.subnets: contains node {ip_name}'s "
+                                              f"address {ip}"))
     claimed: dict[str, str] = {}
     for s in specs:
         t = tenants[s.name]

@@ -465,6 +465,8 @@ _LEARN_FIELDS = {
     "tcp_dst": ("tcp_dst_nxm", "NXM_OF_TCP_DST", 16),
     "udp_dst": ("udp_dst_nxm", "NXM_OF_UDP_DST", 16),
     "sctp_dst": ("sctp_dst", "OXM_OF_SCTP_DST", 16),
+    # the tenant id (flows/tenantservices.py: a tenant's learned affinity is its own)
+    "reg4": ("reg4", "NXM_NX_REG4", 32),
 }
 
 

@@ -128,11 +128,15 @@ TENANT_MATCHES: dict[str, tuple[str, ...]] = {
     "EgressRule": ("reg4",), "AdminIngress": ("reg4",),
     "EgressDefault": ("reg4",), "L3Forwarding": ("reg4",), "IngressRule": ("reg4",),
     "IngressDefault": ("reg4",), "ConntrackCommit": ("reg4",),
+    # Services inside tenants (flows/tenantservices.py): sessionAffinity and hairpin
+    "AffinityDNAT": ("reg4",), "Output": ("reg4",),
 }
 # Cluster DNS from inside tenants (flows/tenantservices.py dns_flows): a tenant's DNS
 # query is SNATed in its zone and handed to the default network, which recirculates it
 # into the same table (ServiceLB: the default Service flow; ConntrackState: the default
 # zone's DNAT of its later packets, told apart by the tenant's DNS address as source).
+# Node ports into a tenant (nodeport_flows) use the same two: ServiceLB recirculates
+# into itself after the SNAT, ConntrackState matches the answer by both addresses.
 TENANT_DNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ServiceLB": ((), ("ServiceLB",)),
     "ConntrackState": (("ipv4_src", "ipv4_dst"), ("ConntrackState",)),

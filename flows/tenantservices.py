@@ -20,11 +20,26 @@ Group ids stay the proxy's (derived from "namespace/name/port": a namespace
 belongs to one network only, and the tenants' proxies share one table of
 taken ids with each other and the default proxy's ids when they were built).
 
-Only ClusterIPs are lifted. What the node's own stack would have to carry
-(node ports, external and load-balancer IPs) has no tenant to come from, and
-sessionAffinity and hairpin would need tenant-aware learned and Output flows:
-tenant_service_body drops those fields (naming them, for the log) and the
-proxy's hairpin flows are not lifted.
+sessionAffinity ClientIP (flows/affinity.py) is lifted too: its AffinityDNAT
+flows gain the tenant id, their DNATs the tenant's zone, and what they learn
+into SessionAffinity also matches reg4 (the tenant id), so two tenants'
+clients with the same address never share a learned endpoint.
+
+Hairpin (flows/hairpin.py: a pod reaching itself through its Service) is
+lifted as one owner per tenant (hairpin_owner): its Output flows gain the
+tenant id, and its ConntrackZone flow (the pod's answer to HAIRPIN_IP) the
+tenant id and a priority above the tenant's zone flow. The SNAT to
+HAIRPIN_IP stays in the shared hairpin zone: two networks' identical
+5-tuples there share one entry whose translation is the same (the address is
+kept and so is the port), and the answer finds its way back by its port and
+its tenant id, not by that entry.
+
+Node ports (type NodePort; LoadBalancer is taken as NodePort): a node port
+is node-global, so it names one Service of one network. The node steers it
+to the gateway as for the default network (flows/nodeport.py), and
+nodeport_flows take it into the tenant: see the section below. External and
+load-balancer IPs are not lifted (tenant_service_body drops them, and the
+external traffic policy, naming them, for the log).
 """
 
 from __future__ import annotations
@@ -36,8 +51,18 @@ from typing import Any
 
 from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
-from flowcni.flows.hairpin import HAIRPIN_OWNER
-from flowcni.flows.model import CT, CT_ZONE, Action, Flow, Group, GroupAction, Load
+from flowcni.flows.hairpin import HAIRPIN_OWNER, PRIO_HAIRPIN
+from flowcni.flows.model import (
+    CT,
+    CT_ZONE,
+    Action,
+    Flow,
+    Group,
+    GroupAction,
+    Learn,
+    Load,
+    SetField,
+)
 from flowcni.flows.tables import DEFAULT, Pipeline
 from flowcni.flows.tenant import (
     PRIO_EGRESS_NOT,
@@ -49,11 +74,15 @@ from flowcni.flows.tenant import (
 )
 
 LIFT = 1000
-# Tables a tenant proxy's flows are lifted from: only ServiceLB (see the module's doc).
-LIFTED_TABLES = frozenset({"ServiceLB"})
+# Tables a tenant proxy's Service flows are lifted from (see the module's doc).
+LIFTED_TABLES = frozenset({"ServiceLB", "AffinityDNAT"})
 # Spec fields a tenant Service does not get, each named in the log line when dropped.
-UNSUPPORTED = ("externalIPs", "sessionAffinity", "sessionAffinityConfig",
-               "externalTrafficPolicy", "loadBalancerIP")
+UNSUPPORTED = ("externalIPs", "externalTrafficPolicy", "loadBalancerIP",
+               "healthCheckNodePort")
+# Hairpin, lifted: above the tenant's zone flow (ConntrackZone) and the default
+# network's hairpin flows (Output).
+PRIO_HAIRPIN_ZONE = PRIO_TENANT + 1
+PRIO_HAIRPIN_OUT = PRIO_HAIRPIN + 1
 
 
 def service_owner(key: str) -> str:
@@ -65,37 +94,51 @@ def service_owner(key: str) -> str:
 def tenant_service_body(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A tenant Service's body as its tenant's proxy gets it, and the fields dropped.
 
-    type NodePort / LoadBalancer becomes ClusterIP (their node ports would enter
-    from the node's stack, which belongs to no tenant); external and load
-    balancer addresses, sessionAffinity and the external traffic policy go.
-    The caller's body is not changed."""
+    type LoadBalancer becomes NodePort (its node ports are kept: see
+    nodeport_flows); external and load balancer addresses, the external traffic
+    policy and the health-check node port go. The caller's body is not changed."""
     spec = body.get("spec")
     if not isinstance(spec, dict):
         return body, []
     dropped = [f"spec.{k}" for k in UNSUPPORTED if spec.get(k) not in (None, [], "", "None")]
-    if spec.get("type") in ("NodePort", "LoadBalancer"):
-        dropped.insert(0, f"spec.type={spec['type']}")
+    if spec.get("type") == "LoadBalancer":
+        dropped.insert(0, "spec.type=LoadBalancer")
     if not dropped and not body.get("status"):
         return body, []
     new = copy.deepcopy(body)
     nspec = new["spec"]
     for k in UNSUPPORTED:
         nspec.pop(k, None)
-    if nspec.get("type") in ("NodePort", "LoadBalancer"):
-        nspec["type"] = "ClusterIP"
-    for p in nspec.get("ports") or []:
-        if isinstance(p, dict):
-            p.pop("nodePort", None)
+    if nspec.get("type") == "LoadBalancer":
+        nspec["type"] = "NodePort"
     new.pop("status", None)
     return new, dropped
 
 
+def hairpin_owner(name: str) -> str:
+    """The owner of tenant `name`'s hairpin flows on this node."""
+    return f"tenant-hairpin:{name}"
+
+
 def _in_zone(a: Action, zone: int) -> Action:
+    """A ct() of the default zone moved to `zone`; a learn() also keyed by the tenant
+    id (reg4), which the learned flow then matches as it was on the learning packet."""
+    if isinstance(a, Learn) and "reg4" not in a.copy:
+        return replace(a, copy=(*a.copy, "reg4"))
     return replace(a, zone=zone) if isinstance(a, CT) and a.zone == CT_ZONE else a
 
 
+def lift_hairpin(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
+    """A proxy's hairpin flow (flows/hairpin.py) as tenant t's."""
+    if f.table not in ("ConntrackZone", "Output"):
+        raise ValueError(f"{f.table}: not a hairpin table")
+    prio = PRIO_HAIRPIN_ZONE if f.table == "ConntrackZone" else PRIO_HAIRPIN_OUT
+    return Flow.make(f.table, prio, {**dict(f.match), **_id(t)}, list(f.actions), f.goto,
+                     feature=Feature.SERVICE, owner=hairpin_owner(t.name), pipeline=pipeline)
+
+
 def lift_flow(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
-    """A default proxy's ServiceLB flow as the same flow of tenant t."""
+    """A default proxy's ServiceLB (or AffinityDNAT) flow as the same flow of tenant t."""
     if f.table not in LIFTED_TABLES:
         raise ValueError(f"{f.table}: only {sorted(LIFTED_TABLES)} flows are lifted "
                          "into a tenant")
@@ -144,7 +187,8 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
                   gid_of: Callable[[str, str, int], int] | None = None
                   ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]]]:
     """A tenant proxy's changed owners (flows.services.ServiceProxy.load/apply) lifted:
-    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin left out.
+    the same owners renamed (service:KEY -> tenant-service:KEY); hairpin as
+    hairpin_owner(t.name) (never copied for peers: a peer's pod is never the endpoint).
 
     peers: the tenants connected with t (connectTo, agreed by both): each gets its own
     copy of every Service (owner tenant-service:KEY@PEER), matching its id, whose groups
@@ -155,6 +199,8 @@ def lift_services(t: TenantNet, flows: dict[str, list[Flow]],
     out_g: dict[str, list[Group]] = {}
     for owner, fl in flows.items():
         if owner == HAIRPIN_OWNER:
+            out_f[hairpin_owner(t.name)] = [lift_hairpin(f, t, pipeline) for f in fl]
+            out_g[hairpin_owner(t.name)] = []
             continue
         key = owner.split(":", 1)[1]
         out_f[service_owner(key)] = [lift_flow(f, t, pipeline) for f in fl]
@@ -255,3 +301,60 @@ def default_clusterip_flows(cluster_ips: list[str], pipeline: Pipeline = DEFAULT
     kw = dict(feature=Feature.TENANT, owner=DEFAULT_SERVICES_OWNER, pipeline=pipeline)
     return [Flow.make("L3Forwarding", PRIO_EGRESS_NOT, {**_in_tenant(), "ipv4_dst": ip}, **kw)
             for ip in sorted(set(cluster_ips))]
+
+
+# -- node ports into a tenant ---------------------------------------------------------------
+#
+# The node's nftables DNAT a node port to NODEPORT_VIP (keeping the port) and masquerade
+# it to the node's gateway address (flows/nodeport.py, externalTrafficPolicy Cluster,
+# the only one a tenant Service gets), so it enters from the gateway with no tenant id:
+#
+# - ServiceLB (no tenant id, NODEPORT_VIP, the port): the tenant id loaded, SNAT in the
+#   shared hairpin zone to the tenant's gateway address on this node (a tenant address
+#   that every node routes back here, under the tenant's VNI; never a pod's), and back
+#   into ServiceLB, where the tenant proxy's lifted node-port flow DNATs in the tenant's
+#   zone to a tenant endpoint, on this node or through the tunnel. Later packets of the
+#   connection take the same way (nothing is committed in the default zone); both NATs
+#   then apply their existing bindings.
+# - The answer comes back to the tenant's gateway address, in the tenant: the tenant's
+#   zone flow un-DNATs it (its source is now NODEPORT_VIP), then ConntrackState (tenant
+#   id, NODEPORT_VIP -> gateway address) leaves the tenant (IN_TENANT cleared, the id
+#   kept as a marker) and un-SNATs it in the hairpin zone, and L3Forwarding hands it to
+#   the gateway port: the node's conntrack undoes its masquerade and DNAT.
+
+PRIO_NODEPORT = PRIO_FALLTHROUGH + 50   # ServiceLB: above every default entry flow
+PRIO_NODEPORT_REPLY = PRIO_TENANT + 1   # ConntrackState and L3Forwarding
+
+
+def nodeport_owner(name: str) -> str:
+    return f"tenant-nodeport:{name}"
+
+
+def nodeport_flows(t: TenantNet, gateway_ip: str, router_mac: str, gw_mac: str,
+                   ports: list[tuple[str, int]], pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """Node ports ((protocol, port)) of tenant t's Services taken into t on this node,
+    under t's gateway address here (gateway_ip); the gateway port's MAC gw_mac. Pure."""
+    from flowcni.flows.nodeport import NODEPORT_VIP
+    if not ports:
+        return []
+    kw = dict(feature=Feature.SERVICE, owner=nodeport_owner(t.name), pipeline=pipeline)
+    tid = _id(t)
+    flows = [Flow.make("ServiceLB", PRIO_NODEPORT,
+                       {"reg4": F.IN_TENANT.value(0), "ipv4_dst": NODEPORT_VIP,
+                        f"{proto.lower()}_dst": port},
+                       [Load(F.TENANT, t.vni), Load(F.IN_TENANT, 1),
+                        CT(commit=True, zone=F.SNAT_ZONE, snat=gateway_ip, table="ServiceLB")],
+                       **kw)
+             for proto, port in sorted(set(ports))]
+    leaving = F.TENANT.value(t.vni)[0], F.TENANT.mask | F.IN_TENANT.mask
+    flows += [
+        Flow.make("ConntrackState", PRIO_NODEPORT_REPLY,
+                  {"eth_type": 0x0800, **tid, "ipv4_src": NODEPORT_VIP,
+                   "ipv4_dst": gateway_ip, "ct_state": "-new-inv+trk"},
+                  [Load(F.IN_TENANT, 0), CT(zone=F.SNAT_ZONE, nat="", table="L3Forwarding")],
+                  **kw),
+        Flow.make("L3Forwarding", PRIO_NODEPORT_REPLY, {"eth_type": 0x0800, "reg4": leaving},
+                  [SetField("eth_src", router_mac), SetField("eth_dst", gw_mac)],
+                  goto="L3DecTTL", **kw),
+    ]
+    return flows

@@ -22,6 +22,7 @@ from flowcni.ctl.client import AgentClient
 from flowcni.ctl.trace import Tracer
 from flowcni.datastore.manifests import load
 from flowcni.datastore.tenantconv import for_update
+from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
@@ -491,6 +492,139 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
         tlab.wait_realized()
 
 
+SELF_VIP, STICKY_VIP = "10.96.0.93", "10.96.0.94"
+REPEAT = r"""
+import json, socket, sys
+out = []
+for _ in range(int(sys.argv[2])):
+    try:
+        s = socket.create_connection((sys.argv[1], 80), timeout=3)
+        out.append(s.recv(100).decode()); s.close()
+    except OSError:
+        out.append(None)
+print(json.dumps(out))
+"""
+
+
+def _svc(ns: str, name: str, vip: str, ips: list[str], **spec: object
+         ) -> list[tuple[str, str, str, dict[str, object]]]:
+    """A selector-less Service at `vip` (TCP 80, UDP 53) and its EndpointSlice."""
+    body: dict[str, object] = {"namespace": ns, "name": name, "spec": {
+        "clusterIP": vip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                    {"name": "dns", "port": 53, "protocol": "UDP"}],
+        **spec}}
+    kind, sns, sname, sl = _slice(ns, name, ips[0])
+    sl["endpoints"] = [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]
+    return [("Service", ns, name, body), (kind, sns, sname, sl)]
+
+
+def test_hairpin_and_affinity_inside_tenants(tlab: Lab) -> None:
+    """Hairpin: blue's and red's Service at 10.96.0.93 each have one endpoint, the very
+    pod that asks (blue/a and red/a: both 10.50.1.2 on node1), and each reaches itself
+    by TCP and UDP. sessionAffinity ClientIP: blue's and red's Service at 10.96.0.94
+    each have two endpoints (pods b and c of the tenant, 10.50.2.2 and 10.50.3.2 in
+    both); blue/a and red/a (one client address) each stick to one endpoint of their
+    own tenant, and node1 holds one learned flow per tenant (keyed by reg4)."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/a"] == ip["red/a"] and ip["blue/c"] == ip["red/c"]
+    store = tlab.store()
+    aff = {"sessionAffinity": "ClientIP",
+           "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}}}
+    objs = [*_svc("blue", "self", SELF_VIP, [ip["blue/a"]]),
+            *_svc("red", "self", SELF_VIP, [ip["red/a"]]),
+            *_svc("blue", "sticky", STICKY_VIP, [ip["blue/b"], ip["blue/c"]], **aff),
+            *_svc("red", "sticky", STICKY_VIP, [ip["red/b"], ip["red/c"]], **aff)]
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        procs = {src: subprocess.Popen(tlab.exec_argv(src, [sys.executable, "-c", REPEAT,
+                                                            STICKY_VIP, "8"]),
+                                       stdout=subprocess.PIPE, text=True)
+                 for src in ("blue/a", "red/a")}
+        res = probe_all(tlab, {"blue/a": [SELF_VIP], "red/a": [SELF_VIP]})
+        sticky = {src: json.loads(p.communicate(timeout=60)[0]) for src, p in procs.items()}
+        # hairpin: each pod reaches itself through its own tenant's Service
+        assert reached(res["blue/a"], SELF_VIP)[:2] == ("blue/a", "blue/a"), res
+        assert reached(res["red/a"], SELF_VIP)[:2] == ("red/a", "red/a"), res
+        # affinity: every answer from one endpoint, of the client's own tenant
+        for src, tenant in (("blue/a", "blue"), ("red/a", "red")):
+            answers = set(sticky[src])
+            assert len(answers) == 1 and answers <= {f"{tenant}/b", f"{tenant}/c"}, sticky
+        learned = [ln for ln in tlab.node("node1").ovs.ofctl(
+            "-O", "OpenFlow13", "dump-flows", "br-int",
+            f"table={DEFAULT.id('SessionAffinity')}").splitlines()
+            if f"nw_dst={STICKY_VIP}" in ln]
+        regs = {ln.split("reg4=")[1].split(",")[0] for ln in learned if "reg4=" in ln}
+        assert regs == {f"{0x10000 | BLUE_VNI:#x}", f"{0x10000 | RED_VNI:#x}"}, learned
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
+NP_PROBE = r"""
+import json, socket, sys, threading
+out = {}
+def probe(t):
+    ip, port, proto = t.split(":")
+    try:
+        if proto == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.sendto(b"who", (ip, int(port))); out[t] = s.recvfrom(100)[0].decode()
+        else:
+            s = socket.create_connection((ip, int(port)), timeout=3)
+            out[t] = s.recv(100).decode(); s.close()
+    except OSError:
+        out[t] = None
+ts = [threading.Thread(target=probe, args=(t,)) for t in json.loads(sys.argv[1])]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def test_node_ports_into_tenants(tlab: Lab) -> None:
+    """blue's and red's NodePort Services (30090 and 30091, TCP and UDP) each have one
+    endpoint, 10.50.2.2 in both (blue/b and red/b, node2): the lab's external host
+    reaches each tenant's own pod through node1 (across nodes, under the tenant's VNI)
+    and node2 (the endpoint's node), all at the same time; a node port no Service has
+    (30092) answers nothing meanwhile."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    assert ip["blue/b"] == ip["red/b"]
+    store = tlab.store()
+    objs = [*_svc("blue", "np", "10.96.0.95", [ip["blue/b"]], type="NodePort"),
+            *_svc("red", "np", "10.96.0.95", [ip["red/b"]], type="NodePort")]
+    for (_, _, _, body), np in ((objs[0], 30090), (objs[2], 30091)):
+        for port in body["spec"]["ports"]:  # type: ignore[index]
+            port["nodePort"] = np
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    try:
+        tlab.wait_realized()
+        n1, n2 = tlab.node("node1").node_ip, tlab.node("node2").node_ip
+        targets = [f"{n}:{port}:{proto}" for n in (n1, n2) for port in (30090, 30091, 30092)
+                   for proto in ("tcp", "udp")]
+        got = json.loads(subprocess.run(
+            netns.exec_argv(tlab.external_ns, [sys.executable, "-c", NP_PROBE,
+                                               json.dumps(targets)]),
+            capture_output=True, text=True, check=True, timeout=60).stdout)
+        for n in (n1, n2):
+            for proto in ("tcp", "udp"):
+                assert got[f"{n}:30090:{proto}"] == "blue/b", got
+                assert got[f"{n}:30091:{proto}"] == "red/b", got
+                assert got[f"{n}:30092:{proto}"] is None, got
+        # on node1, each tenant's connection to its endpoint is in its own zone, from
+        # its own gateway address there (the SNAT that brings the answer back)
+        ct = tlab.node("node1").ovs.appctl("dpctl/dump-conntrack", check=False)
+        for vni in (BLUE_VNI, RED_VNI):
+            assert any(f"zone={vni}" in ln and "orig=(src=10.50.1.1," in ln
+                       and f"reply=(src={ip['blue/b']}," in ln for ln in ct.splitlines()), ct
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
     """VNIs of Geneve packets on the underlay while `src` pings `dst_ip`."""
     cap = subprocess.Popen(netns.exec_argv(lab.underlay_ns, [
@@ -564,6 +698,11 @@ def test_agent_reports_tenants(tlab: Lab) -> None:
     assert 'flowcni_tenant_pods{tenant="red",vni="202"} 2.0' in out
     assert 'flowcni_tenant_pods{tenant="blue",vni="101"} 1.0' in out
     assert 'flowcni_tenant_ready{tenant="blue",vni="101"} 1.0' in out
+    # green and yellow have no spec.vni: theirs was allocated, and recorded in the store
+    recorded = tlab.store().vnis()
+    for name in ("green", "yellow"):
+        assert t[name]["vni_source"] == "recorded" and recorded[name] == t[name]["vni"]
+    assert t["blue"]["vni_source"] == "spec"
 
 
 SENDER = r"""
@@ -606,3 +745,63 @@ def test_agent_restarts_keep_tenants_apart(tlab: Lab) -> None:
     assert seen[("blue/b", 9999)] == 0 and seen[("red/b", 9998)] == 0, seen
     assert seen[("blue/b", 9998)] > 0 and seen[("red/b", 9999)] > 0, seen
     assert all(n > 0 for n in after.values()), after
+
+
+def test_relabel_reports_running_pods(tlab: Lab) -> None:
+    """A namespace of the default network with a running pod moves into blue: the pod
+    keeps its default-network address, and node1's agent reports it by name in blue's
+    PodsOnOldNetwork condition until it is gone."""
+    store = tlab.store()
+    store.put("Namespace", "", "purple", {"name": "purple", "labels": {}})
+    pod = tlab.pod_add("p", "node1", namespace="purple")
+    client = AgentClient(tlab.node("node1").api_socket)
+
+    def moved() -> list[str]:
+        blue = next(t for t in client.call("tenants")["tenants"] if t["name"] == "blue")
+        return [c["message"] for c in blue["conditions"] if c["type"] == "PodsOnOldNetwork"]
+    try:
+        store.put("Namespace", "", "purple", {"name": "purple",
+                                              "labels": {"tenant": "blue"}})
+        deadline = time.monotonic() + 60
+        while not moved() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        [msg] = moved()
+        assert ("purple/p (started on the default network, its namespace is now in blue)"
+                in msg), msg
+        assert tlab.pod("purple/p").ip == pod.ip and pod.ip.startswith("10.244."), pod.ip
+    finally:
+        tlab.pod_del("purple/p")
+        store.delete("Namespace", "", "purple")
+    deadline = time.monotonic() + 60
+    while moved() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert moved() == []
+
+
+def test_cluster_policy_selecting_a_tenant_is_reported(tlab: Lab) -> None:
+    """An AdminNetworkPolicy whose subject selects blue's namespace does not apply to
+    blue's pods (not supported inside tenants): node1's agent says so in blue's
+    AdminPolicyNotApplied condition, naming the policy, and red has none."""
+    store = tlab.store()
+    client = AgentClient(tlab.node("node1").api_socket)
+
+    def notes() -> dict[str, list[str]]:
+        return {t["name"]: [c["message"] for c in t["conditions"]
+                            if c["type"] == "AdminPolicyNotApplied"]
+                for t in client.call("tenants")["tenants"]}
+    store.put("AdminNetworkPolicy", "", "deny-blue", {"name": "deny-blue", "spec": {
+        "priority": 5, "subject": {"namespaces": {"matchLabels": {"tenant": "blue"}}},
+        "ingress": [{"name": "d", "action": "Deny", "from": [{"namespaces": {}}]}]}})
+    try:
+        deadline = time.monotonic() + 60
+        while not notes()["blue"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        got = notes()
+        assert len(got["blue"]) == 1 and "AdminNetworkPolicy/deny-blue" in got["blue"][0], got
+        assert got["red"] == [], got
+    finally:
+        store.delete("AdminNetworkPolicy", "", "deny-blue")
+    deadline = time.monotonic() + 60
+    while notes()["blue"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert notes()["blue"] == []

@@ -117,7 +117,7 @@ def tenant_service_builder_flows(t: TenantNet) -> list[Flow]:
     default ClusterIPs' drops."""
     from flowcni.flows.tenantservices import default_clusterip_flows, dns_flows, lift_services
     p = ServiceProxy(DEFAULT)
-    svc = {"namespace": "b", "name": "web", "spec": {
+    svc: dict[str, Any] = {"namespace": "b", "name": "web", "spec": {
         "clusterIP": "10.96.0.90", "selector": {"app": "w"},
         "ports": [{"port": 80}, {"name": "u", "port": 53, "protocol": "UDP"}]}}
     flows, groups, _ = p.load([svc], [{"namespace": "b", "name": "w", "ip": "10.50.1.5",
@@ -126,6 +126,16 @@ def tenant_service_builder_flows(t: TenantNet) -> list[Flow]:
                           lambda key, peer, gid: gid + 1)
     out = [f for fl in lf.values() for f in fl]
     assert len(out) == 4
+    # sessionAffinity (a learn() keyed by reg4 too) and hairpin, lifted
+    pa = ServiceProxy(DEFAULT, local_cidr="10.50.1.0/24")
+    fa, ga, _ = pa.load([{**svc, "spec": {**svc["spec"], "sessionAffinity": "ClientIP"}}],
+                        [{"namespace": "b", "name": "w", "ip": "10.50.1.5", "node": "n1",
+                          "labels": {"app": "w"}}])
+    la, _ = lift_services(t, fa, ga, DEFAULT)
+    lifted = [f for fl in la.values() for f in fl]
+    assert any("NXM_NX_REG4[]" in f.ofctl(DEFAULT) for f in lifted)
+    assert "tenant-hairpin:blue" in la
+    out += lifted
     return (out + dns_flows(t, "10.244.1.251", "10.96.0.10", [("UDP", 53), ("TCP", 53)])
             + default_clusterip_flows(["10.96.0.10"]))
 

@@ -16,7 +16,7 @@ from flowcni.datastore.store import Change
 from flowcni.flows.model import CT_ZONE, Controller, GroupAction
 from flowcni.flows.services import ServiceProxy
 from flowcni.flows.tables import DEFAULT
-from flowcni.flows.tenant import PRIO_FALLTHROUGH, TenantNet, base_flows
+from flowcni.flows.tenant import PRIO_FALLTHROUGH, PRIO_TENANT, TenantNet, base_flows
 from flowcni.flows.tenantservices import lift_flow, lift_services, tenant_service_body
 
 NODES = [{"name": "node1", "nodeIP": "192.168.50.11", "podCIDR": "10.244.1.0/24"},
@@ -84,7 +84,7 @@ def test_lifted_service_matches_its_tenant_and_commits_in_its_zone() -> None:
     assert problems == []
     t = TenantNet("blue", 101, ())
     lf, lg = lift_services(t, flows, groups)
-    assert set(lf) == set(lg) == {"tenant-service:b1/web"}  # hairpin's left out
+    assert set(lf) == set(lg) == {"tenant-service:b1/web", "tenant-hairpin:blue"}
     texts = [f.ofctl(DEFAULT, names=True) for f in lf["tenant-service:b1/web"]]
     assert len(texts) == 2
     for f in lf["tenant-service:b1/web"]:
@@ -98,11 +98,20 @@ def test_lifted_service_matches_its_tenant_and_commits_in_its_zone() -> None:
         assert re.search(r"nat\(dst=10\.50\.1\.5:(8080|53)\)", g), g
     # the same Service of the default proxy stays in the default zone (nothing shared)
     assert all(f"zone={CT_ZONE}" in g.ofctl(DEFAULT) for g in groups["service:b1/web"])
-    # and only ServiceLB flows are ever lifted
+    # hairpin flows are lifted by lift_hairpin only, as the tenant's: its id on each,
+    # the reply's zone flow above the tenant's zone flow (PRIO_TENANT)
     hair = [f for f in flows.get("service-hairpin", [])]
     assert hair and all(f.table != "ServiceLB" for f in hair)
     with pytest.raises(ValueError, match="only"):
         lift_flow(hair[0], t)
+    lh = {f.table: f for f in lf["tenant-hairpin:blue"]}
+    assert len(lf["tenant-hairpin:blue"]) == len(hair) == 3
+    assert all(dict(f.match)["reg4"] == (0x10065, 0x1FFFF) for f in lf["tenant-hairpin:blue"])
+    assert lh["ConntrackZone"].priority > PRIO_TENANT
+    out = [f.ofctl(DEFAULT, names=True) for f in lf["tenant-hairpin:blue"]
+           if f.table == "Output"]
+    assert any("nw_src=10.50.1.5,nw_dst=10.50.1.5" in x and "nat(src=169.254.0.253)" in x
+               and "IN_PORT" in x for x in out), out
 
 
 def test_tenant_service_is_above_the_fall_through_and_default_flows() -> None:
@@ -181,20 +190,74 @@ def test_namespace_leaving_its_tenant_takes_its_services(tmp_path: Any) -> None:
 
 def test_unsupported_fields_are_dropped_and_named(tmp_path: Any,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    body = svc("b1", type="NodePort", externalIPs=["192.0.2.1"], sessionAffinity="ClientIP")
+    body = svc("b1", type="LoadBalancer", externalIPs=["192.0.2.1"],
+               sessionAffinity="ClientIP")
     body["spec"]["ports"][0]["nodePort"] = 30080
     new, dropped = tenant_service_body(body)
-    assert dropped == ["spec.type=NodePort", "spec.externalIPs", "spec.sessionAffinity"]
-    assert new["spec"]["type"] == "ClusterIP" and "nodePort" not in new["spec"]["ports"][0]
-    assert body["spec"]["type"] == "NodePort"  # the caller's body is left as it was
+    assert dropped == ["spec.type=LoadBalancer", "spec.externalIPs"]
+    assert new["spec"]["type"] == "NodePort" and new["spec"]["ports"][0]["nodePort"] == 30080
+    assert body["spec"]["type"] == "LoadBalancer"  # the caller's body is left as it was
     assert tenant_service_body(svc("b1")) == (svc("b1"), [])
     t, fs = _tenants(tmp_path)
     t.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
            [pod("b1", "w", "10.50.1.5")], [], [body], [])
     assert "spec.externalIPs" in caplog.text and "b1/web" in caplog.text
     texts = _ofctl(fs, "tenant-service:b1/web")
-    assert len(texts) == 2 and all("192.0.2.1" not in x and "30080" not in x for x in texts)
-    assert all("SessionAffinity" not in x for x in texts)
+    assert all("192.0.2.1" not in x for x in texts)
+    # sessionAffinity is kept (lifted: see test_affinity_inside_a_tenant)
+    assert all("goto_table:AffinityDNAT" in x for x in texts if "table=ServiceLB" in x)
+
+
+def test_node_port_into_a_tenant(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A tenant Service's node port: the lifted node-port flow (tenant id, NODEPORT_VIP,
+    its zone), the entry into the tenant under its gateway address on this node, the
+    answer's way out, and the node's nftables entry; a node port the default network
+    has is refused, naming the field."""
+    from flowcni.flows.nodeport import HostEntry
+    np_svc = svc("b1", type="NodePort")
+    np_svc["spec"]["ports"][0]["nodePort"] = 30090
+    t, fs = _tenants(tmp_path)
+    t.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+           [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    lifted = [x for x in _ofctl(fs, "tenant-service:b1/web") if "169.254.0.252" in x]
+    assert len(lifted) == 1 and "reg4=0x10065/0x1ffff" in lifted[0] and "tp_dst=30090" in lifted[0]
+    entry = _ofctl(fs, "tenant-nodeport:blue")
+    assert len(entry) == 3
+    (into,) = [x for x in entry if "table=ServiceLB" in x]
+    assert "reg4=0/0x10000" in into or "reg4=0x0/0x10000" in into, into
+    assert "tp_dst=30090" in into and "nat(src=10.50.1.1)" in into and "zone=65521" in into
+    (back,) = [x for x in entry if "table=ConntrackState" in x]
+    assert "nw_src=169.254.0.252,nw_dst=10.50.1.1" in back and "zone=65521" in back
+    assert t.host_entries() == [HostEntry("tcp", 30090, True)]
+    # the default network already has that node port: refused, logged, nothing installed
+    t2, fs2 = _tenants(tmp_path / "t2", services=False)
+    t2.enable_services(False, dict, lambda: {("TCP", 30090)})
+    t2.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+            [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    assert _ofctl(fs2, "tenant-nodeport:blue") == [] and t2.host_entries() == []
+    assert "spec.ports[0].nodePort: 30090/TCP is already the default network's" in caplog.text
+
+
+def test_affinity_inside_a_tenant_learns_per_tenant(tmp_path: Any) -> None:
+    """sessionAffinity ClientIP in two tenants with the same ClusterIP and endpoint: each
+    tenant's AffinityDNAT flows match its id and DNAT in its zone, and what they learn
+    matches the tenant id too (reg4), so clients with one address never share."""
+    t, fs = _tenants(tmp_path)
+    aff: dict[str, Any] = {"sessionAffinity": "ClientIP",
+           "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}
+    t.load([tn("blue", 101), tn("red", 202)],
+           [ns("b1", tenant="blue"), ns("r1", tenant="red")], NODES,
+           [pod("b1", "w", "10.50.1.5"), pod("r1", "w", "10.50.1.5")], [],
+           [svc("b1", **aff), svc("r1", **aff)], [])
+    for owner, vni in (("tenant-service:b1/web", 101), ("tenant-service:r1/web", 202)):
+        flows = fs.flows_of([owner])
+        dnat = [f for f in flows if f.table == "AffinityDNAT"]
+        assert dnat and all(dict(f.match)["reg4"] == (0x10000 | vni, 0x1FFFF) for f in dnat)
+        texts = [f.ofctl(DEFAULT, names=True) for f in dnat]
+        learns = [x for x in texts if "learn(" in x]
+        assert learns and all("NXM_NX_REG4[]" in x and f"zone={vni}" in x for x in learns)
+        lb = [f.ofctl(DEFAULT, names=True) for f in flows if f.table == "ServiceLB"]
+        assert lb and all("goto_table:AffinityDNAT" in x for x in lb)
 
 
 def test_no_tenant_services_without_flowcni_proxy(tmp_path: Any) -> None:

@@ -195,6 +195,66 @@ def test_relabelled_namespace_reports_running_pods(tmp_path: Any) -> None:
     assert t.placement("b1") is None
     d = t.describe()[0]
     assert d["stale_pods"] == ["b1/p"] and d["pods"][0]["name"] == "p"
+    # reported: a condition naming the pod and both networks, and one log line
+    cond = next(c for c in d["conditions"] if c["type"] == "PodsOnOldNetwork")
+    assert cond["status"] == "True" and "b1/p (started on blue" in cond["message"]
+    assert "now in the default network" in cond["message"]
+    assert cond["message"].startswith("spec.namespaceSelector:")
+    # moved back: the condition goes
+    t.load([body("blue")], [ns("b1", tenant="blue")], NODES)
+    assert not [c for c in t.describe()[0]["conditions"] if c["type"] == "PodsOnOldNetwork"]
+
+
+def test_relabel_is_logged_once_naming_the_pods(tmp_path: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from flowcni.datastore.store import Change
+    t, _, _ = _tenants(tmp_path)
+    t.load([body("blue")], [ns("b1")], NODES)
+    t.pods = lambda: [SimpleNamespace(namespace="b1", name="old", ip="10.244.1.5", tenant="",
+                                      local_pod=lambda: LocalPod("c/eth0", 5, "10.244.1.5",
+                                                                 "02:00:00:00:00:05"))]
+    caplog.set_level("WARNING")
+    relabel = Change(2, "put", "Namespace", "", "b1", ns("b1", tenant="blue"))
+    t.apply([relabel])
+    t.apply([relabel])  # nothing new: no second line
+    lines = [r.getMessage() for r in caplog.records if "PodsOnOldNetwork" in r.getMessage()]
+    assert len(lines) == 1 and "b1/old (started on the default network" in lines[0]
+    assert "now in blue" in lines[0]
+
+
+def test_cluster_policies_selecting_tenant_namespaces_are_reported(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from flowcni.datastore.store import Change
+    t, fs, _ = _tenants(tmp_path)
+    anp = {"name": "deny-all", "spec": {"priority": 10, "subject": {
+        "namespaces": {"matchLabels": {"tenant": "blue"}}},
+        "ingress": [{"name": "x", "action": "Deny", "from": [{"namespaces": {}}]}]}}
+    banp = {"name": "default", "spec": {"subject": {"namespaces": {}},
+                                        "ingress": [{"name": "x", "action": "Deny",
+                                                     "from": [{"namespaces": {}}]}]}}
+    caplog.set_level("WARNING")
+    t.load([body("blue"), body("red", subnets=["10.60.0.0/16"])],
+           [ns("b1", tenant="blue"), ns("r1", tenant="red"), ns("plain")], NODES,
+           cluster_policies={"AdminNetworkPolicy": [anp]})
+    conds = {d["name"]: [c for c in d["conditions"] if c["type"] == "AdminPolicyNotApplied"]
+             for d in t.describe()}
+    assert [c["message"].split(" selects")[0] for c in conds["blue"]] == [
+        "spec.subject of AdminNetworkPolicy/deny-all"]
+    assert conds["red"] == []
+    # a baseline policy selecting every namespace: both tenants report it
+    t.apply([Change(3, "put", "BaselineAdminNetworkPolicy", "", "default", banp)])
+    conds = {d["name"]: [c["message"] for c in d["conditions"]
+                         if c["type"] == "AdminPolicyNotApplied"] for d in t.describe()}
+    assert "BaselineAdminNetworkPolicy/default" in conds["red"][0]
+    assert "AdminNetworkPolicy/deny-all, BaselineAdminNetworkPolicy/default" in conds["blue"][0]
+    logged = [r.getMessage() for r in caplog.records if "AdminPolicyNotApplied" in r.getMessage()]
+    assert len(logged) == 3  # blue (ANP), then blue and red (with the BANP)
+    t.apply([Change(4, "delete", "AdminNetworkPolicy", "", "deny-all", None),
+             Change(5, "delete", "BaselineAdminNetworkPolicy", "", "default", None)])
+    assert not any(c["type"] == "AdminPolicyNotApplied"
+                   for d in t.describe() for c in d["conditions"])
 
 
 def test_connect_to_needs_both_sides_and_no_overlap() -> None:
@@ -222,7 +282,8 @@ def test_connect_flows_use_the_peers_key(tmp_path: Any) -> None:
     out = [f for f in blue if dict(f.match).get("ipv4_dst") == "10.60.2.0/24"]
     assert len(out) == 1 and f"set_field:{t.nets['green'].vni}->tun_id" in out[0].ofctl()
     assert fs.flows_of(["tenant-connect:blue"]) == []
-    t.pods = lambda: [SimpleNamespace(tenant="green", local_pod=lambda: LocalPod(
+    t.pods = lambda: [SimpleNamespace(tenant="green", namespace="g", name="g",
+                                      local_pod=lambda: LocalPod(
         "g/eth0", 9, "10.60.1.2", "02:00:00:00:00:09"))]
     t.pods_changed()
     [f] = fs.flows_of(["tenant-connect:blue"])
@@ -327,3 +388,70 @@ def test_flowctl_apply_tenant_network(tmp_path: Any, capsys: pytest.CaptureFixtu
     assert flowctl.main(["apply", "-f", str(f), "--datastore", f"sqlite:{db}"]) == 1
     assert "TenantNetwork blue: spec.subnets: immutable" in capsys.readouterr().err
     assert store.revision() == rev
+
+
+# -- VNIs: allocated oldest first, recorded in the embedded store, kept ----------------------
+
+
+def test_newer_spec_vni_never_takes_an_older_tenants_allocated_vni() -> None:
+    v = tc.auto_vni("auto")
+    r = tc.resolve([body("auto", "1"), body("late", "2", vni=v, subnets=["10.60.0.0/16"])],
+                   [], NODES, CLUSTER)
+    assert r.tenants["auto"].vni == v and r.tenants["auto"].ok
+    late = r.tenants["late"]
+    assert not late.ok and [c.message for c in late.conditions if c.type == "VNIConflict"] == [
+        f"spec.vni: {v} is already used by TenantNetwork auto"]
+
+
+def test_vni_out_of_the_16_bit_range_is_refused_naming_spec_vni() -> None:
+    r = tc.resolve([body("big", vni=0x10000), body("ok")], [], NODES, CLUSTER)
+    [c] = r.tenants["big"].conditions
+    assert (c.type, c.status, c.reason) == ("Ready", False, "VNIOutOfRange")
+    assert c.message.startswith("spec.vni: 65536: an integer 1..65519")
+    assert r.tenants["ok"].ok
+
+
+def test_recorded_vni_survives_the_deletion_of_the_tenant_it_stepped_over() -> None:
+    h = tc.auto_vni("b")
+    both = [body("x", "1", vni=h), body("b", "2", subnets=["10.60.0.0/16"])]
+    r = tc.resolve(both, [], NODES, CLUSTER)
+    assert r.tenants["b"].vni == h + 1
+    # derived only: x's deletion moves b (what the record is for)
+    assert tc.resolve(both[1:], [], NODES, CLUSTER).tenants["b"].vni == h
+    # recorded: b keeps its VNI
+    assert tc.resolve(both[1:], [], NODES, CLUSTER, recorded={"b": h + 1}).tenants["b"].vni \
+        == h + 1
+    # a record that disagrees with spec.vni is not taken
+    assert tc.resolve([body("x", "1", vni=7)], [], NODES, CLUSTER,
+                      recorded={"x": 9}).tenants["x"].vni == 7
+
+
+def test_agents_share_one_vni_record_in_the_store(tmp_path: Any) -> None:
+    from flowcni.datastore.store import Change, Store
+    store = Store(str(tmp_path / "store.db"))
+    h = tc.auto_vni("b")
+    agents = []
+    for n in ("a1", "a2"):
+        (tmp_path / n).mkdir()
+        t, _, _ = _tenants(tmp_path / n)
+        t.vni_record = store
+        agents.append(t)
+    a1, a2 = agents
+    x, b = body("x", "1", vni=h), body("b", "2", subnets=["10.60.0.0/16"])
+    a1.load([x, b], [], NODES)
+    assert store.vnis() == {"x": h, "b": h + 1}
+    assert {d["name"]: d["vni_source"] for d in a1.describe()} == {"x": "spec",
+                                                                    "b": "recorded"}
+    # another agent that starts after x is gone takes b's VNI from the record
+    a2.load([b], [], NODES)
+    assert a2.nets["b"].vni == h + 1
+    # x deleted: b keeps its VNI, x's record goes
+    a1.apply([Change(5, "delete", "TenantNetwork", "", "x", None)])
+    assert a1.nets["b"].vni == h + 1 and store.vnis() == {"b": h + 1}
+    # a newer tenant asking for b's VNI is refused, naming spec.vni
+    a1.apply([Change(6, "put", "TenantNetwork", "", "c",
+                     body("c", "3", vni=h + 1, subnets=["10.70.0.0/16"]))])
+    [c] = [c for d in a1.describe() if d["name"] == "c" for c in d["conditions"]
+           if c["type"] == "VNIConflict"]
+    assert c["message"] == f"spec.vni: {h + 1} is already used by TenantNetwork b"
+    assert "c" not in a1.nets and a1.nets["b"].vni == h + 1
