@@ -27,22 +27,30 @@ subset of the same events, so there is none.
 from __future__ import annotations
 
 import copy
-import functools
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import random
-import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from flowcni.datastore import kubeconv
+from flowcni.datastore.kubeapi import (
+    ApiError,
+    Client,
+    ConfigError,
+    ReadTimeout,
+    Response,
+    from_kubeconfig,
+    in_cluster,
+)
 from flowcni.datastore.kubeconv import Body, Key, Malformed
 from flowcni.datastore.store import (
     CLUSTER_CONFIG_ENV,
@@ -51,12 +59,29 @@ from flowcni.datastore.store import (
     StoreError,
     load_cluster_config,
 )
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
-from urllib3.exceptions import HTTPError
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiResource:
+    """Where a kind is served: its API group ("" for the core group), version, plural."""
+
+    group: str
+    version: str
+    plural: str
+
+    @property
+    def path(self) -> str:
+        """The all-namespaces collection path (lists and watches)."""
+        if not self.group:
+            return f"/api/{self.version}/{self.plural}"
+        return f"/apis/{self.group}/{self.version}/{self.plural}"
+
+    def describe(self) -> str:
+        """As RBAC names it: plural.group."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
 
 # Custom resources of policy.networking.k8s.io: (kind, version, plural). Their CRDs
 # are optional: a cluster without them has none of these objects (see Informer).
@@ -65,44 +90,44 @@ CLUSTER_POLICY_RESOURCES = (
     ("BaselineAdminNetworkPolicy", "v1alpha1", "baselineadminnetworkpolicies"),
     ("ClusterNetworkPolicy", "v1alpha2", "clusternetworkpolicies"),
 )
-KINDS = ("Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice",
-         "TenantNetwork", *(k for k, _, _ in CLUSTER_POLICY_RESOURCES))
-
-
-def _custom_list(version: str, plural: str) -> Callable[[client.ApiClient], Any]:
-    """An API class whose `list` lists a cluster-scoped custom resource (and watches it,
-    with watch=True), taking the same keywords as the typed list functions."""
-    class CustomList:
-        def __init__(self, api: client.ApiClient) -> None:
-            self._api = client.CustomObjectsApi(api)
-
-        def list(self, **kw: Any) -> Any:
-            return self._api.list_cluster_custom_object(
-                "policy.networking.k8s.io", version, plural, **kw)
-    return CustomList
+# kind -> where it is listed and watched (every namespace at once)
+RESOURCES: dict[str, ApiResource] = {
+    "Node": ApiResource("", "v1", "nodes"),
+    "Namespace": ApiResource("", "v1", "namespaces"),
+    "Pod": ApiResource("", "v1", "pods"),
+    "NetworkPolicy": ApiResource("networking.k8s.io", "v1", "networkpolicies"),
+    "Service": ApiResource("", "v1", "services"),
+    "EndpointSlice": ApiResource("discovery.k8s.io", "v1", "endpointslices"),
+    "TenantNetwork": ApiResource("flowcni.io", "v1alpha1", "tenantnetworks"),
+    **{k: ApiResource("policy.networking.k8s.io", v, p) for k, v, p in CLUSTER_POLICY_RESOURCES},
+}
+KINDS = tuple(RESOURCES)
 # A watch batch is taken once no change followed it for WATCH_SETTLE_S, or
 # WATCH_SETTLE_MAX_S after it began (see KubeDatastore._settled).
 WATCH_SETTLE_S = 0.01
 WATCH_SETTLE_MAX_S = 0.2
 
-# kind -> (API class, list function covering all namespaces)
-LIST_FUNCTIONS: dict[str, tuple[Callable[[client.ApiClient], Any], str]] = {
-    "Node": (client.CoreV1Api, "list_node"),
-    "Namespace": (client.CoreV1Api, "list_namespace"),
-    "Pod": (client.CoreV1Api, "list_pod_for_all_namespaces"),
-    "NetworkPolicy": (client.NetworkingV1Api, "list_network_policy_for_all_namespaces"),
-    "Service": (client.CoreV1Api, "list_service_for_all_namespaces"),
-    "EndpointSlice": (client.DiscoveryV1Api, "list_endpoint_slice_for_all_namespaces"),
-    "TenantNetwork": (client.CustomObjectsApi, "list_cluster_custom_object"),
-    **{k: (_custom_list(v, p), "list") for k, v, p in CLUSTER_POLICY_RESOURCES},
-}
-# Custom resources: the arguments their generic list function needs.
-LIST_ARGS: dict[str, dict[str, str]] = {
-    "TenantNetwork": {"group": "flowcni.io", "version": "v1alpha1", "plural": "tenantnetworks"},
-}
 # Kinds whose CRD may not be installed (flowcni's own, the upstream policy ones): a 404
 # lists them as empty (and is retried), so a cluster without them still gets a working agent.
 OPTIONAL_KINDS = frozenset({"TenantNetwork", *(k for k, _, _ in CLUSTER_POLICY_RESOURCES)})
+
+
+def interned(value: Any) -> Any:
+    """`value` with every string (dict keys included) replaced by its interned copy.
+
+    10,000 pods repeat the same label keys and values, namespaces and node
+    names; each JSON parse makes fresh strings of them, and the cache keeps a
+    body per object for as long as the agent runs. One copy per distinct
+    string is what the engines intern to as well (flows.policy.pod_from_body).
+    """
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: interned(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [interned(v) for v in value]
+    return value
 
 
 # -- the cache and its change log -------------------------------------------------------
@@ -269,36 +294,20 @@ class Timeouts:
     backoff_max: float = 30.0
 
 
-def _lines(resp: Any) -> Iterator[bytes]:
-    """Newline-delimited records of a chunked watch response, as each chunk arrives."""
-    buf = b""
-    for chunk in resp.stream(amt=None):
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.strip():
-                yield line
-    if buf.strip():
-        yield buf
-
-
 class Informer:
     """List-then-watch of one resource into the shared cache; runs in its own thread."""
 
-    def __init__(self, kind: str, api: client.ApiClient, cache: Cache, stop: threading.Event,
+    def __init__(self, kind: str, api: Client, cache: Cache, stop: threading.Event,
                  timeouts: Timeouts, page_size: int = 500) -> None:
-        cls, fn = LIST_FUNCTIONS[kind]
         self.kind, self.cache, self.stop, self.timeouts = kind, cache, stop, timeouts
-        fn_ = getattr(cls(api), fn)
-        self.list_fn: Callable[..., Any] = (
-            functools.partial(fn_, **LIST_ARGS[kind]) if kind in LIST_ARGS else fn_)
+        self.api, self.resource = api, RESOURCES[kind]
         self.page_size = page_size
         self.synced = threading.Event()
         self.resource_version: str | None = None
         self.last_error = ""
         self.stats = {"lists": 0, "watches": 0, "events": 0, "gone": 0, "errors": 0,
                       "skipped": 0}
-        self._resp: Any = None
+        self._resp: Response | None = None
         self.thread = threading.Thread(target=self.run, name=f"kube-{kind}", daemon=True)
 
     # the loop -----------------------------------------------------------------------
@@ -323,12 +332,13 @@ class Informer:
                 self.resource_version = None
                 gone = True
                 delay = backoff.next() if gone_before else 0.0  # twice in a row: slow down
-            except ApiException as e:
+            except ApiError as e:
                 if e.status == 404 and self.kind in OPTIONAL_KINDS:
                     delay = self._absent(backoff)
                 else:
                     delay = self._failed(e, backoff)
-            except (HTTPError, OSError, ValueError, WatchError) as e:
+            except (OSError, http.client.HTTPException, ValueError, WatchError,
+                    ConfigError) as e:
                 delay = self._failed(e, backoff)
             except Exception as e:  # a bug must not end the informer for good
                 LOG.exception("%s informer", self.kind)
@@ -351,7 +361,7 @@ class Informer:
 
     def _failed(self, e: Exception, backoff: Backoff) -> float:
         self.stats["errors"] += 1
-        self.last_error = _describe(e)
+        self.last_error = _describe(e, self.resource)
         delay = backoff.next()
         if self.stop.is_set():
             return 0.0
@@ -368,13 +378,12 @@ class Informer:
         rv: str | None = None
         cont: str | None = None
         while True:
-            page = self._call(limit=self.page_size, _continue=cont,
-                              _request_timeout=(self.timeouts.connect,
-                                                self.timeouts.list_read))
+            page = self._call({"limit": self.page_size, "continue": cont},
+                              self.timeouts.list_read)
             try:
-                data = json.loads(page.data)
+                data = page.json()
             finally:
-                page.release_conn()
+                page.close()
             meta = data.get("metadata") if isinstance(data, dict) else None
             if not isinstance(meta, dict):
                 raise ValueError(f"{self.kind} list: response has no metadata")
@@ -385,7 +394,8 @@ class Informer:
                 except Malformed as e:
                     self._skip(raw, e)
                     continue
-                items[key] = body
+                items[key] = interned(body)
+            del data  # the page's parse, before the next page is read
             cont = meta.get("continue") or None
             if not cont:
                 break
@@ -406,21 +416,20 @@ class Informer:
         seconds = max(1, int(t.watch * random.uniform(1.0, 2.0)))
         started = time.monotonic()
         events = 0
-        resp = self._call(watch=True, resource_version=self.resource_version,
-                          allow_watch_bookmarks=True, timeout_seconds=seconds,
-                          _request_timeout=(t.connect, seconds + t.read_grace))
+        resp = self._call({"watch": True, "resourceVersion": self.resource_version,
+                           "allowWatchBookmarks": True, "timeoutSeconds": seconds},
+                          seconds + t.read_grace)
         self._resp = resp
         self.stats["watches"] += 1
         try:
-            for line in _lines(resp):
+            for line in resp.lines():
                 if self.stop.is_set():
                     break
                 self.handle(json.loads(line))
                 events += 1
         finally:
             self._resp = None
-            resp.close()  # never hand a half-read stream back to the pool
-            resp.release_conn()
+            resp.close()
         return events > 0 or time.monotonic() - started >= min(seconds, 1.0) * 0.9
 
     def handle(self, event: Any) -> None:
@@ -440,7 +449,7 @@ class Informer:
         if etype in ("ADDED", "MODIFIED"):
             try:
                 key, body = kubeconv.convert(self.kind, raw)
-                self.cache.put(self.kind, key, body)
+                self.cache.put(self.kind, key, interned(body))
             except Malformed as e:
                 self._skip(raw, e)
         elif etype == "DELETED":
@@ -466,50 +475,43 @@ class Informer:
 
     # plumbing -------------------------------------------------------------------------
 
-    def _call(self, **kw: Any) -> Any:
-        """The client's list function with the raw response (no model deserialisation)."""
-        kw = {k: v for k, v in kw.items() if v is not None}
+    def _call(self, query: dict[str, Any], read_timeout: float) -> Response:
+        """GET the kind's collection; 410 becomes Gone (list again)."""
         try:
-            return self.list_fn(_preload_content=False, **kw)
-        except ApiException as e:
+            return self.api.get(self.resource.path, query, self.timeouts.connect, read_timeout)
+        except ApiError as e:
             if e.status == 410:
-                raise Gone(f"{'watch' if kw.get('watch') else 'list'}: 410 "
-                           f"{e.reason}") from e
+                raise Gone(f"{'watch' if query.get('watch') else 'list'}: {e}") from e
             raise
 
     def abort(self) -> None:
         """Cut the current watch connection so the thread notices `stop` at once."""
         resp = self._resp
-        sock = getattr(getattr(resp, "connection", None), "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if resp is not None:
+            resp.abort()
 
 
-def _describe(e: Exception) -> str:
-    if isinstance(e, ApiException):
-        hint = " (check the flowcni ClusterRole)" if e.status == 403 else ""
-        return f"HTTP {e.status} {e.reason}{hint}"
+def _describe(e: Exception, resource: ApiResource) -> str:
+    """The error as the agent's status and log show it; a 403 says what RBAC must grant."""
+    if isinstance(e, ApiError):
+        if e.status == 403:
+            return (f"{e} (the flowcni ClusterRole must grant list and watch on "
+                    f"{resource.describe()})")
+        return str(e)
+    if isinstance(e, ReadTimeout):
+        return f"ReadTimeout: {e}"
     return f"{type(e).__name__}: {e}"
 
 
 # -- the datastore ----------------------------------------------------------------------
 
-def api_client(kubeconfig: str | None, pool: int) -> client.ApiClient:
+def api_client(kubeconfig: str | None) -> Client:
     """A client from a kubeconfig file, or from the pod's service account."""
-    cfg = client.Configuration()
     try:
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        else:
-            config.load_incluster_config(client_configuration=cfg)
-    except (ConfigException, OSError, yaml.YAMLError) as e:
+        return Client(from_kubeconfig(kubeconfig) if kubeconfig else in_cluster())
+    except ConfigError as e:
         where = kubeconfig or "in-cluster service account"
         raise StoreError(f"Kubernetes client configuration ({where}): {e}") from e
-    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, pool)
-    return client.ApiClient(cfg)
 
 
 class KubeDatastore:
@@ -517,14 +519,14 @@ class KubeDatastore:
 
     def __init__(self, kubeconfig: str | None = None, *, kinds: Iterable[str] = KINDS,
                  timeouts: Timeouts | None = None, page_size: int = 500,
-                 node_wait: float = 60.0, api: client.ApiClient | None = None) -> None:
+                 node_wait: float = 60.0, api: Client | None = None) -> None:
         self.kinds = tuple(kinds)
-        unknown = set(self.kinds) - set(LIST_FUNCTIONS)
+        unknown = set(self.kinds) - set(RESOURCES)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}")
         self.timeouts = timeouts or Timeouts()
         self.node_wait = node_wait
-        self.api = api or api_client(kubeconfig, pool=2 * len(self.kinds) + 4)
+        self.api = api or api_client(kubeconfig)
         self.cache = Cache()
         self._stop = threading.Event()
         self.informers = {k: Informer(k, self.api, self.cache, self._stop, self.timeouts,
