@@ -207,15 +207,16 @@ def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
 
 
 class Response:
-    """An open response: `json()` for a list page, `lines()` for a watch; always close()."""
+    """An open response: `read()` for a list page, `lines()` for a watch; always close()."""
 
     def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse,
                  sock: socket.socket | None) -> None:
         self._conn, self._resp, self._sock = conn, resp, sock
 
-    def json(self) -> Any:
+    def read(self) -> bytes:
+        """The whole body (a list page)."""
         try:
-            return json.load(self._resp)
+            return self._resp.read()
         except TimeoutError as e:
             raise ReadTimeout(f"read timed out: {e}") from e
 
