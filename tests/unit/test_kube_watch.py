@@ -769,3 +769,60 @@ def test_watch_takes_a_burst_whole(server: FakeAPIServer,
     ds.cache.put("Pod", ("a", "q"), {"v": 0})
     lone = ds.cache.since(got[-1].rev)
     assert ds._settled(got[-1].rev, lone, threading.Event(), quiet=0.01) == lone
+
+
+def test_rbac_denial_names_the_resource_and_recovers(
+        server: FakeAPIServer, open_ds: Callable[..., KubeDatastore]) -> None:
+    """A ClusterRole without pods: the agent's error says which resource and what to grant,
+    the other kinds still sync, and once the grant arrives the pods are listed."""
+    seed(server)
+    server.forbidden.add("pods")
+    ds = open_ds(kinds=["Node", "Pod"])
+    assert ds.objects("Node", timeout=5) == EXPECTED["Node"]
+    with pytest.raises(StoreError, match=r"Pods not listed .*HTTP 403 Forbidden: pods is "
+                       r"forbidden: .*cannot list resource \"pods\".*ClusterRole must grant "
+                       r"list and watch on pods\)"):
+        ds.objects("Pod", timeout=1)
+    assert ds.status()["Pod"]["errors"] >= 1 and not ds.status()["Pod"]["synced"]
+    server.forbidden.clear()
+    assert ds.objects("Pod", timeout=10) == EXPECTED["Pod"]
+
+
+def test_forbidden_watch_names_the_group(server: FakeAPIServer,
+                                         open_ds: Callable[..., KubeDatastore]) -> None:
+    """Granted list but not watch: the watch's 403 names plural.group for the RBAC rule."""
+    ds = open_ds(kinds=["NetworkPolicy"])
+    ds.wait_synced(timeout=5)
+    server.forbidden.add("networkpolicies")
+    server.drop_watches()
+    eventually(lambda: "networkpolicies.networking.k8s.io" in
+               ds.informers["NetworkPolicy"].last_error, what="the watch's 403")
+    err = ds.informers["NetworkPolicy"].last_error
+    assert "cannot watch resource" in err and "HTTP 403" in err
+
+
+def test_token_from_the_kubeconfig_is_sent(server: FakeAPIServer, tmp_path: Any) -> None:
+    """A bearer token (inline, or a tokenFile re-read on every request, as rotated
+    service-account tokens need) reaches the server with each list and watch."""
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    kc = tmp_path / "kc.yaml"
+    kc.write_text(f"""
+apiVersion: v1
+kind: Config
+current-context: c
+clusters: [{{name: k, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: u, user: {{tokenFile: {token_file.name}}}}}]
+contexts: [{{name: c, context: {{cluster: k, user: u}}}}]
+""")
+    ds = KubeDatastore(str(kc), kinds=["Node"], timeouts=FAST)
+    try:
+        ds.wait_synced(timeout=5)
+        assert {r["auth"] for r in server.requests("/api/v1/nodes")} == {"Bearer first"}
+        token_file.write_text("second\n")
+        eventually(server.watch_count)
+        server.drop_watches()
+        eventually(lambda: any(r["auth"] == "Bearer second"
+                               for r in _watches(server, "/api/v1/nodes")), what="new token")
+    finally:
+        ds.close()
