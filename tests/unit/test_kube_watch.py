@@ -396,10 +396,15 @@ def test_objects_waits_for_the_first_list(server: FakeAPIServer,
 def test_paged_list(server: FakeAPIServer, open_ds: Callable[..., KubeDatastore]) -> None:
     for i in range(7):
         server.put("pods", pod_obj("web", f"p{i}", "n1", f"10.244.1.{10 + i}"))
+    server.put("pods", pod_obj("web\tx", "tab\tname", "n1", "10.244.1.30", {"a": "b\tc\n"}))
     ds = open_ds(kinds=["Pod"], page_size=3)
-    assert [p["name"] for p in ds.objects("Pod")] == [f"p{i}" for i in range(7)]
+    assert [p["name"] for p in ds.objects("Pod")] == [f"p{i}" for i in range(7)] + [
+        "tab\tname"]  # names that cannot be valid still round-trip
+    assert ds.objects("Pod")[0] == kubeconv.pod(pod_obj("web", "p0", "n1", "10.244.1.10"))
+    assert ds.objects("Pod")[-1]["labels"] == {"a": "b\tc\n"}
     lists = [r for r in server.requests("/api/v1/pods") if "watch" not in r["query"]]
     assert [bool(r["query"].get("continue")) for r in lists] == [False, True, True]
+    assert ds.cache.get("Pod", ("web\tx", "tab\tname")) is not None
     assert all(r["query"]["limit"] == "3" for r in lists)
 
 
