@@ -1,7 +1,8 @@
 """What the agent needs from a datastore, and how one is chosen.
 
-Two implementations: the embedded SQLite store (`controller.store.Store`,
-`sqlite:PATH`) and the Kubernetes API (`kubernetes`, in controller.kube).
+Two implementations: the embedded SQLite store (`datastore.store.Store`,
+`sqlite:PATH`) and the Kubernetes API (`kubernetes`, datastore.kube, on the
+small stdlib client in datastore.kubeapi).
 Both hand the agent the same small object shapes (see controller.manifests)
 and the same ordered change stream, so nothing above this seam knows which
 one it talks to.
@@ -56,6 +57,6 @@ def open_datastore(spec: str, kubeconfig: str | None = None) -> Datastore | None
             store.set_cluster(load_cluster_config(os.environ[CLUSTER_CONFIG_ENV]))
         return store
     if spec == "kubernetes":
-        from flowcni.datastore.kube import KubeDatastore  # imports the client only here
+        from flowcni.datastore.kube import KubeDatastore  # its HTTP client only when used
         return KubeDatastore(kubeconfig)
     raise ValueError(f"--datastore {spec!r}: use sqlite:PATH, kubernetes or none")

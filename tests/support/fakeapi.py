@@ -143,6 +143,8 @@ class FakeAPI:
         self.max_watch_seconds = 1800
         # Plurals the server does not serve (a CRD not installed): 404, as a real one.
         self.absent: set[str] = set()
+        # Plurals the client may not read (RBAC without them): 403, as a real server says it.
+        self.forbidden: set[str] = set()
 
     # -- writes ----------------------------------------------------------------------
 
@@ -430,7 +432,8 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         with api.lock:
             api.request_log.append({"method": "GET", "path": url.path, "query": q,
-                                    "time": time.time()})
+                                    "time": time.time(),
+                                    "auth": self.headers.get("Authorization")})
         try:
             m = EXEC_RE.match(url.path)
             if m:
@@ -439,6 +442,13 @@ class Handler(BaseHTTPRequestHandler):
             if res.plural in api.absent:
                 raise ApiError(404, "NotFound", "the server could not find the requested "
                                f"resource ({url.path})")
+            if res.plural in api.forbidden:
+                verb = "watch" if q.get("watch") in ("true", "1") else "list"
+                group = res.group_version.rpartition("/")[0]
+                raise ApiError(403, "Forbidden", f'{res.plural}{"." + group if group else ""}'
+                               ' is forbidden: User "system:serviceaccount:flowcni-system:'
+                               f'flowcni" cannot {verb} resource "{res.plural}" in API group '
+                               f'"{group}" at the cluster scope')
             if name is not None:
                 obj = api.get(res.plural, name, ns)
                 if obj is None:

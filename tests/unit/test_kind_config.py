@@ -106,6 +106,8 @@ def test_rbac_is_read_only_and_covers_what_the_agent_watches() -> None:
         granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
         assert set(rule["verbs"]) == {"get", "list", "watch"}, "list and watch go together"
     assert granted == {RBAC_NAMES[k] for k in KINDS}
+    from flowcni.datastore.kube import RESOURCES  # the paths the informers really request
+    assert {k: (r.group, r.plural) for k, r in RESOURCES.items()} == RBAC_NAMES
     assert not [d for d in manifests() if d["kind"] in ("Role", "RoleBinding")]
     binding = one("ClusterRoleBinding")
     sa = one("ServiceAccount")
@@ -315,12 +317,12 @@ def test_cni_shim_runs_the_plugin_in_the_agents_mount_namespace(tmp_path: Path) 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_tenant_network_crd_validates_and_matches_the_informer(version: str) -> None:
-    from flowcni.datastore.kube import LIST_ARGS
+    from flowcni.datastore.kube import RESOURCES
     crd = yaml.safe_load((KIND_DIR / "tenantnetwork-crd.yaml").read_text())
-    args = LIST_ARGS["TenantNetwork"]
-    assert crd["spec"]["group"] == args["group"] == RBAC_NAMES["TenantNetwork"][0]
-    assert crd["spec"]["names"]["plural"] == args["plural"] == RBAC_NAMES["TenantNetwork"][1]
-    assert [v["name"] for v in crd["spec"]["versions"]] == [args["version"]]
+    res = RESOURCES["TenantNetwork"]
+    assert crd["spec"]["group"] == res.group == RBAC_NAMES["TenantNetwork"][0]
+    assert crd["spec"]["names"]["plural"] == res.plural == RBAC_NAMES["TenantNetwork"][1]
+    assert [v["name"] for v in crd["spec"]["versions"]] == [res.version]
     assert crd["spec"]["scope"] == "Cluster"
     kv = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate not installed (pyproject test extra)")

@@ -396,10 +396,15 @@ def test_objects_waits_for_the_first_list(server: FakeAPIServer,
 def test_paged_list(server: FakeAPIServer, open_ds: Callable[..., KubeDatastore]) -> None:
     for i in range(7):
         server.put("pods", pod_obj("web", f"p{i}", "n1", f"10.244.1.{10 + i}"))
+    server.put("pods", pod_obj("web\tx", "tab\tname", "n1", "10.244.1.30", {"a": "b\tc\n"}))
     ds = open_ds(kinds=["Pod"], page_size=3)
-    assert [p["name"] for p in ds.objects("Pod")] == [f"p{i}" for i in range(7)]
+    assert [p["name"] for p in ds.objects("Pod")] == [f"p{i}" for i in range(7)] + [
+        "tab\tname"]  # names that cannot be valid still round-trip
+    assert ds.objects("Pod")[0] == kubeconv.pod(pod_obj("web", "p0", "n1", "10.244.1.10"))
+    assert ds.objects("Pod")[-1]["labels"] == {"a": "b\tc\n"}
     lists = [r for r in server.requests("/api/v1/pods") if "watch" not in r["query"]]
     assert [bool(r["query"].get("continue")) for r in lists] == [False, True, True]
+    assert ds.cache.get("Pod", ("web\tx", "tab\tname")) is not None
     assert all(r["query"]["limit"] == "3" for r in lists)
 
 
@@ -459,7 +464,7 @@ def test_cluster_config_from_env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
 def test_bad_client_configuration_is_a_store_error(tmp_path: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent reports StoreError as "cannot start: ..." and exits 2, not a traceback."""
-    with pytest.raises(StoreError, match=r"missing\): Invalid kube-config file"):
+    with pytest.raises(StoreError, match=r"missing\): kubeconfig .*missing: .*No such file"):
         KubeDatastore(str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(StoreError, match="in-cluster service account"):
@@ -522,7 +527,7 @@ def test_cache_replace_diffs_against_what_it_had() -> None:
     c.replace("Node", {("", "a"): {"x": 1}, ("", "b"): {"x": 1}})
     rev = c.revision()
     changes = c.replace("Node", {("", "a"): {"x": 1}, ("", "c"): {"x": 3}})
-    assert [(x.op, x.name) for x in changes] == [("delete", "b"), ("put", "c")]
+    assert [(op, key[1]) for op, key in changes] == [("delete", "b"), ("put", "c")]
     assert [(x.op, x.name) for x in c.since(rev)] == [("delete", "b"), ("put", "c")]
     assert c.objects("Node") == [{"x": 1}, {"x": 3}]
 
@@ -769,3 +774,60 @@ def test_watch_takes_a_burst_whole(server: FakeAPIServer,
     ds.cache.put("Pod", ("a", "q"), {"v": 0})
     lone = ds.cache.since(got[-1].rev)
     assert ds._settled(got[-1].rev, lone, threading.Event(), quiet=0.01) == lone
+
+
+def test_rbac_denial_names_the_resource_and_recovers(
+        server: FakeAPIServer, open_ds: Callable[..., KubeDatastore]) -> None:
+    """A ClusterRole without pods: the agent's error says which resource and what to grant,
+    the other kinds still sync, and once the grant arrives the pods are listed."""
+    seed(server)
+    server.forbidden.add("pods")
+    ds = open_ds(kinds=["Node", "Pod"])
+    assert ds.objects("Node", timeout=5) == EXPECTED["Node"]
+    with pytest.raises(StoreError, match=r"Pods not listed .*HTTP 403 Forbidden: pods is "
+                       r"forbidden: .*cannot list resource \"pods\".*ClusterRole must grant "
+                       r"list and watch on pods\)"):
+        ds.objects("Pod", timeout=1)
+    assert ds.status()["Pod"]["errors"] >= 1 and not ds.status()["Pod"]["synced"]
+    server.forbidden.clear()
+    assert ds.objects("Pod", timeout=10) == EXPECTED["Pod"]
+
+
+def test_forbidden_watch_names_the_group(server: FakeAPIServer,
+                                         open_ds: Callable[..., KubeDatastore]) -> None:
+    """Granted list but not watch: the watch's 403 names plural.group for the RBAC rule."""
+    ds = open_ds(kinds=["NetworkPolicy"])
+    ds.wait_synced(timeout=5)
+    server.forbidden.add("networkpolicies")
+    server.drop_watches()
+    eventually(lambda: "networkpolicies.networking.k8s.io" in
+               ds.informers["NetworkPolicy"].last_error, what="the watch's 403")
+    err = ds.informers["NetworkPolicy"].last_error
+    assert "cannot watch resource" in err and "HTTP 403" in err
+
+
+def test_token_from_the_kubeconfig_is_sent(server: FakeAPIServer, tmp_path: Any) -> None:
+    """A bearer token (inline, or a tokenFile re-read on every request, as rotated
+    service-account tokens need) reaches the server with each list and watch."""
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    kc = tmp_path / "kc.yaml"
+    kc.write_text(f"""
+apiVersion: v1
+kind: Config
+current-context: c
+clusters: [{{name: k, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: u, user: {{tokenFile: {token_file.name}}}}}]
+contexts: [{{name: c, context: {{cluster: k, user: u}}}}]
+""")
+    ds = KubeDatastore(str(kc), kinds=["Node"], timeouts=FAST)
+    try:
+        ds.wait_synced(timeout=5)
+        assert {r["auth"] for r in server.requests("/api/v1/nodes")} == {"Bearer first"}
+        token_file.write_text("second\n")
+        eventually(server.watch_count)
+        server.drop_watches()
+        eventually(lambda: any(r["auth"] == "Bearer second"
+                               for r in _watches(server, "/api/v1/nodes")), what="new token")
+    finally:
+        ds.close()
