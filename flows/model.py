@@ -698,7 +698,8 @@ class Flow:
         if left:
             raise ValueError(f"{template.table}: template does not match on {sorted(left)}")
         f = cls.with_match(template, actions, goto, owner=owner, pipeline=pipeline)
-        return cls(f.table, f.priority, tuple(match), f.actions, f.goto, f.feature, f.owner)
+        return _new_flow(f.table, f.priority, tuple(match), f.actions, f.goto, f.feature,
+                         f.owner)
 
     @classmethod
     def clauses(cls, items: Iterable[tuple[Flow, Sequence[Action]]], *, priority: int,
