@@ -171,11 +171,16 @@ def pod_from_body(b: dict[str, Any], shared: dict[Any, Any] | None = None) -> Po
     raw = b.get("labels")
     labels: dict[str, str] = {}
     if raw:
-        labels = {_shared(memo, k): _shared(memo, v) for k, v in raw.items()}
-        try:
-            labels = memo.setdefault(("labels", *labels.items()), labels)
+        try:  # keyed by the body's own items: equal to the owned ones, no copy on a hit
+            key: tuple[Any, ...] | None = ("labels", *raw.items())
+            hit = memo.get(key)
         except TypeError:  # a value that is no string (not hashable): this pod's own
-            pass
+            key = hit = None
+        if hit is None:
+            hit = {_shared(memo, k): _shared(memo, v) for k, v in raw.items()}
+            if key is not None:
+                memo[("labels", *hit.items())] = hit
+        labels = hit
     pod = object.__new__(PodInfo)
     ns, name, ip, node = _SET_NS, _SET_NAME, _SET_IP, _SET_NODE
     ns(pod, _shared(memo, b["namespace"]))
