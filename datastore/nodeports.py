@@ -9,6 +9,14 @@ earlier apply of the same Service (a re-apply of an unchanged file changes
 nothing), and ports of one Service with the same port number but different
 protocols share one node port, as Kubernetes allocates them.
 
+A missing node port is picked at random among the free ones, as the API
+server's allocator does, and from the upper part of the range first: the
+bottom `static_band` ports are left to Services that name their nodePort
+(Kubernetes' node-port static subrange, KEP-3668), so a port chosen by hand
+is rarely already taken by an allocation. Random, not lowest-free: two
+clusters (or a cluster rebuilt) do not hand the same port to different
+Services by construction, and nothing comes to depend on allocation order.
+
 Pure: takes the objects to apply and the Services already stored, returns
 the objects with node ports filled in; no I/O.
 """
@@ -16,6 +24,7 @@ the objects with node ports filled in; no I/O.
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -75,16 +84,42 @@ def _given(slot: Slot) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def static_band(lo: int, hi: int) -> int:
+    """How many ports at the bottom of lo-hi an allocation takes only when the rest
+    is full: min(max(16, size / 32), 128), Kubernetes' formula (86 of 30000-32767)."""
+    return min(max(16, (hi - lo + 1) // 32), 128)
+
+
+def pick(lo: int, hi: int, taken: dict[int, str] | set[int], rng: random.Random
+         ) -> int | None:
+    """A random free port of lo-hi (None when none is): the upper band first, then
+    the static band. A few random draws, then a scan of what is free (a nearly
+    full range), so every free port can still be found."""
+    off = static_band(lo, hi)
+    bands = [(lo + off, hi), (lo, lo + off - 1)] if off < hi - lo + 1 else [(lo, hi)]
+    for a, b in bands:
+        for _ in range(32):
+            n = rng.randint(a, b)
+            if n not in taken:
+                return n
+        free = [n for n in range(a, b + 1) if n not in taken]
+        if free:
+            return rng.choice(free)
+    return None
+
+
 def assign(objs: Sequence[Obj], stored: Iterable[dict[str, Any]],
-           node_port_range: tuple[int, int]) -> list[Obj]:
+           node_port_range: tuple[int, int], rng: random.Random | None = None) -> list[Obj]:
     """`objs` with every missing nodePort of a NodePort/LoadBalancer Service, and the
     healthCheckNodePort of a LoadBalancer with externalTrafficPolicy Local, allocated.
 
     `stored`: the Service bodies in the store now ({"namespace", "name", "spec"}).
     Raises NodePortError when a given node port is held by another Service or
-    when the range has no free port left.
+    when the range has no free port left. `rng`: where random picks come from
+    (tests pass a seeded one).
     """
     lo, hi = node_port_range
+    rng = rng or random.Random()
     applying = {(ns, n) for k, ns, n, _ in objs if k == "Service"}
     previous: dict[tuple[str, str], dict[tuple[str, Any], int]] = {}
     holder: dict[int, str] = {}  # node port -> "ns/name" of the Service holding it
@@ -120,7 +155,6 @@ def assign(objs: Sequence[Obj], stored: Iterable[dict[str, Any]],
             kept.setdefault((ns, name), {})[sl[1]] = old
             holder[old] = me
     out: list[Obj] = []
-    free = (n for n in range(lo, hi + 1))
     for kind, ns, name, body in objs:
         if kind != "Service" or all(_given(sl) is not None for sl in _slots(body, True)):
             out.append((kind, ns, name, body))
@@ -136,7 +170,7 @@ def assign(objs: Sequence[Obj], stored: Iterable[dict[str, Any]],
                 continue
             np: int | None = mine.get(key, None if key == HEALTH else by_number.get(key[1]))
             if np is None:
-                np = next((n for n in free if n not in holder), None)
+                np = pick(lo, hi, holder, rng)
                 if np is None:
                     raise NodePortError(f"Service {me}: {field}: no free node port left in "
                                         f"{lo}-{hi}")

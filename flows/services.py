@@ -456,8 +456,18 @@ class ServiceProxy:
         Only the cluster-wide endpoint lists are split across chained groups
         (sub_gids); one node's own endpoints are capped at one group's worth."""
         ex = svc.exposure
-        local = [[e for e in ep if is_local(e[0], self.local_cidr)][:MAX_BUCKETS] for ep in eps]
-        self.local_ips[key] = frozenset(ip for ep in local for ip, _ in ep)
+        cidr = self.local_cidr
+        if cidr is None:
+            local: list[list[tuple[str, int]]] = [[] for _ in eps]
+        else:  # each address checked once, not once per port
+            here = {ip for ep in eps for ip, _ in ep if is_local(ip, cidr)}
+            local = [[e for e in ep if e[0] in here][:MAX_BUCKETS] if here else []
+                     for ep in eps]
+        mine = frozenset(ip for ep in local for ip, _ in ep)
+        if mine:
+            self.local_ips[key] = mine
+        else:  # most Services on a node have no endpoint there: no empty set each
+            self.local_ips.pop(key, None)
         main = local if ex.internal_local else eps
         flows, groups = service_flows(svc, main, gids, self.pipeline,
                                       None if ex.internal_local else sub_gids)
@@ -498,19 +508,24 @@ class ServiceProxy:
                            for k, v in svc.selector), key=len)
             keys = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
             pods = (in_ns[k] for k in keys)
-        outs: list[set[tuple[str, int]]] = [set() for _ in svc.ports]
-        for p in pods:
-            if not p.ip:
+        chosen = [p for p in pods if p.ip]
+        ips: list[str] | None = None  # every address, sorted once for the numbered ports
+        res: list[list[tuple[str, int]]] = []
+        for sp in svc.ports:
+            target = sp.target
+            if isinstance(target, int):
+                if ips is None:
+                    ips = sorted({p.ip for p in chosen})
+                res.append([(ip, target) for ip in ips])
                 continue
-            for sp, out in zip(svc.ports, outs, strict=True):
-                if isinstance(sp.target, int):
-                    out.add((p.ip, sp.target))
-                    continue
+            out: set[tuple[str, int]] = set()
+            for p in chosen:
                 for name, n, proto in p.ports:
-                    if name == sp.target and proto == sp.protocol:
+                    if name == target and proto == sp.protocol:
                         out.add((p.ip, n))
                         break
-        return [sorted(o) for o in outs]
+            res.append(sorted(out))
+        return res
 
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
         return self.port_endpoints(svc)[svc.ports.index(sp)]
@@ -569,8 +584,13 @@ class ServiceProxy:
     def load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
              slices: Iterable[dict[str, Any]] = ()
              ) -> tuple[dict[str, list[Flow]], dict[str, list[Group]], list[str]]:
-        """Initial state: (flows by owner, groups by owner, problems)."""
-        with gc_paused():
+        """Initial state: (flows by owner, groups by owner, problems).
+
+        What it builds lives as long as the agent: handed to the collector's
+        oldest generation (gc_paused(promote=True)) instead of being scanned
+        by the first young collection after the build (0.4 s at 10,000
+        Services x 10 endpoints, a fifth of the build)."""
+        with gc_paused(promote=True):
             return self._load(services, pods, slices)
 
     def _load(self, services: list[dict[str, Any]], pods: list[dict[str, Any]],
@@ -579,9 +599,10 @@ class ServiceProxy:
         problems: list[str] = []
         for sl in slices:
             self.slices[f"{sl.get('namespace')}/{sl.get('name')}"] = sl
+        shared: dict[str, str] = {}  # namespaces, nodes and labels repeat: copied once
         for b in pods:
             try:
-                p = pod_from_body(b)
+                p = pod_from_body(b, shared)
             except (KeyError, TypeError, ValueError):
                 continue  # the policy engine reports bad pods
             self._set_pod(p.key, p)
@@ -745,6 +766,8 @@ def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int]
 def stale_udp(old: tuple[list[Flow], list[Group]],
               new: tuple[list[Flow], list[Group]]) -> list[StaleUDP]:
     """Endpoints a Service's UDP ports had in `old` and no longer have in `new`."""
+    if not old[0]:  # a new Service (every Service at load): nothing to look through
+        return []
     before = udp_endpoints(old)
     if not before:
         return []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +24,14 @@ from typing import Any
 
 import pytest
 from flowcni.datastore.manifests import load
-from flowcni.flows.nodeport import HAIRPIN_IP
+from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP
 from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
 
 from tests.datapath.conftest import running_lab
-from tests.support.svc import replies, request
+from tests.support.probe import eventually
+from tests.support.svc import replies, request, sctp_init, start_sctp_responder
 
 # Answers each TCP connection and UDP datagram with "<name> <source address it saw>".
 WHO = r"""
@@ -59,6 +61,10 @@ VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
     "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
 AFFINITY_TIMEOUT = 120
 VIP_HC, HEALTH_PORT = "10.96.2.8", 30085
+# Node ports with affinity (TCP and UDP 30087, SCTP 30088) and plain SCTP (30086). The
+# SCTP target ports equal the node ports: OVS 3.1's userspace conntrack rewrites an
+# SCTP packet's address but not its port (see test_services.test_clusterip_sctp).
+VIP_NPA, VIP_NPS, SCTP_NP, SCTP_AFF_NP = "10.96.2.9", "10.96.2.10", 30086, 30088
 EXT_IP, LB_IP = "203.0.113.10", "203.0.113.11"
 EXT_SRC = EXTERNAL_UNDERLAY_IP  # the external host connects to the node IPs from it
 
@@ -153,6 +159,31 @@ spec:
   selector: {{w: "1"}}
   ports:
   - {{name: http, port: 8080, targetPort: 80, nodePort: 30084}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: npa, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_NPA}
+  selector: {{app: web}}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {AFFINITY_TIMEOUT}}}}}
+  ports:
+  - {{name: http, port: 8080, targetPort: 80, nodePort: 30087}}
+  - {{name: dns, port: 53, targetPort: 53, nodePort: 30087, protocol: UDP}}
+  - {{name: sctp, port: {SCTP_AFF_NP}, targetPort: {SCTP_AFF_NP}, nodePort: {SCTP_AFF_NP},
+      protocol: SCTP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: nps, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_NPS}
+  selector: {{w: "2"}}
+  ports:
+  - {{name: sctp, port: {SCTP_NP}, targetPort: {SCTP_NP}, nodePort: {SCTP_NP}, protocol: SCTP}}
 """
 
 
@@ -178,6 +209,9 @@ def nlab() -> Iterator[Lab]:
                                       WHO, n], stdout=subprocess.PIPE, text=True)
                 servers.append(p)
                 assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+                for port in (SCTP_NP, SCTP_AFF_NP):
+                    servers.append(start_sctp_responder(lab.exec_argv(f"default/{n}", []), n,
+                                                        port))
             store = lab.store()
             for kind, ns, name, body in load(SERVICES):
                 store.put(kind, ns, name, body)
@@ -301,6 +335,68 @@ def test_session_affinity_client_ip(nlab: Lab) -> None:
                if f"nw_src={ip['client1']}" in ln and f"nw_dst={VIP_AFF}" in ln]
     assert len(learned) == 2, table  # one per port (TCP and UDP)
     assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
+
+
+def test_sctp_through_a_node_port(nlab: Lab) -> None:
+    """SCTP from the external host to node1's node port (its endpoint web2 is on node2)
+    and node2's (local): the INIT reaches web2 and the INIT-ACK comes back from the
+    node address and port the client sent to (sctp_init refuses any other)."""
+    n1, n2 = nlab.node("node1").node_ip, nlab.node("node2").node_ip
+    ext = netns.exec_argv(nlab.external_ns, [])
+    assert {ip: sctp_init(ext, ip, SCTP_NP) for ip in (n1, n2)} == {
+        n1: "web2 init", n2: "web2 init"}
+
+
+def test_session_affinity_through_a_node_port(nlab: Lab) -> None:
+    """sessionAffinity ClientIP through node ports, externalTrafficPolicy Cluster, two
+    endpoints (web1, web2): from the external host, ten TCP connections and ten UDP
+    sockets through each node's node port each stay on the endpoint the first one got
+    (1 in 2**9 by chance). Each node learns the client as it sees it, its own gateway
+    address after the masquerade (flows/nodeport.py), towards the node-port address."""
+    ext = netns.exec_argv(nlab.external_ns, [])
+    for node in ("node1", "node2"):
+        nip, gw = nlab.node(node).node_ip, gateway_ip(nlab, node)
+        first = request(ext, [f"{nip}:30087"])[f"{nip}:30087"]
+        assert first in (f"web1 {gw}", f"web2 {gw}"), first
+        for _ in range(9):
+            assert request(ext, [f"{nip}:30087"]) == {f"{nip}:30087": first}
+        udp = {request(ext, [f"{nip}:30087u"])[f"{nip}:30087u"] for _ in range(10)}
+        assert len(udp) == 1 and next(iter(udp)).startswith("web"), udp
+        table = nlab.node(node).ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                          f"table={DEFAULT.id('SessionAffinity')}")
+        learned = [ln for ln in table.splitlines()
+                   if f"nw_src={gw}," in ln and f"nw_dst={NODEPORT_VIP}," in ln]
+        assert len([ln for ln in learned if "tp_dst=30087" in ln]) == 2, table  # TCP, UDP
+        assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
+
+
+def test_sctp_session_affinity_through_a_node_port(nlab: Lab) -> None:
+    """SCTP with sessionAffinity through node1's node port: six associations from the
+    external host all reach the endpoint the first one got (1 in 2**5 by chance).
+
+    OVS 3.1's userspace conntrack tracks SCTP by addresses only (no ports), so a
+    second association between the same two addresses would follow the first one's
+    conntrack entry whatever the affinity. node1's OVS conntrack is flushed before
+    each association, so each is new to OVS and meets ServiceLB: what keeps them on
+    one endpoint is then the flow node1 learned, whose packet count shows each of the
+    five later INITs went through it."""
+    ovs = nlab.node("node1").ovs
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    ext = netns.exec_argv(nlab.external_ns, [])
+    got = set()
+    for _ in range(6):
+        ovs.appctl("dpctl/flush-conntrack")
+        got.add(sctp_init(ext, n1, SCTP_AFF_NP))
+    assert len(got) == 1 and next(iter(got)) in ("web1 init", "web2 init"), got
+
+    def learned() -> list[str]:
+        table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                          f"table={DEFAULT.id('SessionAffinity')}")
+        return [ln for ln in table.splitlines() if f"nw_src={gw1}," in ln
+                and f"nw_dst={NODEPORT_VIP}," in ln and f"tp_dst={SCTP_AFF_NP}" in ln]
+    assert eventually(lambda: len(learned()) == 1 and int(re.search(  # type: ignore[union-attr]
+        r"n_packets=(\d+)", learned()[0]).group(1)) >= 5, timeout=20), learned()
+    assert "sctp," in learned()[0] and f"idle_timeout={AFFINITY_TIMEOUT}" in learned()[0]
 
 
 HEALTH_GET = r"""

@@ -4,13 +4,14 @@ temporary store."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flowcni.ctl import flowctl
 from flowcni.datastore.manifests import ManifestError, load
-from flowcni.datastore.nodeports import NodePortError, assign
+from flowcni.datastore.nodeports import NodePortError, assign, pick, static_band
 from flowcni.datastore.store import ClusterConfig, Store, StoreError, load_cluster_config
 from flowcni.flows.services import ServiceError, ServiceProxy, parse_service
 
@@ -63,35 +64,73 @@ def test_node_port_outside_the_range_is_refused_naming_the_field() -> None:
              node_port_range=RANGE)
 
 
-def test_missing_node_ports_are_allocated_lowest_free_first() -> None:
-    other = svc("other", {"port": 80, "nodePort": 30000})
+def test_missing_node_ports_are_allocated_at_random_from_the_upper_band() -> None:
+    """Free, distinct, in the range above the static band (86 ports at 30000-32767),
+    and random: different draws give different ports."""
+    assert static_band(*RANGE) == 86 and static_band(30000, 30009) == 16
+    other = svc("other", {"port": 80, "nodePort": 30100})
     objs = [svc("web", {"port": 80}, {"port": 81, "protocol": "UDP"}),
             svc("lb", {"port": 80}, stype="LoadBalancer"),
             svc("cip", {"port": 80}, stype="ClusterIP")]
-    out = assign(objs, stored(other), RANGE)
-    assert [node_ports(o) for o in out] == [[30001, 30002], [30003], [None]]
+    seen: set[tuple[int | None, ...]] = set()
+    for seed in range(20):
+        out = assign(objs, stored(other), RANGE, random.Random(seed))
+        got = [n for o in out[:2] for n in node_ports(o)]
+        assert node_ports(out[2]) == [None]
+        assert all(isinstance(n, int) and 30086 <= n <= 32767 for n in got), got
+        assert len(set(got)) == 3 and 30100 not in got
+        seen.add(tuple(got))
+    assert len(seen) > 15  # random, not one fixed order
     assert node_ports(objs[0]) == [None, None]  # the input is not changed
+    # Without a seeded generator too (what flowctl apply uses).
+    assert all(30086 <= (n or 0) <= 32767 for n in node_ports(assign(objs, [], RANGE)[0]))
+
+
+def test_a_full_upper_band_falls_back_to_the_static_band() -> None:
+    lo, hi = 30000, 30039  # static band 16: 30000-30015
+    held = [svc(f"h{n}", {"port": 80, "nodePort": n})[3] for n in range(30016, 30040)]
+    out = assign([svc("web", {"port": 80})], held, (lo, hi), random.Random(1))
+    assert node_ports(out[0])[0] in range(30000, 30016)
+    # The last free port is still found (a scan after the random draws).
+    held += [svc(f"s{n}", {"port": 80, "nodePort": n})[3] for n in range(30000, 30016)
+             if n != 30007]
+    for seed in range(5):
+        assert node_ports(assign([svc("web", {"port": 80})], held, (lo, hi),
+                                 random.Random(seed))[0]) == [30007]
+
+
+def test_pick_never_returns_a_taken_port() -> None:
+    rng = random.Random(7)
+    taken: set[int] = set()
+    for _ in range(40):
+        n = pick(30000, 30039, taken, rng)
+        assert n is not None and n not in taken and 30000 <= n <= 30039
+        taken.add(n)
+    assert pick(30000, 30039, taken, rng) is None
 
 
 def test_same_port_number_with_two_protocols_shares_one_node_port() -> None:
     out = assign([svc("dns", {"port": 53}, {"port": 53, "protocol": "UDP"},
                       {"port": 54, "nodePort": 30500},
-                      {"port": 54, "protocol": "UDP"})], [], RANGE)
-    assert node_ports(out[0]) == [30000, 30000, 30500, 30500]
+                      {"port": 54, "protocol": "UDP"})], [], RANGE, random.Random(3))
+    a, b, c, d = node_ports(out[0])
+    assert a == b and a not in (None, 30500) and (c, d) == (30500, 30500)
 
 
 def test_allocation_is_stable_over_re_apply() -> None:
-    """A re-applied Service keeps its node ports, even when a new Service earlier in the
-    same file would otherwise take the lowest free one."""
-    first = assign([svc("web", {"port": 80}, {"port": 443})], [], RANGE)
-    assert node_ports(first[0]) == [30000, 30001]
-    again = assign([svc("new", {"port": 80}), svc("web", {"port": 80}, {"port": 443})],
-                   stored(*first), RANGE)
-    assert [node_ports(o) for o in again] == [[30002], [30000, 30001]]
+    """A re-applied Service keeps its node ports, whatever a new Service earlier in the
+    same file draws: its old ports are reserved before any draw."""
+    first = assign([svc("web", {"port": 80}, {"port": 443})], [], RANGE, random.Random(0))
+    kept = node_ports(first[0])
+    for seed in range(10):
+        again = assign([svc("new", {"port": 80}), svc("web", {"port": 80}, {"port": 443})],
+                       stored(*first), RANGE, random.Random(seed))
+        assert node_ports(again[1]) == kept and node_ports(again[0])[0] not in kept
     # A port added later gets a new one; the kept ones stay.
     more = assign([svc("web", {"port": 80}, {"port": 443}, {"port": 8080})],
-                  stored(*again), RANGE)
-    assert node_ports(more[0]) == [30000, 30001, 30003]
+                  stored(*again), RANGE, random.Random(1))
+    new = node_ports(more[0])
+    assert new[:2] == kept and new[2] not in (*kept, *node_ports(again[0]))
 
 
 def test_a_node_port_held_by_another_service_is_refused() -> None:
@@ -145,7 +184,8 @@ def test_flowctl_apply_allocates_checks_the_range_and_re_applies_stably(
     assert flowctl.main(args) == 0
     body = store.get("Service", "d", "web")
     assert body is not None
-    assert [p["nodePort"] for p in body["spec"]["ports"]] == [31000, 31001]
+    got = [p["nodePort"] for p in body["spec"]["ports"]]
+    assert len(set(got)) == 2 and all(31000 <= n <= 31009 for n in got), got
     rev = store.revision()
     assert flowctl.main(args) == 0
     assert store.get("Service", "d", "web") == body and store.revision() > rev
@@ -165,15 +205,18 @@ def test_health_check_node_port_is_allocated_for_load_balancer_local_only() -> N
     lb = svc("lb", {"port": 80}, stype="LoadBalancer")
     lb[3]["spec"]["externalTrafficPolicy"] = "Local"
     cluster = svc("lbc", {"port": 80}, stype="LoadBalancer")
-    out = assign([lb, cluster], [svc("x", {"port": 80, "nodePort": 30001})[3]], RANGE)
-    assert node_ports(out[0]) == [30000] and out[0][3]["spec"]["healthCheckNodePort"] == 30002
-    assert node_ports(out[1]) == [30003] and "healthCheckNodePort" not in out[1][3]["spec"]
-    again = assign([svc("new", {"port": 80}), lb], stored(*out), RANGE)
-    assert again[1][3]["spec"]["healthCheckNodePort"] == 30002 and node_ports(again[1]) == [
-        30000]
+    out = assign([lb, cluster], [svc("x", {"port": 80, "nodePort": 30001})[3]], RANGE,
+                 random.Random(5))
+    hc = out[0][3]["spec"]["healthCheckNodePort"]
+    ports = [node_ports(out[0])[0], hc, node_ports(out[1])[0]]
+    assert all(isinstance(n, int) and 30086 <= n <= 32767 for n in ports)
+    assert len(set(ports)) == 3 and "healthCheckNodePort" not in out[1][3]["spec"]
+    again = assign([svc("new", {"port": 80}), lb], stored(*out), RANGE, random.Random(6))
+    assert again[1][3]["spec"]["healthCheckNodePort"] == hc
+    assert node_ports(again[1]) == node_ports(out[0])
     lb2 = svc("lb2", {"port": 80, "nodePort": 31000}, stype="LoadBalancer")
-    lb2[3]["spec"].update(externalTrafficPolicy="Local", healthCheckNodePort=30002)
-    with pytest.raises(NodePortError, match=r"Service d/lb2: spec.healthCheckNodePort: 30002 "
+    lb2[3]["spec"].update(externalTrafficPolicy="Local", healthCheckNodePort=hc)
+    with pytest.raises(NodePortError, match=fr"Service d/lb2: spec.healthCheckNodePort: {hc} "
                        "is already used by Service d/lb"):
         assign([lb2], stored(*out), RANGE)
 

@@ -296,3 +296,23 @@ def test_removed_udp_endpoints_are_reported_once_for_flushing() -> None:
         "zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53"]
     assert flush_args(gone) == ["zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53",
                                 "ct_nw_src=10.244.1.2,ct_nw_proto=17,ct_tp_src=5353"]
+
+
+def test_pod_from_body_with_a_memo_shares_repeats_and_gives_the_same_pods() -> None:
+    """A bulk load's memo (ServiceProxy.load) shares equal label sets, port lists and
+    strings between pods, and each pod equals the one made without it; a label value
+    that is not hashable keeps its own dict."""
+    from flowcni.flows.policy import PodInfo, pod_from_body
+
+    def body(name: str, labels: dict[str, Any]) -> dict[str, Any]:
+        return {"namespace": "d", "name": name, "ip": f"10.0.0.{len(name)}", "node": "n1",
+                "labels": labels, "ports": [{"name": "http", "containerPort": 80}]}
+    memo: dict[Any, Any] = {}
+    a, b = (pod_from_body(body(n, {"app": "web", "tier": "x"}), memo) for n in ("a", "bb"))
+    c = pod_from_body(body("ccc", {"app": "web", "odd": ["x"]}), memo)
+    assert a.labels is b.labels and a.ports is b.ports and a.namespace is b.namespace
+    assert c.labels == {"app": "web", "odd": ["x"]} and c.labels is not a.labels
+    for p, n, labels in ((a, "a", {"app": "web", "tier": "x"}),
+                         (c, "ccc", {"app": "web", "odd": ["x"]})):
+        assert p == pod_from_body(body(n, labels)) == PodInfo(
+            "d", n, labels, f"10.0.0.{len(n)}", "n1", (("http", 80, "TCP"),))
