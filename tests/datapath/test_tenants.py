@@ -485,10 +485,43 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
         out = capsys.readouterr().out
         assert any("blue (VNI 101)" in ln and "blue/web" in ln for ln in out.splitlines())
         assert any("red (VNI 202)" in ln and "red/web" in ln for ln in out.splitlines())
+        _flows_tenant_shows_all_it_owns(tlab, capsys)
     finally:
         for kind, ns, name, _ in objs:
             store.delete(kind, ns, name)
         tlab.wait_realized()
+
+
+def _flows_tenant_shows_all_it_owns(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    """`flowctl flows --tenant blue` on node1, with blue's policy, Service, copies for
+    green, connect and DNS flows all installed: every flow OVS holds that matches blue's
+    tenant id is shown (by cookie: round | feature | owner), and none matching red's."""
+    [(kind, ns, name, body)] = load(POLICY)
+    store = lab.store()
+    store.put(kind, ns, name, body)
+    try:
+        lab.wait_realized()
+        capsys.readouterr()
+        assert flowctl.main(["flows", "--tenant", "blue", "--node", "node1", "--json",
+                             "--no-stats"]) == 0
+        rows = json.loads(capsys.readouterr().out)[0]["flows"]
+        shown = {int(r["cookie"], 16) for r in rows}
+        owners = {r["owner"] for r in rows}
+        held = lab.node("node1").ovs.ofctl("dump-flows", "br-int", "--no-stats").splitlines()
+        blue_id, red_id = (f"reg4={0x10000 | v:#x}/0x1ffff" for v in (BLUE_VNI, RED_VNI))
+        blue = [ln for ln in held if blue_id in ln]
+        missing = [ln for ln in blue
+                   if int(ln.split("cookie=")[1].split(",")[0], 16) not in shown]
+        assert blue and not missing, missing
+        assert not [r for r in rows if red_id in r["match"]], rows
+        for want in ("tenant:blue", "tenant-policy:blue", "tenant-dns:blue",
+                     "tenant-connect:blue", "tenant-service:blue/web",
+                     "tenant-service:blue/web@green"):
+            assert want in owners, (want, owners)
+        assert not any(o.startswith("tenant-service:red/") for o in owners), owners
+    finally:
+        store.delete(kind, ns, name)
+        lab.wait_realized()
 
 
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:
