@@ -23,6 +23,7 @@ from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
 from tests.support.reach import PROBES, matrix, start_netns_server, start_pod_server
+from tests.support.svc import endpoint_slice
 
 CASES = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "policy_cases.yaml")))
 PODS = {  # name -> (namespace, node, labels, ports)
@@ -260,13 +261,8 @@ def pod_services(pl: PolicyLab) -> dict[str, str]:
 
 def sync_slices(pl: PolicyLab) -> None:
     for name in PODS:
-        ns, sl = PODS[name][0], f"svc-{name}-1"
-        pl.lab.store().put("EndpointSlice", ns, sl, {
-            "namespace": ns, "name": sl, "addressType": "IPv4",
-            "labels": {"kubernetes.io/service-name": f"svc-{name}"},
-            "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in SVC_PORTS],
-            "endpoints": [{"addresses": [pl.lab.pod(pl.ref(name)).ip],
-                           "conditions": {"ready": True}}]})
+        pl.lab.store().put(*endpoint_slice(PODS[name][0], f"svc-{name}",
+                                           [pl.lab.pod(pl.ref(name)).ip], SVC_PORTS))
     pl.lab.wait_realized()
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from flowcni.ctl import flowctl
@@ -27,6 +28,7 @@ from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
 from tests.support.probe import Capture, ping
+from tests.support.svc import endpoint_slice
 
 BLUE_VNI, RED_VNI = 101, 202
 
@@ -396,14 +398,9 @@ TENANT_VIP, RED_ONLY_VIP, DEFAULT_VIP, DNS_VIP = (
     "10.96.0.90", "10.96.0.92", "10.96.0.91", "10.96.0.10")
 
 
-def _slice(ns: str, service: str, ip: str) -> tuple[str, str, str, dict[str, object]]:
+def _slice(ns: str, service: str, ip: str) -> tuple[str, str, str, dict[str, Any]]:
     """The selector-less Service's EndpointSlice: one endpoint, both ports."""
-    return ("EndpointSlice", ns, f"{service}-1", {
-        "namespace": ns, "name": f"{service}-1", "addressType": "IPv4",
-        "labels": {"kubernetes.io/service-name": service},
-        "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
-                  {"name": "dns", "port": 53, "protocol": "UDP"}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]})
+    return endpoint_slice(ns, service, [ip], [("http", 80, "TCP"), ("dns", 53, "UDP")])
 
 
 def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
@@ -422,7 +419,7 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
             _slice("default", "web", ip["default/e"]),
             _slice("kube-system", "kube-dns", ip["default/e"])]
     for kind, ns, name, body in objs:
-        store.put(kind, ns, name, body)  # type: ignore[arg-type]
+        store.put(kind, ns, name, body)
     try:
         tlab.wait_realized()
         res = probe_all(tlab, {

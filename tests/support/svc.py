@@ -13,9 +13,24 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
+
+
+def endpoint_slice(namespace: str, service: str, ips: list[str],
+                   ports: list[tuple[str, int, str]]) -> tuple[str, str, str, dict[str, Any]]:
+    """A Service's one EndpointSlice ("SERVICE-1") as the embedded store holds it, every
+    address ready; ports as (name, port, protocol). Returned as manifests.load yields
+    objects, (kind, namespace, name, body): `store.put(*endpoint_slice(...))`."""
+    name = f"{service}-1"
+    return ("EndpointSlice", namespace, name, {
+        "namespace": namespace, "name": name, "addressType": "IPv4",
+        "labels": {"kubernetes.io/service-name": service},
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]})
+
 
 # Answers each TCP connection and each UDP datagram with "<name> <what it got>".
 SERVER = r"""
