@@ -29,31 +29,7 @@ from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
 
 from tests.datapath.conftest import running_lab
-from tests.support.svc import replies, request
-
-# Answers each TCP connection and UDP datagram with "<name> <source address it saw>".
-WHO = r"""
-import socket, sys, threading
-name = sys.argv[1]
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(64)
-    while True:
-        c, a = s.accept()
-        try:
-            c.recv(100); c.sendall(f"{name} {a[0]}".encode())
-        except OSError:
-            pass
-        c.close()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
-    while True:
-        d, a = s.recvfrom(2000); s.sendto(f"{name} {a[0]}".encode(), a)
-threading.Thread(target=tcp, args=(80,), daemon=True).start()
-threading.Thread(target=udp, args=(53,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
+from tests.support.svc import replies, request, start_server
 
 VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
     "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
@@ -173,11 +149,9 @@ def nlab() -> Iterator[Lab]:
         lab.pod_add("web2", "node2", labels={"app": "web", "w": "2"})
         servers: list[subprocess.Popen[str]] = []
         try:
-            for n in ("web1", "web2"):
-                p = subprocess.Popen([*lab.exec_argv(f"default/{n}", []), sys.executable, "-c",
-                                      WHO, n], stdout=subprocess.PIPE, text=True)
-                servers.append(p)
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            for n in ("web1", "web2"):  # each answers "<name> <source address it saw>"
+                servers.append(start_server(lab.exec_argv(f"default/{n}", []), n, "80,53u",
+                                            reply="source"))
             store = lab.store()
             for kind, ns, name, body in load(SERVICES):
                 store.put(kind, ns, name, body)
