@@ -40,7 +40,7 @@ NLMSG_DONE = 3
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
@@ -54,6 +54,7 @@ IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 
 _HDR = struct.Struct("=IHHII")        # nlmsghdr
@@ -257,6 +258,42 @@ class Rtnl:
             if dst_len == 0 and table == RT_TABLE_MAIN:
                 return True
         return False
+
+    def routes(self, proto: int) -> list[tuple[str, int]]:
+        """(destination, prefix length) of the main table's IPv4 routes made with
+        routing protocol `proto` (the kernel dumps them all: filtered here)."""
+        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        out = []
+        for t, p in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
+            if t != RTM_NEWROUTE:
+                continue
+            _fam, dst_len, _s, _tos, table, rproto, _scope, _type, _fl = _RTMSG.unpack_from(p)
+            a = parse_attrs(p, _RTMSG.size)
+            if RTA_TABLE in a:
+                table = struct.unpack("=I", a[RTA_TABLE])[0]
+            if table != RT_TABLE_MAIN or rproto != proto:
+                continue
+            dst = a.get(RTA_DST)
+            out.append((str(ipaddress.IPv4Address(dst)) if dst else "0.0.0.0", dst_len))
+        return out
+
+    def _route(self, dst: str, prefixlen: int, proto: int, scope: int) -> bytes:
+        return (_RTMSG.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope,
+                            RTN_UNICAST, 0)
+                + attr(RTA_DST, ipaddress.IPv4Address(dst).packed))
+
+    def replace_route(self, dst: str, prefixlen: int, oif: int, proto: int,
+                      scope: int = RT_SCOPE_UNIVERSE) -> None:
+        """`ip route replace DST/LEN dev OIF proto PROTO scope SCOPE` (main table)."""
+        body = self._route(dst, prefixlen, proto, scope) + attr(RTA_OIF, struct.pack("=I", oif))
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body,
+                     f"replace route {dst}/{prefixlen}")
+
+    def delete_route(self, dst: str, prefixlen: int, proto: int,
+                     scope: int = RT_SCOPE_UNIVERSE) -> None:
+        """`ip route del DST/LEN proto PROTO scope SCOPE` (main table)."""
+        self.request(RTM_DELROUTE, 0, self._route(dst, prefixlen, proto, scope),
+                     f"delete route {dst}/{prefixlen}")
 
     # -- neighbours --------------------------------------------------------
 

@@ -14,7 +14,8 @@ import socket
 import subprocess
 
 from flowcni.cni.podif import HOST_IF_PREFIX
-from flowcni.cni.rtnl import Rtnl
+from flowcni.cni.rtnl import RT_SCOPE_LINK, Rtnl
+from flowcni.cni.rtnl import NetlinkError as RtnlError
 from flowcni.flows.nodeport import HostEntry
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -184,21 +185,24 @@ def sync_proxy_routes(ips: list[str], device: str = GATEWAY_IF) -> tuple[int, in
     """Make the /32 routes to `device` of protocol PROXY_RT_PROTO exactly `ips`.
 
     Only the difference is sent (a cluster may have thousands of ClusterIPs).
-    Returns (added, removed).
+    Returns (added, removed). Raw rtnetlink (cni/rtnl.py), not pyroute2: this
+    runs on every Service change for the agent's lifetime (see controller/heap.py).
     """
     want = set(ips)
-    with IPRoute() as ipr:
-        have = {r.get_attr("RTA_DST") for r in ipr.get_routes(family=2, proto=PROXY_RT_PROTO)}
-        idx = ipr.link_lookup(ifname=device)
-        if not idx:
+    with Rtnl() as nl:
+        routes = nl.routes(PROXY_RT_PROTO)
+        have = {dst for dst, plen in routes if plen == 32}
+        link = nl.link(device)
+        if link is None:
             raise HostNetError(f"proxy routes: device {device} missing")
-        for ip in have - want:
+        stale = [(dst, plen) for dst, plen in routes if plen != 32 or dst not in want]
+        for dst, plen in stale:
             try:
-                ipr.route("del", dst=f"{ip}/32", proto=PROXY_RT_PROTO, scope=253)
-            except NetlinkError as e:
+                nl.delete_route(dst, plen, PROXY_RT_PROTO, scope=RT_SCOPE_LINK)
+            except RtnlError as e:
                 if e.code != errno.ESRCH:
                     raise
-        for ip in want - have:
-            ipr.route("replace", dst=f"{ip}/32", oif=idx[0], proto=PROXY_RT_PROTO,
-                      scope=253)  # link: on the gateway's wire (OVS answers ARP)
-    return len(want - have), len(have - want)
+        for ip in sorted(want - have):
+            nl.replace_route(ip, 32, link.index, PROXY_RT_PROTO,
+                             scope=RT_SCOPE_LINK)  # on the gateway's wire (OVS answers ARP)
+    return len(want - have), len(stale)

@@ -73,9 +73,11 @@ from flowcni.flows.tenantservices import (
     default_clusterip_flows,
     dns_flows,
     dns_owner,
+    hairpin_owner,
     lift_services,
     nodeport_flows,
     nodeport_owner,
+    parse_service_owner,
     tenant_service_body,
 )
 
@@ -824,6 +826,24 @@ class Tenants:
 
     # -- inspection --------------------------------------------------------------------
 
+    SHARED_OWNERS = (TENANT_BASE_OWNER, DEFAULT_SERVICES_OWNER)  # every tenant's packets
+
+    def owners(self, name: str) -> set[str]:
+        """The owners of every flow this agent installs for tenant `name`: its own
+        (tenant, connectTo, policy, cluster DNS), its Services' (and their copies for
+        connected tenants), the copies of connected tenants' Services it reaches, and
+        its local pods'. The one answer `flowctl flows --tenant` and the per-tenant
+        metrics use; SHARED_OWNERS are the flows every tenant's packets meet."""
+        with self._lock:
+            t = self.resolution.tenants.get(name)
+            mine = set(t.namespaces) if t else set()
+            services = {o for o in self._svc_owned
+                        if (kp := parse_service_owner(o)) is not None
+                        and (kp[0].partition("/")[0] in mine or kp[1] == name)}
+        pods = {f"pod:{p.key}" for p in self.pods() if getattr(p, "tenant", "") == name}
+        return {tenant_owner(name), connect_owner(name), policy_owner(name), dns_owner(name),
+                hairpin_owner(name), nodeport_owner(name), *services, *pods}
+
     def metric_rows(self) -> list[tuple[str, int, bool, int, int]]:
         """(tenant, VNI, usable, local pods, flows) for the metrics endpoint."""
         with self._lock:
@@ -832,7 +852,7 @@ class Tenants:
         rows = []
         for t in sorted(tenants, key=lambda t: t.name):
             keys = [f"pod:{p.key}" for p in pods if getattr(p, "tenant", "") == t.name]
-            n_flows = len(self.flows.flows_of([tenant_owner(t.name), *keys]))
+            n_flows = len(self.flows.flows_of(sorted(self.owners(t.name))))
             rows.append((t.name, t.vni, t.ok, len(keys), n_flows))
         return rows
 
@@ -861,6 +881,8 @@ class Tenants:
                 "masquerade": bool(t.spec and t.spec.masquerade),
                 "connect_to": list(t.spec.connect_to) if t.spec else [],
                 "connected": list(t.connected),
+                "owners": sorted(self.owners(t.name)),
+                "shared_owners": list(self.SHARED_OWNERS),
                 "pods": [{"namespace": p.namespace, "name": p.name, "ip": p.ip}
                          for p in mine],
                 "stale_pods": stale,

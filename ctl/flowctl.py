@@ -112,14 +112,11 @@ def _pod_owners(n: NodeAgent, ref: str) -> set[str]:
 
 
 def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
-    """A tenant network's own flows, its pods' and its Services' on node `n` (empty: no
-    such tenant)."""
-    if not any(t["name"] == name for t in n.call("tenants")["tenants"]):
-        return set()
-    services = {f"tenant-service:{s['service']}" for s in n.call("services")["services"]
-                if s.get("tenant") == name}
-    pods = {f"pod:{p['key']}" for p in n.call("pods")["pods"] if p.get("tenant") == name}
-    return {f"tenant:{name}", f"tenant-hairpin:{name}"} | services | pods
+    """The owners of the flows tenant network `name` meets on node `n`, as its agent
+    names them (its own, its pods', its Services', and those every tenant shares);
+    empty: no such tenant."""
+    t = next((t for t in n.call("tenants")["tenants"] if t["name"] == name), None)
+    return set() if t is None else {*t["owners"], *t["shared_owners"]}
 
 
 def cmd_tenants(a: argparse.Namespace) -> int:

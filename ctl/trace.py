@@ -220,15 +220,21 @@ class Tracer:
         self.views: dict[str, NodeView] = {}
         self._hop: dict[str, Any] = {}
         self.tenant, self.vni = "", 0  # of the pod being traced
+        self._slices: dict[str, str] | None = None  # of self.tenant, asked once per trace
 
     def _tenant_slices(self) -> dict[str, str]:
-        """node -> slice of the traced pod's tenant, as the source's agent resolves it."""
-        for n in self.agents:
-            for t in self.agents[n].call("tenants").get("tenants", []):
-                if t["name"] == self.tenant:
-                    return dict(t.get("slices") or {})
-            break
-        return {}
+        """node -> slice of the traced pod's tenant, as the first agent resolves it.
+
+        Asked once per trace (trace() forgets it): a trace looks the destination
+        node up at each hop and again for the verdict, and each look-up asking the
+        agent made the "tenants" verb (the agent resolves every tenant network for
+        it) the bulk of a tenant trace's calls."""
+        if self._slices is None:
+            first = self.agents[next(iter(self.agents))]
+            self._slices = next((dict(t.get("slices") or {})
+                                 for t in first.call("tenants").get("tenants", [])
+                                 if t["name"] == self.tenant), {})
+        return self._slices
 
     def view(self, node: str) -> NodeView:
         if node not in self.views:
@@ -307,6 +313,7 @@ class Tracer:
         v, src = self.find_pod(src_ref)
         self.tenant = str(src.get("tenant") or "")
         self.vni = int(src.get("tenant_vni") or 0)
+        self._slices = None
         dst_ip = svc.cluster_ip if svc else self.resolve(dst)
         if self.tenant:
             # a tenant pod's ARP gets its tenant's router MAC for every address

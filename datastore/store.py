@@ -6,6 +6,14 @@ revision log, which agents poll to learn what changed since the revision
 they last saw; that is the same list-then-watch model the Kubernetes
 datastore uses, so the agent's model code does not care which one feeds it.
 
+The log keeps one row per object key, its newest: a row's change always
+carries the object's current body, so an older row of the same key tells a
+watcher nothing the newer one does not, and writing a key deletes its older
+row. What is left grows only with deleted keys (a named pod's put and delete
+were two rows forever); the oldest deletions are forgotten beyond
+`max_tombstones`, and a watcher still behind them gets StoreGone from
+`changes` (the Kubernetes API's 410): `watch` then lists again.
+
 Node registration allocates each node's pod CIDR from the cluster CIDR inside
 one write transaction, so two nodes can never get overlapping ranges.
 """
@@ -43,7 +51,14 @@ CREATE TABLE IF NOT EXISTS log (
   rev INTEGER PRIMARY KEY AUTOINCREMENT,
   kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, op TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenant_vni (name TEXT PRIMARY KEY, vni INTEGER NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS log_key ON log (kind, namespace, name);
+CREATE INDEX IF NOT EXISTS log_deletes ON log (rev) WHERE op = 'delete';
 """
+# Deletions the log remembers; beyond this the older half is forgotten (the horizon).
+MAX_TOMBSTONES = 10_000
+# Counted on a delete whose revision is a multiple of this (counting walks the kept
+# deletions: on every delete it tripled a write's cost), so up to this many more.
+TOMBSTONE_CHECK = 16
 
 
 class StoreError(ValueError):
@@ -52,6 +67,11 @@ class StoreError(ValueError):
 
 class StoreUnavailable(StoreError):
     """The store could not be read or written (locked, busy or unreadable file)."""
+
+
+class StoreGone(StoreError):
+    """Changes asked for from before the horizon: deletions since then were forgotten,
+    so the caller must list again (the Kubernetes API's 410 Gone)."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -169,9 +189,12 @@ class Store:
     """SQLite-backed store; safe to share between processes (WAL, busy timeout)."""
 
     @_unavailable_as_error
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, timeout: float = 30.0,
+                 max_tombstones: int = MAX_TOMBSTONES) -> None:
         self.path = path
         self.timeout = timeout  # how long a locked store is waited for
+        self.max_tombstones = max_tombstones
+        self._check_every = max(1, min(TOMBSTONE_CHECK, max_tombstones // 4))
         self._local = threading.local()
         self._db().executescript(SCHEMA)  # idempotent; executescript commits by itself
 
@@ -211,11 +234,36 @@ class Store:
 
     # -- objects ---------------------------------------------------------------------
 
+    def _log(self, db: sqlite3.Connection, op: str, kind: str, ns: str, name: str) -> int:
+        """Append a change of one key; its older row goes (see the module docstring)."""
+        db.execute("DELETE FROM log WHERE kind=? AND namespace=? AND name=?", (kind, ns, name))
+        cur = db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,?)",
+                         (kind, ns, name, op))
+        rev = int(cur.lastrowid or 0)
+        if op == "delete" and rev % self._check_every == 0:
+            self._forget_tombstones(db)
+        return rev
+
+    def _forget_tombstones(self, db: sqlite3.Connection) -> None:
+        """Past max_tombstones deletions, forget the older half and move the horizon."""
+        row = db.execute("SELECT rev FROM log WHERE op='delete' ORDER BY rev DESC "
+                         "LIMIT 1 OFFSET ?", (self.max_tombstones,)).fetchone()
+        if row is None:
+            return
+        cut = db.execute("SELECT rev FROM log WHERE op='delete' ORDER BY rev DESC "
+                         "LIMIT 1 OFFSET ?", (self.max_tombstones // 2,)).fetchone()[0]
+        db.execute("DELETE FROM log WHERE op='delete' AND rev <= ?", (cut,))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('horizon', ?)", (str(cut),))
+
+    @_unavailable_as_error
+    def horizon(self) -> int:
+        """Deletions at or below this revision are forgotten (0: none ever was)."""
+        row = self._db().execute("SELECT value FROM meta WHERE key='horizon'").fetchone()
+        return int(row[0]) if row else 0
+
     def _put(self, db: sqlite3.Connection, kind: str, ns: str, name: str,
              body: dict[str, Any]) -> int:
-        cur = db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,'put')",
-                         (kind, ns, name))
-        rev = int(cur.lastrowid or 0)
+        rev = self._log(db, "put", kind, ns, name)
         db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
                    (kind, ns, name, json.dumps(body, sort_keys=True), rev))
         return rev
@@ -245,8 +293,7 @@ class Store:
                              (kind, namespace, name))
             if not cur.rowcount:
                 return False
-            db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,'delete')",
-                       (kind, namespace, name))
+            self._log(db, "delete", kind, namespace, name)
             return True
 
     @_unavailable_as_error
@@ -294,25 +341,77 @@ class Store:
 
     @_unavailable_as_error
     def changes(self, since: int) -> list[Change]:
-        """Every change after revision `since`, with the object's current body."""
+        """The newest change of every key changed after revision `since`, with the
+        object's current body; StoreGone if deletions after `since` were forgotten."""
         rows = self._db().execute(
             "SELECT l.rev, l.op, l.kind, l.namespace, l.name, o.body FROM log l "
             "LEFT JOIN objects o ON o.kind=l.kind AND o.namespace=l.namespace "
             "AND o.name=l.name AND l.op='put' WHERE l.rev > ? ORDER BY l.rev", (since,)
         ).fetchall()
+        # read after the rows: a pruning in between makes this a needless relist, never
+        # a silently missed deletion
+        horizon = self.horizon()
+        if since < horizon:
+            raise StoreGone(f"changes after revision {since}: deletions up to revision "
+                            f"{horizon} were forgotten; list again")
         return [Change(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None)
                 for r in rows]
 
+    @_unavailable_as_error
+    def _keys(self, since: int) -> set[tuple[str, str, str]]:
+        """The keys of every object now and of every change after `since`."""
+        rows = self._db().execute(
+            "SELECT kind, namespace, name FROM objects UNION "
+            "SELECT kind, namespace, name FROM log WHERE rev > ?", (since,)).fetchall()
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    @_unavailable_as_error
+    def _relist(self, known: set[tuple[str, str, str]]) -> tuple[int, list[Change]]:
+        """A watcher past the horizon: a delete for every key it may hold that is gone,
+        a put of every object (it cannot tell which changed), at the current revision
+        (returned first: the batch may be empty)."""
+        db = self._db()
+        db.execute("BEGIN")  # one snapshot: the revision and the objects agree
+        try:
+            rev = int(db.execute("SELECT COALESCE(MAX(rev), 0) FROM log").fetchone()[0])
+            rows = db.execute("SELECT kind, namespace, name, body FROM objects "
+                              "ORDER BY kind, namespace, name").fetchall()
+        finally:
+            db.execute("COMMIT")
+        now = {(r[0], r[1], r[2]) for r in rows}
+        return rev, ([Change(rev, "delete", *k, None) for k in sorted(known - now)]
+                     + [Change(rev, "put", r[0], r[1], r[2], json.loads(r[3])) for r in rows])
+
     def watch(self, since: int, callback: Callable[[list[Change]], None],
               stop: threading.Event, interval: float = 0.02) -> None:
-        """Poll for changes until `stop` is set; callback gets each batch in order."""
+        """Poll for changes until `stop` is set; callback gets each batch in order.
+
+        The keys the caller may hold are tracked (what existed when it listed, and
+        every change since), so a watcher that fell behind the horizon is brought to
+        the current state by one relist batch (StoreGone, logged) without a restart.
+        """
         rev = since
+        known: set[tuple[str, str, str]] | None = None
         while not stop.is_set():
             try:
-                batch = self.changes(rev)
+                if known is None:
+                    known = self._keys(rev)
+                try:
+                    batch, last = self.changes(rev), None
+                except StoreGone as e:
+                    LOG.warning("%s: relisting", e)
+                    last, batch = self._relist(known)
                 if batch:
                     callback(batch)
                     rev = batch[-1].rev
+                if last is not None:
+                    rev = last  # a relist: the current revision even with nothing to say
+                for c in batch:
+                    k = (c.kind, c.namespace, c.name)
+                    if c.op == "delete":
+                        known.discard(k)
+                    else:
+                        known.add(k)
             except Exception:
                 LOG.exception("applying store changes after revision %d; retrying", rev)
                 stop.wait(1.0)

@@ -32,11 +32,6 @@ PRIO_NEW = 200
 PROTOS = {"tcp_dst": 6, "udp_dst": 17, "sctp_dst": 132}
 
 
-def _ip_int(ip: str) -> int:
-    a, b, c, d = (int(x) for x in ip.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
-
-
 def with_affinity(flows: list[Flow], groups: list[Group], timeout: int,
                   pipeline: Pipeline = DEFAULT) -> tuple[list[Flow], list[Group]]:
     """A Service's ServiceLB flows and groups (as built without affinity), turned
@@ -109,4 +104,4 @@ def _loads(dnat: CT) -> tuple[tuple[F.RegField, int], ...]:
     """The register loads naming `dnat`'s endpoint (address, port) and the hit bit."""
     assert dnat.nat
     ip, _, port = dnat.nat.rpartition(":")
-    return ((F.AFFINITY_IP, _ip_int(ip)), (F.AFFINITY_PORT, int(port)), (F.AFFINITY_HIT, 1))
+    return ((F.AFFINITY_IP, F.ip_int(ip)), (F.AFFINITY_PORT, int(port)), (F.AFFINITY_HIT, 1))

@@ -27,6 +27,7 @@ policies it can touch, and those sharing the changed policy's priority.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
@@ -41,11 +42,12 @@ from flowcni.flows.policy import (
     PodInfo,
     PolicyError,
     PortMatch,
+    PortSpec,
     Selector,
     _selector,
     engine_pod,
     port_match,
-    range_masks,
+    resolve_ports,
 )
 from flowcni.flows.tables import DEFAULT, Pipeline
 
@@ -107,6 +109,16 @@ class ClusterPort:
     port: int | None = None
     end: int | None = None
     name: str = ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _port_specs(ports: tuple[ClusterPort, ...]) -> tuple[PortSpec, ...]:
+    """Cluster ports as NetworkPolicy port specs, resolved by the same code
+    (flows.policy.resolve_ports): a named port, which names no protocol here, is
+    that name under each protocol."""
+    return tuple(spec for s in ports for spec in (
+        [PortSpec(proto, s.name) for proto in PROTOCOLS] if s.name
+        else [PortSpec(s.protocol, s.port, s.end)]))
 
 
 @dataclass(frozen=True)
@@ -454,19 +466,7 @@ class ClusterPolicyEngine:
 
     @staticmethod
     def _resolve(ports: tuple[ClusterPort, ...], pod: PodInfo | None) -> frozenset[PortMatch]:
-        out: set[PortMatch] = set()
-        for s in ports:
-            if s.name:
-                if pod is not None:
-                    out.update((proto, num, 0xFFFF) for name, num, proto in pod.ports
-                               if name == s.name and proto in PROTOCOLS)
-            elif s.port is None:
-                out.add((s.protocol, None, None))
-            elif s.end is None or s.end == s.port:
-                out.add((s.protocol, s.port, 0xFFFF))
-            else:
-                out.update((s.protocol, v, m) for v, m in range_masks(s.port, s.end))
-        return frozenset(out)
+        return resolve_ports(_port_specs(ports), pod)
 
     # -- flows of one policy ------------------------------------------------------------
 

@@ -6,7 +6,14 @@ never pick the same register bits by accident.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
+
+
+def ip_int(ip: str) -> int:
+    """An IPv4 address (already checked) as the integer a 32-bit field holds; per
+    endpoint per build, so no ipaddress objects."""
+    return int.from_bytes(socket.inet_aton(ip), "big")
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ kube-proxy does.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flowcni.flows.cookie import Feature
+from flowcni.flows.fields import ip_int
 from flowcni.flows.model import Action, Controller, Flow, GroupAction
 from flowcni.flows.tables import DEFAULT, Pipeline
 
@@ -182,8 +182,7 @@ def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:
     CIDR. Called per endpoint per build: integer arithmetic, not ipaddress objects."""
     if cidr is None:
         return False
-    return (int.from_bytes(socket.inet_aton(ip), "big") & int(cidr.netmask)) \
-        == int(cidr.network_address)
+    return ip_int(ip) & int(cidr.netmask) == int(cidr.network_address)
 
 
 def entry_flows(owner: str, exposure: Exposure, ports: Sequence[Any],

@@ -166,6 +166,16 @@ def peer_owner(key: str, peer: str) -> str:
     return f"tenant-service:{key}@{peer}"
 
 
+def parse_service_owner(owner: str) -> tuple[str, str] | None:
+    """(key, peer) of a service_owner or peer_owner name (peer "" for the tenant's own
+    copy); None for any other owner."""
+    prefix = service_owner("")
+    if not owner.startswith(prefix):
+        return None
+    key, _, peer = owner[len(prefix):].partition("@")
+    return key, peer
+
+
 def _for_peer(a: Action, x: TenantNet, gid_of: Callable[[int], int]) -> Action:
     return GroupAction(gid_of(a.group_id)) if isinstance(a, GroupAction) else _in_zone(a, x.vni)
 

@@ -85,7 +85,24 @@ def pid1_of(outer: subprocess.Popen[bytes]) -> int:
         return int(kids[0]) if kids else None
     pid = wait_for(child, 30, "the agent under unshare")
     assert pid is not None
+    assert_agent_is_pid1(pid)
     return pid
+
+
+def assert_agent_is_pid1(pid: int) -> None:
+    """`pid` is the agent itself and PID 1 of a PID namespace other than ours: what the
+    tests are about (the kernel drops signals PID 1 has no handler for)."""
+    wait_for(lambda: _is_agent(pid), 30, f"pid {pid} to be the agent (exec'd)")
+    with open(f"/proc/{pid}/status") as f:
+        nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+    assert nspid[0] == str(pid) and nspid[-1] == "1" and len(nspid) >= 2, nspid
+    assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+
+
+def _is_agent(pid: int) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    return any(a.endswith((b"flowcni-agent", b"flowcni.controller.agent")) for a in argv)
 
 
 def stop_and_time(outer: subprocess.Popen[bytes], pid: int) -> tuple[int | None, float]:

@@ -28,7 +28,8 @@ from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
 from tests.datapath.test_policy import PODS, PolicyLab
-from tests.support.reach import PROBES, matrix, start_netns_server
+from tests.support import reach
+from tests.support.reach import PROBE_PACKET, PROBES, differing, matrix, start_netns_server
 
 CASES = yaml.safe_load(open(os.path.join(os.path.dirname(__file__),
                                          "cluster_policy_cases.yaml")))
@@ -36,7 +37,6 @@ NAMESPACES = {"default": {"kubernetes.io/metadata.name": "default"},
               "prod": {"kubernetes.io/metadata.name": "prod", "env": "prod"},
               "dev": {"kubernetes.io/metadata.name": "dev", "env": "dev"}}
 NODE = "node2"  # a destination: the node IP of node2, a server in its netns
-PROBE_PACKET = {"80": ("tcp", 80), "81": ("tcp", 81), "53u": ("udp", 53)}
 DESTS = [*PODS, NODE, "ext"]
 
 
@@ -137,21 +137,8 @@ def clab() -> Iterator[ClusterPolicyLab]:
 
 
 def expected(spec: dict[str, Any]) -> dict[str, dict[str, set[str]]]:
-    """`default` for every cell, then `cells` overrides in order ("SRC -> DST", * for any)."""
-    def cell(v: Any, dst: str) -> set[str]:
-        v = str(v)
-        if v == "all":
-            return {"80"} if dst == "ext" else set(PROBES)
-        return set() if v == "none" else {x.strip() for x in v.split(",")}
-
-    out = {s: {d: cell(spec["default"], d) for d in DESTS if d != s} for s in PODS}
-    for key, v in (spec.get("cells") or {}).items():
-        src, _, dst = (x.strip() for x in key.partition("->"))
-        for s in PODS if src == "*" else [src]:
-            for d in DESTS if dst == "*" else [dst]:
-                if d != s:
-                    out[s][d] = cell(v, d)
-    return out
+    """The full matrix of a case's `expect`: pods to pods, node2's IP and the external host."""
+    return reach.expected(spec, list(PODS), DESTS)
 
 
 def check_traces(pl: ClusterPolicyLab, got: dict[str, dict[str, set[str]]]) -> list[str]:
@@ -175,13 +162,6 @@ def check_traces(pl: ClusterPolicyLab, got: dict[str, dict[str, set[str]]]) -> l
                         and " rule " in v.policies[0]):
                     wrong.append(f"{s} -> {d} {probe}: drop names no tier/rule: {v.detail}")
     return wrong
-
-
-def differing(want: dict[str, dict[str, set[str]]], got: dict[str, dict[str, set[str]]]
-              ) -> list[str]:
-    return [f"{s} -> {d}: want {sorted(want[s][d]) or 'none'}, "
-            f"got {sorted(got[s].get(d, set())) or 'none'}"
-            for s in want for d in want[s] if want[s][d] != got[s].get(d, set())]
 
 
 def test_at_least_25_cases() -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 from typing import Any
 
 from flowcni.ctl.client import AgentClient
 from flowcni.lab.lab import Lab, Node
 
-from tests.support.probe import eventually, ping
+from tests.support.probe import eventually, ping, ping_during
 
 FAKE_SWITCH = os.path.join(os.path.dirname(__file__), "..", "support", "fake_switch.py")
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -137,20 +136,9 @@ def test_old_tcp_controller_row_is_migrated_in_place_without_loss(lab1: Lab) -> 
     uuid = node.ovs.vsctl("get", "bridge", "br-int", "controller").strip()
     os.kill(node.agent_pid, 9)
     node.ovs.vsctl("set", "controller", "br-int", "target=\"tcp:127.0.0.1:6653\"")
-    b = lab1.pod("b")
-    result: dict[str, str] = {}
-
-    def pinger() -> None:
-        p = subprocess.run(lab1.exec_argv("a", ["ping", "-n", "-i", "0.01", "-c", "400",
-                                                "-W", "1", b.ip]),
-                           capture_output=True, text=True)
-        result["out"] = p.stdout
-
-    t = threading.Thread(target=pinger)
-    t.start()
-    lab1.restart_agent("node1", kill=True)
-    t.join()
-    assert " 0% packet loss" in result["out"], result["out"][-300:]
+    out = ping_during(lab1, "a", lab1.pod("b").ip, 400,
+                      lambda: lab1.restart_agent("node1", kill=True))
+    assert " 0% packet loss" in out, out[-300:]
     assert node.ovs.vsctl("get", "bridge", "br-int", "controller").strip() == uuid
     target = node.ovs.vsctl("get", "controller", "br-int", "target").strip().strip('"')
     assert target == f"unix:{of_socket(node)}"

@@ -139,3 +139,37 @@ def test_nudge_neighbors_drops_the_entry_and_asks_again(spaces: tuple[str, str])
     left = {n["dst"]: n.get("lladdr") for n in ip("-n", node, "neigh", "show", "dev", "d0")}
     assert left.get("10.8.0.9") is None  # gone, or being resolved afresh (no lladdr yet)
     assert left["10.8.0.10"] == "02:00:00:00:00:0a"
+
+
+def test_proxy_routes_over_rtnl(spaces: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+                                ) -> None:
+    """hostnet.sync_proxy_routes makes the proxy's /32 routes exactly the given set and
+    touches no one else's, over cni/rtnl.py: a Service change builds no pyroute2 object
+    (each one fragments the agent's heap, see controller/heap.py)."""
+    from flowcni.controller import hostnet
+
+    def no_pyroute2(*a: object, **kw: object) -> None:
+        raise AssertionError("sync_proxy_routes built a pyroute2 IPRoute")
+    monkeypatch.setattr(hostnet, "IPRoute", no_pyroute2)
+    node, _ = spaces
+    for cmd in (["link", "add", "gw0", "type", "veth", "peer", "name", "gw1"],
+                ["link", "set", "gw0", "up"],
+                ["route", "add", "10.96.0.99/32", "dev", "gw0", "proto", "static"],
+                ["route", "add", "10.96.7.0/24", "dev", "gw0", "proto", "192"]):
+        subprocess.run(["ip", "-n", node, *cmd], check=True)
+
+    def proxy_routes() -> dict[str, tuple[str, str]]:
+        return {r["dst"]: (r["dev"], r.get("scope", "")) for r in
+                ip("-n", node, "route", "show", "proto", str(hostnet.PROXY_RT_PROTO))}
+    sync = hostnet.sync_proxy_routes
+    assert in_netns(node, lambda: sync(["10.96.0.10", "10.96.0.11"], "gw0")) == (2, 1)
+    assert proxy_routes() == {"10.96.0.10": ("gw0", "link"), "10.96.0.11": ("gw0", "link")}
+    assert in_netns(node, lambda: sync(["10.96.0.11", "10.96.0.12"], "gw0")) == (1, 1)
+    assert set(proxy_routes()) == {"10.96.0.11", "10.96.0.12"}
+    assert in_netns(node, lambda: sync(["10.96.0.11", "10.96.0.12"], "gw0")) == (0, 0)
+    static = ip("-n", node, "route", "show", "10.96.0.99")
+    assert [r["dst"] for r in static] == ["10.96.0.99"]  # someone else's: kept
+    with pytest.raises(hostnet.HostNetError, match="device nosuch0 missing"):
+        in_netns(node, lambda: sync([], "nosuch0"))
+    assert in_netns(node, lambda: sync([], "gw0")) == (0, 2)
+    assert proxy_routes() == {}

@@ -22,7 +22,16 @@ from flowcni.datastore.manifests import load
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
-from tests.support.reach import PROBES, matrix, start_netns_server, start_pod_server
+from tests.support import reach
+from tests.support.reach import (
+    PROBE_PACKET,
+    PROBES,
+    differing,
+    matrix,
+    start_netns_server,
+    start_pod_server,
+)
+from tests.support.svc import endpoint_slice
 
 CASES = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "policy_cases.yaml")))
 PODS = {  # name -> (namespace, node, labels, ports)
@@ -98,25 +107,8 @@ def plab() -> Iterator[PolicyLab]:
 
 
 def expected(spec: dict[str, Any]) -> dict[str, dict[str, set[str]]]:
-    """Expand `default` + ordered `cells` overrides into a full matrix."""
-    def cell(v: Any, ext: bool) -> set[str]:
-        v = str(v)
-        if v == "all":
-            return {"80"} if ext else set(PROBES)
-        if v == "none":
-            return set()
-        return {x.strip() for x in v.split(",")}
-
-    names = list(PODS)
-    out = {s: {d: cell(spec["default"], d == "ext") for d in [*names, "ext"] if d != s}
-           for s in names}
-    for key, v in (spec.get("cells") or {}).items():
-        src, _, dst = (x.strip() for x in key.partition("->"))
-        for s in names if src == "*" else [src]:
-            for d in [*names, "ext"] if dst == "*" else [dst]:
-                if d != s:
-                    out[s][d] = cell(v, d == "ext")
-    return out
+    """The full matrix of a step's `expect`: every pod to every pod and the external host."""
+    return reach.expected(spec, list(PODS), [*PODS, "ext"])
 
 
 def run_step(pl: PolicyLab, step: dict[str, Any]) -> None:
@@ -142,9 +134,6 @@ def run_step(pl: PolicyLab, step: dict[str, Any]) -> None:
     pl.lab.wait_realized()
 
 
-PROBE_PACKET = {"80": ("tcp", 80), "81": ("tcp", 81), "53u": ("udp", 53)}
-
-
 def check_traces(pl: PolicyLab, got: dict[str, dict[str, set[str]]], step: int) -> None:
     """flowctl trace must agree with every probe, and name the policy behind each drop."""
     tracer = Tracer(pl.lab)
@@ -163,13 +152,6 @@ def check_traces(pl: PolicyLab, got: dict[str, dict[str, set[str]]], step: int) 
                         and not v.policies:
                     wrong.append(f"{s} -> {d} {probe}: drop names no policy: {v.detail}")
     assert not wrong, f"step {step}:\n" + "\n".join(wrong)
-
-
-def differing(want: dict[str, dict[str, set[str]]], got: dict[str, dict[str, set[str]]]
-              ) -> list[str]:
-    return [f"{s} -> {d}: want {sorted(want[s][d]) or 'none'}, "
-            f"got {sorted(got[s].get(d, set())) or 'none'}"
-            for s in want for d in want[s] if want[s][d] != got[s].get(d, set())]
 
 
 def diagnose(pl: PolicyLab, diff: list[str]) -> str:
@@ -260,13 +242,8 @@ def pod_services(pl: PolicyLab) -> dict[str, str]:
 
 def sync_slices(pl: PolicyLab) -> None:
     for name in PODS:
-        ns, sl = PODS[name][0], f"svc-{name}-1"
-        pl.lab.store().put("EndpointSlice", ns, sl, {
-            "namespace": ns, "name": sl, "addressType": "IPv4",
-            "labels": {"kubernetes.io/service-name": f"svc-{name}"},
-            "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in SVC_PORTS],
-            "endpoints": [{"addresses": [pl.lab.pod(pl.ref(name)).ip],
-                           "conditions": {"ready": True}}]})
+        pl.lab.store().put(*endpoint_slice(PODS[name][0], f"svc-{name}",
+                                           [pl.lab.pod(pl.ref(name)).ip], SVC_PORTS))
     pl.lab.wait_realized()
 
 

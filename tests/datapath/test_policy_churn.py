@@ -9,7 +9,10 @@ No probe is retried and no datapath revalidation is waited for: a realized
 change must be in force in the datapath cache too. Every connected probe that
 policy denies is wrong; an allowed pair is wrong when every one of its probes
 in the window failed (a single lost SYN on this shared machine is not a
-verdict; a stale drop blocks them all).
+verdict; a stale drop blocks them all), and when two of its probes in a row
+failed while the same two pods connected on the other port, also allowed, in
+between (a stall of either pod, node or switch would have blocked that too:
+a drop that mends itself within the window).
 
 FLOWCNI_CHURN_CHANGES (default 500) and FLOWCNI_CHURN_SEED tune the random
 test; FLOWCNI_DATAPATH_GUARD=off runs the agents without their datapath guard.
@@ -17,6 +20,7 @@ test; FLOWCNI_DATAPATH_GUARD=off runs the agents without their datapath guard.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -301,12 +305,21 @@ def test_random_churn_every_probe_matches_the_model(clab: Lab) -> None:
                 bad(what, realized, world, p, "connected", "deny")
             elif want:
                 blocked.setdefault((p.src, p.dst, p.port), []).append(p)
-        for probes in blocked.values():
+        for (src, dst, port), probes in blocked.items():
             # An allowed pair counts as blocked only if every probe of the window
             # failed: a persistent drop (a stale flow), not one SYN lost to a
             # stall of this shared two-core machine.
             if not any(p.ok for p in probes):
                 bad(what, realized, world, probes[0], f"blocked x{len(probes)}", "allow")
+                continue
+            other = [p for p in blocked.get((src, dst, PORTS[PORTS.index(port) - 1]), ())
+                     if p.ok]
+            for a, b in itertools.pairwise(sorted(probes, key=lambda p: p.start)):
+                if not a.ok and not b.ok and any(a.start <= c.start and c.end <= b.end
+                                                 for c in other):
+                    bad(what, realized, world, a, "blocked twice in a row while the other "
+                        "port connected", "allow")
+                    break
 
     def bad(what: str, realized: float, world: World, p: Probe, got: str,
             want: str) -> None:

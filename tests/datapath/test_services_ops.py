@@ -22,7 +22,7 @@ from flowcni.lab.lab import Lab
 
 from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually
-from tests.support.svc import replies, start_server
+from tests.support.svc import endpoint_slice, replies, start_server
 
 VIP_BIG, VIP_UDP = "10.96.7.1", "10.96.7.2"
 N_BIG = 2000
@@ -45,11 +45,7 @@ spec:
 
 def put_slice(lab: Lab, service: str, ips: list[str], port: int, protocol: str) -> None:
     """The Service's one EndpointSlice, every address ready, one unnamed port."""
-    lab.store().put("EndpointSlice", "default", f"{service}-1", {
-        "namespace": "default", "name": f"{service}-1", "addressType": "IPv4",
-        "labels": {"kubernetes.io/service-name": service},
-        "ports": [{"name": "", "port": port, "protocol": protocol}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]})
+    lab.store().put(*endpoint_slice("default", service, ips, [("", port, protocol)]))
 
 
 @pytest.fixture(scope="module")

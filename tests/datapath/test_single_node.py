@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 
 from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab
 
-from tests.support.probe import Capture, eventually, ping, tcp_transfer
+from tests.support.probe import Capture, eventually, ping, ping_during, tcp_transfer
 
 
 def flows(lab: Lab) -> list[str]:
@@ -122,19 +121,9 @@ def test_agent_kill9_restart_keeps_traffic_and_leaves_no_stale_flows(lab1: Lab) 
     before = flows(lab1)
     old_round = ck.round_of(cookies(lab1)[0])
     b = lab1.pod("b")
-    result: dict[str, str] = {}
-
-    def pinger() -> None:
-        p = subprocess.run(lab1.exec_argv("a", ["ping", "-n", "-i", "0.01", "-c", "500",
-                                                "-W", "1", b.ip]),
-                           capture_output=True, text=True)
-        result["out"] = p.stdout
-
-    t = threading.Thread(target=pinger)
-    t.start()
-    lab1.restart_agent("node1", kill=True)
-    t.join()
-    assert " 0% packet loss" in result["out"], result["out"][-300:]
+    out = ping_during(lab1, "a", b.ip, 500,
+                      lambda: lab1.restart_agent("node1", kill=True))
+    assert " 0% packet loss" in out, out[-300:]
     after = flows(lab1)
     rounds = {ck.round_of(c) for c in cookies(lab1)}
     assert rounds == {ck.next_round(old_round)}, f"flows of several rounds: {rounds}"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from flowcni.ctl import flowctl
@@ -28,6 +29,7 @@ from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
 from tests.support.probe import Capture, ping
+from tests.support.svc import endpoint_slice
 
 BLUE_VNI, RED_VNI = 101, 202
 
@@ -397,14 +399,9 @@ TENANT_VIP, RED_ONLY_VIP, DEFAULT_VIP, DNS_VIP = (
     "10.96.0.90", "10.96.0.92", "10.96.0.91", "10.96.0.10")
 
 
-def _slice(ns: str, service: str, ip: str) -> tuple[str, str, str, dict[str, object]]:
+def _slice(ns: str, service: str, ip: str) -> tuple[str, str, str, dict[str, Any]]:
     """The selector-less Service's EndpointSlice: one endpoint, both ports."""
-    return ("EndpointSlice", ns, f"{service}-1", {
-        "namespace": ns, "name": f"{service}-1", "addressType": "IPv4",
-        "labels": {"kubernetes.io/service-name": service},
-        "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
-                  {"name": "dns", "port": 53, "protocol": "UDP"}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]})
+    return endpoint_slice(ns, service, [ip], [("http", 80, "TCP"), ("dns", 53, "UDP")])
 
 
 def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
@@ -423,7 +420,7 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
             _slice("default", "web", ip["default/e"]),
             _slice("kube-system", "kube-dns", ip["default/e"])]
     for kind, ns, name, body in objs:
-        store.put(kind, ns, name, body)  # type: ignore[arg-type]
+        store.put(kind, ns, name, body)
     try:
         tlab.wait_realized()
         res = probe_all(tlab, {
@@ -486,6 +483,7 @@ def test_services_inside_tenants(tlab: Lab, capsys: pytest.CaptureFixture[str],
         out = capsys.readouterr().out
         assert any("blue (VNI 101)" in ln and "blue/web" in ln for ln in out.splitlines())
         assert any("red (VNI 202)" in ln and "red/web" in ln for ln in out.splitlines())
+        _flows_tenant_shows_all_it_owns(tlab, capsys)
     finally:
         for kind, ns, name, _ in objs:
             store.delete(kind, ns, name)
@@ -623,6 +621,38 @@ def test_node_ports_into_tenants(tlab: Lab) -> None:
         for kind, ns, name, _ in objs:
             store.delete(kind, ns, name)
         tlab.wait_realized()
+
+
+def _flows_tenant_shows_all_it_owns(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    """`flowctl flows --tenant blue` on node1, with blue's policy, Service, copies for
+    green, connect and DNS flows all installed: every flow OVS holds that matches blue's
+    tenant id is shown (by cookie: round | feature | owner), and none matching red's."""
+    [(kind, ns, name, body)] = load(POLICY)
+    store = lab.store()
+    store.put(kind, ns, name, body)
+    try:
+        lab.wait_realized()
+        capsys.readouterr()
+        assert flowctl.main(["flows", "--tenant", "blue", "--node", "node1", "--json",
+                             "--no-stats"]) == 0
+        rows = json.loads(capsys.readouterr().out)[0]["flows"]
+        shown = {int(r["cookie"], 16) for r in rows}
+        owners = {r["owner"] for r in rows}
+        held = lab.node("node1").ovs.ofctl("dump-flows", "br-int", "--no-stats").splitlines()
+        blue_id, red_id = (f"reg4={0x10000 | v:#x}/0x1ffff" for v in (BLUE_VNI, RED_VNI))
+        blue = [ln for ln in held if blue_id in ln]
+        missing = [ln for ln in blue
+                   if int(ln.split("cookie=")[1].split(",")[0], 16) not in shown]
+        assert blue and not missing, missing
+        assert not [r for r in rows if red_id in r["match"]], rows
+        for want in ("tenant:blue", "tenant-policy:blue", "tenant-dns:blue",
+                     "tenant-connect:blue", "tenant-service:blue/web",
+                     "tenant-service:blue/web@green"):
+            assert want in owners, (want, owners)
+        assert not any(o.startswith("tenant-service:red/") for o in owners), owners
+    finally:
+        store.delete(kind, ns, name)
+        lab.wait_realized()
 
 
 def _geneve_vnis(lab: Lab, src: str, dst_ip: str) -> set[str]:

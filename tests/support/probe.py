@@ -38,6 +38,20 @@ def ping(lab: Lab, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0,
     return p.returncode == 0
 
 
+def ping_during(lab: Lab, src: str, dst_ip: str, count: int,
+                action: Callable[[], object]) -> str:
+    """Ping `dst_ip` from pod `src` every 10 ms, `count` times, while `action` runs (an
+    agent restart, say); ping's output, whose summary line tells the loss."""
+    p = subprocess.Popen(lab.exec_argv(src, ["ping", "-n", "-i", "0.01", "-c", str(count),
+                                             "-W", "1", dst_ip]),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        action()
+    finally:
+        out, _ = p.communicate(timeout=count * 0.01 + 120)
+    return out
+
+
 def tcp_transfer(lab: Lab, server: str, client: str, port: int = 5001,
                  nbytes: int = 1_000_000) -> int:
     """Send nbytes from client to server over TCP; return what the server counted."""

@@ -12,11 +12,42 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
 PROBES = ("80", "81", "53u")
+# The packet `flowctl trace` is asked about for each probe: (protocol, port).
+PROBE_PACKET = {"80": ("tcp", 80), "81": ("tcp", 81), "53u": ("udp", 53)}
+Table = dict[str, dict[str, set[str]]]  # source -> destination -> probes that got through
+
+
+def expected(spec: dict[str, Any], sources: list[str], dests: list[str]) -> Table:
+    """A truth table's expectation: `default` for every cell, then the `cells`
+    overrides in order ("SRC -> DST", * for any; "all", "none" or probes "80,53u").
+    The external host ("ext") serves only port 80, so "all" is {"80"} there."""
+    def cell(v: Any, dst: str) -> set[str]:
+        v = str(v)
+        if v == "all":
+            return {"80"} if dst == "ext" else set(PROBES)
+        return set() if v == "none" else {x.strip() for x in v.split(",")}
+
+    out = {s: {d: cell(spec["default"], d) for d in dests if d != s} for s in sources}
+    for key, v in (spec.get("cells") or {}).items():
+        src, _, dst = (x.strip() for x in key.partition("->"))
+        for s in sources if src == "*" else [src]:
+            for d in dests if dst == "*" else [dst]:
+                if d != s:
+                    out[s][d] = cell(v, d)
+    return out
+
+
+def differing(want: Table, got: Table) -> list[str]:
+    """The cells where what was probed is not what the table expects, in words."""
+    return [f"{s} -> {d}: want {sorted(want[s][d]) or 'none'}, "
+            f"got {sorted(got[s].get(d, set())) or 'none'}"
+            for s in want for d in want[s] if want[s][d] != got[s].get(d, set())]
 
 SERVER = r"""
 import socket, sys, threading

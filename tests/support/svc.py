@@ -13,33 +13,52 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from flowcni.lab import netns
 from flowcni.lab.lab import Lab
 
-# Answers each TCP connection and each UDP datagram with "<name> <what it got>".
+
+def endpoint_slice(namespace: str, service: str, ips: list[str],
+                   ports: list[tuple[str, int, str]]) -> tuple[str, str, str, dict[str, Any]]:
+    """A Service's one EndpointSlice ("SERVICE-1") as the embedded store holds it, every
+    address ready; ports as (name, port, protocol). Returned as manifests.load yields
+    objects, (kind, namespace, name, body): `store.put(*endpoint_slice(...))`."""
+    name = f"{service}-1"
+    return ("EndpointSlice", namespace, name, {
+        "namespace": namespace, "name": name, "addressType": "IPv4",
+        "labels": {"kubernetes.io/service-name": service},
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]})
+
+
+# Answers each TCP connection and each UDP datagram with "<name> <what it got>", or with
+# "<name> <source address it saw>" when argv[3] is "source".
 SERVER = r"""
 import socket, sys, threading
 name = sys.argv[1]
+source = sys.argv[3:] == ["source"]
+def answer(d, a):
+    return name.encode() + b" " + (a[0].encode() if source else d)
 def tcp(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(64)
     while True:
-        c, _ = s.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-def serve(c):
+        c, a = s.accept()
+        threading.Thread(target=serve, args=(c, a), daemon=True).start()
+def serve(c, a):
     try:
         while True:
             d = c.recv(65536)
             if not d: break
-            c.sendall(name.encode() + b" " + d)
+            c.sendall(answer(d, a))
     except OSError:
         pass
     c.close()
 def udp(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
     while True:
-        d, a = s.recvfrom(2000); s.sendto(name.encode() + b" " + d, a)
+        d, a = s.recvfrom(2000); s.sendto(answer(d, a), a)
 for p in sys.argv[2].split(","):
     f = udp if p.endswith("u") else tcp
     threading.Thread(target=f, args=(int(p.rstrip("u")),), daemon=True).start()
@@ -155,8 +174,11 @@ def sctp_init(argv_prefix: list[str], ip: str, port: int) -> str:
     return p.stdout.strip() or f"ERR {p.stderr.strip()}"
 
 
-def start_server(argv_prefix: list[str], name: str, ports: str) -> subprocess.Popen[str]:
-    p = subprocess.Popen([*argv_prefix, sys.executable, "-c", SERVER, name, ports],
+def start_server(argv_prefix: list[str], name: str, ports: str, reply: str = "data"
+                 ) -> subprocess.Popen[str]:
+    """SERVER on `ports` ("80,53u": u for UDP); reply "source": answer with the client's
+    address as the server saw it instead of the data."""
+    p = subprocess.Popen([*argv_prefix, sys.executable, "-c", SERVER, name, ports, reply],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     if p.stdout.readline().strip() != "ready":

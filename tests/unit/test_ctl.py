@@ -206,6 +206,42 @@ def test_cluster_address_nobody_has_goes_nowhere() -> None:
     assert v.outcome == NOWHERE and "in no node's pod CIDR" in v.detail
 
 
+class TenantAgent(CannedAgent):
+    """A canned agent that also knows one tenant network and counts "tenants" calls."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.tenant_calls = 0
+
+    def call(self, verb: str, **args: Any) -> dict[str, Any]:
+        if verb == "tenants":
+            self.tenant_calls += 1
+            return {"tenants": [{"name": "blue", "slices": {"node1": "10.50.1.0/24",
+                                                            "node2": "10.50.2.0/24"}}]}
+        return super().call(verb, **args)
+
+
+def test_a_tenant_trace_asks_each_agent_for_tenants_at_most_once() -> None:
+    blue_a = {**POD_A, "ip": "10.50.1.2", "tenant": "blue", "tenant_vni": 4100}
+    blue_b = {**POD_A, "name": "b", "ip": "10.50.2.2", "tenant": "blue", "tenant_vni": 4100,
+              "key": "c-b/eth0"}
+    tunnel = TraceResult("node1", [TraceStep("node1", "Output", 13, actions=["output:9"])],
+                         "1", 9, "tunnel", tunnel_dst="192.168.77.2")
+    arrive = TraceResult("node2", [TraceStep("node2", "Output", 13, actions=["output:3"])],
+                         "3", 3, "pod default/b")
+    n1 = TenantAgent("node1", "10.244.1.0/24", [blue_a],
+                     {"10.50.2.2": tunnel, "10.50.9.9": _to_gateway("node1")})
+    n2 = TenantAgent("node2", "10.244.2.0/24", [blue_b], {"10.50.2.2": arrive})
+    t = Tracer(Canned(n1, n2))
+    v = t.trace("default/a", "10.50.2.2", "tcp", 80)
+    assert v.delivered and v.node == "node2" and v.tenant == "blue"
+    assert n1.tenant_calls + n2.tenant_calls == 1
+    # the gateway verdict looks the destination node up twice (hop, then verdict)
+    v = t.trace("default/a", "10.50.9.9", "tcp", 80)
+    assert v.node == "node1"
+    assert n1.tenant_calls + n2.tenant_calls == 2  # once more: each trace asks afresh
+
+
 def test_unknown_pod_is_an_error() -> None:
     t = Tracer(Canned(CannedAgent("node1", "10.244.1.0/24", [POD_A], {})))
     with pytest.raises(TraceError, match="no pod default/zz on any node"):

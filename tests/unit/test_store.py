@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
-from flowcni.datastore.store import Change, ClusterConfig, Store, StoreError
+from flowcni.datastore.store import Change, ClusterConfig, Store, StoreError, StoreGone
 
 
 @pytest.fixture
@@ -61,9 +62,8 @@ def test_change_log_and_watch(store: Store) -> None:
     store.delete("Namespace", "", "prod")
     assert not store.delete("Namespace", "", "prod")
     ch = store.changes(rev)
-    assert [(c.op, c.name) for c in ch] == [("put", "prod"), ("put", "prod"),
-                                            ("delete", "prod")]
-    assert ch[0].body is None  # the object is gone now: watchers see its final state
+    # one row per key, its newest: watchers see the object's final state
+    assert [(c.op, c.name, c.body) for c in ch] == [("delete", "prod", None)]
     got: list[Change] = []
     stop = threading.Event()
     t = threading.Thread(target=store.watch, args=(store.revision(), got.extend, stop, 0.01))
@@ -76,3 +76,81 @@ def test_change_log_and_watch(store: Store) -> None:
     stop.set()
     t.join()
     assert [(c.kind, c.name, c.body) for c in got] == [("Node", "x", {"name": "x"})]
+
+
+def _log_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM log").fetchone()[0])
+
+
+def test_log_stays_bounded_under_pod_churn(tmp_path: Path) -> None:
+    """Named pods come and go (a put, updates, a delete each): the log holds one row per
+    live object plus at most max_tombstones deletions, not every change ever made."""
+    path = tmp_path / "s.db"
+    s = Store(str(path), max_tombstones=20)
+    s.put("Namespace", "", "default", {"name": "default"})
+    for i in range(300):
+        s.put("Pod", "default", f"p{i}", {"name": f"p{i}", "ip": "10.244.1.2"})
+        s.put("Pod", "default", f"p{i}", {"name": f"p{i}", "ip": "10.244.1.3"})
+        if i >= 5:
+            s.delete("Pod", "default", f"p{i - 5}")
+    assert len(s.objects("Pod")) == 5
+    assert _log_rows(path) <= 1 + 5 + 20 + 5  # counted every 20 // 4 revisions
+    assert s.horizon() > 0
+    last = s.changes(s.horizon())  # from the horizon on: every change still there
+    assert [(c.op, c.name) for c in last[-2:]] == [("put", "p299"), ("delete", "p294")]
+    with pytest.raises(StoreGone, match="list again"):
+        s.changes(s.horizon() - 1)
+
+
+def test_a_watcher_behind_the_horizon_relists(tmp_path: Path) -> None:
+    """A watcher stalled in its callback while more deletions happen than the log keeps
+    gets one relist batch: replaying what it got from its list ends at the store's state
+    (the pods deleted behind the horizon included), without a restart."""
+    s = Store(str(tmp_path / "s.db"), max_tombstones=4)
+    for i in range(6):
+        s.put("Pod", "default", f"old{i}", {"name": f"old{i}"})
+    rev = s.revision()
+    state = {("Pod", "default", o["name"]): o for o in s.objects("Pod")}  # the list
+    first, release = threading.Event(), threading.Event()
+    batches: list[list[Change]] = []
+
+    def callback(batch: list[Change]) -> None:
+        batches.append(batch)
+        first.set()
+        assert release.wait(10)
+
+    stop = threading.Event()
+    t = threading.Thread(target=s.watch, args=(rev, callback, stop, 0.01))
+    t.start()
+    try:
+        s.put("Node", "", "x", {"name": "x"})
+        assert first.wait(10)  # the watcher is now stuck in its callback
+        for i in range(6):
+            s.delete("Pod", "default", f"old{i}")
+        for i in range(8):
+            s.put("Pod", "default", f"new{i}", {"name": f"new{i}"})
+            if i % 2:
+                s.delete("Pod", "default", f"new{i}")
+        assert s.horizon() > batches[0][-1].rev
+        release.set()
+        for _ in range(500):
+            if batches and batches[-1][-1].rev == s.revision():
+                break
+            threading.Event().wait(0.01)
+    finally:
+        release.set()
+        stop.set()
+        t.join()
+    for batch in batches:
+        for c in batch:
+            k = (c.kind, c.namespace, c.name)
+            if c.op == "delete":
+                state.pop(k, None)
+            else:
+                assert c.body is not None
+                state[k] = c.body
+    want = {("Pod", "default", o["name"]): o for o in s.objects("Pod")}
+    want[("Node", "", "x")] = {"name": "x"}
+    assert state == want
+    assert any(c.op == "delete" and c.name == "old0" for b in batches for c in b)

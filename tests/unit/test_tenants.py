@@ -188,6 +188,7 @@ def test_relabelled_namespace_reports_running_pods(tmp_path: Any) -> None:
     t, _, _ = _tenants(tmp_path)
     t.load([body("blue")], [ns("b1", tenant="blue")], NODES)
     t.pods = lambda: [SimpleNamespace(namespace="b1", name="p", ip="10.50.1.2", tenant="blue",
+                                      key="c/eth0",
                                       local_pod=lambda: LocalPod("c/eth0", 5, "10.50.1.2",
                                                                  "02:00:00:00:00:05"))]
     assert t.describe()[0]["stale_pods"] == []
