@@ -239,7 +239,8 @@ class Agent:
         os.makedirs(a.state_dir, exist_ok=True)
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.tenants = Tenants(a.node, cfg.cluster_cidr, cfg.encap, a.state_dir, self.flows,
-                               self.tun_ofport, self.gateway, self.ipam)
+                               self.tun_ofport, self.gateway, self.ipam,
+                               lister=self.store.objects if self.store else None)
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
                                tx_offload=pod_tx_offload(cfg.encap, dptype),
