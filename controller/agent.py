@@ -26,6 +26,7 @@ from flowcni.api.schema import DEFAULT_SOCKET as API_SOCKET
 from flowcni.cni import spec
 from flowcni.cni.ipam import IPAM
 from flowcni.cni.podif import set_tx_checksum
+from flowcni.cni.rtnl import NetlinkError, Rtnl
 from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.apiserver import AgentAPI, APIServer
 from flowcni.controller.cniserver import CNIServer, timed
@@ -66,8 +67,6 @@ from flowcni.flows.services import (
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger("flowcni.agent")
 # Namespaced kinds whose objects in a tenant's namespace belong to that tenant, not to
@@ -174,21 +173,21 @@ def configure_gateway(name: str, cidr: str, mtu: int, tx_offload: bool = True,
     net = ipaddress.ip_network(cidr)
     ip = str(next(net.hosts()))
     deadline = time.monotonic() + timeout
-    with IPRoute() as ipr:
+    with Rtnl() as nl:
         while True:
-            idx = ipr.link_lookup(ifname=name)
-            if idx or time.monotonic() > deadline:
+            link = nl.link(name)
+            if link is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        if not idx:
+        if link is None:
             raise RuntimeError(f"gateway interface {name} did not appear")
-        ipr.link("set", index=idx[0], state="up", mtu=mtu)
+        nl.set_link(link.index, up=True, mtu=mtu)
         try:
-            ipr.addr("add", index=idx[0], address=ip, prefixlen=net.prefixlen)
+            nl.add_address(link.index, ip, net.prefixlen)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        mac = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
+        mac = link.mac
     set_tx_checksum("/proc/self/ns/net", name, tx_offload)
     return ip, mac
 
