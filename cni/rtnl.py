@@ -55,6 +55,8 @@ RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255
+RTN_UNSPEC = 0
 RTN_UNICAST = 1
 
 _HDR = struct.Struct("=IHHII")        # nlmsghdr
@@ -113,6 +115,7 @@ class Link:
     name: str
     mac: str
     up: bool
+    mtu: int = 0
 
 
 class Rtnl:
@@ -178,8 +181,10 @@ class Rtnl:
     def _link(payload: bytes) -> Link:
         _fam, _type, index, flags, _change = _IFINFO.unpack_from(payload)
         a = parse_attrs(payload, _IFINFO.size)
+        mtu = a.get(IFLA_MTU)
         return Link(index=index, name=a.get(IFLA_IFNAME, b"\0").rstrip(b"\0").decode(),
-                    mac=mac_text(a.get(IFLA_ADDRESS, b"")), up=bool(flags & IFF_UP))
+                    mac=mac_text(a.get(IFLA_ADDRESS, b"")), up=bool(flags & IFF_UP),
+                    mtu=struct.unpack("=I", mtu)[0] if mtu and len(mtu) == 4 else 0)
 
     def link(self, name: str | None = None, index: int = 0) -> Link | None:
         """The link named `name` (or with `index`), None if there is none."""
@@ -211,6 +216,13 @@ class Rtnl:
         body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)
         self.request(RTM_NEWLINK, 0, body, f"set link {index} up")
 
+    def set_link(self, index: int, up: bool = True, mtu: int | None = None) -> None:
+        """`ip link set INDEX up [mtu MTU]`."""
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
+        if mtu is not None:
+            body += attr(IFLA_MTU, struct.pack("=I", mtu))
+        self.request(RTM_NEWLINK, 0, body, f"set link {index}")
+
     def delete_link(self, name: str) -> None:
         body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _name(name))
         self.request(RTM_DELLINK, 0, body, f"delete link {name}")
@@ -237,6 +249,60 @@ class Rtnl:
                 out.append(str(ipaddress.IPv4Address(raw)))
         return out
 
+    def all_addresses(self) -> list[tuple[str, int]]:
+        """(IPv4 address, link index) of every address of the namespace."""
+        body = _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
+        out = []
+        for t, p in self.request(RTM_GETADDR, NLM_F_DUMP, body, "list addresses"):
+            if t != RTM_NEWADDR:
+                continue
+            idx = _IFADDR.unpack_from(p)[4]
+            a = parse_attrs(p, _IFADDR.size)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw and len(raw) == 4:
+                out.append((str(ipaddress.IPv4Address(raw)), idx))
+        return out
+
+    def routes(self, proto: int) -> list[str]:
+        """Destinations ("10.0.0.0/24") of the main table's IPv4 routes of protocol `proto`."""
+        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        out = []
+        for t, p in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
+            if t != RTM_NEWROUTE:
+                continue
+            _fam, dst_len, _s, _tos, table, rproto, _scope, _type, _fl = _RTMSG.unpack_from(p)
+            a = parse_attrs(p, _RTMSG.size)
+            tab = a.get(RTA_TABLE)
+            if tab is not None:
+                table = struct.unpack("=I", tab)[0]
+            if table != RT_TABLE_MAIN or rproto != proto:
+                continue
+            dst = a.get(RTA_DST)
+            out.append(f"{ipaddress.IPv4Address(dst) if dst else '0.0.0.0'}/{dst_len}")
+        return out
+
+    def route(self, op: str, dst: str, proto: int, gateway: str | None = None,
+              oif: int | None = None, scope: int | None = None) -> None:
+        """`ip route replace|del DST [via GATEWAY] [dev OIF] proto PROTO [scope SCOPE]`
+        in the main table. A delete without `scope` matches the route whatever its scope."""
+        net = ipaddress.IPv4Network(dst)
+        if op == "replace":
+            kind, flags, rtype = RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, RTN_UNICAST
+            sc = RT_SCOPE_UNIVERSE if scope is None else scope
+        elif op == "del":
+            kind, flags, rtype = RTM_DELROUTE, 0, RTN_UNSPEC
+            sc = RT_SCOPE_NOWHERE if scope is None else scope
+        else:
+            raise ValueError(f"route operation {op!r}: replace or del")
+        body = (_RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, sc,
+                            rtype, 0)
+                + attr(RTA_DST, net.network_address.packed))
+        if gateway:
+            body += attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
+        if oif is not None:
+            body += attr(RTA_OIF, struct.pack("=I", oif))
+        self.request(kind, flags, body, f"{op} route {dst}")
+
     def replace_default_route(self, gateway: str, oif: int) -> None:
         """`ip route replace default via GATEWAY dev OIF` in the main table."""
         body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
@@ -258,42 +324,6 @@ class Rtnl:
             if dst_len == 0 and table == RT_TABLE_MAIN:
                 return True
         return False
-
-    def routes(self, proto: int) -> list[tuple[str, int]]:
-        """(destination, prefix length) of the main table's IPv4 routes made with
-        routing protocol `proto` (the kernel dumps them all: filtered here)."""
-        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        out = []
-        for t, p in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
-            if t != RTM_NEWROUTE:
-                continue
-            _fam, dst_len, _s, _tos, table, rproto, _scope, _type, _fl = _RTMSG.unpack_from(p)
-            a = parse_attrs(p, _RTMSG.size)
-            if RTA_TABLE in a:
-                table = struct.unpack("=I", a[RTA_TABLE])[0]
-            if table != RT_TABLE_MAIN or rproto != proto:
-                continue
-            dst = a.get(RTA_DST)
-            out.append((str(ipaddress.IPv4Address(dst)) if dst else "0.0.0.0", dst_len))
-        return out
-
-    def _route(self, dst: str, prefixlen: int, proto: int, scope: int) -> bytes:
-        return (_RTMSG.pack(socket.AF_INET, prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope,
-                            RTN_UNICAST, 0)
-                + attr(RTA_DST, ipaddress.IPv4Address(dst).packed))
-
-    def replace_route(self, dst: str, prefixlen: int, oif: int, proto: int,
-                      scope: int = RT_SCOPE_UNIVERSE) -> None:
-        """`ip route replace DST/LEN dev OIF proto PROTO scope SCOPE` (main table)."""
-        body = self._route(dst, prefixlen, proto, scope) + attr(RTA_OIF, struct.pack("=I", oif))
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body,
-                     f"replace route {dst}/{prefixlen}")
-
-    def delete_route(self, dst: str, prefixlen: int, proto: int,
-                     scope: int = RT_SCOPE_UNIVERSE) -> None:
-        """`ip route del DST/LEN proto PROTO scope SCOPE` (main table)."""
-        self.request(RTM_DELROUTE, 0, self._route(dst, prefixlen, proto, scope),
-                     f"delete route {dst}/{prefixlen}")
 
     # -- neighbours --------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -25,6 +26,7 @@ from flowcni.api.schema import DEFAULT_SOCKET as API_SOCKET
 from flowcni.cni import spec
 from flowcni.cni.ipam import IPAM
 from flowcni.cni.podif import set_tx_checksum
+from flowcni.cni.rtnl import NetlinkError, Rtnl
 from flowcni.controller import hostnet, metrics, ofapp
 from flowcni.controller.apiserver import AgentAPI, APIServer
 from flowcni.controller.cniserver import CNIServer, timed
@@ -52,7 +54,7 @@ from flowcni.datastore.store import ENCAPS, Change, ClusterConfig, Store, StoreE
 from flowcni.flows import cookie as ck
 from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import ClusterPolicyEngine
-from flowcni.flows.model import Flow
+from flowcni.flows.model import Flow, gc_paused
 from flowcni.flows.node import Gateway, node_flows
 from flowcni.flows.nodeport import NODE_PORT_RANGE, NODEPORT_VIP
 from flowcni.flows.policy import PolicyEngine
@@ -65,8 +67,6 @@ from flowcni.flows.services import (
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
 from flowcni.ovsdb.bridge import OVSDB, TABLES_KEY, OVSDBError, default_datapath_type
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger("flowcni.agent")
 # Namespaced kinds whose objects in a tenant's namespace belong to that tenant, not to
@@ -173,21 +173,21 @@ def configure_gateway(name: str, cidr: str, mtu: int, tx_offload: bool = True,
     net = ipaddress.ip_network(cidr)
     ip = str(next(net.hosts()))
     deadline = time.monotonic() + timeout
-    with IPRoute() as ipr:
+    with Rtnl() as nl:
         while True:
-            idx = ipr.link_lookup(ifname=name)
-            if idx or time.monotonic() > deadline:
+            link = nl.link(name)
+            if link is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        if not idx:
+        if link is None:
             raise RuntimeError(f"gateway interface {name} did not appear")
-        ipr.link("set", index=idx[0], state="up", mtu=mtu)
+        nl.set_link(link.index, up=True, mtu=mtu)
         try:
-            ipr.addr("add", index=idx[0], address=ip, prefixlen=net.prefixlen)
+            nl.add_address(link.index, ip, net.prefixlen)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        mac = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
+        mac = link.mac
     set_tx_checksum("/proc/self/ns/net", name, tx_offload)
     return ip, mac
 
@@ -238,7 +238,8 @@ class Agent:
         os.makedirs(a.state_dir, exist_ok=True)
         self.ipam = IPAM(pod_cidr, os.path.join(a.state_dir, "ipam.json"))
         self.tenants = Tenants(a.node, cfg.cluster_cidr, cfg.encap, a.state_dir, self.flows,
-                               self.tun_ofport, self.gateway, self.ipam)
+                               self.tun_ofport, self.gateway, self.ipam,
+                               lister=self.store.objects if self.store else None)
         self.pods = PodManager(self.ovsdb, a.bridge, self.ipam, self.flows, self.gateway,
                                self.mtu, self.flows.synced.wait,
                                tx_offload=pod_tx_offload(cfg.encap, dptype),
@@ -306,6 +307,29 @@ class Agent:
         """
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
+        with gc_paused():
+            self._load(store)
+        self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
+        # What the initial load built lives as long as the agent: one collection
+        # (the load's own cyclic garbage), then out of the cyclic collector's sight
+        # for good. At 100k flows each full collection walked it all (100-350 ms,
+        # collected=0): several during start-up, and then one now and then in the
+        # middle of a change, the change path's tail. Objects made later are
+        # collected as usual, and a frozen object is still freed when its last
+        # reference goes (only a cycle among them would stay).
+        gc.collect()
+        gc.freeze()
+        self.applied_revision = rev
+        threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
+                         name="store-watch", daemon=True).start()
+        threading.Thread(target=refresh_neighbors, args=(self.peers, self.stop_event),
+                         name="neigh-refresh", daemon=True).start()
+        self._ds_revision = rev
+        threading.Thread(target=self._datastore_monitor, args=(store,), name="store-health",
+                         daemon=True).start()
+
+    def _load(self, store: Datastore) -> None:
+        """Every engine's initial list, and their flows in the desired set."""
         # each kind read once: one snapshot for every engine, and one decode of each row
         nodes, namespaces = store.objects("Node"), store.objects("Namespace")
         pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
@@ -345,15 +369,6 @@ class Agent:
                          for e in default_proxy.host_view()[0] if not e.ip})
             self._sync_host_proxy()  # with the tenants' node ports
             self._sync_health()
-        self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
-        self.applied_revision = rev
-        threading.Thread(target=store.watch, args=(rev, self._on_changes, self.stop_event),
-                         name="store-watch", daemon=True).start()
-        threading.Thread(target=refresh_neighbors, args=(self.peers, self.stop_event),
-                         name="neigh-refresh", daemon=True).start()
-        self._ds_revision = rev
-        threading.Thread(target=self._datastore_monitor, args=(store,), name="store-health",
-                         daemon=True).start()
 
     def _datastore_monitor(self, store: Datastore, period: float = 1.0) -> None:
         """Read the store's revision once a period, off every request path."""
@@ -517,6 +532,9 @@ class Agent:
             while sw.alive:
                 try:
                     self.flows.full_sync(sw)
+                    # Encoding and sending the whole table (100k FlowMods) left ~6 MB
+                    # of freed heap resident in this thread's malloc arena.
+                    self.heap.trim_now()
                     break
                 except Exception:
                     LOG.exception("full sync failed; retrying")

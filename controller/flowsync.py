@@ -94,6 +94,10 @@ def other_rounds_deletes(sw: Switch, round_: int, tables: Collection[int] = (),
     return out
 
 
+#: Drift counts asked without the writer lock before one try holds it (see FlowSync._counts).
+_UNLOCKED_COUNT_TRIES = 3
+
+
 def _flows(held: Flow | tuple[Flow, ...]) -> tuple[Flow, ...]:
     """An owner's flows as held in FlowSync._desired (a lone flow is held bare)."""
     return held if isinstance(held, tuple) else (held,)
@@ -116,6 +120,12 @@ class FlowSync:
         # `pending`), so there is no second "installed" copy (it was 11 MB).
         self._desired: dict[str, Flow | tuple[Flow, ...]] = {}
         self._count = 0  # flows in _desired, kept in step (status asks it often)
+        # Desired flows per table name, kept in step: the drift check compares
+        # OVS's counts with these without walking 100k flows under the lock.
+        self._table_counts: dict[str, int] = {}
+        # Bumped (under the lock) before each bundle of ours goes out: the drift
+        # check's counts, asked without the lock, are kept only if it did not move.
+        self._generation = 0
         # (table, priority) -> match -> owner: who holds each OpenFlow identity.
         # Split so the keys are the flows' own match tuples, not a new
         # (table, priority, match) tuple per flow (6 MB at 100k flows).
@@ -239,7 +249,9 @@ class FlowSync:
         for o, new in sets.items():
             old = _flows(self._desired.pop(o, ()))
             self._count -= len(old)
+            tc = self._table_counts
             for f in old:
+                tc[f.table] -= 1
                 by_match = idx.get((f.table, f.priority))
                 if by_match is not None and by_match.get(f.match) == o:
                     del by_match[f.match]
@@ -251,6 +263,7 @@ class FlowSync:
                 self._count += len(fl)
                 for f in fl:
                     idx.setdefault((f.table, f.priority), {})[f.match] = o
+                    tc[f.table] = tc.get(f.table, 0) + 1
 
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
@@ -281,6 +294,7 @@ class FlowSync:
             self._installed_groups[g.group_id] = g
 
     def _bundle(self, sw: Switch, msgs: Iterable[Any]) -> None:
+        self._generation += 1  # callers hold the lock (see _counts)
         try:
             sw.bundle(msgs)
             self.stats["bundles"] += 1
@@ -324,38 +338,27 @@ class FlowSync:
 
         Compared on OpenFlow identity (table, priority, match) and cookie: a
         flow added or deleted by hand, or left by another round, shows up.
-        Reading OVS's flows takes a while, so it happens outside the writer
-        lock; `repair` re-checks each finding under the lock before acting.
+        Counts first (a few bytes per table); only a table whose counts are
+        off is dumped and compared flow by flow. What counts cannot see: a
+        desired flow deleted by hand and another added with this round's
+        cookie in the same table. Reading OVS's flows takes a while, so it
+        happens outside the writer lock; `repair` re-checks each finding
+        under the lock before acting.
         """
+        sw, rnd, tids, counts, expected = self._counts()
+        learned = self._learned_tables()
+        suspect = [tid for i, tid in enumerate(tids) if tid not in learned
+                   and not counts[2 * i] == expected.get(tid, 0) == counts[2 * i + 1]]
+        undeclared = sum(counts[0:-1:2]) != counts[-1]
+        if not (suspect or undeclared):
+            return [], []
         with self._lock:
-            sw = self.switch
-            if sw is None or not self.synced.is_set():
-                raise OFError("not synced with the switch")
             flows = self.desired_flows()
-            rnd = self.round
-            by_table: dict[int, list[Flow]] = {}
-            for f in flows:
-                by_table.setdefault(self.pipeline.id(f.table), []).append(f)
-            cookie, mask = ck.round_match(rnd)
-            # Counts first (a few bytes per table); only a table whose counts
-            # are off is dumped and compared flow by flow. Counted under the
-            # writer lock, so a change in flight does not look like drift (it
-            # did, and each change then cost a 50k-flow dump). What counts
-            # cannot see: a desired flow deleted by hand and another added
-            # with this round's cookie in the same table.
-            # All counts in one round trip (Switch.flow_counts): the lock is held
-            # for one exchange, not one per count. Tables of learned flows (learn())
-            # are counted for `undeclared` only: OVS adds and expires those itself.
-            tids = sorted(set(self.pipeline.ids.values()))
-            learned = self._learned_tables()
-            counts = sw.flow_counts([q for tid in tids for q in ((tid, 0, 0),
-                                                                 (tid, cookie, mask))]
-                                    + [(sw.ofp.OFPTT_ALL, 0, 0)])
-            suspect = [tid for i, tid in enumerate(tids) if tid not in learned
-                       and not counts[2 * i] == len(by_table.get(tid, ())) == counts[2 * i + 1]]
-            undeclared = sum(counts[0:-1:2]) != counts[-1]
         if undeclared:  # flows in tables the pipeline does not declare
             return self._compare(sw, flows, sw.flow_stats(), rnd)
+        by_table: dict[int, list[Flow]] = {}
+        for f in flows:
+            by_table.setdefault(self.pipeline.id(f.table), []).append(f)
         missing: list[Flow] = []
         unexpected: list[Any] = []
         for tid in suspect:
@@ -363,6 +366,50 @@ class FlowSync:
             missing += m
             unexpected += u
         return missing, unexpected
+
+    def _expected_counts(self) -> dict[int, int]:
+        """Desired flows per table id (from the per-table counters; caller holds the lock)."""
+        out: dict[int, int] = {}
+        for name, n in self._table_counts.items():
+            tid = self.pipeline.id(name)
+            out[tid] = out.get(tid, 0) + n
+        return out
+
+    def _counts(self, tries: int = _UNLOCKED_COUNT_TRIES
+                ) -> tuple[Switch, int, list[int], list[int], dict[int, int]]:
+        """(switch, round, table ids, OVS's counts, desired counts per table id).
+
+        OVS's counts: per table, all flows then this round's, then all tables
+        together, taken while no bundle of ours was in flight. Counting 100,000
+        flows takes OVS a few hundred ms under load, and the writer lock used
+        to be held for that round trip, so a change arriving meanwhile waited
+        it out (the change path's 300 ms tail). Now the counts are asked
+        without the lock and kept only if no bundle of ours started meanwhile
+        (`_generation`: every bundle bumps it first, under the lock); if
+        changes race every try, the last one holds the lock throughout.
+        """
+        tids = sorted(set(self.pipeline.ids.values()))
+        for attempt in range(tries + 1):
+            hold = attempt == tries
+            if hold:
+                self._lock.acquire()
+            try:
+                with self._lock:
+                    sw = self.switch
+                    if sw is None or not self.synced.is_set():
+                        raise OFError("not synced with the switch")
+                    rnd, gen = self.round, self._generation
+                cookie, mask = ck.round_match(rnd)
+                counts = sw.flow_counts([q for tid in tids for q in ((tid, 0, 0),
+                                                                     (tid, cookie, mask))]
+                                        + [(sw.ofp.OFPTT_ALL, 0, 0)])
+                with self._lock:
+                    if self._generation == gen and self.switch is sw:
+                        return sw, rnd, tids, counts, self._expected_counts()
+            finally:
+                if hold:
+                    self._lock.release()
+        raise OFError("the switch changed while counting")  # reconnected meanwhile
 
     def _compare(self, sw: Switch, flows: list[Flow], stats: list[Any],
                  rnd: int) -> tuple[list[Flow], list[Any]]:

@@ -14,11 +14,8 @@ import socket
 import subprocess
 
 from flowcni.cni.podif import HOST_IF_PREFIX
-from flowcni.cni.rtnl import RT_SCOPE_LINK, Rtnl
-from flowcni.cni.rtnl import NetlinkError as RtnlError
+from flowcni.cni.rtnl import RT_SCOPE_LINK, NetlinkError, Rtnl
 from flowcni.flows.nodeport import HostEntry
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 LOG = logging.getLogger(__name__)
 
@@ -76,27 +73,22 @@ def set_forwarding() -> None:
 
 def sync_routes(want: dict[str, tuple[str | None, str | None]]) -> None:
     """Make the flowcni-owned routes exactly `want`: {dst CIDR: (gateway IP, device)}."""
-    with IPRoute() as ipr:
-        have = {}
-        for r in ipr.get_routes(family=2, proto=RT_PROTO):
-            have[f"{r.get_attr('RTA_DST')}/{r['dst_len']}"] = r
-        for dst in set(have) - set(want):
+    with Rtnl() as nl:
+        for dst in set(nl.routes(RT_PROTO)) - set(want):
             try:
-                ipr.route("del", dst=dst, proto=RT_PROTO)
+                nl.route("del", dst, RT_PROTO)
             except NetlinkError as e:
                 if e.code != errno.ESRCH:
                     raise
             LOG.info("route %s removed", dst)
         for dst, (gw, dev) in want.items():
-            kw: dict[str, object] = {"dst": dst, "proto": RT_PROTO}
-            if gw:
-                kw["gateway"] = gw
+            oif = None
             if dev:
-                idx = ipr.link_lookup(ifname=dev)
-                if not idx:
+                link = nl.link(dev)
+                if link is None:
                     raise HostNetError(f"route {dst}: device {dev} missing")
-                kw["oif"] = idx[0]
-            ipr.route("replace", **kw)
+                oif = link.index
+            nl.route("replace", dst, RT_PROTO, gateway=gw, oif=oif)
 
 
 def nudge_neighbor(ip: str) -> None:
@@ -139,11 +131,12 @@ def nudge_neighbors(ips: list[str]) -> None:
 
 def uplink_of(node_ip: str) -> tuple[str, int]:
     """(interface name, MTU) of the interface holding the node IP."""
-    with IPRoute() as ipr:
-        for a in ipr.get_addr(family=2):
-            if a.get_attr("IFA_ADDRESS") == node_ip:
-                link = ipr.get_links(a["index"])[0]
-                return link.get_attr("IFLA_IFNAME"), int(link.get_attr("IFLA_MTU"))
+    with Rtnl() as nl:
+        for ip, index in nl.all_addresses():
+            if ip == node_ip:
+                link = nl.link(index=index)
+                if link is not None:
+                    return link.name, link.mtu
     raise HostNetError(f"no interface holds the node IP {node_ip}")
 
 
@@ -190,19 +183,19 @@ def sync_proxy_routes(ips: list[str], device: str = GATEWAY_IF) -> tuple[int, in
     """
     want = set(ips)
     with Rtnl() as nl:
-        routes = nl.routes(PROXY_RT_PROTO)
-        have = {dst for dst, plen in routes if plen == 32}
+        routes = [dst.split("/", 1) for dst in nl.routes(PROXY_RT_PROTO)]
+        have = {dst for dst, plen in routes if plen == "32"}
         link = nl.link(device)
         if link is None:
             raise HostNetError(f"proxy routes: device {device} missing")
-        stale = [(dst, plen) for dst, plen in routes if plen != 32 or dst not in want]
-        for dst, plen in stale:
-            try:
-                nl.delete_route(dst, plen, PROXY_RT_PROTO, scope=RT_SCOPE_LINK)
-            except RtnlError as e:
+        stale = [f"{dst}/{plen}" for dst, plen in routes if plen != "32" or dst not in want]
+        for dst in stale:
+            try:  # no scope: matches the route whatever scope it was made with
+                nl.route("del", dst, PROXY_RT_PROTO)
+            except NetlinkError as e:
                 if e.code != errno.ESRCH:
                     raise
         for ip in sorted(want - have):
-            nl.replace_route(ip, 32, link.index, PROXY_RT_PROTO,
-                             scope=RT_SCOPE_LINK)  # on the gateway's wire (OVS answers ARP)
+            # link: on the gateway's wire (OVS answers ARP)
+            nl.route("replace", f"{ip}/32", PROXY_RT_PROTO, oif=link.index, scope=RT_SCOPE_LINK)
     return len(want - have), len(stale)

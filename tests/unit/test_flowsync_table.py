@@ -9,6 +9,7 @@ check is the table afterwards, not the messages.
 
 from __future__ import annotations
 
+import threading
 import types
 from typing import Any
 
@@ -230,6 +231,40 @@ def test_drift_check_counts_first_and_dumps_only_a_table_that_is_off() -> None:
     # A flow in a table the pipeline does not declare: found by the total count.
     dp.table[(200, 1, ())] = 0
     assert [(u.table_id, u.cookie) for u in fs.drift()[1]] == [(200, 0)]
+
+
+class ChangeDuringCountDatapath(FlowTableDatapath):
+    """Runs `during` (a change from another thread) when the first aggregate request
+    arrives, before that request is answered: a change racing the drift check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: Any = None
+        self.change_done = False
+
+    def send_msg(self, msg: Any) -> bool:
+        if isinstance(msg, parser.OFPAggregateStatsRequest) and self.during is not None:
+            during, self.during = self.during, None
+            t = threading.Thread(target=during)
+            t.start()
+            t.join(30)  # generous: only a change blocked on the drift check takes long
+            self.change_done = not t.is_alive()
+        return super().send_msg(msg)
+
+
+def test_a_change_is_not_held_up_by_the_drift_counts_nor_taken_for_drift() -> None:
+    """The drift check's count round trip runs without the writer lock: a change made
+    meanwhile goes out at once, and counts taken across it are asked again."""
+    fs = FlowSync(DEFAULT, lambda: 3)
+    fs.set_owners({"a": flows(50, "a")})
+    dp = ChangeDuringCountDatapath()
+    sw = ofapp.Switch(dp)
+    dp.switch = sw
+    fs.full_sync(sw)
+    dp.during = lambda: fs.set_owner("b", flows(55, "b", port=2)[50:])
+    assert fs.drift() == ([], [])
+    assert dp.change_done, "the change waited for the drift check's counts"
+    assert len(dp.table) == 55 and dp.requests["dump"] == 0
 
 
 def test_restart_keeps_learned_flows_and_drops_other_rounds_and_hand_added() -> None:

@@ -454,3 +454,23 @@ def test_an_ipblock_its_excepts_cover_allows_nothing() -> None:
     assert not problems and owners["isolation:d/web"]
     assert not [f for f in flows_of(owners) if f.table == "IngressRule"
                 and f.owner != "conntrack"]
+
+
+def test_pods_with_the_same_labels_share_one_dict_which_goes_with_them() -> None:
+    """pod_from_body keeps one labels dict per distinct label set (three engines keep a
+    PodInfo per pod); a set no pod has any more is dropped; bad values are not shared."""
+    import gc
+
+    from flowcni.flows import policy as pol
+    a = pol.pod_from_body({"namespace": "n", "name": "a", "labels": {"x": "1", "app": "w"}})
+    b = pol.pod_from_body({"namespace": "n", "name": "b", "labels": {"app": "w", "x": "1"}})
+    c = pol.pod_from_body({"namespace": "n", "name": "c", "labels": {"app": "v"}})
+    assert a.labels is b.labels and a.labels == {"app": "w", "x": "1"}
+    assert c.labels is not a.labels
+    bad = pol.pod_from_body({"namespace": "n", "name": "d", "labels": {"app": ["x"]}})
+    assert bad.labels == {"app": ["x"]}
+    key = (("app", "w"), ("x", "1"))
+    assert key in pol._LABELS
+    del a, b
+    gc.collect()
+    assert key not in pol._LABELS and (("app", "v"),) in pol._LABELS

@@ -405,3 +405,62 @@ def test_default_clusterips_are_no_tenant_destination(tmp_path: Any) -> None:
     assert len(_ofctl(fs, DEFAULT_SERVICES_OWNER)) == 1
     t.load([], [ns("default")], NODES, [], [], [DNS], [])  # no tenant: no flows at all
     assert fs.flow_count() == 0
+
+
+def test_bodies_outside_tenants_are_not_kept_and_come_back_when_a_namespace_joins(
+        tmp_path: Any) -> None:
+    """With the datastore's lister (the agent's case), Pods, NetworkPolicies and
+    EndpointSlices of namespaces outside every tenant are not kept; a namespace that
+    joins a tenant has them read again. The flows and groups are the same as with
+    every body kept, at each step."""
+    from flowcni.controller.tenants import Tenants
+
+    web = {"podSelector": {}, "ingress": [{"from": [{"podSelector": {
+        "matchLabels": {"app": "web"}}}]}]}
+    store: dict[str, list[dict[str, Any]]] = {
+        "Pod": [pod("b1", "w", "10.50.1.5"), pod("r1", "w", "10.50.1.5"),
+                pod("default", "d", "10.244.1.9"), pod("other", "o", "10.244.1.10")],
+        "NetworkPolicy": [{"namespace": ns_, "name": "p", "spec": web}
+                          for ns_ in ("b1", "default", "other")],
+        "EndpointSlice": []}
+    namespaces = [ns("b1", tenant="blue"), ns("r1", tenant="red"), ns("default"), ns("other")]
+    services = [svc("b1"), svc("r1"), svc("default", "d", "10.96.7.7")]
+    pairs = []
+    for lister in (None, lambda kind: [dict(b) for b in store.get(kind, [])]):
+        t, fs = _tenants(tmp_path / ("kept" if lister is None else "listed"))
+        t.lister = lister
+        t.load([tn("blue", 101), tn("red", 202)], namespaces, NODES, store["Pod"],
+               store["NetworkPolicy"], services, [])
+        pairs.append((t, fs))
+    (full, ffs), (lean, lfs) = pairs
+    assert isinstance(lean, Tenants) and lean.lister is not None
+
+    def same() -> None:
+        assert sorted(f.ofctl(DEFAULT) for f in lfs.desired_flows()) == sorted(
+            f.ofctl(DEFAULT) for f in ffs.desired_flows())
+        assert sorted(g.ofctl(DEFAULT) for g in lfs.desired_groups()) == sorted(
+            g.ofctl(DEFAULT) for g in ffs.desired_groups())
+
+    same()
+    assert set(lean.objects["Pod"]) == {"b1/w", "r1/w"}
+    assert set(lean.objects["NetworkPolicy"]) == {"b1/p"}
+    assert len(full.objects["Pod"]) == 4  # without a lister, as before
+    # "default" joins blue, and a pod of it comes in the same batch (already listed)
+    store["Pod"].append(pod("default", "d2", "10.244.1.11"))
+    batch = [Change(10, "put", "Namespace", "", "default", ns("default", tenant="blue")),
+             Change(11, "put", "Pod", "default", "d2", store["Pod"][-1])]
+    for t in (full, lean):
+        t.apply(batch)
+    same()
+    assert set(lean.objects["Pod"]) == {"b1/w", "r1/w", "default/d", "default/d2"}
+    assert set(lean.objects["NetworkPolicy"]) == {"b1/p", "default/p"}
+    assert any("10.244.1.11" in f.ofctl(DEFAULT) for f in lfs.desired_flows())
+    # a pod of a namespace outside every tenant: not kept
+    for t in (full, lean):
+        t.apply([Change(12, "put", "Pod", "other", "o2", pod("other", "o2", "10.244.1.12"))])
+    assert "other/o2" not in lean.objects["Pod"]
+    # and "default" leaves again: its bodies go
+    for t in (full, lean):
+        t.apply([Change(13, "put", "Namespace", "", "default", ns("default"))])
+    same()
+    assert set(lean.objects["Pod"]) == {"b1/w", "r1/w"}
