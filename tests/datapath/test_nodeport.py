@@ -5,7 +5,7 @@ connections to ClusterIPs.
 
 The endpoint servers answer with their name and the source address they saw,
 so a test tells which endpoint answered and whether the client's address was
-kept (Local) or masqueraded to the entry node's gateway (Cluster). A reply
+kept (Local) or SNATed to the entry node's gateway (Cluster). A reply
 that skipped the node's un-NAT would come from the wrong address: TCP clients
 reset it and connected UDP sockets never see it, so it shows as an error.
 """
@@ -27,7 +27,7 @@ from flowcni.datastore.manifests import load
 from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP
 from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
-from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
+from flowcni.lab.lab import EXTERNAL_IP, EXTERNAL_UNDERLAY_IP, Lab
 
 from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually
@@ -231,7 +231,7 @@ def nlab() -> Iterator[Lab]:
 def test_nodeport_from_the_external_host(nlab: Lab) -> None:
     """externalTrafficPolicy Cluster: node1's and node2's node ports reach the endpoint on
     either node, TCP and UDP; the endpoint sees the entry node's gateway address
-    (masqueraded, so a remote endpoint replies to the entry node)."""
+    (SNATed in OVS, so a remote endpoint replies to the entry node)."""
     n1, n2 = nlab.node("node1").node_ip, nlab.node("node2").node_ip
     gw1, gw2 = gateway_ip(nlab, "node1"), gateway_ip(nlab, "node2")
     got = request(netns.exec_argv(nlab.external_ns, []),
@@ -282,7 +282,7 @@ def test_internal_traffic_policy_local(nlab: Lab) -> None:
 
 def test_external_and_load_balancer_ips(nlab: Lab) -> None:
     """An external IP and a LoadBalancer ingress IP, routed to node1 by the external host,
-    reach the endpoint on node2 (masqueraded); a pod reaches the external IP too."""
+    reach the endpoint on node2 (SNATed to node1's gateway); a pod reaches the external IP too."""
     gw1 = gateway_ip(nlab, "node1")
     ip = {p.name: p.ip for p in nlab.pods()}
     got = request(netns.exec_argv(nlab.external_ns, []),
@@ -351,8 +351,9 @@ def test_session_affinity_through_a_node_port(nlab: Lab) -> None:
     """sessionAffinity ClientIP through node ports, externalTrafficPolicy Cluster, two
     endpoints (web1, web2): from the external host, ten TCP connections and ten UDP
     sockets through each node's node port each stay on the endpoint the first one got
-    (1 in 2**9 by chance). Each node learns the client as it sees it, its own gateway
-    address after the masquerade (flows/nodeport.py), towards the node-port address."""
+    (1 in 2**9 by chance), and the endpoint sees the entry node's gateway address. Each
+    node learns the external client's own address (the SNAT to the gateway comes after
+    the endpoint is chosen, flows/nodeport.py), towards the node-port address."""
     ext = netns.exec_argv(nlab.external_ns, [])
     for node in ("node1", "node2"):
         nip, gw = nlab.node(node).node_ip, gateway_ip(nlab, node)
@@ -365,8 +366,9 @@ def test_session_affinity_through_a_node_port(nlab: Lab) -> None:
         table = nlab.node(node).ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
                                           f"table={DEFAULT.id('SessionAffinity')}")
         learned = [ln for ln in table.splitlines()
-                   if f"nw_src={gw}," in ln and f"nw_dst={NODEPORT_VIP}," in ln]
+                   if f"nw_src={EXT_SRC}," in ln and f"nw_dst={NODEPORT_VIP}," in ln]
         assert len([ln for ln in learned if "tp_dst=30087" in ln]) == 2, table  # TCP, UDP
+        assert f"nw_src={gw}," not in table, table
         assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
 
 
@@ -381,7 +383,7 @@ def test_sctp_session_affinity_through_a_node_port(nlab: Lab) -> None:
     one endpoint is then the flow node1 learned, whose packet count shows each of the
     five later INITs went through it."""
     ovs = nlab.node("node1").ovs
-    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    n1 = nlab.node("node1").node_ip
     ext = netns.exec_argv(nlab.external_ns, [])
     got = set()
     for _ in range(6):
@@ -392,11 +394,61 @@ def test_sctp_session_affinity_through_a_node_port(nlab: Lab) -> None:
     def learned() -> list[str]:
         table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
                           f"table={DEFAULT.id('SessionAffinity')}")
-        return [ln for ln in table.splitlines() if f"nw_src={gw1}," in ln
+        return [ln for ln in table.splitlines() if f"nw_src={EXT_SRC}," in ln
                 and f"nw_dst={NODEPORT_VIP}," in ln and f"tp_dst={SCTP_AFF_NP}" in ln]
     assert eventually(lambda: len(learned()) == 1 and int(re.search(  # type: ignore[union-attr]
         r"n_packets=(\d+)", learned()[0]).group(1)) >= 5, timeout=20), learned()
     assert "sctp," in learned()[0] and f"idle_timeout={AFFINITY_TIMEOUT}" in learned()[0]
+
+
+# One TCP connection (or UDP socket, target suffix u) per target from the source address
+# argv[1]: the external host has two, its underlay address and EXTERNAL_IP on its lo.
+FROM_SOURCE = r"""
+import json, socket, sys
+out = []
+for t in json.loads(sys.argv[2]):
+    ip, port = t.rsplit(":", 1)
+    udp = port.endswith("u")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.bind((sys.argv[1], 0)); s.connect((ip, int(port.rstrip("u")))); s.send(b"ping")
+        out.append(s.recv(2000).decode())
+    except OSError as e:
+        out.append(f"ERR {type(e).__name__} {e}")
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def from_source(lab: Lab, src: str, targets: list[str]) -> list[str]:
+    p = subprocess.run(netns.exec_argv(lab.external_ns, [sys.executable, "-c", FROM_SOURCE,
+                                                         src, json.dumps(targets)]),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return list(json.loads(p.stdout))
+
+
+def test_session_affinity_through_a_node_port_is_per_external_client(nlab: Lab) -> None:
+    """Two external clients (the external host's two addresses) through node1's node port
+    with sessionAffinity, externalTrafficPolicy Cluster: node1 learns one entry per
+    client, keyed on the client's own address (not on node1's gateway address, which
+    would make every client entering node1 share one endpoint), each client's ten TCP
+    connections and ten UDP sockets stay on its endpoint, and the endpoint sees node1's
+    gateway address as the source (the SNAT, after the endpoint was chosen)."""
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    for src in (EXT_SRC, EXTERNAL_IP):
+        for target in (f"{n1}:30087", f"{n1}:30087u"):
+            got = set(from_source(nlab, src, [target] * 10))
+            assert len(got) == 1 and next(iter(got)) in (f"web1 {gw1}", f"web2 {gw1}"), \
+                (src, target, got)
+    table = nlab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                                         f"table={DEFAULT.id('SessionAffinity')}")
+    for src in (EXT_SRC, EXTERNAL_IP):
+        mine = [ln for ln in table.splitlines() if f"nw_src={src}," in ln
+                and f"nw_dst={NODEPORT_VIP}," in ln and "tp_dst=30087" in ln]
+        assert len(mine) == 2, (src, table)  # TCP and UDP
+    assert f"nw_src={gw1}," not in table, table
 
 
 HEALTH_GET = r"""
