@@ -31,7 +31,8 @@ SNATed to the node's gateway address, in a conntrack zone of its own
 (gateway_snat_flows), so an endpoint on another node replies to this node.
 Its replies are un-SNATed, then un-DNATed, and go out of the gateway to the
 node. Local: no SNAT (the client's address reaches the endpoint) and only
-this node's endpoints are used.
+this node's endpoints are used. SCTP (NODE_MASQUERADED) is the exception: the
+node masquerades it before OVS, as it did for every protocol.
 internalTrafficPolicy Local: the ClusterIP uses only this node's endpoints.
 With a Local policy and no local endpoint the traffic is dropped, as
 kube-proxy does.
@@ -61,6 +62,18 @@ PRIO_ENTRY = 200
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 POLICIES = ("Cluster", "Local")
 MAX_AFFINITY_TIMEOUT = 86400
+
+
+# Protocols whose externalTrafficPolicy Cluster connections the node masquerades (before
+# OVS picks the endpoint, so their affinity is keyed on the gateway address) instead of
+# OVS SNATing them after. OVS 3.1's userspace conntrack tracks SCTP by addresses only:
+# two clients' associations to one endpoint, both SNATed to the gateway address, would
+# need the same reply tuple, and the second one's SNAT fails (its INIT then reaches the
+# endpoint unSNATed, and the answer leaves the endpoint's node straight to the client:
+# measured, tests/datapath/test_nodeport.py test_sctp_two_external_clients...). The
+# node's own conntrack tells SCTP associations apart by port, so masquerading there
+# keeps every client working; they then share one OVS entry (one endpoint) per node.
+NODE_MASQUERADED = frozenset({"SCTP"})
 
 
 @dataclass(frozen=True)
@@ -210,8 +223,10 @@ def entry_flows(owner: str, exposure: Exposure, ports: Sequence[Any],
         # Cluster policy, no endpoint at all: answer like a ClusterIP without
         # endpoints; Local policy, no local endpoint: drop, as kube-proxy does.
         # Cluster policy: the connection is SNATed to the gateway address once its
-        # endpoint is chosen (gateway_snat_flows); the register bit says so.
-        snat: list[Action] = [] if exposure.external_local else [Load(F.SNAT_TO_GATEWAY, 1)]
+        # endpoint is chosen (gateway_snat_flows); the register bit says so. SCTP:
+        # the node masquerades it instead (NODE_MASQUERADED).
+        snat: list[Action] = ([] if exposure.external_local or sp.protocol in NODE_MASQUERADED
+                              else [Load(F.SNAT_TO_GATEWAY, 1)])
         acts: list[Action] = ([*snat, GroupAction(gid)] if gid is not None and has
                               else [] if exposure.external_local else [Controller()])
         for ip, port in targets:
@@ -228,10 +243,11 @@ class HostEntry:
 
     node_port: DNAT (to NODEPORT_VIP) connections to a local address on `port`;
     otherwise `ip`:`port` is an external/LoadBalancer IP (routed, not DNATed).
-    masquerade: the node masquerades the connection to the gateway address. Only
-    tenant node ports ask for it (flows/tenantservices.py nodeport_flows SNATs them
-    again, into the tenant); the default network's Cluster policy is SNATed in
-    OVS after the endpoint is chosen (gateway_snat_flows).
+    masquerade: the node masquerades the connection to the gateway address: tenant
+    node ports (flows/tenantservices.py nodeport_flows SNATs them again, into the
+    tenant) and NODE_MASQUERADED protocols; the default network's other
+    Cluster-policy connections are SNATed in OVS after the endpoint is chosen
+    (gateway_snat_flows).
     """
 
     protocol: str   # tcp / udp / sctp
@@ -241,10 +257,18 @@ class HostEntry:
 
 
 def host_entries(exposure: Exposure, ports: Sequence[Any]) -> list[HostEntry]:
-    """The node ports of a default-network Service (external and LoadBalancer IPs
-    are routed to the gateway as they are, so they need no entry)."""
-    return [HostEntry(sp.protocol.lower(), np, False)
-            for sp, np in zip(ports, exposure.node_ports, strict=True) if np is not None]
+    """The node ports of a default-network Service, and its external and LoadBalancer
+    IPs where the node masquerades (NODE_MASQUERADED, policy Cluster; otherwise they
+    are routed to the gateway as they are and need no entry)."""
+    out = []
+    for sp, np in zip(ports, exposure.node_ports, strict=True):
+        masq = not exposure.external_local and sp.protocol in NODE_MASQUERADED
+        proto = sp.protocol.lower()
+        if np is not None:
+            out.append(HostEntry(proto, np, masq))
+        if masq:
+            out += [HostEntry(proto, sp.port, True, ip) for ip in exposure.entry_ips]
+    return out
 
 
 # -- SNAT to the gateway address (externalTrafficPolicy Cluster) -------------------------------

@@ -314,8 +314,9 @@ def default_clusterip_flows(cluster_ips: list[str], pipeline: Pipeline = DEFAULT
 # -- node ports into a tenant ---------------------------------------------------------------
 #
 # The node's nftables DNAT a node port to NODEPORT_VIP (keeping the port) and masquerade
-# it to the node's gateway address (flows/nodeport.py, externalTrafficPolicy Cluster,
-# the only one a tenant Service gets), so it enters from the gateway with no tenant id:
+# it to the node's gateway address (flows/nodeport.py HostEntry.masquerade, which
+# controller/tenants.py asks for: unlike the default network's, a tenant's node port is
+# SNATed before its endpoint is chosen), so it enters from the gateway with no tenant id:
 #
 # - ServiceLB (no tenant id, NODEPORT_VIP, the port): the tenant id loaded, SNAT in the
 #   shared hairpin zone to the tenant's gateway address on this node (a tenant address

@@ -90,6 +90,19 @@ def test_cluster_policy_node_port_with_affinity_keeps_the_snat_flag() -> None:
     assert cip.actions == (Resubmit("SessionAffinity"),)
 
 
+def test_sctp_cluster_policy_is_masqueraded_by_the_node_not_flagged() -> None:
+    spec = {**BASE, "externalIPs": ["203.0.113.1"], "ports": [
+        *BASE["ports"], {"name": "s", "port": 99, "protocol": "SCTP", "nodePort": 30099}]}
+    sp, flows, _ = proxy(spec)
+    sctp = [f for f in flows if "sctp_dst" in dict(f.match)]
+    assert sctp and all(not isinstance(a, Load) for f in sctp for a in f.actions)
+    assert sp.host_view()[0] == [HostEntry("sctp", 30099, True),
+                                 HostEntry("tcp", 30080, False),
+                                 HostEntry("sctp", 99, True, "203.0.113.1")]
+    sp, _, _ = proxy({**spec, "externalTrafficPolicy": "Local"})
+    assert sp.host_view()[0] == [HostEntry("sctp", 30099, False), HostEntry("tcp", 30080, False)]
+
+
 def test_gateway_snat_flows_undo_before_the_main_zone() -> None:
     text = {f.table: f.ofctl() for f in gateway_snat_flows("10.244.1.1")}
     assert "nat(src=10.244.1.1)" in text["Output"] and f"zone={F.SNAT_ZONE}" in text["Output"]
