@@ -467,6 +467,44 @@ def test_session_affinity_through_a_node_port_is_per_external_client(nlab: Lab) 
                 if f"nw_src={gw1}," in ln and "tp_dst=30087" in ln], table
 
 
+def test_network_policy_sees_a_cluster_node_port_as_the_entry_node(nlab: Lab) -> None:
+    """A policy on web1 that admits only role=client pods: the external host still
+    reaches web1 through node1's node port (web1's own node: the connection is let in
+    as the node's own traffic, as when the node masqueraded it to its gateway
+    address, which NetworkPolicy always allows), but not through node2's (it arrives
+    from node2's gateway address, which the policy does not admit), while a client pod
+    still reaches web1 through the ClusterIP."""
+    n1, n2, gw1 = nlab.node("node1").node_ip, nlab.node("node2").node_ip, gateway_ip(
+        nlab, "node1")
+    pol = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web1-clients, namespace: default}
+spec:
+  podSelector: {matchLabels: {w: "1"}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+"""
+    store = nlab.store()
+    objs = load(pol)
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    nlab.wait_realized(timeout=30)
+    try:
+        ip = {p.name: p.ip for p in nlab.pods()}
+        got = request(netns.exec_argv(nlab.external_ns, []), [f"{n1}:30080", f"{n2}:30080"])
+        assert got[f"{n1}:30080"] == f"web1 {gw1}", got
+        assert got[f"{n2}:30080"].startswith("ERR"), got
+        assert replies(nlab, "default/client2", [f"{VIP_NPL}:8080"]) == {
+            f"{VIP_NPL}:8080": f"web1 {ip['client2']}"}
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        nlab.wait_realized(timeout=30)
+    assert request(netns.exec_argv(nlab.external_ns, []), [f"{n2}:30080"]) == {
+        f"{n2}:30080": f"web1 {gateway_ip(nlab, 'node2')}"}
+
+
 HEALTH_GET = r"""
 import json, sys, urllib.error, urllib.request
 try:
