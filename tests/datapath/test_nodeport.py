@@ -12,6 +12,7 @@ reset it and connected UDP sockets never see it, so it shows as an error.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -452,17 +453,27 @@ def test_session_affinity_through_a_node_port_is_per_external_client(nlab: Lab) 
     connections and ten UDP sockets stay on its endpoint, and the endpoint sees node1's
     gateway address as the source (the SNAT, after the endpoint was chosen)."""
     n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
-    for src in (EXT_SRC, EXTERNAL_IP):
-        for target in (f"{n1}:30087", f"{n1}:30087u"):
-            got = set(from_source(nlab, src, [target] * 10))
-            assert len(got) == 1 and next(iter(got)) in (f"web1 {gw1}", f"web2 {gw1}"), \
-                (src, target, got)
-    table = nlab.node("node1").ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
-                                         f"table={DEFAULT.id('SessionAffinity')}")
-    for src in (EXT_SRC, EXTERNAL_IP):
-        mine = [ln for ln in table.splitlines() if f"nw_src={src}," in ln
+    ovs = nlab.node("node1").ovs
+
+    def learned(src: str, proto: str) -> list[str]:
+        table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                          f"table={DEFAULT.id('SessionAffinity')}")
+        return [ln for ln in table.splitlines() if f"{proto},nw_src={src}," in ln
                 and f"nw_dst={NODEPORT_VIP}," in ln and "tp_dst=30087" in ln]
-        assert len(mine) == 2, (src, table)  # TCP and UDP
+
+    def one_learned(src: str, proto: str) -> bool:
+        return len(learned(src, proto)) == 1
+    for src in (EXT_SRC, EXTERNAL_IP):
+        for target, proto in ((f"{n1}:30087", "tcp"), (f"{n1}:30087u", "udp")):
+            first = from_source(nlab, src, [target])[0]
+            assert first in (f"web1 {gw1}", f"web2 {gw1}"), (src, target, first)
+            # The learned flow is what keeps the later ones there (one per client).
+            assert eventually(functools.partial(one_learned, src, proto), timeout=20), \
+                (src, proto)
+            got = set(from_source(nlab, src, [target] * 9))
+            assert got == {first}, (src, target, first, got)
+    table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                      f"table={DEFAULT.id('SessionAffinity')}")
     assert not [ln for ln in table.splitlines()  # (SCTP is masqueraded by the node)
                 if f"nw_src={gw1}," in ln and "tp_dst=30087" in ln], table
 
