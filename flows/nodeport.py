@@ -274,7 +274,12 @@ def host_entries(exposure: Exposure, ports: Sequence[Any]) -> list[HostEntry]:
 # -- SNAT to the gateway address (externalTrafficPolicy Cluster) -------------------------------
 
 GATEWAY_SNAT_OWNER = "nodeport-snat"
-PRIO_SNAT = 205          # ConntrackZone (above the main zone's 200), Output (below hairpin)
+PRIO_SNAT = 205          # ConntrackZone: above the main zone's 200
+# Output: above hairpin's (flows.hairpin PRIO_HAIRPIN, 210), which a pod reaching itself
+# through its own node's node port also matches (its address as source and
+# destination after the DNAT) but must not take: it came in from the gateway, and goes
+# to its port SNATed to the gateway address, not back out of the gateway.
+PRIO_SNAT_OUTPUT = 215
 PRIO_SNAT_EST = 195      # ConntrackState: above established (190), below invalid (200)
 PRIO_SNAT_COMMIT = 220   # ConntrackCommit: above the from-gateway commit (210)
 PRIO_SNAT_INGRESS = 205  # IngressRule: as the node's own traffic (flows.node PRIO_HOST)
@@ -320,7 +325,7 @@ def gateway_snat_flows(gateway_ip: str, pipeline: Pipeline = DEFAULT) -> list[Fl
         Flow.make("ConntrackCommit", PRIO_SNAT_COMMIT,
                   {"eth_type": 0x0800, "ct_state": "+new+trk", "reg0": snat_from_gw},
                   [CT(commit=True, mark=marks)], goto="Output", **kw),
-        Flow.make("Output", PRIO_SNAT, {"eth_type": 0x0800, "reg0": snat_from_gw},
+        Flow.make("Output", PRIO_SNAT_OUTPUT, {"eth_type": 0x0800, "reg0": snat_from_gw},
                   [CT(commit=True, zone=F.SNAT_ZONE, snat=gateway_ip),
                    OutputReg(F.OUT_PORT)], **kw),
     ]

@@ -252,6 +252,10 @@ def test_nodeport_from_another_node_and_from_the_node_itself(nlab: Lab) -> None:
     got = request(node_argv(nlab, "node1"), [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080"])
     assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
                    f"{n1}:30080": f"web1 {gw1}"}
+    # A pod to its own node's node port (endpoint on the other node, and on its node).
+    got = replies(nlab, "default/client1", [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080"])
+    assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
+                   f"{n1}:30080": f"web1 {gw1}"}
 
 
 def test_external_traffic_policy_local(nlab: Lab) -> None:
@@ -315,6 +319,13 @@ def test_hairpin(nlab: Lab) -> None:
                        f"{VIP_HP}:53u": f"web1 {HAIRPIN_IP}"}
     assert replies(nlab, "default/client1", [f"{VIP_HP}:8080"]) == {
         f"{VIP_HP}:8080": f"web1 {ip['client1']}"}
+    # Through its own node's node port (externalTrafficPolicy Cluster): it enters OVS
+    # from the gateway with its own address, is DNATed to itself and SNATed to the
+    # gateway address (not the hairpin one: it must go to its port, not back out of
+    # the gateway).
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    assert replies(nlab, "default/web1", [f"{n1}:30080", f"{n1}:30080"]) == {
+        f"{n1}:30080": f"web1 {gw1}"}
 
 
 def test_session_affinity_client_ip(nlab: Lab) -> None:

@@ -109,6 +109,10 @@ def test_gateway_snat_flows_undo_before_the_main_zone() -> None:
     assert "nw_dst=10.244.1.1" in text["ConntrackZone"] and "nat)" in text["ConntrackZone"]
     assert "ct_mark=0x2/0x2" in text["ConntrackState"]
     assert "set_field:0x3->ct_mark" in text["ConntrackCommit"]
+    from flowcni.flows.hairpin import PRIO_HAIRPIN
+    from flowcni.flows.tenantservices import PRIO_HAIRPIN_OUT
+    out = next(f for f in gateway_snat_flows("10.244.1.1") if f.table == "Output")
+    assert out.priority > max(PRIO_HAIRPIN, PRIO_HAIRPIN_OUT)  # a pod via its node port
 
 
 def test_external_local_uses_a_group_of_local_endpoints_and_keeps_the_source() -> None:
