@@ -56,7 +56,12 @@ from flowcni.flows.clusterpolicy import KINDS as CLUSTER_POLICY_KINDS
 from flowcni.flows.clusterpolicy import ClusterPolicyEngine
 from flowcni.flows.model import Flow, gc_paused
 from flowcni.flows.node import Gateway, node_flows
-from flowcni.flows.nodeport import NODE_PORT_RANGE, NODEPORT_VIP
+from flowcni.flows.nodeport import (
+    GATEWAY_SNAT_OWNER,
+    NODE_PORT_RANGE,
+    NODEPORT_VIP,
+    gateway_snat_flows,
+)
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
     GATEWAY_CT_OWNER,
@@ -231,6 +236,8 @@ class Agent:
         for f in node_flows(self.gateway, PIPELINE):
             by_owner.setdefault(f.owner, []).append(f)
         by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
+        if a.proxy == "flowcni":  # Cluster-policy node ports: SNAT after the DNAT, in OVS
+            by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, self.gateway,

@@ -143,12 +143,15 @@ def uplink_of(node_ip: str) -> tuple[str, int]:
 # -- flowcni's Service proxy: steering Service traffic into br-int (flows.nodeport) ---------
 
 PROXY_RT_PROTO = 192  # routes of Service addresses to the gateway (apart from peers' routes)
-PROXY_MARK = 0x20000  # packet mark: masquerade to the gateway address (ext. policy Cluster)
+PROXY_MARK = 0x20000  # packet mark: masquerade to the gateway address (HostEntry.masquerade)
 
 
 def proxy_rules(entries: list[HostEntry], nodeport_vip: str) -> str:
     """The `ip flowcni-proxy` table: node ports DNATed to the NodePort VIP (routed
-    into br-int), Cluster-policy entries marked and masqueraded towards the gateway.
+    into br-int); entries asking for it (tenant node ports) marked and masqueraded
+    towards the gateway. The default network's externalTrafficPolicy Cluster is not
+    masqueraded here: OVS SNATs it after choosing the endpoint for the real client
+    (flows.nodeport.gateway_snat_flows), which sessionAffinity ClientIP needs.
 
     Node ports match any local address but loopback (`fib daddr type local`),
     in prerouting (from outside) and output (the node's own clients).

@@ -79,7 +79,10 @@ def with_affinity(flows: list[Flow], groups: list[Group], timeout: int,
         m: dict[str, Any] = dict(f.match)
         port_field = next(k for k in PROTOS if k in m)
         kw = dict(feature=f.feature, owner=f.owner, pipeline=pipeline)
-        out.append(Flow.make("ServiceLB", f.priority, m, [Resubmit("SessionAffinity")],
+        # Register loads before the group (a node port's SNAT_TO_GATEWAY) stay with
+        # the entry flow: registers survive the resubmit and the DNAT's recirculation.
+        regs = [a for a in f.actions if isinstance(a, Load)]
+        out.append(Flow.make("ServiceLB", f.priority, m, [*regs, Resubmit("SessionAffinity")],
                              goto="AffinityDNAT", **kw))
         out.append(Flow.make("AffinityDNAT", PRIO_NEW, m, [GroupAction(gid)], **kw))
         for dnat in dnats(gid):

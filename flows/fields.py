@@ -65,6 +65,11 @@ VIRTUAL_ROUTER_MAC = "aa:bb:cc:dd:ee:ff"
 # the node's conntrack undoes the rewrite, even when the reply's destination
 # is a pod this bridge (or the tunnel) could reach directly.
 CT_MARK_FROM_GATEWAY = 0x1
+# NODEPORT_SNAT: a connection to a node port (or external / LoadBalancer IP) of an
+# externalTrafficPolicy Cluster Service that entered from the gateway: its packets
+# towards the endpoint are SNATed to the gateway address in SNAT_ZONE at Output
+# (flows.nodeport.gateway_snat_flows), after the endpoint was chosen for the client.
+CT_MARK_NODEPORT_SNAT = 0x2
 
 # Tenant networks (flows/tenant.py): the tenant a packet belongs to, loaded by
 # Classifier (from the pod's port, or from the tunnel key) and matched by every
@@ -79,8 +84,18 @@ IN_TENANT = RegField("reg4", 16, 16)
 # bit, clear of SOURCE and of fields other features may add next to it.
 HAIRPIN_REPLY = RegField("reg0", 31, 31)
 
-# Conntrack zone of the hairpin SNAT: apart from the main zone (flows.model.CT_ZONE),
-# which already holds the connection's DNAT to the endpoint.
+# Node ports, externalTrafficPolicy Cluster (flows.nodeport.gateway_snat_flows):
+# SNAT_TO_GATEWAY is loaded by the Service's entry flow in ServiceLB (a new
+# connection) or by ConntrackState (a later packet, from CT_MARK_NODEPORT_SNAT), and
+# Output SNATs such a packet to the gateway address. GATEWAY_UNSNAT: a packet to the
+# gateway address has had that SNAT undone (or found none) in ConntrackZone, so its
+# recirculation there goes on to the main zone instead of looping.
+SNAT_TO_GATEWAY = RegField("reg0", 30, 30)
+GATEWAY_UNSNAT = RegField("reg0", 29, 29)
+
+# Conntrack zone of the SNATs done in OVS (hairpin, node ports with
+# externalTrafficPolicy Cluster, tenant node ports): apart from the main zone
+# (flows.model.CT_ZONE), which already holds the connection's DNAT to the endpoint.
 SNAT_ZONE = 0xFFF1
 
 # sessionAffinity ClientIP: the endpoint a client was given, loaded by the flow

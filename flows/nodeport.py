@@ -21,12 +21,18 @@ Service traffic into br-int through the gateway port:
 Replies: every connection that entered from the gateway carries the
 from-gateway conntrack mark (flows.services.gateway_reply_flows), so its
 replies go back to the gateway, where the node's conntrack undoes its own
-DNAT and masquerade.
+DNAT.
 
-externalTrafficPolicy Cluster: the node masquerades the connection to the
-gateway address (as kube-proxy masquerades to the node), so an endpoint on
-another node replies to this node. Local: no masquerade (the client's
-address reaches the endpoint) and only this node's endpoints are used.
+externalTrafficPolicy Cluster: the node does not masquerade (it only DNATs
+node ports to NODEPORT_VIP), so the client's address reaches OVS, which
+picks the endpoint for that client (sessionAffinity ClientIP is keyed on
+the real client, as kube-proxy's is) and DNATs; only then is the connection
+SNATed to the node's gateway address, in a conntrack zone of its own
+(gateway_snat_flows), so an endpoint on another node replies to this node.
+Its replies are un-SNATed, then un-DNATed, and go out of the gateway to the
+node. Local: no SNAT (the client's address reaches the endpoint) and only
+this node's endpoints are used. SCTP (NODE_MASQUERADED) is the exception: the
+node masquerades it before OVS, as it did for every protocol.
 internalTrafficPolicy Local: the ClusterIP uses only this node's endpoints.
 With a Local policy and no local endpoint the traffic is dropped, as
 kube-proxy does.
@@ -39,9 +45,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowcni.flows import fields as F
 from flowcni.flows.cookie import Feature
 from flowcni.flows.fields import ip_int
-from flowcni.flows.model import Action, Controller, Flow, GroupAction
+from flowcni.flows.model import CT, Action, Controller, Flow, GroupAction, Load, OutputReg
 from flowcni.flows.tables import DEFAULT, Pipeline
 
 # Link-local addresses the node never has: where the node's DNAT sends NodePort
@@ -55,6 +62,18 @@ PRIO_ENTRY = 200
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 POLICIES = ("Cluster", "Local")
 MAX_AFFINITY_TIMEOUT = 86400
+
+
+# Protocols whose externalTrafficPolicy Cluster connections the node masquerades (before
+# OVS picks the endpoint, so their affinity is keyed on the gateway address) instead of
+# OVS SNATing them after. OVS 3.1's userspace conntrack tracks SCTP by addresses only:
+# two clients' associations to one endpoint, both SNATed to the gateway address, would
+# need the same reply tuple, and the second one's SNAT fails (its INIT then reaches the
+# endpoint unSNATed, and the answer leaves the endpoint's node straight to the client:
+# measured, tests/datapath/test_nodeport.py test_sctp_two_external_clients...). The
+# node's own conntrack tells SCTP associations apart by port, so masquerading there
+# keeps every client working; they then share one OVS entry (one endpoint) per node.
+NODE_MASQUERADED = frozenset({"SCTP"})
 
 
 @dataclass(frozen=True)
@@ -202,7 +221,12 @@ def entry_flows(owner: str, exposure: Exposure, ports: Sequence[Any],
         targets += [(ip, sp.port) for ip in exposure.entry_ips]
         # Cluster policy, no endpoint at all: answer like a ClusterIP without
         # endpoints; Local policy, no local endpoint: drop, as kube-proxy does.
-        acts: list[Action] = ([GroupAction(gid)] if gid is not None and has
+        # Cluster policy: the connection is SNATed to the gateway address once its
+        # endpoint is chosen (gateway_snat_flows); the register bit says so. SCTP:
+        # the node masquerades it instead (NODE_MASQUERADED).
+        snat: list[Action] = ([] if exposure.external_local or sp.protocol in NODE_MASQUERADED
+                              else [Load(F.SNAT_TO_GATEWAY, 1)])
+        acts: list[Action] = ([*snat, GroupAction(gid)] if gid is not None and has
                               else [] if exposure.external_local else [Controller()])
         for ip, port in targets:
             flows.append(Flow.make("ServiceLB", PRIO_ENTRY, {"ipv4_dst": ip, proto: port},
@@ -218,7 +242,11 @@ class HostEntry:
 
     node_port: DNAT (to NODEPORT_VIP) connections to a local address on `port`;
     otherwise `ip`:`port` is an external/LoadBalancer IP (routed, not DNATed).
-    masquerade: externalTrafficPolicy Cluster.
+    masquerade: the node masquerades the connection to the gateway address: tenant
+    node ports (flows/tenantservices.py nodeport_flows SNATs them again, into the
+    tenant) and NODE_MASQUERADED protocols; the default network's other
+    Cluster-policy connections are SNATed in OVS after the endpoint is chosen
+    (gateway_snat_flows).
     """
 
     protocol: str   # tcp / udp / sctp
@@ -228,11 +256,75 @@ class HostEntry:
 
 
 def host_entries(exposure: Exposure, ports: Sequence[Any]) -> list[HostEntry]:
+    """The node ports of a default-network Service, and its external and LoadBalancer
+    IPs where the node masquerades (NODE_MASQUERADED, policy Cluster; otherwise they
+    are routed to the gateway as they are and need no entry)."""
     out = []
     for sp, np in zip(ports, exposure.node_ports, strict=True):
+        masq = not exposure.external_local and sp.protocol in NODE_MASQUERADED
         proto = sp.protocol.lower()
         if np is not None:
-            out.append(HostEntry(proto, np, not exposure.external_local))
-        out += [HostEntry(proto, sp.port, not exposure.external_local, ip)
-                for ip in exposure.entry_ips]
+            out.append(HostEntry(proto, np, masq))
+        if masq:
+            out += [HostEntry(proto, sp.port, True, ip) for ip in exposure.entry_ips]
     return out
+
+
+# -- SNAT to the gateway address (externalTrafficPolicy Cluster) -------------------------------
+
+GATEWAY_SNAT_OWNER = "nodeport-snat"
+PRIO_SNAT = 205          # ConntrackZone: above the main zone's 200
+# Output: above hairpin's (flows.hairpin PRIO_HAIRPIN, 210), which a pod reaching itself
+# through its own node's node port also matches (its address as source and
+# destination after the DNAT) but must not take: it came in from the gateway, and goes
+# to its port SNATed to the gateway address, not back out of the gateway.
+PRIO_SNAT_OUTPUT = 215
+PRIO_SNAT_EST = 195      # ConntrackState: above established (190), below invalid (200)
+PRIO_SNAT_COMMIT = 220   # ConntrackCommit: above the from-gateway commit (210)
+PRIO_SNAT_INGRESS = 205  # IngressRule: as the node's own traffic (flows.node PRIO_HOST)
+
+
+def gateway_snat_flows(gateway_ip: str, pipeline: Pipeline = DEFAULT) -> list[Flow]:
+    """The node's flows that SNAT Cluster-policy connections from the gateway to
+    `gateway_ip` once their endpoint is chosen, and undo it on their replies.
+
+    - ServiceLB's entry flow loads SNAT_TO_GATEWAY (entry_flows); ConntrackCommit
+      commits such a connection (from the gateway) with CT_MARK_NODEPORT_SNAT next
+      to the from-gateway mark, in the main zone, while the packet still has the
+      client's address (so the main zone's entry is the client's); ConntrackState
+      loads the bit again for the connection's later packets from that mark.
+    - Output SNATs a packet with the bit (from the gateway) in SNAT_ZONE: last, so
+      every main-zone lookup and commit has seen the client's address.
+    - IngressRule lets such a connection to a local endpoint in as it lets the
+      node's own traffic in (the node masqueraded it before: NetworkPolicy saw the
+      gateway address, which node_flows always allow).
+    - A packet to the gateway address (a reply from a local endpoint or over the
+      tunnel) is un-SNATed in SNAT_ZONE and recirculated into ConntrackZone with
+      GATEWAY_UNSNAT set, where the main zone un-DNATs it; it is then a reply of a
+      from-gateway connection and goes out of the gateway (gateway_reply_flows).
+      Anything else to the gateway address finds no entry there and goes on as before.
+    """
+    kw = dict(feature=Feature.SERVICE, owner=GATEWAY_SNAT_OWNER, pipeline=pipeline)
+    bit = F.SNAT_TO_GATEWAY.mask
+    from_gw = F.SOURCE.value(F.FROM_GATEWAY)
+    snat_from_gw = (from_gw[0] | bit, from_gw[1] | bit)
+    marks = F.CT_MARK_FROM_GATEWAY | F.CT_MARK_NODEPORT_SNAT
+    return [
+        Flow.make("ConntrackZone", PRIO_SNAT,
+                  {"eth_type": 0x0800, "ipv4_dst": gateway_ip,
+                   "reg0": F.GATEWAY_UNSNAT.value(0)},
+                  [Load(F.GATEWAY_UNSNAT, 1),
+                   CT(table="ConntrackZone", zone=F.SNAT_ZONE, nat="")], **kw),
+        Flow.make("ConntrackState", PRIO_SNAT_EST,
+                  {"eth_type": 0x0800, "ct_state": "-new-rpl+trk",
+                   "ct_mark": (F.CT_MARK_NODEPORT_SNAT, F.CT_MARK_NODEPORT_SNAT)},
+                  [Load(F.SNAT_TO_GATEWAY, 1)], goto="L3Forwarding", **kw),
+        Flow.make("IngressRule", PRIO_SNAT_INGRESS, {"reg0": snat_from_gw},
+                  goto="ConntrackCommit", **kw),
+        Flow.make("ConntrackCommit", PRIO_SNAT_COMMIT,
+                  {"eth_type": 0x0800, "ct_state": "+new+trk", "reg0": snat_from_gw},
+                  [CT(commit=True, mark=marks)], goto="Output", **kw),
+        Flow.make("Output", PRIO_SNAT_OUTPUT, {"eth_type": 0x0800, "reg0": snat_from_gw},
+                  [CT(commit=True, zone=F.SNAT_ZONE, snat=gateway_ip),
+                   OutputReg(F.OUT_PORT)], **kw),
+    ]

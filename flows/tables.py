@@ -61,10 +61,12 @@ PIPELINE: tuple[Table, ...] = (
        "anything else with the virtual router MAC",
        ["arp_op", "arp_tpa", "reg0"], []),
     _t("ConntrackZone", "all IP into conntrack (replies of allowed connections skip the rules); "
-       "a reply to the hairpin address has its SNAT undone first, then comes back here",
-       ["ipv4_dst"], ["ConntrackZone", "ConntrackState", "L3Forwarding"], miss="L3Forwarding"),
-    _t("ConntrackState", "invalid: drop; established, related and replies skip the rules",
-       ["ct_state"], ["L3Forwarding"], miss="ServiceLB"),
+       "a reply to the hairpin or gateway address has its SNAT undone first, then comes back "
+       "here", ["ipv4_dst", "reg0"], ["ConntrackZone", "ConntrackState", "L3Forwarding"],
+       miss="L3Forwarding"),
+    _t("ConntrackState", "invalid: drop; established, related and replies skip the rules "
+       "(a node-port connection to SNAT to the gateway is flagged on the way)",
+       ["ct_state", "ct_mark"], ["L3Forwarding"], miss="ServiceLB"),
     _t("ServiceLB", "new connections to a Service IP and port: its select group, whose "
        "buckets DNAT to one endpoint (committed) and continue in AdminEgress",
        ["ipv4_dst", *PORTS], ["SessionAffinity", "AffinityDNAT", EGRESS_POLICY],
@@ -113,7 +115,8 @@ PIPELINE: tuple[Table, ...] = (
        "entered from the gateway)",
        ["ct_state", "reg0"], ["Output"], miss="Output"),
     _t("Output", "output to the port in the output register; hairpin (a pod reaching "
-       "itself through a Service): SNAT to the hairpin address and back out of its port",
+       "itself through a Service): SNAT to the hairpin address and back out of its port; "
+       "node ports (externalTrafficPolicy Cluster): SNAT to the gateway address",
        ["ipv4_src", "ipv4_dst", "reg0"], [], miss=""),
 )
 

@@ -45,7 +45,7 @@ external traffic policy, naming them, for the log).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -120,6 +120,13 @@ def hairpin_owner(name: str) -> str:
     return f"tenant-hairpin:{name}"
 
 
+def _not_default_snat(actions: Iterable[Action]) -> list[Action]:
+    """`actions` without the default network's node-port SNAT flag (flows/nodeport.py
+    gateway_snat_flows): a tenant's node ports are SNATed into the tenant before their
+    endpoint is chosen (nodeport_flows), never to the default gateway address."""
+    return [a for a in actions if not (isinstance(a, Load) and a.field == F.SNAT_TO_GATEWAY)]
+
+
 def _in_zone(a: Action, zone: int) -> Action:
     """A ct() of the default zone moved to `zone`; a learn() also keyed by the tenant
     id (reg4), which the learned flow then matches as it was on the learning packet."""
@@ -150,7 +157,8 @@ def lift_flow(f: Flow, t: TenantNet, pipeline: Pipeline = DEFAULT) -> Flow:
     if prio <= PRIO_FALLTHROUGH:
         raise ValueError(f"{f.table}: lifted priority {prio} is not above the tenant "
                          f"fall-through ({PRIO_FALLTHROUGH})")
-    return Flow.make(f.table, prio, m, [_in_zone(a, t.vni) for a in f.actions], f.goto,
+    return Flow.make(f.table, prio, m, [_in_zone(a, t.vni) for a in _not_default_snat(f.actions)],
+                     f.goto,
                      feature=Feature.SERVICE, owner=service_owner(f.owner.split(":", 1)[1]),
                      pipeline=pipeline)
 
@@ -187,7 +195,7 @@ def lift_for_peer(f: Flow, x: TenantNet, key: str, gid_of: Callable[[int], int],
     wins), its groups' copies committing in x's zone (gid_of: original -> copy)."""
     own = lift_flow(f, x, pipeline)
     return Flow.make(f.table, own.priority - 1, dict(own.match),
-                     [_for_peer(a, x, gid_of) for a in f.actions], f.goto,
+                     [_for_peer(a, x, gid_of) for a in _not_default_snat(f.actions)], f.goto,
                      feature=Feature.SERVICE, owner=peer_owner(key, x.name), pipeline=pipeline)
 
 
@@ -316,8 +324,9 @@ def default_clusterip_flows(cluster_ips: list[str], pipeline: Pipeline = DEFAULT
 # -- node ports into a tenant ---------------------------------------------------------------
 #
 # The node's nftables DNAT a node port to NODEPORT_VIP (keeping the port) and masquerade
-# it to the node's gateway address (flows/nodeport.py, externalTrafficPolicy Cluster,
-# the only one a tenant Service gets), so it enters from the gateway with no tenant id:
+# it to the node's gateway address (flows/nodeport.py HostEntry.masquerade, which
+# controller/tenants.py asks for: unlike the default network's, a tenant's node port is
+# SNATed before its endpoint is chosen), so it enters from the gateway with no tenant id:
 #
 # - ServiceLB (no tenant id, NODEPORT_VIP, the port): the tenant id loaded, SNAT in the
 #   shared hairpin zone to the tenant's gateway address on this node (a tenant address

@@ -153,7 +153,7 @@ def run_demo(lab: Lab, keep: bool = False) -> int:
                    f"client -> 10.96.0.80:80 reached one endpoint: {got}")
         n1 = lab.node("node1").node_ip
         step(f"NodePort: the external host sends to node1's address {n1}:30080 "
-             "(steered into OVS by the node's nftables, masqueraded to node1's gateway)")
+             "(steered into OVS by the node's nftables, SNATed in OVS to node1's gateway)")
         # One segment: bigger bursts from the underlay lose their first try (the node
         # drops userspace-TSO packets larger than the gateway's MTU, see README).
         got = _tcp_to(lab, lab.external_ns, n1, 1000, ["web-1", "web-2"], port=30080)

@@ -5,13 +5,14 @@ connections to ClusterIPs.
 
 The endpoint servers answer with their name and the source address they saw,
 so a test tells which endpoint answered and whether the client's address was
-kept (Local) or masqueraded to the entry node's gateway (Cluster). A reply
+kept (Local) or SNATed to the entry node's gateway (Cluster). A reply
 that skipped the node's un-NAT would come from the wrong address: TCP clients
 reset it and connected UDP sockets never see it, so it shows as an error.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -27,7 +28,7 @@ from flowcni.datastore.manifests import load
 from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP
 from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
-from flowcni.lab.lab import EXTERNAL_UNDERLAY_IP, Lab
+from flowcni.lab.lab import EXTERNAL_IP, EXTERNAL_UNDERLAY_IP, Lab
 
 from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually
@@ -205,7 +206,7 @@ def nlab() -> Iterator[Lab]:
 def test_nodeport_from_the_external_host(nlab: Lab) -> None:
     """externalTrafficPolicy Cluster: node1's and node2's node ports reach the endpoint on
     either node, TCP and UDP; the endpoint sees the entry node's gateway address
-    (masqueraded, so a remote endpoint replies to the entry node)."""
+    (SNATed in OVS, so a remote endpoint replies to the entry node)."""
     n1, n2 = nlab.node("node1").node_ip, nlab.node("node2").node_ip
     gw1, gw2 = gateway_ip(nlab, "node1"), gateway_ip(nlab, "node2")
     got = request(netns.exec_argv(nlab.external_ns, []),
@@ -223,6 +224,10 @@ def test_nodeport_from_another_node_and_from_the_node_itself(nlab: Lab) -> None:
     got = request(node_argv(nlab, "node2"), [f"{n1}:30081", f"{n1}:30080"])
     assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30080": f"web1 {gw1}"}
     got = request(node_argv(nlab, "node1"), [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080"])
+    assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
+                   f"{n1}:30080": f"web1 {gw1}"}
+    # A pod to its own node's node port (endpoint on the other node, and on its node).
+    got = replies(nlab, "default/client1", [f"{n1}:30081", f"{n1}:30081u", f"{n1}:30080"])
     assert got == {f"{n1}:30081": f"web2 {gw1}", f"{n1}:30081u": f"web2 {gw1}",
                    f"{n1}:30080": f"web1 {gw1}"}
 
@@ -261,7 +266,7 @@ def test_internal_traffic_policy_local(nlab: Lab) -> None:
 
 def test_external_and_load_balancer_ips(nlab: Lab) -> None:
     """An external IP and a LoadBalancer ingress IP, routed to node1 by the external host,
-    reach the endpoint on node2 (masqueraded); a pod reaches the external IP too."""
+    reach the endpoint on node2 (SNATed to node1's gateway); a pod reaches the external IP too."""
     gw1 = gateway_ip(nlab, "node1")
     ip = {p.name: p.ip for p in nlab.pods()}
     got = request(netns.exec_argv(nlab.external_ns, []),
@@ -293,6 +298,13 @@ def test_hairpin(nlab: Lab) -> None:
                        f"{VIP_HP}:53u": f"web1 {HAIRPIN_IP}"}
     assert replies(nlab, "default/client1", [f"{VIP_HP}:8080"]) == {
         f"{VIP_HP}:8080": f"web1 {ip['client1']}"}
+    # Through its own node's node port (externalTrafficPolicy Cluster): it enters OVS
+    # from the gateway with its own address, is DNATed to itself and SNATed to the
+    # gateway address (not the hairpin one: it must go to its port, not back out of
+    # the gateway).
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    assert replies(nlab, "default/web1", [f"{n1}:30080", f"{n1}:30080"]) == {
+        f"{n1}:30080": f"web1 {gw1}"}
 
 
 def test_session_affinity_client_ip(nlab: Lab) -> None:
@@ -326,12 +338,26 @@ def test_sctp_through_a_node_port(nlab: Lab) -> None:
         n1: "web2 init", n2: "web2 init"}
 
 
+def test_sctp_two_external_clients_through_one_node_port(nlab: Lab) -> None:
+    """Two external clients' SCTP associations through node1's node port, one after the
+    other, without a conntrack flush between: both reach web2 (node2) and each INIT-ACK
+    comes back to its own client from the address and port it sent to (sctp_init
+    checks). SCTP is masqueraded by the node (flows/nodeport.py NODE_MASQUERADED): an
+    SNAT to the gateway in OVS would fail for the second client (OVS 3.1 tracks SCTP
+    without ports), whose INIT-ACK then came from web2's own address."""
+    n1 = nlab.node("node1").node_ip
+    ext = netns.exec_argv(nlab.external_ns, [])
+    got = {src: sctp_init(ext, n1, SCTP_NP, src) for src in (EXT_SRC, EXTERNAL_IP)}
+    assert got == {EXT_SRC: "web2 init", EXTERNAL_IP: "web2 init"}, got
+
+
 def test_session_affinity_through_a_node_port(nlab: Lab) -> None:
     """sessionAffinity ClientIP through node ports, externalTrafficPolicy Cluster, two
     endpoints (web1, web2): from the external host, ten TCP connections and ten UDP
     sockets through each node's node port each stay on the endpoint the first one got
-    (1 in 2**9 by chance). Each node learns the client as it sees it, its own gateway
-    address after the masquerade (flows/nodeport.py), towards the node-port address."""
+    (1 in 2**9 by chance), and the endpoint sees the entry node's gateway address. Each
+    node learns the external client's own address (the SNAT to the gateway comes after
+    the endpoint is chosen, flows/nodeport.py), towards the node-port address."""
     ext = netns.exec_argv(nlab.external_ns, [])
     for node in ("node1", "node2"):
         nip, gw = nlab.node(node).node_ip, gateway_ip(nlab, node)
@@ -344,8 +370,10 @@ def test_session_affinity_through_a_node_port(nlab: Lab) -> None:
         table = nlab.node(node).ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
                                           f"table={DEFAULT.id('SessionAffinity')}")
         learned = [ln for ln in table.splitlines()
-                   if f"nw_src={gw}," in ln and f"nw_dst={NODEPORT_VIP}," in ln]
+                   if f"nw_src={EXT_SRC}," in ln and f"nw_dst={NODEPORT_VIP}," in ln]
         assert len([ln for ln in learned if "tp_dst=30087" in ln]) == 2, table  # TCP, UDP
+        assert not [ln for ln in table.splitlines()
+                    if f"nw_src={gw}," in ln and "tp_dst=30087" in ln], table
         assert all(f"idle_timeout={AFFINITY_TIMEOUT}" in ln for ln in learned), learned
 
 
@@ -358,7 +386,8 @@ def test_sctp_session_affinity_through_a_node_port(nlab: Lab) -> None:
     conntrack entry whatever the affinity. node1's OVS conntrack is flushed before
     each association, so each is new to OVS and meets ServiceLB: what keeps them on
     one endpoint is then the flow node1 learned, whose packet count shows each of the
-    five later INITs went through it."""
+    five later INITs went through it. It is keyed on node1's gateway address: the node
+    masquerades SCTP before OVS (flows/nodeport.py NODE_MASQUERADED)."""
     ovs = nlab.node("node1").ovs
     n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
     ext = netns.exec_argv(nlab.external_ns, [])
@@ -376,6 +405,105 @@ def test_sctp_session_affinity_through_a_node_port(nlab: Lab) -> None:
     assert eventually(lambda: len(learned()) == 1 and int(re.search(  # type: ignore[union-attr]
         r"n_packets=(\d+)", learned()[0]).group(1)) >= 5, timeout=20), learned()
     assert "sctp," in learned()[0] and f"idle_timeout={AFFINITY_TIMEOUT}" in learned()[0]
+
+
+# One TCP connection (or UDP socket, target suffix u) per target from the source address
+# argv[1]: the external host has two, its underlay address and EXTERNAL_IP on its lo.
+FROM_SOURCE = r"""
+import json, socket, sys
+out = []
+for t in json.loads(sys.argv[2]):
+    ip, port = t.rsplit(":", 1)
+    udp = port.endswith("u")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.bind((sys.argv[1], 0)); s.connect((ip, int(port.rstrip("u")))); s.send(b"ping")
+        out.append(s.recv(2000).decode())
+    except OSError as e:
+        out.append(f"ERR {type(e).__name__} {e}")
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def from_source(lab: Lab, src: str, targets: list[str]) -> list[str]:
+    p = subprocess.run(netns.exec_argv(lab.external_ns, [sys.executable, "-c", FROM_SOURCE,
+                                                         src, json.dumps(targets)]),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return list(json.loads(p.stdout))
+
+
+def test_session_affinity_through_a_node_port_is_per_external_client(nlab: Lab) -> None:
+    """Two external clients (the external host's two addresses) through node1's node port
+    with sessionAffinity, externalTrafficPolicy Cluster: node1 learns one entry per
+    client, keyed on the client's own address (not on node1's gateway address, which
+    would make every client entering node1 share one endpoint), each client's ten TCP
+    connections and ten UDP sockets stay on its endpoint, and the endpoint sees node1's
+    gateway address as the source (the SNAT, after the endpoint was chosen)."""
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    ovs = nlab.node("node1").ovs
+
+    def learned(src: str, proto: str) -> list[str]:
+        table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                          f"table={DEFAULT.id('SessionAffinity')}")
+        return [ln for ln in table.splitlines() if f"{proto},nw_src={src}," in ln
+                and f"nw_dst={NODEPORT_VIP}," in ln and "tp_dst=30087" in ln]
+
+    def one_learned(src: str, proto: str) -> bool:
+        return len(learned(src, proto)) == 1
+    for src in (EXT_SRC, EXTERNAL_IP):
+        for target, proto in ((f"{n1}:30087", "tcp"), (f"{n1}:30087u", "udp")):
+            first = from_source(nlab, src, [target])[0]
+            assert first in (f"web1 {gw1}", f"web2 {gw1}"), (src, target, first)
+            # The learned flow is what keeps the later ones there (one per client).
+            assert eventually(functools.partial(one_learned, src, proto), timeout=20), \
+                (src, proto)
+            got = set(from_source(nlab, src, [target] * 9))
+            assert got == {first}, (src, target, first, got)
+    table = ovs.ofctl("-O", "OpenFlow13", "dump-flows", "br-int",
+                      f"table={DEFAULT.id('SessionAffinity')}")
+    assert not [ln for ln in table.splitlines()  # (SCTP is masqueraded by the node)
+                if f"nw_src={gw1}," in ln and "tp_dst=30087" in ln], table
+
+
+def test_network_policy_sees_a_cluster_node_port_as_the_entry_node(nlab: Lab) -> None:
+    """A policy on web1 that admits only role=client pods: the external host still
+    reaches web1 through node1's node port (web1's own node: the connection is let in
+    as the node's own traffic, as when the node masqueraded it to its gateway
+    address, which NetworkPolicy always allows), but not through node2's (it arrives
+    from node2's gateway address, which the policy does not admit), while a client pod
+    still reaches web1 through the ClusterIP."""
+    n1, n2, gw1 = nlab.node("node1").node_ip, nlab.node("node2").node_ip, gateway_ip(
+        nlab, "node1")
+    pol = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web1-clients, namespace: default}
+spec:
+  podSelector: {matchLabels: {w: "1"}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+"""
+    store = nlab.store()
+    objs = load(pol)
+    for kind, ns, name, body in objs:
+        store.put(kind, ns, name, body)
+    nlab.wait_realized(timeout=30)
+    try:
+        ip = {p.name: p.ip for p in nlab.pods()}
+        got = request(netns.exec_argv(nlab.external_ns, []), [f"{n1}:30080", f"{n2}:30080"])
+        assert got[f"{n1}:30080"] == f"web1 {gw1}", got
+        assert got[f"{n2}:30080"].startswith("ERR"), got
+        assert replies(nlab, "default/client2", [f"{VIP_NPL}:8080"]) == {
+            f"{VIP_NPL}:8080": f"web1 {ip['client2']}"}
+    finally:
+        for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        nlab.wait_realized(timeout=30)
+    assert request(netns.exec_argv(nlab.external_ns, []), [f"{n2}:30080"]) == {
+        f"{n2}:30080": f"web1 {gateway_ip(nlab, 'node2')}"}
 
 
 HEALTH_GET = r"""

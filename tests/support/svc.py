@@ -139,6 +139,8 @@ SCTP_CLIENT = SCTP_COMMON + r"""
 import sys, time
 ip, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 132); s.settimeout(0.5)
+if len(sys.argv) > 3:
+    s.bind((sys.argv[3], 0))  # the source address (a raw socket sends from its bound one)
 sport = 20000 + os.getpid() % 20000; tag = int.from_bytes(os.urandom(4), "big") | 1
 s.sendto(packet(sport, port, 0, 1, tag), (ip, 0))
 deadline = time.monotonic() + 3
@@ -167,9 +169,11 @@ def start_sctp_responder(argv_prefix: list[str], name: str, port: int) -> subpro
     return p
 
 
-def sctp_init(argv_prefix: list[str], ip: str, port: int) -> str:
-    """Start an SCTP association to ip:port; "<responder name> init", or "ERR ..."."""
-    p = subprocess.run([*argv_prefix, sys.executable, "-c", SCTP_CLIENT, ip, str(port)],
+def sctp_init(argv_prefix: list[str], ip: str, port: int, source: str = "") -> str:
+    """Start an SCTP association to ip:port (from `source`, or the address routing
+    picks); "<responder name> init", or "ERR ..."."""
+    p = subprocess.run([*argv_prefix, sys.executable, "-c", SCTP_CLIENT, ip, str(port),
+                        *([source] if source else [])],
                        capture_output=True, text=True, timeout=30)
     return p.stdout.strip() or f"ERR {p.stderr.strip()}"
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from flowcni.controller.hostnet import proxy_rules
 from flowcni.datastore.manifests import ManifestError, load
-from flowcni.flows.model import Controller, GroupAction
-from flowcni.flows.nodeport import NODEPORT_VIP, HostEntry
+from flowcni.flows import fields as F
+from flowcni.flows.model import Controller, GroupAction, Load, Resubmit
+from flowcni.flows.nodeport import NODEPORT_VIP, HostEntry, gateway_snat_flows
 from flowcni.flows.services import ServiceError, ServiceProxy, parse_service
 from flowcni.flows.tables import DEFAULT
 
@@ -75,8 +76,43 @@ def test_bad_load_balancer_ip_is_refused_by_name() -> None:
 def test_cluster_policy_node_port_uses_the_clusterip_group() -> None:
     _, flows, groups = proxy(BASE)
     cip, np = lb_flow(flows, "10.96.0.10", 80), lb_flow(flows, NODEPORT_VIP, 30080)
-    assert cip.actions == np.actions and isinstance(np.actions[0], GroupAction)
-    assert group_ips(groups, np.actions[0].group_id) == ["10.244.1.5", "10.244.2.5"]
+    # The same group, with the flag that has OVS SNAT the connection to the gateway
+    # address once the endpoint is chosen (flows.nodeport.gateway_snat_flows).
+    assert np.actions == (Load(F.SNAT_TO_GATEWAY, 1), *cip.actions)
+    assert isinstance(cip.actions[0], GroupAction)
+    assert group_ips(groups, cip.actions[0].group_id) == ["10.244.1.5", "10.244.2.5"]
+
+
+def test_cluster_policy_node_port_with_affinity_keeps_the_snat_flag() -> None:
+    _, flows, _ = proxy({**BASE, "sessionAffinity": "ClientIP"})
+    np, cip = lb_flow(flows, NODEPORT_VIP, 30080), lb_flow(flows, "10.96.0.10", 80)
+    assert np.actions == (Load(F.SNAT_TO_GATEWAY, 1), Resubmit("SessionAffinity"))
+    assert cip.actions == (Resubmit("SessionAffinity"),)
+
+
+def test_sctp_cluster_policy_is_masqueraded_by_the_node_not_flagged() -> None:
+    spec = {**BASE, "externalIPs": ["203.0.113.1"], "ports": [
+        *BASE["ports"], {"name": "s", "port": 99, "protocol": "SCTP", "nodePort": 30099}]}
+    sp, flows, _ = proxy(spec)
+    sctp = [f for f in flows if "sctp_dst" in dict(f.match)]
+    assert sctp and all(not isinstance(a, Load) for f in sctp for a in f.actions)
+    assert sp.host_view()[0] == [HostEntry("sctp", 30099, True),
+                                 HostEntry("tcp", 30080, False),
+                                 HostEntry("sctp", 99, True, "203.0.113.1")]
+    sp, _, _ = proxy({**spec, "externalTrafficPolicy": "Local"})
+    assert sp.host_view()[0] == [HostEntry("sctp", 30099, False), HostEntry("tcp", 30080, False)]
+
+
+def test_gateway_snat_flows_undo_before_the_main_zone() -> None:
+    text = {f.table: f.ofctl() for f in gateway_snat_flows("10.244.1.1")}
+    assert "nat(src=10.244.1.1)" in text["Output"] and f"zone={F.SNAT_ZONE}" in text["Output"]
+    assert "nw_dst=10.244.1.1" in text["ConntrackZone"] and "nat)" in text["ConntrackZone"]
+    assert "ct_mark=0x2/0x2" in text["ConntrackState"]
+    assert "set_field:0x3->ct_mark" in text["ConntrackCommit"]
+    from flowcni.flows.hairpin import PRIO_HAIRPIN
+    from flowcni.flows.tenantservices import PRIO_HAIRPIN_OUT
+    out = next(f for f in gateway_snat_flows("10.244.1.1") if f.table == "Output")
+    assert out.priority > max(PRIO_HAIRPIN, PRIO_HAIRPIN_OUT)  # a pod via its node port
 
 
 def test_external_local_uses_a_group_of_local_endpoints_and_keeps_the_source() -> None:
@@ -88,7 +124,7 @@ def test_external_local_uses_a_group_of_local_endpoints_and_keeps_the_source() -
     assert group_ips(groups, np.actions[0].group_id) == ["10.244.1.5"]
     assert ext.actions == np.actions
     entries, ips = sp.host_view()
-    assert entries == [HostEntry("tcp", 30080, False), HostEntry("tcp", 80, False, "203.0.113.1")]
+    assert entries == [HostEntry("tcp", 30080, False)]  # external IPs: routed, no rule
     assert ips == ["10.96.0.10", "203.0.113.1"]
 
 
@@ -96,7 +132,7 @@ def test_internal_local_clusterip_and_cluster_node_port() -> None:
     _, flows, groups = proxy({**BASE, "internalTrafficPolicy": "Local"})
     cip, np = lb_flow(flows, "10.96.0.10", 80), lb_flow(flows, NODEPORT_VIP, 30080)
     assert group_ips(groups, cip.actions[0].group_id) == ["10.244.1.5"]
-    assert group_ips(groups, np.actions[0].group_id) == ["10.244.1.5", "10.244.2.5"]
+    assert group_ips(groups, np.actions[-1].group_id) == ["10.244.1.5", "10.244.2.5"]
 
 
 def test_local_policy_without_local_endpoints_drops_cluster_without_any_rejects() -> None:
