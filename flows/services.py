@@ -389,8 +389,10 @@ class ServiceProxy:
         self.gids: dict[int, str] = {}          # group id -> "ns/name/index"
         self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
         self.by_ns: dict[str, dict[str, PodInfo]] = {}  # namespace -> pod key -> pod
-        # (namespace, label, value) -> pod keys: a selector's candidates without a scan
-        self.by_label: dict[tuple[str, str, str], set[str]] = {}
+        # (namespace, label, value) -> pod keys: a selector's candidates without a
+        # scan. Built on the first selector-based endpoint lookup, not before: with
+        # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
+        self._by_label: dict[tuple[str, str, str], set[str]] | None = None
         self.built: dict[str, tuple[list[Flow], list[Group]]] = {}
         # service key -> (what its flows and groups are computed from, them): a
         # change that leaves a Service's inputs as they were costs no rebuild.
@@ -504,7 +506,8 @@ class ServiceProxy:
             pods: Iterable[PodInfo] = in_ns.values()
         else:
             # Pods carrying every selector label: the index's sets, smallest first.
-            sets = sorted((self.by_label.get((svc.namespace, k, v), set())
+            by_label = self.by_label
+            sets = sorted((by_label.get((svc.namespace, k, v), set())
                            for k, v in svc.selector), key=len)
             keys = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
             pods = (in_ns[k] for k in keys)
@@ -533,16 +536,30 @@ class ServiceProxy:
     def _set_pod(self, key: str, pod: PodInfo | None) -> PodInfo | None:
         """Put (or with None remove) a pod, keeping the per-namespace index; the old one."""
         old = self.pods.pop(key, None)
+        by_label = self._by_label
         if old is not None:
             self.by_ns.get(old.namespace, {}).pop(key, None)
-            for k, v in old.labels.items():
-                self.by_label.get((old.namespace, k, v), set()).discard(key)
+            if by_label is not None:
+                for k, v in old.labels.items():
+                    by_label.get((old.namespace, k, v), set()).discard(key)
         if pod is not None:
             self.pods[key] = pod
             self.by_ns.setdefault(pod.namespace, {})[key] = pod
-            for k, v in pod.labels.items():
-                self.by_label.setdefault((pod.namespace, k, v), set()).add(key)
+            if by_label is not None:
+                for k, v in pod.labels.items():
+                    by_label.setdefault((pod.namespace, k, v), set()).add(key)
         return old
+
+    @property
+    def by_label(self) -> dict[tuple[str, str, str], set[str]]:
+        """The label index, built from the pods on first use and kept in step after."""
+        if self._by_label is None:
+            idx: dict[tuple[str, str, str], set[str]] = {}
+            for key, pod in self.pods.items():
+                for k, v in pod.labels.items():
+                    idx.setdefault((pod.namespace, k, v), set()).add(key)
+            self._by_label = idx
+        return self._by_label
 
     @staticmethod
     def _slice_service(body: dict[str, Any] | None) -> str | None:
