@@ -316,6 +316,10 @@ class Agent:
         metrics.DATASTORE_RESYNCS.inc()
         with gc_paused():
             self._load(store)
+        if isinstance(store, Store):
+            # this thread's connection and its page cache (up to 2 MB) would stay
+            # for good; the next read from this thread, if any, opens a new one
+            store.close()
         self.heap.trim_now()  # the initial list's intermediate objects (see heap.py)
         # What the initial load built lives as long as the agent: one collection
         # (the load's own cyclic garbage), then out of the cyclic collector's sight

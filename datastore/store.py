@@ -305,9 +305,9 @@ class Store:
 
     @_unavailable_as_error
     def objects(self, kind: str) -> list[dict[str, Any]]:
-        rows = self._db().execute("SELECT body FROM objects WHERE kind=? ORDER BY namespace, name",
-                                  (kind,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        # row by row: an initial list's raw JSON is never all held next to its decode
+        return [json.loads(r[0]) for r in self._db().execute(
+            "SELECT body FROM objects WHERE kind=? ORDER BY namespace, name", (kind,))]
 
     # -- the tenant networks' VNIs (datastore/tenantconv.py resolve) -------------------
 
