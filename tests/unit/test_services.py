@@ -316,3 +316,23 @@ def test_pod_from_body_with_a_memo_shares_repeats_and_gives_the_same_pods() -> N
                          (c, "ccc", {"app": "web", "odd": ["x"]})):
         assert p == pod_from_body(body(n, labels)) == PodInfo(
             "d", n, labels, f"10.0.0.{len(n)}", "n1", (("http", 80, "TCP"),))
+
+
+def test_the_label_index_is_built_on_first_use_and_then_kept_in_step() -> None:
+    p = ServiceProxy()
+    p.load([], [pod("a", "10.244.1.2", {"app": "web"}, [("http", 80)]),
+                pod("b", "10.244.1.3", {"app": "db"}, [("http", 80)])])
+    assert p._by_label is None  # no Service: no index
+    # A pod changing labels before the first Service: the index, built later, sees it.
+    p.apply([Change("Pod", "d", "b", "put", pod("b", "10.244.1.3", {"app": "web"},
+                                                [("http", 80)]))])
+    assert p._by_label is None
+    flows, _, _ = p.apply([Change("Service", "d", "web", "put", svc())])
+    assert p._by_label is not None
+    assert [ip for ip, _ in p.port_endpoints(p.services["d/web"])[0]] == [
+        "10.244.1.2", "10.244.1.3"]
+    # After it exists, pod changes keep it in step: a pod leaving the selector goes.
+    p.apply([Change("Pod", "d", "a", "put", pod("a", "10.244.1.2", {"app": "db"},
+                                                [("http", 80)]))])
+    assert [ip for ip, _ in p.port_endpoints(p.services["d/web"])[0]] == ["10.244.1.3"]
+    assert p.by_label == {("d", "app", "web"): {"d/b"}, ("d", "app", "db"): {"d/a"}}
