@@ -40,7 +40,7 @@ from flowcni.controller.dpcache import (
 )
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.healthcheck import HealthChecks
-from flowcni.controller.heap import HeapTrimmer
+from flowcni.controller.heap import HeapTrimmer, cap_arenas
 from flowcni.controller.hostnet import HostNetError
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
@@ -686,6 +686,7 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cap_arenas()  # before any thread (controller/heap.py)
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
