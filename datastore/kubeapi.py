@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import yaml
-
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -150,6 +148,8 @@ def _data(where: str, field: str, value: Any) -> bytes:
 
 def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
     """The current (or named) context of a kubeconfig file."""
+    import yaml  # only here: an in-cluster agent has no kubeconfig (1 MB of RSS)
+
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
