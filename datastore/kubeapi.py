@@ -30,7 +30,7 @@ import socket
 import ssl
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -60,7 +60,7 @@ class Credentials:
 
     server: str
     ssl_context: ssl.SSLContext | None = None  # None: plain HTTP (the fake API server)
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line
     token_file: str | None = None
 
     def authorization(self) -> str | None:
@@ -197,7 +197,8 @@ def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
         ca_file = (file(cluster["certificate-authority"])
                    if cluster.get("certificate-authority") and ca_data is None else None)
         try:
-            tls = _tls(ca_file, ca_data, bool(cluster.get("insecure-skip-tls-verify")), cert)
+            # only YAML's true turns verification off (a quoted "false" is a string)
+            tls = _tls(ca_file, ca_data, cluster.get("insecure-skip-tls-verify") is True, cert)
         except (OSError, ssl.SSLError, ValueError) as e:
             raise ConfigError(f"{where}: TLS settings: {e}") from e
     token = user.get("token")
@@ -252,7 +253,9 @@ class Client:
     def __init__(self, creds: Credentials) -> None:
         self.creds = creds
         u = urlsplit(creds.server)
-        self.scheme, self.host, self.port = u.scheme, u.hostname or "", u.port
+        # the port always given: http.client would split a bare IPv6 host at its last colon
+        self.scheme, self.host = u.scheme, u.hostname or ""
+        self.port = u.port or (443 if u.scheme == "https" else 80)
         self.base_path = u.path.rstrip("/")
 
     def get(self, path: str, query: dict[str, Any], connect_timeout: float,

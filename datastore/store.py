@@ -240,8 +240,14 @@ class Store:
         cur = db.execute("INSERT INTO log (kind, namespace, name, op) VALUES (?,?,?,?)",
                          (kind, ns, name, op))
         rev = int(cur.lastrowid or 0)
-        if op == "delete" and rev % self._check_every == 0:
-            self._forget_tombstones(db)
+        if op == "delete":
+            # Checked when the deletions cross a multiple of _check_every revisions since
+            # the previous one, not when this revision is one: writes in a fixed cycle (a
+            # put and a delete per pod record) may never land a delete on a multiple.
+            prev = db.execute("SELECT MAX(rev) FROM log WHERE op='delete' AND rev < ?",
+                              (rev,)).fetchone()[0] or 0
+            if rev // self._check_every != prev // self._check_every:
+                self._forget_tombstones(db)
         return rev
 
     def _forget_tombstones(self, db: sqlite3.Connection) -> None:

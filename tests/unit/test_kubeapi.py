@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
-from flowcni.datastore.kubeapi import ApiError, Client, ConfigError, from_kubeconfig, in_cluster
+from flowcni.datastore.kubeapi import (
+    ApiError,
+    Client,
+    ConfigError,
+    Credentials,
+    from_kubeconfig,
+    in_cluster,
+)
 
 from tests.support.fakeapi import FakeAPIServer, node_obj
 
@@ -139,3 +146,18 @@ def test_error_statuses_carry_the_servers_message(tmp_path: Path) -> None:
         with pytest.raises(ApiError) as e:
             client.get("/api/v1/nothings", {}, 5, 5)
         assert e.value.status == 404 and "could not find the requested resource" in str(e.value)
+
+
+def test_default_ports_quoted_booleans_and_no_token_in_repr(tmp_path: Path) -> None:
+    """A server without a port gets the scheme's (a bare IPv6 host is not split at its
+    last colon); only YAML's true skips verification, not the string "false"; the token
+    never shows in a repr (which can end up in a log line)."""
+    c = Client(Credentials("https://[fd00::1]", token="s3cret"))
+    assert (c.host, c.port) == ("fd00::1", 443)
+    assert Client(Credentials("http://10.0.0.1")).port == 80
+    assert "s3cret" not in repr(c.creds)
+    creds = from_kubeconfig(_kubeconfig(
+        tmp_path / "kc", {"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": "false"},
+        {"token": "t"}))
+    assert creds.ssl_context is not None
+    assert creds.ssl_context.verify_mode == ssl.CERT_REQUIRED and creds.ssl_context.check_hostname

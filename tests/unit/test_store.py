@@ -154,3 +154,17 @@ def test_a_watcher_behind_the_horizon_relists(tmp_path: Path) -> None:
     want[("Node", "", "x")] = {"name": "x"}
     assert state == want
     assert any(c.op == "delete" and c.name == "old0" for b in batches for c in b)
+
+
+def test_log_stays_bounded_when_deletes_never_land_on_a_check_revision(tmp_path: Path) -> None:
+    """A put and a delete per object (what pod records do on CNI ADD and DEL): every
+    delete lands on an odd revision, never on a multiple of the check interval; the
+    deletions are still forgotten past max_tombstones."""
+    path = tmp_path / "s.db"
+    s = Store(str(path), max_tombstones=64)
+    s.put("Namespace", "", "default", {"name": "default"})
+    for i in range(1000):
+        s.put("Pod", "default", f"p{i}", {"name": f"p{i}"})
+        s.delete("Pod", "default", f"p{i}")
+    assert s.horizon() > 0
+    assert _log_rows(path) <= 1 + 64 + 16
