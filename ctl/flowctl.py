@@ -116,7 +116,12 @@ def _tenant_owners(n: NodeAgent, name: str) -> set[str]:
     names them (its own, its pods', its Services', and those every tenant shares);
     empty: no such tenant."""
     t = next((t for t in n.call("tenants")["tenants"] if t["name"] == name), None)
-    return set() if t is None else {*t["owners"], *t["shared_owners"]}
+    if t is None:
+        return set()
+    if "owners" not in t:  # an agent from before the owners were named by the agent
+        raise CLIError(f"node {n.name}: its agent does not name tenant {name}'s flows "
+                       "(older than this flowctl); upgrade the agent")
+    return {*t["owners"], *t.get("shared_owners", ())}
 
 
 def cmd_tenants(a: argparse.Namespace) -> int:

@@ -54,3 +54,20 @@ def test_owners_cover_every_flow_of_the_tenant(tmp_path: Any) -> None:
                          | _matching(fs, 202))
     row = next(r for r in t.describe() if r["name"] == "blue")
     assert row["owners"] == sorted(owners) and "tenants" in row["shared_owners"]
+
+
+def test_flowctl_names_an_agent_too_old_to_name_tenant_owners() -> None:
+    """An agent whose `tenants` reply has no owners (older than this flowctl): a clear
+    error naming the node, not a KeyError; an unknown tenant is still "none"."""
+
+    import pytest
+    from flowcni.ctl import flowctl
+    from flowcni.ctl.providers import NodeAgent
+
+    class Old:
+        def call(self, verb: str, **args: Any) -> dict[str, Any]:
+            return {"tenants": [{"name": "blue", "vni": 7}]}
+    n = NodeAgent("node1", Old())
+    assert flowctl._tenant_owners(n, "red") == set()
+    with pytest.raises(flowctl.CLIError, match="node node1: its agent does not name"):
+        flowctl._tenant_owners(n, "blue")
