@@ -9,9 +9,10 @@ No probe is retried and no datapath revalidation is waited for: a realized
 change must be in force in the datapath cache too. Every connected probe that
 policy denies is wrong; an allowed pair is wrong when every one of its probes
 in the window failed (a single lost SYN on this shared machine is not a
-verdict; a stale drop blocks them all), and when two of its probes in a row
-failed while the same two pods connected on the other port, also allowed, in
-between (a stall of either pod, node or switch would have blocked that too:
+verdict; a stale drop blocks them all), when one of its probes failed while
+the same two pods connected on the other port, also allowed, during it, and
+when two of its probes in a row failed while they connected on the other port
+in between (a stall of either pod, node or switch would have blocked that too:
 a drop that mends itself within the window).
 
 FLOWCNI_CHURN_CHANGES (default 500) and FLOWCNI_CHURN_SEED tune the random
@@ -314,6 +315,14 @@ def test_random_churn_every_probe_matches_the_model(clab: Lab) -> None:
                 continue
             other = [p for p in blocked.get((src, dst, PORTS[PORTS.index(port) - 1]), ())
                      if p.ok]
+            # one failed probe is wrong too when, during it, the same two pods connected
+            # on the other port (also allowed): the path worked, this port's did not
+            lone = next((a for a in probes if not a.ok and any(
+                a.start <= c.start and c.end <= a.end for c in other)), None)
+            if lone is not None:
+                bad(what, realized, world, lone, "blocked while the other port connected",
+                    "allow")
+                continue
             for a, b in itertools.pairwise(sorted(probes, key=lambda p: p.start)):
                 if not a.ok and not b.ok and any(a.start <= c.start and c.end <= b.end
                                                  for c in other):
