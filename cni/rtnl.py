@@ -23,6 +23,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 NETLINK_ROUTE = 0
@@ -263,10 +264,10 @@ class Rtnl:
                 out.append((str(ipaddress.IPv4Address(raw)), idx))
         return out
 
-    def routes(self, proto: int) -> list[str]:
-        """Destinations ("10.0.0.0/24") of the main table's IPv4 routes of protocol `proto`."""
+    def _main_routes(self) -> Iterator[tuple[int, int, dict[int, bytes]]]:
+        """(prefix length, protocol, attributes) of each IPv4 route of the main table:
+        the one dump `routes` and `has_default_route` read."""
         body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        out = []
         for t, p in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
             if t != RTM_NEWROUTE:
                 continue
@@ -275,10 +276,16 @@ class Rtnl:
             tab = a.get(RTA_TABLE)
             if tab is not None:
                 table = struct.unpack("=I", tab)[0]
-            if table != RT_TABLE_MAIN or rproto != proto:
-                continue
-            dst = a.get(RTA_DST)
-            out.append(f"{ipaddress.IPv4Address(dst) if dst else '0.0.0.0'}/{dst_len}")
+            if table == RT_TABLE_MAIN:
+                yield dst_len, rproto, a
+
+    def routes(self, proto: int) -> list[str]:
+        """Destinations ("10.0.0.0/24") of the main table's IPv4 routes of protocol `proto`."""
+        out = []
+        for dst_len, rproto, a in self._main_routes():
+            if rproto == proto:
+                dst = a.get(RTA_DST)
+                out.append(f"{ipaddress.IPv4Address(dst) if dst else '0.0.0.0'}/{dst_len}")
         return out
 
     def route(self, op: str, dst: str, proto: int, gateway: str | None = None,
@@ -313,17 +320,7 @@ class Rtnl:
 
     def has_default_route(self) -> bool:
         """Whether the main table holds an IPv4 default route."""
-        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        for t, p in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
-            if t != RTM_NEWROUTE:
-                continue
-            _fam, dst_len, _s, _tos, table, _proto, _scope, _type, _fl = _RTMSG.unpack_from(p)
-            tab = parse_attrs(p, _RTMSG.size).get(RTA_TABLE)
-            if tab is not None:
-                table = struct.unpack("=I", tab)[0]
-            if dst_len == 0 and table == RT_TABLE_MAIN:
-                return True
-        return False
+        return any(dst_len == 0 for dst_len, _proto, _a in self._main_routes())
 
     # -- neighbours --------------------------------------------------------
 
