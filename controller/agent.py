@@ -61,6 +61,8 @@ from flowcni.flows.nodeport import (
     NODE_PORT_RANGE,
     NODEPORT_VIP,
     gateway_snat_flows,
+    read_ephemeral_range,
+    snat_port_range,
 )
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
@@ -236,8 +238,13 @@ class Agent:
         for f in node_flows(self.gateway, PIPELINE):
             by_owner.setdefault(f.owner, []).append(f)
         by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
+        # The node-port SNAT's source ports: clear of the node's own (read now, in the
+        # node's namespace) and of node ports (flows/nodeport.py SNAT_PORTS says why).
         if a.proxy == "flowcni":  # Cluster-policy node ports: SNAT after the DNAT, in OVS
-            by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE)
+            self.snat_ports = snat_port_range(read_ephemeral_range(), cfg.node_ports)
+            LOG.info("node-port SNAT source ports %d-%d", *self.snat_ports)
+            by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE,
+                                                              self.snat_ports)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, self.gateway,
@@ -474,7 +481,7 @@ class Agent:
         if self.services is not None and self.services.stale:
             flush_stale(self._vswitchd, self.services.take_stale())
         for zone, entry in self.tenants.take_stale():
-            flush_stale(self._vswitchd, [entry], zone)
+            flush_stale(self._vswitchd, [entry], zone, snat_zone=False)
         if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),
