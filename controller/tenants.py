@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -82,6 +82,10 @@ from flowcni.flows.tenantservices import (
 )
 
 LOG = logging.getLogger(__name__)
+
+# The default network's node ports as the agent hands them over: (PROTOCOL, port), or a
+# mapping from them to the (Service key, port index) asking (named in a refusal).
+DefaultNodePorts = Mapping[tuple[str, int], "tuple[str, int] | None"] | set[tuple[str, int]]
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
 # (no port backs them) and out of every CNI GC (their network is none of the runtime's).
 EGRESS_KEY = "tenant-egress:"
@@ -169,10 +173,15 @@ class Tenants:
         self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
         self._recorded: dict[str, int] = {}  # the record as last read
         # node ports of tenant Services (flows/tenantservices.py nodeport_flows)
-        self._default_node_ports: Callable[[], set[tuple[str, int]]] = set
+        self._default_node_ports: Callable[[], DefaultNodePorts] = set
         self._nodeports: dict[str, list[Flow]] = {}  # tenant -> its node-port flows
         self.node_ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> "tenant/ns/name"
-        self._np_refused: set[str] = set()  # refusals logged
+        # (protocol, port) a default-network Service asks for but a tenant Service had
+        # first -> that tenant Service ("tenant/ns/name"): the agent leaves it out of the
+        # default proxy's flows and the node's rules (default_refused_changed)
+        self.default_refused: dict[tuple[str, int], str] = {}
+        self._np_refused: set[str] = set()  # refusals logged (the last sync's)
+        self._np_refusing: set[str] = set()  # this sync's
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -324,45 +333,79 @@ class Tenants:
 
     def enable_services(self, slices: bool,
                         taken: Callable[[], dict[int, str]] = dict,
-                        node_ports: Callable[[], set[tuple[str, int]]] = set) -> None:
+                        node_ports: Callable[[], DefaultNodePorts] = set) -> None:
         """Program tenant Services (flowcni's proxy mode). slices: endpoints from
         EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
         default proxy's group ids, kept clear of when the tenants' proxies are built;
-        node_ports: the default network's node ports ((protocol, port)), which no
-        tenant Service may take. Builds them at once from what load() kept."""
+        node_ports: the default network's node ports ((protocol, port), or a mapping
+        from them to the (Service key, port index) asking), shared with the tenants'
+        on this node: whoever had one first keeps it (_sync_nodeports). Builds them at
+        once from what load() kept."""
         with self._lock:
             self._svc_slices, self._default_gids = slices, taken
             self._default_node_ports = node_ports
             self._rebuild_services()
 
+    def sync_node_ports(self) -> bool:
+        """Re-check node ports after the default network's Services changed; whether
+        default_refused changed (the agent then re-filters the default's flows)."""
+        with self._lock:
+            before = dict(self.default_refused)
+            self._sync_nodeports()
+            return self.default_refused != before
+
     def _sync_nodeports(self) -> None:
         """Every tenant's node ports into it (flows/tenantservices.py nodeport_flows). A
-        node port names one Service on the node: one the default network or an earlier
-        tenant (by name) already has is refused, logged once naming the field."""
-        taken = {k: "the default network" for k in self._default_node_ports()}
+        node port names one Service on the node, whichever network it is in: the one
+        that had it first keeps it, whichever side changes (when none had it, the
+        default network's Service, then tenants by name); a later one is refused,
+        logged once naming its spec.ports[i].nodePort. Run on a tenant change and on a
+        default-network Service change (sync_node_ports)."""
+        given = self._default_node_ports()
+        default: dict[tuple[str, int], tuple[str, int] | None] = (
+            dict(given) if isinstance(given, Mapping) else dict.fromkeys(given))
+        held = {**{k: "the default network" for k in default
+                   if k not in self.default_refused}, **self.node_ports}
         want: dict[str, list[Flow]] = {}
         mine: dict[tuple[str, int], str] = {}
+        per_tenant: dict[str, list[tuple[str, int]]] = {}
+        claims: list[tuple[str, str, str, int, tuple[str, int]]] = []  # tenant, key, i, port
         for name, p in sorted(self._proxies.items()):
             t, net = self.resolution.tenants.get(name), self.nets.get(name)
             if t is None or net is None or self.gateway is None:
                 continue
-            ports = []
+            per_tenant[name] = []
             for key, svc in sorted(p.services.items()):
                 for i, (sp, np) in enumerate(zip(svc.ports, svc.exposure.node_ports,
                                                  strict=True)):
-                    if np is None:
-                        continue
-                    k = (sp.protocol, np)
-                    other = taken.get(k) or mine.get(k)
-                    if other is not None:
-                        msg = (f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
-                               f"{np}/{sp.protocol} is already {other}'s on this node")
-                        if msg not in self._np_refused:
-                            self._np_refused.add(msg)
-                            LOG.error("%s", msg)
-                        continue
-                    mine[k] = f"{name}/{key}"
-                    ports.append(k)
+                    if np is not None:
+                        claims.append((name, key, sp.protocol, i, (sp.protocol, np)))
+        # A tenant Service keeps a port it held (even against a default Service that
+        # asks for it now); otherwise the default network, then tenants by name.
+        keeps = {k for name, key, _, _, k in claims if held.get(k) == f"{name}/{key}"}
+        refused: dict[tuple[str, int], str] = {}
+        for name, key, proto, i, k in claims:
+            other = (mine.get(k) or (None if k in keeps else
+                                     "the default network" if k in default else None))
+            if other is not None:
+                self._np_refuse(f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
+                                f"{k[1]}/{proto} is already {other}'s on this node")
+                continue
+            mine[k] = f"{name}/{key}"
+            per_tenant[name].append(k)
+            if k in default:
+                refused[k] = mine[k]
+                asker = default[k]
+                where = (f"service {asker[0]}: spec.ports[{asker[1]}].nodePort"
+                         if asker else "a default-network Service's node port")
+                self._np_refuse(f"{where}: {k[1]}/{k[0]} is already tenant "
+                                f"{name}'s Service {key}'s on this node")
+        self.default_refused = refused
+        self._np_refused = set(self._np_refusing)  # logged again only if it comes back
+        self._np_refusing.clear()
+        for name, ports in per_tenant.items():
+            t, net = self.resolution.tenants[name], self.nets[name]
+            assert self.gateway is not None
             flows = nodeport_flows(net, t.gateway(self.me), net.router_mac, self.gateway.mac,
                                    ports, self.flows.pipeline)
             if flows:
@@ -374,6 +417,12 @@ class Tenants:
         self._nodeports, self.node_ports = want, mine
         if changes:
             self.flows.set_owners(changes)
+
+    def _np_refuse(self, msg: str) -> None:
+        """A node-port refusal of this sync: logged unless the previous sync had it."""
+        self._np_refusing.add(msg)
+        if msg not in self._np_refused:
+            LOG.error("%s", msg)
 
     def host_entries(self) -> list[HostEntry]:
         """The tenants' node ports, for the node's nftables (controller.hostnet): each
