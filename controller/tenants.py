@@ -21,6 +21,7 @@ pods under "stale" so the user can restart them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -126,6 +127,32 @@ class Placement:
     ipam: IPAM
 
 
+NODE_PORTS_FILE = "tenant-nodeports.json"
+
+
+def _read_node_ports(path: str) -> dict[tuple[str, int], str]:
+    """The node ports tenant Services held when the file was written ({} if none)."""
+    try:
+        with open(path) as f:
+            return {(str(p), int(n)): str(h) for p, n, h in json.load(f)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as e:
+        LOG.warning("%s: not read (%s): node ports are held as if none were before", path, e)
+        return {}
+
+
+def _write_node_ports(path: str, ports: dict[tuple[str, int], str]) -> None:
+    """Written whole, then renamed over the old one; a failure is logged (the next
+    restart then treats the ports as new, as before this file existed)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(sorted([p, n, h] for (p, n), h in ports.items()), f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        LOG.warning("%s: not written: %s", path, e)
+
+
 class Tenants:
     def __init__(self, me: str, cluster_cidr: str, encap: str, state_dir: str,
                  flows: FlowSync, tun_ofport: int | None, gateway: Gateway | None = None,
@@ -181,6 +208,11 @@ class Tenants:
         # default proxy's flows and the node's rules (default_refused_changed)
         self.default_refused: dict[tuple[str, int], str] = {}
         self._np_refused: set[str] = set()  # refusals logged (the last sync's)
+        # the tenant Services' node ports as the previous run of this agent left them:
+        # who had a port first outlives a restart (used by the first sync only)
+        self._np_file = os.path.join(state_dir, NODE_PORTS_FILE)
+        self._np_earlier = _read_node_ports(self._np_file)
+        self._loaded = False  # load() has run
         self._np_refusing: set[str] = set()  # this sync's
 
     # -- datastore ---------------------------------------------------------------------
@@ -209,6 +241,7 @@ class Tenants:
             self._recompute()
             self._drop_outside_tenants()
             changed = self._recompute_policy(set(self.nets))
+            self._loaded = True
             self._rebuild_services()
             self._sync_default_guard()
             self._sync_notices()
@@ -360,12 +393,17 @@ class Tenants:
         that had it first keeps it, whichever side changes (when none had it, the
         default network's Service, then tenants by name); a later one is refused,
         logged once naming its spec.ports[i].nodePort. Run on a tenant change and on a
-        default-network Service change (sync_node_ports)."""
+        default-network Service change (sync_node_ports). The tenants' holdings are
+        kept in the state directory (NODE_PORTS_FILE), so a restarted agent gives a
+        port to the same Service as before; an agent starting on a fresh node sees
+        both at once and gives it to the default network's."""
         given = self._default_node_ports()
         default: dict[tuple[str, int], tuple[str, int] | None] = (
             dict(given) if isinstance(given, Mapping) else dict.fromkeys(given))
         held = {**{k: "the default network" for k in default
-                   if k not in self.default_refused}, **self.node_ports}
+                   if k not in self.default_refused}, **self._np_earlier, **self.node_ports}
+        if self._loaded:  # the first sync that sees the tenants' Services
+            self._np_earlier = {}
         want: dict[str, list[Flow]] = {}
         mine: dict[tuple[str, int], str] = {}
         per_tenant: dict[str, list[tuple[str, int]]] = {}
@@ -414,6 +452,8 @@ class Tenants:
                                           for n in set(self._nodeports) - set(want)}
         changes.update({nodeport_owner(n): f for n, f in want.items()
                         if self._nodeports.get(n) != f})
+        if mine != self.node_ports:
+            _write_node_ports(self._np_file, mine)
         self._nodeports, self.node_ports = want, mine
         if changes:
             self.flows.set_owners(changes)

@@ -266,6 +266,13 @@ def test_node_port_conflict_with_the_default_network_is_seen_from_either_side(
     assert t.host_entries() == [HostEntry("tcp", 30090, True)]
     assert not t.sync_node_ports()  # nothing new: not logged again
     assert caplog.text.count("spec.ports[1].nodePort: 30090/TCP") == 1
+    # a restarted agent (same state directory) that sees both at once: still blue's
+    t3, _ = _tenants(tmp_path, services=False)
+    t3.enable_services(False, dict, lambda: default)
+    t3.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+            [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    assert t3.default_refused == {("TCP", 30090): "blue/b1/web"}
+    assert t3.host_entries() == [HostEntry("tcp", 30090, True)]
     # the agent's filter: d/web's node-port flow for 30090 goes, its ClusterIP stays
     p = ServiceProxy()
     pflows, _, _ = p.load([{"namespace": "d", "name": "web", "spec": {
