@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -61,6 +62,8 @@ from flowcni.flows.nodeport import (
     NODE_PORT_RANGE,
     NODEPORT_VIP,
     gateway_snat_flows,
+    read_ephemeral_range,
+    snat_port_range,
 )
 from flowcni.flows.policy import PolicyEngine
 from flowcni.flows.services import (
@@ -68,6 +71,7 @@ from flowcni.flows.services import (
     PROXY_MODES,
     ServiceProxy,
     gateway_reply_flows,
+    service_owner,
 )
 from flowcni.flows.tables import DEFAULT as PIPELINE
 from flowcni.flows.tunnel import TUNNEL_OWNER, TUNNEL_PORT, pod_mtu, tunnel_flows
@@ -167,6 +171,29 @@ def pod_tx_offload(encap: str, datapath_type: str) -> bool:
     return encap == "none" or datapath_type == "system"
 
 
+def default_node_ports(proxy: ServiceProxy) -> dict[tuple[str, int], tuple[str, int]]:
+    """The default network's node ports: (PROTOCOL, port) -> (Service key, port index)
+    (what controller.tenants checks tenant Services' node ports against)."""
+    out: dict[tuple[str, int], tuple[str, int]] = {}
+    for key, svc in proxy.services.items():
+        for i, (sp, np) in enumerate(zip(svc.ports, svc.exposure.node_ports, strict=True)):
+            if np is not None:
+                out.setdefault((sp.protocol, np), (key, i))
+    return out
+
+
+def held_node_port(f: Flow, ports: Mapping[tuple[str, int], str]) -> bool:
+    """Whether flow f is a node-port flow (NODEPORT_VIP) of one of `ports`."""
+    m = dict(f.match)
+    if m.get("ipv4_dst") != NODEPORT_VIP:
+        return False
+    for proto in ("TCP", "UDP", "SCTP"):
+        v = m.get(f"{proto.lower()}_dst")
+        if v is not None and (proto, v) in ports:
+            return True
+    return False
+
+
 def configure_gateway(name: str, cidr: str, mtu: int, tx_offload: bool = True,
                       timeout: float = 5.0) -> tuple[str, str]:
     """Address the gateway netdev with the first IP of the pod CIDR; return (ip, mac).
@@ -236,8 +263,13 @@ class Agent:
         for f in node_flows(self.gateway, PIPELINE):
             by_owner.setdefault(f.owner, []).append(f)
         by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
+        # The node-port SNAT's source ports: clear of the node's own (read now, in the
+        # node's namespace) and of node ports (flows/nodeport.py SNAT_PORTS says why).
         if a.proxy == "flowcni":  # Cluster-policy node ports: SNAT after the DNAT, in OVS
-            by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE)
+            self.snat_ports = snat_port_range(read_ephemeral_range(), cfg.node_ports)
+            LOG.info("node-port SNAT source ports %d-%d", *self.snat_ports)
+            by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE,
+                                                              self.snat_ports)
         self.flows.set_owners(by_owner)
         if self.tun_ofport is not None:
             self.flows.set_owner(TUNNEL_OWNER, tunnel_flows(self.tun_ofport, self.gateway,
@@ -274,6 +306,9 @@ class Agent:
                                                        else cfg.node_ports))
                          if a.proxy == "flowcni" else None)
         self._host_view: Any = None
+        # node ports the default network's Services asked for that tenant Services hold
+        # (Tenants.default_refused), as last applied to the default proxy's flows
+        self._np_held: dict[tuple[str, int], str] = {}
         # healthCheckNodePort listeners (LoadBalancer + externalTrafficPolicy Local)
         self.health = HealthChecks() if self.services is not None else None
         if self.services is None:
@@ -376,8 +411,10 @@ class Agent:
             default_proxy = self.services
             self.tenants.enable_services(
                 self.args.datastore == "kubernetes", lambda: default_proxy.gids,
-                lambda: {(e.protocol.upper(), e.port)
-                         for e in default_proxy.host_view()[0] if not e.ip})
+                lambda: default_node_ports(default_proxy))
+            held_f, held_g = self._node_ports_held({}, {})
+            if held_f:
+                self.flows.set_owners(held_f, held_g)
             self._sync_host_proxy()  # with the tenants' node ports
             self._sync_health()
 
@@ -394,6 +431,28 @@ class Agent:
             self._ds_probe_since = None
             self.stop_event.wait(period)
 
+    def _node_ports_held(self, sflows: dict[str, list[Flow]], groups: dict[str, Any]
+                         ) -> tuple[dict[str, list[Flow]], dict[str, Any]]:
+        """The default proxy's flows by owner without those of node ports a tenant
+        Service held first (Tenants.default_refused: refused and logged there), plus
+        the owners of default Services whose refusal came or went since the last call
+        (rebuilt from what the proxy built, so a port a tenant let go is served)."""
+        assert self.services is not None
+        refused = dict(self.tenants.default_refused)
+        changed = {k for k in refused.keys() | self._np_held.keys()
+                   if refused.get(k) != self._np_held.get(k)}
+        self._np_held = refused
+        if changed:
+            sflows, groups = dict(sflows), dict(groups)
+            for k, (key, _) in default_node_ports(self.services).items():
+                o = service_owner(key)
+                if k in changed and o not in sflows:
+                    sflows[o], groups[o] = self.services.built.get(key, ([], []))
+        if not refused:
+            return sflows, groups
+        return {o: [f for f in fl if not held_node_port(f, refused)]
+                for o, fl in sflows.items()}, groups
+
     def _sync_host_proxy(self) -> None:
         """The node's side of node ports, external IPs and host-to-Service traffic
         (flows.nodeport): its nftables table and its routes to the gateway. A
@@ -401,7 +460,9 @@ class Agent:
         if self.services is None:
             return
         entries, ips = self.services.host_view()
-        entries = [*entries, *self.tenants.host_entries()]  # tenant Services' node ports
+        held = self.tenants.default_refused  # tenant Services' node ports, theirs first
+        entries = [*(e for e in entries if e.ip or (e.protocol.upper(), e.port) not in held),
+                   *self.tenants.host_entries()]
         view = (entries, [NODEPORT_VIP, *ips])
         if view == self._host_view:
             return
@@ -457,6 +518,9 @@ class Agent:
         groups: dict[str, Any] = {}
         if self.services is not None:
             sflows, groups, sproblems = self.services.apply(default)
+            if any(c.kind == "Service" for c in default):
+                self.tenants.sync_node_ports()  # a node port a tenant Service holds?
+            sflows, groups = self._node_ports_held(sflows, groups)
             owners.update(sflows)
             problems += sproblems
             if sflows or groups:
@@ -474,7 +538,7 @@ class Agent:
         if self.services is not None and self.services.stale:
             flush_stale(self._vswitchd, self.services.take_stale())
         for zone, entry in self.tenants.take_stale():
-            flush_stale(self._vswitchd, [entry], zone)
+            flush_stale(self._vswitchd, [entry], zone, snat_zone=False)
         if owners or tenant_policy:
             # policy decides only new connections: only their cached flows can be wrong
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),

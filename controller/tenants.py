@@ -21,11 +21,12 @@ pods under "stale" so the user can restart them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -82,6 +83,10 @@ from flowcni.flows.tenantservices import (
 )
 
 LOG = logging.getLogger(__name__)
+
+# The default network's node ports as the agent hands them over: (PROTOCOL, port), or a
+# mapping from them to the (Service key, port index) asking (named in a refusal).
+DefaultNodePorts = Mapping[tuple[str, int], "tuple[str, int] | None"] | set[tuple[str, int]]
 # Leases of the node's IPAM that tenants' egress addresses hold: kept across restarts
 # (no port backs them) and out of every CNI GC (their network is none of the runtime's).
 EGRESS_KEY = "tenant-egress:"
@@ -120,6 +125,32 @@ class Placement:
     cidr: str      # this node's slice
     gateway: str   # its first address (answered by the tenant's ARP responder)
     ipam: IPAM
+
+
+NODE_PORTS_FILE = "tenant-nodeports.json"
+
+
+def _read_node_ports(path: str) -> dict[tuple[str, int], str]:
+    """The node ports tenant Services held when the file was written ({} if none)."""
+    try:
+        with open(path) as f:
+            return {(str(p), int(n)): str(h) for p, n, h in json.load(f)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as e:
+        LOG.warning("%s: not read (%s): node ports are held as if none were before", path, e)
+        return {}
+
+
+def _write_node_ports(path: str, ports: dict[tuple[str, int], str]) -> None:
+    """Written whole, then renamed over the old one; a failure is logged (the next
+    restart then treats the ports as new, as before this file existed)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(sorted([p, n, h] for (p, n), h in ports.items()), f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        LOG.warning("%s: not written: %s", path, e)
 
 
 class Tenants:
@@ -169,10 +200,20 @@ class Tenants:
         self.vni_record: VNIRecord | None = None  # set by the agent (the embedded store)
         self._recorded: dict[str, int] = {}  # the record as last read
         # node ports of tenant Services (flows/tenantservices.py nodeport_flows)
-        self._default_node_ports: Callable[[], set[tuple[str, int]]] = set
+        self._default_node_ports: Callable[[], DefaultNodePorts] = set
         self._nodeports: dict[str, list[Flow]] = {}  # tenant -> its node-port flows
         self.node_ports: dict[tuple[str, int], str] = {}  # (protocol, port) -> "tenant/ns/name"
-        self._np_refused: set[str] = set()  # refusals logged
+        # (protocol, port) a default-network Service asks for but a tenant Service had
+        # first -> that tenant Service ("tenant/ns/name"): the agent leaves it out of the
+        # default proxy's flows and the node's rules (default_refused_changed)
+        self.default_refused: dict[tuple[str, int], str] = {}
+        self._np_refused: set[str] = set()  # refusals logged (the last sync's)
+        # the tenant Services' node ports as the previous run of this agent left them:
+        # who had a port first outlives a restart (used by the first sync only)
+        self._np_file = os.path.join(state_dir, NODE_PORTS_FILE)
+        self._np_earlier = _read_node_ports(self._np_file)
+        self._loaded = False  # load() has run
+        self._np_refusing: set[str] = set()  # this sync's
 
     # -- datastore ---------------------------------------------------------------------
 
@@ -200,6 +241,7 @@ class Tenants:
             self._recompute()
             self._drop_outside_tenants()
             changed = self._recompute_policy(set(self.nets))
+            self._loaded = True
             self._rebuild_services()
             self._sync_default_guard()
             self._sync_notices()
@@ -324,45 +366,84 @@ class Tenants:
 
     def enable_services(self, slices: bool,
                         taken: Callable[[], dict[int, str]] = dict,
-                        node_ports: Callable[[], set[tuple[str, int]]] = set) -> None:
+                        node_ports: Callable[[], DefaultNodePorts] = set) -> None:
         """Program tenant Services (flowcni's proxy mode). slices: endpoints from
         EndpointSlices, as the default proxy (flows.services.ServiceProxy); taken: the
         default proxy's group ids, kept clear of when the tenants' proxies are built;
-        node_ports: the default network's node ports ((protocol, port)), which no
-        tenant Service may take. Builds them at once from what load() kept."""
+        node_ports: the default network's node ports ((protocol, port), or a mapping
+        from them to the (Service key, port index) asking), shared with the tenants'
+        on this node: whoever had one first keeps it (_sync_nodeports). Builds them at
+        once from what load() kept."""
         with self._lock:
             self._svc_slices, self._default_gids = slices, taken
             self._default_node_ports = node_ports
             self._rebuild_services()
 
+    def sync_node_ports(self) -> bool:
+        """Re-check node ports after the default network's Services changed; whether
+        default_refused changed (the agent then re-filters the default's flows)."""
+        with self._lock:
+            before = dict(self.default_refused)
+            self._sync_nodeports()
+            return self.default_refused != before
+
     def _sync_nodeports(self) -> None:
         """Every tenant's node ports into it (flows/tenantservices.py nodeport_flows). A
-        node port names one Service on the node: one the default network or an earlier
-        tenant (by name) already has is refused, logged once naming the field."""
-        taken = {k: "the default network" for k in self._default_node_ports()}
+        node port names one Service on the node, whichever network it is in: the one
+        that had it first keeps it, whichever side changes (when none had it, the
+        default network's Service, then tenants by name); a later one is refused,
+        logged once naming its spec.ports[i].nodePort. Run on a tenant change and on a
+        default-network Service change (sync_node_ports). The tenants' holdings are
+        kept in the state directory (NODE_PORTS_FILE), so a restarted agent gives a
+        port to the same Service as before; an agent starting on a fresh node sees
+        both at once and gives it to the default network's."""
+        given = self._default_node_ports()
+        default: dict[tuple[str, int], tuple[str, int] | None] = (
+            dict(given) if isinstance(given, Mapping) else dict.fromkeys(given))
+        held = {**{k: "the default network" for k in default
+                   if k not in self.default_refused}, **self._np_earlier, **self.node_ports}
+        if self._loaded:  # the first sync that sees the tenants' Services
+            self._np_earlier = {}
         want: dict[str, list[Flow]] = {}
         mine: dict[tuple[str, int], str] = {}
+        per_tenant: dict[str, list[tuple[str, int]]] = {}
+        claims: list[tuple[str, str, str, int, tuple[str, int]]] = []  # tenant, key, i, port
         for name, p in sorted(self._proxies.items()):
             t, net = self.resolution.tenants.get(name), self.nets.get(name)
             if t is None or net is None or self.gateway is None:
                 continue
-            ports = []
+            per_tenant[name] = []
             for key, svc in sorted(p.services.items()):
                 for i, (sp, np) in enumerate(zip(svc.ports, svc.exposure.node_ports,
                                                  strict=True)):
-                    if np is None:
-                        continue
-                    k = (sp.protocol, np)
-                    other = taken.get(k) or mine.get(k)
-                    if other is not None:
-                        msg = (f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
-                               f"{np}/{sp.protocol} is already {other}'s on this node")
-                        if msg not in self._np_refused:
-                            self._np_refused.add(msg)
-                            LOG.error("%s", msg)
-                        continue
-                    mine[k] = f"{name}/{key}"
-                    ports.append(k)
+                    if np is not None:
+                        claims.append((name, key, sp.protocol, i, (sp.protocol, np)))
+        # A tenant Service keeps a port it held (even against a default Service that
+        # asks for it now); otherwise the default network, then tenants by name.
+        keeps = {k for name, key, _, _, k in claims if held.get(k) == f"{name}/{key}"}
+        refused: dict[tuple[str, int], str] = {}
+        for name, key, proto, i, k in claims:
+            other = (mine.get(k) or (None if k in keeps else
+                                     "the default network" if k in default else None))
+            if other is not None:
+                self._np_refuse(f"service {key} (tenant {name}): spec.ports[{i}].nodePort: "
+                                f"{k[1]}/{proto} is already {other}'s on this node")
+                continue
+            mine[k] = f"{name}/{key}"
+            per_tenant[name].append(k)
+            if k in default:
+                refused[k] = mine[k]
+                asker = default[k]
+                where = (f"service {asker[0]}: spec.ports[{asker[1]}].nodePort"
+                         if asker else "a default-network Service's node port")
+                self._np_refuse(f"{where}: {k[1]}/{k[0]} is already tenant "
+                                f"{name}'s Service {key}'s on this node")
+        self.default_refused = refused
+        self._np_refused = set(self._np_refusing)  # logged again only if it comes back
+        self._np_refusing.clear()
+        for name, ports in per_tenant.items():
+            t, net = self.resolution.tenants[name], self.nets[name]
+            assert self.gateway is not None
             flows = nodeport_flows(net, t.gateway(self.me), net.router_mac, self.gateway.mac,
                                    ports, self.flows.pipeline)
             if flows:
@@ -371,9 +452,17 @@ class Tenants:
                                           for n in set(self._nodeports) - set(want)}
         changes.update({nodeport_owner(n): f for n, f in want.items()
                         if self._nodeports.get(n) != f})
+        if mine != self.node_ports:
+            _write_node_ports(self._np_file, mine)
         self._nodeports, self.node_ports = want, mine
         if changes:
             self.flows.set_owners(changes)
+
+    def _np_refuse(self, msg: str) -> None:
+        """A node-port refusal of this sync: logged unless the previous sync had it."""
+        self._np_refusing.add(msg)
+        if msg not in self._np_refused:
+            LOG.error("%s", msg)
 
     def host_entries(self) -> list[HostEntry]:
         """The tenants' node ports, for the node's nftables (controller.hostnet): each

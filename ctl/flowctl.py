@@ -465,9 +465,6 @@ def _store_path(a: argparse.Namespace) -> str:
 
 def cmd_apply(a: argparse.Namespace) -> int:
     """apply -f / delete -f: validate every object first, then write them all."""
-    from flowcni.datastore import nodeports
-    from flowcni.datastore.manifests import ManifestError, load
-    from flowcni.flows.services import ServiceError, parse_service
     try:
         with (sys.stdin if a.file == "-" else open(a.file)) as f:
             text = f.read()
@@ -477,6 +474,26 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise CLIError(f"no embedded store at {path}")
     store = Store(path)
+    try:
+        # One write transaction from the first read to the last write: two applies at
+        # once (or an apply next to an agent's write) are serialised, so both cannot
+        # read the same free node ports and allocate one twice, and a refused file
+        # writes nothing.
+        with store.exclusive():
+            done = _apply_locked(a, store, text)
+    except StoreError as e:
+        raise CLIError(f"{a.file}: {e}") from e
+    for line in done:  # once committed
+        print(line)
+    return 0
+
+
+def _apply_locked(a: argparse.Namespace, store: Store, text: str) -> list[str]:
+    """cmd_apply's reads, checks and writes, inside the store's exclusive transaction;
+    what was done, one line per object."""
+    from flowcni.datastore import nodeports
+    from flowcni.datastore.manifests import ManifestError, load
+    from flowcni.flows.services import ServiceError, parse_service
     try:
         # The store is the API server here: node ports are checked against the
         # cluster's range and missing ones allocated (datastore/nodeports.py).
@@ -491,19 +508,20 @@ def cmd_apply(a: argparse.Namespace) -> int:
                         parse_service(ns, n, b["spec"], b.get("status"), rng)
                     except ServiceError as e:
                         raise ManifestError(f"Service {ns}/{n}: {e}") from e
-    except (ManifestError, nodeports.NodePortError, StoreError) as e:
+    except (ManifestError, nodeports.NodePortError) as e:
         raise CLIError(f"{a.file}: {e}") from e
     if a.cmd == "apply":  # refused updates refuse the whole file, before any write
         objs = [(k, ns, n, _tenant_update(store, n, b) if k == "TenantNetwork" else b)
                 for k, ns, n, b in objs]
+    done = []
     for kind, ns, name, body in objs:
         ref = f"{kind.lower()}/{ns + '/' if ns else ''}{name}"
         if a.cmd == "apply":
             store.put(kind, ns, name, body)
-            print(f"{ref} applied")
+            done.append(f"{ref} applied")
         else:
-            print(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
-    return 0
+            done.append(f"{ref} {'deleted' if store.delete(kind, ns, name) else 'not found'}")
+    return done
 
 
 def _tenant_update(store: Store, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -209,7 +209,12 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so
+        what it reads stays true until it commits); inside exclusive(), part of that."""
         db = self._db()
+        if getattr(self._local, "exclusive", False):
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -217,6 +222,28 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Several reads and writes of this thread as one write transaction: another
+        writer (another `flowctl apply`, an agent) waits for it (up to the busy
+        timeout), so a read-decide-write (node-port allocation) cannot interleave with
+        another and hand out what the other just took. Everything is written, or
+        nothing if an exception leaves the block. Not nestable."""
+        if getattr(self._local, "exclusive", False):
+            raise RuntimeError("Store.exclusive() is not nestable")
+        t0 = time.monotonic()
+        try:
+            with self._tx() as _:
+                self._local.exclusive = True
+                try:
+                    yield
+                finally:
+                    self._local.exclusive = False
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(
+                f"datastore {self.path} unreachable after {time.monotonic() - t0:.1f}s "
+                f"(tried for up to {self.timeout:g}s): {e}") from e
 
     # -- cluster configuration ------------------------------------------------------
 

@@ -152,6 +152,20 @@ def gc_paused(promote: bool = False) -> Iterator[None]:
             gc.enable()
 
 
+def _snat_parts(s: str) -> tuple[str, int, int] | None:
+    """CT.snat "IP" or "IP:FIRST-LAST" -> (IP, FIRST, LAST), (IP, 0, 0) without ports;
+    None if malformed (ports 1-65535, FIRST <= LAST)."""
+    ip, _, ports = s.partition(":")
+    if not plain_ipv4(ip):
+        return None
+    if not ports:
+        return (ip, 0, 0) if not s.endswith(":") else None
+    first, _, last = ports.partition("-")
+    if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 65536):
+        return None
+    return ip, int(first), int(last)
+
+
 def plain_ipv4(s: str) -> bool:
     """Whether `s` is an IPv4 address in canonical dotted-quad form ("10.0.0.1").
 
@@ -357,13 +371,15 @@ class CT(Action):
     zone: int = CT_ZONE
     mark: int | None = None
     nat: str | None = None
-    snat: str | None = None  # with commit: SNAT a new connection to this IPv4 address
+    # with commit: SNAT a new connection to this IPv4 address, "IP" (OVS picks any source
+    # port) or "IP:FIRST-LAST" (source ports in that range)
+    snat: str | None = None
 
     def __post_init__(self) -> None:
         if self.snat is not None and not (self.commit and self.nat is None
-                                          and plain_ipv4(self.snat)):
-            raise ValueError(f"ct nat(src={self.snat}): needs commit, an IPv4 address and "
-                             "no other nat")
+                                          and _snat_parts(self.snat)):
+            raise ValueError(f"ct nat(src={self.snat}): needs commit, an IPv4 address "
+                             "(with an optional :FIRST-LAST port range) and no other nat")
         if self.mark is not None and not (self.commit and 0 < self.mark < (1 << 32)):
             raise ValueError(f"ct mark {self.mark}: needs commit and a 32-bit non-zero value")
         if self.nat and not (self.commit and _valid_nat_dst(self.nat)):
@@ -430,8 +446,10 @@ class CT(Action):
                 flags=NX_NAT_F_DST, range_ipv4_min=ip, range_ipv4_max=ip,
                 range_proto_min=int(port), range_proto_max=int(port))))
         if self.snat:
+            ip, first, last = _snat_parts(self.snat) or (self.snat, 0, 0)
+            ports = {"range_proto_min": first, "range_proto_max": last} if first else {}
             inner.append(_padded(parser.NXActionNAT(
-                flags=NX_NAT_F_SRC, range_ipv4_min=self.snat, range_ipv4_max=self.snat)))
+                flags=NX_NAT_F_SRC, range_ipv4_min=ip, range_ipv4_max=ip, **ports)))
         return parser.NXActionCT(
             flags=nicira_ext.NX_CT_F_COMMIT if self.commit else 0, zone_src="",
             zone_ofs_nbits=self.zone,

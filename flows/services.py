@@ -737,12 +737,20 @@ class ServiceProxy:
 class StaleUDP:
     """The conntrack entries of connections to cluster_ip:port that were DNATed to
     endpoint:endpoint_port; endpoint "" (and port 0): every entry of that ClusterIP
-    and port (it has no endpoint left: one flush instead of one per endpoint)."""
+    and port (it has no endpoint left: one flush instead of one per endpoint), and
+    `gone` then lists the endpoints it had (their node-port SNATs are flushed by
+    endpoint: controller.svcconntrack)."""
 
     cluster_ip: str
     port: int
     endpoint: str = ""
     endpoint_port: int = 0
+    gone: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The (address, port) endpoints whose entries are stale."""
+        return ((self.endpoint, self.endpoint_port),) if self.endpoint else self.gone
 
 
 def udp_endpoints(built: tuple[list[Flow], list[Group]]) -> dict[tuple[str, int],
@@ -793,7 +801,7 @@ def stale_udp(old: tuple[list[Flow], list[Group]],
     for (vip, port), eps in sorted(before.items()):
         left = after.get((vip, port), set())
         if not left:
-            out.append(StaleUDP(vip, port))
+            out.append(StaleUDP(vip, port, gone=tuple(sorted(eps))))
         else:
             out += [StaleUDP(vip, port, ip, n) for ip, n in sorted(eps - left)]
     return out

@@ -25,14 +25,23 @@ from typing import Any
 
 import pytest
 from flowcni.datastore.manifests import load
-from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP
+from flowcni.flows import fields as F
+from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP, SNAT_PORTS
 from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, EXTERNAL_UNDERLAY_IP, Lab
 
 from tests.datapath.conftest import running_lab
 from tests.support.probe import eventually
-from tests.support.svc import replies, request, sctp_init, start_sctp_responder, start_server
+from tests.support.svc import (
+    Stream,
+    replies,
+    request,
+    sctp_init,
+    start_sctp_responder,
+    start_server,
+    start_stream_server,
+)
 
 VIP_NP, VIP_NPL, VIP_ETL, VIP_ITL, VIP_LB, VIP_HP, VIP_AFF = (
     "10.96.2.1", "10.96.2.2", "10.96.2.3", "10.96.2.4", "10.96.2.5", "10.96.2.6", "10.96.2.7")
@@ -504,6 +513,153 @@ spec:
         nlab.wait_realized(timeout=30)
     assert request(netns.exec_argv(nlab.external_ns, []), [f"{n2}:30080"]) == {
         f"{n2}:30080": f"web1 {gateway_ip(nlab, 'node2')}"}
+
+
+# Endpoint churn through a node port (test_udp_through_a_node_port_moves_off_a_removed...):
+# its own Service, servers and label, so the lab's other Services never change.
+VIP_NPU, NPU_NP, NPU_UDP, NPU_TCP = "10.96.2.11", 30089, 5300, 7000
+NPU = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: npu, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP_NPU}
+  selector: {{u: "1"}}
+  ports:
+  - {{name: dns, port: {NPU_UDP}, targetPort: {NPU_UDP}, nodePort: {NPU_NP}, protocol: UDP}}
+  - {{name: stream, port: {NPU_TCP}, targetPort: {NPU_TCP}, nodePort: {NPU_NP}}}
+"""
+# A UDP server answering "<name> <source address> <source port>".
+PEER_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(2000); s.sendto(f"{sys.argv[1]} {a[0]} {a[1]}".encode(), a)
+"""
+# One UDP socket (one source port, one conntrack "connection") kept open: prints its
+# port, then for each line on stdin sends a datagram and prints the reply or "ERR ...".
+UDP_SESSION = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+s.bind((sys.argv[1], 0)); s.connect((sys.argv[2], int(sys.argv[3])))
+print(s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    try:
+        s.send(b"x"); print(s.recv(2000).decode(), flush=True)
+    except OSError as e:
+        print(f"ERR {type(e).__name__}", flush=True)
+"""
+
+
+class UDPSession:
+    """UDP_SESSION in the external host's namespace."""
+
+    def __init__(self, lab: Lab, src: str, ip: str, port: int) -> None:
+        self.p = subprocess.Popen(netns.exec_argv(lab.external_ns, [
+            sys.executable, "-c", UDP_SESSION, src, ip, str(port)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.stdin, self.stdout = self.p.stdin, self.p.stdout
+        self.port = int(self.stdout.readline())
+
+    def send(self) -> str:
+        self.stdin.write("x\n")
+        self.stdin.flush()
+        return self.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def snat_entries(lab: Lab, node: str) -> list[str]:
+    """The node's SNAT zone entries, as OVS dumps them."""
+    return [ln for ln in lab.node(node).ovs.appctl(
+        "dpctl/dump-conntrack", f"zone={F.SNAT_ZONE}").splitlines() if ln.startswith("udp")]
+
+
+def test_udp_through_a_node_port_moves_off_a_removed_endpoint(nlab: Lab) -> None:
+    """An external client's UDP "connection" (one socket, one source port) through
+    node1's node port (externalTrafficPolicy Cluster: SNATed in OVS to node1's gateway
+    address, from a source port in SNAT_PORTS, clear of the node's ephemeral range) and
+    a TCP stream through the same node port to the other endpoint. The UDP endpoint
+    leaves the Service: the client's next datagram goes to the surviving endpoint, and
+    node1 holds no entry of that client to the removed endpoint in either conntrack
+    zone (before, the SNAT zone's stayed until it expired, mapping the removed
+    endpoint's replies to the client); the stream is neither reset nor short of a
+    byte. Then the survivor leaves too: the client gets a port unreachable, and its
+    SNAT entry to it is gone as well."""
+    n1, gw1 = nlab.node("node1").node_ip, gateway_ip(nlab, "node1")
+    ip = {p.name: p.ip for p in nlab.pods()}
+    labels = {n: dict(nlab.pod(f"default/{n}").labels) for n in ("web1", "web2")}
+    store = nlab.store()
+    procs: list[subprocess.Popen[str]] = []
+    session: UDPSession | None = None
+    stream: Stream | None = None
+    try:
+        for n in ("web1", "web2"):
+            nlab.set_labels(f"default/{n}", {**labels[n], "u": "1"})
+            p = subprocess.Popen(nlab.exec_argv(f"default/{n}", [
+                sys.executable, "-c", PEER_SERVER, n, str(NPU_UDP)]),
+                stdout=subprocess.PIPE, text=True)
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            procs.append(start_stream_server(nlab.exec_argv(f"default/{n}", []), n, NPU_TCP))
+        for kind, ns, name, body in load(NPU):
+            store.put(kind, ns, name, body)
+        nlab.wait_realized(timeout=30)
+        session = UDPSession(nlab, EXT_SRC, n1, NPU_NP)
+        first = session.send().split()
+        assert len(first) == 3 and first[0] in ("web1", "web2") and first[1] == gw1, first
+        gone = first[0]
+        survivor = "web2" if gone == "web1" else "web1"
+        # The endpoint sees a source port from the SNAT's range (not the node's own).
+        assert SNAT_PORTS[0] <= int(first[2]) <= SNAT_PORTS[1], first
+        for _ in range(20):  # a stream that the select group gave to the survivor
+            stream = Stream(netns.exec_argv(nlab.external_ns, []), n1, NPU_NP, 10)
+            if stream.serving == survivor:
+                break
+            stream.p.kill()
+            stream.p.wait()
+            stream = None
+        assert stream is not None, "no TCP stream landed on the surviving endpoint"
+
+        def mine(entries: list[str], endpoint: str) -> list[str]:
+            return [e for e in entries if f"src={EXT_SRC},dst={ip[endpoint]},sport="
+                    f"{session.port if session else 0}," in e]
+        assert mine(snat_entries(nlab, "node1"), gone), snat_entries(nlab, "node1")
+        nlab.set_labels(f"default/{gone}", labels[gone])
+        nlab.wait_realized(timeout=30)
+        assert eventually(lambda: session is not None
+                          and session.send().startswith(f"{survivor} {gw1} "), timeout=20)
+        entries = snat_entries(nlab, "node1")
+        assert not mine(entries, gone), entries
+        assert mine(entries, survivor), entries  # control: the client's new entry is seen
+        r = stream.result()
+        assert r["got"] == r["sent"] and r["name"] == survivor, r
+        stream = None
+        nlab.set_labels(f"default/{survivor}", labels[survivor])
+        nlab.wait_realized(timeout=30)
+        assert eventually(lambda: session is not None
+                          and session.send() == "ERR ConnectionRefusedError", timeout=20)
+        entries = snat_entries(nlab, "node1")
+        assert not mine(entries, survivor) and not mine(entries, gone), entries
+    finally:
+        if session is not None:
+            session.close()
+        if stream is not None:
+            stream.p.kill()
+            stream.p.wait()
+        for kind, ns, name, _ in load(NPU, identity_only=True):
+            store.delete(kind, ns, name)
+        for n in ("web1", "web2"):
+            nlab.set_labels(f"default/{n}", labels[n])
+        for p in procs:
+            p.kill()
+            p.wait()
+        nlab.wait_realized(timeout=30)
 
 
 HEALTH_GET = r"""

@@ -28,7 +28,7 @@ from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, Lab
 
 from tests.datapath.conftest import make_lab
-from tests.support.probe import Capture, ping
+from tests.support.probe import Capture, eventually, ping
 from tests.support.svc import endpoint_slice
 
 BLUE_VNI, RED_VNI = 101, 202
@@ -619,6 +619,45 @@ def test_node_ports_into_tenants(tlab: Lab) -> None:
                        and f"reply=(src={ip['blue/b']}," in ln for ln in ct.splitlines()), ct
     finally:
         for kind, ns, name, _ in objs:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+
+
+def test_a_node_port_stays_with_the_tenant_service_that_had_it_first(tlab: Lab) -> None:
+    """blue's NodePort Service has 30093; a default-network Service then asks for 30093
+    too (the later one: refused, in the agent's log naming its nodePort). Through a
+    later tenant change (red gets a Service) the external host still reaches blue's pod
+    on both nodes (before, that change handed the port to the default Service and
+    refused blue's). When blue's Service goes, the default one gets the port."""
+    ip = {ref: tlab.pod(ref).ip for ref, _ in PODS}
+    store = tlab.store()
+    blue = _svc("blue", "np3", "10.96.0.96", [ip["blue/b"]], type="NodePort")
+    dflt = _svc("default", "np3", "10.96.0.97", [ip["default/e"]], type="NodePort")
+    red = _svc("red", "other", "10.96.0.98", [ip["red/b"]])
+    for body in (blue[0][3], dflt[0][3]):
+        for port in body["spec"]["ports"]:  # type: ignore[index]
+            port["nodePort"] = 30093
+    n1, n2 = tlab.node("node1").node_ip, tlab.node("node2").node_ip
+    targets = [f"{n}:30093:{proto}" for n in (n1, n2) for proto in ("tcp", "udp")]
+
+    def probe() -> dict[str, str | None]:
+        return dict(json.loads(subprocess.run(
+            netns.exec_argv(tlab.external_ns, [sys.executable, "-c", NP_PROBE,
+                                               json.dumps(targets)]),
+            capture_output=True, text=True, check=True, timeout=60).stdout))
+    try:
+        for objs in (blue, dflt, red):  # one at a time: blue first, then the default
+            for kind, ns, name, body in objs:
+                store.put(kind, ns, name, body)
+            tlab.wait_realized()
+        assert probe() == dict.fromkeys(targets, "blue/b")
+        for kind, ns, name, _ in blue:
+            store.delete(kind, ns, name)
+        tlab.wait_realized()
+        assert eventually(lambda: probe() == dict.fromkeys(targets, "default/e"),
+                          timeout=20), probe()
+    finally:
+        for kind, ns, name, _ in (*blue, *dflt, *red):
             store.delete(kind, ns, name)
         tlab.wait_realized()
 

@@ -9,7 +9,7 @@ import pytest
 from flowcni.controller.hostnet import proxy_rules
 from flowcni.datastore.manifests import ManifestError, load
 from flowcni.flows import fields as F
-from flowcni.flows.model import Controller, GroupAction, Load, Resubmit
+from flowcni.flows.model import CT, Controller, GroupAction, Load, Resubmit
 from flowcni.flows.nodeport import NODEPORT_VIP, HostEntry, gateway_snat_flows
 from flowcni.flows.services import ServiceError, ServiceProxy, parse_service
 from flowcni.flows.tables import DEFAULT
@@ -105,7 +105,8 @@ def test_sctp_cluster_policy_is_masqueraded_by_the_node_not_flagged() -> None:
 
 def test_gateway_snat_flows_undo_before_the_main_zone() -> None:
     text = {f.table: f.ofctl() for f in gateway_snat_flows("10.244.1.1")}
-    assert "nat(src=10.244.1.1)" in text["Output"] and f"zone={F.SNAT_ZONE}" in text["Output"]
+    assert "nat(src=10.244.1.1:61000-65535)" in text["Output"] \
+        and f"zone={F.SNAT_ZONE}" in text["Output"]
     assert "nw_dst=10.244.1.1" in text["ConntrackZone"] and "nat)" in text["ConntrackZone"]
     assert "ct_mark=0x2/0x2" in text["ConntrackState"]
     assert "set_field:0x3->ct_mark" in text["ConntrackCommit"]
@@ -220,3 +221,53 @@ def test_kubernetes_service_keeps_its_load_balancer_status() -> None:
     assert body["status"] == {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}
     svc = parse_service("d", "web", body["spec"], body["status"])
     assert svc.exposure.lb_ips == ("198.51.100.9",)
+
+
+def test_gateway_snat_source_ports_stay_clear_of_the_nodes_own() -> None:
+    """The node-port SNAT's source ports (flows.nodeport.SNAT_PORTS): Linux's default
+    ephemeral range and the default node-port range leave 61000-65535; a node whose
+    ranges cover that gets the largest clear run instead; a node with no room left is
+    refused, naming the sysctl. The emitted nat() carries the range, in the OpenFlow
+    message too (os-ken's NXActionNAT range_proto_*)."""
+    from flowcni.flows.nodeport import SNAT_PORTS, snat_port_range
+    assert SNAT_PORTS == (61000, 65535)
+    assert snat_port_range((32768, 60999), (30000, 32767)) == (61000, 65535)
+    # An ephemeral range up to 65535 leaves 1024-29999 (below the node ports).
+    assert snat_port_range((32768, 65535), (30000, 32767)) == (1024, 29999)
+    assert snat_port_range((10000, 65000), (30000, 32767)) == (1024, 9999)
+    assert snat_port_range((40000, 62000), (30000, 32767)) == (1024, 29999)
+    with pytest.raises(ValueError, match="ip_local_port_range 1024-65535"):
+        snat_port_range((1024, 65535), (30000, 32767))
+    for ephemeral in ((32768, 60999), (32768, 65535), (10000, 65000), (2000, 63000)):
+        lo, hi = snat_port_range(ephemeral, (30000, 32767))
+        assert hi < ephemeral[0] or lo > ephemeral[1], ephemeral
+        assert hi < 30000 or lo > 32767, ephemeral
+        assert 1024 <= lo <= hi <= 65535
+    out = next(f for f in gateway_snat_flows("10.244.1.1", ports=(1024, 29999))
+               if f.table == "Output")
+    assert "nat(src=10.244.1.1:1024-29999)" in out.ofctl()
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+    ct = next(a for a in out.actions if isinstance(a, CT))
+    nat = ct.osken(parser, None, DEFAULT).actions[-1]
+    assert (nat.range_ipv4_min, nat.range_ipv4_max) == ("10.244.1.1", "10.244.1.1")
+    assert (nat.range_proto_min, nat.range_proto_max) == (1024, 29999)
+
+
+def test_ct_snat_port_range_is_checked() -> None:
+    """CT.snat: an address, optionally with FIRST-LAST; anything else is refused."""
+    assert CT(commit=True, snat="10.0.0.1:61000-65535").ofctl(DEFAULT).endswith(
+        "nat(src=10.0.0.1:61000-65535))")
+    assert CT(commit=True, snat="10.0.0.1").ofctl(DEFAULT).endswith("nat(src=10.0.0.1))")
+    for bad in ("10.0.0.1:", "10.0.0.1:5", "10.0.0.1:9-8", "10.0.0.1:0-10",
+                "10.0.0.1:1-65536", "x:1-2", "10.0.0.1:a-b"):
+        with pytest.raises(ValueError, match="nat\\(src="):
+            CT(commit=True, snat=bad)
+
+
+def test_read_ephemeral_range(tmp_path: Any) -> None:
+    from flowcni.flows.nodeport import read_ephemeral_range
+    f = tmp_path / "range"
+    f.write_text("32768\t60999\n")
+    assert read_ephemeral_range(str(f)) == (32768, 60999)
+    with pytest.raises(ValueError, match="ip_local_port_range"):
+        read_ephemeral_range(str(tmp_path / "none"))

@@ -232,3 +232,71 @@ def test_bad_health_check_node_port_is_refused_by_name(patch: dict[str, Any], ms
     spec = {**svc("web", {"port": 80, "nodePort": 30080})[3]["spec"], **patch}
     with pytest.raises(ServiceError, match=f"spec.healthCheckNodePort: {msg}"):
         parse_service("d", "web", spec, node_port_range=RANGE)
+
+
+
+def _apply_in_turns(db: str, me: str, others: str, rounds: int, barrier: Any,
+                    out: Any) -> None:
+    """Each round: `flowctl apply` this process's Service at the moment the other
+    processes apply theirs (barrier); then note the exit code, the port it got and
+    whether the others' Services are stored too; then delete it (flowctl delete)."""
+    import contextlib
+    import io
+    got = []
+    store = Store(db)
+    for i in range(rounds):
+        f = f"{db}.{me}{i}.yaml"
+        with open(f, "w") as fh:
+            fh.write(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {me}{i}, namespace: d}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.{ord(me)}.{i + 1}
+  selector: {{app: {me}}}
+  ports:
+  - {{name: http, port: 80}}
+""")
+        barrier.wait(timeout=60)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = flowctl.main(["apply", "-f", f, "--datastore", f"sqlite:{db}"])
+        barrier.wait(timeout=60)
+        mine = store.get("Service", "d", f"{me}{i}")
+        theirs = [store.get("Service", "d", f"{o}{i}") for o in others]
+        got.append((code, err.getvalue(), mine and mine["spec"]["ports"][0]["nodePort"],
+                    None not in theirs))
+        barrier.wait(timeout=60)
+        with contextlib.redirect_stdout(io.StringIO()):
+            flowctl.main(["delete", "-f", f, "--datastore", f"sqlite:{db}"])
+    out.put((me, got))
+
+
+def test_concurrent_flowctl_applies_lose_nothing_and_never_share_a_node_port(
+        tmp_path: Path) -> None:
+    """Three processes run `flowctl apply` at the same moment, 60 times, each on its own
+    Service that wants an allocated node port, against a range of three ports: every
+    apply succeeds, all three Services are stored, and no two hold the same port.
+    (Reads, allocation and writes are one store transaction; without it two applies
+    whose reads both came before either write drew from the same free ports, and
+    the same one in a few rounds of 60: seen in most runs.)"""
+    import multiprocessing
+    rounds, names = 60, "abc"
+    db = str(tmp_path / "store.db")
+    Store(db).set_cluster(ClusterConfig(node_port_range="31000-31002"))
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(len(names)), ctx.Queue()
+    procs = [ctx.Process(target=_apply_in_turns,
+                         args=(db, me, names.replace(me, ""), rounds, barrier, out))
+             for me in names]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert [r for rs in results.values() for r in rs if r[0] != 0 or not r[3]] == []
+    shared = [(i, ports) for i in range(rounds)
+              if len(set(ports := [results[n][i][2] for n in names])) < len(names)]
+    assert shared == []
+    assert Store(db).objects("Service") == []

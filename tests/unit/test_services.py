@@ -291,11 +291,55 @@ def test_removed_udp_endpoints_are_reported_once_for_flushing() -> None:
     gone = StaleUDP("10.96.0.10", 53, "10.244.1.2", 5353)
     assert p.take_stale() == [gone] and p.take_stale() == []
     p.apply([Change("Service", "d", "web", "delete", None)])
-    assert p.take_stale() == [StaleUDP("10.96.0.10", 53)]  # none left: one flush for all
+    # none left: one flush for all, naming the endpoints it had (for the SNAT zone)
+    assert p.take_stale() == [StaleUDP("10.96.0.10", 53, gone=(("10.244.1.3", 5353),))]
     assert flush_args(StaleUDP("10.96.0.10", 53)) == [
         "zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53"]
     assert flush_args(gone) == ["zone=65520", "ct_nw_dst=10.96.0.10,ct_nw_proto=17,ct_tp_dst=53",
                                 "ct_nw_src=10.244.1.2,ct_nw_proto=17,ct_tp_src=5353"]
+
+
+def test_stale_udp_flush_covers_the_snat_zone_once_per_endpoint() -> None:
+    """Node ports with externalTrafficPolicy Cluster are SNATed after the DNAT, in the
+    SNAT zone: a removed endpoint's entries there (client -> endpoint) are flushed as
+    well, once per endpoint address and port however many fronts (ClusterIP, node
+    port) reported it, and for a Service left with none, each endpoint it had. A
+    tenant's flush (snat_zone=False) leaves that zone alone."""
+    from flowcni.controller.svcconntrack import flush_stale
+    from flowcni.flows.nodeport import NODEPORT_VIP
+    from flowcni.flows.services import StaleUDP
+
+    spec = {"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353,
+                       "nodePort": 30053}]}
+    p = ServiceProxy()
+    p.load([svc(spec)], [pod("a", "10.244.1.2", {"app": "web"}),
+                         pod("b", "10.244.1.3", {"app": "web"})])
+    p.apply([Change("Pod", "d", "a", "delete", None)])
+    stale = p.take_stale()
+    assert {(s.cluster_ip, s.port) for s in stale} == {("10.96.0.10", 53), (NODEPORT_VIP, 30053)}
+
+    class Calls:
+        def __init__(self) -> None:
+            self.args: list[tuple[str, ...]] = []
+
+        def call(self, method: str, *params: str) -> str:
+            assert method == "dpctl/flush-conntrack"
+            self.args.append(params)
+            return ""
+    c = Calls()
+    assert flush_stale(c, stale) == 3
+    snat = [a for a in c.args if a[0] == "zone=65521"]
+    assert snat == [("zone=65521", "ct_nw_dst=10.244.1.2,ct_nw_proto=17,ct_tp_dst=5353")]
+    c = Calls()
+    flush_stale(c, stale, 7, snat_zone=False)
+    assert [a[0] for a in c.args] == ["zone=7", "zone=7"]
+    p.apply([Change("Service", "d", "web", "delete", None)])
+    c = Calls()
+    flush_stale(c, p.take_stale())
+    assert [a for a in c.args if a[0] == "zone=65521"] == [
+        ("zone=65521", "ct_nw_dst=10.244.1.3,ct_nw_proto=17,ct_tp_dst=5353")]
+    assert StaleUDP("v", 1, "e", 2).endpoints == (("e", 2),)
 
 
 def test_pod_from_body_with_a_memo_shares_repeats_and_gives_the_same_pods() -> None:

@@ -168,3 +168,33 @@ def test_log_stays_bounded_when_deletes_never_land_on_a_check_revision(tmp_path:
         s.delete("Pod", "default", f"p{i}")
     assert s.horizon() > 0
     assert _log_rows(path) <= 1 + 64 + 16
+
+
+def test_exclusive_is_one_transaction_that_other_writers_wait_for(tmp_path: Path) -> None:
+    """Store.exclusive (flowctl apply's read-allocate-write): its writes land together,
+    or none of them when the block raises; another connection's write waits for it
+    and lands after; it does not nest."""
+    path = str(tmp_path / "s.db")
+    s, other = Store(path), Store(path, timeout=10)
+    with pytest.raises(RuntimeError, match="boom"), s.exclusive():
+        s.put("Pod", "d", "a", {"n": 1})
+        raise RuntimeError("boom")
+    assert s.get("Pod", "d", "a") is None and s.revision() == 0
+    waited: list[int] = []
+    inside = threading.Event()
+
+    def write() -> None:
+        inside.wait(10)
+        waited.append(other.put("Pod", "d", "c", {"n": 3}))
+    t = threading.Thread(target=write)
+    t.start()
+    with s.exclusive():
+        s.put("Pod", "d", "a", {"n": 1})
+        inside.set()
+        t.join(0.5)  # the other writer is blocked on the lock meanwhile
+        assert t.is_alive() and other.get("Pod", "d", "a") is None
+        s.put("Pod", "d", "b", {"n": 2})
+        with pytest.raises(RuntimeError, match="not nestable"), s.exclusive():
+            pass
+    t.join(10)
+    assert [c.name for c in s.changes(0)] == ["a", "b", "c"] and waited == [3]

@@ -238,6 +238,64 @@ def test_node_port_into_a_tenant(tmp_path: Any, caplog: pytest.LogCaptureFixture
     assert "spec.ports[0].nodePort: 30090/TCP is already the default network's" in caplog.text
 
 
+def test_node_port_conflict_with_the_default_network_is_seen_from_either_side(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A tenant Service holds node port 30090; a default-network Service then asks for
+    it: when the default side changes (sync_node_ports, as the agent calls it after a
+    default Service change), the later one, the default Service, is refused, naming
+    its spec.ports[i].nodePort; the tenant keeps the port (its flows and node rule).
+    The agent leaves the refused port out of the default Service's flows and node
+    rules. When the tenant Service goes, the default one gets the port; a tenant
+    Service asking for it again is then the later one, refused naming its own field."""
+    from flowcni.controller.agent import held_node_port
+    from flowcni.flows.nodeport import NODEPORT_VIP, HostEntry
+    np_svc = svc("b1", type="NodePort")
+    np_svc["spec"]["ports"][0]["nodePort"] = 30090
+    default: dict[tuple[str, int], tuple[str, int]] = {}
+    t, fs = _tenants(tmp_path, services=False)
+    t.enable_services(False, dict, lambda: default)
+    t.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+           [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    assert t.host_entries() == [HostEntry("tcp", 30090, True)] and t.default_refused == {}
+    default[("TCP", 30090)] = ("d/web", 1)  # the default network's d/web, its ports[1]
+    assert t.sync_node_ports()
+    assert t.default_refused == {("TCP", 30090): "blue/b1/web"}
+    assert "service d/web: spec.ports[1].nodePort: 30090/TCP is already tenant blue's " \
+        "Service b1/web's on this node" in caplog.text
+    assert len(_ofctl(fs, "tenant-nodeport:blue")) == 3
+    assert t.host_entries() == [HostEntry("tcp", 30090, True)]
+    assert not t.sync_node_ports()  # nothing new: not logged again
+    assert caplog.text.count("spec.ports[1].nodePort: 30090/TCP") == 1
+    # a restarted agent (same state directory) that sees both at once: still blue's
+    t3, _ = _tenants(tmp_path, services=False)
+    t3.enable_services(False, dict, lambda: default)
+    t3.load([tn("blue", 101)], [ns("b1", tenant="blue")], NODES,
+            [pod("b1", "w", "10.50.1.5")], [], [np_svc], [])
+    assert t3.default_refused == {("TCP", 30090): "blue/b1/web"}
+    assert t3.host_entries() == [HostEntry("tcp", 30090, True)]
+    # the agent's filter: d/web's node-port flow for 30090 goes, its ClusterIP stays
+    p = ServiceProxy()
+    pflows, _, _ = p.load([{"namespace": "d", "name": "web", "spec": {
+        "type": "NodePort", "clusterIP": "10.96.0.20", "selector": {"app": "web"},
+        "ports": [{"name": "a", "port": 81, "nodePort": 30091},
+                  {"name": "b", "port": 80, "nodePort": 30090}]}}],
+        [{"namespace": "d", "name": "p", "ip": "10.244.1.9", "labels": {"app": "web"},
+          "node": "node1"}])
+    held = [f for f in pflows["service:d/web"] if held_node_port(f, t.default_refused)]
+    assert len(held) == 1 and dict(held[0].match)["ipv4_dst"] == NODEPORT_VIP \
+        and dict(held[0].match)["tcp_dst"] == 30090
+    # the tenant Service goes: the default Service gets the port
+    t.apply([Change(2, "delete", "Service", "b1", "web", None)])
+    assert t.default_refused == {} and t.host_entries() == []
+    # and a tenant Service asking for it now is the later one
+    caplog.clear()
+    t.apply([Change(3, "put", "Service", "b1", "web", np_svc)])
+    assert t.default_refused == {} and t.host_entries() == []
+    assert _ofctl(fs, "tenant-nodeport:blue") == []
+    assert "service b1/web (tenant blue): spec.ports[0].nodePort: 30090/TCP is already the " \
+        "default network's on this node" in caplog.text
+
+
 def test_affinity_inside_a_tenant_learns_per_tenant(tmp_path: Any) -> None:
     """sessionAffinity ClientIP in two tenants with the same ClusterIP and endpoint: each
     tenant's AffinityDNAT flows match its id and DNAT in its zone, and what they learn
@@ -464,3 +522,26 @@ def test_bodies_outside_tenants_are_not_kept_and_come_back_when_a_namespace_join
         t.apply([Change(13, "put", "Namespace", "", "default", ns("default"))])
     same()
     assert set(lean.objects["Pod"]) == {"b1/w", "r1/w"}
+
+
+def test_agent_restores_a_default_node_port_a_tenant_let_go() -> None:
+    """The agent's side (_node_ports_held): a refusal coming filters the default
+    Service's node-port flow out even when the Service itself did not change; the
+    refusal going puts the flow back from what the proxy built."""
+    from flowcni.controller.agent import Agent
+    p = ServiceProxy()
+    built, _, _ = p.load([{"namespace": "d", "name": "web", "spec": {
+        "type": "NodePort", "clusterIP": "10.96.0.20", "selector": {"app": "web"},
+        "ports": [{"name": "b", "port": 80, "nodePort": 30090}]}}],
+        [{"namespace": "d", "name": "p", "ip": "10.244.1.9", "labels": {"app": "web"},
+          "node": "node1"}])
+    a = object.__new__(Agent)
+    a.services, a._np_held = p, {}
+    a.tenants = SimpleNamespace(default_refused={("TCP", 30090): "blue/b1/web"})
+    flows, groups = a._node_ports_held({}, {})
+    assert list(flows) == ["service:d/web"] and groups["service:d/web"] == p.built["d/web"][1]
+    assert len(flows["service:d/web"]) == len(built["service:d/web"]) - 1
+    assert a._node_ports_held({}, {}) == ({}, {})  # nothing changed since
+    a.tenants.default_refused = {}
+    flows, _ = a._node_ports_held({}, {})
+    assert flows == {"service:d/web": built["service:d/web"]}
