@@ -376,7 +376,8 @@ class CT(Action):
         return cls.dnats(((ip, port),), table)[0]
 
     @classmethod
-    def dnats(cls, endpoints: Iterable[tuple[str, int]], table: str) -> list[CT]:
+    def dnats(cls, endpoints: Iterable[tuple[str, int]], table: str, *,
+              checked: bool = False) -> list[CT]:
         """CT.dnat of each (ip, port): ct(commit, table=table, nat(dst=ip:port)).
 
         A Service proxy makes one per endpoint per port (200,000 at 10,000
@@ -386,23 +387,33 @@ class CT(Action):
         form, plain_ipv4's C round trip) and the slots' own setters (what the
         frozen __init__ does, minus its overhead) are inlined in one loop.
         `table` is checked where the action is used (Flow/Group.make).
+        checked=True: the caller has already made these checks on every
+        endpoint, where it took them in (the Service proxy checks a pod's
+        address and ports once when it parses the pod, not once per Service
+        port the pod serves: the address check was half of this loop).
         """
         out: list[CT] = []
         new, pton, ntop, af = object.__new__, socket.inet_pton, socket.inet_ntop, socket.AF_INET
         s_commit, s_table, s_zone, s_mark, s_nat, s_snat = _CT_SLOTS
+        tails: dict[int, str] = {}  # port -> ":port" (endpoints of a port mostly share one)
         for ip, port in endpoints:
-            try:
-                ok = type(port) is int and 0 < port < 65536 and ntop(af, pton(af, ip)) == ip
-            except (OSError, TypeError):
-                ok = False
-            if not ok:
-                raise ValueError(f"ct nat(dst={ip}:{port}): needs an IPv4 address and a port")
+            if not checked:
+                try:
+                    ok = (type(port) is int and 0 < port < 65536
+                          and ntop(af, pton(af, ip)) == ip)
+                except (OSError, TypeError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"ct nat(dst={ip}:{port}): needs an IPv4 address and a port")
+            tail = tails.get(port)
+            if tail is None:
+                tail = tails[port] = f":{port}"
             obj = new(cls)
             s_commit(obj, True)
             s_table(obj, table)
             s_zone(obj, CT_ZONE)
             s_mark(obj, None)
-            s_nat(obj, f"{ip}:{port}")
+            s_nat(obj, ip + tail)
             s_snat(obj, None)
             out.append(obj)
         return out
@@ -866,16 +877,20 @@ class Group:
 
     @classmethod
     def dnat_select(cls, group_id: int, endpoints: list[tuple[str, int]], *, ct_table: str,
-                    owner: str, table: str, pipeline: Pipeline = DEFAULT) -> Group:
+                    owner: str, table: str, pipeline: Pipeline = DEFAULT,
+                    checked: bool = False) -> Group:
         """A select group with one bucket per endpoint, ct(commit, table=ct_table,
         nat(dst=endpoint)) each: the bucket shape is checked once, not per bucket
-        (200,000 buckets at 10,000 Services), and each endpoint by CT.dnats."""
+        (200,000 buckets at 10,000 Services), and each endpoint by CT.dnats (unless
+        `checked`: see there)."""
         if not 0 < group_id <= MAX_GROUP_ID:
             raise ValueError(f"group id {group_id} out of range")
         if ct_table not in pipeline.table(table).next:
             raise ValueError(f"group {group_id}: bucket may not recirculate to {ct_table} "
                              f"from {table}")
-        return cls(group_id, tuple((a,) for a in CT.dnats(endpoints, ct_table)), owner, table)
+        # zip of one list: its 1-tuples (the buckets) made in C
+        return cls(group_id, tuple(zip(CT.dnats(endpoints, ct_table, checked=checked))),
+                   owner, table)
 
     def weight(self, i: int) -> int:
         return 1 if self.weights is None else self.weights[i]

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from flowcni.flows import fields as F
 from flowcni.flows.affinity import with_affinity
@@ -33,11 +35,13 @@ from flowcni.flows.hairpin import HAIRPIN_OWNER, hairpin_flows
 from flowcni.flows.model import (
     CT,
     MAX_GROUP_ID,
+    Action,
     Controller,
     Flow,
     Group,
     GroupAction,
     SetField,
+    _new_flow,
     gc_paused,
     plain_ipv4,
 )
@@ -51,7 +55,7 @@ from flowcni.flows.nodeport import (
     is_local,
     parse_exposure,
 )
-from flowcni.flows.policy import PodInfo, pod_from_body
+from flowcni.flows.policy import PodInfo, _own, _shared_labels
 from flowcni.flows.tables import DEFAULT, EGRESS_POLICY, Pipeline
 
 GATEWAY_CT_OWNER = "gateway-conntrack"
@@ -129,13 +133,139 @@ class Service:
     def owner(self) -> str:
         return service_owner(self.key)
 
-    def selects(self, pod: PodInfo) -> bool:
+    def selects(self, pod: PodInfo | ProxyPod) -> bool:
         return (self.selector is not None and pod.namespace == self.namespace
                 and all(pod.labels.get(k) == v for k, v in self.selector))
 
 
 def service_owner(key: str) -> str:
     return f"service:{key}"
+
+
+# -- the pods the proxy keeps -------------------------------------------------------------
+
+
+class ProxyPod(NamedTuple):
+    """What the proxy keeps of a pod: what a Service selects it by and its endpoints.
+
+    Not a PodInfo (flows.policy): the proxy needs neither the pod's name (its
+    key holds it) nor its node, and a tuple is the cheapest object to make.
+    Parsing a PodInfo per pod was a third of the proxy's start-up at 10,000
+    Services x 10 endpoints (100,000 pods).
+    """
+
+    namespace: str
+    labels: dict[str, str]  # shared with every pod of the same labels: never mutated
+    ip: str  # canonical IPv4 ("" with none; a bad one is reported and left out)
+    ports: tuple[tuple[str, int, str], ...]  # (name, number 1-65535, protocol)
+
+
+class PodMemo:
+    """What repeats across the pods of one load (or apply): namespaces, label sets and
+    port lists, each parsed once, keyed by the body's own values so that a hit
+    copies and checks nothing (a Deployment's pods carry the same ones)."""
+
+    __slots__ = ("strings", "labels", "ports")
+
+    def __init__(self) -> None:
+        self.strings: dict[Any, str] = {}
+        self.labels: dict[Any, dict[str, str]] = {}
+        self.ports: dict[Any, tuple[tuple[tuple[str, int, str], ...], list[str]]] = {}
+
+
+_NO_LABELS = _shared_labels({})
+_MISSING = object()
+_new_pod = tuple.__new__  # ProxyPod(...) without NamedTuple's __new__ in Python: half the cost
+_PTON, _NTOP, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
+
+
+def proxy_pod(b: dict[str, Any], memo: PodMemo,
+              warnings: list[str]) -> tuple[str, ProxyPod] | None:
+    """A pod's body -> (its key, ProxyPod), or None for a body that is no pod (the
+    policy engine reports those).
+
+    The pod's address and port numbers are checked here, once per pod (a bad
+    one is reported in `warnings`, naming the field, and left out): the
+    groups' DNAT actions trust them (CT.dnats checked=True) instead of
+    checking each again for every Service port the pod serves. Strings kept
+    are the proxy's own, not the body's (flows.policy._own).
+    """
+    try:
+        raw_ns, name = b["namespace"], b["name"]
+        ns = memo.strings.get(raw_ns)
+        if ns is None:
+            if type(raw_ns) is not str:
+                return None
+            ns = memo.strings[raw_ns] = _own(raw_ns)
+        key = sys.intern(f"{ns}/{name}")
+        labels = _NO_LABELS
+        raw = b.get("labels")
+        if raw:
+            try:  # keyed by the body's own items: equal to the owned ones, no copy on a hit
+                lkey: tuple[Any, ...] | None = tuple(raw.items())
+                hit = memo.labels.get(lkey)
+            except TypeError:  # a value that is no string (not hashable): this pod's own
+                lkey = hit = None
+            if hit is None:  # one dict per distinct label set, across engines
+                hit = _shared_labels(raw)
+                if lkey is not None:
+                    memo.labels[lkey] = hit
+            labels = hit
+        ports: tuple[tuple[str, int, str], ...] = ()
+        raw_ports = b.get("ports")
+        if raw_ports:
+            try:  # what _pod_ports reads of each port (a missing field is not a None one)
+                if len(raw_ports) == 1:  # most pods: (name, number, protocol)
+                    p = raw_ports[0]
+                    pkey: tuple[Any, ...] | None = (
+                        p.get("name", _MISSING), p.get("containerPort"),
+                        p.get("protocol", _MISSING))
+                else:  # (None, each port's): never equal to a one-port key
+                    pkey = (None, tuple([(p.get("name", _MISSING), p.get("containerPort"),
+                                          p.get("protocol", _MISSING)) for p in raw_ports]))
+                got = memo.ports.get(pkey)
+            except TypeError:  # an unhashable value: parsed on its own
+                pkey = got = None
+            if got is None:
+                got = _pod_ports(raw_ports)
+                if pkey is not None:
+                    memo.ports[pkey] = got
+            ports = got[0]
+            if got[1]:
+                warnings += [f"pod {key}: {w}" for w in got[1]]
+        raw_ip = b.get("ip") or ""
+        ip = ""
+        if raw_ip:
+            try:  # inet_ntop's text: the check, and a copy of our own
+                own = _NTOP(_AF_INET, _PTON(_AF_INET, raw_ip))
+            except (OSError, TypeError):
+                own = ""
+            if own == raw_ip:
+                ip = sys.intern(own)
+            else:
+                warnings.append(f"pod {key}: ip: {raw_ip!r} is not an IPv4 address "
+                                "(not an endpoint)")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return key, _new_pod(ProxyPod, (ns, labels, ip, ports))
+
+
+def _pod_ports(raw_ports: Any) -> tuple[tuple[tuple[str, int, str], ...], list[str]]:
+    """(name, number, protocol) of each container port (as flows.policy.pod_from_body
+    reads them), and what was wrong with those left out (a number that is no port)."""
+    out: list[tuple[str, int, str]] = []
+    bad: list[str] = []
+    for i, p in enumerate(raw_ports):
+        if not p.get("containerPort"):
+            continue
+        n = int(p["containerPort"])
+        if not 0 < n < 65536:
+            bad.append(f"ports[{i}].containerPort: {p['containerPort']!r} is not a port "
+                       "number (1-65535)")
+            continue
+        out.append((_own(str(p.get("name", ""))), n,
+                    _own(str(p.get("protocol", "TCP")).upper())))
+    return tuple(out), bad
 
 
 def _port_number(v: Any, field: str) -> int:
@@ -276,19 +406,46 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
     return gid
 
 
-_LB_TEMPLATES: dict[tuple[int, str], tuple[Pipeline, Flow]] = {}
+class _LbShape:
+    """The ServiceLB flow's shape for one protocol, validated once by Flow.make: each
+    Service port's flow only fills in its address and port (what Flow.with_values
+    does, minus its generality: 20,000 such flows at 10,000 Services)."""
+
+    __slots__ = ("pipeline", "template", "port_field", "at_ip", "at_port", "pairs")
+
+    def __init__(self, protocol: str, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.port_field = f"{protocol.lower()}_dst"
+        self.template = Flow.make(
+            "ServiceLB", PRIO_SERVICE, {"ipv4_dst": "0.0.0.0", self.port_field: 1},
+            [GroupAction(1)], feature=Feature.SERVICE, owner="", pipeline=pipeline)
+        names = [k for k, _ in self.template.match]
+        self.at_ip, self.at_port = names.index("ipv4_dst"), names.index(self.port_field)
+        # port -> its (field, port) match pair, one shared by every Service on that port
+        self.pairs: dict[int, tuple[str, int]] = {}
+
+    def flow(self, vip: str, port: int, action: Action, owner: str) -> Flow:
+        """The flow for `vip` (an address plain_ipv4 has passed) and `port`, checked here."""
+        pair = self.pairs.get(port)
+        if pair is None:
+            if type(port) is not int or not 0 <= port <= 0xFFFF:
+                raise ValueError(f"ServiceLB: {self.port_field}={port!r} is not a 16-bit number")
+            pair = self.pairs[port] = (self.port_field, port)
+        t = self.template
+        match = list(t.match)
+        match[self.at_ip] = ("ipv4_dst", vip)
+        match[self.at_port] = pair
+        return _new_flow(t.table, t.priority, tuple(match), (action,), None, t.feature, owner)
 
 
-def _lb_template(protocol: str, pipeline: Pipeline) -> Flow:
-    """The ServiceLB flow's shape for one protocol, validated once by Flow.make;
-    each Service port's flow only fills in its address and port (Flow.with_values)."""
-    key = (id(pipeline), protocol)
-    hit = _LB_TEMPLATES.get(key)
-    if hit is None or hit[0] is not pipeline:
-        hit = _LB_TEMPLATES[key] = (pipeline, Flow.make(
-            "ServiceLB", PRIO_SERVICE, {"ipv4_dst": "0.0.0.0", f"{protocol.lower()}_dst": 1},
-            [GroupAction(1)], feature=Feature.SERVICE, owner="", pipeline=pipeline))
-    return hit[1]
+_LB_SHAPES: dict[tuple[int, str], _LbShape] = {}
+
+
+def _lb_shape(protocol: str, pipeline: Pipeline) -> _LbShape:
+    hit = _LB_SHAPES.get((id(pipeline), protocol))
+    if hit is None or hit.pipeline is not pipeline:
+        hit = _LB_SHAPES[(id(pipeline), protocol)] = _LbShape(protocol, pipeline)
+    return hit
 
 
 def split_sizes(n: int) -> list[int]:
@@ -305,21 +462,23 @@ def split_sizes(n: int) -> list[int]:
 
 
 def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner: str,
-                pipeline: Pipeline = DEFAULT) -> list[Group]:
+                pipeline: Pipeline = DEFAULT, checked: bool = False) -> list[Group]:
     """One Service port's select group(s): `gid` holds every endpoint, or, when
     they do not fit in one group, leads to the sub-groups `sub_gids` (one per
     split_sizes entry, put first: a group must exist before one leads to it).
+    checked: the endpoints' addresses and ports are known good (CT.dnats).
     """
     sizes = split_sizes(len(ep))
     if len(sizes) == 1:
         return [Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY, owner=owner,
-                                  table="ServiceLB", pipeline=pipeline)]
+                                  table="ServiceLB", pipeline=pipeline, checked=checked)]
     if len(sub_gids) != len(sizes):
         raise ValueError(f"group {gid}: {len(sizes)} sub-groups needed, {len(sub_gids)} given")
     out, start = [], 0
     for sub, size in zip(sub_gids, sizes, strict=True):
         out.append(Group.dnat_select(sub, ep[start:start + size], ct_table=EGRESS_POLICY,
-                                     owner=owner, table="ServiceLB", pipeline=pipeline))
+                                     owner=owner, table="ServiceLB", pipeline=pipeline,
+                                     checked=checked))
         start += size
     out.append(Group.make(gid, [(GroupAction(sub),) for sub in sub_gids], owner=owner,
                           table="ServiceLB", pipeline=pipeline, weights=sizes))
@@ -328,30 +487,32 @@ def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner:
 
 def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int],
                   pipeline: Pipeline = DEFAULT,
-                  sub_gids: list[list[int]] | None = None) -> tuple[list[Flow], list[Group]]:
+                  sub_gids: list[list[int]] | None = None,
+                  checked: bool = False) -> tuple[list[Flow], list[Group]]:
     """The ServiceLB flow and select group(s) of each port of `svc`.
 
     eps, gids (and sub_gids, for ports whose endpoints need more than one
-    group): per port.
+    group): per port. checked: the endpoints' addresses and ports are known
+    good (the proxy checked them when it took them in: see CT.dnats).
     """
     flows: list[Flow] = []
     groups: list[Group] = []
-    if svc.cluster_ip is None:
+    vip = svc.cluster_ip
+    if vip is None:
         return flows, groups
+    if not plain_ipv4(vip):  # once per Service, for all its ports' flows
+        raise ValueError(f"service {svc.key}: clusterIP {vip!r} is not an IPv4 address")
     owner = svc.owner
     for i, (sp, ep, gid) in enumerate(zip(svc.ports, eps, gids, strict=True)):
-        values: dict[str, Any] = {"ipv4_dst": svc.cluster_ip,
-                                  f"{sp.protocol.lower()}_dst": sp.port}
-        tmpl = _lb_template(sp.protocol, pipeline)
+        shape = _lb_shape(sp.protocol, pipeline)
         if not ep:
             # No endpoint: the agent answers (TCP RST, ICMP port unreachable) as
             # kube-proxy does, instead of letting the client time out (controller.reject).
-            flows.append(Flow.with_values(tmpl, values, [Controller()], owner=owner,
-                                          pipeline=pipeline))
+            flows.append(shape.flow(vip, sp.port, Controller(), owner))
             continue
-        groups += port_groups(gid, sub_gids[i] if sub_gids else [], ep, owner, pipeline)
-        flows.append(Flow.with_values(tmpl, values, [GroupAction(gid)], owner=owner,
-                                      pipeline=pipeline))
+        groups += port_groups(gid, sub_gids[i] if sub_gids else [], ep, owner, pipeline,
+                              checked)
+        flows.append(shape.flow(vip, sp.port, GroupAction(gid), owner))
     return flows, groups
 
 
@@ -383,12 +544,12 @@ class ServiceProxy:
         self.hairpin_ips: frozenset[str] = frozenset()
         self.use_slices = slices
         self.services: dict[str, Service] = {}
-        self.pods: dict[str, PodInfo] = {}
+        self.pods: dict[str, ProxyPod] = {}
         self.slices: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []  # drained into the problems load/apply return
         self.gids: dict[int, str] = {}          # group id -> "ns/name/index"
         self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
-        self.by_ns: dict[str, dict[str, PodInfo]] = {}  # namespace -> pod key -> pod
+        self.by_ns: dict[str, dict[str, ProxyPod]] = {}  # namespace -> pod key -> pod
         # (namespace, label, value) -> pod keys: a selector's candidates without a
         # scan. Built on the first selector-based endpoint lookup, not before: with
         # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
@@ -472,7 +633,7 @@ class ServiceProxy:
             self.local_ips.pop(key, None)
         main = local if ex.internal_local else eps
         flows, groups = service_flows(svc, main, gids, self.pipeline,
-                                      None if ex.internal_local else sub_gids)
+                                      None if ex.internal_local else sub_gids, checked=True)
         if ex.internal_local:  # no local endpoint: drop, as kube-proxy does
             flows = [Flow.with_match(f, [], pipeline=self.pipeline)
                      if any(isinstance(a, Controller) for a in f.actions) else f for f in flows]
@@ -488,7 +649,7 @@ class ServiceProxy:
                     if ep:
                         groups.append(Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY,
                                                         owner=svc.owner, table="ServiceLB",
-                                                        pipeline=self.pipeline))
+                                                        pipeline=self.pipeline, checked=True))
                 targets.append((gid, bool(ep)))
             flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
         for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
@@ -503,7 +664,7 @@ class ServiceProxy:
             return [slice_endpoints(svc, sp, self.slices.values()) for sp in svc.ports]
         in_ns = self.by_ns.get(svc.namespace, {})
         if not svc.selector:
-            pods: Iterable[PodInfo] = in_ns.values()
+            pods: Iterable[ProxyPod] = in_ns.values()
         else:
             # Pods carrying every selector label: the index's sets, smallest first.
             by_label = self.by_label
@@ -533,7 +694,7 @@ class ServiceProxy:
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
         return self.port_endpoints(svc)[svc.ports.index(sp)]
 
-    def _set_pod(self, key: str, pod: PodInfo | None) -> PodInfo | None:
+    def _set_pod(self, key: str, pod: ProxyPod | None) -> ProxyPod | None:
         """Put (or with None remove) a pod, keeping the per-namespace index; the old one."""
         old = self.pods.pop(key, None)
         by_label = self._by_label
@@ -616,13 +777,22 @@ class ServiceProxy:
         problems: list[str] = []
         for sl in slices:
             self.slices[f"{sl.get('namespace')}/{sl.get('name')}"] = sl
-        shared: dict[str, str] = {}  # namespaces, nodes and labels repeat: copied once
+        memo = PodMemo()
+        warnings, have, by_ns = self.warnings, self.pods, self.by_ns
+        generic = self._by_label is not None  # else a new pod touches two dicts only
         for b in pods:
-            try:
-                p = pod_from_body(b, shared)
-            except (KeyError, TypeError, ValueError):
+            got = proxy_pod(b, memo, warnings)
+            if got is None:
                 continue  # the policy engine reports bad pods
-            self._set_pod(p.key, p)
+            key, p = got
+            if generic or key in have:
+                self._set_pod(key, p)
+                continue
+            have[key] = p
+            in_ns = by_ns.get(p.namespace)
+            if in_ns is None:
+                in_ns = by_ns[p.namespace] = {}
+            in_ns[key] = p
         for b in services:
             self._put_service(b, problems)
         flows, groups = self._recompute(self.services)
@@ -644,6 +814,7 @@ class ServiceProxy:
         """Datastore changes (store.Change) -> (changed owners' flows, their groups, problems)."""
         problems: list[str] = []
         touched: set[str] = set()
+        memo = PodMemo()
         for c in changes:
             key = f"{c.namespace}/{c.name}"
             if c.kind == "Service":
@@ -659,12 +830,9 @@ class ServiceProxy:
                 touched.update(k for k in (self._slice_service(old_slice),
                                            self._slice_service(c.body)) if k)
             elif c.kind == "Pod":
-                new = None
-                if c.op == "put" and c.body:
-                    try:
-                        new = pod_from_body(c.body)
-                    except (KeyError, TypeError, ValueError):
-                        new = None
+                got = (proxy_pod(c.body, memo, self.warnings) if c.op == "put" and c.body
+                       else None)
+                new = got[1] if got is not None else None
                 old = self._set_pod(key, new)
                 touched.update(s.key for s in self.services.values()
                                if any(p is not None and s.selects(p) for p in (old, new)))
