@@ -175,6 +175,7 @@ class PodMemo:
 
 _NO_LABELS = _shared_labels({})
 _MISSING = object()
+_NO_PODS: dict[str, ProxyPod] = {}  # what an index lookup that finds none reads (never written)
 _new_pod = tuple.__new__  # ProxyPod(...) without NamedTuple's __new__ in Python: half the cost
 _PTON, _NTOP, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
 
@@ -274,6 +275,25 @@ def _port_number(v: Any, field: str) -> int:
     return v
 
 
+# Equal ServicePorts (and Exposures) are one object: most Services have the same few
+# ports (http 80 -> "http", dns 53...) and no node port, external IP or policy, and
+# each made its own (30,000 frozen objects at 10,000 Services, a sixth of their
+# parse). Keyed by the fields, before making one; bounded like flows.model's
+# shared match pairs: past the limit new values are simply not shared.
+_SHARED_VALUES: dict[tuple[Any, ...], Any] = {}
+_SHARED_MAX = 1 << 14
+
+
+def _service_port(name: str, protocol: str, port: int, target: int | str) -> ServicePort:
+    key = ("port", name, protocol, port, type(target), target)
+    hit = _SHARED_VALUES.get(key)
+    if hit is None:
+        hit = ServicePort(name, protocol, port, target)
+        if len(_SHARED_VALUES) < _SHARED_MAX:
+            _SHARED_VALUES[key] = hit
+    return hit  # type: ignore[no-any-return]
+
+
 def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
                   node_port_range: tuple[int, int] = NODE_PORT_RANGE,
                   require_node_ports: bool = True) -> Service:
@@ -307,21 +327,23 @@ def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
         raise ServiceError("spec.ports: a Service with a ClusterIP needs at least one port")
     ports = []
     for i, p in enumerate(raw_ports or []):
-        where = f"spec.ports[{i}]"
         if not isinstance(p, dict):
-            raise ServiceError(f"{where}: must be a mapping")
+            raise ServiceError(f"spec.ports[{i}]: must be a mapping")
         proto = p.get("protocol", "TCP")
         if proto not in PROTOCOLS:
-            raise ServiceError(f"{where}.protocol: {proto!r} (supported: TCP, UDP, SCTP)")
-        port = _port_number(p.get("port"), f"{where}.port")
+            raise ServiceError(f"spec.ports[{i}].protocol: {proto!r} (supported: TCP, UDP, "
+                               "SCTP)")
+        port = p.get("port")
+        if type(port) is not int or not 0 < port < 65536:  # the field named only on error
+            port = _port_number(port, f"spec.ports[{i}].port")
         target = p.get("targetPort", port)
         if isinstance(target, str) and not target.isdigit():
             if not target:
-                raise ServiceError(f"{where}.targetPort: empty name")
-        else:
+                raise ServiceError(f"spec.ports[{i}].targetPort: empty name")
+        elif type(target) is not int or not 0 < target < 65536:
             target = _port_number(int(target) if isinstance(target, str) else target,
-                                  f"{where}.targetPort")
-        ports.append(ServicePort(str(p.get("name") or ""), proto, port, target))
+                                  f"spec.ports[{i}].targetPort")
+        ports.append(_service_port(str(p.get("name") or ""), proto, port, target))
     sel = spec.get("selector")
     if sel is not None and (not isinstance(sel, dict)
                             or not all(isinstance(k, str) for k in sel)):
@@ -553,7 +575,7 @@ class ServiceProxy:
         # (namespace, label, value) -> pod keys: a selector's candidates without a
         # scan. Built on the first selector-based endpoint lookup, not before: with
         # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
-        self._by_label: dict[tuple[str, str, str], set[str]] | None = None
+        self._by_label: dict[tuple[str, str, str], dict[str, ProxyPod]] | None = None
         self.built: dict[str, tuple[list[Flow], list[Group]]] = {}
         # service key -> (what its flows and groups are computed from, them): a
         # change that leaves a Service's inputs as they were costs no rebuild.
@@ -586,14 +608,18 @@ class ServiceProxy:
         eps = self.port_endpoints(svc)
         sub_gids: list[list[int]] = []
         for i, (sp, ep) in enumerate(zip(svc.ports, eps, strict=True)):
+            if len(ep) <= MAX_BUCKETS:  # one group (split_sizes), no sub-group
+                sub_gids.append([])
+                continue
             n_sub = len(split_sizes(len(ep)))
-            n_sub = 0 if n_sub == 1 else n_sub
             sub_gids.append([self._gid(f"{key}/{i}/{j}", subs, (i, j)) for j in range(n_sub)])
             if len(ep) > MAX_ENDPOINTS:
                 self.warnings.append(f"service {key} port {sp.port}/{sp.protocol}: {len(ep)} "
                                      f"endpoints, only the first {MAX_ENDPOINTS} programmed")
-        for slot in [s for s in subs if s[0] >= len(sub_gids) or s[1] >= len(sub_gids[s[0]])]:
-            del self.gids[subs.pop(slot)]
+        if subs:
+            for slot in [s for s in subs
+                         if s[0] >= len(sub_gids) or s[1] >= len(sub_gids[s[0]])]:
+                del self.gids[subs.pop(slot)]
         # A content hash, not the inputs themselves: holding every Service's
         # endpoint lists would cost more than the flows (a 64-bit hash; a
         # collision, 2**-64 per change, would only skip one rebuild).
@@ -620,13 +646,15 @@ class ServiceProxy:
         (sub_gids); one node's own endpoints are capped at one group's worth."""
         ex = svc.exposure
         cidr = self.local_cidr
-        if cidr is None:
-            local: list[list[tuple[str, int]]] = [[] for _ in eps]
+        if cidr is None:  # no endpoint is this node's
+            local: list[list[tuple[str, int]]] = [[] for _ in eps] if (
+                ex.internal_local or ex.external_local) else []  # [] never read
+            mine: frozenset[str] = frozenset()
         else:  # each address checked once, not once per port
             here = {ip for ep in eps for ip, _ in ep if is_local(ip, cidr)}
             local = [[e for e in ep if e[0] in here][:MAX_BUCKETS] if here else []
                      for ep in eps]
-        mine = frozenset(ip for ep in local for ip, _ in ep)
+            mine = frozenset(ip for ep in local for ip, _ in ep)
         if mine:
             self.local_ips[key] = mine
         else:  # most Services on a node have no endpoint there: no empty set each
@@ -638,8 +666,8 @@ class ServiceProxy:
             flows = [Flow.with_match(f, [], pipeline=self.pipeline)
                      if any(isinstance(a, Controller) for a in f.actions) else f for f in flows]
         keep: set[str] = set()
-        if svc.cluster_ip is not None and (ex.entry_ips or any(
-                n is not None for n in ex.node_ports)):
+        if svc.cluster_ip is not None and (ex.external_ips or ex.lb_ips or (
+                ex.node_ports.count(None) != len(ex.node_ports))):  # entry IPs or node ports
             ext = local if ex.external_local else eps
             targets: list[tuple[int | None, bool]] = []
             for i, (ep, m) in enumerate(zip(ext, main, strict=True)):
@@ -652,8 +680,10 @@ class ServiceProxy:
                                                         pipeline=self.pipeline, checked=True))
                 targets.append((gid, bool(ep)))
             flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
-        for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
-            del self.gids[self.extra_gids[key].pop(name)]
+        extra = self.extra_gids.get(key)
+        if extra:
+            for name in [n for n in extra if n not in keep]:
+                del self.gids[extra.pop(name)]
         if ex.affinity_timeout is not None:
             flows, groups = with_affinity(flows, groups, ex.affinity_timeout, self.pipeline)
         return flows, groups
@@ -662,16 +692,16 @@ class ServiceProxy:
         """Each port's (IP, port) endpoints, in one pass over the selected pods."""
         if self.use_slices or svc.selector is None:
             return [slice_endpoints(svc, sp, self.slices.values()) for sp in svc.ports]
-        in_ns = self.by_ns.get(svc.namespace, {})
-        if not svc.selector:
-            pods: Iterable[ProxyPod] = in_ns.values()
-        else:
-            # Pods carrying every selector label: the index's sets, smallest first.
-            by_label = self.by_label
-            sets = sorted((by_label.get((svc.namespace, k, v), set())
-                           for k, v in svc.selector), key=len)
-            keys = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
-            pods = (in_ns[k] for k in keys)
+        sel, ns = svc.selector, svc.namespace
+        pods: Iterable[ProxyPod]
+        if not sel:
+            pods = self.by_ns.get(ns, _NO_PODS).values()
+        elif len(sel) == 1:
+            pods = self.by_label.get((ns, *sel[0]), _NO_PODS).values()
+        else:  # pods carrying every selector label: the smallest member set, checked
+            members = sorted((self.by_label.get((ns, k, v), _NO_PODS) for k, v in sel),
+                             key=len)
+            pods = [p for key, p in members[0].items() if all(key in m for m in members[1:])]
         chosen = [p for p in pods if p.ip]
         ips: list[str] | None = None  # every address, sorted once for the numbered ports
         res: list[list[tuple[str, int]]] = []
@@ -702,23 +732,24 @@ class ServiceProxy:
             self.by_ns.get(old.namespace, {}).pop(key, None)
             if by_label is not None:
                 for k, v in old.labels.items():
-                    by_label.get((old.namespace, k, v), set()).discard(key)
+                    by_label.get((old.namespace, k, v), {}).pop(key, None)
         if pod is not None:
             self.pods[key] = pod
             self.by_ns.setdefault(pod.namespace, {})[key] = pod
             if by_label is not None:
                 for k, v in pod.labels.items():
-                    by_label.setdefault((pod.namespace, k, v), set()).add(key)
+                    by_label.setdefault((pod.namespace, k, v), {})[key] = pod
         return old
 
     @property
-    def by_label(self) -> dict[tuple[str, str, str], set[str]]:
-        """The label index, built from the pods on first use and kept in step after."""
+    def by_label(self) -> dict[tuple[str, str, str], dict[str, ProxyPod]]:
+        """The label index ((namespace, label, value) -> the pods carrying it, by key),
+        built from the pods on first use and kept in step after."""
         if self._by_label is None:
-            idx: dict[tuple[str, str, str], set[str]] = {}
+            idx: dict[tuple[str, str, str], dict[str, ProxyPod]] = {}
             for key, pod in self.pods.items():
                 for k, v in pod.labels.items():
-                    idx.setdefault((pod.namespace, k, v), set()).add(key)
+                    idx.setdefault((pod.namespace, k, v), {})[key] = pod
             self._by_label = idx
         return self._by_label
 
@@ -746,7 +777,8 @@ class ServiceProxy:
             else:
                 self.built[key] = new
             self.stale += stale_udp(old, new)
-            flows[service_owner(key)], groups[service_owner(key)] = new
+            owner = service_owner(key)
+            flows[owner], groups[owner] = new
         hairpin = frozenset().union(*self.local_ips.values())
         if hairpin != self.hairpin_ips:
             self.hairpin_ips = hairpin
