@@ -769,7 +769,10 @@ class ServiceProxy:
             idx: dict[tuple[str, str, str], dict[str, ProxyPod]] = {}
             for key, pod in self.pods.items():
                 for k, v in pod.labels.items():
-                    idx.setdefault((pod.namespace, k, v), {})[key] = pod
+                    members = idx.get((pod.namespace, k, v))
+                    if members is None:  # (not setdefault: a new dict per call)
+                        members = idx[(pod.namespace, k, v)] = {}
+                    members[key] = pod
             self._by_label = idx
         return self._by_label
 
