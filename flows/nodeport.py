@@ -203,9 +203,9 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
 
 
 # Equal Exposures are one object: most Services have no node port, external IP,
-# policy or affinity, and each made its own (a frozen dataclass of eight fields:
-# a quarter of parsing one at 10,000 Services). Bounded: past the limit, new
-# values are simply not shared.
+# policy or affinity, and each made its own (a frozen dataclass of eight fields,
+# the costliest step of parsing one). Bounded: past the limit, new values are
+# simply not shared.
 _EXPOSURES: dict[tuple[Any, ...], Exposure] = {}
 _EXPOSURES_MAX = 1 << 14
 

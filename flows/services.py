@@ -190,7 +190,7 @@ def proxy_pods(bodies: Iterable[dict[str, Any]], memo: PodMemo,
     groups' DNAT actions trust them (CT.dnats checked=True) instead of
     checking each again for every Service port the pod serves. Strings kept
     are the proxy's own, not the body's (flows.policy._own). A generator, with
-    its lookups bound once: at 100,000 pods a call per pod was a tenth of this.
+    its lookups bound once, instead of a call per pod.
     """
     strings, labels_memo, ports_memo = memo.strings, memo.labels, memo.ports
     intern, ntop, pton, af, new_pod = sys.intern, _NTOP, _PTON, _AF_INET, _new_pod
@@ -282,8 +282,8 @@ def _port_number(v: Any, field: str) -> int:
 
 # Equal ServicePorts (and Exposures) are one object: most Services have the same few
 # ports (http 80 -> "http", dns 53...) and no node port, external IP or policy, and
-# each made its own (30,000 frozen objects at 10,000 Services, a sixth of their
-# parse). Keyed by the fields, before making one; bounded like flows.model's
+# each made its own (30,000 frozen objects at 10,000 Services, each a Python-level
+# __init__). Keyed by the fields, before making one; bounded like flows.model's
 # shared match pairs: past the limit new values are simply not shared.
 _SHARED_VALUES: dict[tuple[Any, ...], Any] = {}
 _SHARED_MAX = 1 << 14
@@ -578,9 +578,9 @@ class ServiceProxy:
         self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
         # namespace -> pod key -> pod: what a Service with an empty selector reads (every
         # pod of its namespace). Built on first such use, like the label index: most
-        # clusters have none, and it was 5 MB and a tenth of the pods' load at 100,000.
+        # clusters have none, and a first load then puts each pod in one dict only.
         self._by_ns: dict[str, dict[str, ProxyPod]] | None = None
-        # (namespace, label, value) -> pod keys: a selector's candidates without a
+        # (namespace, label, value) -> pod key -> pod: a selector's pods without a
         # scan. Built on the first selector-based endpoint lookup, not before: with
         # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
         self._by_label: dict[tuple[str, str, str], dict[str, ProxyPod]] | None = None
@@ -835,9 +835,10 @@ class ServiceProxy:
         memo = PodMemo()
         have = self.pods
         # With no index built yet (a first load), a new pod only goes into self.pods.
+        # Bodies that are no pod are skipped: the policy engine reports them.
         generic = self._by_label is not None or self._by_ns is not None
-        for key, p in proxy_pods(pods, memo, self.warnings):  # bad ones: the policy
-            if generic or key in have:                          # engine reports them
+        for key, p in proxy_pods(pods, memo, self.warnings):
+            if generic or key in have:
                 self._set_pod(key, p)
             else:
                 have[key] = p
