@@ -156,7 +156,8 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
     ext = spec.get("externalIPs") or []
     if not isinstance(ext, list):
         raise ValueError("spec.externalIPs: must be a list of IPv4 addresses")
-    external = tuple(_ipv4(a, f"spec.externalIPs[{i}]") for i, a in enumerate(ext))
+    external = tuple(_ipv4(a, f"spec.externalIPs[{i}]") for i, a in enumerate(ext)) \
+        if ext else ()
     lb: list[str] = []
     if stype == "LoadBalancer" and isinstance(status, dict):
         ingress = (status.get("loadBalancer") or {}).get("ingress") or []
@@ -192,8 +193,21 @@ def parse_exposure(spec: dict[str, Any], status: Any, raw_ports: Sequence[Any],
         if hc in node_ports:
             raise ValueError(f"spec.healthCheckNodePort: {hc} is also a nodePort of this "
                              "Service")
-    return Exposure(stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout,
-                    hc)
+    key = (stype, tuple(node_ports), external, tuple(lb), ext_local, int_local, timeout, hc)
+    hit = _EXPOSURES.get(key)
+    if hit is None:
+        hit = Exposure(*key)
+        if len(_EXPOSURES) < _EXPOSURES_MAX:
+            _EXPOSURES[key] = hit
+    return hit
+
+
+# Equal Exposures are one object: most Services have no node port, external IP,
+# policy or affinity, and each made its own (a frozen dataclass of eight fields,
+# the costliest step of parsing one). Bounded: past the limit, new values are
+# simply not shared.
+_EXPOSURES: dict[tuple[Any, ...], Exposure] = {}
+_EXPOSURES_MAX = 1 << 14
 
 
 def is_local(ip: str, cidr: ipaddress.IPv4Network | None) -> bool:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+import socket
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from flowcni.flows import fields as F
 from flowcni.flows.affinity import with_affinity
@@ -33,11 +35,13 @@ from flowcni.flows.hairpin import HAIRPIN_OWNER, hairpin_flows
 from flowcni.flows.model import (
     CT,
     MAX_GROUP_ID,
+    Action,
     Controller,
     Flow,
     Group,
     GroupAction,
     SetField,
+    _new_flow,
     gc_paused,
     plain_ipv4,
 )
@@ -51,7 +55,7 @@ from flowcni.flows.nodeport import (
     is_local,
     parse_exposure,
 )
-from flowcni.flows.policy import PodInfo, pod_from_body
+from flowcni.flows.policy import PodInfo, _own, _shared_labels
 from flowcni.flows.tables import DEFAULT, EGRESS_POLICY, Pipeline
 
 GATEWAY_CT_OWNER = "gateway-conntrack"
@@ -129,7 +133,7 @@ class Service:
     def owner(self) -> str:
         return service_owner(self.key)
 
-    def selects(self, pod: PodInfo) -> bool:
+    def selects(self, pod: PodInfo | ProxyPod) -> bool:
         return (self.selector is not None and pod.namespace == self.namespace
                 and all(pod.labels.get(k) == v for k, v in self.selector))
 
@@ -138,10 +142,161 @@ def service_owner(key: str) -> str:
     return f"service:{key}"
 
 
+# -- the pods the proxy keeps -------------------------------------------------------------
+
+
+class ProxyPod(NamedTuple):
+    """What the proxy keeps of a pod: what a Service selects it by and its endpoints.
+
+    Not a PodInfo (flows.policy): the proxy needs neither the pod's name (its
+    key holds it) nor its node, and a tuple is the cheapest object to make.
+    Parsing a PodInfo per pod was a third of the proxy's start-up at 10,000
+    Services x 10 endpoints (100,000 pods).
+    """
+
+    namespace: str
+    labels: dict[str, str]  # shared with every pod of the same labels: never mutated
+    ip: str  # canonical IPv4 ("" with none; a bad one is reported and left out)
+    ports: tuple[tuple[str, int, str], ...]  # (name, number 1-65535, protocol)
+
+
+class PodMemo:
+    """What repeats across the pods of one load (or apply): namespaces, label sets and
+    port lists, each parsed once, keyed by the body's own values so that a hit
+    copies and checks nothing (a Deployment's pods carry the same ones)."""
+
+    __slots__ = ("strings", "labels", "ports")
+
+    def __init__(self) -> None:
+        self.strings: dict[Any, str] = {}
+        self.labels: dict[Any, dict[str, str]] = {}
+        self.ports: dict[Any, tuple[tuple[tuple[str, int, str], ...], list[str]]] = {}
+
+
+_NO_LABELS = _shared_labels({})
+_MISSING = object()
+_NO_PODS: dict[str, ProxyPod] = {}  # what an index lookup that finds none reads (never written)
+_new_pod = tuple.__new__  # ProxyPod(...) without NamedTuple's __new__ in Python: half the cost
+_PTON, _NTOP, _AF_INET = socket.inet_pton, socket.inet_ntop, socket.AF_INET
+
+
+def proxy_pods(bodies: Iterable[dict[str, Any]], memo: PodMemo,
+               warnings: list[str]) -> Iterator[tuple[str, ProxyPod]]:
+    """Pods' bodies -> (key, ProxyPod) of each; a body that is no pod is skipped (the
+    policy engine reports those).
+
+    Each pod's address and port numbers are checked here, once per pod (a bad
+    one is reported in `warnings`, naming the field, and left out): the
+    groups' DNAT actions trust them (CT.dnats checked=True) instead of
+    checking each again for every Service port the pod serves. Strings kept
+    are the proxy's own, not the body's (flows.policy._own). A generator, with
+    its lookups bound once, instead of a call per pod.
+    """
+    strings, labels_memo, ports_memo = memo.strings, memo.labels, memo.ports
+    intern, ntop, pton, af, new_pod = sys.intern, _NTOP, _PTON, _AF_INET, _new_pod
+    missing = _MISSING
+    for b in bodies:
+        try:
+            raw_ns, name = b["namespace"], b["name"]
+            ns = strings.get(raw_ns)
+            if ns is None:
+                if type(raw_ns) is not str:
+                    continue
+                ns = strings[raw_ns] = _own(raw_ns)
+            key = intern(f"{ns}/{name}")
+            labels = _NO_LABELS
+            raw = b.get("labels")
+            if raw:
+                try:  # keyed by the body's own items: equal to the owned ones, no copy on a hit
+                    lkey: tuple[Any, ...] | None = tuple(raw.items())
+                    hit = labels_memo.get(lkey)
+                except TypeError:  # a value that is no string (not hashable): this pod's own
+                    lkey = hit = None
+                if hit is None:  # one dict per distinct label set, across engines
+                    hit = _shared_labels(raw)
+                    if lkey is not None:
+                        labels_memo[lkey] = hit
+                labels = hit
+            ports: tuple[tuple[str, int, str], ...] = ()
+            raw_ports = b.get("ports")
+            if raw_ports:
+                try:  # what _pod_ports reads of each port (a missing field is not a None one)
+                    if len(raw_ports) == 1:  # most pods: (name, number, protocol)
+                        p = raw_ports[0]
+                        pkey: tuple[Any, ...] | None = (
+                            p.get("name", missing), p.get("containerPort"),
+                            p.get("protocol", missing))
+                    else:  # (None, each port's): never equal to a one-port key
+                        pkey = (None, tuple([(p.get("name", missing), p.get("containerPort"),
+                                              p.get("protocol", missing)) for p in raw_ports]))
+                    got = ports_memo.get(pkey)
+                except TypeError:  # an unhashable value: parsed on its own
+                    pkey = got = None
+                if got is None:
+                    got = _pod_ports(raw_ports)
+                    if pkey is not None:
+                        ports_memo[pkey] = got
+                ports = got[0]
+                if got[1]:
+                    warnings += [f"pod {key}: {w}" for w in got[1]]
+            raw_ip = b.get("ip") or ""
+            ip = ""
+            if raw_ip:
+                try:  # inet_ntop's text: the check, and a copy of our own
+                    own = ntop(af, pton(af, raw_ip))
+                except (OSError, TypeError):
+                    own = ""
+                if own == raw_ip:
+                    ip = intern(own)
+                else:
+                    warnings.append(f"pod {key}: ip: {raw_ip!r} is not an IPv4 address "
+                                    "(not an endpoint)")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        yield key, new_pod(ProxyPod, (ns, labels, ip, ports))
+
+
+def _pod_ports(raw_ports: Any) -> tuple[tuple[tuple[str, int, str], ...], list[str]]:
+    """(name, number, protocol) of each container port (as flows.policy.pod_from_body
+    reads them), and what was wrong with those left out (a number that is no port)."""
+    out: list[tuple[str, int, str]] = []
+    bad: list[str] = []
+    for i, p in enumerate(raw_ports):
+        if not p.get("containerPort"):
+            continue
+        n = int(p["containerPort"])
+        if not 0 < n < 65536:
+            bad.append(f"ports[{i}].containerPort: {p['containerPort']!r} is not a port "
+                       "number (1-65535)")
+            continue
+        out.append((_own(str(p.get("name", ""))), n,
+                    _own(str(p.get("protocol", "TCP")).upper())))
+    return tuple(out), bad
+
+
 def _port_number(v: Any, field: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 65536:
         raise ServiceError(f"{field}: {v!r} is not a port number (1-65535)")
     return v
+
+
+# Equal ServicePorts (and Exposures) are one object: most Services have the same few
+# ports (http 80 -> "http", dns 53...) and no node port, external IP or policy, and
+# each made its own (30,000 frozen objects at 10,000 Services, each a Python-level
+# __init__). Keyed by the fields, before making one; bounded like flows.model's
+# shared match pairs: past the limit new values are simply not shared.
+_SHARED_VALUES: dict[tuple[Any, ...], Any] = {}
+_SHARED_MAX = 1 << 14
+
+
+def _service_port(name: str, protocol: str, port: int, target: int | str) -> ServicePort:
+    key = ("port", name, protocol, port, type(target), target)
+    hit = _SHARED_VALUES.get(key)
+    if hit is None:
+        hit = ServicePort(name, protocol, port, target)
+        if len(_SHARED_VALUES) < _SHARED_MAX:
+            _SHARED_VALUES[key] = hit
+    return hit  # type: ignore[no-any-return]
 
 
 def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
@@ -177,21 +332,23 @@ def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
         raise ServiceError("spec.ports: a Service with a ClusterIP needs at least one port")
     ports = []
     for i, p in enumerate(raw_ports or []):
-        where = f"spec.ports[{i}]"
         if not isinstance(p, dict):
-            raise ServiceError(f"{where}: must be a mapping")
+            raise ServiceError(f"spec.ports[{i}]: must be a mapping")
         proto = p.get("protocol", "TCP")
         if proto not in PROTOCOLS:
-            raise ServiceError(f"{where}.protocol: {proto!r} (supported: TCP, UDP, SCTP)")
-        port = _port_number(p.get("port"), f"{where}.port")
+            raise ServiceError(f"spec.ports[{i}].protocol: {proto!r} (supported: TCP, UDP, "
+                               "SCTP)")
+        port = p.get("port")
+        if type(port) is not int or not 0 < port < 65536:  # the field named only on error
+            port = _port_number(port, f"spec.ports[{i}].port")
         target = p.get("targetPort", port)
         if isinstance(target, str) and not target.isdigit():
             if not target:
-                raise ServiceError(f"{where}.targetPort: empty name")
-        else:
+                raise ServiceError(f"spec.ports[{i}].targetPort: empty name")
+        elif type(target) is not int or not 0 < target < 65536:
             target = _port_number(int(target) if isinstance(target, str) else target,
-                                  f"{where}.targetPort")
-        ports.append(ServicePort(str(p.get("name") or ""), proto, port, target))
+                                  f"spec.ports[{i}].targetPort")
+        ports.append(_service_port(str(p.get("name") or ""), proto, port, target))
     sel = spec.get("selector")
     if sel is not None and (not isinstance(sel, dict)
                             or not all(isinstance(k, str) for k in sel)):
@@ -276,19 +433,46 @@ def group_id_for(key: str, taken: dict[int, str]) -> int:
     return gid
 
 
-_LB_TEMPLATES: dict[tuple[int, str], tuple[Pipeline, Flow]] = {}
+class _LbShape:
+    """The ServiceLB flow's shape for one protocol, validated once by Flow.make: each
+    Service port's flow only fills in its address and port (what Flow.with_values
+    does, minus its generality: 20,000 such flows at 10,000 Services)."""
+
+    __slots__ = ("pipeline", "template", "port_field", "at_ip", "at_port", "pairs")
+
+    def __init__(self, protocol: str, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.port_field = f"{protocol.lower()}_dst"
+        self.template = Flow.make(
+            "ServiceLB", PRIO_SERVICE, {"ipv4_dst": "0.0.0.0", self.port_field: 1},
+            [GroupAction(1)], feature=Feature.SERVICE, owner="", pipeline=pipeline)
+        names = [k for k, _ in self.template.match]
+        self.at_ip, self.at_port = names.index("ipv4_dst"), names.index(self.port_field)
+        # port -> its (field, port) match pair, one shared by every Service on that port
+        self.pairs: dict[int, tuple[str, int]] = {}
+
+    def flow(self, vip: str, port: int, action: Action, owner: str) -> Flow:
+        """The flow for `vip` (an address plain_ipv4 has passed) and `port`, checked here."""
+        pair = self.pairs.get(port)
+        if pair is None:
+            if type(port) is not int or not 0 <= port <= 0xFFFF:
+                raise ValueError(f"ServiceLB: {self.port_field}={port!r} is not a 16-bit number")
+            pair = self.pairs[port] = (self.port_field, port)
+        t = self.template
+        match = list(t.match)
+        match[self.at_ip] = ("ipv4_dst", vip)
+        match[self.at_port] = pair
+        return _new_flow(t.table, t.priority, tuple(match), (action,), None, t.feature, owner)
 
 
-def _lb_template(protocol: str, pipeline: Pipeline) -> Flow:
-    """The ServiceLB flow's shape for one protocol, validated once by Flow.make;
-    each Service port's flow only fills in its address and port (Flow.with_values)."""
-    key = (id(pipeline), protocol)
-    hit = _LB_TEMPLATES.get(key)
-    if hit is None or hit[0] is not pipeline:
-        hit = _LB_TEMPLATES[key] = (pipeline, Flow.make(
-            "ServiceLB", PRIO_SERVICE, {"ipv4_dst": "0.0.0.0", f"{protocol.lower()}_dst": 1},
-            [GroupAction(1)], feature=Feature.SERVICE, owner="", pipeline=pipeline))
-    return hit[1]
+_LB_SHAPES: dict[tuple[int, str], _LbShape] = {}
+
+
+def _lb_shape(protocol: str, pipeline: Pipeline) -> _LbShape:
+    hit = _LB_SHAPES.get((id(pipeline), protocol))
+    if hit is None or hit.pipeline is not pipeline:
+        hit = _LB_SHAPES[(id(pipeline), protocol)] = _LbShape(protocol, pipeline)
+    return hit
 
 
 def split_sizes(n: int) -> list[int]:
@@ -305,21 +489,23 @@ def split_sizes(n: int) -> list[int]:
 
 
 def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner: str,
-                pipeline: Pipeline = DEFAULT) -> list[Group]:
+                pipeline: Pipeline = DEFAULT, checked: bool = False) -> list[Group]:
     """One Service port's select group(s): `gid` holds every endpoint, or, when
     they do not fit in one group, leads to the sub-groups `sub_gids` (one per
     split_sizes entry, put first: a group must exist before one leads to it).
+    checked: the endpoints' addresses and ports are known good (CT.dnats).
     """
     sizes = split_sizes(len(ep))
     if len(sizes) == 1:
         return [Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY, owner=owner,
-                                  table="ServiceLB", pipeline=pipeline)]
+                                  table="ServiceLB", pipeline=pipeline, checked=checked)]
     if len(sub_gids) != len(sizes):
         raise ValueError(f"group {gid}: {len(sizes)} sub-groups needed, {len(sub_gids)} given")
     out, start = [], 0
     for sub, size in zip(sub_gids, sizes, strict=True):
         out.append(Group.dnat_select(sub, ep[start:start + size], ct_table=EGRESS_POLICY,
-                                     owner=owner, table="ServiceLB", pipeline=pipeline))
+                                     owner=owner, table="ServiceLB", pipeline=pipeline,
+                                     checked=checked))
         start += size
     out.append(Group.make(gid, [(GroupAction(sub),) for sub in sub_gids], owner=owner,
                           table="ServiceLB", pipeline=pipeline, weights=sizes))
@@ -328,30 +514,32 @@ def port_groups(gid: int, sub_gids: list[int], ep: list[tuple[str, int]], owner:
 
 def service_flows(svc: Service, eps: list[list[tuple[str, int]]], gids: list[int],
                   pipeline: Pipeline = DEFAULT,
-                  sub_gids: list[list[int]] | None = None) -> tuple[list[Flow], list[Group]]:
+                  sub_gids: list[list[int]] | None = None,
+                  checked: bool = False) -> tuple[list[Flow], list[Group]]:
     """The ServiceLB flow and select group(s) of each port of `svc`.
 
     eps, gids (and sub_gids, for ports whose endpoints need more than one
-    group): per port.
+    group): per port. checked: the endpoints' addresses and ports are known
+    good (the proxy checked them when it took them in: see CT.dnats).
     """
     flows: list[Flow] = []
     groups: list[Group] = []
-    if svc.cluster_ip is None:
+    vip = svc.cluster_ip
+    if vip is None:
         return flows, groups
+    if not plain_ipv4(vip):  # once per Service, for all its ports' flows
+        raise ValueError(f"service {svc.key}: clusterIP {vip!r} is not an IPv4 address")
     owner = svc.owner
     for i, (sp, ep, gid) in enumerate(zip(svc.ports, eps, gids, strict=True)):
-        values: dict[str, Any] = {"ipv4_dst": svc.cluster_ip,
-                                  f"{sp.protocol.lower()}_dst": sp.port}
-        tmpl = _lb_template(sp.protocol, pipeline)
+        shape = _lb_shape(sp.protocol, pipeline)
         if not ep:
             # No endpoint: the agent answers (TCP RST, ICMP port unreachable) as
             # kube-proxy does, instead of letting the client time out (controller.reject).
-            flows.append(Flow.with_values(tmpl, values, [Controller()], owner=owner,
-                                          pipeline=pipeline))
+            flows.append(shape.flow(vip, sp.port, Controller(), owner))
             continue
-        groups += port_groups(gid, sub_gids[i] if sub_gids else [], ep, owner, pipeline)
-        flows.append(Flow.with_values(tmpl, values, [GroupAction(gid)], owner=owner,
-                                      pipeline=pipeline))
+        groups += port_groups(gid, sub_gids[i] if sub_gids else [], ep, owner, pipeline,
+                              checked)
+        flows.append(shape.flow(vip, sp.port, GroupAction(gid), owner))
     return flows, groups
 
 
@@ -383,16 +571,19 @@ class ServiceProxy:
         self.hairpin_ips: frozenset[str] = frozenset()
         self.use_slices = slices
         self.services: dict[str, Service] = {}
-        self.pods: dict[str, PodInfo] = {}
+        self.pods: dict[str, ProxyPod] = {}
         self.slices: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []  # drained into the problems load/apply return
         self.gids: dict[int, str] = {}          # group id -> "ns/name/index"
         self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
-        self.by_ns: dict[str, dict[str, PodInfo]] = {}  # namespace -> pod key -> pod
-        # (namespace, label, value) -> pod keys: a selector's candidates without a
+        # namespace -> pod key -> pod: what a Service with an empty selector reads (every
+        # pod of its namespace). Built on first such use, like the label index: most
+        # clusters have none, and a first load then puts each pod in one dict only.
+        self._by_ns: dict[str, dict[str, ProxyPod]] | None = None
+        # (namespace, label, value) -> pod key -> pod: a selector's pods without a
         # scan. Built on the first selector-based endpoint lookup, not before: with
         # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
-        self._by_label: dict[tuple[str, str, str], set[str]] | None = None
+        self._by_label: dict[tuple[str, str, str], dict[str, ProxyPod]] | None = None
         self.built: dict[str, tuple[list[Flow], list[Group]]] = {}
         # service key -> (what its flows and groups are computed from, them): a
         # change that leaves a Service's inputs as they were costs no rebuild.
@@ -425,14 +616,18 @@ class ServiceProxy:
         eps = self.port_endpoints(svc)
         sub_gids: list[list[int]] = []
         for i, (sp, ep) in enumerate(zip(svc.ports, eps, strict=True)):
+            if len(ep) <= MAX_BUCKETS:  # one group (split_sizes), no sub-group
+                sub_gids.append([])
+                continue
             n_sub = len(split_sizes(len(ep)))
-            n_sub = 0 if n_sub == 1 else n_sub
             sub_gids.append([self._gid(f"{key}/{i}/{j}", subs, (i, j)) for j in range(n_sub)])
             if len(ep) > MAX_ENDPOINTS:
                 self.warnings.append(f"service {key} port {sp.port}/{sp.protocol}: {len(ep)} "
                                      f"endpoints, only the first {MAX_ENDPOINTS} programmed")
-        for slot in [s for s in subs if s[0] >= len(sub_gids) or s[1] >= len(sub_gids[s[0]])]:
-            del self.gids[subs.pop(slot)]
+        if subs:
+            for slot in [s for s in subs
+                         if s[0] >= len(sub_gids) or s[1] >= len(sub_gids[s[0]])]:
+                del self.gids[subs.pop(slot)]
         # A content hash, not the inputs themselves: holding every Service's
         # endpoint lists would cost more than the flows (a 64-bit hash; a
         # collision, 2**-64 per change, would only skip one rebuild).
@@ -459,26 +654,28 @@ class ServiceProxy:
         (sub_gids); one node's own endpoints are capped at one group's worth."""
         ex = svc.exposure
         cidr = self.local_cidr
-        if cidr is None:
-            local: list[list[tuple[str, int]]] = [[] for _ in eps]
+        if cidr is None:  # no endpoint is this node's
+            local: list[list[tuple[str, int]]] = [[] for _ in eps] if (
+                ex.internal_local or ex.external_local) else []  # [] never read
+            mine: frozenset[str] = frozenset()
         else:  # each address checked once, not once per port
             here = {ip for ep in eps for ip, _ in ep if is_local(ip, cidr)}
             local = [[e for e in ep if e[0] in here][:MAX_BUCKETS] if here else []
                      for ep in eps]
-        mine = frozenset(ip for ep in local for ip, _ in ep)
+            mine = frozenset(ip for ep in local for ip, _ in ep)
         if mine:
             self.local_ips[key] = mine
         else:  # most Services on a node have no endpoint there: no empty set each
             self.local_ips.pop(key, None)
         main = local if ex.internal_local else eps
         flows, groups = service_flows(svc, main, gids, self.pipeline,
-                                      None if ex.internal_local else sub_gids)
+                                      None if ex.internal_local else sub_gids, checked=True)
         if ex.internal_local:  # no local endpoint: drop, as kube-proxy does
             flows = [Flow.with_match(f, [], pipeline=self.pipeline)
                      if any(isinstance(a, Controller) for a in f.actions) else f for f in flows]
         keep: set[str] = set()
-        if svc.cluster_ip is not None and (ex.entry_ips or any(
-                n is not None for n in ex.node_ports)):
+        if svc.cluster_ip is not None and (ex.external_ips or ex.lb_ips or (
+                ex.node_ports.count(None) != len(ex.node_ports))):  # entry IPs or node ports
             ext = local if ex.external_local else eps
             targets: list[tuple[int | None, bool]] = []
             for i, (ep, m) in enumerate(zip(ext, main, strict=True)):
@@ -488,11 +685,13 @@ class ServiceProxy:
                     if ep:
                         groups.append(Group.dnat_select(gid, ep, ct_table=EGRESS_POLICY,
                                                         owner=svc.owner, table="ServiceLB",
-                                                        pipeline=self.pipeline))
+                                                        pipeline=self.pipeline, checked=True))
                 targets.append((gid, bool(ep)))
             flows += entry_flows(svc.owner, ex, svc.ports, targets, self.pipeline)
-        for name in [n for n in self.extra_gids.get(key, {}) if n not in keep]:
-            del self.gids[self.extra_gids[key].pop(name)]
+        extra = self.extra_gids.get(key)
+        if extra:
+            for name in [n for n in extra if n not in keep]:
+                del self.gids[extra.pop(name)]
         if ex.affinity_timeout is not None:
             flows, groups = with_affinity(flows, groups, ex.affinity_timeout, self.pipeline)
         return flows, groups
@@ -501,16 +700,16 @@ class ServiceProxy:
         """Each port's (IP, port) endpoints, in one pass over the selected pods."""
         if self.use_slices or svc.selector is None:
             return [slice_endpoints(svc, sp, self.slices.values()) for sp in svc.ports]
-        in_ns = self.by_ns.get(svc.namespace, {})
-        if not svc.selector:
-            pods: Iterable[PodInfo] = in_ns.values()
-        else:
-            # Pods carrying every selector label: the index's sets, smallest first.
-            by_label = self.by_label
-            sets = sorted((by_label.get((svc.namespace, k, v), set())
-                           for k, v in svc.selector), key=len)
-            keys = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
-            pods = (in_ns[k] for k in keys)
+        sel, ns = svc.selector, svc.namespace
+        pods: Iterable[ProxyPod]
+        if not sel:
+            pods = self.by_ns.get(ns, _NO_PODS).values()  # every pod of the namespace
+        elif len(sel) == 1:
+            pods = self.by_label.get((ns, *sel[0]), _NO_PODS).values()
+        else:  # pods carrying every selector label: the smallest member set, checked
+            members = sorted((self.by_label.get((ns, k, v), _NO_PODS) for k, v in sel),
+                             key=len)
+            pods = [p for key, p in members[0].items() if all(key in m for m in members[1:])]
         chosen = [p for p in pods if p.ip]
         ips: list[str] | None = None  # every address, sorted once for the numbered ports
         res: list[list[tuple[str, int]]] = []
@@ -533,31 +732,47 @@ class ServiceProxy:
     def endpoints(self, svc: Service, sp: ServicePort) -> list[tuple[str, int]]:
         return self.port_endpoints(svc)[svc.ports.index(sp)]
 
-    def _set_pod(self, key: str, pod: PodInfo | None) -> PodInfo | None:
-        """Put (or with None remove) a pod, keeping the per-namespace index; the old one."""
+    def _set_pod(self, key: str, pod: ProxyPod | None) -> ProxyPod | None:
+        """Put (or with None remove) a pod, keeping the indexes built so far; the old one."""
         old = self.pods.pop(key, None)
-        by_label = self._by_label
+        by_label, by_ns = self._by_label, self._by_ns
         if old is not None:
-            self.by_ns.get(old.namespace, {}).pop(key, None)
+            if by_ns is not None:
+                by_ns.get(old.namespace, {}).pop(key, None)
             if by_label is not None:
                 for k, v in old.labels.items():
-                    by_label.get((old.namespace, k, v), set()).discard(key)
+                    by_label.get((old.namespace, k, v), {}).pop(key, None)
         if pod is not None:
             self.pods[key] = pod
-            self.by_ns.setdefault(pod.namespace, {})[key] = pod
+            if by_ns is not None:
+                by_ns.setdefault(pod.namespace, {})[key] = pod
             if by_label is not None:
                 for k, v in pod.labels.items():
-                    by_label.setdefault((pod.namespace, k, v), set()).add(key)
+                    by_label.setdefault((pod.namespace, k, v), {})[key] = pod
         return old
 
     @property
-    def by_label(self) -> dict[tuple[str, str, str], set[str]]:
-        """The label index, built from the pods on first use and kept in step after."""
+    def by_ns(self) -> dict[str, dict[str, ProxyPod]]:
+        """The namespace index, built from the pods on first use and kept in step after."""
+        if self._by_ns is None:
+            idx: dict[str, dict[str, ProxyPod]] = {}
+            for key, pod in self.pods.items():
+                idx.setdefault(pod.namespace, {})[key] = pod
+            self._by_ns = idx
+        return self._by_ns
+
+    @property
+    def by_label(self) -> dict[tuple[str, str, str], dict[str, ProxyPod]]:
+        """The label index ((namespace, label, value) -> the pods carrying it, by key),
+        built from the pods on first use and kept in step after."""
         if self._by_label is None:
-            idx: dict[tuple[str, str, str], set[str]] = {}
+            idx: dict[tuple[str, str, str], dict[str, ProxyPod]] = {}
             for key, pod in self.pods.items():
                 for k, v in pod.labels.items():
-                    idx.setdefault((pod.namespace, k, v), set()).add(key)
+                    members = idx.get((pod.namespace, k, v))
+                    if members is None:  # (not setdefault: a new dict per call)
+                        members = idx[(pod.namespace, k, v)] = {}
+                    members[key] = pod
             self._by_label = idx
         return self._by_label
 
@@ -585,7 +800,8 @@ class ServiceProxy:
             else:
                 self.built[key] = new
             self.stale += stale_udp(old, new)
-            flows[service_owner(key)], groups[service_owner(key)] = new
+            owner = service_owner(key)
+            flows[owner], groups[owner] = new
         hairpin = frozenset().union(*self.local_ips.values())
         if hairpin != self.hairpin_ips:
             self.hairpin_ips = hairpin
@@ -616,13 +832,16 @@ class ServiceProxy:
         problems: list[str] = []
         for sl in slices:
             self.slices[f"{sl.get('namespace')}/{sl.get('name')}"] = sl
-        shared: dict[str, str] = {}  # namespaces, nodes and labels repeat: copied once
-        for b in pods:
-            try:
-                p = pod_from_body(b, shared)
-            except (KeyError, TypeError, ValueError):
-                continue  # the policy engine reports bad pods
-            self._set_pod(p.key, p)
+        memo = PodMemo()
+        have = self.pods
+        # With no index built yet (a first load), a new pod only goes into self.pods.
+        # Bodies that are no pod are skipped: the policy engine reports them.
+        generic = self._by_label is not None or self._by_ns is not None
+        for key, p in proxy_pods(pods, memo, self.warnings):
+            if generic or key in have:
+                self._set_pod(key, p)
+            else:
+                have[key] = p
         for b in services:
             self._put_service(b, problems)
         flows, groups = self._recompute(self.services)
@@ -644,6 +863,7 @@ class ServiceProxy:
         """Datastore changes (store.Change) -> (changed owners' flows, their groups, problems)."""
         problems: list[str] = []
         touched: set[str] = set()
+        memo = PodMemo()
         for c in changes:
             key = f"{c.namespace}/{c.name}"
             if c.kind == "Service":
@@ -659,12 +879,9 @@ class ServiceProxy:
                 touched.update(k for k in (self._slice_service(old_slice),
                                            self._slice_service(c.body)) if k)
             elif c.kind == "Pod":
-                new = None
-                if c.op == "put" and c.body:
-                    try:
-                        new = pod_from_body(c.body)
-                    except (KeyError, TypeError, ValueError):
-                        new = None
+                got = (next(proxy_pods((c.body,), memo, self.warnings), None)
+                       if c.op == "put" and c.body else None)
+                new = got[1] if got is not None else None
                 old = self._set_pod(key, new)
                 touched.update(s.key for s in self.services.values()
                                if any(p is not None and s.selects(p) for p in (old, new)))

@@ -379,4 +379,97 @@ def test_the_label_index_is_built_on_first_use_and_then_kept_in_step() -> None:
     p.apply([Change("Pod", "d", "a", "put", pod("a", "10.244.1.2", {"app": "db"},
                                                 [("http", 80)]))])
     assert [ip for ip, _ in p.port_endpoints(p.services["d/web"])[0]] == ["10.244.1.3"]
-    assert p.by_label == {("d", "app", "web"): {"d/b"}, ("d", "app", "db"): {"d/a"}}
+    assert {k: set(v) for k, v in p.by_label.items()} == {("d", "app", "web"): {"d/b"},
+                                                           ("d", "app", "db"): {"d/a"}}
+
+
+def test_fast_dnat_actions_are_real_cts() -> None:
+    """CT.dnats fills each action as a twin and turns it into a CT: the result is a
+    CT in every way (type, equality both ways, hash, repr), checked or not."""
+    from flowcni.flows.model import _CTFill
+
+    want = CT(commit=True, table="EgressRule", nat="10.0.0.1:80")
+    for checked in (False, True):
+        got = CT.dnats([("10.0.0.1", 80), ("10.0.0.2", 80)], "EgressRule", checked=checked)
+        assert [type(a) for a in got] == [CT, CT]
+        assert got[0] == want and want == got[0] and hash(got[0]) == hash(want)
+        assert repr(got[0]) == repr(want) and got[1].nat == "10.0.0.2:80"
+    assert not isinstance(got[0], _CTFill)
+    with pytest.raises(ValueError):  # unchecked (the default) still refuses
+        CT.dnats([("10.0.0.1", 80), ("10.0.0.1", 0)], "EgressRule")
+
+
+def test_the_proxy_checks_each_pods_address_and_ports_once_and_reports_bad_ones() -> None:
+    """A pod whose address is not IPv4, or whose named port has no valid number, is
+    reported naming the pod and field and is not an endpoint; the rest of the load
+    goes on (a bad address used to fail the whole build at its DNAT action)."""
+    p = ServiceProxy()
+    flows, groups, problems = p.load([svc()], [
+        pod("a", "10.244.1.2", {"app": "web"}, [("http", 8080)]),
+        pod("b", "010.244.1.3", {"app": "web"}, [("http", 8080)]),
+        pod("c", "10.244.1.4", {"app": "web"}, [("http", 70000)]),
+        {"namespace": "d", "name": "d", "labels": {"app": "web"}, "ip": "10.244.1.5",
+         "ports": "not a list"}])
+    assert problems == [
+        "pod d/b: ip: '010.244.1.3' is not an IPv4 address (not an endpoint)",
+        "pod d/c: ports[0].containerPort: 70000 is not a port number (1-65535)"]
+    http, dns = p.port_endpoints(p.services["d/web"])
+    assert http == [("10.244.1.2", 8080)]
+    assert dns == [("10.244.1.2", 53), ("10.244.1.4", 53)]  # c's address is fine
+    assert sorted(p.pods) == ["d/a", "d/b", "d/c"]  # d is no pod: skipped
+
+
+def test_proxy_pods_share_repeats_and_match_the_policy_engines_pods() -> None:
+    """One load's memo shares namespaces, label sets and port lists between pods; each
+    ProxyPod holds what flows.policy.pod_from_body reads for the same body."""
+    from flowcni.flows.policy import pod_from_body
+    from flowcni.flows.services import PodMemo, proxy_pods
+
+    bodies = [{"namespace": "d", "name": n, "ip": f"10.0.0.{len(n)}", "node": "n1",
+               "labels": labels, "ports": ports} for n, labels, ports in (
+        ("a", {"app": "web", "tier": "x"}, [{"name": "http", "containerPort": 80}]),
+        ("bb", {"app": "web", "tier": "x"}, [{"name": "http", "containerPort": 80}]),
+        ("ccc", {"app": "web", "odd": ["x"]}, [{"name": "h", "containerPort": "81",
+                                              "protocol": "udp"}, {"containerPort": 0}]),
+        ("dddd", {}, None))]
+    warnings: list[str] = []
+    got = dict(proxy_pods(bodies, PodMemo(), warnings))
+    assert warnings == [] and list(got) == ["d/a", "d/bb", "d/ccc", "d/dddd"]
+    a, b, c, d = got.values()
+    assert a.labels is b.labels and a.ports is b.ports and a.namespace is b.namespace
+    assert c.labels == {"app": "web", "odd": ["x"]} and c.labels is not a.labels
+    for body, mine in zip(bodies, got.values(), strict=True):
+        ref = pod_from_body(body)
+        assert (mine.namespace, mine.labels, mine.ip, mine.ports) == (
+            ref.namespace, ref.labels, ref.ip, ref.ports)
+    assert c.ports == (("h", 81, "UDP"),)
+
+
+def test_equal_service_ports_and_exposures_are_one_object() -> None:
+    a = parse_service("d", "a", SPEC)
+    b = parse_service("e", "b", {**SPEC, "clusterIP": "10.96.0.11"})
+    assert a.ports == b.ports and all(x is y for x, y in zip(a.ports, b.ports, strict=True))
+    assert a.exposure is b.exposure
+    c = parse_service("d", "c", {**SPEC, "sessionAffinity": "ClientIP"})
+    assert c.exposure is not a.exposure and c.exposure.affinity_timeout == 10800
+
+
+def test_the_namespace_index_is_built_on_first_use_and_then_kept_in_step() -> None:
+    """The namespace index (what an empty selector reads: every pod of the namespace,
+    as the proxy treats `selector: {}` today) is built on the first such Service and
+    kept in step with pod changes after; pods of other namespaces never count."""
+    p = ServiceProxy()
+    pods = [pod("a", "10.244.1.2", {"app": "web"}), pod("b", "10.244.1.3", {"app": "db"}),
+            {**pod("c", "10.244.1.4", {"app": "web"}), "namespace": "other"}]
+    p.load([], pods)
+    assert p._by_ns is None
+    all_ns = {**SPEC, "selector": {}}
+    p.apply([Change("Service", "d", "all", "put", svc(all_ns, "all"))])
+    assert p._by_ns is not None
+    assert [ip for ip, _ in p.port_endpoints(p.services["d/all"])[1]] == [
+        "10.244.1.2", "10.244.1.3"]
+    flows, _, _ = p.apply([Change("Pod", "d", "a", "delete", None),
+                           Change("Pod", "d", "e", "put", pod("e", "10.244.1.6", {}))])
+    assert list(flows) == ["service:d/all"]
+    assert [ip for ip, _ in p.port_endpoints(p.services["d/all"])[1]] == [
+        "10.244.1.3", "10.244.1.6"]
