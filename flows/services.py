@@ -353,7 +353,9 @@ def parse_service(namespace: str, name: str, spec: Any, status: Any = None,
     if sel is not None and (not isinstance(sel, dict)
                             or not all(isinstance(k, str) for k in sel)):
         raise ServiceError("spec.selector: must be a map of strings")
-    selector = None if sel is None else tuple(sorted((k, str(v)) for k, v in sel.items()))
+    # An empty selector is no selector: the API reference says endpoints are then managed
+    # outside Kubernetes (EndpointSlices written by hand), not "every pod of the namespace".
+    selector = tuple(sorted((k, str(v)) for k, v in sel.items())) if sel else None
     try:
         exposure = parse_exposure(spec, status, raw_ports or [], node_port_range,
                                   require_node_ports)
@@ -576,10 +578,6 @@ class ServiceProxy:
         self.warnings: list[str] = []  # drained into the problems load/apply return
         self.gids: dict[int, str] = {}          # group id -> "ns/name/index"
         self.svc_gids: dict[str, dict[int, int]] = {}  # service key -> port index -> gid
-        # namespace -> pod key -> pod: what a Service with an empty selector reads (every
-        # pod of its namespace). Built on first such use, like the label index: most
-        # clusters have none, and a first load then puts each pod in one dict only.
-        self._by_ns: dict[str, dict[str, ProxyPod]] | None = None
         # (namespace, label, value) -> pod key -> pod: a selector's pods without a
         # scan. Built on the first selector-based endpoint lookup, not before: with
         # no Service (or endpoints from slices) it was 2 MB at 10,000 pods for nothing.
@@ -702,9 +700,7 @@ class ServiceProxy:
             return [slice_endpoints(svc, sp, self.slices.values()) for sp in svc.ports]
         sel, ns = svc.selector, svc.namespace
         pods: Iterable[ProxyPod]
-        if not sel:
-            pods = self.by_ns.get(ns, _NO_PODS).values()  # every pod of the namespace
-        elif len(sel) == 1:
+        if len(sel) == 1:
             pods = self.by_label.get((ns, *sel[0]), _NO_PODS).values()
         else:  # pods carrying every selector label: the smallest member set, checked
             members = sorted((self.by_label.get((ns, k, v), _NO_PODS) for k, v in sel),
@@ -735,31 +731,17 @@ class ServiceProxy:
     def _set_pod(self, key: str, pod: ProxyPod | None) -> ProxyPod | None:
         """Put (or with None remove) a pod, keeping the indexes built so far; the old one."""
         old = self.pods.pop(key, None)
-        by_label, by_ns = self._by_label, self._by_ns
+        by_label = self._by_label
         if old is not None:
-            if by_ns is not None:
-                by_ns.get(old.namespace, {}).pop(key, None)
             if by_label is not None:
                 for k, v in old.labels.items():
                     by_label.get((old.namespace, k, v), {}).pop(key, None)
         if pod is not None:
             self.pods[key] = pod
-            if by_ns is not None:
-                by_ns.setdefault(pod.namespace, {})[key] = pod
             if by_label is not None:
                 for k, v in pod.labels.items():
                     by_label.setdefault((pod.namespace, k, v), {})[key] = pod
         return old
-
-    @property
-    def by_ns(self) -> dict[str, dict[str, ProxyPod]]:
-        """The namespace index, built from the pods on first use and kept in step after."""
-        if self._by_ns is None:
-            idx: dict[str, dict[str, ProxyPod]] = {}
-            for key, pod in self.pods.items():
-                idx.setdefault(pod.namespace, {})[key] = pod
-            self._by_ns = idx
-        return self._by_ns
 
     @property
     def by_label(self) -> dict[tuple[str, str, str], dict[str, ProxyPod]]:
@@ -836,7 +818,7 @@ class ServiceProxy:
         have = self.pods
         # With no index built yet (a first load), a new pod only goes into self.pods.
         # Bodies that are no pod are skipped: the policy engine reports them.
-        generic = self._by_label is not None or self._by_ns is not None
+        generic = self._by_label is not None
         for key, p in proxy_pods(pods, memo, self.warnings):
             if generic or key in have:
                 self._set_pod(key, p)

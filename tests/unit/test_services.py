@@ -454,22 +454,17 @@ def test_equal_service_ports_and_exposures_are_one_object() -> None:
     assert c.exposure is not a.exposure and c.exposure.affinity_timeout == 10800
 
 
-def test_the_namespace_index_is_built_on_first_use_and_then_kept_in_step() -> None:
-    """The namespace index (what an empty selector reads: every pod of the namespace,
-    as the proxy treats `selector: {}` today) is built on the first such Service and
-    kept in step with pod changes after; pods of other namespaces never count."""
+def test_an_empty_selector_takes_endpoints_from_slices_not_the_namespace() -> None:
+    """`selector: {}` is no selector (the API reference: endpoints are then managed
+    outside Kubernetes): the namespace's pods are not its endpoints, its hand-written
+    EndpointSlices are, even when the proxy otherwise reads pods (embedded store)."""
     p = ServiceProxy()
-    pods = [pod("a", "10.244.1.2", {"app": "web"}), pod("b", "10.244.1.3", {"app": "db"}),
-            {**pod("c", "10.244.1.4", {"app": "web"}), "namespace": "other"}]
+    pods = [pod("a", "10.244.1.2", {"app": "web"}), pod("b", "10.244.1.3", {"app": "db"})]
     p.load([], pods)
-    assert p._by_ns is None
-    all_ns = {**SPEC, "selector": {}}
-    p.apply([Change("Service", "d", "all", "put", svc(all_ns, "all"))])
-    assert p._by_ns is not None
-    assert [ip for ip, _ in p.port_endpoints(p.services["d/all"])[1]] == [
-        "10.244.1.2", "10.244.1.3"]
-    flows, _, _ = p.apply([Change("Pod", "d", "a", "delete", None),
-                           Change("Pod", "d", "e", "put", pod("e", "10.244.1.6", {}))])
-    assert list(flows) == ["service:d/all"]
-    assert [ip for ip, _ in p.port_endpoints(p.services["d/all"])[1]] == [
-        "10.244.1.3", "10.244.1.6"]
+    p.apply([Change("Service", "d", "web", "put", svc({**SPEC, "selector": {}}, "web"))])
+    s = p.services["d/web"]
+    assert s.selector is None and not s.selects(p.pods["d/a"])
+    assert p.port_endpoints(s) == [[], []]
+    p.apply([Change("EndpointSlice", "d", "web-1", "put",
+                    slice_("web-1", "web", [("10.244.9.9", {})]))])
+    assert p.port_endpoints(s)[0] == [("10.244.9.9", 8080)]
