@@ -33,7 +33,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from flowcni.controller import oskenlite
+
 os.environ.setdefault("OSKEN_HUB_TYPE", "native")
+oskenlite.install()  # before anything from os-ken: only OpenFlow 1.3 is loaded
 
 from flowcni.controller import ofwire  # noqa: E402
 from os_ken import cfg  # noqa: E402
