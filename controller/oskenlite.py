@@ -18,7 +18,13 @@ import far more than they are asked for (measured in a fresh interpreter,
 This module is therefore, in a process where `install()` ran, the module
 `os_ken.ofproto.ofproto_protocol` itself: the same four names (`_versions`,
 `_supported_versions`, `set_app_supported_versions`, `ProtocolDesc`, with
-os-ken's semantics) with only 1.3 in the table. And `os_ken.lib.packet` is
+os-ken's semantics) with only 1.3 in the table. One message of the other
+versions still arrives: the switch's HELLO, sent in the highest version the
+bridge allows (1.5: ovsdb/bridge.py PROTOCOLS) before the version is agreed.
+os-ken parses it with that version's parser to read its version bitmap; here
+1.3's parser reads it, which is the same code for 1.3, 1.4 and 1.5 (1.0's and
+1.2's HELLO carry no elements, and are read without them, as os-ken does).
+And `os_ken.lib.packet` is
 a package with the real one's path whose submodules load when first asked
 for (`from os_ken.lib.packet import tcp` works, and loads what tcp needs),
 without its `__init__`'s load-everything. The 1.3 parser's `packet` name
@@ -39,9 +45,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 import types
 from typing import Any
+
+LOG = logging.getLogger(__name__)
 
 _PROTOCOL = "os_ken.ofproto.ofproto_protocol"
 _PACKAGE = "os_ken.lib.packet"
@@ -76,6 +85,25 @@ class ProtocolDesc:
     @property
     def supported_ofp_version(self) -> set[int]:
         return _supported_versions
+
+
+#: The versions os-ken ships parsers for, besides 1.3: 1.0, 1.2, 1.4, 1.5.
+_OTHER_VERSIONS = (0x01, 0x03, 0x05, 0x06)
+
+
+def _other_version_msg(datapath: Any, version: int, msg_type: int, msg_len: int, xid: int,
+                       buf: Any) -> Any:
+    """A message in a version whose parser is not loaded: the switch's HELLO, or nothing."""
+    from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser
+
+    hello = ofproto_v1_3_parser.OFPHello
+    if msg_type != ofproto_v1_3.OFPT_HELLO:
+        LOG.warning("OpenFlow message of type %d in version 0x%02x ignored: the agent "
+                    "speaks OpenFlow 1.3 only", msg_type, version)
+        return None
+    if version < ofproto_v1_3.OFP_VERSION:
+        return super(hello, hello).parser(datapath, version, msg_type, msg_len, xid, buf)
+    return hello.parser(datapath, version, msg_type, msg_len, xid, buf)
 
 
 # -- os_ken.lib.packet, loaded on first use -------------------------------------
@@ -149,5 +177,8 @@ def install() -> bool:
     _versions[ofproto_v1_3.OFP_VERSION] = (ofproto_v1_3, ofproto_v1_3_parser)
     _supported_versions.add(ofproto_v1_3.OFP_VERSION)
     import os_ken.ofproto
+    from os_ken.ofproto import ofproto_parser
     os_ken.ofproto.ofproto_protocol = me  # type: ignore[attr-defined]
+    for v in _OTHER_VERSIONS:
+        ofproto_parser.register_msg_parser(v)(_other_version_msg)
     return True

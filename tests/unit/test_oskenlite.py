@@ -144,3 +144,48 @@ def test_apps_narrow_the_versions_as_in_os_ken(versions: list[int]) -> None:
         print(json.dumps({{"supported": sorted(pp.ProtocolDesc().supported_ofp_version)}}))
     """)
     assert got == {"supported": [4]}
+
+
+# The switch's HELLO arrives in the highest version the bridge allows (OVS: 1.5, with a
+# version bitmap), before any version is agreed; then what os-ken's handshake reads of it.
+HELLOS = """
+    import json, struct
+    {setup}
+    from os_ken.ofproto import ofproto_parser
+    from os_ken.controller import ofp_event
+    def hello(version, body=b""):
+        return struct.pack("!BBHI", version, 0, 8 + len(body), 9) + body
+    bitmap = struct.pack("!HHI", 1, 8, (1 << 1) | (1 << 4) | (1 << 6))  # 1.0, 1.3, 1.5
+    out = []
+    for version, body in [(6, bitmap), (5, bitmap), (4, bitmap), (4, b""), (6, b""),
+                          (1, b""), (3, b""), (1, b"junk")]:
+        buf = bytearray(hello(version, body))
+        m = ofproto_parser.msg(None, version, 0, len(buf), 9, buf)
+        els = getattr(m, "elements", None)
+        out.append([type(ofp_event.ofp_msg_to_ev(m)).__name__, m.version, m.xid,
+                    None if els is None else [sorted(e.versions) for e in els]])
+    print(json.dumps({"hellos": out}))
+"""
+
+
+def test_the_switch_hello_in_any_version_reads_as_in_os_ken_whole() -> None:
+    trimmed = run(HELLOS.replace(
+        "{setup}", "from flowcni.controller import oskenlite; assert oskenlite.install()"))
+    whole = run(HELLOS.replace("{setup}", "import os_ken.ofproto"))
+    assert [h[:3] for h in trimmed["hellos"]] == [h[:3] for h in whole["hellos"]]
+    # os-ken's handshake reads the bitmap when there is one (`if elements:`), else
+    # the header's version: empty and absent elements are the same to it.
+    assert [h[3] or None for h in trimmed["hellos"]] == [h[3] or None for h in whole["hellos"]]
+    assert trimmed["hellos"][0][3] == [[1, 4, 6]]
+
+
+def test_other_versions_messages_but_hello_are_ignored() -> None:
+    got = run("""
+        import json, struct
+        from flowcni.controller import oskenlite
+        oskenlite.install()
+        from os_ken.ofproto import ofproto_parser
+        buf = bytearray(struct.pack("!BBHI", 6, 2, 8, 1))  # a 1.5 echo request
+        print(json.dumps({"msg": repr(ofproto_parser.msg(None, 6, 2, 8, 1, buf))}))
+    """)
+    assert got == {"msg": "None"}
