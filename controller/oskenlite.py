@@ -1,44 +1,47 @@
 """os-ken as the agent runs it: OpenFlow 1.3 only, and no packet library until used.
 
-Why: before it holds any state, the agent's RSS was mostly imports, and a
-quarter of those were parts of os-ken it never runs. Two os-ken modules
-import far more than they are asked for (measured in a fresh interpreter,
-`import flowcni.controller.agent`: 51.8 -> 39.7 MB RSS, 477 -> 434 modules):
+Why: before it holds any state, the agent's RSS is mostly imports, and a
+quarter of them were parts of os-ken it never runs. Two os-ken modules
+import far more than they are asked for (a fresh interpreter, `import
+flowcni.controller.agent`: 51.8 -> 40.0 MB RSS, 477 -> 436 modules; the
+agent at 99k flows: 148-149 -> 135-136 MB, same lab, alternating):
 
 - `os_ken.ofproto.ofproto_protocol` imports the constants and parsers of
   every OpenFlow version (1.0, 1.2, 1.3, 1.4, 1.5) to fill its version table.
   The agent speaks only 1.3 (`FlowcniOFApp.OFP_VERSIONS`), and os-ken
-  narrows that table to the apps' versions before any session starts, so
-  the other four parsers are never used, but they cost 4.4 MB.
+  narrows the table to the apps' versions before any session starts, so
+  the other four parsers are never used. They cost 4.4 MB.
 - `os_ken.lib.packet` imports every protocol it can parse: BGP, OSPF, Zebra
   (which loads os-ken's oslo.config flags), DHCP, LLDP, ... The 1.3 parser
   imports it only to ask, when a packet-out is serialized, whether its data
-  is an os-ken `Packet`. The agent's own frames are bytes (frames.py). 6.5 MB.
+  is an os-ken `Packet`; the agent's own frames are bytes (frames.py). 6.5 MB.
 
-This module is therefore, in a process where `install()` ran, the module
-`os_ken.ofproto.ofproto_protocol` itself: the same four names (`_versions`,
-`_supported_versions`, `set_app_supported_versions`, `ProtocolDesc`, with
-os-ken's semantics) with only 1.3 in the table. One message of the other
-versions still arrives: the switch's HELLO, sent in the highest version the
-bridge allows (1.5: ovsdb/bridge.py PROTOCOLS) before the version is agreed.
-os-ken parses it with that version's parser to read its version bitmap; here
-1.3's parser reads it, which is the same code for 1.3, 1.4 and 1.5 (1.0's and
-1.2's HELLO carry no elements, and are read without them, as os-ken does).
-And `os_ken.lib.packet` is
-a package with the real one's path whose submodules load when first asked
-for (`from os_ken.lib.packet import tcp` works, and loads what tcp needs),
-without its `__init__`'s load-everything. The 1.3 parser's `packet` name
-answers `Packet` with a class nothing is an instance of until os-ken's real
-packet module has been loaded: no object can be an instance of a class that
-was never defined, so its `isinstance` check answers as before.
+So, in a process where `install()` ran:
+
+- This module is `os_ken.ofproto.ofproto_protocol`: the same four names
+  (`_versions`, `_supported_versions`, `set_app_supported_versions`,
+  `ProtocolDesc`) with os-ken's semantics, and only 1.3 in the table.
+- One message of another version still arrives: the switch's HELLO, sent in
+  the highest version the bridge allows (1.5, ovsdb/bridge.py PROTOCOLS)
+  before a version is agreed. os-ken reads its version bitmap with that
+  version's parser; here 1.3's parser reads it, the same code in 1.3, 1.4 and
+  1.5 (1.0's and 1.2's HELLO have no elements and are read without, as in
+  os-ken). Any other message of another version is logged and skipped.
+- `os_ken.lib.packet` is a package with the real one's path whose submodules
+  load when first asked for (`from os_ken.lib.packet import tcp` works and
+  loads what tcp needs), without its `__init__`'s load-everything.
+- The 1.3 parser's `packet` name answers `Packet` with a class nothing is an
+  instance of until os-ken's packet module is loaded, then with the real
+  class: no object can be an instance of a class not yet defined, so its
+  `isinstance` check answers as before.
 
 Nothing on disk is changed. `install()` does nothing in a process that has
 already imported `os_ken.ofproto` or `os_ken.lib.packet` (os-ken is then
-whole, as shipped). flowctl and the CNI plugin never call it. Only the
-agent's modules do, through ofapp.py, before anything else from os-ken;
-tests/unit/test_oskenlite.py checks that the agent's import leaves the other
-versions and the packet library out, and that a session, packet-out included,
-is encoded as before.
+whole, as shipped). flowctl and the CNI plugin never call it; the agent does,
+in ofapp.py, before anything else from os-ken. tests/unit/test_oskenlite.py
+checks that the agent's import leaves the rest out, that a session's messages
+are the same bytes, and that the switch's HELLO reads the same, as with
+os-ken whole.
 """
 
 from __future__ import annotations
