@@ -35,11 +35,14 @@ def test_the_agent_import_leaves_other_openflow_versions_and_the_packet_library_
         import json, sys
         import flowcni.controller.agent
         from os_ken.ofproto import ofproto_protocol, get_ofp_modules
+        from flowcni.controller import ofapp
         print(json.dumps({"loaded": sorted(m for m in sys.modules),
+                          "trimmed": ofapp.OSKEN_TRIMMED,
                           "protocol": ofproto_protocol.__name__,
                           "versions": sorted(get_ofp_modules())}))
     """)
     assert [m for m in CUT if m in got["loaded"]] == []
+    assert got["trimmed"] is True
     assert got["protocol"] == "flowcni.controller.oskenlite"
     assert got["versions"] == [4]
 
