@@ -371,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one line per scrape is noise
 
 
-def serve(address: str, collector: StateCollector, *more: Collector) -> None:
+def serve(address: str, collector: StateCollector, *more: Collector) -> ThreadingHTTPServer:
     """Start the /metrics HTTP server (every path answers) on a daemon thread."""
     REGISTRY.register(collector)
     for c in more:
@@ -379,3 +379,4 @@ def serve(address: str, collector: StateCollector, *more: Collector) -> None:
     host, _, port = address.rpartition(":")
     srv = _Server((host.strip("[]") or "127.0.0.1", int(port)), REGISTRY)
     threading.Thread(target=srv.serve_forever, name="metrics", daemon=True).start()
+    return srv

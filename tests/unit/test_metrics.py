@@ -108,12 +108,14 @@ def test_served_over_http() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    srv = m.serve(f"127.0.0.1:{port}", State())
     try:
-        m.serve(f"127.0.0.1:{port}", State())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             assert r.headers["Content-Type"] == m.CONTENT_TYPE
             text = r.read().decode()
     finally:
+        srv.shutdown()
+        srv.server_close()
         m.REGISTRY._collectors[:] = reg_before
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert fams["flowcni_flows"].samples[0].labels == {"table": "Classifier"}
