@@ -8,16 +8,17 @@ disarm. See flows/traceflow.py for the observation points.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from typing import Any
 
+from flowcni.controller import frames
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.pods import PodManager
 from flowcni.flows import cookie as ck
 from flowcni.flows.node import Gateway
 from flowcni.flows.traceflow import TRACEFLOW_OWNER, observation_flows
-from os_ken.lib.packet import ethernet, icmp, ipv4, packet, tcp, udp
 
 PROTO = {"tcp": 6, "udp": 17, "icmp": 1}
 
@@ -25,21 +26,16 @@ PROTO = {"tcp": 6, "udp": 17, "icmp": 1}
 def probe_packet(src_mac: str, dst_mac: str, src_ip: str, dst_ip: str, proto: str,
                  dport: int | None, dscp: int) -> bytes:
     """The first packet of a new connection, marked with `dscp`."""
-    pkt = packet.Packet()
-    pkt.add_protocol(ethernet.ethernet(dst=dst_mac, src=src_mac, ethertype=0x0800))
-    pkt.add_protocol(ipv4.ipv4(src=src_ip, dst=dst_ip, proto=PROTO[proto], ttl=64,
-                               tos=dscp << 2))
     if proto == "tcp":
-        pkt.add_protocol(tcp.tcp(src_port=40001, dst_port=dport or 80, seq=1,
-                                 bits=tcp.TCP_SYN, window_size=64240))
+        l4 = frames.tcp(src_ip, dst_ip, 40001, dport or 80, seq=1, ack=0, flags=frames.TCP_SYN,
+                        window=64240)
     elif proto == "udp":
-        pkt.add_protocol(udp.udp(src_port=40001, dst_port=dport or 53))
-        pkt.add_protocol(b"flowcni-traceflow")
+        l4 = frames.udp(src_ip, dst_ip, 40001, dport or 53, b"flowcni-traceflow")
     else:
-        pkt.add_protocol(icmp.icmp(type_=icmp.ICMP_ECHO_REQUEST, code=0,
-                                   data=icmp.echo(id_=0x7fc, seq=1, data=b"flowcni")))
-    pkt.serialize()
-    return bytes(pkt.data)
+        echo = struct.pack("!HH", 0x7FC, 1) + b"flowcni"  # identifier, sequence, data
+        l4 = frames.icmp(frames.ICMP_ECHO_REQUEST, 0, echo)
+    return frames.ethernet(dst_mac, src_mac, frames.ETH_IPV4,
+                           frames.ipv4(src_ip, dst_ip, PROTO[proto], l4, ttl=64, tos=dscp << 2))
 
 
 class LiveTrace:
@@ -51,10 +47,7 @@ class LiveTrace:
 
     def packet_in(self, msg: Any) -> None:
         """Called on os-ken's event thread: record, never block."""
-        try:
-            ip = packet.Packet(msg.data).get_protocol(ipv4.ipv4)
-        except Exception:
-            return
+        ip = frames.parse_ipv4(bytes(msg.data))
         if ip is None:
             return
         dscp = ip.tos >> 2

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flowcni.controller import frames
 from flowcni.controller.ofapp import Switch
-from os_ken.lib.packet import ethernet, icmp, ipv4, packet, tcp
 
 LOG = logging.getLogger(__name__)
 
@@ -25,34 +25,34 @@ MAX_PER_SECOND = 200
 
 
 def answer(data: bytes) -> bytes | None:
-    """The RST or ICMP port-unreachable for `data` (a new connection's first packet)."""
-    pkt = packet.Packet(data)
-    eth = pkt.get_protocol(ethernet.ethernet)
-    ip = pkt.get_protocol(ipv4.ipv4)
-    if eth is None or ip is None:
+    """The RST or ICMP port-unreachable for `data` (a new connection's first packet).
+
+    Only untagged IPv4 frames are answered (ServiceLB sees no other)."""
+    ip = frames.parse_ipv4(data)
+    if ip is None or ip.offset != 14:
         return None
-    out = packet.Packet()
-    out.add_protocol(ethernet.ethernet(dst=eth.src, src=eth.dst, ethertype=eth.ethertype))
-    t = pkt.get_protocol(tcp.tcp)
-    if t is not None:
-        if t.bits & tcp.TCP_RST:
+    client_mac, our_mac = data[6:12].hex(":"), data[0:6].hex(":")
+    if ip.proto == frames.PROTO_TCP:
+        t = frames.parse_tcp(ip.payload)
+        if t is None or t.flags & frames.TCP_RST:
             return None  # never answer a reset
-        out.add_protocol(ipv4.ipv4(src=ip.dst, dst=ip.src, proto=ip.proto, ttl=64))
-        seg_len = len(pkt.protocols[-1]) if isinstance(pkt.protocols[-1], bytes) else 0
-        ack = (t.seq + seg_len + (1 if t.bits & tcp.TCP_SYN else 0)
-               + (1 if t.bits & tcp.TCP_FIN else 0)) & 0xFFFFFFFF
-        out.add_protocol(tcp.tcp(src_port=t.dst_port, dst_port=t.src_port, seq=0, ack=ack,
-                                 bits=tcp.TCP_RST | tcp.TCP_ACK, window_size=0))
+        # RFC 793: the reset acknowledges everything the segment occupied.
+        ack = (t.seq + t.payload_len + (1 if t.flags & frames.TCP_SYN else 0)
+               + (1 if t.flags & frames.TCP_FIN else 0)) & 0xFFFFFFFF
+        l4 = frames.tcp(ip.dst, ip.src, t.dport, t.sport, seq=0, ack=ack,
+                        flags=frames.TCP_RST | frames.TCP_ACK, window=0)
+        proto = frames.PROTO_TCP
     else:
-        if ip.proto == 1:
+        if ip.proto == frames.PROTO_ICMP:
             return None  # no ICMP error about ICMP
-        # The quoted packet: the offending IP header and the first 8 bytes after it.
-        raw_ip = data[14:14 + ip.header_length * 4 + 8]
-        out.add_protocol(ipv4.ipv4(src=ip.dst, dst=ip.src, proto=1, ttl=64))
-        out.add_protocol(icmp.icmp(type_=icmp.ICMP_DEST_UNREACH, code=icmp.ICMP_PORT_UNREACH_CODE,
-                                   data=icmp.dest_unreach(data=raw_ip)))
-    out.serialize()
-    return bytes(out.data)
+        # The quoted packet: the offending IP header and the first 8 bytes after it
+        # (after 4 bytes of the message's header that port unreachable leaves zero).
+        quoted = data[14:14 + ip.header_len + 8]
+        l4 = frames.icmp(frames.ICMP_DEST_UNREACH, frames.ICMP_PORT_UNREACH,
+                         b"\x00" * 4 + quoted)
+        proto = frames.PROTO_ICMP
+    return frames.ethernet(client_mac, our_mac, frames.ETH_IPV4,
+                           frames.ipv4(ip.dst, ip.src, proto, l4, ttl=64))
 
 
 class Rejecter:
