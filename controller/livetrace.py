@@ -81,7 +81,7 @@ class LiveTrace:
         if verb == "arm":
             with self._lock:
                 self.seen[dscp] = []
-            base = [f for f in self.flows.desired_flows() if not _is_trace(f.owner)]
+            base = [f for f in self.flows.desired_flows() if not _is_trace(f.owner_name)]
             groups: dict[str, list[Any]] = {}
             for f in observation_flows(base, dscp, self.flows.pipeline):
                 groups.setdefault(f.owner, []).append(f)

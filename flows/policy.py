@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowcni.flows.cookie import Feature
-from flowcni.flows.model import CT, Conjunction, Flow, MatchValue, plain_ipv4
+from flowcni.flows.model import (
+    CT,
+    Conjunction,
+    Flow,
+    Match,
+    MatchOwner,
+    MatchValue,
+    OwnerKey,
+    plain_ipv4,
+)
 from flowcni.flows.tables import DEFAULT, Pipeline
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -730,13 +739,49 @@ def _port_text(pm: PortMatch) -> str:
             + (f"/{mask:#x}" if mask not in (None, 0xFFFF) else ""))
 
 
-def _match_owner(table: str, prio: int, field: str, value: Any) -> str:
-    """The owner of one clause flow: its table, priority and the one value it matches.
+_PROTOCOL_NAMES = {n: p for p, n in PROTOCOLS.items()}
 
-    Short on purpose: there is one per clause flow (100,000 at cluster scale),
-    and the match tuple's repr made them 12 MB.
+
+def _port_of(match: Match) -> PortMatch:
+    """The port match a clause flow on ports matches (what port_match made it from)."""
+    m = dict(match)
+    proto = _PROTOCOL_NAMES[int(m["ip_proto"])]  # type: ignore[arg-type]
+    v = m.get(f"{proto.lower()}_dst")
+    if v is None:
+        return (proto, None, None)
+    return (proto, v, 0xFFFF) if isinstance(v, int) else (proto, *v)  # type: ignore[misc]
+
+
+def _describe_match(field: str) -> Any:
+    """`match` -> "field=value", the value as the engine wrote it (a port as _port_text)."""
+    if field == "port":
+        return lambda match: f"port={_port_text(_port_of(match))}"
+
+    def describe(match: Match) -> str:
+        for k, v in match:
+            if k == field:
+                return f"{field}={v}"
+        raise ValueError(f"a clause flow on {field} without it: {match}")
+    return describe
+
+
+_MATCH_OWNERS: dict[tuple[str, int, str], MatchOwner] = {}
+
+
+def _match_owner(table: str, prio: int, field: str) -> MatchOwner:
+    """The owner of the clause flows of one table, priority and field: each flow owns
+    itself, named "policy-match:TABLE:PRIO:FIELD=VALUE" after the one value it matches.
+
+    A MatchOwner, not a string per flow: there is one clause flow per
+    distinct address or port (95,000 at cluster scale) and their names were
+    9 MB; the name is made from the flow's match when asked (flowctl, cookies).
     """
-    return f"policy-match:{table}:{prio}:{field}={_port_text(value) if field == 'port' else value}"
+    k = (table, prio, field)
+    mo = _MATCH_OWNERS.get(k)
+    if mo is None:
+        mo = _MATCH_OWNERS[k] = MatchOwner(f"policy-match:{table}:{prio}:",
+                                           _describe_match(field))
+    return mo
 
 
 def _dims(s: SubRule) -> list[tuple[str, Iterable[Any]]]:
@@ -825,10 +870,10 @@ class PolicyEngine:
                                      else "L3Forwarding")
         f = Flow.make(table, prio, m, actions, goto, feature=Feature.POLICY, owner="",
                       pipeline=self.pipeline)
-        return Flow.with_match(f, actions, goto, owner=_match_owner(table, prio, field, value),
+        return Flow.with_match(f, actions, goto, owner=_match_owner(table, prio, field),
                                pipeline=self.pipeline)
 
-    def _apply_edits(self, conj: _Edits, allow: _Edits, out: dict[str, list[Flow]]) -> None:
+    def _apply_edits(self, conj: _Edits, allow: _Edits, out: dict[OwnerKey, list[Flow]]) -> None:
         """Apply queued edits; put into `out` the clause flows whose content changed."""
         for (table, fld), q in conj.items():
             flows = self._clause_flows.setdefault((table, fld), {})
@@ -843,7 +888,7 @@ class PolicyEngine:
                 if not acts:
                     if old is not None:
                         del flows[v]
-                        out[old.owner] = []
+                        out[old.key] = []
                     continue
                 if len(acts) == 1:  # one tuple per contribution, shared by its flows
                     (act,) = acts.values()
@@ -855,7 +900,7 @@ class PolicyEngine:
                 new = (self._new_flow(table, PRIO_CONJ, fld, v, actions) if old is None
                        else Flow.with_match(old, actions, pipeline=self.pipeline))
                 flows[v] = new
-                out[new.owner] = [new]
+                out[new.key] = [new]
         for (table, fld), q in allow.items():
             ids = self._allows.setdefault((table, fld), {})
             for v, ops in q.items():
@@ -873,7 +918,7 @@ class PolicyEngine:
                     ids.pop(v, None)
                 if bool(cur) != was:
                     f = self._new_flow(table, PRIO_ALLOW, fld, v)
-                    out[f.owner] = [f] if cur else []
+                    out[f.key] = [f] if cur else []
 
     def _rule_flows(self, rule: str) -> list[Flow]:
         out = []
@@ -925,7 +970,7 @@ class PolicyEngine:
 
     # -- recomputation -----------------------------------------------------------------
 
-    def _recompute_rules(self, rules: set[str], out: dict[str, list[Flow]]) -> None:
+    def _recompute_rules(self, rules: set[str], out: dict[OwnerKey, list[Flow]]) -> None:
         """Recompute `rules`; put into `out` only the owners whose flows changed.
 
         A conjunction whose clause layout stays (the usual case: a pod joins
@@ -969,7 +1014,7 @@ class PolicyEngine:
                 out[f"rule:{rk}"] = self._rule_flows(rk)
         self._apply_edits(conj, allow, out)
 
-    def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
+    def _recompute_isolation(self, pods: set[str], out: dict[OwnerKey, list[Flow]]) -> None:
         for k in pods:
             old_flows = self._isolation_flows(k)
             p = self.world.pods.get(k)
@@ -1022,7 +1067,7 @@ class PolicyEngine:
         return out
 
     def load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
-             policies: list[dict[str, Any]]) -> tuple[dict[str, list[Flow]], list[str]]:
+             policies: list[dict[str, Any]]) -> tuple[dict[OwnerKey, list[Flow]], list[str]]:
         """Initial state; returns (flows by owner, problems)."""
         problems: list[str] = []
         self._touch_index = None
@@ -1041,14 +1086,14 @@ class PolicyEngine:
                 problems.append(f"networkpolicy {b.get('namespace')}/{b.get('name')}: {e}")
         # Built here, not by the first pod change (0.1 s at 1,000 policies).
         self._touch_index = _TouchIndex(self.world)
-        out: dict[str, list[Flow]] = {}
+        out: dict[OwnerKey, list[Flow]] = {}
         self._recompute_rules({r.key for p in self.world.policies.values() for r in p.rules},
                               out)
         self._recompute_isolation(set(self.world.pods), out)
         out[CONNTRACK_OWNER] = self.conntrack_flows()
         return {k: v for k, v in out.items() if v}, problems
 
-    def apply(self, changes: Iterable[Any]) -> tuple[dict[str, list[Flow]], list[str]]:
+    def apply(self, changes: Iterable[Any]) -> tuple[dict[OwnerKey, list[Flow]], list[str]]:
         """Apply datastore changes (store.Change); returns (changed owners' flows, problems)."""
         problems: list[str] = []
         rules: set[str] = set()
@@ -1102,7 +1147,7 @@ class PolicyEngine:
                     iso_pods.update(p.key for p in self.world.selected(newp))
         if pods_changed:
             rules |= self._rules_touching_pods(pods_changed)
-        out: dict[str, list[Flow]] = {}
+        out: dict[OwnerKey, list[Flow]] = {}
         self._recompute_rules(rules, out)
         self._recompute_isolation(iso_pods, out)
         return out, problems

@@ -107,7 +107,7 @@ def allow_clients(name: str = "a", ports: list[Any] | None = None) -> dict[str, 
                                                                        {"port": 81}]}]})
 
 
-def flows_of(owners: dict[str, list[Any]]) -> list[Any]:
+def flows_of(owners: dict[Any, list[Any]]) -> list[Any]:
     return [f for fl in owners.values() for f in fl]
 
 
@@ -115,7 +115,7 @@ def test_flow_count_is_a_sum_not_a_product() -> None:
     eng = PolicyEngine("n1")
     owners, problems = eng.load(WORLD_NS, WORLD_PODS, [allow_clients()])
     assert problems == []
-    rule_flows = [f for f in flows_of(owners) if f.owner.startswith(("rule:", "policy-match"))]
+    rule_flows = [f for f in flows_of(owners) if f.owner_name.startswith(("rule:", "policy-match"))]
     # 2 selected + 2 peers + 2 ports + 1 conjunction flow (product would be 8)
     assert len(rule_flows) == 7
     assert eng.describe()[0]["flows"] == 7
@@ -142,7 +142,7 @@ def test_unrelated_change_touches_nothing_and_relabel_touches_little() -> None:
     assert not any(out.values())  # namespaced podSelector: p/other is not a peer
     out, _ = eng.apply([Change(3, "put", "Pod", "d", "c3",
                                pod("d", "c3", "10.244.2.9", node="n2", app="client"))])
-    changed = {k for k, v in out.items() if v}
+    changed = {v[0].owner_name for k, v in out.items() if v}
     # one new peer: one new match flow, nothing else
     assert changed == {"policy-match:IngressRule:200:ipv4_src=10.244.2.9"}
 
@@ -283,7 +283,7 @@ def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
     assert not any(k.startswith("ns2/np2/") for k in got)
 
 
-def _normalized(eng: PolicyEngine, owners: dict[str, list[Any]]) -> set[Any]:
+def _normalized(eng: PolicyEngine, owners: dict[Any, list[Any]]) -> set[Any]:
     """Flows with each conjunction id replaced by what it stands for (rule, selected
     addresses, ports): an incremental engine and a fresh one number them differently."""
     what: dict[int, Any] = {}
@@ -296,12 +296,13 @@ def _normalized(eng: PolicyEngine, owners: dict[str, list[Any]]) -> set[Any]:
     out = set()
     for owner, fl in owners.items():
         for f in fl:
+            assert f.owner_key == owner
             m = tuple((k, what.get(v, ("stale", v)) if k == "conj_id" else v)
                       for k, v in f.match)
             acts = tuple(sorted(((what.get(a.id, ("stale", a.id)), a.clause, a.n_clauses)
                                  if isinstance(a, Conjunction) else a for a in f.actions),
                                 key=str))
-            out.add((owner, f.table, f.priority, m, acts, f.goto))
+            out.add((f.owner_name, f.table, f.priority, m, acts, f.goto))
     return out
 
 
@@ -407,7 +408,8 @@ def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> Non
     out, problems = eng.apply([Change(2, "put", "Pod", "d", "web",
                                       pod("d", "web", "10.244.1.2.7", app="web"))])
     assert problems and out["isolation:d/web"] == []
-    assert out["policy-match:IngressRule:200:ipv4_dst=10.244.1.2"] == []
+    # a clause flow owns itself: its owner's key is its identity (table, priority, match)
+    assert out[("IngressRule", 200, (("eth_type", 0x0800), ("ipv4_dst", "10.244.1.2")))] == []
 
 
 def test_a_rules_ipblocks_are_one_peer_with_every_address() -> None:
