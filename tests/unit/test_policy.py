@@ -306,10 +306,16 @@ def _normalized(eng: PolicyEngine, owners: dict[Any, list[Any]]) -> set[Any]:
     return out
 
 
-def test_incremental_flows_equal_a_fresh_load_after_random_changes() -> None:
+@pytest.mark.parametrize("sweep_min", [PolicyEngine.SWEEP_MIN, 0])
+def test_incremental_flows_equal_a_fresh_load_after_random_changes(
+        sweep_min: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine edits clause flows by difference; after any sequence of changes its
-    flows must be exactly those a fresh engine builds from the final objects."""
+    flows must be exactly those a fresh engine builds from the final objects. Equal
+    actions of several conjunctions are one shared tuple throughout (sweep_min 0: the
+    table of shared tuples is swept at every chance)."""
     import random
+
+    monkeypatch.setattr(PolicyEngine, "SWEEP_MIN", sweep_min)
 
     rnd = random.Random(15)
     apps, teams = ["a0", "a1", "a2"], ["t0", "t1"]
@@ -393,6 +399,12 @@ def test_incremental_flows_equal_a_fresh_load_after_random_changes() -> None:
                              list(pods.values()), list(pols.values()))
         got = _normalized(eng, {k: v for k, v in state.items() if v})
         assert got == _normalized(fresh, want), f"step {step}"
+        multi = [f for fl in state.values() for f in fl if len(f.actions) > 1]
+        assert len({id(f.actions) for f in multi}) == len({f.actions for f in multi}), step
+        field = {"ipv4_src", "ipv4_dst"}
+        assert all(eng._shared[(f.table, next((k for k, _ in f.match if k in field), "port"),
+                                tuple(c.id for c in f.actions))] is f.actions
+                   for f in multi), f"step {step}"
 
 
 def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> None:
