@@ -26,7 +26,7 @@ from typing import Any
 from flowcni.controller.ofapp import OFError, Switch
 from flowcni.controller.ofwire import Encoder
 from flowcni.flows import cookie as ck
-from flowcni.flows.diff import Key, diff, index
+from flowcni.flows.diff import diff, index
 from flowcni.flows.model import Flow, Group, Match, OwnerKey
 from flowcni.flows.tables import LEARNED, Pipeline
 
@@ -205,19 +205,23 @@ class FlowSync:
         leaves the desired set as it was, so a later full sync does not
         install what the caller was told failed.
         """
-        news: dict[OwnerKey, dict[Key, Flow]] = {}
+        news: dict[OwnerKey, tuple[Flow, ...]] = {}
         for o, fl in changes.items():
             named = isinstance(o, str)
             for f in fl:
-                if isinstance(f.owner, str) != named or not (named or f.key == o):
+                if isinstance(f.owner, str) != named or not named and (
+                        len(fl) > 1 or f.table != o[0] or f.priority != o[1]
+                        or f.match != o[2]):
                     raise ValueError(f"flow {f.ofctl(self.pipeline, names=True)} of "
                                      f"{f.owner_name} given as owner {o}: a self-owned "
-                                     "flow goes under its own key, any other under a name")
-            news[o] = index(fl)
+                                     "flow goes alone under its own key, any other under "
+                                     "a name")
+            # a name's flows by identity (one claimed twice is a builder's bug)
+            news[o] = tuple(index(fl).values()) if named and len(fl) > 1 else tuple(fl)
         gnews = {o: {g.group_id: g for g in gl} for o, gl in (groups or {}).items()}
         with self._lock:
             for o, new in news.items():
-                for f in new.values():
+                for f in new:
                     holder = self._holder(f)
                     if holder not in (None, o) and holder not in news:
                         who = (holder if isinstance(holder, str)
@@ -230,16 +234,14 @@ class FlowSync:
                     gholder = next((h for h, gs in self._groups.items() if gid in gs), None)
                     if gholder not in (None, o) and gholder not in gnews:
                         raise ValueError(f"group {gid} of {o} already belongs to {gholder}")
-            olds = {o: index(self._held(o)) for o in news}
+            olds = {o: self._held(o) for o in news}
             golds = {o: self._groups.get(o, {}) for o in gnews}
             self._replace(news)
             self._replace_groups(gnews)
-            old_all = {k: f for fl in olds.values() for k, f in fl.items()}
-            new_all = {k: f for fl in news.values() for k, f in fl.items()}
             gold_all = {i: g for gs in golds.values() for i, g in gs.items()}
             gnew_all = {i: g for gs in gnews.values() for i, g in gs.items()}
             try:
-                self._apply(old_all, new_all, gold_all, gnew_all)
+                self._apply(olds, news, gold_all, gnew_all)
             except OFError:
                 self._replace(olds)
                 self._replace_groups(golds)
@@ -284,7 +286,7 @@ class FlowSync:
         holder = self._holder(f)
         return holder is not None and f in self._held(holder)
 
-    def _replace(self, sets: dict[OwnerKey, dict[Key, Flow]]) -> None:
+    def _replace(self, sets: dict[OwnerKey, tuple[Flow, ...]]) -> None:
         """Swap owners' desired sets, keeping the flow -> owner index in step."""
         idx = self._owner_index
         tc = self._table_counts
@@ -303,11 +305,10 @@ class FlowSync:
                     if not by_match:
                         del idx[(f.table, f.priority)]
             if new:
-                fl = tuple(new.values())
                 if isinstance(o, str):
-                    self._desired[o] = fl[0] if len(fl) == 1 else fl
-                self._count += len(fl)
-                for f in fl:
+                    self._desired[o] = new[0] if len(new) == 1 else new
+                self._count += len(new)
+                for f in new:
                     idx.setdefault((f.table, f.priority), {})[f.match] = (
                         o if isinstance(o, str) else f)
                     tc[f.table] = tc.get(f.table, 0) + 1
@@ -315,15 +316,19 @@ class FlowSync:
     def remove_owner(self, owner: str) -> None:
         self.set_owner(owner, [])
 
-    def _apply(self, old: dict[Key, Flow], new: dict[Key, Flow],
+    def _apply(self, olds: dict[OwnerKey, tuple[Flow, ...]],
+               news: dict[OwnerKey, tuple[Flow, ...]],
                gold: dict[int, Group] | None = None,
                gnew: dict[int, Group] | None = None) -> None:
+        """Send the difference between owners' old and new flows (and groups) in one
+        bundle; or, with no synced switch, leave it to the next full sync."""
         sw = self.switch
         if sw is None or not sw.alive or not self.synced.is_set():
             self._pending = True  # the full sync on (re)connect will install it
             return
         gold, gnew = gold or {}, gnew or {}
-        adds, dels = diff(old, new)
+        adds, dels = diff({f.key: f for fl in olds.values() for f in fl},
+                          {f.key: f for fl in news.values() for f in fl})
         gputs = [g for i, g in gnew.items() if gold.get(i) != g]
         gdels = [i for i in gold if i not in gnew]
         # Groups before the flows that use them; flows gone before their groups.

@@ -28,7 +28,7 @@ import ipaddress
 import sys
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -745,14 +745,14 @@ _PROTOCOL_NAMES = {n: p for p, n in PROTOCOLS.items()}
 def _port_of(match: Match) -> PortMatch:
     """The port match a clause flow on ports matches (what port_match made it from)."""
     m = dict(match)
-    proto = _PROTOCOL_NAMES[int(m["ip_proto"])]  # type: ignore[arg-type]
+    proto = _PROTOCOL_NAMES[m["ip_proto"]]  # type: ignore[index]  # an int: port_match's
     v = m.get(f"{proto.lower()}_dst")
-    if v is None:
-        return (proto, None, None)
-    return (proto, v, 0xFFFF) if isinstance(v, int) else (proto, *v)  # type: ignore[misc]
+    if isinstance(v, tuple):
+        return (proto, v[0], v[1])
+    return (proto, None, None) if v is None else (proto, int(v), 0xFFFF)
 
 
-def _describe_match(field: str) -> Any:
+def _describe_match(field: str) -> Callable[[Match], str]:
     """`match` -> "field=value", the value as the engine wrote it (a port as _port_text)."""
     if field == "port":
         return lambda match: f"port={_port_text(_port_of(match))}"
