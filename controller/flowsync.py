@@ -180,11 +180,14 @@ class FlowSync:
         with self._lock:
             return [g for gs in self._groups.values() for g in gs.values()]
 
-    def owners(self) -> dict[str, int]:
-        """Owner name -> how many desired flows it has (a self-owned flow's: 1)."""
+    def owners(self, self_owned: bool = True) -> dict[str, int]:
+        """Owner name -> how many desired flows it has (a self-owned flow's: 1).
+
+        `self_owned=False`: named owners only, without making a name for each
+        self-owned flow (95,000 at cluster scale: 0.1 s)."""
         with self._lock:
             out = {o: len(_flows(f)) for o, f in self._desired.items()}
-            for by in self._owner_index.values():
+            for by in self._owner_index.values() if self_owned else ():
                 for f in by.values():
                     if not isinstance(f, str):
                         out[f.owner_name] = 1

@@ -339,6 +339,7 @@ def test_self_owned_clause_flows_keep_their_names_and_cookies_and_sync_by_key() 
                                "ipv4_src=192.168.7.0/24", "port=TCP/80", "port=TCP/8000/0xfffc")}
     assert {o for o in fs.owners() if o.startswith("policy-match:")} == names
     assert {o: n for o, n in fs.owners().items() if o in names} == dict.fromkeys(names, 1)
+    assert set(fs.owners(self_owned=False)) == set(fs.owners()) - names  # named ones only
     # In OVS: each clause flow with the cookie of its owner's name, as before.
     clause = [f for f in fs.desired_flows() if not isinstance(f.owner, str)]
     assert {f.owner_name for f in clause} == names and len(clause) == len(names)
