@@ -25,10 +25,11 @@ whose content changed, keyed by owner, for one atomic bundle.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import sys
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -515,12 +516,13 @@ class World:
             hit = self._peer_cache[key] = self._peer_pods(peer, policy_ns)
         return hit
 
-    def peer_addresses(self, rule: Rule, policy_ns: str) -> set[str]:
+    def peer_addresses(self, rule: Rule, policy_ns: str) -> Peers:
         """Every address a rule's peers name: its ipBlocks and the pods they select.
 
         A pod add realizes about 100 rules of 40 ipBlocks and 500 pod addresses
         each; their ipBlocks are split out once per rule, and the addresses of
-        each pod peer once per change, so this is mostly set updates in C.
+        each pod peer once per change. The result holds those tuples as they
+        are, shared with every rule naming the same peer (see Peers).
         """
         parts = self._rule_parts.get(rule.key)
         if parts is None or parts[0] is not rule:
@@ -528,14 +530,15 @@ class World:
             parts = self._rule_parts[rule.key] = (
                 rule, tuple(a for pe in peers for a in pe.cidrs),
                 tuple(pe for pe in peers if not pe.is_ipblock))
-        out = set(parts[1])
+        chunks = [parts[1]] if parts[1] else []
         for peer in parts[2]:
             key = (peer, policy_ns if peer.namespaces is None else None)
             ips = self._ip_cache.get(key)
             if ips is None:
                 ips = self._ip_cache[key] = tuple(p.ip for p in self.peer_pods(peer, policy_ns))
-            out.update(ips)
-        return out
+            if ips:
+                chunks.append(ips)
+        return Peers(tuple(chunks))
 
     def _peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
         if peer.namespaces is None:
@@ -594,20 +597,53 @@ class World:
 # -- realization ---------------------------------------------------------------------------
 
 
+class Peers:
+    """A conjunction's peer addresses, as the tuples they came in (an address may be in
+    more than one): a rule's ipBlock addresses and each pod peer's addresses.
+
+    Not one sorted tuple per conjunction: an egress rule at cluster scale has
+    hundreds of peer addresses, and those tuples were 4.7 MB for 1,000 rules,
+    most of it the same pod addresses over and over; these tuples are the
+    ones World keeps per rule and per peer, shared by every rule naming them.
+    (A frozenset's table was four times a tuple: 29 MB.) Compared as sets;
+    the few rules a change touches are diffed through sets made on the spot
+    (PolicyEngine._recompute_rules).
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: tuple[tuple[str, ...], ...]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain.from_iterable(self.chunks)
+
+    def __bool__(self) -> bool:
+        return any(self.chunks)
+
+    def distinct(self) -> set[str]:
+        return set(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Peers):
+            return NotImplemented
+        return self.chunks == other.chunks or self.distinct() == other.distinct()
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self))
+
+    def __repr__(self) -> str:
+        return f"Peers({sorted(self.distinct())})"
+
+
 @dataclass(frozen=True, slots=True)
 class SubRule:
-    """One conjunction: selected addresses x peer addresses x port matches (None: any).
-
-    Peers are a sorted tuple, not a set: an egress rule at cluster scale has
-    hundreds of peer addresses, and a frozenset's table was four times the
-    tuple (29 MB for 1,000 rules); the few rules a change touches are diffed
-    through sets made on the spot (PolicyEngine._recompute_rules).
-    """
+    """One conjunction: selected addresses x peer addresses x port matches (None: any)."""
 
     rule: str
     direction: str
     selected: frozenset[str]
-    peers: tuple[str, ...] | None
+    peers: Peers | None
     ports: frozenset[PortMatch] | None
 
 
@@ -628,8 +664,7 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
     numeric = None if rule.ports is None else resolve_ports(rule.ports, None)
     if rule.direction == "ingress":
         groups: dict[Any, set[str]] = defaultdict(set)
-        peers = None if rule.peers is None else tuple(sorted(
-            world.peer_addresses(rule, pol.namespace)))
+        peers = None if rule.peers is None else world.peer_addresses(rule, pol.namespace)
         for p in sel:
             ports = resolve_ports(rule.ports, p) if named and rule.ports else numeric
             groups[ports].add(p.ip)
@@ -646,7 +681,9 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
                     by_ports[resolve_ports(rule.ports or (), p)].add(p.ip)
             by_ports[numeric].add("0.0.0.0/0")
         elif not named:
-            by_ports[numeric] = world.peer_addresses(rule, pol.namespace)
+            s = SubRule(rule.key, "egress", selected, world.peer_addresses(rule, pol.namespace),
+                        numeric)
+            return [s] if s.peers and (s.ports is None or s.ports) else []
         else:
             for peer in rule.peers:
                 if peer.is_ipblock:
@@ -654,7 +691,7 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
                 else:
                     for p in world.peer_pods(peer, pol.namespace):
                         by_ports[resolve_ports(rule.ports or (), p)].add(p.ip)
-        out = [SubRule(rule.key, "egress", selected, tuple(sorted(peers)), po)
+        out = [SubRule(rule.key, "egress", selected, Peers((tuple(peers),)), po)
                for po, peers in by_ports.items()]
     return [s for s in out if (s.peers is None or s.peers) and (s.ports is None or s.ports)]
 
@@ -1219,10 +1256,11 @@ class PolicyEngine:
                 out.append({
                     "rule": rk, "conj_id": self.conj_ids.get((rk, i)),
                     "direction": s.direction, "pods": sorted(s.selected),
-                    "peers": None if s.peers is None else sorted(s.peers),
+                    "peers": None if s.peers is None else sorted(s.peers.distinct()),
                     "ports": None if s.ports is None else sorted(
                         _port_text(pm) for pm in s.ports),
-                    "flows": len(s.selected) + (len(s.peers) if s.peers is not None else 0)
+                    "flows": len(s.selected) + (len(s.peers.distinct()) if s.peers is not None
+                                                else 0)
                     + (len(s.ports) if s.ports is not None else 0)
                     + (1 if self._n_dims(s) > 1 else 0)})
         return out

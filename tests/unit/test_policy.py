@@ -488,3 +488,27 @@ def test_pods_with_the_same_labels_share_one_dict_which_goes_with_them() -> None
     del a, b
     gc.collect()
     assert key not in pol._LABELS and (("app", "v"),) in pol._LABELS
+
+
+def test_an_address_named_by_two_peers_is_one_peer_and_outlives_either() -> None:
+    """A rule's peer addresses are kept as the tuples they come in (its ipBlocks, each pod
+    peer's pods), so one address can be in two: it is still one peer and one clause
+    flow, and it stays while either peer still names it."""
+    eng = PolicyEngine("n1")
+    owners, problems = eng.load(WORLD_NS, WORLD_PODS, [pol("d", "a", {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}},
+                              {"ipBlock": {"cidr": "10.244.2.2/32"}}],  # c1's address
+                     "ports": [{"port": 80}]}]})])
+    assert not problems
+    [d] = eng.describe()
+    assert d["peers"] == ["10.244.2.2", "10.244.2.3"] and d["flows"] == 2 + 2 + 1 + 1
+    src = sorted(v for f in flows_of(owners) for k, v in f.match if k == "ipv4_src")
+    assert src == ["10.244.2.2", "10.244.2.3"]
+    out, _ = eng.apply([Change(1, "delete", "Pod", "d", "c1", None)])
+    assert not any(out.values())  # the ipBlock still names 10.244.2.2
+    [d] = eng.describe()
+    assert d["peers"] == ["10.244.2.2", "10.244.2.3"]
+    out, _ = eng.apply([Change(2, "delete", "Pod", "d", "c2", None)])
+    assert list(out.values()) == [[]]  # 10.244.2.3's clause flow goes, nothing else moves
+    assert eng.describe()[0]["peers"] == ["10.244.2.2"]
