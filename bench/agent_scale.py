@@ -509,10 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-profile", action="store_true",
                     help="no lab: build the agent's state in this process and print "
                     "tracemalloc figures per stage and the top allocation sites")
+    ap.add_argument("--top", type=int, default=15, help="with --memory-profile: how many "
+                    "allocation sites (default: %(default)s)")
     a = ap.parse_args(argv)
     size = QUICK if a.quick else FULL
     if a.memory_profile:
-        memory_profile(size, top=15)
+        memory_profile(size, top=a.top)
         return 0
     kinds = ["sqlite", "kubernetes"] if a.datastore == "both" else [a.datastore]
     for k in kinds:

@@ -74,7 +74,9 @@ class LiveTrace:
         if verb == "arm":
             with self._lock:
                 self.seen[dscp] = []
-            base = [f for f in self.flows.desired_flows() if not _is_trace(f.owner)]
+            # (a self-owned flow is never a trace flow: no name is made for it here)
+            base = [f for f in self.flows.desired_flows()
+                    if not (isinstance(f.owner, str) and _is_trace(f.owner))]
             groups: dict[str, list[Any]] = {}
             for f in observation_flows(base, dscp, self.flows.pipeline):
                 groups.setdefault(f.owner, []).append(f)
@@ -105,7 +107,8 @@ class LiveTrace:
         if verb == "disarm":
             with self._lock:
                 self.seen.pop(dscp, None)
-            self.flows.set_owners({o: [] for o in self.flows.owners() if _is_trace(o)})
+            self.flows.set_owners({o: [] for o in self.flows.owners(self_owned=False)
+                                   if _is_trace(o)})
             return {}
         raise ValueError(f"traceflow: unknown step {verb}")
 
@@ -114,7 +117,7 @@ class LiveTrace:
         if ck.feature_of(cookie) is None:
             return ""
         oid = ck.owner_of(cookie)
-        for owner in self.flows.owners():
+        for owner in self.flows.owners(self_owned=False):  # trace owners are named
             if _is_trace(owner) and ck.owner_id(owner) == oid:
                 return owner.split("|", 1)[1]
         return ""

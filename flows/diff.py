@@ -16,7 +16,7 @@ def index(flows: Iterable[Flow]) -> dict[Key, Flow]:
         old = out.get(f.key)
         if old is not None and old != f:
             raise ValueError(f"two flows claim {f.table} priority {f.priority} {f.match}: "
-                             f"{old.owner} and {f.owner}")
+                             f"{old.owner_name} and {f.owner_name}")
         out[f.key] = f
     return out
 

@@ -25,15 +25,25 @@ whose content changed, keyed by owner, for one atomic bundle.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import sys
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowcni.flows.cookie import Feature
-from flowcni.flows.model import CT, Conjunction, Flow, MatchValue, plain_ipv4
+from flowcni.flows.model import (
+    CT,
+    Conjunction,
+    Flow,
+    Match,
+    MatchOwner,
+    MatchValue,
+    OwnerKey,
+    plain_ipv4,
+)
 from flowcni.flows.tables import DEFAULT, Pipeline
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -506,12 +516,13 @@ class World:
             hit = self._peer_cache[key] = self._peer_pods(peer, policy_ns)
         return hit
 
-    def peer_addresses(self, rule: Rule, policy_ns: str) -> set[str]:
+    def peer_addresses(self, rule: Rule, policy_ns: str) -> Peers:
         """Every address a rule's peers name: its ipBlocks and the pods they select.
 
         A pod add realizes about 100 rules of 40 ipBlocks and 500 pod addresses
         each; their ipBlocks are split out once per rule, and the addresses of
-        each pod peer once per change, so this is mostly set updates in C.
+        each pod peer once per change. The result holds those tuples as they
+        are, shared with every rule naming the same peer (see Peers).
         """
         parts = self._rule_parts.get(rule.key)
         if parts is None or parts[0] is not rule:
@@ -519,14 +530,15 @@ class World:
             parts = self._rule_parts[rule.key] = (
                 rule, tuple(a for pe in peers for a in pe.cidrs),
                 tuple(pe for pe in peers if not pe.is_ipblock))
-        out = set(parts[1])
+        chunks = [parts[1]] if parts[1] else []
         for peer in parts[2]:
             key = (peer, policy_ns if peer.namespaces is None else None)
             ips = self._ip_cache.get(key)
             if ips is None:
                 ips = self._ip_cache[key] = tuple(p.ip for p in self.peer_pods(peer, policy_ns))
-            out.update(ips)
-        return out
+            if ips:
+                chunks.append(ips)
+        return Peers(tuple(chunks))
 
     def _peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
         if peer.namespaces is None:
@@ -585,20 +597,53 @@ class World:
 # -- realization ---------------------------------------------------------------------------
 
 
+class Peers:
+    """A conjunction's peer addresses, as the tuples they came in (an address may be in
+    more than one): a rule's ipBlock addresses and each pod peer's addresses.
+
+    Not one sorted tuple per conjunction: an egress rule at cluster scale has
+    hundreds of peer addresses, and those tuples were 4.7 MB for 1,000 rules,
+    most of it the same pod addresses over and over; these tuples are the
+    ones World keeps per rule and per peer, shared by every rule naming them.
+    (A frozenset's table was four times a tuple: 29 MB.) Compared as sets;
+    the few rules a change touches are diffed through sets made on the spot
+    (PolicyEngine._recompute_rules).
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: tuple[tuple[str, ...], ...]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain.from_iterable(self.chunks)
+
+    def __bool__(self) -> bool:
+        return any(self.chunks)
+
+    def distinct(self) -> set[str]:
+        return set(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Peers):
+            return NotImplemented
+        return self.chunks == other.chunks or self.distinct() == other.distinct()
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self))
+
+    def __repr__(self) -> str:
+        return f"Peers({sorted(self.distinct())})"
+
+
 @dataclass(frozen=True, slots=True)
 class SubRule:
-    """One conjunction: selected addresses x peer addresses x port matches (None: any).
-
-    Peers are a sorted tuple, not a set: an egress rule at cluster scale has
-    hundreds of peer addresses, and a frozenset's table was four times the
-    tuple (29 MB for 1,000 rules); the few rules a change touches are diffed
-    through sets made on the spot (PolicyEngine._recompute_rules).
-    """
+    """One conjunction: selected addresses x peer addresses x port matches (None: any)."""
 
     rule: str
     direction: str
     selected: frozenset[str]
-    peers: tuple[str, ...] | None
+    peers: Peers | None
     ports: frozenset[PortMatch] | None
 
 
@@ -619,8 +664,7 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
     numeric = None if rule.ports is None else resolve_ports(rule.ports, None)
     if rule.direction == "ingress":
         groups: dict[Any, set[str]] = defaultdict(set)
-        peers = None if rule.peers is None else tuple(sorted(
-            world.peer_addresses(rule, pol.namespace)))
+        peers = None if rule.peers is None else world.peer_addresses(rule, pol.namespace)
         for p in sel:
             ports = resolve_ports(rule.ports, p) if named and rule.ports else numeric
             groups[ports].add(p.ip)
@@ -637,7 +681,9 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
                     by_ports[resolve_ports(rule.ports or (), p)].add(p.ip)
             by_ports[numeric].add("0.0.0.0/0")
         elif not named:
-            by_ports[numeric] = world.peer_addresses(rule, pol.namespace)
+            s = SubRule(rule.key, "egress", selected, world.peer_addresses(rule, pol.namespace),
+                        numeric)
+            return [s] if s.peers and (s.ports is None or s.ports) else []
         else:
             for peer in rule.peers:
                 if peer.is_ipblock:
@@ -645,7 +691,7 @@ def realize(rule: Rule, pol: Policy, world: World, node: str) -> list[SubRule]:
                 else:
                     for p in world.peer_pods(peer, pol.namespace):
                         by_ports[resolve_ports(rule.ports or (), p)].add(p.ip)
-        out = [SubRule(rule.key, "egress", selected, tuple(sorted(peers)), po)
+        out = [SubRule(rule.key, "egress", selected, Peers((tuple(peers),)), po)
                for po, peers in by_ports.items()]
     return [s for s in out if (s.peers is None or s.peers) and (s.ports is None or s.ports)]
 
@@ -730,13 +776,49 @@ def _port_text(pm: PortMatch) -> str:
             + (f"/{mask:#x}" if mask not in (None, 0xFFFF) else ""))
 
 
-def _match_owner(table: str, prio: int, field: str, value: Any) -> str:
-    """The owner of one clause flow: its table, priority and the one value it matches.
+_PROTOCOL_NAMES = {n: p for p, n in PROTOCOLS.items()}
 
-    Short on purpose: there is one per clause flow (100,000 at cluster scale),
-    and the match tuple's repr made them 12 MB.
+
+def _port_of(match: Match) -> PortMatch:
+    """The port match a clause flow on ports matches (what port_match made it from)."""
+    m = dict(match)
+    proto = _PROTOCOL_NAMES[m["ip_proto"]]  # type: ignore[index]  # an int: port_match's
+    v = m.get(f"{proto.lower()}_dst")
+    if isinstance(v, tuple):
+        return (proto, v[0], v[1])
+    return (proto, None, None) if v is None else (proto, int(v), 0xFFFF)
+
+
+def _describe_match(field: str) -> Callable[[Match], str]:
+    """`match` -> "field=value", the value as the engine wrote it (a port as _port_text)."""
+    if field == "port":
+        return lambda match: f"port={_port_text(_port_of(match))}"
+
+    def describe(match: Match) -> str:
+        for k, v in match:
+            if k == field:
+                return f"{field}={v}"
+        raise ValueError(f"a clause flow on {field} without it: {match}")
+    return describe
+
+
+_MATCH_OWNERS: dict[tuple[str, int, str], MatchOwner] = {}
+
+
+def _match_owner(table: str, prio: int, field: str) -> MatchOwner:
+    """The owner of the clause flows of one table, priority and field: each flow owns
+    itself, named "policy-match:TABLE:PRIO:FIELD=VALUE" after the one value it matches.
+
+    A MatchOwner, not a string per flow: there is one clause flow per
+    distinct address or port (95,000 at cluster scale) and their names were
+    9 MB; the name is made from the flow's match when asked (flowctl, cookies).
     """
-    return f"policy-match:{table}:{prio}:{field}={_port_text(value) if field == 'port' else value}"
+    k = (table, prio, field)
+    mo = _MATCH_OWNERS.get(k)
+    if mo is None:
+        mo = _MATCH_OWNERS[k] = MatchOwner(f"policy-match:{table}:{prio}:",
+                                           _describe_match(field))
+    return mo
 
 
 def _dims(s: SubRule) -> list[tuple[str, Iterable[Any]]]:
@@ -774,6 +856,8 @@ class PolicyEngine:
     flows of the addresses it adds to or takes from a conjunction.
     """
 
+    SWEEP_MIN = 1024  # shared action tuples kept before the first sweep (_shared_actions)
+
     def __init__(self, node: str, pipeline: Pipeline = DEFAULT) -> None:
         self.node = node
         self.pipeline = pipeline
@@ -787,6 +871,14 @@ class PolicyEngine:
         # a conjunction action -> the one-action tuple of every clause flow it alone
         # contributes to (most ipBlock addresses: 80,000 tuples of one otherwise)
         self._single: dict[Conjunction, tuple[Conjunction]] = {}
+        # one tuple per distinct set of several contributions, shared by the clause
+        # flows that have it (a pod address is in the peer sets of the same rules as
+        # the other pods of its namespace and labels: 15,000 tuples of 34 conjunctions
+        # on average were 697 distinct ones, 4.5 MB). Keyed by (table, field, the
+        # conjunction ids): in one table and field an id has one clause number (ids
+        # hash in C; a Conjunction's hash is Python code). Swept by _shared_actions.
+        self._shared: dict[tuple[str, str, tuple[int, ...]], tuple[Conjunction, ...]] = {}
+        self._shared_swept = 0  # its size after the last sweep
         # (table, field) -> value -> ids of the single-clause rules allowing on it
         self._allows: dict[tuple[str, str], dict[Any, set[int]]] = {}
         self.isolated: dict[str, tuple[bool, bool]] = {}    # local pod key -> (in, out)
@@ -825,11 +917,19 @@ class PolicyEngine:
                                      else "L3Forwarding")
         f = Flow.make(table, prio, m, actions, goto, feature=Feature.POLICY, owner="",
                       pipeline=self.pipeline)
-        return Flow.with_match(f, actions, goto, owner=_match_owner(table, prio, field, value),
+        return Flow.with_match(f, actions, goto, owner=_match_owner(table, prio, field),
                                pipeline=self.pipeline)
 
-    def _apply_edits(self, conj: _Edits, allow: _Edits, out: dict[str, list[Flow]]) -> None:
-        """Apply queued edits; put into `out` the clause flows whose content changed."""
+    def _apply_edits(self, conj: _Edits, allow: _Edits, out: dict[OwnerKey, list[Flow]]) -> None:
+        """Apply queued edits; put into `out` the clause flows whose content changed.
+
+        Each under its owner's key (the flow's key: a clause flow owns itself),
+        made only after every flow is: a load makes 95,000 of these short-lived
+        tuples, and made amid the flows (whose match tuples are of their size)
+        they left 6 MB of holes among them for good.
+        """
+        gone: list[Flow] = []
+        made: list[Flow] = []
         for (table, fld), q in conj.items():
             flows = self._clause_flows.setdefault((table, fld), {})
             for v, ops in q.items():
@@ -843,19 +943,19 @@ class PolicyEngine:
                 if not acts:
                     if old is not None:
                         del flows[v]
-                        out[old.owner] = []
+                        gone.append(old)
                     continue
                 if len(acts) == 1:  # one tuple per contribution, shared by its flows
                     (act,) = acts.values()
                     actions = self._single.get(act) or self._single.setdefault(act, (act,))
                 else:
-                    actions = tuple(acts[i] for i in sorted(acts))
+                    actions = self._shared_actions(table, fld, acts)
                 if old is not None and actions == old.actions:
                     continue
                 new = (self._new_flow(table, PRIO_CONJ, fld, v, actions) if old is None
                        else Flow.with_match(old, actions, pipeline=self.pipeline))
                 flows[v] = new
-                out[new.owner] = [new]
+                made.append(new)
         for (table, fld), q in allow.items():
             ids = self._allows.setdefault((table, fld), {})
             for v, ops in q.items():
@@ -872,8 +972,36 @@ class PolicyEngine:
                 else:
                     ids.pop(v, None)
                 if bool(cur) != was:
-                    f = self._new_flow(table, PRIO_ALLOW, fld, v)
-                    out[f.owner] = [f] if cur else []
+                    (made if cur else gone).append(self._new_flow(table, PRIO_ALLOW, fld, v))
+        for f in gone:
+            out[f.key] = []
+        for f in made:
+            out[f.key] = [f]
+
+    def _shared_actions(self, table: str, fld: str,
+                        acts: dict[int, Conjunction]) -> tuple[Conjunction, ...]:
+        """The actions of conjunctions `acts` (by id), in id order: one tuple shared by
+        every clause flow on `table` and `fld` with the same ones (see _shared).
+
+        An entry whose conjunctions are not these (an id whose clause layout
+        changed) is replaced. Tuples no flow holds any more are forgotten by a
+        sweep over the clause flows once the table has doubled since the last
+        one: rare (the number of distinct sets grows slowly) and paid for by
+        the doubling, as a dict's own resizes are.
+        """
+        ids = tuple(sorted(acts))
+        actions = tuple(acts[i] for i in ids)
+        key = (table, fld, ids)
+        shared = self._shared.get(key)
+        if shared is not None and shared == actions:
+            return shared
+        if shared is None and len(self._shared) >= 2 * self._shared_swept + self.SWEEP_MIN:
+            self._shared = {(t, fd, tuple(a.id for a in f.actions)): f.actions
+                            for (t, fd), flows in self._clause_flows.items()
+                            for f in flows.values() if len(f.actions) > 1}
+            self._shared_swept = len(self._shared)
+        self._shared[key] = actions
+        return actions
 
     def _rule_flows(self, rule: str) -> list[Flow]:
         out = []
@@ -925,7 +1053,7 @@ class PolicyEngine:
 
     # -- recomputation -----------------------------------------------------------------
 
-    def _recompute_rules(self, rules: set[str], out: dict[str, list[Flow]]) -> None:
+    def _recompute_rules(self, rules: set[str], out: dict[OwnerKey, list[Flow]]) -> None:
         """Recompute `rules`; put into `out` only the owners whose flows changed.
 
         A conjunction whose clause layout stays (the usual case: a pod joins
@@ -969,7 +1097,7 @@ class PolicyEngine:
                 out[f"rule:{rk}"] = self._rule_flows(rk)
         self._apply_edits(conj, allow, out)
 
-    def _recompute_isolation(self, pods: set[str], out: dict[str, list[Flow]]) -> None:
+    def _recompute_isolation(self, pods: set[str], out: dict[OwnerKey, list[Flow]]) -> None:
         for k in pods:
             old_flows = self._isolation_flows(k)
             p = self.world.pods.get(k)
@@ -1022,7 +1150,7 @@ class PolicyEngine:
         return out
 
     def load(self, namespaces: list[dict[str, Any]], pods: list[dict[str, Any]],
-             policies: list[dict[str, Any]]) -> tuple[dict[str, list[Flow]], list[str]]:
+             policies: list[dict[str, Any]]) -> tuple[dict[OwnerKey, list[Flow]], list[str]]:
         """Initial state; returns (flows by owner, problems)."""
         problems: list[str] = []
         self._touch_index = None
@@ -1041,14 +1169,14 @@ class PolicyEngine:
                 problems.append(f"networkpolicy {b.get('namespace')}/{b.get('name')}: {e}")
         # Built here, not by the first pod change (0.1 s at 1,000 policies).
         self._touch_index = _TouchIndex(self.world)
-        out: dict[str, list[Flow]] = {}
+        out: dict[OwnerKey, list[Flow]] = {}
         self._recompute_rules({r.key for p in self.world.policies.values() for r in p.rules},
                               out)
         self._recompute_isolation(set(self.world.pods), out)
         out[CONNTRACK_OWNER] = self.conntrack_flows()
         return {k: v for k, v in out.items() if v}, problems
 
-    def apply(self, changes: Iterable[Any]) -> tuple[dict[str, list[Flow]], list[str]]:
+    def apply(self, changes: Iterable[Any]) -> tuple[dict[OwnerKey, list[Flow]], list[str]]:
         """Apply datastore changes (store.Change); returns (changed owners' flows, problems)."""
         problems: list[str] = []
         rules: set[str] = set()
@@ -1102,7 +1230,7 @@ class PolicyEngine:
                     iso_pods.update(p.key for p in self.world.selected(newp))
         if pods_changed:
             rules |= self._rules_touching_pods(pods_changed)
-        out: dict[str, list[Flow]] = {}
+        out: dict[OwnerKey, list[Flow]] = {}
         self._recompute_rules(rules, out)
         self._recompute_isolation(iso_pods, out)
         return out, problems
@@ -1128,10 +1256,11 @@ class PolicyEngine:
                 out.append({
                     "rule": rk, "conj_id": self.conj_ids.get((rk, i)),
                     "direction": s.direction, "pods": sorted(s.selected),
-                    "peers": None if s.peers is None else sorted(s.peers),
+                    "peers": None if s.peers is None else sorted(s.peers.distinct()),
                     "ports": None if s.ports is None else sorted(
                         _port_text(pm) for pm in s.ports),
-                    "flows": len(s.selected) + (len(s.peers) if s.peers is not None else 0)
+                    "flows": len(s.selected) + (len(s.peers.distinct()) if s.peers is not None
+                                                else 0)
                     + (len(s.ports) if s.ports is not None else 0)
                     + (1 if self._n_dims(s) > 1 else 0)})
         return out

@@ -41,6 +41,6 @@ def observation_flows(flows: Iterable[Flow], dscp: int,
         m["ip_dscp"] = dscp
         acts = [Controller(), *f.actions] if output else [Controller()]
         out.append(Flow.make(f.table, min(f.priority + 1, 0xFFFF), m, acts,
-                             feature=Feature.BASE, owner=f"{TRACEFLOW_OWNER}|{f.owner}",
+                             feature=Feature.BASE, owner=f"{TRACEFLOW_OWNER}|{f.owner_name}",
                              pipeline=pipeline))
     return out

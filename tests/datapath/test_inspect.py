@@ -147,5 +147,28 @@ def test_flowctl_on_the_lab(ilab: Lab) -> None:
     assert p.returncode == 1 and "not realized" in p.stderr
     p = lab_flowctl(ilab, "tables")
     assert p.returncode == 0 and "Classifier" in p.stdout
+    # A policy's flows under their owners' names, read back from the cookies: its
+    # rule, and each clause flow named after the one value it matches (clause flows
+    # own themselves: the agent keeps no name per flow, it makes them when asked).
+    b_ip = ilab.pod("b").ip
+    ilab.store().put("NetworkPolicy", "default", "from-x", {
+        "namespace": "default", "name": "from-x", "spec": {
+            "podSelector": {"matchLabels": {"app": "b"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.7/32"}}],
+                         "ports": [{"port": 8080}]}]}})
+    ilab.wait_realized()
+    try:
+        p = lab_flowctl(ilab, "flows", "--node", "node2", "--policy", "default/from-x", "--json")
+        assert p.returncode == 0, p.stderr
+        rows = json.loads(p.stdout)[0]["flows"]
+        pre = "policy-match:IngressRule:200:"
+        assert {(r["owner"], r["object"]) for r in rows if not r["owner"].startswith("rule:")} \
+            == {(pre + m, "policy match (shared)") for m in (
+                f"ipv4_dst={b_ip}", "ipv4_src=192.0.2.7", "port=TCP/8080")}, rows
+        assert [r["object"] for r in rows if r["owner"].startswith("rule:default/from-x/")] \
+            == ["policy rule default/from-x/ingress/0"], rows
+    finally:
+        ilab.store().delete("NetworkPolicy", "default", "from-x")
+        ilab.wait_realized()
     p = lab_flowctl(ilab, "groups", "--json")
     assert p.returncode == 0 and [g["node"] for g in json.loads(p.stdout)] == ["node1", "node2"]

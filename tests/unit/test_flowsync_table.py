@@ -301,3 +301,75 @@ def test_learned_tables_change_only_the_bits_where_the_round_is_one() -> None:
     aff = {DEFAULT.id("SessionAffinity")}
     assert len(other_rounds_deletes(sw, 0b101, tables, aff)) == 14 + 2 * (
         len(DEFAULT.ids) - 1 + ck.FEATURE_BITS)
+
+
+def _policy_world() -> tuple[list[Any], list[Any], list[Any]]:
+    """Two local web pods, two remote clients, one /24 ipBlock; TCP 80 and 8000-8003."""
+    nss = [{"name": "d", "labels": {}}]
+    pods = [{"namespace": "d", "name": n, "ip": ip, "node": node, "labels": {"app": app}}
+            for n, ip, node, app in (("web", "10.244.1.2", "n1", "web"),
+                                     ("web2", "10.244.1.3", "n1", "web"),
+                                     ("c1", "10.244.2.2", "n2", "client"),
+                                     ("c2", "10.244.2.3", "n2", "client"))]
+    pol = {"namespace": "d", "name": "a", "spec": {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}},
+                              {"ipBlock": {"cidr": "192.168.7.0/24"}}],
+                     "ports": [{"port": 80}, {"port": 8000, "endPort": 8003}]}]}}
+    return nss, pods, [pol]
+
+
+def test_self_owned_clause_flows_keep_their_names_and_cookies_and_sync_by_key() -> None:
+    """Policy clause flows own themselves (model.MatchOwner): no name string is kept per
+    flow, yet flowctl's owner names and the cookies are what a name per flow gave, and
+    FlowSync adds, removes and repairs them by their own identity."""
+    from flowcni.datastore.store import Change
+    from flowcni.flows.policy import PolicyEngine
+
+    eng = PolicyEngine("n1")
+    owners, problems = eng.load(*_policy_world())
+    assert not problems
+    fs = FlowSync(DEFAULT, lambda: 9)
+    fs.set_owners(owners)
+    dp, sw = connected()
+    fs.full_sync(sw)
+    pre = "policy-match:IngressRule:200:"
+    names = {pre + s for s in ("ipv4_dst=10.244.1.2", "ipv4_dst=10.244.1.3",
+                               "ipv4_src=10.244.2.2", "ipv4_src=10.244.2.3",
+                               "ipv4_src=192.168.7.0/24", "port=TCP/80", "port=TCP/8000/0xfffc")}
+    assert {o for o in fs.owners() if o.startswith("policy-match:")} == names
+    assert {o: n for o, n in fs.owners().items() if o in names} == dict.fromkeys(names, 1)
+    assert set(fs.owners(self_owned=False)) == set(fs.owners()) - names  # named ones only
+    # In OVS: each clause flow with the cookie of its owner's name, as before.
+    clause = [f for f in fs.desired_flows() if not isinstance(f.owner, str)]
+    assert {f.owner_name for f in clause} == names and len(clause) == len(names)
+    for f in clause:
+        k = (DEFAULT.id(f.table), f.priority, match_key(f.osken_match(parser)))
+        assert dp.table[k] == ck.make(9, ck.Feature.POLICY, f.owner_name)
+        assert fs.flows_of([f.key]) == [f]
+    # A client goes: its clause flow leaves OVS, found by its key; nothing else moves.
+    before = dict(dp.table)
+    out, _ = eng.apply([Change(1, "delete", "Pod", "d", "c2", None)])
+    gone = [k for k, fl in out.items() if not fl]
+    assert len(gone) == 1 and not isinstance(gone[0], str)
+    fs.set_owners(out)
+    assert fs.flows_of(gone) == [] and pre + "ipv4_src=10.244.2.3" not in fs.owners()
+    assert len(dp.table) == len(before) - 1 == fs.flow_count()
+    assert all(before[k] == c for k, c in dp.table.items())
+    # Deleted by hand: the drift check finds it by counts, repair puts it back.
+    k80 = next(k for k in dp.table if dict(k[2]).get("tcp_dst") == 80)
+    del dp.table[k80]
+    assert [f.owner_name for f in fs.drift()[0]] == [pre + "port=TCP/80"]
+    assert fs.repair() == (1, 0) and k80 in dp.table and fs.drift() == ([], [])
+    # A self-owned flow goes under its own key only; no one else may claim its identity.
+    f0 = clause[0]
+    with pytest.raises(ValueError, match="own key"):
+        fs.set_owners({"x": [f0]})
+    with pytest.raises(ValueError, match="own key"):
+        fs.set_owners({f0.key: flows(1, "y")})
+    with pytest.raises(ValueError, match="own key"):
+        fs.set_owners({clause[1].key: [f0]})
+    thief = Flow.with_match(f0, f0.actions, owner="thief")
+    with pytest.raises(ValueError, match=f"of thief already belongs to {f0.owner_name}"):
+        fs.set_owners({"thief": [thief]})
+    assert fs.flows_of([f0.key]) == [f0] and "thief" not in fs.owners()

@@ -107,7 +107,7 @@ def allow_clients(name: str = "a", ports: list[Any] | None = None) -> dict[str, 
                                                                        {"port": 81}]}]})
 
 
-def flows_of(owners: dict[str, list[Any]]) -> list[Any]:
+def flows_of(owners: dict[Any, list[Any]]) -> list[Any]:
     return [f for fl in owners.values() for f in fl]
 
 
@@ -115,7 +115,7 @@ def test_flow_count_is_a_sum_not_a_product() -> None:
     eng = PolicyEngine("n1")
     owners, problems = eng.load(WORLD_NS, WORLD_PODS, [allow_clients()])
     assert problems == []
-    rule_flows = [f for f in flows_of(owners) if f.owner.startswith(("rule:", "policy-match"))]
+    rule_flows = [f for f in flows_of(owners) if f.owner_name.startswith(("rule:", "policy-match"))]
     # 2 selected + 2 peers + 2 ports + 1 conjunction flow (product would be 8)
     assert len(rule_flows) == 7
     assert eng.describe()[0]["flows"] == 7
@@ -142,7 +142,7 @@ def test_unrelated_change_touches_nothing_and_relabel_touches_little() -> None:
     assert not any(out.values())  # namespaced podSelector: p/other is not a peer
     out, _ = eng.apply([Change(3, "put", "Pod", "d", "c3",
                                pod("d", "c3", "10.244.2.9", node="n2", app="client"))])
-    changed = {k for k, v in out.items() if v}
+    changed = {v[0].owner_name for k, v in out.items() if v}
     # one new peer: one new match flow, nothing else
     assert changed == {"policy-match:IngressRule:200:ipv4_src=10.244.2.9"}
 
@@ -283,7 +283,7 @@ def test_rules_touching_pods_index_agrees_with_brute_force() -> None:
     assert not any(k.startswith("ns2/np2/") for k in got)
 
 
-def _normalized(eng: PolicyEngine, owners: dict[str, list[Any]]) -> set[Any]:
+def _normalized(eng: PolicyEngine, owners: dict[Any, list[Any]]) -> set[Any]:
     """Flows with each conjunction id replaced by what it stands for (rule, selected
     addresses, ports): an incremental engine and a fresh one number them differently."""
     what: dict[int, Any] = {}
@@ -296,19 +296,26 @@ def _normalized(eng: PolicyEngine, owners: dict[str, list[Any]]) -> set[Any]:
     out = set()
     for owner, fl in owners.items():
         for f in fl:
+            assert f.owner_key == owner
             m = tuple((k, what.get(v, ("stale", v)) if k == "conj_id" else v)
                       for k, v in f.match)
             acts = tuple(sorted(((what.get(a.id, ("stale", a.id)), a.clause, a.n_clauses)
                                  if isinstance(a, Conjunction) else a for a in f.actions),
                                 key=str))
-            out.add((owner, f.table, f.priority, m, acts, f.goto))
+            out.add((f.owner_name, f.table, f.priority, m, acts, f.goto))
     return out
 
 
-def test_incremental_flows_equal_a_fresh_load_after_random_changes() -> None:
+@pytest.mark.parametrize("sweep_min", [PolicyEngine.SWEEP_MIN, 0])
+def test_incremental_flows_equal_a_fresh_load_after_random_changes(
+        sweep_min: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine edits clause flows by difference; after any sequence of changes its
-    flows must be exactly those a fresh engine builds from the final objects."""
+    flows must be exactly those a fresh engine builds from the final objects. Equal
+    actions of several conjunctions are one shared tuple throughout (sweep_min 0: the
+    table of shared tuples is swept at every chance)."""
     import random
+
+    monkeypatch.setattr(PolicyEngine, "SWEEP_MIN", sweep_min)
 
     rnd = random.Random(15)
     apps, teams = ["a0", "a1", "a2"], ["t0", "t1"]
@@ -392,6 +399,12 @@ def test_incremental_flows_equal_a_fresh_load_after_random_changes() -> None:
                              list(pods.values()), list(pols.values()))
         got = _normalized(eng, {k: v for k, v in state.items() if v})
         assert got == _normalized(fresh, want), f"step {step}"
+        multi = [f for fl in state.values() for f in fl if len(f.actions) > 1]
+        assert len({id(f.actions) for f in multi}) == len({f.actions for f in multi}), step
+        field = {"ipv4_src", "ipv4_dst"}
+        assert all(eng._shared[(f.table, next((k for k, _ in f.match if k in field), "port"),
+                                tuple(c.id for c in f.actions))] is f.actions
+                   for f in multi), f"step {step}"
 
 
 def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> None:
@@ -407,7 +420,8 @@ def test_pod_with_a_non_canonical_address_is_a_problem_naming_the_field() -> Non
     out, problems = eng.apply([Change(2, "put", "Pod", "d", "web",
                                       pod("d", "web", "10.244.1.2.7", app="web"))])
     assert problems and out["isolation:d/web"] == []
-    assert out["policy-match:IngressRule:200:ipv4_dst=10.244.1.2"] == []
+    # a clause flow owns itself: its owner's key is its identity (table, priority, match)
+    assert out[("IngressRule", 200, (("eth_type", 0x0800), ("ipv4_dst", "10.244.1.2")))] == []
 
 
 def test_a_rules_ipblocks_are_one_peer_with_every_address() -> None:
@@ -474,3 +488,27 @@ def test_pods_with_the_same_labels_share_one_dict_which_goes_with_them() -> None
     del a, b
     gc.collect()
     assert key not in pol._LABELS and (("app", "v"),) in pol._LABELS
+
+
+def test_an_address_named_by_two_peers_is_one_peer_and_outlives_either() -> None:
+    """A rule's peer addresses are kept as the tuples they come in (its ipBlocks, each pod
+    peer's pods), so one address can be in two: it is still one peer and one clause
+    flow, and it stays while either peer still names it."""
+    eng = PolicyEngine("n1")
+    owners, problems = eng.load(WORLD_NS, WORLD_PODS, [pol("d", "a", {
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}},
+                              {"ipBlock": {"cidr": "10.244.2.2/32"}}],  # c1's address
+                     "ports": [{"port": 80}]}]})])
+    assert not problems
+    [d] = eng.describe()
+    assert d["peers"] == ["10.244.2.2", "10.244.2.3"] and d["flows"] == 2 + 2 + 1 + 1
+    src = sorted(v for f in flows_of(owners) for k, v in f.match if k == "ipv4_src")
+    assert src == ["10.244.2.2", "10.244.2.3"]
+    out, _ = eng.apply([Change(1, "delete", "Pod", "d", "c1", None)])
+    assert not any(out.values())  # the ipBlock still names 10.244.2.2
+    [d] = eng.describe()
+    assert d["peers"] == ["10.244.2.2", "10.244.2.3"]
+    out, _ = eng.apply([Change(2, "delete", "Pod", "d", "c2", None)])
+    assert list(out.values()) == [[]]  # 10.244.2.3's clause flow goes, nothing else moves
+    assert eng.describe()[0]["peers"] == ["10.244.2.2"]
