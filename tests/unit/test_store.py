@@ -168,3 +168,13 @@ def test_log_stays_bounded_when_deletes_never_land_on_a_check_revision(tmp_path:
         s.delete("Pod", "default", f"p{i}")
     assert s.horizon() > 0
     assert _log_rows(path) <= 1 + 64 + 16
+
+
+def test_objects_share_equal_ints(store: Store) -> None:
+    """One int object per distinct value across an initial list (list_decoder): a
+    policy's port kept by the engine must not pin the arena of its transient dicts."""
+    store.put_many("NetworkPolicy", [("ns", f"np{i}", {"spec": {"port": 8443 + i % 2}})
+                                     for i in range(3)])
+    ports = [b["spec"]["port"] for b in store.objects("NetworkPolicy")]
+    assert ports == [8443, 8444, 8443]
+    assert ports[0] is ports[2]
