@@ -174,9 +174,10 @@ class Cache:
     them their own copies before (deepcopy), and an unchanged update is a
     byte-string comparison.
 
-    The log holds only the revision of each object's newest change: the
-    change itself is whatever the object table holds now (present: a put of
-    that body; absent: a delete), since both are updated under one lock.
+    The log holds only the revision of each object's newest change, per kind
+    and keyed by the object table's own key tuples: the change itself is
+    whatever the object table holds now (present: a put of that body;
+    absent: a delete), since both are updated under one lock.
     """
 
     def __init__(self, max_tombstones: int = 50_000) -> None:
@@ -184,9 +185,9 @@ class Cache:
         self._rev = 0
         self._objects: dict[str, dict[Key, Blob]] = {}
         self._codecs: dict[str, Codec] = {}
-        # (kind, key) -> revision of its newest change; in revision order (a change
+        # kind -> key -> revision of its newest change; in revision order (a change
         # moves its entry to the end)
-        self._log: dict[tuple[str, Key], int] = {}
+        self._log: dict[str, dict[Key, int]] = {}
         self._tombstones = 0
         self.max_tombstones = max_tombstones
         self.horizon = 0  # tombstones at or below this revision were forgotten
@@ -224,9 +225,10 @@ class Cache:
     def _emit(self, op: str, kind: str, key: Key, was_present: bool) -> int:
         """Log a change of an object that was (`was_present`) or was not in the table."""
         self._rev += 1
-        if self._log.pop((kind, key), None) is not None and not was_present:
+        log = self._log.setdefault(kind, {})
+        if log.pop(key, None) is not None and not was_present:
             self._tombstones -= 1  # its entry was a delete
-        self._log[(kind, key)] = self._rev
+        log[key] = self._rev
         if op == "delete":
             self._tombstones += 1
             if self._tombstones > self.max_tombstones:
@@ -237,13 +239,14 @@ class Cache:
     def _forget_tombstones(self) -> None:
         """Drop the older half of the deletes; a watcher that far behind is warned."""
         keep = self.max_tombstones // 2
-        for (kind, key), rev in list(self._log.items()):
+        deletes = sorted((rev, kind, key) for kind, log in self._log.items()
+                         for key, rev in log.items() if key not in self._objects.get(kind, {}))
+        for rev, kind, key in deletes:
             if self._tombstones <= keep:
                 break
-            if key not in self._objects.get(kind, {}):
-                del self._log[(kind, key)]
-                self._tombstones -= 1
-                self.horizon = rev
+            del self._log[kind][key]
+            self._tombstones -= 1
+            self.horizon = rev
 
     def put(self, kind: str, key: Key, body: Body) -> Change | None:
         """Store `body`; a change only if it differs from what is cached."""
@@ -318,11 +321,13 @@ class Cache:
                 LOG.warning("watch from revision %d: deletions up to %d were forgotten",
                             rev, self.horizon)
             found = []
-            for (kind, key), r in reversed(self._log.items()):
-                if r <= rev:
-                    break
-                found.append((r, kind, key, self._objects.get(kind, {}).get(key)))
-        found.reverse()
+            for kind, log in self._log.items():
+                objs = self._objects.get(kind, {})
+                for key, r in reversed(log.items()):
+                    if r <= rev:
+                        break
+                    found.append((r, kind, key, objs.get(key)))
+        found.sort(key=lambda f: f[0])
         return [Change(r, "delete", kind, key[0], key[1], None) if blob is None else
                 Change(r, "put", kind, key[0], key[1], self._codecs[kind].unpack(blob))
                 for r, kind, key, blob in found]
@@ -454,6 +459,7 @@ class Informer:
     def relist(self) -> None:
         """List every object (in pages of one snapshot) and make the cache match it."""
         items: dict[Key, Blob] = {}
+        pages: list[str] = []
         rv: str | None = None
         cont: str | None = None
         limit = self.page_size
@@ -464,47 +470,52 @@ class Informer:
             finally:
                 page.close()
             with self.parse_lock:
-                cont, page_rv = self._take_page(text, items)
+                joined, cont, page_rv = self._encode_page(text, items)
+            pages.append(joined)
             rv = rv or page_rv
             if len(text) > PAGE_BYTES:  # fat objects (policies, real pods): smaller pages
                 limit = max(1, limit * PAGE_BYTES // len(text))
-            del text
+            del text, joined
             if not cont:
                 break
         if rv is None:
             raise ValueError(f"{self.kind} list: response has no resourceVersion")
-        changes = self.cache.replace_blobs(self.kind, items)
+        with self.parse_lock:
+            self._take_pages(pages, items)
+            changes = self.cache.replace_blobs(self.kind, items)
         self.stats["lists"] += 1
         self.resource_version = rv
         LOG.info("%s: listed %d at resourceVersion %s (%d changes)", self.kind, len(items), rv,
                  len(changes))
         self.synced.set()
 
-    def _take_page(self, text: bytes, items: dict[Key, Blob]) -> tuple[str | None, str | None]:
-        """Parse one list page into `items` (encoded); (continue token, resourceVersion).
+    def _take_pages(self, pages: list[str], items: dict[Key, Blob]) -> None:
+        """The survivors of every page (keys and packed bodies) into `items`; each
+        page's string is freed once sliced.
 
-        The page's parse is the informer's largest transient: its dicts are
+        A page's parse is the informer's largest transient: its dicts are
         dropped before the next page is read, and (see parse_lock) only one
         informer parses at a time, so the first lists of all kinds do not
-        add their peaks together.
-
-        What the cache keeps of a page (keys and encoded bodies, a twentieth
-        of the objects the parse makes) is made only after the parse is
-        freed, from one joined string: made in between, each survivor would
-        pin an allocator arena of the page's dicts, and the freed page would
-        never go back to the system (13 of the 24 MB the datastore's first
-        sync grew by, in-process, were such holes).
+        add their peaks together. What the cache keeps of the list (a
+        twentieth of the objects the parses make) is made only once every
+        page's parse is freed, from the pages' joined strings, and under the
+        same lock: made after each page instead, the survivors of one page
+        were scattered among the next pages' transients, and the allocator
+        arenas they pinned held 4 MB of empty pools after the list (kube
+        agent at the bench's size).
         """
-        joined, cont, rv = self._encode_page(text, items)  # the parse is freed on return
-        pos, end = 0, len(joined)
         pack, kind = self.cache.pack, self.kind
-        while pos < end:  # the survivors, packed where the page's objects were
-            t1 = joined.index("\t", pos)
-            t2 = joined.index("\t", t1 + 1)
-            nl = joined.index("\n", t2 + 1)  # encode() escapes newlines inside strings
-            items[(sys.intern(joined[pos:t1]), joined[t1 + 1:t2])] = pack(kind, joined[t2 + 1:nl])
-            pos = nl + 1
-        return cont, rv
+        pages.reverse()
+        while pages:
+            joined = pages.pop()
+            pos, end = 0, len(joined)
+            while pos < end:  # "namespace TAB name TAB body NEWLINE" lines
+                t1 = joined.index("\t", pos)
+                t2 = joined.index("\t", t1 + 1)
+                nl = joined.index("\n", t2 + 1)  # encode() escapes newlines inside strings
+                items[(sys.intern(joined[pos:t1]), joined[t1 + 1:t2])] = pack(
+                    kind, joined[t2 + 1:nl])
+                pos = nl + 1
 
     def _encode_page(self, text: bytes, items: dict[Key, Blob]
                      ) -> tuple[str, str | None, str | None]:
@@ -649,7 +660,7 @@ class KubeDatastore:
         self.api = api or api_client(kubeconfig)
         self.cache = Cache()
         self._stop = threading.Event()
-        parse_lock = threading.Lock()  # one list page parsed at a time (Informer._take_page)
+        parse_lock = threading.Lock()  # one list page parsed at a time (Informer.relist)
         self.informers = {k: Informer(k, self.api, self.cache, self._stop, self.timeouts,
                                       page_size, parse_lock) for k in self.kinds}
         for inf in self.informers.values():
