@@ -347,6 +347,10 @@ class Agent:
         Everything listed is in the desired flow set before the first sync, so
         a restarted agent never prunes flows of objects it has not seen yet.
         """
+        # Every kind listed first: with a revision from before the API server's lists
+        # completed, the first watch batch handed every pod listed after it to the
+        # engines again (10,000 at the bench's size), right after the load.
+        store.wait_synced()
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
         with gc_paused():

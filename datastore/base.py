@@ -37,6 +37,13 @@ class Datastore(Protocol):
     def revision(self) -> int:
         """A revision to watch from; taken before listing."""
 
+    def wait_synced(self) -> bool:
+        """Until every kind can be listed whole (the API server's first lists).
+
+        The agent takes its watch revision after this: taken earlier, the
+        first watch batch would deliver again everything listed after it.
+        """
+
     def watch(self, since: int, callback: Callable[[list[Change]], None],
               stop: threading.Event, interval: float = 0.05) -> None:
         """Deliver every change after `since`, in order, until `stop` is set."""

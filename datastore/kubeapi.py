@@ -148,13 +148,23 @@ def _data(where: str, field: str, value: Any) -> bytes:
 
 def from_kubeconfig(path: str, context: str | None = None) -> Credentials:
     """The current (or named) context of a kubeconfig file."""
-    import yaml  # only here: an in-cluster agent has no kubeconfig (1 MB of RSS)
-
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
+            text = f.read()
+    except OSError as e:
         raise ConfigError(f"kubeconfig {path}: {e}") from e
+    try:
+        # JSON is YAML too: a kubeconfig written as JSON (the lab's) is read without
+        # PyYAML, whose import is 1 MB of the agent's RSS (an in-cluster agent has
+        # no kubeconfig at all)
+        doc = json.loads(text)
+    except ValueError:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"kubeconfig {path}: {e}") from e
     if not isinstance(doc, dict):
         raise ConfigError(f"kubeconfig {path}: not a mapping")
     name = context or doc.get("current-context")

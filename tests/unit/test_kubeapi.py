@@ -11,6 +11,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,28 @@ def test_kubeconfig_errors_name_the_field(tmp_path: Path) -> None:
     err({**ok, "certificate-authority": "nope.crt"}, {}, "TLS settings: .*No such file")
     err(ok, {}, "no entry 'missing' in clusters", context="other")
     err(ok, {}, "no entry 'ghost' in contexts", context="ghost")
+
+
+def test_json_kubeconfig_read_without_pyyaml(tmp_path: Path) -> None:
+    """JSON is YAML too: the lab's JSON kubeconfig costs no PyYAML import; YAML
+    still reads, and a file that is neither is a clear error."""
+    kc = tmp_path / "kc.json"
+    kc.write_text(json.dumps({
+        "current-context": "c", "clusters": [{"name": "k", "cluster": {"server":
+                                                                       "http://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    code = ("import sys; from flowcni.datastore.kubeapi import from_kubeconfig; "
+            f"c = from_kubeconfig({str(kc)!r}); "
+            "print(c.server, 'yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["http://127.0.0.1:1", "False"]
+    yml = _kubeconfig(tmp_path / "kc.yaml", {"server": "http://127.0.0.1:2"}, {})
+    assert from_kubeconfig(yml).server == "http://127.0.0.1:2"
+    (tmp_path / "bad").write_text("clusters: [\n")
+    with pytest.raises(ConfigError, match="kubeconfig .*bad"):
+        from_kubeconfig(str(tmp_path / "bad"))
 
 
 def test_error_statuses_carry_the_servers_message(tmp_path: Path) -> None:

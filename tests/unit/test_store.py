@@ -198,3 +198,13 @@ def test_exclusive_is_one_transaction_that_other_writers_wait_for(tmp_path: Path
             pass
     t.join(10)
     assert [c.name for c in s.changes(0)] == ["a", "b", "c"] and waited == [3]
+
+
+def test_objects_share_equal_ints(store: Store) -> None:
+    """One int object per distinct value across an initial list (list_decoder): a
+    policy's port kept by the engine must not pin the arena of its transient dicts."""
+    store.put_many("NetworkPolicy", [("ns", f"np{i}", {"spec": {"port": 8443 + i % 2}})
+                                     for i in range(3)])
+    ports = [b["spec"]["port"] for b in store.objects("NetworkPolicy")]
+    assert ports == [8443, 8444, 8443]
+    assert ports[0] is ports[2]
