@@ -61,8 +61,8 @@ from flowcni.flows.nodeport import (
     GATEWAY_SNAT_OWNER,
     NODE_PORT_RANGE,
     NODEPORT_VIP,
+    SNAT_MIN_PORTS,
     gateway_snat_flows,
-    read_ephemeral_range,
     snat_port_range,
 )
 from flowcni.flows.policy import PolicyEngine
@@ -264,10 +264,18 @@ class Agent:
             by_owner.setdefault(f.owner, []).append(f)
         by_owner[GATEWAY_CT_OWNER] = gateway_reply_flows(self.gateway, PIPELINE)
         # The node-port SNAT's source ports: clear of the node's own (read now, in the
-        # node's namespace) and of node ports (flows/nodeport.py SNAT_PORTS says why).
+        # node's namespace) and of node ports (flows/nodeport.py SNAT_SPAN says why).
         if a.proxy == "flowcni":  # Cluster-policy node ports: SNAT after the DNAT, in OVS
-            self.snat_ports = snat_port_range(read_ephemeral_range(), cfg.node_ports)
-            LOG.info("node-port SNAT source ports %d-%d", *self.snat_ports)
+            ephemeral = hostnet.read_ephemeral_range()
+            self.snat_ports = snat_port_range(ephemeral, cfg.node_ports)
+            if self.snat_ports is None:
+                LOG.error("net.ipv4.ip_local_port_range %d-%d and node ports %d-%d leave "
+                          "fewer than %d ports for the node-port SNAT: it takes any port, "
+                          "and a reply to the node's own connection to a Service endpoint "
+                          "can be taken for a node-port connection's", *ephemeral,
+                          *cfg.node_ports, SNAT_MIN_PORTS)
+            else:
+                LOG.info("node-port SNAT source ports %d-%d", *self.snat_ports)
             by_owner[GATEWAY_SNAT_OWNER] = gateway_snat_flows(self.gateway.ip, PIPELINE,
                                                               self.snat_ports)
         self.flows.set_owners(by_owner)

@@ -66,6 +66,21 @@ def masquerade_rules(cluster_cidr: str, enabled: bool) -> str:
   chain post {{ type nat hook postrouting priority 100; {rule} }}""")
 
 
+EPHEMERAL_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def read_ephemeral_range(path: str = EPHEMERAL_SYSCTL) -> tuple[int, int]:
+    """The kernel's ephemeral port range in the caller's network namespace (the agent
+    runs in the node's): what the node-port SNAT's ports stay clear of
+    (flows.nodeport.snat_port_range). ValueError naming the sysctl if unreadable."""
+    try:
+        with open(path) as f:
+            first, last = f.read().split()
+        return int(first), int(last)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"net.ipv4.ip_local_port_range ({path}): {e}") from e
+
+
 def set_forwarding() -> None:
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1\n")

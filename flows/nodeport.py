@@ -303,57 +303,43 @@ PRIO_SNAT_INGRESS = 205  # IngressRule: as the node's own traffic (flows.node PR
 # (net.ipv4.ip_local_port_range of the node's namespace). Were OVS to give a node-port
 # connection to endpoint E:e the port the node also uses for its own connection to E:e,
 # the reply to the node's connection (E:e -> gateway:port) would match the SNAT's reply
-# tuple in ConntrackZone and be un-SNATed to the external client. So the SNAT uses a
-# range outside the ephemeral one (and outside the node-port range, where a late reply
-# to an expired SNAT would be DNATed by the node's node-port rule). The default is what
-# Linux leaves above its default ephemeral range (32768-60999). Capacity: OVS needs a
-# distinct port per connection with the same endpoint, endpoint port and protocol, so
-# one node SNATs at most (last - first + 1) = 4,536 concurrent node-port connections to
-# one endpoint:port (the pool is per endpoint, not per node); past that a new
-# connection's SNAT fails and it is not answered. snat_port_range moves it when the
-# node's ranges overlap it.
-SNAT_PORTS = (61000, 65535)
-SNAT_MIN_PORTS = 1024    # fewer free ports than this: refuse to start (snat_port_range)
-EPHEMERAL_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
+# tuple in ConntrackZone and be un-SNATed to the external client. So the SNAT uses the
+# largest run of ports in SNAT_SPAN clear of the ephemeral range and of the node-port
+# range (where a late reply to an expired SNAT would be DNATed by the node's node-port
+# rule): 1024-29999 with Linux's default ephemeral range (32768-60999) and node ports
+# (30000-32767). Ports below 30000 are safe from the node's listeners: a reply to a
+# SNATed connection is un-SNATed in OVS and never reaches the node's stack. Capacity:
+# OVS needs a distinct port per connection with the same endpoint, endpoint port and
+# protocol, so one node SNATs at most (last - first + 1) = 28,976 node-port connections
+# to one endpoint:port at once (a closed one holds its port until conntrack forgets it,
+# tens of seconds: that bounds the rate of new connections to one endpoint:port through
+# one node to a few hundred per second); past that a new connection's SNAT fails and it
+# is not answered. A node whose ranges leave fewer than SNAT_MIN_PORTS clear (e.g.
+# ip_local_port_range 1024 65535) gets no range (snat_port_range: None): OVS then picks
+# from every port, as before this range existed, and the agent logs the clash risk.
+SNAT_SPAN = (1024, 65535)
+SNAT_MIN_PORTS = 1024
+DEFAULT_SNAT_PORTS = (1024, 29999)  # what a node with Linux's and Kubernetes' defaults gets
 
 
-def snat_port_range(ephemeral: tuple[int, int], node_ports: tuple[int, int]) -> tuple[int, int]:
+def snat_port_range(ephemeral: tuple[int, int], node_ports: tuple[int, int]
+                    ) -> tuple[int, int] | None:
     """The gateway SNAT's source ports for a node whose kernel ephemeral range and
-    node-port range are these: SNAT_PORTS if clear of both, else the largest run of
-    ports in 1024-65535 clear of both. ValueError naming the sysctl when that run is
-    shorter than SNAT_MIN_PORTS (a node-port connection could otherwise take a port
-    the node's own connections use)."""
-    lo, hi = SNAT_PORTS
-    taken = sorted((ephemeral, node_ports))
-    if all(hi < a or lo > b for a, b in taken):
-        return SNAT_PORTS
-    best, start = (0, -1), 1024
-    for a, b in [*taken, (65536, 65536)]:
-        if a - 1 - start > best[1] - best[0]:
-            best = (start, a - 1)
+    node-port range are these: the largest run of ports in SNAT_SPAN clear of both
+    (the lowest such run on a tie); None when that run is shorter than SNAT_MIN_PORTS."""
+    best, start = (0, -1), SNAT_SPAN[0]
+    for a, b in [*sorted((ephemeral, node_ports)), (SNAT_SPAN[1] + 1, SNAT_SPAN[1] + 1)]:
+        end = min(a - 1, SNAT_SPAN[1])
+        if end - start > best[1] - best[0]:
+            best = (start, end)
         start = max(start, b + 1)
-    if best[1] - best[0] + 1 < SNAT_MIN_PORTS:
-        raise ValueError(f"net.ipv4.ip_local_port_range {ephemeral[0]}-{ephemeral[1]} and the "
-                         f"node-port range {node_ports[0]}-{node_ports[1]} leave fewer than "
-                         f"{SNAT_MIN_PORTS} ports in 1024-65535 for the node-port SNAT")
-    return best
-
-
-def read_ephemeral_range(path: str = EPHEMERAL_SYSCTL) -> tuple[int, int]:
-    """The kernel's ephemeral port range in the caller's network namespace (the agent
-    runs in the node's). Not a builder: the agent calls it once at start."""
-    try:
-        with open(path) as f:
-            first, last = f.read().split()
-        return int(first), int(last)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"net.ipv4.ip_local_port_range ({path}): {e}") from e
+    return best if best[1] - best[0] + 1 >= SNAT_MIN_PORTS else None
 
 
 def gateway_snat_flows(gateway_ip: str, pipeline: Pipeline = DEFAULT,
-                       ports: tuple[int, int] = SNAT_PORTS) -> list[Flow]:
+                       ports: tuple[int, int] | None = DEFAULT_SNAT_PORTS) -> list[Flow]:
     """The node's flows that SNAT Cluster-policy connections from the gateway to
-    `gateway_ip`, source ports in `ports` (snat_port_range), once their endpoint is
+    `gateway_ip`, source ports in `ports` (snat_port_range; None: any), once their endpoint is
     chosen, and undo it on their replies.
 
     - ServiceLB's entry flow loads SNAT_TO_GATEWAY (entry_flows); ConntrackCommit
@@ -393,6 +379,7 @@ def gateway_snat_flows(gateway_ip: str, pipeline: Pipeline = DEFAULT,
                   {"eth_type": 0x0800, "ct_state": "+new+trk", "reg0": snat_from_gw},
                   [CT(commit=True, mark=marks)], goto="Output", **kw),
         Flow.make("Output", PRIO_SNAT_OUTPUT, {"eth_type": 0x0800, "reg0": snat_from_gw},
-                  [CT(commit=True, zone=F.SNAT_ZONE, snat=f"{gateway_ip}:{ports[0]}-{ports[1]}"),
+                  [CT(commit=True, zone=F.SNAT_ZONE, snat=gateway_ip if ports is None
+                      else f"{gateway_ip}:{ports[0]}-{ports[1]}"),
                    OutputReg(F.OUT_PORT)], **kw),
     ]

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from flowcni.datastore.manifests import load
 from flowcni.flows import fields as F
-from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP, SNAT_PORTS
+from flowcni.flows.nodeport import HAIRPIN_IP, NODEPORT_VIP, snat_port_range
 from flowcni.flows.tables import DEFAULT
 from flowcni.lab import netns
 from flowcni.lab.lab import EXTERNAL_IP, EXTERNAL_UNDERLAY_IP, Lab
@@ -583,7 +583,7 @@ def snat_entries(lab: Lab, node: str) -> list[str]:
 def test_udp_through_a_node_port_moves_off_a_removed_endpoint(nlab: Lab) -> None:
     """An external client's UDP "connection" (one socket, one source port) through
     node1's node port (externalTrafficPolicy Cluster: SNATed in OVS to node1's gateway
-    address, from a source port in SNAT_PORTS, clear of the node's ephemeral range) and
+    address, from a source port of snat_port_range, clear of the node's ephemeral range) and
     a TCP stream through the same node port to the other endpoint. The UDP endpoint
     leaves the Service: the client's next datagram goes to the surviving endpoint, and
     node1 holds no entry of that client to the removed endpoint in either conntrack
@@ -616,7 +616,13 @@ def test_udp_through_a_node_port_moves_off_a_removed_endpoint(nlab: Lab) -> None
         gone = first[0]
         survivor = "web2" if gone == "web1" else "web1"
         # The endpoint sees a source port from the SNAT's range (not the node's own).
-        assert SNAT_PORTS[0] <= int(first[2]) <= SNAT_PORTS[1], first
+        ephemeral = subprocess.run(netns.exec_argv(nlab.node("node1").netns, [
+            "cat", "/proc/sys/net/ipv4/ip_local_port_range"]), capture_output=True,
+            text=True, check=True).stdout.split()
+        snat = snat_port_range((int(ephemeral[0]), int(ephemeral[1])),
+                               store.cluster().node_ports)
+        assert snat is not None and snat[0] <= int(first[2]) <= snat[1], (first, snat)
+        assert not int(ephemeral[0]) <= int(first[2]) <= int(ephemeral[1]), first
         for _ in range(20):  # a stream that the select group gave to the survivor
             stream = Stream(netns.exec_argv(nlab.external_ns, []), n1, NPU_NP, 10)
             if stream.serving == survivor:

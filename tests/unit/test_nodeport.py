@@ -105,7 +105,7 @@ def test_sctp_cluster_policy_is_masqueraded_by_the_node_not_flagged() -> None:
 
 def test_gateway_snat_flows_undo_before_the_main_zone() -> None:
     text = {f.table: f.ofctl() for f in gateway_snat_flows("10.244.1.1")}
-    assert "nat(src=10.244.1.1:61000-65535)" in text["Output"] \
+    assert "nat(src=10.244.1.1:1024-29999)" in text["Output"] \
         and f"zone={F.SNAT_ZONE}" in text["Output"]
     assert "nw_dst=10.244.1.1" in text["ConntrackZone"] and "nat)" in text["ConntrackZone"]
     assert "ct_mark=0x2/0x2" in text["ConntrackState"]
@@ -224,25 +224,32 @@ def test_kubernetes_service_keeps_its_load_balancer_status() -> None:
 
 
 def test_gateway_snat_source_ports_stay_clear_of_the_nodes_own() -> None:
-    """The node-port SNAT's source ports (flows.nodeport.SNAT_PORTS): Linux's default
-    ephemeral range and the default node-port range leave 61000-65535; a node whose
-    ranges cover that gets the largest clear run instead; a node with no room left is
-    refused, naming the sysctl. The emitted nat() carries the range, in the OpenFlow
-    message too (os-ken's NXActionNAT range_proto_*)."""
-    from flowcni.flows.nodeport import SNAT_PORTS, snat_port_range
-    assert SNAT_PORTS == (61000, 65535)
-    assert snat_port_range((32768, 60999), (30000, 32767)) == (61000, 65535)
-    # An ephemeral range up to 65535 leaves 1024-29999 (below the node ports).
+    """The node-port SNAT's source ports (flows.nodeport.snat_port_range): the largest
+    run in 1024-65535 clear of the node's ephemeral range and of node ports (1024-29999
+    with Linux's and Kubernetes' defaults, DEFAULT_SNAT_PORTS); a node with no room
+    left gets None (any port: logged by the agent, which still starts). The emitted
+    nat() carries the range, in the OpenFlow message too (os-ken's NXActionNAT
+    range_proto_*), and no range for None."""
+    from flowcni.flows.nodeport import DEFAULT_SNAT_PORTS, snat_port_range
+    assert snat_port_range((32768, 60999), (30000, 32767)) == DEFAULT_SNAT_PORTS == (
+        1024, 29999)
     assert snat_port_range((32768, 65535), (30000, 32767)) == (1024, 29999)
     assert snat_port_range((10000, 65000), (30000, 32767)) == (1024, 9999)
-    assert snat_port_range((40000, 62000), (30000, 32767)) == (1024, 29999)
-    with pytest.raises(ValueError, match="ip_local_port_range 1024-65535"):
-        snat_port_range((1024, 65535), (30000, 32767))
-    for ephemeral in ((32768, 60999), (32768, 65535), (10000, 65000), (2000, 63000)):
-        lo, hi = snat_port_range(ephemeral, (30000, 32767))
+    assert snat_port_range((1024, 29000), (30000, 32767)) == (32768, 65535)
+    assert snat_port_range((1024, 60999), (30000, 32767)) == (61000, 65535)
+    assert snat_port_range((1024, 65535), (30000, 32767)) is None
+    assert snat_port_range((1024, 64535), (30000, 32767)) is None  # 1,000 left: too few
+    for ephemeral in ((32768, 60999), (32768, 65535), (10000, 65000), (2000, 63000),
+                      (1024, 29000), (40000, 41000)):
+        r = snat_port_range(ephemeral, (30000, 32767))
+        assert r is not None, ephemeral
+        lo, hi = r
         assert hi < ephemeral[0] or lo > ephemeral[1], ephemeral
         assert hi < 30000 or lo > 32767, ephemeral
-        assert 1024 <= lo <= hi <= 65535
+        assert 1024 <= lo <= hi <= 65535 and hi - lo + 1 >= 1024
+    anyport = next(f for f in gateway_snat_flows("10.244.1.1", ports=None)
+                   if f.table == "Output")
+    assert "nat(src=10.244.1.1))" in anyport.ofctl()
     out = next(f for f in gateway_snat_flows("10.244.1.1", ports=(1024, 29999))
                if f.table == "Output")
     assert "nat(src=10.244.1.1:1024-29999)" in out.ofctl()
@@ -265,7 +272,7 @@ def test_ct_snat_port_range_is_checked() -> None:
 
 
 def test_read_ephemeral_range(tmp_path: Any) -> None:
-    from flowcni.flows.nodeport import read_ephemeral_range
+    from flowcni.controller.hostnet import read_ephemeral_range
     f = tmp_path / "range"
     f.write_text("32768\t60999\n")
     assert read_ephemeral_range(str(f)) == (32768, 60999)
