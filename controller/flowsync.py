@@ -239,14 +239,14 @@ class FlowSync:
                         raise ValueError(f"group {gid} of {o} already belongs to {gholder}")
             olds = {o: self._held(o) for o in news}
             golds = {o: self._groups.get(o, {}) for o in gnews}
-            self._replace(news)
+            self._replace(news, olds)
             self._replace_groups(gnews)
             gold_all = {i: g for gs in golds.values() for i, g in gs.items()}
             gnew_all = {i: g for gs in gnews.values() for i, g in gs.items()}
             try:
                 self._apply(olds, news, gold_all, gnew_all)
             except OFError:
-                self._replace(olds)
+                self._replace(olds, news)
                 self._replace_groups(golds)
                 raise
 
@@ -289,13 +289,17 @@ class FlowSync:
         holder = self._holder(f)
         return holder is not None and f in self._held(holder)
 
-    def _replace(self, sets: dict[OwnerKey, tuple[Flow, ...]]) -> None:
-        """Swap owners' desired sets, keeping the flow -> owner index in step."""
+    def _replace(self, sets: dict[OwnerKey, tuple[Flow, ...]],
+                 prev: dict[OwnerKey, tuple[Flow, ...]]) -> None:
+        """Swap owners' desired sets (prev: what each held before this call, read
+        before any of them changed: a flow identity moving between a self-owned flow
+        and a named owner in one call must not be counted by the index's new state),
+        keeping the flow -> owner index in step."""
         idx = self._owner_index
         tc = self._table_counts
         for o, new in sets.items():
             named = isinstance(o, str)
-            old = self._held(o)
+            old = prev[o]
             if named:
                 self._desired.pop(o, None)
             self._count -= len(old)

@@ -418,9 +418,11 @@ class Tenants:
                                                  strict=True)):
                     if np is not None:
                         claims.append((name, key, sp.protocol, i, (sp.protocol, np)))
-        # A tenant Service keeps a port it held (even against a default Service that
-        # asks for it now); otherwise the default network, then tenants by name.
+        # A tenant Service keeps a port it held (even against a default Service, or
+        # another tenant's, that asks for it now): holders' claims go first; otherwise
+        # the default network, then tenants by name.
         keeps = {k for name, key, _, _, k in claims if held.get(k) == f"{name}/{key}"}
+        claims.sort(key=lambda c: held.get(c[4]) != f"{c[0]}/{c[1]}")  # stable
         refused: dict[tuple[str, int], str] = {}
         for name, key, proto, i, k in claims:
             other = (mine.get(k) or (None if k in keeps else

@@ -474,13 +474,22 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise CLIError(f"no embedded store at {path}")
     store = Store(path)
+    from flowcni.datastore.manifests import ManifestError, load
+    try:
+        # Parsed and checked before the store's write lock is taken: agents' writes
+        # (pod records, VNIs) wait for that lock, not for a big file's parse.
+        rng = store.cluster().node_ports
+        objs = load(text, identity_only=a.cmd == "delete", node_port_range=rng,
+                    require_node_ports=False)
+    except (ManifestError, StoreError) as e:
+        raise CLIError(f"{a.file}: {e}") from e
     try:
         # One write transaction from the first read to the last write: two applies at
         # once (or an apply next to an agent's write) are serialised, so both cannot
         # read the same free node ports and allocate one twice, and a refused file
         # writes nothing.
         with store.exclusive():
-            done = _apply_locked(a, store, text)
+            done = _apply_locked(a, store, objs, rng)
     except StoreError as e:
         raise CLIError(f"{a.file}: {e}") from e
     for line in done:  # once committed
@@ -488,18 +497,16 @@ def cmd_apply(a: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_locked(a: argparse.Namespace, store: Store, text: str) -> list[str]:
-    """cmd_apply's reads, checks and writes, inside the store's exclusive transaction;
-    what was done, one line per object."""
+def _apply_locked(a: argparse.Namespace, store: Store, objs: list[Any],
+                  rng: tuple[int, int]) -> list[str]:
+    """cmd_apply's reads, checks and writes of the parsed objects, inside the store's
+    exclusive transaction; what was done, one line per object."""
     from flowcni.datastore import nodeports
-    from flowcni.datastore.manifests import ManifestError, load
+    from flowcni.datastore.manifests import ManifestError
     from flowcni.flows.services import ServiceError, parse_service
     try:
         # The store is the API server here: node ports are checked against the
         # cluster's range and missing ones allocated (datastore/nodeports.py).
-        rng = store.cluster().node_ports
-        objs = load(text, identity_only=a.cmd == "delete", node_port_range=rng,
-                    require_node_ports=False)
         if a.cmd == "apply":
             objs = nodeports.assign(objs, store.objects("Service"), rng)
             for k, ns, n, b in objs:  # what is written is checked as the agents will

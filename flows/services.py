@@ -25,7 +25,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from flowcni.flows import fields as F
@@ -588,6 +588,48 @@ class ServiceProxy:
         self._inputs: dict[str, tuple[int, tuple[list[Flow], list[Group]]]] = {}
         self.sub_gids: dict[str, dict[tuple[int, int], int]] = {}  # key -> (port, j) -> gid
         self.stale: list[StaleUDP] = []  # drained by take_stale
+        # A node port is one Service's: (PROTOCOL, port) -> the Service key holding it,
+        # the ports each key holds, and the keys refused a port, rebuilt when it is let
+        # go (_claim_node_ports). An API server never lets two Services ask for one;
+        # a direct store write, or two tenant Services of one tenant, can.
+        self.np_holder: dict[tuple[str, int], str] = {}
+        self._np_held: dict[str, set[tuple[str, int]]] = {}
+        self._np_waiting: dict[tuple[str, int], set[str]] = {}
+        self._np_released: set[tuple[str, int]] = set()
+
+    def _claim_node_ports(self, key: str, svc: Service | None) -> Service | None:
+        """svc as it is built: without the node ports another Service of this proxy
+        holds (each refusal a warning naming spec.ports[i].nodePort). The holder keeps
+        a port until it lets it go; the ports key no longer asks for are let go."""
+        want: set[tuple[str, int]] = set()
+        if svc is not None and svc.exposure.node_ports.count(None) != len(svc.ports):
+            want = {(sp.protocol, np) for sp, np in zip(svc.ports, svc.exposure.node_ports,
+                                                        strict=True) if np is not None}
+        held = self._np_held.pop(key, None)
+        if held:
+            for k in held - want:
+                del self.np_holder[k]
+                self._np_released.add(k)
+        if not want or svc is None:
+            return svc
+        nps = list(svc.exposure.node_ports)
+        mine: set[tuple[str, int]] = set()
+        for i, (sp, np) in enumerate(zip(svc.ports, nps, strict=True)):
+            if np is None:
+                continue
+            k = (sp.protocol, np)
+            holder = self.np_holder.setdefault(k, key)
+            if holder == key:
+                mine.add(k)
+                continue
+            nps[i] = None
+            self._np_waiting.setdefault(k, set()).add(key)
+            self.warnings.append(f"service {key}: spec.ports[{i}].nodePort: {np}/"
+                                 f"{sp.protocol} is already service {holder}'s")
+        self._np_held[key] = mine
+        if len(mine) == len(want):
+            return svc
+        return replace(svc, exposure=replace(svc.exposure, node_ports=tuple(nps)))
 
     def _gid(self, pk: str, have: dict[Any, int], slot: Any) -> int:
         if slot not in have:
@@ -596,7 +638,7 @@ class ServiceProxy:
         return have[slot]
 
     def _build(self, key: str) -> tuple[list[Flow], list[Group]]:
-        svc = self.services.get(key)
+        svc = self._claim_node_ports(key, self.services.get(key))
         mine = self.svc_gids.setdefault(key, {})
         subs = self.sub_gids.setdefault(key, {})
         for i in [i for i in mine if svc is None or i >= len(svc.ports)]:
@@ -772,18 +814,24 @@ class ServiceProxy:
                                                             dict[str, list[Group]]]:
         flows: dict[str, list[Flow]] = {}
         groups: dict[str, list[Group]] = {}
-        for key in sorted(set(keys)):
-            new = self._build(key)
-            old = self.built.get(key, ([], []))
-            if old is new or old == new:
-                continue
-            if new == ([], []):
-                self.built.pop(key, None)
-            else:
-                self.built[key] = new
-            self.stale += stale_udp(old, new)
-            owner = service_owner(key)
-            flows[owner], groups[owner] = new
+        todo = sorted(set(keys))
+        while todo:
+            for key in todo:
+                new = self._build(key)
+                old = self.built.get(key, ([], []))
+                if old is new or old == new:
+                    continue
+                if new == ([], []):
+                    self.built.pop(key, None)
+                else:
+                    self.built[key] = new
+                self.stale += stale_udp(old, new)
+                owner = service_owner(key)
+                flows[owner], groups[owner] = new
+            # Services refused a node port that was let go in this pass: built again
+            released, self._np_released = self._np_released, set()
+            todo = sorted({w for k in released for w in self._np_waiting.pop(k, ())
+                           if w in self.services})
         hairpin = frozenset().union(*self.local_ips.values())
         if hairpin != self.hairpin_ips:
             self.hairpin_ips = hairpin
@@ -912,12 +960,19 @@ class ServiceProxy:
         (every ClusterIP, for host-network clients, and every external IP)."""
         entries: list[HostEntry] = []
         ips: set[str] = set()
-        for svc in self.services.values():
+        holder = self.np_holder
+        for key, svc in self.services.items():
             if svc.cluster_ip is None:
                 continue
             ips.add(svc.cluster_ip)
-            ips.update(svc.exposure.entry_ips)
-            entries += host_entries(svc.exposure, svc.ports)
+            ex = svc.exposure
+            ips.update(ex.entry_ips)
+            if any(np is not None and holder.get((sp.protocol, np)) != key
+                   for sp, np in zip(svc.ports, ex.node_ports, strict=True)):
+                ex = replace(ex, node_ports=tuple(  # without those another Service holds
+                    np if np is not None and holder.get((sp.protocol, np)) == key else None
+                    for sp, np in zip(svc.ports, ex.node_ports, strict=True)))
+            entries += host_entries(ex, svc.ports)
         return sorted(set(entries), key=lambda e: (e.ip, e.protocol, e.port)), sorted(ips)
 
 

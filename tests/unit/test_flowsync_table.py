@@ -373,3 +373,25 @@ def test_self_owned_clause_flows_keep_their_names_and_cookies_and_sync_by_key() 
     with pytest.raises(ValueError, match=f"of thief already belongs to {f0.owner_name}"):
         fs.set_owners({"thief": [thief]})
     assert fs.flows_of([f0.key]) == [f0] and "thief" not in fs.owners()
+
+
+@pytest.mark.parametrize("named_first", [True, False])
+def test_a_flow_moving_from_itself_to_a_name_in_one_call_is_counted_once(
+        named_first: bool) -> None:
+    """One set_owners call gives a self-owned flow's identity to a named owner: the
+    counts follow what is desired whichever of the two the call names first (they
+    were taken from the index half-way through the swap: 2 counted, 1 desired)."""
+    from flowcni.flows.cookie import Feature
+    from flowcni.flows.model import MatchOwner
+    base = Flow.make("IngressRule", 200, {"eth_type": 0x0800, "ipv4_src": "10.0.0.1"}, [],
+                     feature=Feature.POLICY, owner="")
+    mine = Flow.with_match(base, owner=MatchOwner("policy-match:x:",
+                                                  lambda m: f"nw_src={dict(m)['ipv4_src']}"))
+    named = Flow.with_match(base, owner="X")
+    fs = FlowSync(DEFAULT, lambda: 1)
+    fs.set_owners({mine.key: [mine]})
+    fs.set_owners({"X": [named], mine.key: []} if named_first
+                  else {mine.key: [], "X": [named]})
+    assert fs.flow_count() == len(fs.desired_flows()) == 1
+    fs.set_owners({"X": []})
+    assert fs.flow_count() == len(fs.desired_flows()) == 0

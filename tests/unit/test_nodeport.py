@@ -278,3 +278,32 @@ def test_read_ephemeral_range(tmp_path: Any) -> None:
     assert read_ephemeral_range(str(f)) == (32768, 60999)
     with pytest.raises(ValueError, match="ip_local_port_range"):
         read_ephemeral_range(str(tmp_path / "none"))
+
+
+def test_a_node_port_two_services_ask_for_is_the_first_holders() -> None:
+    """Two Services asking for one node port (a direct store write; two Services of one
+    tenant): the holder keeps it (at load, the first by key), the other is built without
+    it and refused naming spec.ports[i].nodePort, and gets it once the holder lets go.
+    Before, both got the same ServiceLB flow and FlowSync refused the whole change."""
+    from flowcni.datastore.store import Change
+    sp = ServiceProxy(local_cidr="10.244.1.0/24")
+    other = {**BASE, "clusterIP": "10.96.0.11"}
+    flows, _, problems = sp.load(
+        [{"namespace": "d", "name": "web", "spec": BASE},
+         {"namespace": "d", "name": "zzz", "spec": other}], [pod("a", "10.244.1.5")])
+    assert problems == ["service d/zzz: spec.ports[0].nodePort: 30080/TCP is already "
+                        "service d/web's"]
+    assert lb_flow(flows["service:d/web"], NODEPORT_VIP, 30080)
+    assert not [f for f in flows["service:d/zzz"] if dict(f.match).get("tcp_dst") == 30080]
+    assert [e.port for e in sp.host_view()[0]] == [30080]
+    # a change of the refused one does not take it
+    flows, _, problems = sp.apply([Change(2, "put", "Service", "d", "zzz", {
+        "namespace": "d", "name": "zzz", "spec": {**other, "sessionAffinity": "ClientIP"}})])
+    assert "already service d/web's" in problems[0]
+    assert not [f for f in flows["service:d/zzz"] if dict(f.match).get("tcp_dst") == 30080]
+    # the holder goes: the waiting Service is built again, with the port
+    flows, _, problems = sp.apply([Change(3, "delete", "Service", "d", "web", None)])
+    assert problems == [] and flows["service:d/web"] == []
+    assert {dict(f.match).get("tcp_dst") for f in flows["service:d/zzz"]
+            if dict(f.match).get("ipv4_dst") == NODEPORT_VIP} == {30080}
+    assert sp.np_holder == {("TCP", 30080): "d/zzz"}

@@ -545,3 +545,25 @@ def test_agent_restores_a_default_node_port_a_tenant_let_go() -> None:
     a.tenants.default_refused = {}
     flows, _ = a._node_ports_held({}, {})
     assert flows == {"service:d/web": built["service:d/web"]}
+
+
+def test_a_node_port_held_by_a_tenant_service_stays_its(tmp_path: Any) -> None:
+    """red's r1/web holds node port 30090. A later Service asking for it, of another
+    tenant (blue's b1/web, which sorts first) or of the same tenant (red's r1/aaa),
+    is refused; the holder keeps it. Before: blue took it from red, and red's second
+    Service made FlowSync refuse the whole tenant change (two owners, one flow)."""
+    t, fs = _tenants(tmp_path, services=True)
+
+    def np_svc(namespace: str, name: str = "web", ip: str = VIP) -> dict[str, Any]:
+        b = svc(namespace, name, ip, type="NodePort")
+        b["spec"]["ports"][0]["nodePort"] = 30090
+        return b
+
+    t.load([tn("blue", 101), tn("red", 202)], [ns("b1", tenant="blue"), ns("r1", tenant="red")],
+           [{"name": "node1", "nodeIP": "192.168.50.11", "podCIDR": "10.244.1.0/24"}],
+           [pod("b1", "w", "10.50.1.5"), pod("r1", "w", "10.50.1.5")], [], [np_svc("r1")], [])
+    assert t.node_ports == {("TCP", 30090): "red/r1/web"}
+    t.apply([Change(2, "put", "Service", "b1", "web", np_svc("b1"))])
+    assert t.node_ports == {("TCP", 30090): "red/r1/web"}
+    t.apply([Change(3, "put", "Service", "r1", "aaa", np_svc("r1", "aaa", "10.96.5.6"))])
+    assert t.node_ports == {("TCP", 30090): "red/r1/web"}
