@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from flowcni.controller.dpcache import traced_actions
 from flowcni.ctl.trace import Tracer
 from flowcni.datastore.manifests import load
 from flowcni.lab.lab import EXTERNAL_IP, Lab
@@ -195,10 +196,13 @@ def diagnose(pl: PolicyLab, diff: list[str], errors: dict[str, str],
             for c in dp.splitlines():
                 if about(c):
                     # what OVS would make of this cached flow's key with today's tables
+                    # (the key's own actions: the first line; a recirculating trace
+                    # goes on with the resumed packet, another cached flow)
                     now = n.ovs.appctl("ofproto/trace", "ovs-netdev",
                                        c.split(", packets:")[0], check=False)
-                    acts = [x for x in now.splitlines() if x.startswith("Datapath actions")]
-                    lines.append(f"{n.name} dp: {c}\n    retranslated: {acts[-1:] or now[-200:]}")
+                    acts = traced_actions(now)
+                    lines.append(f"{n.name} dp: {c}\n    retranslated: "
+                                 f"{acts if acts is not None else now[-200:]}")
             lines += [f"{n.name} upcall/show: " + " ".join(
                 n.ovs.appctl("upcall/show", check=False).split())]
             drops = [x for x in n.ovs.appctl("coverage/show", check=False).splitlines()
