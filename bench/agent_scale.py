@@ -26,8 +26,10 @@ Each prints four JSON lines:
   {"datastore", "flows" (in OVS, dump-aggregate), "desired_flows", "agent_rss_mb",
    "full_sync_s" (the agent's own timing of the full-sync bundle),
    "time_to_synced_s" (agent process start -> status synced)}
-  {"datastore", "restart_lost_packets", "restart_s", "ping_sent"}: kill -9 of the
-   agent under a 10/s ping between two local pods; restart_s = kill -> synced again
+  {"datastore", "restart_lost_packets", "restart_s", "ping_sent", "unanswered_at_stop",
+   "lost_seqs", "kill_at_seq", "synced_at_seq"}: kill -9 of the agent under a 10/s ping between
+   two local pods; restart_s = kill -> synced again; which echoes got no reply, and
+   about which echo left at the kill and at the agent's sync (see ping_losses)
   {"datastore", "change_p50_ms", "change_p99_ms", "changes"}: a policy change or
    a pod add, write -> the agent reports the revision applied (its bundle is
    committed in OVS: the agent waits for the commit reply before it says so)
@@ -262,6 +264,28 @@ def emit(d: dict[str, Any]) -> None:
     print(json.dumps(d), flush=True)
 
 
+PING_INTERVAL = 0.1
+
+
+def ping_losses(out: str) -> tuple[int, list[int], bool]:
+    """(echoes sent, sequence numbers never answered, whether the last echo was
+    unanswered) from iputils ping's output.
+
+    The last echo sent is not among the losses but reported apart: ping is
+    stopped by SIGINT and exits at once, so an echo sent less than a round
+    trip before the signal counts as lost in ping's own summary although
+    nothing dropped it (on a busy machine the round trip through the
+    userspace datapath can take a good part of the interval). Any earlier
+    echo without a reply is a loss.
+    """
+    m = re.search(r"(\d+) packets transmitted", out)
+    if not m:
+        return 0, [], False
+    sent = int(m.group(1))
+    answered = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", out)}
+    return sent, [n for n in range(1, sent) if n not in answered], sent not in answered
+
+
 def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
     tag = "s" if kind == "sqlite" else "k"
     kw: dict[str, Any] = {"datastore": KubeLabDatastore} if kind == "kubernetes" else {}
@@ -298,8 +322,10 @@ def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
 
         # 2. kill -9 under a 10/s ping between two local pods
         a, b = lab.pod(f"{PING_NS}/ping-a"), lab.pod(f"{PING_NS}/ping-b")
-        ping = subprocess.Popen(lab.exec_argv(a.ref, ["ping", "-n", "-i", "0.1", b.ip]),
+        ping = subprocess.Popen(lab.exec_argv(a.ref, ["ping", "-n", "-i", str(PING_INTERVAL),
+                                                      b.ip]),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        t_ping = time.monotonic()
         time.sleep(2.0)
         t0 = time.monotonic()
         node = lab.restart_agent("node1", kill=True)
@@ -308,10 +334,13 @@ def run_one(kind: str, size: Size, prefix: str, profile: str | None) -> None:
         ping.send_signal(signal.SIGINT)
         out, _ = ping.communicate(timeout=10)
         ping = None
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        sent, got = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        emit({"datastore": kind, "restart_lost_packets": sent - got if m else -1,
-              "restart_s": round(restart_s, 3), "ping_sent": sent})
+        sent, lost, in_flight = ping_losses(out)
+        emit({"datastore": kind, "restart_lost_packets": len(lost) if sent else -1,
+              "restart_s": round(restart_s, 3), "ping_sent": sent,
+              "unanswered_at_stop": int(in_flight),
+              # where the losses fall: echo N leaves about (N-1) * interval after the start
+              "lost_seqs": lost, "kill_at_seq": int((t0 - t_ping) / PING_INTERVAL) + 1,
+              "synced_at_seq": int((t0 + restart_s - t_ping) / PING_INTERVAL) + 1})
 
         # 3. changes: a policy gains an allowed client / a pod joins a peer set
         rev = settled_revision(node)

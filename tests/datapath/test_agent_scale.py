@@ -31,6 +31,11 @@ def test_agent_scale_quick_prints_every_figure() -> None:
         assert 0 < size["agent_rss_mb"] and 0 < size["full_sync_s"] <= size["time_to_synced_s"]
         assert restart["ping_sent"] > 10 and 0 <= restart["restart_lost_packets"] \
             <= restart["ping_sent"] and restart["restart_s"] > 0, restart
+        # the losses are named, and the kill and the re-sync fall inside the ping
+        assert len(restart["lost_seqs"]) == restart["restart_lost_packets"], restart
+        assert restart["unanswered_at_stop"] in (0, 1), restart
+        assert 1 < restart["kill_at_seq"] <= restart["synced_at_seq"] < restart["ping_sent"], \
+            restart
         assert change["changes"] == 10 and 0 < change["change_p50_ms"] <= change["change_p99_ms"]
         assert burst["burst"] == 100 and burst["watch_burst_s"] > 0, burst
         assert isinstance(burst["rss_growth_mb"], float)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from flowcni.controller.dpcache import traced_actions
 from flowcni.ctl.trace import Tracer
 from flowcni.datastore.manifests import load
 from flowcni.lab.lab import EXTERNAL_IP, Lab
@@ -47,6 +48,7 @@ class PolicyLab:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.servers: dict[str, subprocess.Popen[str]] = {}
+        self.errors: dict[str, str] = {}  # of the last matrix: "SRC -> DST PROBE" -> why
 
     def ref(self, name: str) -> str:
         return f"{PODS[name][0]}/{name}"
@@ -79,9 +81,12 @@ class PolicyLab:
         self.lab.wait_realized()
 
     def observed(self) -> dict[str, dict[str, set[str]]]:
-        """What each pod (by short name) reached, probed now."""
+        """What each pod (by short name) reached, probed now; why each failed probe
+        failed goes to self.errors."""
+        self.errors.clear()
         dests = {n: self.lab.pod(self.ref(n)).ip for n in PODS}
-        got = matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"))
+        got = matrix(self.lab, [self.ref(n) for n in PODS], dests, (EXTERNAL_IP, "80"),
+                     errors=self.errors)
         return {s.split("/")[1]: row for s, row in got.items()}
 
 
@@ -154,32 +159,55 @@ def check_traces(pl: PolicyLab, got: dict[str, dict[str, set[str]]], step: int) 
     assert not wrong, f"step {step}:\n" + "\n".join(wrong)
 
 
-def diagnose(pl: PolicyLab, diff: list[str]) -> str:
-    """What the datapath says about the differing cells: trace verdicts and conntrack."""
+def diagnose(pl: PolicyLab, diff: list[str], errors: dict[str, str],
+             vips: dict[str, str] | None = None) -> str:
+    """What the datapath says about the differing cells: why each probe failed, trace
+    verdicts, conntrack, the cached datapath flows re-translated against today's tables.
+
+    `vips`: the cells were probed through these ClusterIPs (pod name -> address),
+    so that is what is traced and looked up."""
     tracer = Tracer(pl.lab)
     lines = []
     for d in diff:
         s, _, dst = d.split(":")[0].partition(" -> ")
+        lines += [f"probe {k}: {v}" for k, v in errors.items()
+                  if k.split(" ")[0].split("/")[-1] == s and k.split(" ")[2] == dst]
         for probe, (proto, port) in PROBE_PACKET.items():
-            target = EXTERNAL_IP if dst == "ext" else pl.ref(dst)
-            lines.append(f"trace {s} -> {dst} {probe}: "
-                         f"{tracer.trace(pl.ref(s), target, proto, port).detail}")
-        dst_ip = EXTERNAL_IP if dst == "ext" else pl.lab.pod(pl.ref(dst)).ip
-        ips = {pl.lab.pod(pl.ref(s)).ip, dst_ip}
+            target = (vips[dst] if vips else EXTERNAL_IP if dst == "ext"
+                      else pl.ref(dst))
+            try:
+                detail = tracer.trace(pl.ref(s), target, proto, port).detail
+            except Exception as e:  # a diagnosis must not hide the failure it explains
+                detail = f"trace failed: {e}"
+            lines.append(f"trace {s} -> {target} {probe}: {detail}")
+        dst_ips = {EXTERNAL_IP} if dst == "ext" else {pl.lab.pod(pl.ref(dst)).ip}
+        if vips:
+            dst_ips.add(vips[dst])
+        src_ip = pl.lab.pod(pl.ref(s)).ip
+
+        def about(text: str, src_ip: str = src_ip, dst_ips: set[str] = dst_ips) -> bool:
+            return src_ip in text and any(ip in text for ip in dst_ips)
+
         for n in pl.lab.nodes():
             ct = n.ovs.appctl("dpctl/dump-conntrack", check=False)
             lines += [f"{n.name} ct: {c}" for c in ct.splitlines()
-                      if all(ip in c for ip in ips) and "TIME_WAIT" not in c]
+                      if about(c) and "TIME_WAIT" not in c]
             dp = n.ovs.appctl("dpctl/dump-flows", check=False)
             for c in dp.splitlines():
-                if all(ip in c for ip in ips):
+                if about(c):
                     # what OVS would make of this cached flow's key with today's tables
+                    # (the key's own actions: the first line; a recirculating trace
+                    # goes on with the resumed packet, another cached flow)
                     now = n.ovs.appctl("ofproto/trace", "ovs-netdev",
                                        c.split(", packets:")[0], check=False)
-                    acts = [x for x in now.splitlines() if x.startswith("Datapath actions")]
-                    lines.append(f"{n.name} dp: {c}\n    retranslated: {acts[-1:] or now[-200:]}")
+                    acts = traced_actions(now)
+                    lines.append(f"{n.name} dp: {c}\n    retranslated: "
+                                 f"{acts if acts is not None else now[-200:]}")
             lines += [f"{n.name} upcall/show: " + " ".join(
                 n.ovs.appctl("upcall/show", check=False).split())]
+            drops = [x for x in n.ovs.appctl("coverage/show", check=False).splitlines()
+                     if "drop" in x or "xlate" in x or "upcall" in x]
+            lines += [f"{n.name} coverage: {x.strip()}" for x in drops]
             try:
                 with open(n.agent_log) as f:
                     lines += [f"{n.name} agent: {x.rstrip()}" for x in f
@@ -206,7 +234,8 @@ def test_policy_case(plab: PolicyLab, case: dict[str, Any]) -> None:
             diff = differing(want, got)
             # A realized change covers the datapath cache too (the agent's guard
             # re-translates the cached flows it touches): a wrong cell is a failure.
-            assert not diff, f"step {i}:\n" + "\n".join(diff) + diagnose(plab, diff)
+            assert not diff, (f"step {i}:\n" + "\n".join(diff)
+                              + diagnose(plab, diff, plab.errors))
             check_traces(plab, got, i)
     finally:
         plab.reset()
@@ -261,10 +290,12 @@ def test_policy_case_through_services(plab: PolicyLab, case: dict[str, Any]) -> 
                 continue
             want = {s: {d: v for d, v in row.items() if d != "ext"}
                     for s, row in expected(step["expect"]).items()}
-            got = matrix(plab.lab, [plab.ref(n) for n in PODS], vips)
+            errors: dict[str, str] = {}
+            got = matrix(plab.lab, [plab.ref(n) for n in PODS], vips, errors=errors)
             got = {s.split("/")[1]: row for s, row in got.items()}
             diff = differing(want, got)
-            assert not diff, f"step {i} (through ClusterIPs):\n" + "\n".join(diff)
+            assert not diff, (f"step {i} (through ClusterIPs):\n" + "\n".join(diff)
+                              + diagnose(plab, diff, errors, vips))
     finally:
         for name in PODS:
             ns = PODS[name][0]

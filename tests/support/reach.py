@@ -141,13 +141,19 @@ def _probe_all(lab: Lab, targets: dict[str, list[Target]],
 
 
 def matrix(lab: Lab, sources: list[str], dests: dict[str, str],
-           ext: tuple[str, str] | None = None) -> dict[str, dict[str, set[str]]]:
+           ext: tuple[str, str] | None = None,
+           errors: dict[str, str] | None = None) -> dict[str, dict[str, set[str]]]:
     """{src: {dst: allowed probes}} for pods (dests: name -> IP) and the external host.
 
     Every probe runs once, and its answer is the cell: nothing is retried. The
     timeout (3 s) covers TCP's first SYN retransmission (1 s), so a SYN lost on
     a loaded two-core machine is not mistaken for a drop; probes run in
     parallel, so expected drops cost the timeout once per matrix.
+
+    `errors`, if given, receives why each failed probe failed, keyed
+    "SRC -> DST PROBE": a timeout (dropped) and a refusal (a reset: no
+    listener, or a Service without endpoints) are different bugs, and the
+    source port finds the probe's connection in a conntrack dump.
     """
     targets: dict[str, list[Target]] = {}
     for s in sources:
@@ -164,5 +170,7 @@ def matrix(lab: Lab, sources: list[str], dests: dict[str, str],
             row.setdefault(d, set())
             if ok is True:
                 row[d].add(port)
+            elif errors is not None:
+                errors[f"{s} -> {d} {port}"] = str(ok)
         out[s] = row
     return out
