@@ -43,6 +43,7 @@ from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.healthcheck import HealthChecks
 from flowcni.controller.heap import HeapTrimmer, cap_arenas
 from flowcni.controller.hostnet import HostNetError
+from flowcni.controller.isolate import Failure, apply_isolating, error_text, key_of
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.podrecords import PodRecords
@@ -322,6 +323,9 @@ class Agent:
         if self.services is None:
             self._clear_host_proxy()
         self.applied_revision = 0
+        # changes that failed even alone, by object (kind, namespace, name): cleared when
+        # a later change of the object applies (Agent._on_changes)
+        self.change_failures: dict[tuple[str, str, str], Failure] = {}
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
         # API (nor fail a liveness probe and get a healthy agent restarted).
@@ -516,9 +520,41 @@ class Agent:
         return {"datastore_reachable": error is None, "datastore_error": error}
 
     def _on_changes(self, batch: list[Change]) -> None:
-        t = time.perf_counter()
+        """The watch's callback: every change that can be applied is, in order; one
+        that fails even alone is logged, counted and shown in status (until a later
+        change of the same object applies), never retried for ever in front of the
+        rest (controller/isolate.py says why the split lives here)."""
         for c in batch:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
+        failed = apply_isolating(batch, self._apply_changes,
+                                 lambda: not self.stop_event.wait(1.0))
+        if self.stop_event.is_set():
+            return  # what was not applied comes again from the next agent's list
+        self._record_failures(batch, failed)
+        self.applied_revision = batch[-1].rev
+
+    def _record_failures(self, batch: list[Change],
+                         failed: list[tuple[Change, BaseException]]) -> None:
+        """Each object's last change in `batch` decides: failed, it is recorded (and
+        logged once, with its traceback); applied, an earlier failure of it is cleared."""
+        bad = {id(c): e for c, e in failed}
+        for c in batch:
+            k = key_of(c)
+            e = bad.get(id(c))
+            if e is None:
+                if self.change_failures.pop(k, None) is not None:
+                    LOG.info("%s %s/%s applied after an earlier failure", *k)
+                continue
+            f = Failure(c, e)
+            self.change_failures[k] = f
+            metrics.DATASTORE_CHANGE_FAILURES.labels(c.kind).inc()
+            LOG.error("datastore change not applied (skipped until the object changes "
+                      "again): %s", f.describe(), exc_info=e)
+
+    def _apply_changes(self, batch: list[Change]) -> None:
+        """Apply a batch to every engine and OVS; raises if any part fails (the caller
+        may give the same changes again: each applier takes a change twice unharmed)."""
+        t = time.perf_counter()
         self.peers.apply(batch)
         tenant_policy = self.tenants.apply(batch)
         default = [c for c in batch if c.kind not in TENANT_SCOPED
@@ -556,7 +592,6 @@ class Agent:
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),
                                            *tenant_policy], new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
-        self.applied_revision = batch[-1].rev
         if len(batch) >= _TRIM_AFTER:
             self.heap.trim_now()
 
@@ -724,6 +759,11 @@ class Agent:
             "tenants": len(self.tenants.nets),
             "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
+            "change_failures": [
+                {"kind": f.change.kind, "namespace": f.change.namespace,
+                 "name": f.change.name, "op": f.change.op, "revision": f.change.rev,
+                 "error": error_text(f.error)}
+                for f in list(self.change_failures.values())],
         }
 
     def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
