@@ -11,13 +11,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flowcni.controller import metrics
 from flowcni.controller.agent import Agent
+from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.isolate import apply_isolating
 from flowcni.datastore.kube import KubeDatastore
 from flowcni.datastore.store import Change, ClusterConfig, Store, StoreUnavailable
+from flowcni.flows.tables import DEFAULT as PIPELINE
 
 from tests.support.fakeapi import FakeAPIServer, node_obj, write_kubeconfig
 from tests.unit.test_kube_watch import FAST, eventually
@@ -188,3 +191,39 @@ def test_kube_datastore_watch_with_a_bad_object(kube_ds: tuple[FakeAPIServer, Ku
 
     caplog.set_level(logging.INFO)
     check_agent_behind_watch("Node", put, watch, caplog)
+
+
+@pytest.mark.parametrize("at", [0, 3, 6])  # 6: the last object (the last try fails)
+def test_initial_load_skips_a_bad_object_and_keeps_the_rest(at: int) -> None:
+    """An object that makes the engines' load raise no longer aborts start-up: the
+    lists load again, from scratch each time, without it; it is reported as failed."""
+    objs: dict[str, list[dict[str, Any]]] = {
+        "Node": [{"name": "n2"}],
+        "Pod": [{"namespace": "default", "name": f"p{i}"} for i in range(7)]}
+    objs["Pod"][at] = {"namespace": "default", "name": "bad", "labels": ["x"]}
+    state: list[str] = []  # the engines' state, as loaded
+    resets: list[int] = []
+
+    def load_objects(changes: list[Change]) -> None:
+        for c in changes:  # half-way state on a failure, as a real engine leaves it
+            if c.name == "bad":
+                raise AttributeError("'list' object has no attribute 'items'")
+            state.append(c.name)
+
+    def reset(base: Any) -> None:
+        resets.append(1)
+        state.clear()
+
+    class FakeStore:
+        def objects(self, kind: str) -> list[dict[str, Any]]:
+            return objs.get(kind, [])
+
+    a = skeleton_agent(lambda b: None)
+    a.flows = FlowSync(PIPELINE, lambda: 1)
+    a._load_objects = load_objects  # type: ignore[method-assign]
+    a._reset_engines = reset  # type: ignore[method-assign]
+    a._load(FakeStore(), 42)  # type: ignore[arg-type]
+    assert state == ["n2", *(f"p{i}" for i in range(7) if i != at)]
+    assert list(a.change_failures) == [("Pod", "default", "bad")]
+    assert a.change_failures[("Pod", "default", "bad")].change.rev == 42
+    assert resets  # every attempt after a failure from scratch
