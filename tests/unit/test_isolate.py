@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flowcni.controller import metrics
+from flowcni.controller import hostnet, metrics
 from flowcni.controller.agent import Agent
 from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.isolate import apply_isolating
+from flowcni.controller.peers import Peers
 from flowcni.datastore.kube import KubeDatastore
 from flowcni.datastore.store import Change, ClusterConfig, Store, StoreUnavailable
+from flowcni.flows.node import Gateway
 from flowcni.flows.tables import DEFAULT as PIPELINE
 
 from tests.support.fakeapi import FakeAPIServer, node_obj, write_kubeconfig
@@ -227,3 +229,27 @@ def test_initial_load_skips_a_bad_object_and_keeps_the_rest(at: int) -> None:
     assert list(a.change_failures) == [("Pod", "default", "bad")]
     assert a.change_failures[("Pod", "default", "bad")].change.rev == 42
     assert resets  # every attempt after a failure from scratch
+
+
+def test_peers_take_a_node_again_after_a_refused_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent gives a failed batch again: a node whose flows OVS (or FlowSync) did
+    not take must not be skipped then as already known."""
+    monkeypatch.setattr(hostnet, "sync_routes", lambda want: None)
+    monkeypatch.setattr(hostnet, "nudge_neighbors", lambda ips: None)
+    fs = FlowSync(PIPELINE, lambda: 1)
+    gw = Gateway("10.244.1.1", "02:00:00:00:00:01", 2, "10.244.1.0/24")
+    peers = Peers("me", ClusterConfig(cluster_cidr="10.244.0.0/16", encap="geneve"), gw, 3, fs)
+    batch = [Change(1, "put", "Node", "", "n2",
+                    {"name": "n2", "nodeIP": "192.168.77.2", "podCIDR": "10.244.2.0/24"})]
+    real = fs.set_owners
+
+    def refuse(*a: Any, **kw: Any) -> None:
+        raise ValueError("flow ... already belongs to someone")
+
+    monkeypatch.setattr(fs, "set_owners", refuse)
+    with pytest.raises(ValueError):
+        peers.apply(batch)
+    monkeypatch.setattr(fs, "set_owners", real)
+    peers.apply(batch)
+    assert any(o.startswith("node:") for o in fs.owners()) and "n2" in peers.nodes
