@@ -43,6 +43,7 @@ from flowcni.controller.flowsync import FlowSync
 from flowcni.controller.healthcheck import HealthChecks
 from flowcni.controller.heap import HeapTrimmer, cap_arenas
 from flowcni.controller.hostnet import HostNetError
+from flowcni.controller.isolate import Failure, apply_isolating, error_text, key_of
 from flowcni.controller.livetrace import LiveTrace
 from flowcni.controller.peers import Peers, refresh_neighbors
 from flowcni.controller.podrecords import PodRecords
@@ -305,14 +306,7 @@ class Agent:
         # removed Service endpoints
         self._vswitchd = Unixctl(a.vswitchd_ctl or vswitchd_target(a.ovsdb))
         self.dpguard = DatapathGuard(self._vswitchd) if a.datapath_guard == "on" else None
-        # The node-port range is checked here only for the embedded store, whose
-        # API side is flowctl; a Kubernetes API server has checked its own range.
-        self.services = (ServiceProxy(PIPELINE, slices=a.datastore == "kubernetes",
-                                      local_cidr=pod_cidr,
-                                      node_port_range=(NODE_PORT_RANGE
-                                                       if a.datastore == "kubernetes"
-                                                       else cfg.node_ports))
-                         if a.proxy == "flowcni" else None)
+        self.services = self._service_proxy() if a.proxy == "flowcni" else None
         self._host_view: Any = None
         # node ports the default network's Services asked for that tenant Services hold
         # (Tenants.default_refused), as last applied to the default proxy's flows
@@ -322,6 +316,9 @@ class Agent:
         if self.services is None:
             self._clear_host_proxy()
         self.applied_revision = 0
+        # changes that failed even alone, by object (kind, namespace, name): cleared when
+        # a later change of the object applies (Agent._on_changes)
+        self.change_failures: dict[tuple[str, str, str], Failure] = {}
         # The store as last seen by the monitor thread: status() never reads the
         # store itself, so a locked or unreachable store cannot stall the agent
         # API (nor fail a liveness probe and get a healthy agent restarted).
@@ -362,7 +359,7 @@ class Agent:
         rev = store.revision()
         metrics.DATASTORE_RESYNCS.inc()
         with gc_paused():
-            self._load(store)
+            self._load(store, rev)
         if isinstance(store, Store):
             # this thread's connection and its page cache (up to 2 MB) would stay
             # for good; the next read from this thread, if any, opens a new one
@@ -386,15 +383,70 @@ class Agent:
         threading.Thread(target=self._datastore_monitor, args=(store,), name="store-health",
                          daemon=True).start()
 
-    def _load(self, store: Datastore) -> None:
-        """Every engine's initial list, and their flows in the desired set."""
+    def _load(self, store: Datastore, rev: int) -> None:
+        """Every engine's initial list, and their flows in the desired set.
+
+        An object the engines cannot take (an engine bug, a body no parser
+        expected) made the whole load raise, and the agent crash-looped on it.
+        Now the lists are loaded again, into new engines, without the objects
+        that fail (found as the watch finds a bad change, controller/isolate.py:
+        each attempt a whole load of what passed so far plus a part); those are
+        reported as failed changes at `rev` and applied when they change.
+        """
         # each kind read once: one snapshot for every engine, and one decode of each row
-        nodes, namespaces = store.objects("Node"), store.objects("Namespace")
-        pods, policies = store.objects("Pod"), store.objects("NetworkPolicy")
-        services, slices = store.objects("Service"), store.objects("EndpointSlice")
-        cpolicies = {k: store.objects(k) for k in CLUSTER_POLICY_KINDS}
+        kinds = ["Node", "Namespace", "Pod", "NetworkPolicy", "Service", "EndpointSlice",
+                 "TenantNetwork", *CLUSTER_POLICY_KINDS]
+        objs = [Change(rev, "put", k, b.get("namespace") or "", b.get("name") or "", b)
+                for k in kinds for b in store.objects(k)]
+        base = self.flows.owner_keys()  # what was desired before any engine's load
+        good: list[Change] = []
+        tries = [0]
+
+        def attempt(part: list[Change]) -> None:
+            tries[0] += 1
+            if tries[0] > 1:  # after a failed attempt: from scratch
+                self._reset_engines(base)
+            self._load_objects([*good, *part])
+            good.extend(part)
+
+        failed = apply_isolating(objs, attempt, lambda: True)
+        if failed:
+            if failed[-1][0] is objs[-1]:  # the last attempt failed half-way
+                self._reset_engines(base)
+                self._load_objects(good)
+            self._record_failures(objs, failed)
+
+    def _reset_engines(self, base: tuple[set[Any], set[str]]) -> None:
+        """New policy, cluster policy and Service engines, and the flows and groups a
+        failed load attempt set dropped (the rest of the agent is replaced by load)."""
+        keys, gowners = self.flows.owner_keys()
+        self.flows.set_owners({k: [] for k in keys - base[0]},
+                              {o: [] for o in gowners - base[1]})
+        self.policy = PolicyEngine(self.args.node, PIPELINE)
+        self.cluster_policy = ClusterPolicyEngine(self.args.node, PIPELINE)
+        if self.services is not None:
+            self.services = self._service_proxy()
+        self._np_held = {}
+
+    def _service_proxy(self) -> ServiceProxy:
+        # The node-port range is checked here only for the embedded store, whose
+        # API side is flowctl; a Kubernetes API server has checked its own range.
+        k8s = self.args.datastore == "kubernetes"
+        return ServiceProxy(PIPELINE, slices=k8s, local_cidr=self.pod_cidr,
+                            node_port_range=NODE_PORT_RANGE if k8s else self.cluster.node_ports)
+
+    def _load_objects(self, objs: list[Change]) -> None:
+        """The engines' initial load of these objects (puts, by kind)."""
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for c in objs:
+            assert c.body is not None
+            by_kind.setdefault(c.kind, []).append(c.body)
+        nodes, namespaces = by_kind.get("Node", []), by_kind.get("Namespace", [])
+        pods, policies = by_kind.get("Pod", []), by_kind.get("NetworkPolicy", [])
+        services, slices = by_kind.get("Service", []), by_kind.get("EndpointSlice", [])
+        cpolicies = {k: by_kind.get(k, []) for k in CLUSTER_POLICY_KINDS}
         self.peers.set_nodes(nodes)
-        self.tenants.load(store.objects("TenantNetwork"), namespaces, nodes, pods, policies,
+        self.tenants.load(by_kind.get("TenantNetwork", []), namespaces, nodes, pods, policies,
                           services, slices, cpolicies)
         # pods, policies and Services of tenant namespaces are their tenant's
         # (controller/tenants.py): the default network's engines never see them
@@ -516,9 +568,41 @@ class Agent:
         return {"datastore_reachable": error is None, "datastore_error": error}
 
     def _on_changes(self, batch: list[Change]) -> None:
-        t = time.perf_counter()
+        """The watch's callback: every change that can be applied is, in order; one
+        that fails even alone is logged, counted and shown in status (until a later
+        change of the same object applies), never retried for ever in front of the
+        rest (controller/isolate.py says why the split lives here)."""
         for c in batch:
             metrics.DATASTORE_EVENTS.labels(c.kind, c.op).inc()
+        failed = apply_isolating(batch, self._apply_changes,
+                                 lambda: not self.stop_event.wait(1.0))
+        if self.stop_event.is_set():
+            return  # what was not applied comes again from the next agent's list
+        self._record_failures(batch, failed)
+        self.applied_revision = batch[-1].rev
+
+    def _record_failures(self, batch: list[Change],
+                         failed: list[tuple[Change, BaseException]]) -> None:
+        """Each object's last change in `batch` decides: failed, it is recorded (and
+        logged once, with its traceback); applied, an earlier failure of it is cleared."""
+        bad = {id(c): e for c, e in failed}
+        for c in batch:
+            k = key_of(c)
+            e = bad.get(id(c))
+            if e is None:
+                if self.change_failures.pop(k, None) is not None:
+                    LOG.info("%s %s/%s applied after an earlier failure", *k)
+                continue
+            f = Failure(c, e)
+            self.change_failures[k] = f
+            metrics.DATASTORE_CHANGE_FAILURES.labels(c.kind).inc()
+            LOG.error("datastore change not applied (skipped until the object changes "
+                      "again): %s", f.describe(), exc_info=e)
+
+    def _apply_changes(self, batch: list[Change]) -> None:
+        """Apply a batch to every engine and OVS; raises if any part fails (the caller
+        may give the same changes again: each applier takes a change twice unharmed)."""
+        t = time.perf_counter()
         self.peers.apply(batch)
         tenant_policy = self.tenants.apply(batch)
         default = [c for c in batch if c.kind not in TENANT_SCOPED
@@ -556,7 +640,6 @@ class Agent:
             self.guard_datapath("policy", [*before, *(f for fl in owners.values() for f in fl),
                                            *tenant_policy], new_only=True)
             metrics.POLICY_REALIZATION.observe(time.perf_counter() - t)
-        self.applied_revision = batch[-1].rev
         if len(batch) >= _TRIM_AFTER:
             self.heap.trim_now()
 
@@ -724,6 +807,11 @@ class Agent:
             "tenants": len(self.tenants.nets),
             "uptime_s": time.time() - self.started,
             "flow_stats": dict(self.flows.stats),
+            "change_failures": [
+                {"kind": f.change.kind, "namespace": f.change.namespace,
+                 "name": f.change.name, "op": f.change.op, "revision": f.change.rev,
+                 "error": error_text(f.error)}
+                for f in list(self.change_failures.values())],
         }
 
     def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -193,6 +193,16 @@ class FlowSync:
                         out[f.owner_name] = 1
             return out
 
+    def owner_keys(self) -> tuple[set[OwnerKey], set[str]]:
+        """Every owner key holding flows (names, and self-owned flows' keys) and every
+        owner holding groups: what an initial load that failed half-way set is what
+        is here now and was not before it (Agent._load drops it before trying again)."""
+        with self._lock:
+            keys: set[OwnerKey] = set(self._desired)
+            for (table, prio), by in self._owner_index.items():
+                keys.update((table, prio, m) for m, f in by.items() if not isinstance(f, str))
+            return keys, set(self._groups)
+
     def set_owner(self, owner: str, flows: Iterable[Flow]) -> None:
         """Make OVS hold exactly `flows` for `owner`; raises OFError if OVS refused."""
         self.set_owners({owner: list(flows)})

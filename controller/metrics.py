@@ -248,6 +248,10 @@ POLICY_REALIZATION = Histogram(
     registry=REGISTRY, buckets=(.001, .005, .01, .02, .05, .1, .2, .5, 1, 2))
 DATASTORE_EVENTS = Counter("flowcni_datastore_events_total", "Datastore changes applied",
                            ["kind", "op"], registry=REGISTRY)
+DATASTORE_CHANGE_FAILURES = Counter(
+    "flowcni_datastore_change_failures_total",
+    "Datastore changes skipped because applying them failed even alone (agent status "
+    "lists the objects)", ["kind"], registry=REGISTRY)
 DATASTORE_RESYNCS = Counter("flowcni_datastore_resyncs_total",
                             "Full lists of the datastore (start-up, re-list)", registry=REGISTRY)
 OF_RECONNECTS = Counter("flowcni_openflow_connections_total",

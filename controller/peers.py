@@ -72,16 +72,23 @@ class Peers:
         with self._lock:
             flows: dict[str, list[Flow]] = {}
             joined: list[RemoteNode] = []
-            for c in changes:
-                if c.kind != "Node" or c.name == self.me:
-                    continue
-                touched = True
-                n = remote_node(c.body) if c.op == "put" and c.body else None
-                if n is None:
-                    self._drop(c.name, flows)
-                else:
-                    self._put(n, flows, joined)
-            self._commit(flows, joined)
+            before = dict(self.nodes)
+            try:
+                for c in changes:
+                    if c.kind != "Node" or c.name == self.me:
+                        continue
+                    touched = True
+                    n = remote_node(c.body) if c.op == "put" and c.body else None
+                    if n is None:
+                        self._drop(c.name, flows)
+                    else:
+                        self._put(n, flows, joined)
+                self._commit(flows, joined)
+            except Exception:
+                # not taken: the same changes again (the agent retries a failed batch)
+                # must find these nodes as they were, not skip them as already known
+                self.nodes = before
+                raise
             if touched:
                 hostnet.sync_routes(self.routes())
         if touched:

@@ -66,7 +66,7 @@ def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 
 STATUS_COLS = ["node", "connected", "synced", "round", "pods", "flows", "pod_cidr", "node_ip",
-               "encap", "bridge", "datastore", "applied_revision"]
+               "encap", "bridge", "datastore", "applied_revision", "change_failures"]
 
 
 def status_rows(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -76,8 +76,11 @@ def status_rows(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "error" in st:
             rows.append({"node": st["node"], "connected": "ERROR", "synced": st["error"]})
         else:
-            rows.append({c: ("yes" if st.get(c) else "no") if c in ("connected", "synced")
-                         else st.get(c, "") for c in STATUS_COLS})
+            row = {c: ("yes" if st.get(c) else "no") if c in ("connected", "synced")
+                   else st.get(c, "") for c in STATUS_COLS}
+            # how many objects' changes the agent could not apply (--json names them)
+            row["change_failures"] = len(st.get("change_failures") or ())
+            rows.append(row)
     return rows
 
 

@@ -734,7 +734,9 @@ class KubeDatastore:
         where things are now, not every step on the way (as the embedded
         store's rows carry the current body). A failing callback gets the
         same batch again a second later, as with the embedded store, so a
-        transient error never skips a change.
+        transient error never skips a change. The agent's callback raises only
+        for such faults (StoreUnavailable): a change it cannot apply it skips
+        and reports itself (controller/isolate.py), never stalling this loop.
         """
         rev = since
         while not stop.is_set():

@@ -455,6 +455,8 @@ class Store:
         The keys the caller may hold are tracked (what existed when it listed, and
         every change since), so a watcher that fell behind the horizon is brought to
         the current state by one relist batch (StoreGone, logged) without a restart.
+        A failing callback gets the same batch again a second later; the agent's
+        raises only for faults of the moment (controller/isolate.py).
         """
         rev = since
         known: set[tuple[str, str, str]] | None = None

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+from flowcni.ctl.client import AgentClient
 from flowcni.flows import cookie as ck
 from flowcni.lab.lab import Lab
 
@@ -164,3 +165,48 @@ def test_gateway_traffic_goes_through_the_pipeline(lab1: Lab) -> None:
     assert gw_mac in neigh, f"pod resolved the gateway to {neigh!r}, not {gw_mac}"
     # OVS pushes datapath stats to flows periodically.
     assert eventually(lambda: gw_flow_packets() >= before + 3), gw_flow_packets()
+
+
+def test_a_bad_object_stalls_neither_the_agent_nor_its_restart(lab1: Lab) -> None:
+    """A pod body no engine expects (labels a list: the embedded store takes any body,
+    as from a buggy or older writer) made every change batch holding it raise; the
+    watch retried that batch for ever, so no later change took effect, and a restarted
+    agent died in its initial load. Now the bad pod is skipped and named in status, a
+    later policy lands in OVS, and a restart comes up with that policy in force."""
+    store = lab1.store()
+    node = lab1.node("node1")
+    b, c = lab1.pod("b"), lab1.pod("c")
+
+    def failures() -> list[str]:
+        st = AgentClient(node.api_socket).status()
+        return [f"{f['kind']} {f['namespace']}/{f['name']}"
+                for f in st.get("change_failures", [])]
+
+    try:
+        lab1.set_labels("b", {"zp": "deny"})
+        lab1.wait_realized(timeout=30)
+        assert ping(lab1, "a", b.ip) and ping(lab1, "a", c.ip)
+        # on a node of its own (none here): the pod restore of node1 never reads it
+        store.put("Pod", "default", "zp-bad", {
+            "namespace": "default", "name": "zp-bad", "labels": ["zp=deny"],
+            "ip": "10.244.99.250", "node": "node9", "containerID": "zp-bad", "ports": []})
+        assert eventually(lambda: failures() == ["Pod default/zp-bad"], timeout=30), \
+            failures()
+        store.put("NetworkPolicy", "default", "zp-deny", {
+            "namespace": "default", "name": "zp-deny",
+            "spec": {"podSelector": {"matchLabels": {"zp": "deny"}},
+                     "policyTypes": ["Ingress"]}})
+        lab1.wait_realized(timeout=30)
+        # the deny is in force while the control path works, at the same time
+        assert not ping(lab1, "a", b.ip) and ping(lab1, "a", c.ip)
+        lab1.restart_agent("node1")  # the bad pod is still in the store
+        assert failures() == ["Pod default/zp-bad"]
+        lab1.wait_realized(timeout=30)
+        assert not ping(lab1, "a", b.ip) and ping(lab1, "a", c.ip)
+    finally:
+        store.delete("NetworkPolicy", "default", "zp-deny")
+        store.delete("Pod", "default", "zp-bad")
+        lab1.set_labels("b", {})
+        lab1.wait_realized(timeout=30)
+    assert eventually(lambda: ping(lab1, "a", b.ip), timeout=10)
+    assert failures() == []  # the bad object's delete applied: nothing left to report

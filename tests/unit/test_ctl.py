@@ -292,9 +292,11 @@ def test_actions_render_without_failing_on_nicira_actions() -> None:
 
 
 def test_status_and_policy_rows_show_errors_and_isolation() -> None:
-    rows = flowctl.status_rows([{"node": "n1", "connected": True, "synced": False},
+    rows = flowctl.status_rows([{"node": "n1", "connected": True, "synced": False,
+                                 "change_failures": [{"kind": "Pod", "name": "bad"}]},
                                 {"node": "n2", "error": "unreachable"}])
     assert rows[0]["connected"] == "yes" and rows[0]["synced"] == "no"
+    assert rows[0]["change_failures"] == 1  # changes the agent skipped (--json names them)
     assert rows[1] == {"node": "n2", "connected": "ERROR", "synced": "unreachable"}
     rep = {"rules": [], "isolation": {"default/b": {"ingress": ["default/deny"],
                                                     "egress": []}}}
