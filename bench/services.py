@@ -201,6 +201,12 @@ def conn_rounds(lab: Any, pids: tuple[int, ...], rounds: int, seconds: float,
     passes: dict[str, list[float]] = {"flowcni": [], "nft": []}
     upcalls: dict[str, list[float]] = {"flowcni": [], "nft": []}
     ratios: list[float] = []
+    # ~1,000 connections a second on each path fill the client's 28k ephemeral ports
+    # with TIME_WAIT in about seven rounds; connect() then slows down for both paths
+    # alike (every run fell 3-5x from round 7 on), and the medians of the two paths'
+    # rates came from different machines. The client reuses them, as load generators do.
+    in_pod(lab, "c", ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+                      "net.ipv4.ip_local_port_range=1024 65535"])
     for vip in (VIP_FLOWCNI, VIP_NFT):  # warm-up, not counted: first megaflows, ARP
         in_pod(lab, "c", [sys.executable, "-c", CONNECT, vip, "80", "0.5"])
     load = [os.getloadavg()[0]]
