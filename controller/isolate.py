@@ -75,25 +75,21 @@ def apply_isolating(batch: Sequence[T], apply: Callable[[list[T]], None],
     recursively, so every change that applies lands, at log2(len) extra passes
     per bad change. TRANSIENT errors are re-raised at once.
     """
-    try:
-        apply(list(batch))
-        return []
-    except TRANSIENT:
-        raise
-    except Exception as e:
-        LOG.warning("applying %d changes failed (%s); once more, then split",
-                    len(batch), error_text(e))
-    if not pause():
-        return []
     failed: list[tuple[T, BaseException]] = []
-    try:
-        apply(list(batch))
-        return []
-    except TRANSIENT:
-        raise
-    except Exception as e:
-        if len(batch) == 1:
-            return [(batch[0], e)]
+    for attempt in range(2):  # the whole batch, and once more after a pause
+        try:
+            apply(list(batch))
+            return []
+        except TRANSIENT:
+            raise
+        except Exception as e:
+            if attempt == 0:
+                LOG.warning("applying %d changes failed (%s); once more, then split",
+                            len(batch), error_text(e))
+                if not pause():
+                    return []
+            elif len(batch) == 1:
+                return [(batch[0], e)]
     _bisect(list(batch), apply, failed)
     return failed
 
