@@ -594,10 +594,10 @@ class Agent:
                     LOG.info("%s %s/%s applied after an earlier failure", *k)
                 continue
             f = Failure(c, e)
-            self.change_failures[k] = f
             metrics.DATASTORE_CHANGE_FAILURES.labels(c.kind).inc()
             LOG.error("datastore change not applied (skipped until the object changes "
                       "again): %s", f.describe(), exc_info=e)
+            self.change_failures[k] = f  # last: whoever sees it sees it logged and counted
 
     def _apply_changes(self, batch: list[Change]) -> None:
         """Apply a batch to every engine and OVS; raises if any part fails (the caller
